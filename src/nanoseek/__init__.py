@@ -1,0 +1,8 @@
+"""nanoseek: an open, frugal LLM stack — train, align, run and serve open-weight models."""
+
+from nanoseek.config import ConfigError, DeepseekV3Config
+from nanoseek.loading import load
+from nanoseek.weights.safetensors_io import WeightsError
+
+__all__ = ["ConfigError", "DeepseekV3Config", "WeightsError", "load", "__version__"]
+__version__ = "0.1.0"

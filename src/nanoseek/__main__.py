@@ -1,0 +1,3 @@
+from nanoseek.cli import main
+
+raise SystemExit(main())

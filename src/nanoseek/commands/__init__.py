@@ -1,0 +1,1 @@
+"""One module per `nanoseek` subcommand; see nanoseek/cli.py."""

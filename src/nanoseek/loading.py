@@ -1,0 +1,64 @@
+"""`nanoseek.load(path)`: one entry point for every model format and architecture.
+
+A HF folder is dispatched on `config.json`'s `model_type` through `ARCHITECTURES`; a `.gguf` file goes
+through the GGUF reader. Each architecture module exposes `from_hf_folder(folder, config_dict, dtype,
+device) -> nn.Module`, so adding a family touches this table and its own module only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+import torch
+
+from nanoseek.weights.safetensors_io import WeightsError, read_config_json
+
+# model_type -> "module:function" building the model from a HF folder (imported lazily).
+ARCHITECTURES: dict[str, str] = {
+    "deepseek_v3": "nanoseek.model.deepseek_v3:from_hf_folder",
+    "deepseek_v2": "nanoseek.model.deepseek_v3:from_hf_folder",
+}
+
+
+def _resolve(spec: str):
+    module, func = spec.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def load(
+    path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> torch.nn.Module:
+    """Load a model from a HF folder (config.json + safetensors) or a .gguf file, ready for inference.
+
+    Calling the returned module on a LongTensor [B, T] gives logits [B, T, vocab].
+    Raises FileNotFoundError / ValueError naming the file and the problem.
+    """
+    path = Path(path)
+    dtype = parse_dtype(dtype)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return _resolve("nanoseek.weights.gguf:load_gguf_model")(path, dtype=dtype, device=device)
+        raise WeightsError(f"{path}: not a model folder or a .gguf file")
+    config = read_config_json(path)
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise WeightsError(f"{path / 'config.json'}: unsupported model_type {model_type!r}; supported: {known}")
+    model = _resolve(ARCHITECTURES[model_type])(path, config, dtype=dtype, device=device)
+    return model.eval()

@@ -1,0 +1,1 @@
+"""Model code: blind to parallelism, quantization and serving (those are applied from outside)."""
