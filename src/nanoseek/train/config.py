@@ -1,0 +1,487 @@
+"""Training configuration: one dataclass, read from TOML/YAML, overridden from the command line.
+
+    cfg = load_train_config("run.toml", preset="tiny", overrides=["optim.lr=3e-3", "model.hidden_size=96"])
+    model_cfg = cfg.model_config(vocab_size=tokenizer.vocab_size)   # a validated DeepseekV3Config
+    lr = lr_at(step, cfg)                                            # warmup + cosine | WSD
+
+Layers, later ones win: dataclass defaults < preset < file < overrides. A file is a mapping with the same
+sections as `TrainConfig` (top-level scalars plus `[model]`, `[data]`, `[optim]`, `[tokenizer]`), e.g.
+
+    preset = "tiny"            # optional; a `preset` argument to load_train_config wins over it
+    batch_size = 128
+    [model]
+    size = "test-tiny"          # a name in nanoseek.config.NAMED_CONFIGS
+    hidden_size = 128           # any other key is a DeepseekV3Config field overriding that size
+    [optim]
+    lr = 2e-3
+
+Unknown keys raise ValueError naming the key (with a "did you mean"); values are coerced to the field's
+type (so "3e-4" from the command line becomes a float) and rejected with a clear message when they do
+not fit. The model config is built once during loading so impossible shapes (heads not dividing a width,
+top-k above the expert count...) are reported before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoseek.config import NAMED_CONFIGS, ConfigError, DeepseekV3Config
+
+
+@dataclass
+class ModelSpec:
+    size: str = "test-tiny"  # a name in nanoseek.config.NAMED_CONFIGS
+    overrides: dict[str, Any] = field(default_factory=dict)  # DeepseekV3Config fields over that size
+
+
+@dataclass
+class DataSpec:
+    # Synthetic tasks (nanoseek.train.tasks): names and optional mixture weights (default: uniform).
+    tasks: list[str] = field(default_factory=lambda: ["add2"])
+    task_weights: list[float] = field(default_factory=list)
+    loss_on_answer_only: bool = True  # task rows: loss on the answer tokens (and the eos after them) only
+    heldout_fraction: float = 0.1  # share of each task's problem space kept out of training
+    eval_examples: int = 200  # held-out examples per task at each evaluation
+    # User text (nanoseek.train.data.PackedTextDataset): .txt / .jsonl / .parquet; used instead of tasks.
+    files: list[str] = field(default_factory=list)
+    text_field: str = "text"  # JSONL key / parquet column holding the text
+
+
+@dataclass
+class TokenizerSpec:
+    path: str | None = None  # an existing tokenizer folder; None: train one at the start of the run
+    vocab_size: int = 512
+    train_texts: int = 20000  # texts sampled (tasks) or read (files) to train it
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
+    decay_fraction: float = 0.2  # WSD: share of the steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 256  # rows per optimizer step per device, before gradient accumulation
+    seq_len: int = 32
+    grad_accum: int = 1
+    max_steps: int = 1000
+    time_budget_min: float | None = None  # stop at whichever comes first: max_steps or this budget
+    mtp_weight: float = 0.3
+    router_bias_gamma: float = 1e-3  # aux-loss-free balancing: bias update speed (0 disables)
+    balance_alpha: float = 1e-4  # sequence-wise balance loss weight
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast dtype on GPU; stay fp32 on CPU)
+    compile: bool = False
+    seed: int = 1337
+    out_dir: str = "runs/nanoseek"
+    ckpt_every: int = 500  # steps; 0 disables periodic checkpoints (a final one is still written)
+    keep_last: int = 3
+    log_every: int = 10
+    eval_every: int = 0  # steps; 0: only at the end
+    price_per_device_hour: float = 0.0  # money per device-hour, for the cost line of the meter
+    currency: str = "USD"
+    watts_per_core: float = 10.0  # CPU energy estimate when no RAPL/NVML counter exists (an assumption)
+    peak_flops: float | None = None  # device peak FLOP/s for MFU; None: from the spec table or a CPU probe
+
+    # ---- derived ---------------------------------------------------------------------------------------
+    def model_config(self, vocab_size: int | None = None) -> DeepseekV3Config:
+        """The DeepseekV3Config this run trains (vocab_size from the tokenizer when given)."""
+        overrides = dict(self.model.overrides)
+        if vocab_size is not None:
+            overrides["vocab_size"] = vocab_size
+        if self.model.size not in NAMED_CONFIGS:
+            raise ValueError(
+                f"model.size {self.model.size!r} is not a known size; "
+                f"known: {', '.join(sorted(NAMED_CONFIGS))}"
+            )
+        try:
+            return DeepseekV3Config(**{**NAMED_CONFIGS[self.model.size], **overrides})
+        except ConfigError as exc:
+            raise ConfigError(f"model config (size {self.model.size!r} + overrides): {exc}") from exc
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Token positions per optimizer step on one device (rows x seq_len x accumulation)."""
+        return self.batch_size * self.seq_len * self.grad_accum
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def validate(self) -> None:
+        """Cross-field checks; raises ValueError (ConfigError for model shapes) with the field's name."""
+        positive = {
+            "batch_size": self.batch_size, "seq_len": self.seq_len, "grad_accum": self.grad_accum,
+            "max_steps": self.max_steps, "keep_last": self.keep_last, "log_every": self.log_every,
+            "tokenizer.vocab_size": self.tokenizer.vocab_size,
+        }  # fmt: skip
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        non_negative = {
+            "ckpt_every": self.ckpt_every, "eval_every": self.eval_every,
+            "optim.warmup_steps": self.optim.warmup_steps,
+            "optim.weight_decay": self.optim.weight_decay, "optim.grad_clip": self.optim.grad_clip,
+            "mtp_weight": self.mtp_weight, "router_bias_gamma": self.router_bias_gamma,
+            "balance_alpha": self.balance_alpha, "price_per_device_hour": self.price_per_device_hour,
+            "watts_per_core": self.watts_per_core, "data.eval_examples": self.data.eval_examples,
+        }  # fmt: skip
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.optim.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.optim.lr}")
+        if self.optim.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"optim.schedule must be 'cosine' or 'wsd', got {self.optim.schedule!r}")
+        if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must lie in [0, 1], got {self.optim.min_lr_ratio}")
+        if not 0.0 < self.optim.decay_fraction <= 1.0:
+            raise ValueError(f"optim.decay_fraction must lie in (0, 1], got {self.optim.decay_fraction}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self.optim, name) < 1.0:
+                raise ValueError(f"optim.{name} must lie in [0, 1), got {getattr(self.optim, name)}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.time_budget_min is not None and self.time_budget_min <= 0:
+            raise ValueError(f"time_budget_min must be positive or null, got {self.time_budget_min}")
+        if not 0.0 < self.data.heldout_fraction < 1.0:
+            raise ValueError(f"data.heldout_fraction must lie in (0, 1), got {self.data.heldout_fraction}")
+        if not self.data.tasks and not self.data.files:
+            raise ValueError(
+                "data: give synthetic tasks (data.tasks) or text files (data.files); both are empty"
+            )
+        if self.data.task_weights:
+            if len(self.data.task_weights) != len(self.data.tasks):
+                raise ValueError(
+                    f"data.task_weights has {len(self.data.task_weights)} entries "
+                    f"for {len(self.data.tasks)} tasks"
+                )
+            if any(w < 0 for w in self.data.task_weights) or sum(self.data.task_weights) <= 0:
+                raise ValueError("data.task_weights must be >= 0 with a positive sum")
+        if self.data.tasks and not self.data.files:
+            from nanoseek.train.tasks import get_task  # a typo in a task name is a config error
+
+            for name in self.data.tasks:
+                get_task(name)
+        mc = self.model_config(vocab_size=self.tokenizer.vocab_size if self.tokenizer.path is None else None)
+        if self.seq_len > mc.max_position_embeddings:
+            raise ValueError(
+                f"seq_len={self.seq_len} exceeds the model's "
+                f"max_position_embeddings={mc.max_position_embeddings}"
+            )
+
+
+# ---- presets ------------------------------------------------------------------------------------------
+# The tiny model is REFERENCE §2's calibrated one (1.7M params with a few-hundred-token vocab: hidden 128,
+# 4 layers, MLA kv_lora_rank 32, 8 experts top-2 + 1 shared), trained like the calibration: one example
+# per row, batch 256, AdamW lr 2e-3 with 100 warmup steps, loss on answer tokens only.
+_TINY_MODEL = dict(
+    hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=4,
+    first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+    kv_lora_rank=32, qk_nope_head_dim=32,
+    qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+    n_shared_experts=1, max_position_embeddings=128, num_nextn_predict_layers=1,
+)  # fmt: skip
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU speedrun size: minutes on 2 cores.
+    "tiny": {
+        "model": {"size": "test-tiny", **_TINY_MODEL},
+        "data": {"tasks": ["add2"], "loss_on_answer_only": True},
+        "tokenizer": {"vocab_size": 384},
+        "optim": {"lr": 2e-3, "warmup_steps": 100, "schedule": "cosine", "weight_decay": 0.0},
+        "batch_size": 256,
+        "seq_len": 32,
+        "max_steps": 2000,
+        "time_budget_min": 5.0,
+        "device": "cpu",
+        "dtype": "float32",
+        "ckpt_every": 200,
+        "log_every": 10,
+        "eval_every": 0,
+    },  # fmt: skip
+    # A bigger CPU/GPU-friendly size (~20M params, the MoE benchmark's size) for longer runs.
+    "small": {
+        "model": {"size": "bench-20m", "max_position_embeddings": 512},
+        "data": {"tasks": ["add2", "add3", "sort", "linear"]},
+        "tokenizer": {"vocab_size": 1024},
+        "optim": {"lr": 1e-3, "warmup_steps": 200},
+        "batch_size": 64,
+        "seq_len": 64,
+        "max_steps": 5000,
+        "device": "auto",
+        "ckpt_every": 500,
+    },  # fmt: skip
+    # One GPU, bf16: GPT-2-small-like width/depth with DeepSeek-V3 MLA + fine-grained MoE + MTP.
+    "gpt2-small-moe": {
+        "model": {
+            "size": "bench-20m",
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "first_k_dense_replace": 1,
+            "intermediate_size": 3072,
+            "moe_intermediate_size": 384,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 12,
+            "q_lora_rank": 384,
+            "kv_lora_rank": 256,
+            "qk_nope_head_dim": 64,
+            "qk_rope_head_dim": 32,
+            "v_head_dim": 64,
+            "n_routed_experts": 32,
+            "num_experts_per_tok": 4,
+            "n_group": 4,
+            "topk_group": 2,
+            "n_shared_experts": 1,
+            "max_position_embeddings": 1024,
+            "num_nextn_predict_layers": 1,
+        },
+        "tokenizer": {"vocab_size": 32768},
+        "optim": {"lr": 6e-4, "warmup_steps": 500, "schedule": "wsd", "weight_decay": 0.1},
+        "batch_size": 32,
+        "seq_len": 1024,
+        "grad_accum": 4,
+        "max_steps": 20000,
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "compile": True,
+        "ckpt_every": 1000,
+    },  # fmt: skip
+}
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+def load_train_config(
+    path: str | Path | None = None, preset: str | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
+    """Build and validate a TrainConfig: defaults < preset < file (TOML/YAML) < `key=value` overrides."""
+    file_data: dict[str, Any] = _read_config_file(Path(path)) if path is not None else {}
+    file_preset = file_data.pop("preset", None)
+    preset = preset if preset is not None else file_preset
+    cfg = TrainConfig()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(
+                f"unknown preset {preset!r}; known: {', '.join(PRESETS)}{_suggest(preset, PRESETS)}"
+            )
+        _apply(cfg, PRESETS[preset], where=f"preset {preset!r}")
+    _apply(cfg, file_data, where=str(path))
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} must look like key=value (e.g. optim.lr=3e-4)")
+        nested: dict[str, Any] = {}
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _RawString(raw.strip())
+        _apply(cfg, nested, where=f"override {item!r}")
+    cfg.validate()
+    return cfg
+
+
+class _RawString(str):
+    """A command-line value: parsed according to the type of the field it lands in."""
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ValueError(f"{path}: config files must end in .toml, .yaml or .yml")
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML ({exc})") from exc
+    except Exception as exc:  # yaml.YAMLError without importing yaml at module import
+        if type(exc).__module__.startswith("yaml"):
+            raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+        raise
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of keys to values")
+    return data
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_MODEL_FIELDS = {f.name: f for f in dataclasses.fields(DeepseekV3Config) if f.init}
+
+
+def _apply(obj: Any, data: dict[str, Any], where: str, prefix: str = "") -> None:
+    """Merge `data` into the dataclass `obj` in place, checking keys and coercing values."""
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(obj, ModelSpec) and key not in ("size", "overrides"):
+            # any other [model] key is a DeepseekV3Config field
+            if key not in _MODEL_FIELDS:
+                raise ValueError(
+                    f"{where}: unknown model field {dotted!r}{_suggest(key, _MODEL_FIELDS)}; model keys are "
+                    f"'size' and DeepseekV3Config fields"
+                )
+            model_hints = typing.get_type_hints(DeepseekV3Config)
+            obj.overrides[key] = _coerce(value, model_hints[key], dotted, where)
+            continue
+        if key not in names:
+            raise ValueError(f"{where}: unknown config key {dotted!r}{_suggest(key, names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: {dotted!r} is a section; give it a mapping, got {value!r}")
+            _apply(current, value, where, prefix=f"{dotted}.")
+        elif isinstance(obj, ModelSpec) and key == "overrides":
+            _apply(obj, dict(value), where, prefix)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted, where))
+
+
+def _coerce(value: Any, tp: Any, name: str, where: str) -> Any:
+    """Convert `value` to type `tp` (int, float, bool, str, X | None, list[X], dict) or raise ValueError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        is_null = value is None or (isinstance(value, _RawString) and value.lower() in ("none", "null", ""))
+        if is_null and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name, where)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if errors else f"{where}: {name} cannot be {value!r}")
+    if isinstance(value, _RawString) and tp not in (str, Any):
+        value = _parse_cli_value(value, tp)
+    bad = ValueError(f"{where}: {name} must be {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad
+        return float(value)
+    if tp is str:
+        if isinstance(value, str):
+            return str(value)
+        raise bad
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+            raise bad
+        return [_coerce(v, item_tp, f"{name}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    raise bad
+
+
+def _parse_cli_value(raw: str, tp: Any) -> Any:
+    if tp is bool:
+        low = raw.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        return raw
+    if tp is int:
+        try:
+            return int(raw.replace("_", ""))
+        except ValueError:
+            try:
+                return float(raw)  # "1e3" is fine for an int field if it is whole
+            except ValueError:
+                return raw
+    if tp is float:
+        try:
+            return float(raw)
+        except ValueError:
+            return raw
+    # lists and dicts: YAML flow syntax, e.g. data.tasks=[add2,sort],
+    # model.rope_scaling={type: yarn, factor: 4}
+    import yaml
+
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _type_name(tp: Any) -> str:
+    if tp in (int, float, bool, str):
+        return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+    return str(tp).replace("typing.", "")
+
+
+# ---- learning-rate schedule ---------------------------------------------------------------------------
+def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup to optim.lr, then
+    cosine:  cosine decay to lr*min_lr_ratio at total_steps;
+    wsd:     constant until the last decay_fraction of the steps, then linear decay to lr*min_lr_ratio.
+    total_steps defaults to cfg.max_steps (a time-budgeted run can pass its own estimate)."""
+    o = cfg.optim
+    total = max(1, total_steps if total_steps is not None else cfg.max_steps)
+    lo = o.lr * o.min_lr_ratio
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if step >= total:
+        return lo
+    if o.schedule == "cosine":
+        span = max(1, total - o.warmup_steps)
+        progress = min(1.0, (step - o.warmup_steps) / span)
+        return lo + (o.lr - lo) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    decay_start = max(o.warmup_steps, int(total * (1.0 - o.decay_fraction)))
+    if step < decay_start:
+        return o.lr
+    progress = (step - decay_start) / max(1, total - decay_start)
+    return o.lr + (lo - o.lr) * progress

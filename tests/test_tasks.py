@@ -1,0 +1,94 @@
+import random
+
+import pytest
+
+from nanoseek.train.tasks import (
+    TASKS,
+    Countdown,
+    Example,
+    evaluate_arithmetic,
+    extract_r1_answer,
+    get_task,
+    is_heldout,
+    r1_reward,
+    wilson_ci95,
+)
+
+
+@pytest.mark.parametrize("name", list(TASKS) + ["add5", "sort3"])
+def test_generated_answers_pass_their_checker_and_splits_are_disjoint(name):
+    task = get_task(name)
+    rng = random.Random(1)
+    train = [task.generate(rng) for _ in range(2000)]
+    held = task.eval_examples(300, seed=3)
+    assert held and len({e.prompt for e in held}) == len(held)
+    assert not {e.prompt for e in train} & {e.prompt for e in held}
+    assert all(is_heldout(e.prompt, task.heldout_fraction) for e in held)
+    assert all(task.check(e.answer, e) for e in train[:200] + held)
+    assert all(e.task == task.name for e in train[:10])
+    # deterministic: same seed, same problems
+    assert [e.prompt for e in task.eval_examples(50, seed=3)] == [e.prompt for e in held[:50]]
+    assert [task.generate(random.Random(7)).prompt for _ in range(3)] == [
+        task.generate(random.Random(7)).prompt
+    ] * 3
+
+
+def test_exact_answers():
+    add = get_task("add2")
+    ex = Example("47+85=", "231", "add2")  # 132 reversed
+    assert add.check("231", ex) and add.check(" 231\n", ex)
+    assert not add.check("132", ex) and not add.check("2310", ex) and not add.check("", ex)
+    assert get_task("sort").check("12449", Example("s:42194=", "12449", "sort"))
+    rng = random.Random(0)
+    for _ in range(50):
+        e = get_task("linear").generate(rng)
+        a, rest = e.prompt.split("x+")
+        b, rest = rest.split("=", 1)
+        c = int(rest.split(";")[0])
+        assert int(a) * int(e.answer) + int(b) == c
+        m = get_task("mul").generate(rng)
+        x, y = m.prompt[:-1].split("*")
+        assert int(m.answer[::-1]) == int(x) * int(y)
+
+
+def test_countdown_checker_accepts_any_valid_expression_only():
+    task = Countdown(3)
+    ex = Example("cd:3,5,7>22=", "3*5+7", "countdown", {"numbers": [3, 5, 7], "target": 22})
+    assert task.check("3*5+7", ex) and task.check("7+5*3", ex) and task.check("(5*3)+7", ex)
+    assert not task.check("3*5+7+0", ex)  # 0 is not one of the numbers
+    assert not task.check("22", ex)  # numbers must each be used once
+    assert (
+        not task.check("3*5*7", ex) and not task.check("3*5+", ex) and not task.check("__import__('os')", ex)
+    )
+    assert not task.check("7/(5-5)+3", ex)
+    # recovers numbers and target from the prompt when meta is missing
+    assert task.check("7+3*5", Example("cd:3,5,7>22=", "3*5+7", "countdown"))
+    assert evaluate_arithmetic("8/3*3")[0] == 8
+
+
+def test_r1_format_and_reward():
+    ex = Example("47+85=", "231", "add2")
+    assert extract_r1_answer("<think>carry</think><answer>231</answer>") == "231"
+    assert extract_r1_answer(" <think>\na\n</think>\n<answer> 231 </answer>\n") == "231"
+    assert extract_r1_answer("<answer>231</answer>") is None
+    assert extract_r1_answer("<think>x</think><answer>231") is None
+    assert extract_r1_answer("<think>x</think><answer>1</answer><answer>231</answer>") is None
+    assert r1_reward("<think>.</think><answer>231</answer>", ex) == 1.0
+    assert r1_reward("<think>.</think><answer>232</answer>", ex) == 0.1
+    assert r1_reward("231", ex) == 0.0
+
+
+def test_wilson_ci95():
+    lo, hi = wilson_ci95(94, 100)
+    assert lo == pytest.approx(0.8752, abs=1e-4) and hi == pytest.approx(0.9722, abs=1e-4)
+    assert wilson_ci95(0, 10)[0] == 0.0 and wilson_ci95(10, 10)[1] == 1.0
+    assert wilson_ci95(0, 0) == (0.0, 1.0)
+    lo, hi = wilson_ci95(50, 100)
+    assert lo < 0.5 < hi and hi - 0.5 == pytest.approx(0.5 - lo)
+    with pytest.raises(ValueError):
+        wilson_ci95(5, 3)
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="unknown task 'srot'.*did you mean 'sort'"):
+        get_task("srot")

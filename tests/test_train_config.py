@@ -1,0 +1,103 @@
+import math
+
+import pytest
+
+from nanoseek.config import ConfigError
+from nanoseek.train.config import PRESETS, TrainConfig, load_train_config, lr_at
+
+
+def test_presets_build_valid_model_configs():
+    for name in PRESETS:
+        cfg = load_train_config(preset=name)
+        mc = cfg.model_config(vocab_size=cfg.tokenizer.vocab_size)
+        assert mc.param_counts()["active"] <= mc.param_counts()["total"]
+    tiny = load_train_config(preset="tiny")
+    assert tiny.device == "cpu" and tiny.dtype == "float32"
+    assert 0.5e6 < tiny.model_config(384).param_counts()["total"] < 5e6  # a few-minute CPU model
+    assert load_train_config(preset="gpt2-small-moe").dtype == "bfloat16"
+
+
+def test_toml_yaml_and_overrides(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        'preset = "tiny"\nbatch_size = 64\n[model]\nhidden_size = 96\n[optim]\nlr = 1e-3\nschedule = "wsd"\n'
+        '[data]\ntasks = ["add2", "sort"]\n'
+    )
+    cfg = load_train_config(
+        toml, overrides=["optim.lr=3e-4", "seq_len=48", "compile=true", "data.tasks=[add3]"]
+    )
+    assert cfg.batch_size == 64 and cfg.seq_len == 48 and cfg.compile is True
+    assert cfg.optim.lr == 3e-4 and cfg.optim.schedule == "wsd"
+    assert cfg.data.tasks == ["add3"]
+    assert cfg.model.overrides["hidden_size"] == 96
+    assert cfg.model_config(384).hidden_size == 96
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("batch_size: 8\ntime_budget_min: 2\noptim:\n  warmup_steps: 5\n")
+    cfg = load_train_config(yaml, overrides=["time_budget_min=none"])
+    assert cfg.batch_size == 8 and cfg.optim.warmup_steps == 5 and cfg.time_budget_min is None
+    assert isinstance(load_train_config(yaml).time_budget_min, float)
+
+
+def test_unknown_keys_name_the_key_and_suggest(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'optim\.lrr'.*did you mean 'lr'"):
+        load_train_config(overrides=["optim.lrr=1"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("batch_sise = 4\n")
+    with pytest.raises(ValueError, match=r"bad\.toml: unknown config key 'batch_sise'.*'batch_size'"):
+        load_train_config(bad)
+    with pytest.raises(ValueError, match=r"unknown model field 'model\.hidden_sise'.*'hidden_size'"):
+        load_train_config(overrides=["model.hidden_sise=4"])
+    with pytest.raises(ValueError, match="unknown preset 'tinny'.*'tiny'"):
+        load_train_config(preset="tinny")
+
+
+def test_type_errors_and_bad_values():
+    with pytest.raises(ValueError, match="batch_size must be an integer, got 'abc'"):
+        load_train_config(overrides=["batch_size=abc"])
+    with pytest.raises(ValueError, match="compile must be true or false"):
+        load_train_config(overrides=["compile=maybe"])
+    with pytest.raises(ValueError, match="optim.schedule must be 'cosine' or 'wsd'"):
+        load_train_config(overrides=["optim.schedule=linear"])
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        load_train_config(overrides=["batch_size=0"])
+    with pytest.raises(ValueError, match="must look like key=value"):
+        load_train_config(overrides=["batch_size"])
+    with pytest.raises(ValueError, match="unknown task 'add'"):
+        load_train_config(overrides=["data.tasks=[add]"])
+    with pytest.raises(ValueError, match="seq_len=4096 exceeds"):
+        load_train_config(preset="tiny", overrides=["seq_len=4096"])
+
+
+def test_impossible_model_shapes_are_clear():
+    with pytest.raises(ConfigError, match=r"model config.*n_group=3 must divide n_routed_experts=8"):
+        load_train_config(preset="tiny", overrides=["model.n_group=3"])
+    with pytest.raises(ConfigError, match=r"num_experts_per_tok=9 must lie in \[1, n_routed_experts=8\]"):
+        load_train_config(preset="tiny", overrides=["model.num_experts_per_tok=9"])
+    with pytest.raises(ConfigError, match="qk_rope_head_dim must be even"):
+        load_train_config(preset="tiny", overrides=["model.qk_rope_head_dim=15"])
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.toml: config file not found"):
+        load_train_config(tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("batch_size = = 3")
+    with pytest.raises(ValueError, match="broken.toml: not valid TOML"):
+        load_train_config(broken)
+
+
+def test_lr_schedules():
+    cfg = TrainConfig()
+    cfg.max_steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio = 100, 1.0, 10, 0.1
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(100, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
+    lrs = [lr_at(s, cfg) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    cfg.optim.schedule, cfg.optim.decay_fraction = "wsd", 0.2
+    assert lr_at(50, cfg) == 1.0 and lr_at(79, cfg) == 1.0
+    assert lr_at(90, cfg) == pytest.approx(1.0 - 0.9 * 0.5)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(50, cfg, total_steps=50) == pytest.approx(0.1)
