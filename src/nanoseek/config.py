@@ -38,10 +38,14 @@ class DeepseekV3Config:
     n_shared_experts: int = 1
     routed_scaling_factor: float = 2.5
     norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"  # V3: sigmoid; V2/V2-Lite: softmax
+    topk_method: str = "noaux_tc"  # V3: noaux_tc (biased, top-2-sum groups); V2: greedy | group_limited_greedy
     hidden_act: str = "silu"
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rope_scaling: dict[str, Any] | None = (
+        None  # YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    )
     rope_interleave: bool = True
     rms_norm_eps: float = 1e-6
     attention_bias: bool = False
@@ -109,17 +113,17 @@ class DeepseekV3Config:
                     f"{self.n_routed_experts}]"
                 )
             if self.n_group <= 0 or self.n_routed_experts % self.n_group:
-                raise ConfigError(
-                    f"n_group={self.n_group} must divide n_routed_experts={self.n_routed_experts}"
-                )
+                raise ConfigError(f"n_group={self.n_group} must divide n_routed_experts={self.n_routed_experts}")
             if self.n_routed_experts // self.n_group < 2 and self.n_group > 1:
                 raise ConfigError("each expert group needs >= 2 experts (group score = sum of its top-2)")
             if not 1 <= self.topk_group <= self.n_group:
                 raise ConfigError(f"topk_group={self.topk_group} must lie in [1, n_group={self.n_group}]")
             if self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
-                raise ConfigError(
-                    "num_experts_per_tok exceeds the experts available in the topk_group selected groups"
-                )
+                raise ConfigError("num_experts_per_tok exceeds the experts available in the topk_group selected groups")
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            raise ConfigError(f"scoring_func {self.scoring_func!r} is not supported (sigmoid, softmax)")
+        if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
+            raise ConfigError(f"topk_method {self.topk_method!r} is not supported")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (DeepSeek-V3 uses 'silu')")
         if self.num_nextn_predict_layers < 0:
@@ -140,6 +144,14 @@ class DeepseekV3Config:
         model_type = data.pop("model_type", "deepseek_v3")
         if model_type not in ("deepseek_v3", "deepseek_v2", "nanoseek"):
             raise ConfigError(f"model_type {model_type!r} is not a DeepSeek-V3 config")
+        if model_type == "deepseek_v2":  # V2 defaults differ from V3's where the file is silent
+            data.setdefault("scoring_func", "softmax")
+            data.setdefault("topk_method", "greedy")
+            data.setdefault("norm_topk_prob", False)
+            data.setdefault("routed_scaling_factor", 1.0)
+        for key in ("n_group", "topk_group"):  # null means "no grouping"
+            if key in data and data[key] is None:
+                data[key] = 1
         # transformers v5 writes rope settings as `rope_parameters`; older files use rope_theta + rope_scaling.
         rope_params = data.pop("rope_parameters", None)
         if rope_params:
@@ -169,8 +181,6 @@ class DeepseekV3Config:
         out["model_type"] = "deepseek_v3"
         out["architectures"] = ["DeepseekV3ForCausalLM"]
         out["head_dim"] = self.qk_rope_head_dim  # what transformers derives; vLLM reads qk_* fields
-        out["topk_method"] = "noaux_tc"
-        out["scoring_func"] = "sigmoid"
         out["moe_layer_freq"] = 1
         out["ep_size"] = 1
         out["use_cache"] = True
@@ -242,18 +252,52 @@ def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     # The tiny config of REFERENCE §1: exercises every feature, used in the equivalence tests.
     "test-tiny": dict(
-        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
-        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
-        n_group=2, topk_group=1, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
-        max_position_embeddings=128, rope_interleave=True, tie_word_embeddings=False,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        max_position_embeddings=128,
+        rope_interleave=True,
+        tie_word_embeddings=False,
     ),  # fmt: skip
     # ~20M params MoE used by the MoE step benchmark.
     "bench-20m": dict(
-        vocab_size=8192, hidden_size=256, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=6,
-        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, num_experts_per_tok=2,
-        n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=1024,
+        moe_intermediate_size=256,
+        num_hidden_layers=6,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=128,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=16,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
         max_position_embeddings=1024,
     ),  # fmt: skip
 }

@@ -19,6 +19,10 @@ from nanoseek.weights.safetensors_io import WeightsError, read_config_json
 ARCHITECTURES: dict[str, str] = {
     "deepseek_v3": "nanoseek.model.deepseek_v3:from_hf_folder",
     "deepseek_v2": "nanoseek.model.deepseek_v3:from_hf_folder",
+    **{
+        t: "nanoseek.model.dense:from_hf_folder"
+        for t in ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3", "gemma3_text")
+    },
 }
 
 

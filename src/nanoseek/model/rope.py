@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 
-def rope_inv_freq(dim: int, theta: float, scaling: dict[str, Any] | None = None,
-                  max_position_embeddings: int | None = None) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(
+    dim: int, theta: float, scaling: dict[str, Any] | None = None, max_position_embeddings: int | None = None
+) -> tuple[torch.Tensor, float]:
     """Return (inv_freq [dim/2], attention_factor applied to cos/sin)."""
     base_inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
@@ -77,8 +78,9 @@ def _yarn_inv_freq(dim: int, theta: float, s: dict[str, Any], max_pos: int | Non
     return inv_freq, float(attention_factor)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, attention_factor: float = 1.0,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, attention_factor: float = 1.0, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [*positions.shape, dim/2] (half width: one angle per rotated pair)."""
     freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
     return (freqs.cos() * attention_factor).to(dtype), (freqs.sin() * attention_factor).to(dtype)

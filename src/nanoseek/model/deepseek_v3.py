@@ -1,0 +1,299 @@
+"""The DeepSeek-V3 causal LM: MLA attention, DeepSeekMoE, multi-token prediction.
+
+Parameter names follow transformers' DeepseekV3ForCausalLM (`model.embed_tokens`, `model.layers.{i}...`,
+`lm_head`), except that routed experts are stored fused (`mlp.experts.gate_up_proj [E,2F,d]`, as
+transformers v5 does in memory) and MTP modules live under `mtp.{k}`; `weights/deepseek_v3_hf.py` maps
+these to and from the HF checkpoint layout.
+
+The model knows nothing of parallelism, quantization or serving: those are applied from outside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ConfigError, DeepseekV3Config
+from nanoseek.model.mla import LatentKVCache, MultiHeadLatentAttention
+from nanoseek.model.moe import DeepseekMoE, GroupedExperts, Router, SwiGLU
+from nanoseek.model.mtp import MTPModule, shift_left
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import rope_cos_sin, rope_inv_freq
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # what to backprop: lm + mtp_weight * mean(mtp) + balance_alpha * balance
+    lm_loss: torch.Tensor
+    mtp_loss: torch.Tensor | None  # mean over depths
+    balance_loss: torch.Tensor | None
+    mtp_losses: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DeepseekV3Config, layer_idx: int, *, moe: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = DeepseekMoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h, cos, sin, mask, cache=None, aux=None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
+        x = self.post_attention_layernorm(h)
+        return h + (self.mlp(x, aux) if isinstance(self.mlp, DeepseekMoE) else self.mlp(x))
+
+
+class DeepseekV3Backbone(nn.Module):
+    """HF's `model.*`: embeddings, decoder layers, final norm."""
+
+    def __init__(self, cfg: DeepseekV3Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    def __init__(self, config: DeepseekV3Config, *, init: bool = True):
+        super().__init__()
+        self.config = config
+        self.model = DeepseekV3Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        n = config.num_hidden_layers
+        self.mtp = nn.ModuleList(
+            MTPModule(config, n + k, DecoderLayer(config, n + k, moe=config.is_moe_layer(n + k)))
+            for k in range(config.num_nextn_predict_layers)
+        )
+        self.init_buffers()
+        if init:
+            self.init_weights()
+
+    # ---- set-up -------------------------------------------------------------------------------------------
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute non-persistent buffers; call after building on the meta device and loading."""
+        cfg = self.config
+        if device is None:
+            device = self.lm_head.weight.device
+        inv_freq, attention_factor = rope_inv_freq(
+            cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
+        )
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.rope_attention_factor = attention_factor
+        for m in self.modules():
+            if isinstance(m, DeepseekMoE):
+                m.tokens_per_expert = torch.zeros(cfg.n_routed_experts, device=device)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, std, generator=generator)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std, generator=generator)
+            elif isinstance(m, RMSNorm):
+                m.reset_parameters()
+            elif isinstance(m, Router):
+                nn.init.normal_(m.weight, 0.0, std, generator=generator)
+                m.e_score_correction_bias.zero_()
+            elif isinstance(m, GroupedExperts):
+                nn.init.normal_(m.gate_up_proj, 0.0, std, generator=generator)
+                nn.init.normal_(m.down_proj, 0.0, std, generator=generator)
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> LatentKVCache:
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"cache length {max_len} exceeds max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        w = self.lm_head.weight
+        return LatentKVCache.allocate(
+            self.config, batch_size, max_len, dtype=dtype or w.dtype, device=device or w.device
+        )
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: LatentKVCache | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B,T] -> logits [B,T,vocab]."""
+        return self.lm_head(self.forward_hidden(input_ids, attention_mask, position_ids, cache))
+
+    def forward_hidden(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        aux=None,
+        _rope_mask_out: list | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states [B,T,d]."""
+        self._check_input(input_ids, cache)
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.rope_attention_factor, h.dtype)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B|1, 1, T, dr/2]
+        mask = attention_bias(attention_mask, T, past, h.dtype, h.device, cached=cache is not None)
+        if _rope_mask_out is not None:
+            _rope_mask_out.extend([cos, sin, mask])
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, mask, cache, aux)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(h)
+
+    def _check_input(self, input_ids: torch.Tensor, cache: LatentKVCache | None) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError("input_ids must be a LongTensor of shape [batch, seq]")
+        T = input_ids.shape[1]
+        if cache is not None and cache.length + T > cache.max_len:
+            raise ValueError(f"sequence of {cache.length + T} tokens exceeds the cache's {cache.max_len}")
+        if input_ids.device.type == "cpu" and input_ids.numel():  # (on GPU this check would force a sync)
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(
+                    f"token id {lo if lo < 0 else hi} outside the vocabulary [0, {self.config.vocab_size})"
+                )
+
+    def compute_loss(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        mtp_weight: float = 0.3,
+        balance_alpha: float = 0.0,
+        attention_mask: torch.Tensor | None = None,
+    ) -> LossOutput:
+        """Next-token loss (+ MTP losses, + optional sequence-wise balance loss). targets [B,T], -100 ignored.
+
+        MTP depth k at position t sees token t+k's embedding and predicts targets[t+k]; the last k positions
+        have no such token and are ignored.
+        """
+        aux: list[torch.Tensor] | None = [] if balance_alpha > 0 else None
+        rope_mask: list = []
+        h = self.forward_hidden(input_ids, attention_mask, aux=aux, _rope_mask_out=rope_mask)
+        lm_loss = _cross_entropy(self.lm_head(h), targets)
+        loss = lm_loss
+        mtp_losses = []
+        if self.mtp and mtp_weight > 0:
+            cos, sin, mask = rope_mask
+            h_prev = h
+            for k, module in enumerate(self.mtp, start=1):
+                emb = self.model.embed_tokens(shift_left(input_ids, k, 0))
+                h_prev = module(h_prev, emb, cos, sin, mask, aux)
+                mtp_losses.append(
+                    _cross_entropy(self.lm_head(module.norm(h_prev)), shift_left(targets, k, IGNORE_INDEX))
+                )
+            mtp_loss = torch.stack(mtp_losses).mean()
+            loss = loss + mtp_weight * mtp_loss
+        else:
+            mtp_loss = None
+        balance = torch.stack(aux).mean() if aux else None
+        if balance is not None:
+            loss = loss + balance_alpha * balance
+        return LossOutput(loss, lm_loss, mtp_loss, balance, mtp_losses)
+
+    # ---- export -------------------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
+        """Write a HF folder (config.json + safetensors) that transformers, vLLM and SGLang load."""
+        from nanoseek.weights.deepseek_v3_hf import native_to_hf
+        from nanoseek.weights.safetensors_io import save_safetensors_folder
+
+        tensors = native_to_hf(self)
+        if dtype is not None:
+            tensors = {
+                k: v.to(dtype) if v.is_floating_point() and "correction_bias" not in k else v
+                for k, v in tensors.items()
+            }
+        cfg = self.config.to_dict()
+        if dtype is not None:
+            cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        save_safetensors_folder(folder, tensors, cfg)
+        gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id}
+        (Path(folder) / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def attention_bias(
+    attention_mask: torch.Tensor | None, T: int, past: int, dtype: torch.dtype, device: torch.device, *, cached: bool
+) -> torch.Tensor | None:
+    """Additive mask [B|1, 1, T, past+T], or None where plain causal attention (is_causal) is enough.
+
+    Masked entries get dtype's most negative value rather than -inf, so a row with nothing to attend to
+    (a left-pad query) gives a uniform softmax instead of NaN.
+    """
+    if attention_mask is None and (not cached or T == 1):
+        return None  # uncached: SDPA's is_causal; one cached query: it may see every stored key
+    S = past + T
+    allowed = torch.arange(S, device=device)[None, :] <= (past + torch.arange(T, device=device))[:, None]
+    allowed = allowed[None]  # [1,T,S]
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != S:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {S} (past+new)")
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return bias.unsqueeze(1)
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def from_hf_folder(
+    folder: Path, config: dict, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> DeepseekV3ForCausalLM:
+    """Build from a HF folder; used by `nanoseek.load`. dtype None keeps fp32 on CPU (bf16 is slow there)
+    and the checkpoint's dtype elsewhere."""
+    from nanoseek.weights.deepseek_v3_hf import has_mtp_weights, hf_to_native
+    from nanoseek.weights.safetensors_io import SafetensorsReader, WeightsError
+
+    folder = Path(folder)
+    try:
+        cfg = DeepseekV3Config.from_dict(config)
+    except ConfigError as exc:
+        raise WeightsError(f"{folder / 'config.json'}: {exc}") from exc
+    reader = SafetensorsReader(folder)
+    if cfg.num_nextn_predict_layers and not has_mtp_weights(reader, cfg):
+        cfg = cfg.replace(num_nextn_predict_layers=0)  # e.g. saved by transformers, which drops MTP weights
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(cfg, init=False)
+    state = hf_to_native(reader, model, source=str(folder))
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_buffers("cpu")  # materialize the non-persistent (meta) buffers before moving
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if dtype is None:
+        stored = next(iter(state.values())).dtype
+        dtype = torch.float32 if device.type == "cpu" else stored
+    model.to(device=device, dtype=dtype)
+    for m in model.modules():  # the router bias stays fp32: it is compared against tiny score gaps
+        if isinstance(m, Router):
+            m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()
+    model.init_buffers(device)
+    return model

@@ -1,0 +1,147 @@
+"""Multi-head Latent Attention (MLA), DeepSeek-V2/V3.
+
+Shapes: B batch, T new tokens, S keys (past + new), H heads, d hidden, r = kv_lora_rank,
+dn/dr/dv = qk_nope/qk_rope/v head dims.
+
+Two ways to compute the same attention:
+- naive (training, no cache): expand the latent c_kv into per-head keys/values with kv_b_proj and run
+  ordinary attention over head dim dn+dr.
+- absorbed (inference, with a cache): fold kv_b_proj's key half into the query and its value half into
+  the output. Attention then runs over the latent itself, like multi-query attention with head dim
+  r+dr, and the cache holds only c_kv [r] and k_pe [dr] per token per layer (V3: 576 values instead
+  of 2*128*128 = 32768). That is the memory win that makes long contexts cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import DeepseekV3Config
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import apply_rope_half, apply_rope_interleaved
+
+
+@dataclass
+class LatentKVCache:
+    """Preallocated MLA cache: per layer, the normalized latent c_kv and the rotated shared key k_pe.
+
+    `length` counts the positions already written (the same for every row); the model advances it after a
+    forward. Row-wise offsets (continuous batching) belong to the engine, which can pass its own positions.
+    """
+
+    c_kv: torch.Tensor  # [L, B, S_max, r]
+    k_pe: torch.Tensor  # [L, B, S_max, dr]
+    length: int = 0
+
+    @classmethod
+    def allocate(
+        cls,
+        cfg: DeepseekV3Config,
+        batch_size: int,
+        max_len: int,
+        *,
+        num_layers: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> LatentKVCache:
+        layers = cfg.num_hidden_layers if num_layers is None else num_layers
+        c_kv = torch.zeros(layers, batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+        k_pe = torch.zeros(layers, batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        return cls(c_kv, k_pe, 0)
+
+    @property
+    def max_len(self) -> int:
+        return self.c_kv.shape[2]
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token costs across all layers (the number MLA exists to shrink)."""
+        layers = self.c_kv.shape[0]
+        return layers * (
+            self.c_kv.shape[-1] * self.c_kv.element_size() + self.k_pe.shape[-1] * self.k_pe.element_size()
+        )
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, cfg: DeepseekV3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.dn, self.dr, self.dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        self.rope = apply_rope_interleaved if cfg.rope_interleave else apply_rope_half
+        d, H, dqk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
+        self.q_lora_rank = cfg.q_lora_rank
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, H * dqk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * dqk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + self.dr, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=1e-6)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.dn + self.dv), bias=False)
+        self.o_proj = nn.Linear(H * self.dv, d, bias=cfg.attention_bias)
+
+    # -- projections shared by both paths --------------------------------------------------------------
+    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.dn + self.dr).transpose(1, 2)  # [B,H,T,dn+dr]
+        q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
+        return q_nope, self.rope(q_pe, cos, sin)
+
+    def _latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], dim=-1)
+        return self.kv_a_layernorm(c_kv), self.rope(k_pe.unsqueeze(1), cos, sin).squeeze(1)  # [B,T,r], [B,T,dr]
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B,T,d]
+        cos: torch.Tensor,  # [B|1, 1, T, dr/2]
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,  # additive [B|1, 1, T, S] or None for plain causal
+        cache: LatentKVCache | None = None,
+    ) -> torch.Tensor:
+        q_nope, q_pe = self._queries(x, cos, sin)
+        c_kv, k_pe = self._latent(x, cos, sin)
+        if cache is None:
+            out = self._attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
+        else:
+            start, T = cache.length, x.shape[1]
+            cache.c_kv[self.layer_idx, :, start : start + T] = c_kv
+            cache.k_pe[self.layer_idx, :, start : start + T] = k_pe
+            c_kv = cache.c_kv[self.layer_idx, :, : start + T]
+            k_pe = cache.k_pe[self.layer_idx, :, : start + T]
+            out = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        B, H, T, dv = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * dv))
+
+    def _attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        B, S, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.dn + self.dv).transpose(1, 2)
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.n_heads, -1, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+
+    def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
+        w = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.dn], w[:, self.dn :]  # [H,dn,r], [H,dv,r]
+        q_lat = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
+        # One "key" per token shared by all heads: [c_kv | k_pe]; the "value" is c_kv itself.
+        q = torch.cat([q_lat, q_pe], dim=-1)  # [B,H,T,r+dr]
+        k = torch.cat([c_kv, k_pe], dim=-1).unsqueeze(1)  # [B,1,S,r+dr]
+        v = c_kv.unsqueeze(1)  # [B,1,S,r]
+        H = self.n_heads
+        o_lat = F.scaled_dot_product_attention(
+            q, k.expand(-1, H, -1, -1), v.expand(-1, H, -1, -1), attn_mask=mask, scale=self.scale
+        )
+        return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)

@@ -1,0 +1,170 @@
+"""DeepSeek-V3 equivalence with transformers (fp32, ≤ 1e-4 max abs diff), both loading directions,
+plus the cache, padding, absorbed-attention and routing checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nanoseek
+from deepseek_reference import random_hf_model, randomize_nanoseek
+from nanoseek.config import from_name
+from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+
+TOL = 1e-4
+
+VARIANTS = {
+    "tiny": {},
+    "no_q_lora": {"q_lora_rank": None},
+    "yarn": {
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    },
+    "groups4": {"n_group": 4, "topk_group": 2},
+    "no_interleave_tied": {"rope_interleave": False, "tie_word_embeddings": True},
+}
+
+
+def tokens(B=2, T=24, seed=1, vocab=256):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_hf_to_nanoseek(tmp_path, variant):
+    cfg = from_name("test-tiny", **VARIANTS[variant])
+    ref = random_hf_model(cfg)
+    ref.save_pretrained(tmp_path)
+    ours = nanoseek.load(tmp_path)
+    x = tokens(T=40 if variant == "yarn" else 24)
+    with torch.no_grad():
+        expected = ref(x).logits
+        got = ours(x)
+    assert got.shape == expected.shape == (2, x.shape[1], cfg.vocab_size)
+    assert (got - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("variant", ["tiny", "no_q_lora", "yarn", "groups4"])
+def test_nanoseek_to_hf(tmp_path, variant):
+    from transformers import AutoModelForCausalLM
+
+    cfg = from_name("test-tiny", **VARIANTS[variant])
+    torch.manual_seed(0)
+    ours = DeepseekV3ForCausalLM(cfg).eval()
+    randomize_nanoseek(ours)
+    ours.save_pretrained(tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    x = tokens()
+    with torch.no_grad():
+        assert (ours(x) - ref(x).logits).abs().max().item() <= TOL
+
+
+def test_padded_batch_matches_hf_and_unpadded(tmp_path):
+    cfg = from_name("test-tiny")
+    ref = random_hf_model(cfg)
+    ref.save_pretrained(tmp_path)
+    ours = nanoseek.load(tmp_path)
+    x = tokens(B=3, T=16)
+    mask = torch.ones_like(x)
+    mask[0, :5] = 0  # left padding
+    mask[2, 12:] = 0  # right padding
+    with torch.no_grad():
+        expected = ref(x, attention_mask=mask).logits
+        got = ours(x, attention_mask=mask)
+        real = mask.bool()
+        assert (got[real] - expected[real]).abs().max().item() <= TOL
+        # A left-padded row with proper positions gives the logits of the unpadded sequence.
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        padded = ours(x[:1], attention_mask=mask[:1], position_ids=pos[:1])[0, 5:]
+        alone = ours(x[:1, 5:])[0]
+        assert (padded - alone).abs().max().item() <= TOL
+
+
+def test_kv_cache_decode_equals_full_forward():
+    cfg = from_name("test-tiny", num_nextn_predict_layers=1)
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    randomize_nanoseek(model)
+    x = tokens(B=2, T=20)
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(2, 32)
+        steps = [model(x[:, :8], cache=cache)]  # prefill 8, then one token at a time
+        for t in range(8, 20):
+            steps.append(model(x[:, t : t + 1], cache=cache))
+        assert cache.length == 20
+        assert (torch.cat(steps, dim=1) - full).abs().max().item() <= TOL
+
+
+def test_kv_cache_with_left_padding():
+    cfg = from_name("test-tiny")
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    randomize_nanoseek(model)
+    x = tokens(B=2, T=12)
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(x, attention_mask=mask, position_ids=pos)
+        cache = model.new_cache(2, 16)
+        a = model(x[:, :6], attention_mask=mask[:, :6], position_ids=pos[:, :6], cache=cache)
+        rest = []
+        for t in range(6, 12):
+            rest.append(
+                model(x[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1], cache=cache)
+            )
+        got = torch.cat([a, *rest], dim=1)
+        assert (got[mask.bool()] - full[mask.bool()]).abs().max().item() <= TOL
+
+
+def test_absorbed_attention_matches_naive_and_cache_is_latent_only():
+    cfg = from_name("test-tiny")
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    randomize_nanoseek(model)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 10, cfg.hidden_size)
+    from nanoseek.model.deepseek_v3 import attention_bias
+    from nanoseek.model.rope import rope_cos_sin
+
+    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(10)[None], model.rope_attention_factor)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    with torch.no_grad():
+        naive = attn(x, cos, sin, None, None)
+        cache = model.new_cache(2, 16)
+        mask = attention_bias(None, 10, 0, x.dtype, x.device, cached=True)
+        absorbed = attn(x, cos, sin, mask, cache)
+    assert (naive - absorbed).abs().max().item() <= 1e-5
+    # The cache holds c_kv and k_pe only: (kv_lora_rank + qk_rope_head_dim) values per token per layer.
+    per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    assert cache.bytes_per_token() == per_token
+    naive_cache = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4
+    assert cache.bytes_per_token() < naive_cache / 4
+    assert cache.c_kv.shape[-1] == cfg.kv_lora_rank and cache.k_pe.shape[-1] == cfg.qk_rope_head_dim
+
+
+def test_mtp_weights_roundtrip_and_hf_ignores_them(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = from_name("test-tiny", num_nextn_predict_layers=2)
+    torch.manual_seed(0)
+    ours = DeepseekV3ForCausalLM(cfg).eval()
+    randomize_nanoseek(ours)
+    ours.save_pretrained(tmp_path)
+    back = nanoseek.load(tmp_path)
+    assert len(back.mtp) == 2
+    for (n1, p1), (n2, p2) in zip(ours.state_dict().items(), back.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    x = tokens()
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        assert (ours(x) - ref(x).logits).abs().max().item() <= TOL
+        out = back.compute_loss(x, torch.roll(x, -1, 1))
+        assert out.mtp_loss is not None and len(out.mtp_losses) == 2
