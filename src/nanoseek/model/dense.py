@@ -1,0 +1,524 @@
+"""One dense decoder for the open families: Llama (SmolLM2, Llama 3.x), Mistral, Qwen2, Gemma 2 and Gemma 3.
+
+The families differ in a handful of switches, all in `DenseConfig`:
+
+| family  | switches                                                                                      |
+|---------|-----------------------------------------------------------------------------------------------|
+| llama   | GQA, optional llama3 rope scaling, optional attention/MLP bias                                |
+| mistral | sliding window on every layer                                                                 |
+| qwen2   | bias on q/k/v (not o), tied embeddings on small sizes, optional sliding layers                |
+| gemma2  | (1+w) RMSNorm, sqrt(d) embedding scale, sandwich norms, GELU-tanh, attention and final logit  |
+|         | soft-capping, local (sliding) / global layers alternating, query_pre_attn_scalar              |
+| gemma3  | gemma2 minus soft-capping, plus q/k RMSNorm and a separate rope base for local layers         |
+
+Module names are transformers' names (`model.layers.{i}.self_attn.q_proj` …), so a HF state dict loads
+as is. The forward follows the inference interface every nanoseek model shares:
+`model(input_ids, attention_mask=None, position_ids=None, cache=None) -> logits` and
+`model.new_cache(batch_size, max_len)`.
+
+Shapes: B batch, T new tokens, S = cache.length + T key slots, H query heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import apply_rope_half, rope_cos_sin, rope_inv_freq
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+# model_type values this module serves (HF config.json spelling).
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "gemma3")
+
+
+@dataclass
+class DenseConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    hidden_act: str = "silu"  # "silu" or "gelu_pytorch_tanh"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # llama3 / linear / yarn, for global (full) layers
+    rope_local_theta: float | None = None  # Gemma 3: local (sliding) layers use their own base, unscaled
+    rope_freq_factors: list[float] | None = None  # GGUF `rope_freqs`: llama.cpp's form of llama3 scaling
+    attention_bias: bool = False  # bias on q, k, v and o (Llama option)
+    qkv_bias: bool = False  # bias on q, k, v only (Qwen2)
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    layer_types: list[str] = field(default_factory=list)  # FULL / SLIDING per layer
+    query_pre_attn_scalar: float | None = None  # softmax scale = this ** -0.5 (Gemma); None: head_dim
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    norm_offset: float = 0.0  # 1.0: Gemma's (1 + w) RMSNorm
+    sandwich_norm: bool = False  # Gemma 2/3: norms after attention and MLP too
+    qk_norm: bool = False  # Gemma 3: RMSNorm on each query and key head before rope
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            self.layer_types = [FULL] * self.num_hidden_layers
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported ({', '.join(_ACTIVATIONS)})")
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    @property
+    def softmax_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),  # Gemma 1 configs say "gelu" but mean the tanh form
+}
+
+
+# ---- HF config.json -> DenseConfig ---------------------------------------------------------------------
+
+
+def _rope_from_hf(cfg: dict) -> tuple[float, dict | None, float | None]:
+    """(global theta, global scaling, local theta) from either transformers 5 `rope_parameters` or the
+    older `rope_theta` / `rope_scaling` / `rope_local_base_freq` fields."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and FULL in params:  # per layer type (Gemma 3 in transformers 5)
+        full, local = params[FULL] or {}, params.get(SLIDING) or {}
+        return float(full.get("rope_theta", 1e6)), _scaling_or_none(full), local.get("rope_theta")
+    if isinstance(params, dict):
+        return float(params.get("rope_theta", 10000.0)), _scaling_or_none(params), None
+    theta = float(cfg.get("rope_theta", 10000.0))
+    return theta, _scaling_or_none(cfg.get("rope_scaling")), cfg.get("rope_local_base_freq")
+
+
+def _scaling_or_none(params: dict | None) -> dict | None:
+    if not params:
+        return None
+    kind = params.get("rope_type", params.get("type", "default"))
+    return None if kind == "default" else dict(params, rope_type=kind)
+
+
+def dense_config_from_hf(cfg: dict) -> DenseConfig:
+    """Map a transformers config.json dict (llama, mistral, qwen2, gemma, gemma2, gemma3_text) to DenseConfig."""
+    model_type = cfg.get("model_type")
+    if model_type == "gemma3" and "text_config" in cfg:  # multimodal wrapper: the text part only
+        cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
+        model_type = "gemma3_text"
+    if model_type not in DENSE_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not a dense family ({', '.join(DENSE_MODEL_TYPES)})")
+    n_layers = int(cfg["num_hidden_layers"])
+    n_heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    theta, scaling, local_theta = _rope_from_hf(cfg)
+    gemma = model_type.startswith("gemma")
+    kw: dict[str, Any] = dict(
+        model_type=model_type,
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=int(cfg.get("num_key_value_heads") or n_heads),
+        head_dim=int(cfg.get("head_dim") or hidden // n_heads),
+        hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu"),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=cfg.get("eos_token_id"),
+        pad_token_id=cfg.get("pad_token_id"),
+    )
+    window = cfg.get("sliding_window")
+    if model_type == "llama":
+        kw.update(attention_bias=bool(cfg.get("attention_bias")), mlp_bias=bool(cfg.get("mlp_bias")))
+    elif model_type == "mistral":
+        kw.update(sliding_window=window, layer_types=[SLIDING if window else FULL] * n_layers)
+    elif model_type == "qwen2":
+        use_window = bool(cfg.get("use_sliding_window")) and window is not None
+        max_window_layers = int(cfg.get("max_window_layers", n_layers))
+        types = cfg.get("layer_types") or [
+            SLIDING if use_window and i >= max_window_layers else FULL for i in range(n_layers)
+        ]
+        kw.update(qkv_bias=True, sliding_window=window if use_window else None, layer_types=types)
+    else:  # Gemma family
+        kw.update(norm_offset=1.0, embed_scale=True, attention_bias=bool(cfg.get("attention_bias")))
+        kw["query_pre_attn_scalar"] = cfg.get("query_pre_attn_scalar")
+    if model_type == "gemma2":
+        types = cfg.get("layer_types") or [SLIDING if (i + 1) % 2 else FULL for i in range(n_layers)]
+        kw.update(
+            sandwich_norm=True,
+            sliding_window=window,
+            layer_types=types,
+            attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
+            final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        )
+    elif model_type == "gemma3_text":
+        pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+        types = cfg.get("layer_types") or [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
+        kw.update(
+            sandwich_norm=True,
+            qk_norm=True,
+            sliding_window=window,
+            layer_types=types,
+            rope_local_theta=float(local_theta if local_theta is not None else 10000.0),
+            attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
+            final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        )
+    return DenseConfig(**kw)
+
+
+# ---- KV cache -------------------------------------------------------------------------------------------
+
+
+class DenseKVCache:
+    """Preallocated keys/values for every layer: [layers, B, K, max_len, D].
+
+    `length` counts the slots filled (the same for every row). `key_mask` remembers which slots hold real
+    tokens when a padded batch was fed, so decode steps need not pass the mask again.
+    """
+
+    def __init__(self, cfg: DenseConfig, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.key_mask: torch.Tensor | None = None  # [B, max_len] bool, None while every slot is real
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values at slots length..length+T; return every filled slot's keys/values."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ---- modules --------------------------------------------------------------------------------------------
+
+
+class DenseAttention(nn.Module):
+    def __init__(self, cfg: DenseConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=cfg.norm_offset)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, offset=cfg.norm_offset)
+        self.qk_norm = cfg.qk_norm
+        self.scale = cfg.softmax_scale
+        self.softcap = cfg.attn_logit_softcapping
+
+    def forward(self, x, cos, sin, mask, is_causal: bool, cache: DenseKVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B,H,T,D]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B,K,T,D]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [B,K,S,D]
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
+            )
+        else:
+            out = self._softcapped_attention(q, k, v, mask, is_causal)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _softcapped_attention(self, q, k, v, mask, is_causal):
+        # SDPA has no hook between the scores and the softmax, so Gemma 2's tanh capping is spelled out.
+        rep = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if is_causal:
+            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return probs @ v
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, cfg: DenseConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DenseDecoderLayer(nn.Module):
+    def __init__(self, cfg: DenseConfig, layer_idx: int):
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.norm_offset)  # noqa: E731
+        self.self_attn = DenseAttention(cfg, layer_idx)
+        self.mlp = DenseMLP(cfg)
+        self.input_layernorm = norm()
+        # Llama: post_attention_layernorm is the pre-MLP norm. Gemma 2/3: it normalizes the attention
+        # output, and the MLP gets its own pre/post norms ("sandwich").
+        self.post_attention_layernorm = norm()
+        self.sandwich = cfg.sandwich_norm
+        if cfg.sandwich_norm:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+
+    def forward(self, h, cos, sin, mask, is_causal, cache):
+        attn = self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal, cache)
+        if self.sandwich:
+            h = h + self.post_attention_layernorm(attn)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h = h + attn
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DenseModel(nn.Module):
+    def __init__(self, cfg: DenseConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DenseDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.norm_offset)
+
+
+class DenseForCausalLM(nn.Module):
+    """A dense decoder-only LM for every family in DenseConfig; see the module docstring."""
+
+    def __init__(self, cfg: DenseConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DenseModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        # Inverse frequencies per layer type; recomputed (not saved), so they survive meta-device building.
+        self._rope: dict[str, tuple[torch.Tensor, float]] = {}
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _rope_for(self, layer_type: str, device) -> tuple[torch.Tensor, float]:
+        if layer_type not in self._rope:
+            cfg = self.config
+            if layer_type == SLIDING and cfg.rope_local_theta is not None:
+                inv, factor = rope_inv_freq(cfg.head_dim, cfg.rope_local_theta)
+            else:
+                inv, factor = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+                if cfg.rope_freq_factors is not None:
+                    inv = inv / torch.tensor(cfg.rope_freq_factors, dtype=torch.float32)
+            self._rope[layer_type] = (inv.to(device), factor)
+        return self._rope[layer_type]
+
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> DenseKVCache:
+        weight = self.lm_head.weight
+        return DenseKVCache(self.config, batch_size, max_len, dtype or weight.dtype, device or weight.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: DenseKVCache | None = None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"the KV cache holds {cache.max_len} tokens; {start} + {T} new ones do not fit")
+        device = input_ids.device
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=device).expand(B, T)
+        key_mask = _key_mask(attention_mask, cache, B, start, T, device)
+
+        h = self.model.embed_tokens(input_ids)
+        if cfg.embed_scale:
+            h = h * torch.tensor(cfg.hidden_size**0.5, dtype=h.dtype)
+        per_type = {}
+        for kind in set(cfg.layer_types):
+            inv, factor = self._rope_for(kind, device)
+            cos, sin = rope_cos_sin(inv, position_ids, factor, dtype=h.dtype)
+            cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+            window = cfg.sliding_window if kind == SLIDING else None
+            mask, is_causal = _attention_mask(key_mask, start, T, window, device)
+            per_type[kind] = (cos, sin, mask, is_causal)
+        for layer, kind in zip(self.model.layers, cfg.layer_types):
+            h = layer(h, *per_type[kind], cache)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.model.norm(h))
+        if cfg.final_logit_softcapping is not None:
+            cap = cfg.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def _key_mask(attention_mask, cache, B, start, T, device) -> torch.Tensor | None:
+    """[B, start+T] bool of real key slots, or None when every slot is real. Kept in the cache."""
+    if attention_mask is not None:
+        if attention_mask.shape != (B, start + T):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, start + T)} "
+                "(past and new tokens)"
+            )
+        mask = attention_mask.to(device=device, dtype=torch.bool)
+        if bool(mask.all()):
+            mask = None
+    elif cache is not None and cache.key_mask is not None:
+        new = torch.ones(B, T, dtype=torch.bool, device=device)
+        mask = torch.cat([cache.key_mask[:, :start], new], dim=1)
+    else:
+        mask = None
+    if cache is not None:
+        if mask is not None:
+            if cache.key_mask is None:
+                cache.key_mask = torch.ones(B, cache.max_len, dtype=torch.bool, device=device)
+            cache.key_mask[:, : start + T] = mask
+        elif cache.key_mask is not None:
+            cache.key_mask[:, : start + T] = True
+    return mask
+
+
+def _attention_mask(key_mask, start: int, T: int, window: int | None, device):
+    """(bool mask [B|1, 1, T, S] or None, is_causal) over key slots 0..S-1 for queries at slots start..start+T-1.
+
+    A query sees keys at slots <= its own, within `window` slots when sliding (transformers' rule:
+    key > query - window), and only real keys; it always sees itself, so a padding row never has an
+    empty softmax (its output is ignored anyway)."""
+    S = start + T
+    needs_window = window is not None and window < S
+    if key_mask is None and not needs_window:
+        if T == 1:
+            return None, False
+        if start == 0:
+            return None, True
+    q = torch.arange(start, S, device=device)[:, None]
+    k = torch.arange(S, device=device)[None, :]
+    allowed = k <= q
+    if needs_window:
+        allowed &= k > q - window
+    allowed = allowed[None, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]
+        allowed |= (k == q)[None, None]
+    return allowed, False
+
+
+# ---- loading from a HF folder ---------------------------------------------------------------------------
+
+
+def build_on_meta(cfg: DenseConfig) -> DenseForCausalLM:
+    with torch.device("meta"):
+        return DenseForCausalLM(cfg)
+
+
+def load_state(model: DenseForCausalLM, tensors, source: str, dtype: torch.dtype, device) -> DenseForCausalLM:
+    """Fill a meta-device model from `tensors` (a mapping name -> tensor with HF names) without a second copy.
+
+    Each tensor is checked against the shape the config implies; a missing one is an error naming it.
+    """
+    from nanoseek.weights.safetensors_io import WeightsError, check_shape
+
+    expected = dict(model.state_dict(keep_vars=True))
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    state = {}
+    for name, param in expected.items():
+        if name not in tensors:
+            raise WeightsError(f"{source}: tensor {name!r} is missing from the checkpoint")
+        t = tensors[name]
+        check_shape(name, t, tuple(param.shape), source)
+        state[name] = t.to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model._rope.clear()
+    return model.eval()
+
+
+def from_hf_folder(folder: Path, config: dict, dtype=None, device=None) -> DenseForCausalLM:
+    """`nanoseek.load` entry for llama / mistral / qwen2 / gemma / gemma2 / gemma3(_text) HF folders."""
+    from nanoseek.weights.safetensors_io import SafetensorsReader
+
+    cfg = dense_config_from_hf(config)
+    reader = SafetensorsReader(folder)
+    tensors = _strip_multimodal_prefix(reader) if config.get("model_type") == "gemma3" else reader
+    model = build_on_meta(cfg)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return load_state(model, tensors, str(folder), dtype or torch.float32, device)
+
+
+def _strip_multimodal_prefix(reader) -> dict:
+    """Gemma3ForConditionalGeneration checkpoints store the text model under a language_model prefix."""
+    out = {}
+    for name in reader:
+        for prefix, repl in (("model.language_model.", "model."), ("language_model.model.", "model."),
+                             ("language_model.lm_head.", "lm_head.")):  # fmt: skip
+            if name.startswith(prefix):
+                out[repl + name[len(prefix) :]] = _Lazy(reader, name)
+                break
+    return _LazyMapping(out)
+
+
+class _Lazy:
+    def __init__(self, reader, name):
+        self.reader, self.name = reader, name
+
+
+class _LazyMapping(dict):
+    """A dict of name -> _Lazy whose values are read only when asked for."""
+
+    def __getitem__(self, key):
+        lazy = super().__getitem__(key)
+        return lazy.reader[lazy.name]
+
+
+def param_count(model: nn.Module) -> int:
+    """Parameters counted once even when tied."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+__all__ = [
+    "DENSE_MODEL_TYPES",
+    "DenseConfig",
+    "DenseForCausalLM",
+    "DenseKVCache",
+    "dense_config_from_hf",
+    "from_hf_folder",
+]

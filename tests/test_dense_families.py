@@ -1,0 +1,146 @@
+"""The dense families against transformers: tiny random models, saved as HF folders, loaded with
+`nanoseek.load`; logits must match to 1e-4 in fp32 (plain, left-padded batch, and KV-cached decode)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import nanoseek
+from nanoseek.model.dense import DenseForCausalLM
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+COMMON = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)  # fmt: skip
+
+
+def _configs():
+    llama3_rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+    return {
+        # SmolLM2-like: tied embeddings; Llama 3.x rope scaling with a short original context so it bites.
+        "llama": transformers.LlamaConfig(
+            **COMMON, num_hidden_layers=2, tie_word_embeddings=True, rope_parameters=llama3_rope
+        ),
+        "mistral": transformers.MistralConfig(**COMMON, num_hidden_layers=2, head_dim=16, sliding_window=4),
+        "qwen2": transformers.Qwen2Config(**COMMON, num_hidden_layers=2, tie_word_embeddings=True),
+        # Small caps and window so soft-capping and local attention actually change the result.
+        "gemma2": transformers.Gemma2Config(
+            **COMMON,
+            num_hidden_layers=3,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=4,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=5.0,
+        ),  # fmt: skip
+        "gemma3": transformers.Gemma3TextConfig(
+            **COMMON,
+            num_hidden_layers=4,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 4.0},
+            },
+        ),  # fmt: skip
+    }
+
+
+def _randomize(model, gemma: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name:
+                p.copy_(0.1 * noise + (0.0 if gemma else 1.0))
+            else:
+                p.copy_(0.15 * noise)
+
+
+@pytest.fixture(scope="module", params=list(_configs()))
+def pair(request, tmp_path_factory):
+    """(family, transformers model, nanoseek model) sharing one random checkpoint."""
+    family = request.param
+    cfg = _configs()[family]
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    _randomize(ref, family.startswith("gemma"))
+    folder = tmp_path_factory.mktemp(family)
+    ref.save_pretrained(folder)
+    ours = nanoseek.load(folder)
+    return family, ref, ours
+
+
+def _ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_loads_as_dense_model(pair):
+    family, _, ours = pair
+    assert isinstance(ours, DenseForCausalLM)
+    assert ours.config.model_type.startswith(family)
+
+
+def test_logits_match_transformers(pair):
+    _, ref, ours = pair
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = ours(ids)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= TOL
+
+
+def test_left_padded_batch_matches(pair):
+    _, ref, ours = pair
+    ids = _ids(3, 10, seed=2)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = ref(ids, attention_mask=mask, position_ids=pos).logits
+        got = ours(ids, attention_mask=mask, position_ids=pos)
+    real = mask.bool()
+    assert (got[real] - expected[real]).abs().max().item() <= TOL
+
+
+def test_cached_decode_equals_full_forward(pair):
+    _, _, ours = pair
+    ids = _ids(2, 11, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # one left-padded row: the cache must remember its padding
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = ours(ids, attention_mask=mask, position_ids=pos)
+        cache = ours.new_cache(2, 16)
+        steps = [ours(ids[:, :5], attention_mask=mask[:, :5], position_ids=pos[:, :5], cache=cache)]
+        for t in range(5, 11):
+            steps.append(ours(ids[:, t : t + 1], position_ids=pos[:, t : t + 1], cache=cache))
+    assert cache.length == 11
+    cached = torch.cat(steps, dim=1)
+    real = mask.bool()
+    assert (cached[real] - full[real]).abs().max().item() <= TOL
+
+
+def test_cache_overflow_is_a_clear_error(pair):
+    _, _, ours = pair
+    cache = ours.new_cache(1, 4)
+    with pytest.raises(ValueError, match="KV cache holds 4"):
+        ours(_ids(1, 5), cache=cache)
+
+
+def test_unsupported_model_type_names_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+    with pytest.raises(ValueError, match=r"unsupported model_type 'gpt_neox'; supported: .*gemma2.*llama"):
+        nanoseek.load(tmp_path)
