@@ -177,3 +177,74 @@ def test_kill_9_during_save_leaves_a_loadable_checkpoint(tmp_path, kill_at):
     assert not list(run_dir.glob(".tmp-step-*"))  # ... and cleaned by the next save
     assert [p.name for p in list_checkpoints(run_dir)] == ["step-00000003"]
     assert json.loads((run_dir / "step-00000003" / "manifest.json").read_text())["step"] == 3
+
+
+def test_exact_resume_of_losses_with_the_building_blocks(tmp_path):
+    """Stop at step k, save, rebuild everything from the checkpoint, continue: the same losses as the
+    uninterrupted run. Uses the real model, task batcher, lr schedule, RNG capture and checkpoint."""
+    from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+    from nanoseek.model.moe import update_router_bias
+    from nanoseek.train.config import load_train_config, lr_at
+    from nanoseek.train.data import TaskBatcher
+    from nanoseek.train.tasks import get_task
+    from nanoseek.train.tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    tok = train_tokenizer((get_task("add2").generate(rng).prompt for _ in range(500)), vocab_size=300)
+    cfg = load_train_config(preset="tiny", overrides=["batch_size=8", "seq_len=12", "max_steps=6",
+                                                      "optim.warmup_steps=2", "model.num_hidden_layers=2"])  # fmt: skip
+
+    def build(state=None):
+        torch.manual_seed(cfg.seed)
+        model = DeepseekV3ForCausalLM(cfg.model_config(vocab_size=tok.vocab_size))
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+        batcher = TaskBatcher([get_task(t) for t in cfg.data.tasks], tok, cfg.batch_size, cfg.seq_len, cfg.seed)
+        step = 0
+        if state is not None:
+            model.load_state_dict(state.model_state)
+            opt.load_state_dict(state.optimizer_state)
+            batcher.load_state_dict(state.data_state)
+            restore_rng_state(state.rng_state)
+            step = state.step
+        return model, opt, batcher, step
+
+    def train(model, opt, batcher, start, stop):
+        losses = []
+        for step in range(start, stop):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            x, y = batcher.next_batch()
+            loss = model.compute_loss(x, y, mtp_weight=cfg.mtp_weight).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            update_router_bias(model, cfg.router_bias_gamma)
+            torch.rand(1)  # consume global RNG so its restore matters
+            losses.append(loss.item())
+        return losses
+
+    model, opt, batcher, _ = build()
+    full = train(model, opt, batcher, 0, 6)
+
+    model, opt, batcher, _ = build()
+    first = train(model, opt, batcher, 0, 3)
+    save_checkpoint(tmp_path, 3, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
+                    data_state=batcher.state_dict(), rng_state=capture_rng_state(), train_config=cfg.to_dict(),
+                    write_files=lambda d: (model.save_pretrained(d), tok.save(d)))  # fmt: skip
+    del model, opt, batcher
+    torch.manual_seed(12345), random.seed(1)  # disturb every generator
+    model, opt, batcher, step = build(load_latest(tmp_path, train_config=cfg.to_dict()))
+    rest = train(model, opt, batcher, step, 6)
+    assert first + rest == full
+    assert (tmp_path / "step-00000003" / "config.json").is_file()
+    assert (tmp_path / "step-00000003" / "tokenizer.json").is_file()
+    # the checkpoint folder is also a HF model folder
+    import nanoseek
+
+    reloaded = nanoseek.load(tmp_path / "step-00000003")
+    x = torch.tensor([tok.encode("12+34=")])
+    saved = load_latest(tmp_path).model_state
+    ref, _, _, _ = build()
+    ref.load_state_dict(saved)
+    assert torch.allclose(reloaded(x), ref(x), atol=1e-6)
