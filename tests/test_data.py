@@ -142,3 +142,18 @@ def test_bad_data_inputs(tok, tmp_path):
         PackedTextDataset([tmp_path / "p.parquet"], tok, 4).next_row()
     with pytest.raises(FileNotFoundError, match="no data files match"):
         PackedTextDataset([str(tmp_path / "*.nothing")], tok, 4)
+
+
+def test_iter_texts_streams_documents(tmp_path):
+    from nanoseek.train.data import iter_texts
+
+    docs = _write_corpus(tmp_path)
+    assert list(iter_texts([tmp_path])) == docs
+    assert list(iter_texts([tmp_path], limit=5)) == docs[:5]
+
+
+def test_config_reports_missing_data_files(tmp_path):
+    from nanoseek.train.config import load_train_config
+
+    with pytest.raises(FileNotFoundError, match="nope.jsonl: data file not found"):
+        load_train_config(overrides=[f"data.files=[{tmp_path / 'nope.jsonl'}]"])

@@ -28,9 +28,7 @@ def test_generated_answers_pass_their_checker_and_splits_are_disjoint(name):
     assert all(e.task == task.name for e in train[:10])
     # deterministic: same seed, same problems
     assert [e.prompt for e in task.eval_examples(50, seed=3)] == [e.prompt for e in held[:50]]
-    assert [task.generate(random.Random(7)).prompt for _ in range(3)] == [
-        task.generate(random.Random(7)).prompt
-    ] * 3
+    assert [task.generate(random.Random(7)).prompt for _ in range(3)] == [task.generate(random.Random(7)).prompt] * 3
 
 
 def test_exact_answers():
@@ -57,9 +55,7 @@ def test_countdown_checker_accepts_any_valid_expression_only():
     assert task.check("3*5+7", ex) and task.check("7+5*3", ex) and task.check("(5*3)+7", ex)
     assert not task.check("3*5+7+0", ex)  # 0 is not one of the numbers
     assert not task.check("22", ex)  # numbers must each be used once
-    assert (
-        not task.check("3*5*7", ex) and not task.check("3*5+", ex) and not task.check("__import__('os')", ex)
-    )
+    assert not task.check("3*5*7", ex) and not task.check("3*5+", ex) and not task.check("__import__('os')", ex)
     assert not task.check("7/(5-5)+3", ex)
     # recovers numbers and target from the prompt when meta is missing
     assert task.check("7+3*5", Example("cd:3,5,7>22=", "3*5+7", "countdown"))
@@ -92,3 +88,17 @@ def test_wilson_ci95():
 def test_unknown_task():
     with pytest.raises(ValueError, match="unknown task 'srot'.*did you mean 'sort'"):
         get_task("srot")
+
+
+def test_sample_texts_and_score():
+    from nanoseek.train.tasks import sample_texts, score
+
+    tasks = [get_task("add2"), get_task("sort")]
+    texts = list(sample_texts(tasks, 20, seed=1))
+    assert len(texts) == 20 and texts == list(sample_texts(tasks, 20, seed=1))
+    assert any("<answer>" in t for t in texts) and any(t.startswith("s:") for t in texts)
+    task = get_task("add2")
+    exs = task.eval_examples(10, seed=0)
+    result = score(task, exs, [e.answer for e in exs[:7]] + ["x"] * 3)
+    assert result["accuracy"] == 0.7 and result["n"] == 10
+    assert result["ci95"] == list(wilson_ci95(7, 10))

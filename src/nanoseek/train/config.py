@@ -113,8 +113,7 @@ class TrainConfig:
             overrides["vocab_size"] = vocab_size
         if self.model.size not in NAMED_CONFIGS:
             raise ValueError(
-                f"model.size {self.model.size!r} is not a known size; "
-                f"known: {', '.join(sorted(NAMED_CONFIGS))}"
+                f"model.size {self.model.size!r} is not a known size; known: {', '.join(sorted(NAMED_CONFIGS))}"
             )
         try:
             return DeepseekV3Config(**{**NAMED_CONFIGS[self.model.size], **overrides})
@@ -173,17 +172,18 @@ class TrainConfig:
         if not 0.0 < self.data.heldout_fraction < 1.0:
             raise ValueError(f"data.heldout_fraction must lie in (0, 1), got {self.data.heldout_fraction}")
         if not self.data.tasks and not self.data.files:
-            raise ValueError(
-                "data: give synthetic tasks (data.tasks) or text files (data.files); both are empty"
-            )
+            raise ValueError("data: give synthetic tasks (data.tasks) or text files (data.files); both are empty")
         if self.data.task_weights:
             if len(self.data.task_weights) != len(self.data.tasks):
                 raise ValueError(
-                    f"data.task_weights has {len(self.data.task_weights)} entries "
-                    f"for {len(self.data.tasks)} tasks"
+                    f"data.task_weights has {len(self.data.task_weights)} entries for {len(self.data.tasks)} tasks"
                 )
             if any(w < 0 for w in self.data.task_weights) or sum(self.data.task_weights) <= 0:
                 raise ValueError("data.task_weights must be >= 0 with a positive sum")
+        if self.data.files:
+            from nanoseek.train.data import expand_data_files  # missing files fail now, not mid-run
+
+            expand_data_files(self.data.files)
         if self.data.tasks and not self.data.files:
             from nanoseek.train.tasks import get_task  # a typo in a task name is a config error
 
@@ -192,8 +192,7 @@ class TrainConfig:
         mc = self.model_config(vocab_size=self.tokenizer.vocab_size if self.tokenizer.path is None else None)
         if self.seq_len > mc.max_position_embeddings:
             raise ValueError(
-                f"seq_len={self.seq_len} exceeds the model's "
-                f"max_position_embeddings={mc.max_position_embeddings}"
+                f"seq_len={self.seq_len} exceeds the model's max_position_embeddings={mc.max_position_embeddings}"
             )
 
 
@@ -287,9 +286,7 @@ def load_train_config(
     cfg = TrainConfig()
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(
-                f"unknown preset {preset!r}; known: {', '.join(PRESETS)}{_suggest(preset, PRESETS)}"
-            )
+            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}{_suggest(preset, PRESETS)}")
         _apply(cfg, PRESETS[preset], where=f"preset {preset!r}")
     _apply(cfg, file_data, where=str(path))
     for item in overrides or []:

@@ -212,6 +212,24 @@ def _iter_parquet(path: Path, start: int, field: str) -> Iterator[tuple[int, str
         first_row += n
 
 
+def iter_texts(files: Sequence[str | os.PathLike], text_field: str = "text", limit: int | None = None) -> Iterator[str]:
+    """Documents of the given files in order (streamed), at most `limit`, e.g. to train a tokenizer."""
+    paths = expand_data_files(files)
+    count = 0
+    for path in paths:
+        if path.suffix == ".txt":
+            docs = _iter_txt(path, 0)
+        elif path.suffix == ".jsonl":
+            docs = _iter_jsonl(path, 0, text_field)
+        else:
+            docs = _iter_parquet(path, 0, text_field)
+        for _, text in docs:
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            yield text
+
+
 @dataclass
 class _Segment:
     """One tokenized document in the row buffer; `offset` tokens of it are already consumed."""

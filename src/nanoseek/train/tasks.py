@@ -23,6 +23,7 @@ import hashlib
 import math
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -64,9 +65,7 @@ class Task:
             ex = self._sample(rng)
             if is_heldout(ex.prompt, self.heldout_fraction) == want_heldout:
                 return ex
-        raise RuntimeError(
-            f"task {self.name}: could not draw a {split} problem (split fraction too extreme?)"
-        )
+        raise RuntimeError(f"task {self.name}: could not draw a {split} problem (split fraction too extreme?)")
 
     def eval_examples(self, n: int, seed: int = 0) -> list[Example]:
         """Up to n distinct held-out problems, the same for the same (n, seed). Fewer when the held-out
@@ -202,11 +201,7 @@ def evaluate_arithmetic(expr: str) -> tuple[Fraction | None, list[int]]:
     def ev(node: ast.AST) -> Fraction:
         if isinstance(node, ast.Expression):
             return ev(node.body)
-        if (
-            isinstance(node, ast.Constant)
-            and isinstance(node.value, int)
-            and not isinstance(node.value, bool)
-        ):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
             used.append(node.value)
             return Fraction(node.value)
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Sub | ast.Mult | ast.Div):
@@ -258,9 +253,7 @@ def get_task(name: str, heldout_fraction: float = 0.1) -> Task:
 
     close = difflib.get_close_matches(name, list(TASKS), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(
-        f"unknown task {name!r}{hint}; known: {', '.join(TASKS)} (or addN, mulN, sortN, countdownN)"
-    )
+    raise ValueError(f"unknown task {name!r}{hint}; known: {', '.join(TASKS)} (or addN, mulN, sortN, countdownN)")
 
 
 # ---- R1-Zero format and rewards -----------------------------------------------------------------------
@@ -287,6 +280,30 @@ def r1_reward(completion: str, example: Example, task: Task | None = None) -> fl
         return 0.0
     task = task or get_task(example.task)
     return 1.0 if task.check(answer, example) else 0.1
+
+
+# ---- helpers for the trainer ----------------------------------------------------------------------------
+def sample_texts(tasks: list[Task], n: int, seed: int = 0) -> Iterator[str]:
+    """n training-split problems as `prompt + answer` strings (round-robin over tasks), e.g. to train a
+    tokenizer; a few R1-format strings are mixed in so the markers' neighbours get merges too."""
+    rng = random.Random(f"texts/{seed}")
+    for i in range(n):
+        ex = tasks[i % len(tasks)].generate(rng, "train")
+        if i % 10 == 9:
+            yield f"{ex.prompt}<think>{ex.prompt}</think><answer>{ex.answer}</answer>"
+        else:
+            yield ex.prompt + ex.answer
+
+
+def score(task: Task, examples: list[Example], predictions: list[str]) -> dict[str, Any]:
+    """Exact-match accuracy with its 95% Wilson interval: {"accuracy", "ci95": [lo, hi], "n"} (the
+    per-task entry of a speedrun summary's "eval")."""
+    if len(examples) != len(predictions):
+        raise ValueError(f"{len(examples)} examples but {len(predictions)} predictions")
+    k = sum(task.check(p, e) for p, e in zip(predictions, examples))
+    n = len(examples)
+    lo, hi = wilson_ci95(k, n)
+    return {"accuracy": k / n if n else 0.0, "ci95": [lo, hi], "n": n}
 
 
 # ---- statistics ---------------------------------------------------------------------------------------
