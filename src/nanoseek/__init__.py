@@ -2,7 +2,8 @@
 
 from nanoseek.config import ConfigError, DeepseekV3Config
 from nanoseek.loading import load
+from nanoseek.tokenizer import load_tokenizer
 from nanoseek.weights.safetensors_io import WeightsError
 
-__all__ = ["ConfigError", "DeepseekV3Config", "WeightsError", "load", "__version__"]
+__all__ = ["ConfigError", "DeepseekV3Config", "WeightsError", "load", "load_tokenizer", "__version__"]
 __version__ = "0.1.0"

@@ -1,0 +1,231 @@
+"""`load_tokenizer(path)`: the tokenizer and chat template of a HF folder or a .gguf file.
+
+The text side of every model: encode/decode with the `tokenizers` library, chat templates rendered in
+Jinja2's immutable sandbox, and the token ids that end a reply (EOS plus end-of-turn tokens).
+
+Chat templates are programs shipped inside model files, i.e. untrusted input: a template in a GGUF
+once executed code through llama-cpp-python (CVE-2024-34359). They are rendered only in
+`ImmutableSandboxedEnvironment`, and any reach for an unsafe attribute (`__class__`, `__globals__`, …)
+stops the render with a `ChatTemplateError` instead of quietly yielding an empty string.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as BackendTokenizer
+
+# Texts of end-of-turn tokens llama.cpp also treats as "end of generation" when the file's EOS differs
+# (e.g. Gemma: EOS is <eos>, but a chat turn ends with <end_of_turn>). Only used if the token is special.
+END_OF_TURN_TEXTS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<|endoftext|>",
+                     "<｜end▁of▁sentence｜>", "<|end_of_text|>")  # fmt: skip
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that is missing, malformed, or tried something the sandbox forbids."""
+
+
+@dataclass
+class Tokenizer:
+    backend: BackendTokenizer
+    source: str
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    chat_template: str | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    # ---- ids ----------------------------------------------------------------------------------------
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_to_id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.token_to_id(self.pad_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_token_ids(self) -> set[int]:
+        return {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+    # ---- text ---------------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; `add_special_tokens` adds what the tokenizer's post-processor adds (e.g. BOS)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ---- chat ---------------------------------------------------------------------------------------
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
+    ) -> str:
+        """Render `messages` ([{"role", "content"}, …]) with the model's chat template, in the sandbox."""
+        if not self.chat_template:
+            raise ChatTemplateError(f"{self.source}: the model has no chat template; use a raw prompt instead")
+        return render_chat_template(
+            self.chat_template,
+            self.source,
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            pad_token=self.pad_token or "",
+            **extra,
+        )
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        # The template writes BOS itself where the model wants it, as transformers assumes.
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
+
+# ---- the sandbox -----------------------------------------------------------------------------------------
+
+
+def _make_environment():
+    from jinja2.exceptions import SecurityError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class StrictSandbox(ImmutableSandboxedEnvironment):
+        """The immutable sandbox, but touching an unsafe attribute fails at once (the stock sandbox
+        returns an undefined value that prints as an empty string)."""
+
+        def unsafe_undefined(self, obj: Any, attribute: str):
+            raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe")
+
+    env = StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+
+    def raise_exception(message: str):
+        raise ChatTemplateError(f"the chat template refused the conversation: {message}")
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def render_chat_template(template: str, source: str, **variables: Any) -> str:
+    """Render an untrusted chat template; errors name the source and never show a traceback."""
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    env = _make_environment()
+    try:
+        return env.from_string(template).render(**variables)
+    except SecurityError as exc:
+        raise ChatTemplateError(
+            f"{source}: the chat template tried to reach Python internals and was refused ({exc})"
+        ) from exc
+    except ChatTemplateError:
+        raise
+    except TemplateError as exc:
+        raise ChatTemplateError(f"{source}: the chat template is invalid ({type(exc).__name__}: {exc})") from exc
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a HF folder (tokenizer.json + tokenizer_config.json) or of a .gguf file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: not a model folder or a .gguf file")
+        return _from_gguf(path)
+    return _from_folder(path)
+
+
+def _from_gguf(path: Path) -> Tokenizer:
+    from nanoseek.weights.gguf_file import GGUFFile
+    from nanoseek.weights.gguf_tokenizer import tokenizer_from_gguf
+
+    info = tokenizer_from_gguf(GGUFFile(path).metadata, path)
+    tok = Tokenizer(
+        backend=info.tokenizer,
+        source=str(path),
+        bos_token=info.bos_token,
+        eos_token=info.eos_token,
+        pad_token=info.pad_token,
+        chat_template=info.chat_template,
+    )
+    tok.stop_token_ids = _stop_ids(tok, info.stop_token_ids)
+    return tok
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config.json spells special tokens as strings or as {"content": ...} objects."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _from_folder(folder: Path) -> Tokenizer:
+    tj = folder / "tokenizer.json"
+    if not tj.is_file():
+        raise FileNotFoundError(f"{tj}: missing; nanoseek needs a tokenizer.json in the model folder")
+    try:
+        backend = BackendTokenizer.from_file(str(tj))
+    except Exception as exc:  # tokenizers raises its own Exception type for malformed files
+        raise ValueError(f"{tj}: not a valid tokenizers file ({exc})") from exc
+    cfg = _read_json(folder / "tokenizer_config.json")
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: take "default"
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    jinja_file = folder / "chat_template.jinja"  # transformers 5 saves it apart
+    if template is None and jinja_file.is_file():
+        template = jinja_file.read_text()
+    tok = Tokenizer(
+        backend=backend,
+        source=str(folder),
+        bos_token=_token_text(cfg.get("bos_token")),
+        eos_token=_token_text(cfg.get("eos_token")),
+        pad_token=_token_text(cfg.get("pad_token")),
+        chat_template=template,
+    )
+    extra: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        eos = _read_json(folder / name).get("eos_token_id")
+        extra += [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+    tok.stop_token_ids = _stop_ids(tok, extra)
+    return tok
+
+
+def _stop_ids(tok: Tokenizer, listed: list[int]) -> list[int]:
+    ids = [i for i in [tok.eos_token_id, *listed] if i is not None]
+    special = tok.special_token_ids
+    for text in END_OF_TURN_TEXTS:
+        i = tok.token_to_id(text)
+        if i is not None and i in special:
+            ids.append(i)
+    return list(dict.fromkeys(ids))
