@@ -91,8 +91,8 @@ class TaskBatcher:
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = random.Random(f"task-batch/{self.seed}/{self.rank}/{self.world_size}/{step}")
         T = self.seq_len
-        inputs = torch.full((self.batch_size, T), self.tok.pad_id, dtype=torch.long)
-        targets = torch.full((self.batch_size, T), IGNORE_INDEX, dtype=torch.long)
+        inputs = [[self.tok.pad_id] * T for _ in range(self.batch_size)]
+        targets = [[IGNORE_INDEX] * T for _ in range(self.batch_size)]
         for b in range(self.batch_size):
             task = rng.choices(self.tasks, weights=self.weights)[0]
             ex = task.generate(rng, "train")
@@ -103,10 +103,10 @@ class TaskBatcher:
                     f"<bos>/<eos>, more than seq_len+1={T + 1}; raise seq_len"
                 )
             n = len(ids) - 1
-            inputs[b, :n] = torch.tensor(ids[:-1])
+            inputs[b][:n] = ids[:-1]
             first = answer_start - 1 if self.loss_on_answer_only else 0  # position predicting ids[first+1]
-            targets[b, first:n] = torch.tensor(ids[first + 1 :])
-        return inputs, targets
+            targets[b][first:n] = ids[first + 1 :]
+        return torch.tensor(inputs, dtype=torch.long), torch.tensor(targets, dtype=torch.long)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.batch_at(self.step)
