@@ -1,0 +1,130 @@
+"""GGUF loading: tiny models written the way llama.cpp's converter writes them (permuted q/k, +1 Gemma
+norms, quantized weights), loaded with `nanoseek.load`, compared with the original transformers model
+(F32 files) and with transformers loading the same GGUF (quantized files); plus damaged files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nanoseek
+from gguf_writer import IM_END, IM_START, VOCAB_SIZE, write_gguf
+from nanoseek.weights.safetensors_io import WeightsError
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+COMMON = dict(
+    vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-6,
+)  # fmt: skip
+
+
+def _tiny(arch: str):
+    if arch == "llama":  # SmolLM2-like: tied embeddings, GQA
+        cfg = transformers.LlamaConfig(**COMMON, num_hidden_layers=2, tie_word_embeddings=True)
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(**COMMON, num_hidden_layers=2, tie_word_embeddings=False)
+    elif arch == "gemma2":
+        cfg = transformers.Gemma2Config(**COMMON, num_hidden_layers=2, query_pre_attn_scalar=16, sliding_window=4,
+                                        attn_logit_softcapping=3.0, final_logit_softcapping=5.0)  # fmt: skip
+    else:  # gemma3: llama.cpp's fixed layout (5 local layers, then a global one; local rope base 10k)
+        cfg = transformers.Gemma3TextConfig(**COMMON, num_hidden_layers=6, query_pre_attn_scalar=16, sliding_window=4)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(0.1 * noise + (1.0 if "norm" in name and not arch.startswith("gemma") else 0.0))
+    return model
+
+
+IDS = torch.randint(0, VOCAB_SIZE, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gemma3"])
+def test_f32_gguf_matches_original_model(arch, tmp_path):
+    """F32 weights: only the layout conventions stand between the file and the HF model, so logits must
+    match the model the file was written from."""
+    ref = _tiny(arch)
+    path = write_gguf(tmp_path / f"{arch}.gguf", ref, arch)
+    ours = nanoseek.load(path)
+    with torch.no_grad():
+        assert (ours(IDS) - ref(IDS).logits).abs().max().item() <= TOL
+    assert ours.config.eos_token_ids == [IM_END]
+    assert ours.config.tie_word_embeddings == ref.config.tie_word_embeddings
+
+
+def _ref_from_gguf(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_quantized_gguf_matches_transformers_gguf_loader(qtype, tmp_path):
+    path = write_gguf(tmp_path / f"tiny-{qtype}.gguf", _tiny("llama"), "llama", qtype=qtype)
+    ours, ref = nanoseek.load(path), _ref_from_gguf(path)
+    with torch.no_grad():
+        assert (ours(IDS) - ref(IDS).logits).abs().max().item() <= TOL
+
+
+def test_k_quants_match_transformers_gguf_loader(tmp_path):
+    kq = {"blk.0.ffn_down.weight": "Q4_K", "blk.1.ffn_down.weight": "Q6_K"}
+    path = write_gguf(tmp_path / "tiny-k.gguf", _tiny("qwen2"), "qwen2", qtype="Q8_0", kquant=kq)
+    ours, ref = nanoseek.load(path), _ref_from_gguf(path)
+    with torch.no_grad():
+        diff = (ours(IDS) - ref(IDS).logits).abs().max().item()
+    assert diff <= TOL
+
+
+def test_tokenizer_and_template_come_from_the_file(tmp_path):
+    path = write_gguf(tmp_path / "tiny.gguf", _tiny("llama"), "llama")
+    tok = nanoseek.load_tokenizer(path)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    for text in ["the theme", "hello <|im_end|> there", "naïve 東京\n\n  x"]:
+        assert tok.encode(text) == ref(text)["input_ids"]
+        assert tok.decode(tok.encode(text)) == ref.decode(ref(text)["input_ids"], skip_special_tokens=True)
+    assert tok.encode("<|im_start|>")[0] == IM_START  # special tokens stay whole
+    assert IM_END in tok.stop_token_ids
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+# ---- bad files ---------------------------------------------------------------------------------------------
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path):
+    path = write_gguf(tmp_path / "tiny.gguf", _tiny("llama"), "llama")
+    data = path.read_bytes()
+    for cut in (10, 200, len(data) - 100):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(WeightsError, match=r"cut\d+\.gguf: truncated"):
+            nanoseek.load(bad)
+
+
+def test_not_a_gguf_is_a_clear_error(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 this is a zip file")
+    with pytest.raises(WeightsError, match="not a GGUF file"):
+        nanoseek.load(bad)
+
+
+def test_unsupported_architecture_is_named_with_the_supported_ones(tmp_path):
+    path = write_gguf(tmp_path / "rwkv.gguf", _tiny("llama"), "rwkv6")
+    with pytest.raises(WeightsError, match=r"unsupported GGUF architecture 'rwkv6'; supported: gemma, .*llama, qwen2"):
+        nanoseek.load(path)
+
+
+def test_deepseek2_gguf_says_not_supported_yet(tmp_path):
+    path = write_gguf(tmp_path / "ds.gguf", _tiny("llama"), "deepseek2")
+    with pytest.raises(WeightsError, match="DeepSeek-V2/V3 GGUF files are not supported yet"):
+        nanoseek.load(path)
+
+
+def test_unsupported_quant_type_is_named_with_the_supported_ones(tmp_path):
+    path = write_gguf(tmp_path / "q81.gguf", _tiny("qwen2"), "qwen2", kquant={"blk.0.ffn_down.weight": "Q8_1"})
+    with pytest.raises(WeightsError, match=r"'blk.0.ffn_down.weight' uses quantization Q8_1, .*supported: .*Q4_K"):
+        nanoseek.load(path)
