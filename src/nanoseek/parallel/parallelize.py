@@ -1,0 +1,124 @@
+"""The one place that applies compilation and data parallelism to a model (torchtitan's order:
+compile blocks, then shard). Model code never sees any of it.
+
+    step_module = parallelize(model, mode="ddp" | "fsdp" | "none", info=dist_info, compile=False)
+    out = step_module(input_ids, targets, mtp_weight=0.3)     # dict of loss tensors (training)
+    logits = step_module(input_ids, attention_mask=..., position_ids=..., cache=...)   # inference
+
+Both DDP and FSDP2 hook a module's *forward*; `compute_loss` is a method of its own, so training goes
+through `LossModule`, whose forward dispatches to `compute_loss` (with targets) or to the plain forward
+(without). Under FSDP2 evaluation must go through this module too: that is what gathers the shards.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanoseek.parallel.distributed import DistInfo
+
+MODES = ("none", "ddp", "fsdp")
+
+
+class LossModule(nn.Module):
+    """forward(input_ids, targets) -> {"lm": mean CE, "mtp": [D] per-depth means | None, "balance": ...};
+    forward(input_ids, attention_mask=, position_ids=, cache=) without targets -> logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        mtp_weight: float = 0.0,
+        balance_alpha: float = 0.0,
+    ):
+        if targets is None:
+            return self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        out = self.model.compute_loss(
+            input_ids, targets, mtp_weight=mtp_weight, balance_alpha=balance_alpha, attention_mask=attention_mask
+        )
+        # Plain tensors in a dict: DDP finds every output tensor in it.
+        mtp = torch.stack(out.mtp_losses) if out.mtp_losses else None
+        return {"lm": out.lm_loss, "mtp": mtp, "balance": out.balance_loss}
+
+    def new_cache(self, *args, **kwargs):
+        return self.model.new_cache(*args, **kwargs)
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks, the unit of compilation and of FSDP sharding (decoder layers + MTP modules)."""
+    out = list(model.model.layers)
+    out.extend(getattr(model, "mtp", []))
+    return out
+
+
+def parallelize(model: nn.Module, mode: str = "none", *, info: DistInfo | None = None, compile: bool = False):
+    """Wrap `model` (already on its device) for training; returns a LossModule (maybe DDP/FSDP-wrapped).
+
+    mode "none" needs a single process; "ddp" replicates the model and averages gradients; "fsdp" shards
+    each block's parameters, gradients and optimizer state over the ranks (FSDP2 `fully_shard`).
+    With compile, every block is compiled separately (small graphs, shared by identical layers).
+    """
+    if mode not in MODES:
+        raise ValueError(f"parallel mode must be one of {', '.join(MODES)}, got {mode!r}")
+    info = info or DistInfo()
+    if mode == "none" and info.distributed:
+        raise ValueError(f"{info.world_size} processes but parallel mode 'none'; use ddp or fsdp")
+    if compile:
+        for block in blocks(model):
+            block.compile()
+    wrapped: nn.Module = LossModule(model)
+    if mode == "ddp" and info.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # broadcast_buffers=False: the MoE's per-rank token counts are buffers and must not be overwritten
+        # by rank 0's; the router biases stay equal on all ranks because their update uses summed loads.
+        wrapped = DDP(
+            wrapped,
+            device_ids=[info.device] if info.device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
+    elif mode == "fsdp" and info.distributed:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in blocks(model):
+            fully_shard(block)
+        fully_shard(wrapped)  # the root: embeddings, final norm, head, MTP projections
+    return wrapped
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The DeepseekV3ForCausalLM inside whatever parallelize() returned."""
+    if hasattr(module, "module"):  # DDP
+        module = module.module
+    return module.model if isinstance(module, LossModule) else module
+
+
+def no_grad_sync(module: nn.Module, skip: bool):
+    """Context for one micro-batch: skip the gradient all-reduce / reduce-scatter unless it is the last one
+    of the optimizer step (gradient accumulation)."""
+    import contextlib
+
+    if not skip:
+        return contextlib.nullcontext()
+    if hasattr(module, "no_sync"):  # DDP
+        return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+
+        @contextlib.contextmanager
+        def _fsdp():
+            module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                module.set_requires_gradient_sync(True)
+
+        return _fsdp()
+    return contextlib.nullcontext()

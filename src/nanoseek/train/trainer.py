@@ -1,0 +1,553 @@
+"""The training loop: a DeepSeek-V3 model from a TrainConfig, trained on synthetic tasks or text files.
+
+    result = Trainer(cfg, parallel="auto", resume=False).train()
+    result.losses, result.eval, result.summary, result.model
+
+One optimizer step:
+  1. lr from the schedule (warmup + cosine | WSD; a time-budgeted run fixes its step count after a few
+     measured steps and keeps it in the checkpoint, so a resumed run follows the same schedule),
+  2. grad_accum micro-batches, forward + backward; the gradient all-reduce runs on the last one only,
+  3. gradient clipping, AdamW (foreach on CPU, fused on CUDA; no weight decay on norms, biases, embeddings),
+  4. the aux-loss-free router-bias update from the step's expert loads (summed over ranks), whose load
+     statistics go to the meter,
+  5. periodic evaluation and atomic checkpoints.
+
+Losses are normalised by the number of target tokens in the whole step (all micro-batches, all ranks)
+rather than averaged per micro-batch, so the gradient is the same for any split of the same global batch:
+1 process x 8 rows, 2 processes x 4 rows, or 1 process x 4 rows x 2 accumulation steps.
+
+For synthetic tasks every rank draws the same global batch (a pure function of seed and step) and takes
+its own slice; the loss curve then does not depend on the number of processes. Rows are cut to the
+longest example of the global batch (one example per row leaves most of seq_len as padding).
+
+Exact resume: the checkpoint holds model and optimizer state, router biases (model buffers), the data
+position, RNG states and the planned step count; a resumed run reproduces the uninterrupted losses.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nanoseek.model.deepseek_v3 import IGNORE_INDEX, DeepseekV3ForCausalLM
+from nanoseek.model.moe import load_imbalance, update_router_bias
+from nanoseek.model.mtp import shift_left
+from nanoseek.parallel import (
+    DistInfo,
+    all_reduce_sum,
+    init_distributed,
+    no_grad_sync,
+    parallelize,
+    print0,
+)
+from nanoseek.train import checkpoint as ckpt_io
+from nanoseek.train.config import TrainConfig, lr_at
+from nanoseek.train.data import PackedTextDataset, TaskBatcher
+from nanoseek.train.evaluate import TaskScore, evaluate_tasks
+from nanoseek.train.meter import Meter
+from nanoseek.train.tasks import Task, get_task
+from nanoseek.train.tokenizer import Tokenizer, train_tokenizer
+
+CALIBRATION_STEPS = 20  # a time-budgeted run measures this many steps before fixing its step count
+
+
+@dataclass
+class TrainResult:
+    model: DeepseekV3ForCausalLM  # unwrapped, on the training device (rank 0: complete weights)
+    tokenizer: Tokenizer
+    losses: list[float]  # training loss of each step run by this process (global, identical on all ranks)
+    steps: int  # optimizer steps completed in total (including those before a resume)
+    summary: dict[str, Any]  # the meter's summary
+    eval: dict[str, TaskScore] = field(default_factory=dict)
+    out_dir: Path | None = None
+    model_dir: Path | None = None
+
+
+# ---- building blocks ------------------------------------------------------------------------------------
+def build_tasks(cfg: TrainConfig) -> list[Task]:
+    return [get_task(name, heldout_fraction=cfg.data.heldout_fraction) for name in cfg.data.tasks]
+
+
+def tokenizer_texts(cfg: TrainConfig, n: int):
+    """Texts to train the tokenizer on: task samples (training split) or the start of the data files."""
+    if cfg.data.files:
+        ds = PackedTextDataset(cfg.data.files, _ByteTok(), seq_len=1, text_field=cfg.data.text_field, loop=False)
+        for i, seg in enumerate(ds._segments()):  # documents in order, without tokenizing them for real
+            if i >= n:
+                return
+            yield bytes(seg.tokens[1:-1]).decode("utf-8", errors="replace")
+        return
+    import random
+
+    rng = random.Random(f"tokenizer/{cfg.seed}")
+    tasks = build_tasks(cfg)
+    for _ in range(n):
+        ex = rng.choice(tasks).generate(rng, "train")
+        yield ex.prompt + ex.answer
+
+
+class _ByteTok:
+    """Stand-in tokenizer used to stream raw documents for tokenizer training (utf-8 bytes as ids)."""
+
+    bos_id, eos_id = 0, 0
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def prepare_tokenizer(cfg: TrainConfig, out_dir: Path, info: DistInfo) -> Tokenizer:
+    """cfg.tokenizer.path, else the run's own tokenizer (out_dir/tokenizer), trained by rank 0 if missing."""
+    if cfg.tokenizer.path:
+        return Tokenizer.from_folder(cfg.tokenizer.path)
+    folder = out_dir / "tokenizer"
+    if info.is_main and not (folder / "tokenizer.json").is_file():
+        tok = train_tokenizer(tokenizer_texts(cfg, cfg.tokenizer.train_texts), vocab_size=cfg.tokenizer.vocab_size)
+        tok.save(folder)
+    if info.distributed:
+        dist.barrier()
+    return Tokenizer.from_folder(folder)
+
+
+def build_model(cfg: TrainConfig, tok: Tokenizer) -> DeepseekV3ForCausalLM:
+    mc = cfg.model_config(vocab_size=tok.vocab_size).replace(
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id
+    )
+    if cfg.seq_len > mc.max_position_embeddings:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds max_position_embeddings={mc.max_position_embeddings}")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
+    return DeepseekV3ForCausalLM(mc)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: not on norms, biases or embeddings (nor a head tied to them)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # shared (tied) parameters appear once
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embed_tokens" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optim
+    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kernel
+    )
+
+
+class BatchSource:
+    """This rank's micro-batches for optimizer step `step`: a list of grad_accum (input_ids, targets)."""
+
+    def __init__(self, cfg: TrainConfig, tok: Tokenizer, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        self.rows = cfg.batch_size  # per micro-batch per rank
+        self.n_micro = cfg.grad_accum
+        if cfg.data.files:
+            self.kind = "text"
+            self.text = PackedTextDataset(
+                cfg.data.files, tok, cfg.seq_len, cfg.data.text_field, rank=info.rank, world_size=info.world_size
+            )
+        else:
+            self.kind = "tasks"
+            weights = cfg.data.task_weights or None
+            # The whole step's global batch, identical on every rank (rank 0 of 1): each rank slices it.
+            self.tasks = TaskBatcher(
+                build_tasks(cfg), tok, batch_size=self.rows * self.n_micro * info.world_size,
+                seq_len=cfg.seq_len, seed=cfg.seed, weights=weights,
+                loss_on_answer_only=cfg.data.loss_on_answer_only,
+            )  # fmt: skip
+
+    def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.kind == "text":
+            return [self.text.next_batch(self.rows) for _ in range(self.n_micro)]
+        x, y = self.tasks.batch_at(step)
+        self.tasks.step = step + 1
+        # Cut the padding every row of the global batch has (causal attention: later positions cannot
+        # change earlier ones; the same cut on every rank keeps the MoE load counts equal to one process).
+        has_target = (y != IGNORE_INDEX).any(0).nonzero()
+        length = int(has_target[-1]) + 1 if len(has_target) else y.shape[1]
+        x, y = x[:, :length], y[:, :length]
+        out = []
+        for m in range(self.n_micro):
+            start = (m * self.info.world_size + self.info.rank) * self.rows
+            out.append((x[start : start + self.rows], y[start : start + self.rows]))
+        return out
+
+    def state_dict(self) -> Any:
+        if self.kind == "tasks":
+            return self.tasks.state_dict()
+        state = self.text.state_dict()
+        if not self.info.distributed:
+            return [state]
+        states: list[Any] = [None] * self.info.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def load_state_dict(self, state: Any) -> None:
+        if self.kind == "tasks":
+            self.tasks.load_state_dict(state)
+            return
+        if not isinstance(state, list) or len(state) != self.info.world_size:
+            n = len(state) if isinstance(state, list) else "?"
+            raise ValueError(
+                f"checkpoint holds data positions for {n} ranks; this run has {self.info.world_size} "
+                f"(resume text runs with the same number of processes)"
+            )
+        self.text.load_state_dict(state[self.info.rank])
+
+
+def target_counts(y: torch.Tensor, mtp_depth: int) -> list[int]:
+    """Target tokens of the next-token loss and of each MTP depth (which drops each row's last k)."""
+    counts = [int((y != IGNORE_INDEX).sum())]
+    for k in range(1, mtp_depth + 1):
+        counts.append(int((shift_left(y, k, IGNORE_INDEX) != IGNORE_INDEX).sum()))
+    return counts
+
+
+# ---- the trainer ----------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        parallel: str = "auto",
+        resume: bool = False,
+        show_progress: bool = True,
+        info: DistInfo | None = None,
+        stop_after: int | None = None,
+    ):
+        """parallel: auto (ddp under torchrun, none otherwise) | none | ddp | fsdp.
+        stop_after: end the run after this many steps in total without the end-of-run work (final checkpoint,
+        evaluation, export), as if the process were stopped there (for resume tests)."""
+        cfg.validate()
+        self.cfg = cfg
+        self.info = info or init_distributed(cfg.device)
+        if parallel == "auto":
+            parallel = "ddp" if self.info.distributed else "none"
+        self.parallel = parallel
+        self.resume = resume
+        self.show_progress = show_progress
+        self.stop_after = stop_after
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        device = self.info.device
+        self.autocast_dtype = None
+        if device.type == "cuda" and cfg.dtype != "float32":
+            self.autocast_dtype = getattr(torch, cfg.dtype)
+        elif device.type == "cpu" and cfg.dtype != "float32":
+            print0(f"dtype {cfg.dtype} ignored on CPU: low-precision matmuls are far slower there; using float32")
+
+    # -- set-up ------------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg, info = self.cfg, self.info
+        existing = ckpt_io.list_checkpoints(self.ckpt_dir)
+        if existing and not self.resume:
+            raise ValueError(
+                f"{self.ckpt_dir} already holds checkpoints ({existing[-1].name}); pass --resume to continue "
+                f"that run or choose another out_dir"
+            )
+        self.checkpoint = None
+        if self.resume:
+            # Checked before anything is built: a checkpoint of another config is an error, not a surprise.
+            self.checkpoint = ckpt_io.load_latest(self.ckpt_dir, train_config=cfg.to_dict())
+            if self.checkpoint is None:
+                print0(f"no checkpoint in {self.ckpt_dir}: starting from scratch")
+        if info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.tok = prepare_tokenizer(cfg, self.out_dir, info)
+        model = build_model(cfg, self.tok)
+        if self.checkpoint is not None:
+            model.load_state_dict(self.checkpoint.model_state, strict=True)
+        self.model = model.to(info.device)
+        self.model.init_buffers(info.device)
+        self.step_module = parallelize(self.model, self.parallel, info=info, compile=cfg.compile)
+        self.optimizer = build_optimizer(self.model, cfg, info.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
+        self.source = BatchSource(cfg, self.tok, info)
+        self.tasks = build_tasks(cfg) if not cfg.data.files else []
+        self.start_step = 0
+        self.planned_steps = cfg.max_steps if cfg.time_budget_min is None else None
+        self.elapsed_before = 0.0
+        if self.checkpoint is not None:
+            c = self.checkpoint
+            self._load_optimizer(c.optimizer_state)
+            self.source.load_state_dict(c.data_state)
+            if c.rng_state is not None:
+                ckpt_io.restore_rng_state(c.rng_state)
+            if c.scheduler_state:
+                self.planned_steps = c.scheduler_state.get("planned_steps")
+            self.elapsed_before = float(c.extra.get("train_s", 0.0))
+            self.start_step = c.step
+            print0(f"resumed from {c.path} at step {c.step}")
+
+    def _load_optimizer(self, state: Any) -> None:
+        if self.parallel == "fsdp" and self.info.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state, options=opts)
+        else:
+            self.optimizer.load_state_dict(state)
+
+    def _full_states(self) -> tuple[dict | None, Any]:
+        """Complete model and optimizer states on rank 0 (gathered from the shards under FSDP)."""
+        if self.parallel == "fsdp" and self.info.distributed:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(self.model, options=opts)
+            optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+            return model_state, optim_state
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def _export_model(self, model_state: dict | None) -> DeepseekV3ForCausalLM:
+        """A plain model with the complete weights (the live one, unless sharded)."""
+        if self.parallel == "fsdp" and self.info.distributed:
+            plain = DeepseekV3ForCausalLM(self.model.config, init=False)
+            plain.load_state_dict(model_state, strict=True)
+            return plain
+        return self.model
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def save(self, step: int, train_s: float) -> Path | None:
+        """Atomic checkpoint of everything a resume needs (collective under FSDP; rank 0 writes)."""
+        model_state, optim_state = self._full_states()
+        data_state = self.source.state_dict()
+        if not self.info.is_main:
+            return None
+        export = self._export_model(model_state)
+
+        def write_files(folder: Path) -> None:  # each checkpoint is also a loadable HF model folder
+            export.save_pretrained(folder)
+            self.tok.save(folder)
+
+        return ckpt_io.save_checkpoint(
+            self.ckpt_dir,
+            step,
+            model_state=model_state,
+            optimizer_state=optim_state,
+            scheduler_state={"planned_steps": self.planned_steps},
+            data_state=data_state,
+            rng_state=ckpt_io.capture_rng_state(),
+            train_config=self.cfg.to_dict(),
+            extra={"train_s": train_s, "world_size": self.info.world_size, "parallel": self.parallel},
+            write_files=write_files,
+            keep_last=self.cfg.keep_last,
+        )
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    def evaluate(self, n: int | None = None) -> dict[str, TaskScore]:
+        if not self.tasks:
+            return {}
+        sharded = self.parallel == "fsdp" and self.info.distributed
+        if not (sharded or self.info.is_main):
+            return {}
+        # Sharded weights are gathered by the wrapper's forward, so every rank decodes; otherwise rank 0 alone.
+        model = self.step_module if sharded else self.model
+        return evaluate_tasks(
+            model, self.tok, self.tasks, n if n is not None else self.cfg.data.eval_examples,
+            device=self.info.device, autocast_dtype=self.autocast_dtype,
+        )  # fmt: skip
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def _micro_step_loss(self, out: dict, counts: list[int], totals: list[float], rows: int, total_rows: int):
+        """This micro-batch's share of the step's loss (token-weighted), and its parts for logging."""
+        cfg = self.cfg
+        lm = out["lm"] * (counts[0] / totals[0])
+        loss, parts = lm, {"lm": lm.detach()}
+        if out["mtp"] is not None and cfg.mtp_weight > 0:
+            shares = [out["mtp"][k] * (counts[k + 1] / max(totals[k + 1], 1)) for k in range(len(out["mtp"]))]
+            mtp = torch.stack(shares).mean()
+            loss = loss + cfg.mtp_weight * mtp
+            parts["mtp"] = mtp.detach()
+        if out["balance"] is not None:
+            bal = out["balance"] * (rows / total_rows)
+            loss = loss + cfg.balance_alpha * bal
+            parts["balance"] = bal.detach()
+        parts["loss"] = loss.detach()
+        return loss, parts
+
+    def _train_step(self, step: int, lr: float) -> dict[str, float]:
+        cfg, info = self.cfg, self.info
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro = [(x.to(info.device), y.to(info.device)) for x, y in self.source.batches(step)]
+        depth = len(self.model.mtp) if cfg.mtp_weight > 0 else 0
+        local_counts = [target_counts(y, depth) for _, y in micro]
+        local_rows = sum(x.shape[0] for x, _ in micro)
+        summed = [sum(c[i] for c in local_counts) for i in range(depth + 1)]
+        totals = all_reduce_sum([*summed, local_rows], info.device)
+        total_rows = totals.pop()
+        if totals[0] == 0:
+            raise ValueError(f"step {step}: the batch has no target tokens (empty rows?)")
+        logged: dict[str, torch.Tensor] = {}
+        for i, ((x, y), counts) in enumerate(zip(micro, local_counts)):
+            with (
+                no_grad_sync(self.step_module, skip=i < len(micro) - 1),
+                torch.autocast(info.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                               enabled=self.autocast_dtype is not None),
+            ):  # fmt: skip
+                out = self.step_module(x, y, mtp_weight=cfg.mtp_weight, balance_alpha=cfg.balance_alpha)
+                loss, parts = self._micro_step_loss(out, counts, totals, x.shape[0], total_rows)
+            # DDP and FSDP average gradients over ranks; the loss is already a share of the global sum.
+            self.scaler.scale(loss * info.world_size).backward()
+            for k, v in parts.items():
+                logged[k] = logged.get(k, 0.0) + v
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        loads = update_router_bias(self.model, gamma=cfg.router_bias_gamma)
+        names = sorted(logged)
+        values = all_reduce_sum([float(logged[k]) for k in names] + [float(grad_norm)], info.device)
+        record = dict(zip(names, values[:-1]))
+        record["grad_norm"] = values[-1] / info.world_size  # every rank computed the same global norm
+        record["load_imbalance"] = load_imbalance(loads)
+        record["_loads"] = loads
+        record["_tokens"] = int(sum(x.numel() for x, _ in micro)) * info.world_size
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(
+                f"step {step}: loss is {record['loss']} (diverged); lower optim.lr or raise optim.warmup_steps"
+            )
+        return record
+
+    def _plan_steps(self, step: int, train_s: float, measured_steps: int) -> int:
+        """Steps that fit the time budget, from the measured speed (the same number on every rank)."""
+        cfg = self.cfg
+        budget = cfg.time_budget_min * 60.0
+        per_step = train_s / max(1, measured_steps)
+        fit = step + int(max(0.0, budget - self.elapsed_before - train_s) / per_step)
+        planned = min(cfg.max_steps, max(step + 1, fit))
+        if self.info.distributed:
+            t = torch.tensor([planned], dtype=torch.long, device=self.info.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            planned = int(t)
+        return planned
+
+    def train(self) -> TrainResult:
+        self._setup()
+        cfg, info = self.cfg, self.info
+        mc = self.model.config
+        counts = mc.param_counts()
+        print0(
+            f"model: {counts.get('total', 0) / 1e6:.2f}M params ({counts.get('active', 0) / 1e6:.2f}M active), "
+            f"vocab {mc.vocab_size}, device {info.device}, world {info.world_size} ({self.parallel})"
+        )
+        meter = Meter(
+            self.out_dir if info.is_main else None,
+            flops_per_token=mc.flops_per_token(cfg.seq_len),
+            device=str(info.device), dtype=cfg.dtype, peak_flops=cfg.peak_flops, n_devices=info.world_size,
+            price_per_device_hour=cfg.price_per_device_hour, currency=cfg.currency,
+            watts_per_core=cfg.watts_per_core, total_steps=self.planned_steps or cfg.max_steps,
+            log_every=cfg.log_every, show=self.show_progress and info.is_main,
+        )  # fmt: skip
+        losses: list[float] = []
+        step = self.start_step
+        loop_start = time.perf_counter()
+        paused = 0.0  # seconds of evaluation and checkpointing inside the loop
+        measured_from: tuple[int, float] | None = None
+        eval_history: list[dict[str, Any]] = []
+        try:
+            while step < (self.planned_steps or cfg.max_steps):
+                if self.stop_after is not None and step >= self.stop_after:
+                    break
+                total = self.planned_steps or cfg.max_steps
+                lr = lr_at(step, cfg, total)
+                rec = self._train_step(step, lr)
+                step += 1
+                losses.append(rec["loss"])
+                train_s = time.perf_counter() - loop_start - paused
+                extra = {k: v for k, v in rec.items() if not k.startswith("_") and k != "loss"}
+                if cfg.log_every and step % cfg.log_every == 0:
+                    extra["expert_load"] = rec["_loads"]
+                meter.step(step, loss=rec["loss"], tokens=rec["_tokens"], lr=lr, **extra)
+                if self.planned_steps is None:  # time budget: measure a few steps, then fix the schedule
+                    if step - self.start_step == 2:
+                        measured_from = (step, train_s)
+                    elif measured_from and step - measured_from[0] >= CALIBRATION_STEPS:
+                        self.planned_steps = self._plan_steps(step, train_s - measured_from[1], step - measured_from[0])
+                        if meter._bar is not None:
+                            meter._bar.total = self.planned_steps
+                        print0(f"time budget {cfg.time_budget_min:g} min: {self.planned_steps} steps planned")
+                t_pause = time.perf_counter()
+                with meter.paused():
+                    if cfg.eval_every and step % cfg.eval_every == 0 and step < (self.planned_steps or 0):
+                        scores = self.evaluate()
+                        if scores:
+                            row = {name: s.to_dict() for name, s in scores.items()}
+                            eval_history.append({"step": step, **row})
+                            meter.log(event="eval", step=step, **row)
+                    if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                        self.save(step, self.elapsed_before + train_s)
+                paused += time.perf_counter() - t_pause
+                if cfg.time_budget_min is not None and self.elapsed_before + train_s >= cfg.time_budget_min * 60:
+                    break  # safety net when the machine slows down after the plan was made
+            train_s = time.perf_counter() - loop_start - paused
+            stopped_early = self.stop_after is not None and step >= self.stop_after and step < cfg.max_steps
+            scores: dict[str, TaskScore] = {}
+            model_dir = None
+            if not stopped_early and step > self.start_step:
+                with meter.paused():
+                    if not (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                        self.save(step, self.elapsed_before + train_s)
+                    scores = self.evaluate()
+                    if scores:
+                        meter.log(event="eval", step=step, final=True, **{n: s.to_dict() for n, s in scores.items()})
+                    model_dir = self.export(self.out_dir / "model")
+        finally:
+            summary = meter.close(print_summary=info.is_main and self.show_progress)
+        if scores and info.is_main:
+            for name, s in scores.items():
+                lo, hi = s.ci95
+                print0(
+                    f"held-out {name}: {100 * s.accuracy:.1f}% exact (95% CI {100 * lo:.1f}-{100 * hi:.1f}%, n={s.n})"
+                )
+        summary["eval_history"] = eval_history
+        return TrainResult(self.model, self.tok, losses, step, summary, scores, self.out_dir, model_dir)
+
+    def export(self, folder: Path) -> Path | None:
+        """The final model as a HF folder with its tokenizer (what nanoseek.load and transformers read)."""
+        model_state = None
+        if self.parallel == "fsdp" and self.info.distributed:
+            model_state, _ = self._full_states()
+        if not self.info.is_main:
+            return None
+        export = self._export_model(model_state)
+        export.save_pretrained(folder)
+        self.tok.save(folder)
+        return folder
+
+
+def train(cfg: TrainConfig, **kwargs) -> TrainResult:
+    """Convenience: Trainer(cfg, **kwargs).train()."""
+    return Trainer(cfg, **kwargs).train()
+
+
+def config_with(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    """A copy of cfg with top-level fields replaced (sections are deep-copied)."""
+    import copy
+
+    new = copy.deepcopy(cfg)
+    for k, v in changes.items():
+        setattr(new, k, v)
+    return new
