@@ -179,7 +179,15 @@ def test_kill_9_during_save_leaves_a_loadable_checkpoint(tmp_path, kill_at):
     assert json.loads((run_dir / "step-00000003" / "manifest.json").read_text())["step"] == 3
 
 
-def test_exact_resume_of_losses_with_the_building_blocks(tmp_path):
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a busy machine
+    yield
+    torch.set_num_threads(n)
+
+
+def test_exact_resume_of_losses_with_the_building_blocks(tmp_path, one_thread):
     """Stop at step k, save, rebuild everything from the checkpoint, continue: the same losses as the
     uninterrupted run. Uses the real model, task batcher, lr schedule, RNG capture and checkpoint."""
     from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
@@ -191,8 +199,10 @@ def test_exact_resume_of_losses_with_the_building_blocks(tmp_path):
 
     rng = random.Random(0)
     tok = train_tokenizer((get_task("add2").generate(rng).prompt for _ in range(500)), vocab_size=300)
-    cfg = load_train_config(preset="tiny", overrides=["batch_size=8", "seq_len=12", "max_steps=6",
-                                                      "optim.warmup_steps=2", "model.num_hidden_layers=2"])  # fmt: skip
+    cfg = load_train_config(preset="tiny", overrides=[
+        "batch_size=4", "seq_len=12", "max_steps=6", "optim.warmup_steps=2", "model.num_hidden_layers=2",
+        "model.hidden_size=48", "model.intermediate_size=64", "model.moe_intermediate_size=16",
+    ])  # fmt: skip
 
     def build(state=None):
         torch.manual_seed(cfg.seed)
