@@ -23,9 +23,7 @@ def test_toml_yaml_and_overrides(tmp_path):
         'preset = "tiny"\nbatch_size = 64\n[model]\nhidden_size = 96\n[optim]\nlr = 1e-3\nschedule = "wsd"\n'
         '[data]\ntasks = ["add2", "sort"]\n'
     )
-    cfg = load_train_config(
-        toml, overrides=["optim.lr=3e-4", "seq_len=48", "compile=true", "data.tasks=[add3]"]
-    )
+    cfg = load_train_config(toml, overrides=["optim.lr=3e-4", "seq_len=48", "compile=true", "data.tasks=[add3]"])
     assert cfg.batch_size == 64 and cfg.seq_len == 48 and cfg.compile is True
     assert cfg.optim.lr == 3e-4 and cfg.optim.schedule == "wsd"
     assert cfg.data.tasks == ["add3"]
@@ -101,3 +99,15 @@ def test_lr_schedules():
     assert lr_at(90, cfg) == pytest.approx(1.0 - 0.9 * 0.5)
     assert lr_at(100, cfg) == pytest.approx(0.1)
     assert lr_at(50, cfg, total_steps=50) == pytest.approx(0.1)
+
+
+def test_to_dict_roundtrip():
+    import json
+
+    from nanoseek.train.config import train_config_from_dict
+
+    cfg = load_train_config(preset="tiny", overrides=["model.hidden_size=96", "optim.lr=1e-3"])
+    again = train_config_from_dict(json.loads(cfg.to_json()))
+    assert again == cfg
+    with pytest.raises(ValueError, match="unknown config key 'bogus'"):
+        train_config_from_dict({**cfg.to_dict(), "bogus": 1})

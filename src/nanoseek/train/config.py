@@ -3,6 +3,7 @@
     cfg = load_train_config("run.toml", preset="tiny", overrides=["optim.lr=3e-3", "model.hidden_size=96"])
     model_cfg = cfg.model_config(vocab_size=tokenizer.vocab_size)   # a validated DeepseekV3Config
     lr = lr_at(step, cfg)                                            # warmup + cosine | WSD
+    cfg2 = train_config_from_dict(cfg.to_dict())                    # e.g. from a checkpoint's train_config.json
 
 Layers, later ones win: dataclass defaults < preset < file < overrides. A file is a mapping with the same
 sections as `TrainConfig` (top-level scalars plus `[model]`, `[data]`, `[optim]`, `[tokenizer]`), e.g.
@@ -300,6 +301,15 @@ def load_train_config(
             node = node.setdefault(part, {})
         node[parts[-1]] = _RawString(raw.strip())
         _apply(cfg, nested, where=f"override {item!r}")
+    cfg.validate()
+    return cfg
+
+
+def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig from `to_dict()` output (e.g. a checkpoint's train_config.json), checked
+    like a config file."""
+    cfg = TrainConfig()
+    _apply(cfg, dict(data), where="config dict")
     cfg.validate()
     return cfg
 
