@@ -86,6 +86,13 @@ class TextStreamer:
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(before) :]
 
+    def finish(self) -> str:
+        """Whatever is still held back when the stream ends (bytes that never became a character)."""
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=self.skip)
+        text = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=self.skip)
+        self.prefix = self.read = len(self.ids)
+        return text[len(before) :]
+
 
 def stream_text(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
     streamer = TextStreamer(tokenizer)
@@ -93,3 +100,6 @@ def stream_text(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
         delta = streamer.push(token)
         if delta:
             yield delta
+    tail = streamer.finish()
+    if tail:
+        yield tail
