@@ -83,40 +83,93 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
         N, K = idx_NK.shape
         flat_idx = idx_NK.reshape(-1)
-        order = flat_idx.argsort(stable=True)  # rows sorted by expert
-        token_of_row = order // K
+        order = flat_idx.argsort(stable=True)  # (token, k) rows sorted by expert
         counts_E = torch.bincount(flat_idx, minlength=self.n_experts)
-        x_sorted = x_ND[token_of_row]
-        if _grouped_mm_ok(x_ND):
-            offs = counts_E.cumsum(0).to(torch.int32)
-            h = torch._grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs=offs)
-            gate, up = h.chunk(2, dim=-1)
-            y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
-        else:
-            y = self._padded_bmm(x_sorted, flat_idx[order], counts_E)
+        backend = EXPERTS_BACKEND if EXPERTS_BACKEND != "auto" else _auto_backend(x_ND)
+        if backend == "padded_bmm":
+            capacity = int(counts_E.max())
+            # Padding wastes compute when routing is very unbalanced; then the grouped matmul is better.
+            if capacity * self.n_experts <= 2 * N * K or not hasattr(torch, "_grouped_mm"):
+                return self._padded_bmm(x_ND, weights_NK.reshape(-1), flat_idx, order, counts_E, capacity)
+        token_of_row = order // K
+        offs = counts_E.cumsum(0).to(torch.int32)
+        h = torch._grouped_mm(x_ND.index_select(0, token_of_row), self.gate_up_proj.transpose(1, 2), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
         y = y * weights_NK.reshape(-1)[order, None].to(y.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_of_row, y)
 
-    def _padded_bmm(self, x_sorted: torch.Tensor, expert_of_row: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        # Each expert's rows go into its own slot block [E, C, d]; one bmm per projection.
-        capacity = int(counts_E.max())
+    def _padded_bmm(self, x_ND, weights_R, flat_idx, order, counts_E, capacity: int) -> torch.Tensor:
+        """Experts as one bmm over [E, C, d] slot blocks (C = the busiest expert's token count).
+
+        Slots and (token, k) pairs are in one-to-one correspondence (plus padding slots), so both the
+        dispatch and the combine are row gathers whose backward is again a gather (see _Dispatch and
+        _Combine): no scatter-add anywhere, which is what makes this fast on CPU.
+        """
+        N, D = x_ND.shape
+        E, K = self.n_experts, flat_idx.numel() // N
+        expert_sorted = flat_idx[order]
         starts = counts_E.cumsum(0) - counts_E
-        slot = torch.arange(x_sorted.shape[0], device=x_sorted.device) - starts[expert_of_row]
-        buf = x_sorted.new_zeros(self.n_experts, capacity, x_sorted.shape[-1])
-        buf = buf.index_put((expert_of_row, slot), x_sorted)
-        gate, up = torch.bmm(buf, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-        out = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))
-        return out[expert_of_row, slot]
+        pos_sorted = expert_sorted * capacity + (
+            torch.arange(order.numel(), device=order.device) - starts[expert_sorted]
+        )
+        pos_R = torch.empty_like(pos_sorted).index_copy_(0, order, pos_sorted)  # slot of each (token, k) pair
+        slot_pair = torch.full((E * capacity,), N * K, dtype=torch.long, device=x_ND.device)
+        slot_pair[pos_sorted] = order  # pair of each slot; N*K marks padding
+        buf = _Dispatch.apply(x_ND, torch.div(slot_pair, K, rounding_mode="floor"), pos_R, K)
+        gate, up = torch.bmm(buf.view(E, capacity, D), self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+        y = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2)).view(E * capacity, D)
+        y_NKD = _Combine.apply(y, pos_R, slot_pair, N, K)
+        return torch.bmm(weights_R.view(N, 1, K).to(y.dtype), y_NKD).squeeze(1)
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
+class _Dispatch(torch.autograd.Function):
+    """buf[s] = x[token(s)] (a zero row for padding slots); backward sums each token's K slot grads."""
+
+    @staticmethod
+    def forward(ctx, x_ND, slot_token, pos_R, K):
+        ctx.save_for_backward(pos_R)
+        ctx.K = K
+        x_pad = torch.cat([x_ND, x_ND.new_zeros(1, x_ND.shape[1])])
+        return x_pad.index_select(0, slot_token)
+
+    @staticmethod
+    def backward(ctx, grad_buf):
+        (pos_R,) = ctx.saved_tensors
+        grad_x = grad_buf.index_select(0, pos_R).view(-1, ctx.K, grad_buf.shape[-1]).sum(1)
+        return grad_x, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """y_NKD[n, k] = y[slot of pair (n, k)]; backward routes each pair's grad back to its slot."""
+
+    @staticmethod
+    def forward(ctx, y_SD, pos_R, slot_pair, N, K):
+        ctx.save_for_backward(slot_pair)
+        return y_SD.index_select(0, pos_R).view(N, K, y_SD.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_NKD):
+        (slot_pair,) = ctx.saved_tensors
+        D = grad_NKD.shape[-1]
+        grad_pad = torch.cat([grad_NKD.reshape(-1, D), grad_NKD.new_zeros(1, D)])
+        return grad_pad.index_select(0, slot_pair), None, None, None, None
+
+
+# How routed experts run: "grouped_mm" (torch._grouped_mm over expert-sorted rows), "padded_bmm" (one bmm
+# over per-expert slot blocks), or "auto" (grouped_mm where the kernel is native: CUDA bf16 on sm90+,
+# and on CPU, where benchmarks/moe_step.py measures both; padded_bmm elsewhere).
+EXPERTS_BACKEND = "auto"
+
+
+def _auto_backend(x: torch.Tensor) -> str:
     if not hasattr(torch, "_grouped_mm"):
-        return False
+        return "padded_bmm"
     if x.device.type == "cpu":
-        return True
-    if x.device.type == "cuda":  # the CUDA kernel wants bf16 on Hopper+ (sm90)
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
-    return False
+        return "grouped_mm"
+    if x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9:
+        return "grouped_mm"
+    return "padded_bmm"
 
 
 class DeepseekMoE(nn.Module):
