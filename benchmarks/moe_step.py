@@ -4,8 +4,8 @@ same weights, same batch, timed alternately in one run on this machine.
 
     python benchmarks/moe_step.py [--batch 8 --seq 256 --reps 7 --threads N]
 
-Prints the median step time of each and the speed-up of nanoseek's faster experts backend over each peer. Noisy machines: compare the
-ratios, not the absolute times.
+Prints the median step time of each and the speed-up of nanoseek's faster experts backend over
+each peer. Noisy machines: compare the ratios, not the absolute times.
 """
 
 from __future__ import annotations
