@@ -7,6 +7,7 @@ special tokens and a chat template.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,24 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:  # llama.cpp convert_hf_
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def llama3_rope_factors(rope: dict, dim: int) -> np.ndarray:
+    """llama.cpp's converter: Llama 3.1 rope scaling as per-frequency divisors (the `rope_freqs` tensor)."""
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
 def write_gguf(path: Path, model, arch: str, qtype: str = "F32", chat_template: str | None = CHATML,
                name: str = "tiny", tokenizer: bool = True, kquant: dict[str, str] | None = None) -> Path:  # fmt: skip
     """Write `model` (a transformers CausalLM) as GGUF `arch` with 2-D weights in `qtype`.
@@ -110,6 +129,8 @@ def write_gguf(path: Path, model, arch: str, qtype: str = "F32", chat_template: 
         w.add_add_bos_token(False)
         if chat_template is not None:
             w.add_chat_template(chat_template)
+    if rope.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, cfg.head_dim))
     rng = np.random.default_rng(0)
     for hf, t in model.state_dict().items():
         if hf == "lm_head.weight" and cfg.tie_word_embeddings:

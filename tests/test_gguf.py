@@ -56,6 +56,22 @@ def test_f32_gguf_matches_original_model(arch, tmp_path):
     assert ours.config.tie_word_embeddings == ref.config.tie_word_embeddings
 
 
+def test_llama3_rope_scaling_from_rope_freqs_tensor(tmp_path):
+    """Llama 3.1+ GGUFs carry rope scaling as a `rope_freqs` tensor, not as metadata."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+    cfg = transformers.LlamaConfig(**COMMON, num_hidden_layers=2, rope_parameters=rope)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ours = nanoseek.load(write_gguf(tmp_path / "llama31.gguf", ref, "llama"))
+    assert ours.config.rope_freq_factors is not None
+    ids = torch.randint(0, VOCAB_SIZE, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() <= TOL
+
+
 def _ref_from_gguf(path):
     return transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
