@@ -144,3 +144,27 @@ def test_unsupported_model_type_names_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
     with pytest.raises(ValueError, match=r"unsupported model_type 'gpt_neox'; supported: .*gemma2.*llama"):
         nanoseek.load(tmp_path)
+
+
+def test_gemma3_multimodal_folder_loads_its_text_model(tmp_path):
+    """A Gemma3ForConditionalGeneration folder (model_type gemma3, text_config nested, weights under
+    language_model.*): nanoseek loads the text decoder, which gives the same text-only logits."""
+    text = transformers.Gemma3TextConfig(
+        **{**COMMON, "vocab_size": 300}, num_hidden_layers=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4
+    )
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    cfg = transformers.Gemma3Config(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+        image_token_index=299, boi_token_index=297, eoi_token_index=298,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ref = transformers.Gemma3ForConditionalGeneration(cfg).float().eval()
+    _randomize(ref, gemma=True)
+    ref.save_pretrained(tmp_path)
+    ours = nanoseek.load(tmp_path)
+    assert ours.config.model_type == "gemma3_text"
+    ids = _ids(2, 9)
+    with torch.no_grad():
+        assert (ours(ids) - ref(input_ids=ids).logits).abs().max().item() <= TOL
