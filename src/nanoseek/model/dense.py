@@ -329,14 +329,15 @@ class DenseForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         # Inverse frequencies per layer type; recomputed (not saved), so they survive meta-device building.
-        self._rope: dict[str, tuple[torch.Tensor, float]] = {}
+        self._rope: dict[tuple[str, str], tuple[torch.Tensor, float]] = {}
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def _rope_for(self, layer_type: str, device) -> tuple[torch.Tensor, float]:
-        if layer_type not in self._rope:
+        key = (layer_type, str(device))  # per device, so a model moved after its first call still works
+        if key not in self._rope:
             cfg = self.config
             if layer_type == SLIDING and cfg.rope_local_theta is not None:
                 inv, factor = rope_inv_freq(cfg.head_dim, cfg.rope_local_theta)
@@ -344,8 +345,8 @@ class DenseForCausalLM(nn.Module):
                 inv, factor = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
                 if cfg.rope_freq_factors is not None:
                     inv = inv / torch.tensor(cfg.rope_freq_factors, dtype=torch.float32)
-            self._rope[layer_type] = (inv.to(device), factor)
-        return self._rope[layer_type]
+            self._rope[key] = (inv.to(device), factor)
+        return self._rope[key]
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> DenseKVCache:
         weight = self.lm_head.weight
