@@ -160,3 +160,18 @@ def test_text_streamer_holds_back_split_utf8(tmp_path):
     streamer = TextStreamer(tok)
     deltas = [streamer.push(i) for i in ids]
     assert deltas == ["a", "", "é"]
+
+
+def test_generate_loop_serves_deepseek_v3_the_same_way():
+    """The loop uses only the shared interface: the KV-cached DeepSeek-V3 decode equals full re-forwards."""
+    ds = pytest.importorskip("nanoseek.model.deepseek_v3")
+    from nanoseek.config import from_name
+
+    torch.manual_seed(0)
+    model = ds.DeepseekV3ForCausalLM(from_name("test-tiny")).eval()
+    cached = list(generate_tokens(model, [1, 2, 3, 4], 8, SamplingParams(temperature=0)))
+    ids = [1, 2, 3, 4]
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert cached == ids[4:]
