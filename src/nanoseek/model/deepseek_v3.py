@@ -17,17 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ConfigError, DeepseekV3Config
+from nanoseek.model.loss import IGNORE_INDEX, linear_cross_entropy
 from nanoseek.model.mla import LatentKVCache, MultiHeadLatentAttention
 from nanoseek.model.moe import DeepseekMoE, GroupedExperts, Router, SwiGLU
 from nanoseek.model.mtp import MTPModule, shift_left
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import rope_cos_sin, rope_inv_freq
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -198,7 +196,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         aux: list[torch.Tensor] | None = [] if balance_alpha > 0 else None
         rope_mask: list = []
         h = self.forward_hidden(input_ids, attention_mask, aux=aux, _rope_mask_out=rope_mask)
-        lm_loss = _cross_entropy(self.lm_head(h), targets)
+        lm_loss = linear_cross_entropy(h, self.lm_head.weight, targets)
         loss = lm_loss
         mtp_losses = []
         if self.mtp and mtp_weight > 0:
@@ -207,9 +205,8 @@ class DeepseekV3ForCausalLM(nn.Module):
             for k, module in enumerate(self.mtp, start=1):
                 emb = self.model.embed_tokens(shift_left(input_ids, k, 0))
                 h_prev = module(h_prev, emb, cos, sin, mask, aux)
-                mtp_losses.append(
-                    _cross_entropy(self.lm_head(module.norm(h_prev)), shift_left(targets, k, IGNORE_INDEX))
-                )
+                mtp_targets = shift_left(targets, k, IGNORE_INDEX)
+                mtp_losses.append(linear_cross_entropy(module.norm(h_prev), self.lm_head.weight, mtp_targets))
             mtp_loss = torch.stack(mtp_losses).mean()
             loss = loss + mtp_weight * mtp_loss
         else:
@@ -258,10 +255,6 @@ def attention_bias(
         allowed = allowed & attention_mask.bool()[:, None, :]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
     return bias.unsqueeze(1)
-
-
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def from_hf_folder(

@@ -91,15 +91,24 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(H * self.dv, d, bias=cfg.attention_bias)
 
     # -- projections shared by both paths --------------------------------------------------------------
-    def _queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _down_projections(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """q_a_proj(x) (None without q_lora_rank) and kv_a_proj_with_mqa(x), as one matmul when possible."""
+        if self.q_lora_rank is None:
+            return None, self.kv_a_proj_with_mqa(x)
+        if self.q_a_proj.bias is not None:
+            return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
+        both = F.linear(x, torch.cat([self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight]))
+        return both.split([self.q_lora_rank, self.kv_lora_rank + self.dr], dim=-1)
+
+    def _queries(self, x, q_a, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = self.q_proj(x) if q_a is None else self.q_b_proj(self.q_a_layernorm(q_a))
         q = q.view(B, T, self.n_heads, self.dn + self.dr).transpose(1, 2)  # [B,H,T,dn+dr]
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
         return q_nope, self.rope(q_pe, cos, sin)
 
-    def _latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.dr], dim=-1)
+    def _latent(self, kv_a: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.dr], dim=-1)
         return self.kv_a_layernorm(c_kv), self.rope(k_pe.unsqueeze(1), cos, sin).squeeze(1)  # [B,T,r], [B,T,dr]
 
     def forward(
@@ -110,8 +119,9 @@ class MultiHeadLatentAttention(nn.Module):
         mask: torch.Tensor | None,  # additive [B|1, 1, T, S] or None for plain causal
         cache: LatentKVCache | None = None,
     ) -> torch.Tensor:
-        q_nope, q_pe = self._queries(x, cos, sin)
-        c_kv, k_pe = self._latent(x, cos, sin)
+        q_a, kv_a = self._down_projections(x)
+        q_nope, q_pe = self._queries(x, q_a, cos, sin)
+        c_kv, k_pe = self._latent(kv_a, cos, sin)
         if cache is None:
             out = self._attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
         else:
