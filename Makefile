@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/moe_step.py
+	$(VENV)/bin/nanoseek bench moe-step
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

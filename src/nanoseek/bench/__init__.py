@@ -1,0 +1,10 @@
+"""Benchmarks that compare nanoseek with a peer measured in the same run (`nanoseek bench NAME`).
+
+Each module has `main(argv: list[str] | None) -> None`; `benchmarks/<name>.py` are thin script wrappers.
+Peers such as transformers are dev dependencies (`pip install -e .[dev]`).
+"""
+
+BENCHMARKS = {
+    "moe-step": "nanoseek.bench.moe_step",
+    "train-throughput": "nanoseek.bench.train_throughput",
+}
