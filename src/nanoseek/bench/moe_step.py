@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--config", default="bench-20m", help="named model size (see nanoseek.config)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     import nanoseek
     from nanoseek.config import from_name
 
-    cfg = from_name("bench-20m")
+    cfg = from_name(args.config)
     peers = {}
     ref, default_impl = build(cfg, None)
     peers[f"transformers default ({default_impl})"] = ref
