@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in ours.parameters())
     tokens = args.batch * args.seq
     print(
-        f"config bench-20m: {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq} = {tokens} tokens, "
+        f"config {args.config}: {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq} = {tokens} tokens, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; max |logit diff| vs HF {diff:.1e}"
     )
     ours_t = min(statistics.median(times[k]) for k in times if k.startswith("nanoseek"))
