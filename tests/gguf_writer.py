@@ -27,6 +27,16 @@ def tiny_vocab() -> list[str]:
     return list(bytes_to_unicode().values()) + ["Ġt", "he", "Ġthe"] + SPECIALS
 
 
+def tiny_spm_vocab() -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style vocabulary (llama.cpp "llama" tokenizer): specials, 256 byte tokens, pieces
+    with scores (merge priority); 266 tokens."""
+    pieces = ["▁", "t", "h", "e", "▁t", "he", "▁the"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)  # unknown, control, byte, normal
+    return tokens, scores, types
+
+
 VOCAB_SIZE = len(tiny_vocab())
 ENDOFTEXT, IM_START, IM_END = (tiny_vocab().index(t) for t in SPECIALS)
 
@@ -83,8 +93,16 @@ def llama3_rope_factors(rope: dict, dim: int) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
-def write_gguf(path: Path, model, arch: str, qtype: str = "F32", chat_template: str | None = CHATML,
-               name: str = "tiny", tokenizer: bool = True, kquant: dict[str, str] | None = None) -> Path:  # fmt: skip
+def write_gguf(
+    path: Path,
+    model,
+    arch: str,
+    qtype: str = "F32",
+    chat_template: str | None = CHATML,
+    name: str = "tiny",
+    tokenizer: bool | str = True,
+    kquant: dict[str, str] | None = None,
+) -> Path:
     """Write `model` (a transformers CausalLM) as GGUF `arch` with 2-D weights in `qtype`.
 
     `kquant` maps GGUF tensor names to a K-quant type to fill with random valid blocks (numpy gguf cannot
@@ -117,7 +135,16 @@ def write_gguf(path: Path, model, arch: str, qtype: str = "F32", chat_template: 
         w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
     if getattr(cfg, "final_logit_softcapping", None):
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)
-    if tokenizer:
+    if tokenizer == "spm":
+        tokens, scores, types = tiny_spm_vocab()
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+    elif tokenizer:
         vocab = tiny_vocab()
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("default")

@@ -108,6 +108,20 @@ def test_tokenizer_and_template_come_from_the_file(tmp_path):
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path):
+    from gguf_writer import tiny_spm_vocab
+
+    cfg = transformers.LlamaConfig(**{**COMMON, "vocab_size": len(tiny_spm_vocab()[0])}, num_hidden_layers=1)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    path = write_gguf(tmp_path / "spm.gguf", model, "llama", tokenizer="spm")
+    tok = nanoseek.load_tokenizer(path)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    for text in ["the theme", " the", "héllo wörld", "the</s>the"]:
+        assert tok.encode(text) == ref(text)["input_ids"], text
+        assert tok.decode(tok.encode(text)) == ref.decode(ref(text)["input_ids"], skip_special_tokens=True)
+    assert tok.encode("the")[0] == 1  # llama-style files add BOS unless they say otherwise
+
+
 # ---- bad files ---------------------------------------------------------------------------------------------
 
 
