@@ -479,35 +479,32 @@ def from_hf_folder(folder: Path, config: dict, dtype=None, device=None) -> Dense
 
     cfg = dense_config_from_hf(config)
     reader = SafetensorsReader(folder)
-    tensors = _strip_multimodal_prefix(reader) if config.get("model_type") == "gemma3" else reader
+    tensors = _TextModelOf(reader) if config.get("model_type") == "gemma3" else reader
     model = build_on_meta(cfg)
     device = torch.device(device) if device is not None else torch.device("cpu")
     return load_state(model, tensors, str(folder), dtype or torch.float32, device)
 
 
-def _strip_multimodal_prefix(reader) -> dict:
-    """Gemma3ForConditionalGeneration checkpoints store the text model under a language_model prefix."""
-    out = {}
-    for name in reader:
-        for prefix, repl in (("model.language_model.", "model."), ("language_model.model.", "model."),
-                             ("language_model.lm_head.", "lm_head.")):  # fmt: skip
-            if name.startswith(prefix):
-                out[repl + name[len(prefix) :]] = _Lazy(reader, name)
-                break
-    return _LazyMapping(out)
+class _TextModelOf:
+    """The text decoder's tensors inside a Gemma3ForConditionalGeneration checkpoint, under plain names
+    (`language_model.model.x` or `model.language_model.x` -> `model.x`), read lazily."""
 
+    PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                ("language_model.lm_head.", "lm_head."))  # fmt: skip
 
-class _Lazy:
-    def __init__(self, reader, name):
-        self.reader, self.name = reader, name
+    def __init__(self, reader):
+        self.reader = reader
+        self.names: dict[str, str] = {}
+        for name in reader:
+            for prefix, plain in self.PREFIXES:
+                if name.startswith(prefix):
+                    self.names[plain + name[len(prefix) :]] = name
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
 
-class _LazyMapping(dict):
-    """A dict of name -> _Lazy whose values are read only when asked for."""
-
-    def __getitem__(self, key):
-        lazy = super().__getitem__(key)
-        return lazy.reader[lazy.name]
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.reader[self.names[name]]
 
 
 def param_count(model: nn.Module) -> int:
