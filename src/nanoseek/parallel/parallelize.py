@@ -53,9 +53,11 @@ class LossModule(nn.Module):
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks, the unit of compilation and of FSDP sharding (decoder layers + MTP modules)."""
+    """The transformer blocks, the unit of compilation and of FSDP sharding: the decoder layers and each MTP
+    module's block. (An MTP module's own norms and projection stay with the root: compute_loss uses its output
+    norm outside the module's forward, where a separately sharded weight would still be in shards.)"""
     out = list(model.model.layers)
-    out.extend(getattr(model, "mtp", []))
+    out.extend(m.block for m in getattr(model, "mtp", []))
     return out
 
 

@@ -431,11 +431,19 @@ class Trainer:
             )
         return record
 
-    def _plan_steps(self, step: int, train_s: float, measured_steps: int) -> int:
+    def _replan_due(self, step: int) -> bool:
+        """Plan once after calibration, then again every tenth of the plan: a shared machine's speed drifts,
+        and a plan that is too long would be cut by the budget before the learning rate has decayed."""
+        if self.planned_steps is None:
+            return True
+        every = max(CALIBRATION_STEPS, self.planned_steps // 10)
+        return step % every == 0 and step < self.planned_steps - every
+
+    def _plan_steps(self, step: int, train_s: float, measured_s: float, measured_steps: int) -> int:
         """Steps that fit the time budget, from the measured speed (the same number on every rank)."""
         cfg = self.cfg
         budget = cfg.time_budget_min * 60.0
-        per_step = train_s / max(1, measured_steps)
+        per_step = measured_s / max(1, measured_steps)
         fit = step + int(max(0.0, budget - self.elapsed_before - train_s) / per_step)
         planned = min(cfg.max_steps, max(step + 1, fit))
         if self.info.distributed:
@@ -481,14 +489,18 @@ class Trainer:
                 if cfg.log_every and step % cfg.log_every == 0:
                     extra["expert_load"] = rec["_loads"]
                 meter.step(step, loss=rec["loss"], tokens=rec["_tokens"], lr=lr, **extra)
-                if self.planned_steps is None:  # time budget: measure a few steps, then fix the schedule
+                if cfg.time_budget_min is not None:  # measure a few steps, then plan the schedule's length
                     if step - self.start_step == 2:
                         measured_from = (step, train_s)
-                    elif measured_from and step - measured_from[0] >= CALIBRATION_STEPS:
-                        self.planned_steps = self._plan_steps(step, train_s - measured_from[1], step - measured_from[0])
+                    elif measured_from and step - measured_from[0] >= CALIBRATION_STEPS and self._replan_due(step):
+                        first = self.planned_steps is None
+                        self.planned_steps = self._plan_steps(
+                            step, train_s, train_s - measured_from[1], step - measured_from[0]
+                        )
                         if meter._bar is not None:
                             meter._bar.total = self.planned_steps
-                        print0(f"time budget {cfg.time_budget_min:g} min: {self.planned_steps} steps planned")
+                        if first:
+                            print0(f"time budget {cfg.time_budget_min:g} min: {self.planned_steps} steps planned")
                 t_pause = time.perf_counter()
                 with meter.paused():
                     if cfg.eval_every and step % cfg.eval_every == 0 and step < (self.planned_steps or 0):

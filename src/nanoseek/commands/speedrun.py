@@ -1,0 +1,52 @@
+"""`nanoseek speedrun [--out DIR] [--minutes M] [--device cpu|cuda] [--preset P]` (what `make run` runs)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "speedrun",
+        help="tokenizer + pretraining (+ later stages) + held-out eval + report card, in minutes on a CPU",
+        description=(
+            "Train a small DeepSeek-V3-style model (MLA + MoE + MTP) from scratch on verifiable synthetic "
+            "tasks, evaluate it on held-out problems and write a run folder: model/, metrics.jsonl, "
+            "summary.json and report.md with plots."
+        ),
+    )
+    p.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    p.add_argument("--minutes", type=float, help="pretraining time budget in minutes (default 8 for tiny)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--preset", default="tiny", help="model/training preset (tiny, small, gpt2-small-moe)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a training setting (repeatable), e.g. --set data.tasks=[add2,sort]",
+    )  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nanoseek.train.speedrun import SpeedrunOptions, speedrun
+
+    if args.minutes is not None and args.minutes <= 0:
+        raise ValueError(f"--minutes must be positive, got {args.minutes}")
+    opts = SpeedrunOptions(
+        out=Path(args.out) if args.out else None, minutes=args.minutes, device=args.device,
+        preset=args.preset, overrides=args.overrides, show_progress=not args.quiet,
+    )  # fmt: skip
+    summary = speedrun(opts)
+    run_dir = Path(summary["model_dir"]).parent
+    print(f"\nspeedrun done in {summary['wall_s'] / 60:.1f} min -> {run_dir}")
+    for stage in summary["stages"]:
+        for task, e in stage["eval"].items():
+            lo, hi = e["ci95"]
+            print(
+                f"  {stage['name']:>8} {task:>8}: {100 * e['accuracy']:.1f}% exact "
+                f"(95% CI {100 * lo:.1f}-{100 * hi:.1f}%, n={e['n']})"
+            )
+    print(f"  report: {run_dir / 'report.md'}")
+    return 0

@@ -1,0 +1,250 @@
+"""The report card of a run: report.md with PNG plots, from summary.json and metrics.jsonl.
+
+    write_report(run_dir, summary, train_config)      # report.md, loss.png, accuracy.png, throughput.png, energy.png
+
+Plots: training loss per stage; held-out accuracy per task and stage with 95% CI error bars (and accuracy
+along training where evaluations ran); tokens/s; cumulative energy. Stages are whatever summary["stages"]
+lists, so new stages appear without changes here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nanoseek.train.config import TrainConfig
+
+
+def chance_accuracy(task: str) -> float | None:
+    """Exact-match accuracy of a uniform guess over the task's possible answers (None when unknown)."""
+    import re
+    from math import comb
+
+    if m := re.fullmatch(r"add(\d+)", task):
+        return 1 / (2 * 10 ** int(m.group(1)) - 1)  # sums 0 .. 2*(10^n - 1)
+    if m := re.fullmatch(r"sort(\d*)", task):
+        n = int(m.group(1) or 5)
+        return 1 / comb(n + 9, 9)  # sorted digit strings = multisets of n digits
+    if task == "linear":
+        return 1 / 10
+    if m := re.fullmatch(r"mul(\d*)", task):
+        return 1 / (9 * (10 ** int(m.group(1) or 2) - 1) + 1)
+    return None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl records, each tagged with the stage it belongs to ({"event": "stage"} lines)."""
+    records, stage = [], "pretrain"
+    if not path.is_file():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if rec.get("event") == "stage":
+            stage = rec.get("name", stage)
+            continue
+        rec["stage"] = stage
+        records.append(rec)
+    return records
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss(records, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for stage in dict.fromkeys(r["stage"] for r in records):
+        steps = [r for r in records if r["stage"] == stage and r.get("event") == "step"]
+        if not steps:
+            continue
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label=f"{stage}: loss")
+        if "lm" in steps[0]:
+            ax.plot([r["step"] for r in steps], [r["lm"] for r in steps], label=f"{stage}: next-token", alpha=0.7)
+        if "mtp" in steps[0]:
+            ax.plot([r["step"] for r in steps], [r["mtp"] for r in steps], label=f"{stage}: MTP", alpha=0.7)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (answer tokens)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy(summary: dict[str, Any], records, path: Path) -> None:
+    plt = _plt()
+    stages = summary["stages"]
+    tasks = sorted({t for s in stages for t in s["eval"]})
+    history = [r for r in records if r.get("event") == "eval" and not r.get("final")]
+    fig, axes = plt.subplots(1, 2 if history else 1, figsize=(11 if history else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    width = min(0.35, 0.8 / max(1, len(stages)))
+    for i, s in enumerate(stages):
+        xs, ys, lo, hi = [], [], [], []
+        for j, t in enumerate(tasks):
+            if t in s["eval"]:
+                e = s["eval"][t]
+                xs.append(j + i * width)
+                ys.append(100 * e["accuracy"])
+                lo.append(100 * (e["accuracy"] - e["ci95"][0]))
+                hi.append(100 * (e["ci95"][1] - e["accuracy"]))
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=4, label=s["name"])
+    for j, t in enumerate(tasks):
+        c = chance_accuracy(t)
+        if c is not None:
+            ax.hlines(100 * c, j - width / 2, j + width * (len(stages) - 0.5), colors="k", linestyles=":")
+    ax.set_xticks([j + width * (len(stages) - 1) / 2 for j in range(len(tasks))], tasks)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_title("Accuracy per task and stage (95% CI; dotted: chance)")
+    ax.legend()
+    if history:
+        ax = axes[0][1]
+        for t in tasks:
+            pts = [(r["step"], r[t]) for r in history if t in r]
+            if not pts:
+                continue
+            ax.errorbar(
+                [p[0] for p in pts], [100 * p[1]["accuracy"] for p in pts],
+                yerr=[[100 * (p[1]["accuracy"] - p[1]["ci95"][0]) for p in pts],
+                      [100 * (p[1]["ci95"][1] - p[1]["accuracy"]) for p in pts]],
+                marker="o", capsize=3, label=t,
+            )  # fmt: skip
+        ax.set_xlabel("pretraining step")
+        ax.set_ylabel("held-out exact match (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title("Accuracy during pretraining")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_series(records, key: str, ylabel: str, title: str, path: Path, scale: float = 1.0) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    offset = 0.0
+    for stage in dict.fromkeys(r["stage"] for r in records):
+        steps = [r for r in records if r["stage"] == stage and r.get("event") == "step" and key in r]
+        if not steps:
+            continue
+        ax.plot([offset + r["wall_s"] for r in steps], [scale * r[key] for r in steps], label=stage)
+        offset += steps[-1]["wall_s"]
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | None, plots: list[str]) -> str:
+    m = summary.get("model", {})
+    lines = ["# nanoseek speedrun report", ""]
+    lines.append(
+        f"Device: **{summary['device']}** · wall time **{summary['wall_s'] / 60:.1f} min** · "
+        f"tokens {summary['tokens']:,} · energy {summary['energy_j'] / 3600:.2f} Wh"
+        f"{' (estimated)' if summary['energy_estimated'] else ''} · cost {summary['cost']:.4f} "
+        f"{summary.get('currency', 'USD')}"
+    )
+    lines.append("")
+    if m:
+        lines.append(
+            f"Model: DeepSeek-V3 architecture, {m['params'] / 1e6:.2f}M parameters ({m['active_params'] / 1e6:.2f}M "
+            f"active per token): hidden {m['hidden_size']}, {m['layers']} layers, MLA with kv_lora_rank "
+            f"{m['kv_lora_rank']}, MoE {m['routed_experts']} routed experts (top-{m['experts_per_token']}) + "
+            f"{m['shared_experts']} shared, MTP depth {m['mtp_depth']}, vocabulary {m['vocab_size']} (byte-level BPE "
+            f"trained in the run). Trained from scratch on synthetic tasks: {', '.join(summary.get('tasks', []))}."
+        )
+        lines.append("")
+    lines += ["## Held-out accuracy", ""]
+    lines.append("Exact match of greedy answers on problems never drawn for training (95% Wilson interval).")
+    lines.append("")
+    lines.append("| stage | task | accuracy | 95% CI | n | chance |")
+    lines.append("|---|---|---|---|---|---|")
+    for s in summary["stages"]:
+        for task, e in sorted(s["eval"].items()):
+            c = chance_accuracy(task)
+            lo, hi = e["ci95"]
+            chance = f"{100 * c:.2g}%" if c is not None else "n/a"
+            lines.append(
+                f"| {s['name']} | {task} | **{_pct(e['accuracy'])}** | {_pct(lo)} – {_pct(hi)} | {e['n']} | {chance} |"
+            )
+    lines.append("")
+    lines += ["## Stages", "", "| stage | wall time | steps | tokens | tokens/s | MFU | energy | final loss |"]
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for s in summary["stages"]:
+        tok_s = f"{s['tok_s']:,.0f}" if s.get("tok_s") else "–"
+        mfu = f"{100 * s['mfu']:.2f}%" if s.get("mfu") is not None else "–"
+        loss = f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "–"
+        lines.append(
+            f"| {s['name']} | {s['wall_s']:.0f} s | {s.get('steps', '–')} | {s['tokens']:,} | {tok_s} | {mfu} | "
+            f"{s['energy_j'] / 3600:.2f} Wh | {loss} |"
+        )
+    lines.append("")
+    if summary.get("skipped_stages"):
+        lines.append(
+            f"Stages not run (not part of this build yet): {', '.join(summary['skipped_stages'])}. "
+            f"The final model is the last stage's."
+        )
+        lines.append("")
+    if summary["energy_estimated"]:
+        lines.append(
+            f"Energy is an **estimate**: this machine exposes no energy counter (NVML, RAPL), so the figure is "
+            f"process CPU-seconds × {cfg.watts_per_core if cfg else '?'} W per busy core (an assumption)."
+        )
+        lines.append("")
+    lines += ["## Plots", ""]
+    titles = {"loss.png": "Training loss", "accuracy.png": "Accuracy", "throughput.png": "Tokens/s",
+              "energy.png": "Energy"}  # fmt: skip
+    for p in plots:
+        lines.append(f"![{titles.get(p, p)}]({p})")
+        lines.append("")
+    lines += ["## Files", ""]
+    lines.append("- `model/`: the final model (HF folder with tokenizer); `nanoseek.load(\"model\")` or "
+                 "transformers' `AutoModelForCausalLM.from_pretrained(\"model\")`")  # fmt: skip
+    lines.append("- `metrics.jsonl`: every step and evaluation; `summary.json`: the numbers above")
+    if cfg is not None:
+        lines += ["", "## Configuration", "", "```json", cfg.to_json(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | None = None) -> Path:
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    plots = []
+    if any(r.get("event") == "step" for r in records):
+        plot_loss(records, run_dir / "loss.png")
+        plots.append("loss.png")
+    if any(s["eval"] for s in summary["stages"]):
+        plot_accuracy(summary, records, run_dir / "accuracy.png")
+        plots.append("accuracy.png")
+    if any("tok_s" in r for r in records):
+        plot_series(records, "tok_s", "tokens/s", "Training throughput", run_dir / "throughput.png")
+        plots.append("throughput.png")
+    if any("energy_j" in r for r in records):
+        label = "energy (Wh, estimated)" if summary["energy_estimated"] else "energy (Wh)"
+        plot_series(records, "energy_j", label, "Cumulative energy per stage", run_dir / "energy.png", 1 / 3600)
+        plots.append("energy.png")
+    path = run_dir / "report.md"
+    path.write_text(render_markdown(run_dir, summary, cfg, plots))
+    return path
