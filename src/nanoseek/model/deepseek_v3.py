@@ -37,6 +37,17 @@ class LossOutput:
     mtp_losses: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
+class AuxLosses:
+    """The MoE layers' balance losses of one forward. Not a list on purpose: FSDP2 rebuilds list, tuple and
+    dict arguments of a sharded block's forward, so appends to a passed-in list would be lost."""
+
+    def __init__(self) -> None:
+        self.items: list[torch.Tensor] = []
+
+    def append(self, loss: torch.Tensor) -> None:
+        self.items.append(loss)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: DeepseekV3Config, layer_idx: int, *, moe: bool):
         super().__init__()
@@ -193,7 +204,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         MTP depth k at position t sees token t+k's embedding and predicts targets[t+k]; the last k positions
         have no such token and are ignored.
         """
-        aux: list[torch.Tensor] | None = [] if balance_alpha > 0 else None
+        aux = AuxLosses() if balance_alpha > 0 else None
         rope_mask: list = []
         h = self.forward_hidden(input_ids, attention_mask, aux=aux, _rope_mask_out=rope_mask)
         lm_loss = linear_cross_entropy(h, self.lm_head.weight, targets)
@@ -211,7 +222,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             loss = loss + mtp_weight * mtp_loss
         else:
             mtp_loss = None
-        balance = torch.stack(aux).mean() if aux else None
+        balance = torch.stack(aux.items).mean() if aux is not None and aux.items else None
         if balance is not None:
             loss = loss + balance_alpha * balance
         return LossOutput(loss, lm_loss, mtp_loss, balance, mtp_losses)
