@@ -175,3 +175,22 @@ def test_generate_loop_serves_deepseek_v3_the_same_way():
         for _ in range(8):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert cached == ids[4:]
+
+
+def test_folder_saved_by_transformers_loads_with_its_template(tmp_path):
+    """transformers 5 writes the template to chat_template.jinja and special tokens to tokenizer_config.json."""
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "src").mkdir()
+    src = _folder(tmp_path / "src")
+    ref = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(src / "tokenizer.json"), chat_template=CHATML, eos_token="<|im_end|>", bos_token="<s>"
+    )
+    out = tmp_path / "saved"
+    ref.save_pretrained(out)
+    tok = nanoseek.load_tokenizer(out)
+    msgs = [{"role": "user", "content": "hello world"}]
+    assert tok.apply_chat_template(msgs) == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert (
+        tok.encode_chat(msgs) == ref.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)["input_ids"]
+    )
+    assert (tok.eos_token_id, tok.bos_token_id) == (3, 1)
