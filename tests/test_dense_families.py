@@ -172,3 +172,26 @@ def test_gemma3_multimodal_folder_loads_its_text_model(tmp_path):
     ids = _ids(2, 9)
     with torch.no_grad():
         assert (ours(ids) - ref(input_ids=ids).logits).abs().max().item() <= TOL
+
+
+def test_pre_transformers5_config_fields_are_understood():
+    """Checkpoints on disk mostly predate `rope_parameters`: rope_theta / rope_scaling / rope_local_base_freq."""
+    from nanoseek.model.dense import SLIDING, dense_config_from_hf
+
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1)
+    llama31 = dense_config_from_hf({**base, "model_type": "llama", "num_hidden_layers": 2, "rope_theta": 500000.0,
+                                    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 8192}})  # fmt: skip
+    assert llama31.rope_theta == 500000.0 and llama31.rope_scaling["rope_type"] == "llama3"
+    gemma3 = dense_config_from_hf({**base, "model_type": "gemma3_text", "num_hidden_layers": 12, "head_dim": 16,
+                                   "rope_theta": 1e6, "rope_local_base_freq": 10000.0, "sliding_window": 512,
+                                   "sliding_window_pattern": 6,
+                                   "rope_scaling": {"rope_type": "linear", "factor": 8.0}})  # fmt: skip
+    assert gemma3.rope_local_theta == 10000.0 and gemma3.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    assert [i for i, t in enumerate(gemma3.layer_types) if t != SLIDING] == [5, 11]
+    assert gemma3.norm_offset == 1.0 and gemma3.qk_norm and gemma3.embed_scale and gemma3.tie_word_embeddings
+    gemma2 = dense_config_from_hf({**base, "model_type": "gemma2", "num_hidden_layers": 4, "head_dim": 16,
+                                   "query_pre_attn_scalar": 144, "attn_logit_softcapping": 50.0,
+                                   "final_logit_softcapping": 30.0, "sliding_window": 4096})  # fmt: skip
+    assert gemma2.layer_types == [SLIDING, "full_attention"] * 2 and gemma2.softmax_scale == 144**-0.5
