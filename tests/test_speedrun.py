@@ -1,0 +1,73 @@
+"""The speedrun: a run folder with model/, metrics.jsonl, summary.json (in the shape other tools read) and a
+report card; the default run reaches high held-out accuracy within the time limit (slow test)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from nanoseek.cli import main
+from test_trainer import TINY
+
+
+def check_summary_shape(summary: dict) -> None:
+    assert isinstance(summary["stages"], list) and summary["stages"]
+    for stage in summary["stages"]:
+        assert isinstance(stage["name"], str)
+        assert isinstance(stage["wall_s"], float) and stage["wall_s"] > 0
+        assert isinstance(stage["tokens"], int) and stage["tokens"] > 0
+        assert isinstance(stage["energy_j"], float) and stage["energy_j"] >= 0
+        for task, e in stage["eval"].items():
+            assert isinstance(task, str)
+            assert 0.0 <= e["accuracy"] <= 1.0 and isinstance(e["n"], int) and e["n"] > 0
+            lo, hi = e["ci95"]
+            assert 0.0 <= lo <= e["accuracy"] <= hi <= 1.0
+    assert isinstance(summary["energy_estimated"], bool)
+    assert isinstance(summary["cost"], float)
+    assert isinstance(summary["device"], str)
+
+
+def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    sets = [x for s in TINY if not s.startswith(("device=", "log_every=")) for x in ("--set", s)]
+    rc = main(["speedrun", "--out", str(out), "--minutes", "0.15", "--quiet", *sets, "--set", "eval_every=20"])
+    assert rc == 0
+    for name in ("report.md", "metrics.jsonl", "summary.json", "loss.png", "accuracy.png", "throughput.png",
+                 "energy.png", "model/config.json", "model/tokenizer.json", "model/model.safetensors"):  # fmt: skip
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    check_summary_shape(summary)
+    assert summary["stages"][0]["name"] == "pretrain" and "add2" in summary["stages"][0]["eval"]
+    assert summary["device"] == "cpu" and summary["energy_estimated"] is True
+    report = (out / "report.md").read_text()
+    assert "| pretrain | add2 |" in report and "95% CI" in report and "![Training loss](loss.png)" in report
+    events = {json.loads(x)["event"] for x in (out / "metrics.jsonl").read_text().splitlines()}
+    assert {"stage", "step", "eval", "summary"} <= events
+    assert "report:" in capsys.readouterr().out
+    # the final model loads in nanoseek and in transformers, and both compute the same logits
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import nanoseek
+
+    ours = nanoseek.load(out / "model")
+    ref = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(out / "model").encode("12+34=")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, rtol=1e-4, atol=1e-4)
+    # a finished run folder is not overwritten
+    assert main(["speedrun", "--out", str(out), "--minutes", "0.1", "--quiet"]) == 2
+
+
+@pytest.mark.slow
+def test_default_speedrun_learns_within_15_minutes(tmp_path):
+    start = time.perf_counter()
+    assert main(["speedrun", "--out", str(tmp_path / "full"), "--quiet"]) == 0
+    wall = time.perf_counter() - start
+    summary = json.loads((tmp_path / "full/summary.json").read_text())
+    check_summary_shape(summary)
+    add2 = summary["stages"][0]["eval"]["add2"]
+    assert add2["accuracy"] >= 0.8, add2
+    assert wall <= 15 * 60, wall
