@@ -116,3 +116,35 @@ def test_bad_resume_and_existing_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="different config: field model.overrides.hidden_size"):
         run(tiny_cfg(tmp_path / "r", "max_steps=4", "model.hidden_size=48"), resume=True)
     assert [p.name for p in list_checkpoints(tmp_path / "r/checkpoints")] == ["step-00000001", "step-00000002"]
+
+
+def test_text_files_train_and_bad_data(tmp_path):
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n\n".join(f"the cat sat on mat number {i}. the dog ran." for i in range(200)))
+    res = run(tiny_cfg(tmp_path / "t", f"data.files=[{data}]", "max_steps=3", "ckpt_every=0"))
+    assert len(res.losses) == 3 and res.eval == {}  # no tasks: nothing to score
+    with pytest.raises(FileNotFoundError, match="missing.txt: data file not found"):
+        run(tiny_cfg(tmp_path / "m", f"data.files=[{tmp_path / 'missing.txt'}]", "max_steps=3"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        run(tiny_cfg(tmp_path / "e", f"data.files=[{empty}]", "tokenizer.path=" + str(tmp_path / "t/tokenizer")))
+
+
+def test_full_disk_during_save_keeps_checkpoints(tmp_path, monkeypatch):
+    import errno
+
+    from nanoseek.train import checkpoint
+
+    original = checkpoint.save_file
+
+    def save_file(tensors, path, metadata=None):
+        if metadata and metadata.get("step") == "4":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    with pytest.raises(CheckpointError, match="disk is full.*intact: step-00000002"):
+        run(tiny_cfg(tmp_path / "d", "max_steps=6", "ckpt_every=2"))
+    assert [p.name for p in list_checkpoints(tmp_path / "d/checkpoints")] == ["step-00000002"]
+    assert not list((tmp_path / "d/checkpoints").glob(".tmp-*"))

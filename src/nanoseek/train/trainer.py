@@ -76,13 +76,16 @@ def build_tasks(cfg: TrainConfig) -> list[Task]:
 
 
 def tokenizer_texts(cfg: TrainConfig, n: int):
-    """Texts to train the tokenizer on: task samples (training split) or the start of the data files."""
+    """Texts to train the tokenizer on: task samples (training split) or the first documents of the files."""
     if cfg.data.files:
-        ds = PackedTextDataset(cfg.data.files, _ByteTok(), seq_len=1, text_field=cfg.data.text_field, loop=False)
-        for i, seg in enumerate(ds._segments()):  # documents in order, without tokenizing them for real
-            if i >= n:
-                return
-            yield bytes(seg.tokens[1:-1]).decode("utf-8", errors="replace")
+        ds = PackedTextDataset(cfg.data.files, None, seq_len=1, text_field=cfg.data.text_field, loop=False)
+        count = 0
+        for i in range(len(ds.files)):
+            for _, text in ds._docs(i, 0):  # raw documents in corpus order, before any tokenizer exists
+                if count >= n:
+                    return
+                count += 1
+                yield text
         return
     import random
 
@@ -91,15 +94,6 @@ def tokenizer_texts(cfg: TrainConfig, n: int):
     for _ in range(n):
         ex = rng.choice(tasks).generate(rng, "train")
         yield ex.prompt + ex.answer
-
-
-class _ByteTok:
-    """Stand-in tokenizer used to stream raw documents for tokenizer training (utf-8 bytes as ids)."""
-
-    bos_id, eos_id = 0, 0
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
 
 
 def prepare_tokenizer(cfg: TrainConfig, out_dir: Path, info: DistInfo) -> Tokenizer:
