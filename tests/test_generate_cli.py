@@ -231,3 +231,17 @@ def test_fetch_unknown_name_exits_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["fetch", "llama-405b"])
     assert exc.value.code == 2
+
+
+def test_chat_history_is_trimmed_oldest_first_to_fit_the_context(tiny):
+    from nanoseek.commands.chat import _fit_context
+
+    tok = nanoseek.load_tokenizer(tiny[0])
+    system = {"role": "system", "content": "be brief"}
+    turns = [{"role": r, "content": f"turn {i} " + "x" * 20} for i in range(6) for r in ("user", "assistant")]
+    history = [system, *turns, {"role": "user", "content": "last"}]
+    # ~40 tokens a message with this byte-level vocabulary: 200 leaves room for the newest exchange only
+    ids = _fit_context(tok, history, keep=1, limit=200, max_tokens=16)
+    assert len(ids) + 16 <= 200
+    assert [m["content"][:6] for m in history] == ["be bri", "turn 5", "turn 5", "last"]
+    assert _fit_context(tok, [system, {"role": "user", "content": "y" * 500}], keep=1, limit=200, max_tokens=16) is None
