@@ -135,6 +135,17 @@ def test_truncated_gguf_is_a_clear_error(tmp_path):
             nanoseek.load(bad)
 
 
+def test_corrupt_gguf_header_is_a_clear_error(tmp_path):
+    data = bytearray(write_gguf(tmp_path / "tiny.gguf", _tiny("llama"), "llama").read_bytes())
+    data[16:24] = b"\xff" * 8  # metadata count: absurd
+    bad = tmp_path / "corrupt.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="corrupt.gguf: truncated or corrupt GGUF header"):
+        nanoseek.load(bad)
+    with pytest.raises(WeightsError, match="corrupt.gguf"):
+        nanoseek.load_tokenizer(bad)
+
+
 def test_not_a_gguf_is_a_clear_error(tmp_path):
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"PK\x03\x04 this is a zip file")
