@@ -76,6 +76,17 @@ def test_template_reaching_python_internals_is_refused(tmp_path, evil):
         tok.apply_chat_template([{"role": "user", "content": "hello"}])
 
 
+def test_template_features_real_templates_use():
+    template = (
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] | trim }}{% endgeneration %}"
+        "{% else %}{{ m['content'] | tojson }}{% endif %}{% if loop.last %}{% break %}{% endif %}{% endfor %}"
+        "|{{ ns.n }}|{{ strftime_now('%Y') | length }}|{{ tools is defined }}"
+    )
+    msgs = [{"role": "user", "content": "héllo"}, {"role": "assistant", "content": " hi "}]
+    assert render_chat_template(template, "t", messages=msgs) == '"héllo"hi|2|4|False'
+
+
 def test_template_raise_exception_and_syntax_errors_are_clear():
     with pytest.raises(ChatTemplateError, match="refused the conversation: roles must alternate"):
         render_chat_template("{{ raise_exception('roles must alternate') }}", "t", messages=[])

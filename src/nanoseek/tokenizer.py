@@ -100,8 +100,18 @@ class Tokenizer:
 
 def _make_environment():
     from jinja2.exceptions import SecurityError
-    from jinja2.ext import loopcontrols
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        """transformers' `{% generation %}…{% endgeneration %}` (marks assistant text for training masks);
+        for rendering it is just its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
     class StrictSandbox(ImmutableSandboxedEnvironment):
         """The immutable sandbox, but touching an unsafe attribute fails at once (the stock sandbox
@@ -110,7 +120,7 @@ def _make_environment():
         def unsafe_undefined(self, obj: Any, attribute: str):
             raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe")
 
-    env = StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, GenerationTag])
 
     def raise_exception(message: str):
         raise ChatTemplateError(f"the chat template refused the conversation: {message}")
