@@ -140,7 +140,11 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.n_heads, -1, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        pad = q.shape[-1] - self.dv
+        if pad > 0:  # SDPA's fused (flash) CPU kernel needs equal q/k and v head dims; zero-padded v is exact
+            v = F.pad(v, (0, pad))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return out[..., : self.dv] if pad > 0 else out
 
     def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         w = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)
