@@ -76,10 +76,16 @@ class StageContext:
     show_progress: bool = True
 
 
-# Defaults of the speedrun on top of the preset: time-budgeted, evaluated a few times along the way.
+# Defaults of the speedrun on top of the preset: time-budgeted, evaluated along the way. Tasks and lr were
+# chosen by measurement on the 2-core CPU (batch 256, 300 steps): add2 + sort (3:1) at lr 4e-3 reached 96.5%
+# / 98% held-out; lr 2e-3 with 200 steps 19% / 99.5%; without MTP 8.5% / 100%. Sorting is learnt first, the
+# carries of addition later: the mixture keeps add2 at three quarters of the rows.
 SPEEDRUN_DEFAULTS = {
-    "tiny": ["time_budget_min=8", "max_steps=100000", "eval_every=100", "ckpt_every=500", "data.eval_examples=400"],
-}
+    "tiny": [
+        "time_budget_min=8", "max_steps=100000", "eval_every=100", "ckpt_every=500", "data.eval_examples=400",
+        "data.tasks=[add2,sort]", "data.task_weights=[0.75,0.25]", "optim.lr=3e-3",
+    ],
+}  # fmt: skip
 
 
 def speedrun_config(opts: SpeedrunOptions, run_dir: Path) -> TrainConfig:

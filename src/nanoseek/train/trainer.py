@@ -284,6 +284,8 @@ class Trainer:
             self.elapsed_before = float(c.extra.get("train_s", 0.0))
             self.start_step = c.step
             print0(f"resumed from {c.path} at step {c.step}")
+            if c.step >= cfg.max_steps:
+                print0(f"the run already reached max_steps={cfg.max_steps}; raise it (--set max_steps=N) to go on")
 
     def _load_optimizer(self, state: Any) -> None:
         if self.parallel == "fsdp" and self.info.distributed:
