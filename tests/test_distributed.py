@@ -48,10 +48,12 @@ def single(tmp_path_factory):
 
 
 def torchrun(out: Path, mode: str, *extra: str) -> subprocess.CompletedProcess:
-    sets = [*TINY, f"out_dir={out}", f"max_steps={STEPS}", f"batch_size={GLOBAL_BATCH // 2}", "ckpt_every=0", *extra]
+    flags = [x for x in extra if x.startswith("--")]
+    sets = [*TINY, f"out_dir={out}", f"max_steps={STEPS}", f"batch_size={GLOBAL_BATCH // 2}", "ckpt_every=0"]
+    sets += [x for x in extra if not x.startswith("--")]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()), "-m", "nanoseek", "train", "--parallel", mode, "--quiet",
+        "--master-port", str(free_port()), "-m", "nanoseek", "train", "--parallel", mode, "--quiet", *flags,
     ]  # fmt: skip
     for s in sets:
         cmd += ["--set", s]
@@ -75,3 +77,16 @@ def test_two_processes_match_one(mode, single, tmp_path):
     model = nanoseek.load(out / "model")
     for (name, a), b in zip(res.model.state_dict().items(), model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fsdp_checkpoint_resumes_under_ddp(single, tmp_path):
+    """A checkpoint gathered from FSDP shards at step 3 resumes under DDP and continues the same curve."""
+    res, _ = single
+    out = tmp_path / "resume"
+    first = torchrun(out, "fsdp", "max_steps=3", "ckpt_every=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(out, "ddp", "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout
+    losses = step_losses(out)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(res.losses), rtol=RTOL["ddp"], atol=0)

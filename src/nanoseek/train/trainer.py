@@ -279,7 +279,7 @@ class Trainer:
             self.source.load_state_dict(c.data_state)
             if c.rng_state is not None:
                 ckpt_io.restore_rng_state(c.rng_state)
-            if c.scheduler_state:
+            if c.scheduler_state and cfg.time_budget_min is not None:  # keep the plan the run made
                 self.planned_steps = c.scheduler_state.get("planned_steps")
             self.elapsed_before = float(c.extra.get("train_s", 0.0))
             self.start_step = c.step
@@ -287,29 +287,29 @@ class Trainer:
             if c.step >= cfg.max_steps:
                 print0(f"the run already reached max_steps={cfg.max_steps}; raise it (--set max_steps=N) to go on")
 
+    # Optimizer state is saved keyed by parameter name (torch.distributed.checkpoint's full state dict), the
+    # same layout for one process, DDP and FSDP, so a checkpoint resumes under any of them.
     def _load_optimizer(self, state: Any) -> None:
-        if self.parallel == "fsdp" and self.info.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-            set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state, options=opts)
-        else:
-            self.optimizer.load_state_dict(state)
+        opts = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state, options=opts)
 
     def _full_states(self) -> tuple[dict | None, Any]:
         """Complete model and optimizer states on rank 0 (gathered from the shards under FSDP)."""
-        if self.parallel == "fsdp" and self.info.distributed:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_state = get_model_state_dict(self.model, options=opts)
-            optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
-            return model_state, optim_state
-        return self.model.state_dict(), self.optimizer.state_dict()
+        sharded = self.parallel == "fsdp" and self.info.distributed
+        if sharded:  # FSDP2 keeps the root's parameters gathered after a forward without backward (evaluation)
+            self.step_module.reshard()
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        model_state = get_model_state_dict(self.model, options=opts) if sharded else self.model.state_dict()
+        return model_state, optim_state
 
     def _export_model(self, model_state: dict | None) -> DeepseekV3ForCausalLM:
         """A plain model with the complete weights (the live one, unless sharded)."""
@@ -355,10 +355,13 @@ class Trainer:
             return {}
         # Sharded weights are gathered by the wrapper's forward, so every rank decodes; otherwise rank 0 alone.
         model = self.step_module if sharded else self.model
-        return evaluate_tasks(
+        scores = evaluate_tasks(
             model, self.tok, self.tasks, n if n is not None else self.cfg.data.eval_examples,
             device=self.info.device, autocast_dtype=self.autocast_dtype,
         )  # fmt: skip
+        if sharded:  # back to shards: the optimizer holds the sharded parameters
+            self.step_module.reshard()
+        return scores
 
     # -- the loop ----------------------------------------------------------------------------------------
     def _micro_step_loss(self, out: dict, counts: list[int], totals: list[float], rows: int, total_rows: int):
