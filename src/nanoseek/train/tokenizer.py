@@ -23,6 +23,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from nanoseek.tokenizer import load_tokenizer, render_chat_template
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [
     BOS, EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>", "<think>", "</think>", "<answer>", "</answer>",
@@ -75,11 +77,14 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=BOS, eos_token=EOS
+        # The same hardened sandbox that renders untrusted templates from model files.
+        return render_chat_template(
+            self.chat_template,
+            "trained tokenizer",
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=BOS,
+            eos_token=EOS,
         )
 
     # ---- files ---------------------------------------------------------------------------------------
@@ -115,24 +120,13 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> Tokenizer:
-        folder = Path(folder)
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; a tokenizer folder needs tokenizer.json")
-        try:
-            hf = HFTokenizer.from_file(str(path))
-        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-            raise ValueError(f"{path}: not a valid tokenizer.json ({exc})") from exc
-        template, max_len = CHAT_TEMPLATE, 2048
-        cfg_path = folder / "tokenizer_config.json"
+        """Load a folder written by `save` (or any HF tokenizer folder with these special tokens)."""
+        loaded = load_tokenizer(folder)  # shared loader: clear errors for missing/malformed files
+        max_len = 2048
+        cfg_path = Path(folder) / "tokenizer_config.json"
         if cfg_path.is_file():
-            try:
-                cfg = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from exc
-            template = cfg.get("chat_template") or template
-            max_len = int(cfg.get("model_max_length", max_len))
-        return cls(hf, chat_template=template, model_max_length=max_len)
+            max_len = int(json.loads(cfg_path.read_text()).get("model_max_length", max_len))
+        return cls(loaded.backend, chat_template=loaded.chat_template or CHAT_TEMPLATE, model_max_length=max_len)
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
