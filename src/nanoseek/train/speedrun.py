@@ -103,44 +103,11 @@ def mark_stage(metrics_path: Path, name: str) -> None:
         f.write(json.dumps({"event": "stage", "name": name, "time": time.time()}) + "\n")
 
 
-def pick_cpu_threads(cfg: TrainConfig, reps: int = 3) -> int:
-    """The faster of 1 thread and all threads for this run's training step, measured.
-
-    On a machine shared with other busy processes, OpenMP threads that spin while waiting for each other
-    made the tiny model's step ~6x slower with two threads than with one (measured on the 2-core box); on
-    an idle machine more threads win. Timing both on the real model and batch shape decides.
-    """
-    import statistics
-
-    import torch
-
-    from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
-
-    most = torch.get_num_threads()
-    if most <= 1:
-        return most
-    torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(cfg.model_config(vocab_size=cfg.tokenizer.vocab_size))
-    x = torch.randint(3, cfg.tokenizer.vocab_size, (cfg.batch_size, 12))
-    times: dict[int, list[float]] = {1: [], most: []}
-    for rep in range(reps + 1):
-        for n in times:
-            torch.set_num_threads(n)
-            t0 = time.perf_counter()
-            model.compute_loss(x, x, mtp_weight=cfg.mtp_weight).loss.backward()
-            if rep:  # the first round warms up
-                times[n].append(time.perf_counter() - t0)
-    best = min(times, key=lambda n: statistics.median(times[n]))
-    torch.set_num_threads(best)
-    return best
-
-
 def run_pretrain(cfg: TrainConfig, run_dir: Path, show_progress: bool) -> StageResult:
     from nanoseek.train.trainer import Trainer
 
     start = time.perf_counter()
-    threads = pick_cpu_threads(cfg) if cfg.device == "cpu" else None
-    result = Trainer(cfg, show_progress=show_progress).train()
+    result = Trainer(cfg, show_progress=show_progress, tune_threads=True).train()
     s = result.summary
     extra = {
         "steps": result.steps,
@@ -150,7 +117,6 @@ def run_pretrain(cfg: TrainConfig, run_dir: Path, show_progress: bool) -> StageR
         "train_s": s.get("train_s"),
         "energy_source": s.get("energy_source"),
         "eval_history": s.get("eval_history", []),
-        "cpu_threads": threads,
     }
     return StageResult(
         "pretrain", time.perf_counter() - start, int(s["tokens"]), float(s["energy_j"]), result.eval,

@@ -209,6 +209,41 @@ def target_counts(y: torch.Tensor, mtp_depth: int) -> list[int]:
     return counts
 
 
+class ThreadTuner:
+    """Runs CPU training on the faster of 1 thread and all threads, re-measured every `every` steps.
+
+    On a machine shared with other busy processes, OpenMP threads spinning while they wait for each other
+    made the speedrun model's step ~6x slower with two threads than with one (measured on the 2-core box);
+    on an idle machine two threads win. The load changes during a run, so the choice is re-checked: every
+    `every` steps, `trial` steps run with the other count and the faster recent median is kept.
+    """
+
+    def __init__(self, every: int = 50, trial: int = 3, start: int = 5):
+        self.most = torch.get_num_threads()
+        self.every, self.trial, self.start = every, trial, start
+        self.best = self.most
+        self.recent: dict[int, list[float]] = {1: [], self.most: []}
+
+    def _other(self) -> int:
+        return 1 if self.best == self.most else self.most
+
+    def before_step(self, step: int) -> None:
+        if self.most > 1:
+            trying = step >= self.start and (step - self.start) % self.every < self.trial
+            torch.set_num_threads(self._other() if trying else self.best)
+
+    def after_step(self, step: int, seconds: float) -> None:
+        if self.most <= 1:
+            return
+        n = torch.get_num_threads()
+        self.recent[n] = (self.recent[n] + [seconds])[-self.trial :]
+        decide = step >= self.start and (step - self.start) % self.every == self.trial - 1
+        if decide and all(self.recent.values()):
+            medians = {k: sorted(v)[len(v) // 2] for k, v in self.recent.items()}
+            self.best = min(medians, key=medians.get)
+            torch.set_num_threads(self.best)
+
+
 # ---- the trainer ----------------------------------------------------------------------------------------
 class Trainer:
     def __init__(
@@ -220,10 +255,13 @@ class Trainer:
         show_progress: bool = True,
         info: DistInfo | None = None,
         stop_after: int | None = None,
+        tune_threads: bool = False,
     ):
         """parallel: auto (ddp under torchrun, none otherwise) | none | ddp | fsdp.
         stop_after: end the run after this many steps in total without the end-of-run work (final checkpoint,
-        evaluation, export), as if the process were stopped there (for resume tests)."""
+        evaluation, export), as if the process were stopped there (for resume tests).
+        tune_threads: on CPU, keep switching to the faster of 1 thread and all threads (ThreadTuner); float
+        results then depend on timing, so it is off unless asked for (the speedrun asks)."""
         cfg.validate()
         self.cfg = cfg
         self.info = info or init_distributed(cfg.device)
@@ -233,6 +271,7 @@ class Trainer:
         self.resume = resume
         self.show_progress = show_progress
         self.stop_after = stop_after
+        self.tuner = ThreadTuner() if tune_threads and self.info.device.type == "cpu" else None
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         device = self.info.device
@@ -480,11 +519,18 @@ class Trainer:
                     break
                 total = self.planned_steps or cfg.max_steps
                 lr = lr_at(step, cfg, total)
+                if self.tuner is not None:
+                    self.tuner.before_step(step)
+                t_step = time.perf_counter()
                 rec = self._train_step(step, lr)
+                if self.tuner is not None:
+                    self.tuner.after_step(step, time.perf_counter() - t_step)
                 step += 1
                 losses.append(rec["loss"])
                 train_s = time.perf_counter() - loop_start - paused
                 extra = {k: v for k, v in rec.items() if not k.startswith("_") and k != "loss"}
+                if self.tuner is not None:
+                    extra["threads"] = torch.get_num_threads()
                 if cfg.log_every and step % cfg.log_every == 0:
                     extra["expert_load"] = rec["_loads"]
                 meter.step(step, loss=rec["loss"], tokens=rec["_tokens"], lr=lr, **extra)
