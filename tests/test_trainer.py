@@ -148,3 +148,10 @@ def test_full_disk_during_save_keeps_checkpoints(tmp_path, monkeypatch):
         run(tiny_cfg(tmp_path / "d", "max_steps=6", "ckpt_every=2"))
     assert [p.name for p in list_checkpoints(tmp_path / "d/checkpoints")] == ["step-00000002"]
     assert not list((tmp_path / "d/checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager(tmp_path):
+    eager = run(tiny_cfg(tmp_path / "e", "max_steps=3", "ckpt_every=0"))
+    compiled = run(tiny_cfg(tmp_path / "c", "max_steps=3", "ckpt_every=0", "compile=true"))
+    torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), rtol=1e-4, atol=1e-5)

@@ -61,6 +61,21 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return out
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each block's attention and dense MLP in place. The routed MoE stays eager: its
+    data-dependent token counts and grouped matmul do not trace (on CPU the fake-tensor check of
+    torch._grouped_mm even demands bf16), and it is already a few large matmuls."""
+    from nanoseek.model.moe import DeepseekMoE
+
+    for block in blocks(model):
+        block.self_attn.compile()
+        if isinstance(block.mlp, DeepseekMoE):
+            if block.mlp.shared_experts is not None:
+                block.mlp.shared_experts.compile()
+        else:
+            block.mlp.compile()
+
+
 def parallelize(model: nn.Module, mode: str = "none", *, info: DistInfo | None = None, compile: bool = False):
     """Wrap `model` (already on its device) for training; returns a LossModule (maybe DDP/FSDP-wrapped).
 
@@ -74,8 +89,7 @@ def parallelize(model: nn.Module, mode: str = "none", *, info: DistInfo | None =
     if mode == "none" and info.distributed:
         raise ValueError(f"{info.world_size} processes but parallel mode 'none'; use ddp or fsdp")
     if compile:
-        for block in blocks(model):
-            block.compile()
+        compile_blocks(model)
     wrapped: nn.Module = LossModule(model)
     if mode == "ddp" and info.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
