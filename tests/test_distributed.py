@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +23,6 @@ GLOBAL_BATCH = 8
 # over ranks). Measured: DDP and FSDP2 <= 1.4e-7. Faults show far above it: FSDP2 once dropped the MoE balance
 # loss (rebuilt list arguments) and the curves parted by 2e-5 within 6 steps, the weights by 3e-3.
 RTOL = {"ddp": 1e-5, "fsdp": 1e-5}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def step_losses(run_dir: Path) -> list[float]:
@@ -52,8 +45,8 @@ def torchrun(out: Path, mode: str, *extra: str) -> subprocess.CompletedProcess:
     sets = [*TINY, f"out_dir={out}", f"max_steps={STEPS}", f"batch_size={GLOBAL_BATCH // 2}", "ckpt_every=0"]
     sets += [x for x in extra if not x.startswith("--")]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()), "-m", "nanoseek", "train", "--parallel", mode, "--quiet", *flags,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "nanoseek", "train", "--parallel", mode, "--quiet", *flags,
     ]  # fmt: skip
     for s in sets:
         cmd += ["--set", s]
