@@ -75,6 +75,8 @@ def test_exact_resume(tmp_path):
 KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
+    import torch
+    torch.set_num_threads(1)  # the same as the parent: float sums depend on the thread count
     from nanoseek.train import checkpoint
     from nanoseek.train.config import load_train_config
     from nanoseek.train.trainer import Trainer
@@ -97,6 +99,16 @@ KILL_SCRIPT = textwrap.dedent(
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
+    # Bit-exact comparisons across processes need one thread count in both (reductions split differently).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _kill_during_save(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kill_during_save(tmp_path):
     out = tmp_path / "killed"
     overrides = [*TINY, f"out_dir={out}", "max_steps=10", "ckpt_every=4"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
