@@ -17,10 +17,15 @@ IGNORE_INDEX = -100
 
 
 def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 256
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
 ) -> torch.Tensor:
-    """Mean cross-entropy of logits = h @ weight.T over rows with targets != -100. h [..., d], targets [...]."""
+    """Mean cross-entropy of logits = h @ weight.T over rows with targets != -100. h [..., d], targets [...].
+
+    chunk_rows defaults to ~2M logits per chunk (8 MB in fp32: cache-sized, and few chunks for small vocabs).
+    """
     h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if chunk_rows is None:
+        chunk_rows = max(64, (1 << 21) // weight.shape[0])
     if h2.device.type != "cpu":  # on GPU the unfused path with a big GEMM is already efficient
         return F.cross_entropy(F.linear(h2, weight).float(), t, ignore_index=IGNORE_INDEX)
     return _LinearCrossEntropy.apply(h2, weight, t, chunk_rows)
