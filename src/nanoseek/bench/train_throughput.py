@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--seq", type=int, default=12, help="the speedrun's rows are ~12 tokens (one add2 problem)")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1; 0: torch's default, erratic when busy)"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
