@@ -101,7 +101,9 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     eval_every: int = 0  # steps; 0: only at the end
-    price_per_device_hour: float = 0.0  # money per device-hour, for the cost line of the meter
+    # Money per device-hour for the meter's cost line. Default: an on-demand 2-vCPU cloud VM (~0.10 USD/h);
+    # the GPU preset uses a typical H100 rental price. Set your own (`--set price_per_device_hour=...`).
+    price_per_device_hour: float = 0.10
     currency: str = "USD"
     watts_per_core: float = 10.0  # CPU energy estimate when no RAPL/NVML counter exists (an assumption)
     peak_flops: float | None = None  # device peak FLOP/s for MFU; None: from the spec table or a CPU probe
@@ -272,6 +274,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dtype": "bfloat16",
         "compile": True,
         "ckpt_every": 1000,
+        "price_per_device_hour": 2.50,  # typical on-demand H100 rental
     },  # fmt: skip
 }
 
