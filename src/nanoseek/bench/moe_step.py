@@ -46,9 +46,12 @@ def step_ours(backend: str):
     from nanoseek.model import moe
 
     def step(model, x, y):
-        moe.EXPERTS_BACKEND = backend
-        out = model.compute_loss(x, y, mtp_weight=0.0)
-        out.loss.backward()
+        previous, moe.EXPERTS_BACKEND = moe.EXPERTS_BACKEND, backend
+        try:
+            out = model.compute_loss(x, y, mtp_weight=0.0)
+            out.loss.backward()
+        finally:  # the process-wide choice goes back to what it was
+            moe.EXPERTS_BACKEND = previous
         return out.loss
 
     return step
