@@ -41,40 +41,24 @@ def native_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, tensor in model.state_dict().items():
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
-        if _EXPERTS.match(name):
-            out.update(_split_experts({name: tensor}, cfg.moe_intermediate_size))
-            continue
-        if m := _MTP.match(name):
-            k, rest = int(m.group(1)), m.group(2)
-            hf_rest = _mtp_native_to_hf(rest)
-            if x := _EXPERTS.match("model.layers.0." + hf_rest):  # experts inside the MTP block
-                kind = x.group(2)
-                sub = {"model.layers.0.mlp.experts." + kind: tensor}
-                for key, val in _split_experts(sub, cfg.moe_intermediate_size).items():
-                    out[key.replace("model.layers.0.", _mtp_hf_prefix(model, k) + ".")] = val
-                continue
-            out[f"{_mtp_hf_prefix(model, k)}.{hf_rest}"] = tensor
-            continue
-        out[name] = tensor
+        hf = native_name_to_hf(model, name)
+        if m := _EXPERTS.match(hf):  # fused experts (main layers and MTP blocks) -> one tensor per expert
+            prefix, kind = m.groups()
+            F = cfg.moe_intermediate_size
+            for e in range(tensor.shape[0]):
+                if kind == "gate_up_proj":
+                    out[f"{prefix}.{e}.gate_proj.weight"] = tensor[e, :F]
+                    out[f"{prefix}.{e}.up_proj.weight"] = tensor[e, F:]
+                else:
+                    out[f"{prefix}.{e}.down_proj.weight"] = tensor[e]
+        else:
+            out[hf] = tensor
     embed = model.model.embed_tokens.weight.detach()
     head = model.lm_head.weight.detach()
     for k in range(len(getattr(model, "mtp", []))):
         out[f"{_mtp_hf_prefix(model, k)}.embed_tokens.weight"] = embed.clone()
         out[f"{_mtp_hf_prefix(model, k)}.shared_head.head.weight"] = head.clone()
     return {k: v.detach().contiguous() for k, v in out.items()}
-
-
-def _split_experts(sub: dict[str, torch.Tensor], F: int) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, tensor in sub.items():
-        prefix, kind = _EXPERTS.match(name).groups()
-        for e in range(tensor.shape[0]):
-            if kind == "gate_up_proj":
-                out[f"{prefix}.{e}.gate_proj.weight"] = tensor[e, :F]
-                out[f"{prefix}.{e}.up_proj.weight"] = tensor[e, F:]
-            else:
-                out[f"{prefix}.{e}.down_proj.weight"] = tensor[e]
-    return out
 
 
 def native_name_to_hf(model: nn.Module, name: str) -> str:
