@@ -82,11 +82,15 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * f, d))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d, f))
 
-    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor, counts_E: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """counts_E: rows per expert, if the caller already has them (bincount of idx_NK)."""
         N, K = idx_NK.shape
         flat_idx = idx_NK.reshape(-1)
         order = flat_idx.argsort(stable=True)  # (token, k) rows sorted by expert
-        counts_E = torch.bincount(flat_idx, minlength=self.n_experts)
+        if counts_E is None:
+            counts_E = torch.bincount(flat_idx, minlength=self.n_experts)
         backend = EXPERTS_BACKEND if EXPERTS_BACKEND != "auto" else _auto_backend(x_ND)
         if backend == "padded_bmm":
             capacity = int(counts_E.max())
@@ -187,16 +191,17 @@ class DeepseekMoE(nn.Module):
         # Tokens routed to each expert since the last bias update (the trainer reads and resets it).
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
 
-    def forward(self, x_BTD: torch.Tensor, aux: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, aux=None) -> torch.Tensor:
+        """aux: an object with `append` (deepseek_v3.AuxLosses) collecting the sequence balance loss, or None."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         weights_NK, idx_NK, scores_NE = self.gate(x_ND)
+        counts_E = torch.bincount(idx_NK.reshape(-1), minlength=self.gate.n_experts)
         if self.training:
-            with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(idx_NK.reshape(-1), minlength=self.gate.n_experts)
+            self.tokens_per_expert += counts_E.detach()
         if aux is not None:
             aux.append(sequence_balance_loss(scores_NE.view(B, T, -1), idx_NK.view(B, T, -1)))
-        out = self.experts(x_ND, weights_NK, idx_NK).view(B, T, D)
+        out = self.experts(x_ND, weights_NK, idx_NK, counts_E).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_BTD)
         return out
