@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_train_config(args.config, preset=args.preset, overrides=args.overrides)
     try:
         Trainer(cfg, parallel=args.parallel, resume=args.resume, show_progress=not args.quiet).train()
-    finally:
-        destroy_distributed()
+    except BaseException:
+        destroy_distributed(wait_for_peers=False)
+        raise
+    destroy_distributed()
     return 0
