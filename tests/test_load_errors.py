@@ -13,13 +13,14 @@ import nanoseek
 from nanoseek.cli import main as cli_main
 from nanoseek.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+from nanoseek.weights.hf_folder import save_pretrained
 
 
 @pytest.fixture(scope="module")
 def good_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("good")
     torch.manual_seed(0)
-    DeepseekV3ForCausalLM(from_name("test-tiny")).save_pretrained(folder)
+    save_pretrained(DeepseekV3ForCausalLM(from_name("test-tiny")), folder)
     return folder
 
 

@@ -54,6 +54,7 @@ from nanoseek.train.evaluate import TaskScore, evaluate_tasks
 from nanoseek.train.meter import Meter
 from nanoseek.train.tasks import Task, get_task
 from nanoseek.train.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.weights.hf_folder import save_pretrained
 
 CALIBRATION_STEPS = 20  # a time-budgeted run measures this many steps before fixing its step count
 
@@ -368,7 +369,7 @@ class Trainer:
         export = self._export_model(model_state)
 
         def write_files(folder: Path) -> None:  # each checkpoint is also a loadable HF model folder
-            export.save_pretrained(folder)
+            save_pretrained(export, folder)
             self.tok.save(folder)
 
         return ckpt_io.save_checkpoint(
@@ -590,7 +591,7 @@ class Trainer:
         if not self.info.is_main:
             return None
         export = self._export_model(model_state)
-        export.save_pretrained(folder)
+        save_pretrained(export, folder)
         self.tok.save(folder)
         return folder
 

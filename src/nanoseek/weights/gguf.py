@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanoseek.model.dense import FULL, SLIDING, DenseConfig, DenseForCausalLM, build_on_meta, load_state
+from nanoseek.model.dense import FULL, SLIDING, DenseConfig, DenseForCausalLM, build_on_meta
 from nanoseek.weights.gguf_file import GGUFFile, TensorInfo
+from nanoseek.weights.hf_folder import load_dense_state
 from nanoseek.weights.safetensors_io import WeightsError
 
 # general.architecture values this loader serves, and the dense model_type each becomes.
@@ -253,4 +254,4 @@ def load_gguf_model(path: str | os.PathLike, dtype=None, device=None) -> DenseFo
     model = build_on_meta(cfg)
     device = torch.device(device) if device is not None else torch.device("cpu")
     tensors = _GGUFTensors(gf, cfg, gf.metadata["general.architecture"])
-    return load_state(model, tensors, str(gf.path), dtype or torch.float32, device)
+    return load_dense_state(model, tensors, str(gf.path), dtype or torch.float32, device)
