@@ -22,6 +22,7 @@ import torch
 
 from nanoseek.model.dense import FULL, SLIDING, DenseConfig, DenseForCausalLM, build_on_meta
 from nanoseek.weights.gguf_file import GGUFFile, TensorInfo
+from nanoseek.weights.gguf_tokenizer import gguf_stop_ids
 from nanoseek.weights.hf_folder import load_dense_state
 from nanoseek.weights.safetensors_io import WeightsError
 
@@ -95,7 +96,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Path) -
         rope_scaling=_rope_scaling(get),
         tie_word_embeddings="output.weight" not in tensor_names,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=_stop_ids(meta),
+        eos_token_id=gguf_stop_ids(meta),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
     )
     if arch == "qwen2":
@@ -146,16 +147,6 @@ def _rope_scaling(get) -> dict | None:
     if get("rope.scaling.original_context_length"):
         out["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
     return out
-
-
-def _stop_ids(meta: dict) -> list[int]:
-    """EOS plus llama.cpp's end-of-turn / end-of-message ids, without repeats."""
-    ids: list[int] = []
-    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
-        value = meta.get(f"tokenizer.ggml.{key}")
-        if value is not None and int(value) not in ids:
-            ids.append(int(value))
-    return ids
 
 
 # ---- tensors ---------------------------------------------------------------------------------------------
