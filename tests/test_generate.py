@@ -119,3 +119,19 @@ def test_evaluation_decodes_through_the_engine_and_a_loss_module():
         score, pairs = evaluate_examples(wrapped, tok, task, examples, max_new_tokens=5, batch_size=4)
         assert [pred for _, pred in pairs] == want
         assert score.n == 6 and score.correct == sum(task.check(p, ex) for ex, p in zip(examples, want))
+
+
+def test_autocast_runs_every_forward_in_the_given_dtype():
+    """What evaluation on CUDA asks for (bf16 autocast): the forwards run in bf16 while the latent cache
+    stays fp32, and the loop still decodes every row to the end."""
+    model = deepseek_v3()
+    seen: list[torch.dtype] = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    try:
+        rows = generate_batch(model, PROMPTS, 4, GREEDY, autocast_dtype=torch.bfloat16)
+        assert seen == [torch.bfloat16] * 4 and [len(r.token_ids) for r in rows] == [4] * len(PROMPTS)
+        seen.clear()
+        generate_batch(model, PROMPTS, 4, GREEDY)
+        assert seen == [torch.float32] * 4
+    finally:
+        hook.remove()
