@@ -29,19 +29,19 @@ def test_task_rows_layout_and_answer_mask(tok):
     x, y = b.next_batch()
     assert x.shape == y.shape == (16, 24) and x.dtype == y.dtype == torch.long
     for row_x, row_y in zip(x.tolist(), y.tolist()):
-        assert row_x[0] == tok.bos_id
-        text = tok.decode([t for t in row_x if t != tok.pad_id], skip_special_tokens=True)
+        assert row_x[0] == tok.bos_token_id
+        text = tok.decode([t for t in row_x if t != tok.pad_token_id], skip_special_tokens=True)
         prompt, answer = text.split("=", 1)
         kept = [t for t in row_y if t != IGNORE_INDEX]
-        assert kept[-1] == tok.eos_id
+        assert kept[-1] == tok.eos_token_id
         assert tok.decode(kept[:-1]) == answer  # loss only on the answer and the eos after it
         assert not is_heldout(prompt + "=", 0.1)  # training rows never come from the held-out split
-        n = row_x.index(tok.pad_id) if tok.pad_id in row_x else 24
+        n = row_x.index(tok.pad_token_id) if tok.pad_token_id in row_x else 24
         # target at position t is the token at t+1
-        assert [t for t in row_y[:n] if t != IGNORE_INDEX] == row_x[n - len(kept) + 1 : n] + [tok.eos_id]
+        assert [t for t in row_y[:n] if t != IGNORE_INDEX] == row_x[n - len(kept) + 1 : n] + [tok.eos_token_id]
     full = TaskBatcher(tasks, tok, 16, 24, seed=3, loss_on_answer_only=False).batch_at(0)
     assert torch.equal(full[0], x)
-    assert ((full[1] != IGNORE_INDEX).sum(1) == (x != tok.pad_id).sum(1)).all()
+    assert ((full[1] != IGNORE_INDEX).sum(1) == (x != tok.pad_token_id).sum(1)).all()
 
 
 def test_task_batches_resume_exactly_and_shard(tok):
@@ -84,7 +84,7 @@ def test_packed_rows_are_the_concatenated_documents(tok, tmp_path):
     docs = _write_corpus(tmp_path)
     stream = []
     for d in docs:
-        stream += [tok.bos_id, *tok.encode(d), tok.eos_id]
+        stream += [tok.bos_token_id, *tok.encode(d), tok.eos_token_id]
     ds = PackedTextDataset([tmp_path], tok, seq_len=16, loop=False)
     rows = []
     while True:

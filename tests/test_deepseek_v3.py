@@ -10,6 +10,7 @@ import nanoseek
 from deepseek_reference import random_hf_model, randomize_nanoseek
 from nanoseek.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+from nanoseek.weights.hf_folder import save_pretrained
 
 TOL = 1e-4
 
@@ -58,7 +59,7 @@ def test_nanoseek_to_hf(tmp_path, variant):
     torch.manual_seed(0)
     ours = DeepseekV3ForCausalLM(cfg).eval()
     randomize_nanoseek(ours)
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
     x = tokens()
     with torch.no_grad():
@@ -157,7 +158,7 @@ def test_mtp_weights_roundtrip_and_hf_ignores_them(tmp_path):
     torch.manual_seed(0)
     ours = DeepseekV3ForCausalLM(cfg).eval()
     randomize_nanoseek(ours)
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     back = nanoseek.load(tmp_path)
     assert len(back.mtp) == 2
     for (n1, p1), (n2, p2) in zip(ours.state_dict().items(), back.state_dict().items()):

@@ -102,5 +102,10 @@ def test_compute_loss_with_mtp_and_balance_backprops():
     assert len(out.mtp_losses) == 2 and out.balance_loss is not None
     expected = out.lm_loss + 0.3 * out.mtp_loss + 1e-4 * out.balance_loss
     assert torch.isclose(out.loss, expected)
+    # the parts are the losses they claim to be: the main head's cross-entropy, the mean over MTP depths
+    with torch.no_grad():
+        lm_ref = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.lm_loss.detach(), lm_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.mtp_loss, torch.stack(out.mtp_losses).mean())
     out.loss.backward()
     assert model.mtp[1].eh_proj.weight.grad is not None and model.mtp[1].eh_proj.weight.grad.abs().sum() > 0

@@ -1,4 +1,5 @@
 import random
+import re
 
 import pytest
 
@@ -15,8 +16,48 @@ from nanoseek.train.tasks import (
 )
 
 
+def solve(prompt: str) -> str | None:
+    """The correct answer computed from the prompt text alone, independently of the task code (None for
+    countdown, where many expressions are right: its answers are checked by evaluating them)."""
+    if m := re.fullmatch(r"(\d+)\+(\d+)=", prompt):
+        return str(int(m[1]) + int(m[2]))[::-1]
+    if m := re.fullmatch(r"(\d+)\*(\d)=", prompt):
+        return str(int(m[1]) * int(m[2]))[::-1]
+    if m := re.fullmatch(r"s:(\d+)=", prompt):
+        return "".join(sorted(m[1]))
+    if m := re.fullmatch(r"(\d)x\+(\d)=(\d+);x=", prompt):
+        a, b, c = int(m[1]), int(m[2]), int(m[3])
+        return str((c - b) // a) if (c - b) % a == 0 else "unsolvable"
+    assert prompt.startswith("cd:"), f"unknown prompt format {prompt!r}"
+    return None
+
+
+def countdown_is_solved(prompt: str, expr: str) -> bool:
+    numbers, target = prompt[3:-1].split(">")
+    value, used = evaluate_arithmetic(expr)
+    return value == int(target) and sorted(used) == sorted(int(n) for n in numbers.split(","))
+
+
 @pytest.mark.parametrize("name", list(TASKS) + ["add5", "sort3"])
-def test_generated_answers_pass_their_checker_and_splits_are_disjoint(name):
+def test_reference_answers_are_right_and_the_checker_rejects_wrong_ones(name):
+    task = get_task(name)
+    rng = random.Random(1)
+    examples = [task.generate(rng) for _ in range(300)] + task.eval_examples(100, seed=3)
+    for ex in examples:
+        want = solve(ex.prompt)
+        assert want == ex.answer if want is not None else countdown_is_solved(ex.prompt, ex.answer), ex
+        assert task.check(ex.answer, ex) and task.check(f" {ex.answer}\n", ex)
+        # one digit changed, a digit too many, a digit missing, nothing: all wrong
+        i = len(ex.answer) // 2
+        changed = ex.answer[:i] + ("1" if ex.answer[i] != "1" else "2") + ex.answer[i + 1 :]
+        for wrong in (changed, ex.answer + "0", ex.answer[:-1], ""):
+            if want is None and countdown_is_solved(ex.prompt, wrong):
+                continue  # countdown: a changed expression can happen to be another right answer
+            assert not task.check(wrong, ex), (ex, wrong)
+
+
+@pytest.mark.parametrize("name", list(TASKS) + ["add5", "sort3"])
+def test_splits_are_disjoint_and_depend_only_on_the_seed(name):
     task = get_task(name)
     rng = random.Random(1)
     train = [task.generate(rng) for _ in range(2000)]
@@ -24,11 +65,12 @@ def test_generated_answers_pass_their_checker_and_splits_are_disjoint(name):
     assert held and len({e.prompt for e in held}) == len(held)
     assert not {e.prompt for e in train} & {e.prompt for e in held}
     assert all(is_heldout(e.prompt, task.heldout_fraction) for e in held)
-    assert all(task.check(e.answer, e) for e in train[:200] + held)
-    assert all(e.task == task.name for e in train[:10])
-    # deterministic: same seed, same problems
+    assert not any(is_heldout(e.prompt, task.heldout_fraction) for e in train)
+    # the problems drawn are a function of the seed: equal for equal seeds, different for different ones
+    draw = lambda seed: [task.generate(r).prompt for r in [random.Random(seed)] for _ in range(20)]  # noqa: E731
+    assert draw(7) == draw(7) and draw(7) != draw(8)
     assert [e.prompt for e in task.eval_examples(50, seed=3)] == [e.prompt for e in held[:50]]
-    assert [task.generate(random.Random(7)).prompt for _ in range(3)] == [task.generate(random.Random(7)).prompt] * 3
+    assert [e.prompt for e in task.eval_examples(50, seed=4)] != [e.prompt for e in held[:50]]
 
 
 def test_exact_answers():

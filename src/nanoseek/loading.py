@@ -1,8 +1,8 @@
 """`nanoseek.load(path)`: one entry point for every model format and architecture.
 
 A HF folder is dispatched on `config.json`'s `model_type` through `ARCHITECTURES`; a `.gguf` file goes
-through the GGUF reader. Each architecture module exposes `from_hf_folder(folder, config_dict, dtype,
-device) -> nn.Module`, so adding a family touches this table and its own module only.
+through the GGUF reader. Each entry names a loader `(folder, config_dict, dtype, device) -> nn.Module`
+(weights/hf_folder.py), so adding a family touches this table and its loader only.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from nanoseek.weights.safetensors_io import WeightsError, read_config_json
 
 # model_type -> "module:function" building the model from a HF folder (imported lazily).
 ARCHITECTURES: dict[str, str] = {
-    "deepseek_v3": "nanoseek.model.deepseek_v3:from_hf_folder",
-    "deepseek_v2": "nanoseek.model.deepseek_v3:from_hf_folder",
+    "deepseek_v3": "nanoseek.weights.hf_folder:load_deepseek_v3",
+    "deepseek_v2": "nanoseek.weights.hf_folder:load_deepseek_v3",
     **{
-        t: "nanoseek.model.dense:from_hf_folder"
+        t: "nanoseek.weights.hf_folder:load_dense"
         for t in ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3", "gemma3_text")
     },
 }

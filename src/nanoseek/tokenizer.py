@@ -1,7 +1,9 @@
-"""`load_tokenizer(path)`: the tokenizer and chat template of a HF folder or a .gguf file.
+"""`Tokenizer`, the text side of every model, and `load_tokenizer(path)` for a HF folder or a .gguf file.
 
-The text side of every model: encode/decode with the `tokenizers` library, chat templates rendered in
-Jinja2's immutable sandbox, and the token ids that end a reply (EOS plus end-of-turn tokens).
+Encode/decode with the `tokenizers` library, chat templates rendered in Jinja2's immutable sandbox, the
+token ids that end a reply (EOS plus end-of-turn tokens), and `save(folder)` as a HF tokenizer folder.
+Loaded tokenizers and the ones the trainer makes (`nanoseek.train.tokenizer.train_tokenizer`) are the
+same class.
 
 Chat templates are programs shipped inside model files, i.e. untrusted input: a template in a GGUF
 once executed code through llama-cpp-python (CVE-2024-34359). They are rendered only in
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,13 +35,23 @@ class ChatTemplateError(ValueError):
 
 @dataclass
 class Tokenizer:
+    """The one tokenizer class: loaded from a model (`load_tokenizer`) or trained (`train.tokenizer`).
+
+    `stop_token_ids` are the ids that end a reply: EOS first, then the extra ids given (a folder's
+    generation_config, a GGUF's end-of-turn ids), then any END_OF_TURN_TEXTS token that is special here.
+    """
+
     backend: BackendTokenizer
-    source: str
+    source: str  # where it came from, for error messages
     bos_token: str | None = None
     eos_token: str | None = None
     pad_token: str | None = None
     chat_template: str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    model_max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        self.stop_token_ids = _stop_ids(self, self.stop_token_ids)
 
     # ---- ids ----------------------------------------------------------------------------------------
     def token_to_id(self, token: str | None) -> int | None:
@@ -56,6 +69,16 @@ class Tokenizer:
     def pad_token_id(self) -> int | None:
         return self.token_to_id(self.pad_token)
 
+    def special_ids(self) -> tuple[int, int, int]:
+        """(bos, eos, pad) ids, which training rows and padded batches need; a clear error if one is missing."""
+        ids = {"bos": self.bos_token_id, "eos": self.eos_token_id, "pad": self.pad_token_id}
+        missing = [name for name, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(
+                f"{self.source}: the tokenizer has no {'/'.join(missing)} token (training needs bos, eos, pad)"
+            )
+        return ids["bos"], ids["eos"], ids["pad"]  # type: ignore[return-value]
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
@@ -66,10 +89,11 @@ class Tokenizer:
 
     # ---- text ---------------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids; `add_special_tokens` adds what the tokenizer's post-processor adds (e.g. BOS)."""
+        """Token ids; `add_special_tokens` adds what the tokenizer's post-processor adds (e.g. BOS; a trained
+        tokenizer has none: its BOS/EOS are placed by the data pipeline)."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # ---- chat ---------------------------------------------------------------------------------------
@@ -93,6 +117,31 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         # The template writes BOS itself where the model wants it, as transformers assumes.
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
+    # ---- files --------------------------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write a HF tokenizer folder (tokenizer.json, tokenizer_config.json, special_tokens_map.json) that
+        `load_tokenizer` and transformers' AutoTokenizer (PreTrainedTokenizerFast) both read."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(folder / "tokenizer.json"))
+        added = {
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(self.backend.get_added_tokens_decoder().items())
+        }  # fmt: skip
+        specials = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        specials = {k: v for k, v in specials.items() if v is not None}
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **specials, "unk_token": None}
+        if self.backend.post_processor is None:  # nothing is added around the text: say so to transformers
+            config.update(add_bos_token=False, add_eos_token=False)
+        config.update(clean_up_tokenization_spaces=False, added_tokens_decoder=added)
+        if self.model_max_length is not None:
+            config["model_max_length"] = self.model_max_length
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
 
 
 # ---- the sandbox -----------------------------------------------------------------------------------------
@@ -171,16 +220,15 @@ def _from_gguf(path: Path) -> Tokenizer:
     from nanoseek.weights.gguf_tokenizer import tokenizer_from_gguf
 
     info = tokenizer_from_gguf(GGUFFile(path).metadata, path)
-    tok = Tokenizer(
+    return Tokenizer(
         backend=info.tokenizer,
         source=str(path),
         bos_token=info.bos_token,
         eos_token=info.eos_token,
         pad_token=info.pad_token,
         chat_template=info.chat_template,
+        stop_token_ids=info.stop_token_ids,
     )
-    tok.stop_token_ids = _stop_ids(tok, info.stop_token_ids)
-    return tok
 
 
 def _token_text(value: Any) -> str | None:
@@ -215,23 +263,26 @@ def _from_folder(folder: Path) -> Tokenizer:
     jinja_file = folder / "chat_template.jinja"  # transformers 5 saves it apart
     if template is None and jinja_file.is_file():
         template = jinja_file.read_text()
-    tok = Tokenizer(
+    extra: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        eos = _read_json(folder / name).get("eos_token_id")
+        extra += [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+    max_len = cfg.get("model_max_length")
+    return Tokenizer(
         backend=backend,
         source=str(folder),
         bos_token=_token_text(cfg.get("bos_token")),
         eos_token=_token_text(cfg.get("eos_token")),
         pad_token=_token_text(cfg.get("pad_token")),
         chat_template=template,
+        stop_token_ids=extra,
+        model_max_length=int(max_len) if isinstance(max_len, (int, float)) and max_len < 1e18 else None,
     )
-    extra: list[int] = []
-    for name in ("generation_config.json", "config.json"):
-        eos = _read_json(folder / name).get("eos_token_id")
-        extra += [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
-    tok.stop_token_ids = _stop_ids(tok, extra)
-    return tok
 
 
 def _stop_ids(tok: Tokenizer, listed: list[int]) -> list[int]:
+    """EOS, then `listed`, then the special end-of-turn tokens the vocabulary has; without repeats (so applying
+    it twice changes nothing)."""
     ids = [i for i in [tok.eos_token_id, *listed] if i is not None]
     special = tok.special_token_ids
     for text in END_OF_TURN_TEXTS:

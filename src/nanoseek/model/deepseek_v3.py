@@ -11,15 +11,12 @@ The model knows nothing of parallelism, quantization or serving: those are appli
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from nanoseek.config import ConfigError, DeepseekV3Config
+from nanoseek.config import DeepseekV3Config
 from nanoseek.model.loss import IGNORE_INDEX, linear_cross_entropy
 from nanoseek.model.mla import LatentKVCache, MultiHeadLatentAttention
 from nanoseek.model.moe import DeepseekMoE, GroupedExperts, Router, SwiGLU
@@ -227,25 +224,6 @@ class DeepseekV3ForCausalLM(nn.Module):
             loss = loss + balance_alpha * balance
         return LossOutput(loss, lm_loss, mtp_loss, balance, mtp_losses)
 
-    # ---- export -------------------------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
-        """Write a HF folder (config.json + safetensors) that transformers, vLLM and SGLang load."""
-        from nanoseek.weights.deepseek_v3_hf import native_to_hf
-        from nanoseek.weights.safetensors_io import save_safetensors_folder
-
-        tensors = native_to_hf(self)
-        if dtype is not None:
-            tensors = {
-                k: v.to(dtype) if v.is_floating_point() and "correction_bias" not in k else v
-                for k, v in tensors.items()
-            }
-        cfg = self.config.to_dict()
-        if dtype is not None:
-            cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-        save_safetensors_folder(folder, tensors, cfg)
-        gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id}
-        (Path(folder) / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-
 
 def attention_bias(
     attention_mask: torch.Tensor | None, T: int, past: int, dtype: torch.dtype, device: torch.device, *, cached: bool
@@ -266,38 +244,3 @@ def attention_bias(
         allowed = allowed & attention_mask.bool()[:, None, :]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
     return bias.unsqueeze(1)
-
-
-def from_hf_folder(
-    folder: Path, config: dict, dtype: torch.dtype | None = None, device: torch.device | str | None = None
-) -> DeepseekV3ForCausalLM:
-    """Build from a HF folder; used by `nanoseek.load`. dtype None keeps fp32 on CPU (bf16 is slow there)
-    and the checkpoint's dtype elsewhere."""
-    from nanoseek.weights.deepseek_v3_hf import has_mtp_weights, hf_to_native
-    from nanoseek.weights.safetensors_io import SafetensorsReader, WeightsError
-
-    folder = Path(folder)
-    try:
-        cfg = DeepseekV3Config.from_dict(config)
-    except ConfigError as exc:
-        raise WeightsError(f"{folder / 'config.json'}: {exc}") from exc
-    reader = SafetensorsReader(folder)
-    if cfg.num_nextn_predict_layers and not has_mtp_weights(reader, cfg):
-        cfg = cfg.replace(num_nextn_predict_layers=0)  # e.g. saved by transformers, which drops MTP weights
-    with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(cfg, init=False)
-    state = hf_to_native(reader, model, source=str(folder))
-    model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.init_buffers("cpu")  # materialize the non-persistent (meta) buffers before moving
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if dtype is None:
-        stored = next(iter(state.values())).dtype
-        dtype = torch.float32 if device.type == "cpu" else stored
-    model.to(device=device, dtype=dtype)
-    for m in model.modules():  # the router bias stays fp32: it is compared against tiny score gaps
-        if isinstance(m, Router):
-            m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()
-    model.init_buffers(device)
-    return model

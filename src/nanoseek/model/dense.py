@@ -22,7 +22,6 @@ Shapes: B batch, T new tokens, S = cache.length + T key slots, H query heads, K 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -442,69 +441,12 @@ def _attention_mask(key_mask, start: int, T: int, window: int | None, device):
     return allowed, False
 
 
-# ---- loading from a HF folder ---------------------------------------------------------------------------
+# ---- building for loading ---------------------------------------------------------------------------
 
 
 def build_on_meta(cfg: DenseConfig) -> DenseForCausalLM:
     with torch.device("meta"):
         return DenseForCausalLM(cfg)
-
-
-def load_state(model: DenseForCausalLM, tensors, source: str, dtype: torch.dtype, device) -> DenseForCausalLM:
-    """Fill a meta-device model from `tensors` (a mapping name -> tensor with HF names) without a second copy.
-
-    Each tensor is checked against the shape the config implies; a missing one is an error naming it.
-    """
-    from nanoseek.weights.safetensors_io import WeightsError, check_shape
-
-    expected = dict(model.state_dict(keep_vars=True))
-    if model.config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    state = {}
-    for name, param in expected.items():
-        if name not in tensors:
-            raise WeightsError(f"{source}: tensor {name!r} is missing from the checkpoint")
-        t = tensors[name]
-        check_shape(name, t, tuple(param.shape), source)
-        state[name] = t.to(device=device, dtype=dtype)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    model._rope.clear()
-    return model.eval()
-
-
-def from_hf_folder(folder: Path, config: dict, dtype=None, device=None) -> DenseForCausalLM:
-    """`nanoseek.load` entry for llama / mistral / qwen2 / gemma / gemma2 / gemma3(_text) HF folders."""
-    from nanoseek.weights.safetensors_io import SafetensorsReader
-
-    cfg = dense_config_from_hf(config)
-    reader = SafetensorsReader(folder)
-    tensors = _TextModelOf(reader) if config.get("model_type") == "gemma3" else reader
-    model = build_on_meta(cfg)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    return load_state(model, tensors, str(folder), dtype or torch.float32, device)
-
-
-class _TextModelOf:
-    """The text decoder's tensors inside a Gemma3ForConditionalGeneration checkpoint, under plain names
-    (`language_model.model.x` or `model.language_model.x` -> `model.x`), read lazily."""
-
-    PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
-                ("language_model.lm_head.", "lm_head."))  # fmt: skip
-
-    def __init__(self, reader):
-        self.reader = reader
-        self.names: dict[str, str] = {}
-        for name in reader:
-            for prefix, plain in self.PREFIXES:
-                if name.startswith(prefix):
-                    self.names[plain + name[len(prefix) :]] = name
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.names
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.reader[self.names[name]]
 
 
 def param_count(model: nn.Module) -> int:
@@ -518,5 +460,4 @@ __all__ = [
     "DenseForCausalLM",
     "DenseKVCache",
     "dense_config_from_hf",
-    "from_hf_folder",
 ]

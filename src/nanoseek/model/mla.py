@@ -9,7 +9,8 @@ Two ways to compute the same attention:
 - absorbed (inference, with a cache): fold kv_b_proj's key half into the query and its value half into
   the output. Attention then runs over the latent itself, like multi-query attention with head dim
   r+dr, and the cache holds only c_kv [r] and k_pe [dr] per token per layer (V3: 576 values instead
-  of 2*128*128 = 32768). That is the memory win that makes long contexts cheap.
+  of the expanded keys and values, H*(dn+dr) + H*dv = 128*192 + 128*128 = 40,960). That is the memory
+  win that makes long contexts cheap.
 """
 
 from __future__ import annotations

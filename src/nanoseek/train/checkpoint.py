@@ -7,7 +7,7 @@
         data_state=batcher.state_dict(),             # or a list of every rank's state
         rng_state=capture_rng_state(),
         train_config=cfg.to_dict(),
-        write_files=lambda d: (model.save_pretrained(d), tok.save(d)),   # makes the folder a HF model
+        write_files=lambda d: (save_pretrained(model, d), tok.save(d)),  # makes the folder a HF model
         keep_last=cfg.keep_last,
     )
     ckpt = load_latest(run_dir, train_config=cfg.to_dict())   # None when there is nothing to resume

@@ -38,15 +38,15 @@ from typing import Any
 
 import torch
 
+from nanoseek.model.loss import IGNORE_INDEX
+from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.tasks import Example, Task
-from nanoseek.train.tokenizer import Tokenizer
-
-IGNORE_INDEX = -100
 
 
 def prompt_ids(tok: Tokenizer, example: Example) -> list[int]:
     """The ids a model is given to answer `example`: <bos> + prompt (as in training rows)."""
-    return [tok.bos_id, *tok.encode(example.prompt)]
+    bos, _, _ = tok.special_ids()
+    return [bos, *tok.encode(example.prompt, add_special_tokens=False)]
 
 
 class TaskBatcher:
@@ -80,18 +80,19 @@ class TaskBatcher:
         self.loss_on_answer_only = loss_on_answer_only
         self.rank, self.world_size = rank, world_size
         self.step = 0
-        self._encode = lru_cache(maxsize=200_000)(lambda s: tuple(tokenizer.encode(s)))
+        self.bos_id, self.eos_id, self.pad_id = tokenizer.special_ids()
+        self._encode = lru_cache(maxsize=200_000)(lambda s: tuple(tokenizer.encode(s, add_special_tokens=False)))
 
     def encode_example(self, ex: Example) -> tuple[list[int], int]:
         """Token ids <bos> prompt answer <eos>, and the index where the answer starts."""
-        prompt = [self.tok.bos_id, *self._encode(ex.prompt)]
-        ids = [*prompt, *self._encode(ex.answer), self.tok.eos_id]
+        prompt = [self.bos_id, *self._encode(ex.prompt)]
+        ids = [*prompt, *self._encode(ex.answer), self.eos_id]
         return ids, len(prompt)
 
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = random.Random(f"task-batch/{self.seed}/{self.rank}/{self.world_size}/{step}")
         T = self.seq_len
-        inputs = [[self.tok.pad_id] * T for _ in range(self.batch_size)]
+        inputs = [[self.pad_id] * T for _ in range(self.batch_size)]
         targets = [[IGNORE_INDEX] * T for _ in range(self.batch_size)]
         for b in range(self.batch_size):
             task = rng.choices(self.tasks, weights=self.weights)[0]
@@ -295,6 +296,7 @@ class PackedTextDataset:
 
     def _segments(self) -> Iterator[_Segment]:
         """This rank's documents from the saved position on, tokenized, across files and epochs."""
+        bos, eos, _ = self.tok.special_ids()
         pos = dict(self._pos)
         first = True  # only the document at the saved position starts at a saved offset
         while True:
@@ -310,7 +312,7 @@ class PackedTextDataset:
                     g = global_doc - 1
                     if g % self.world_size != self.rank:
                         continue
-                    tokens = [self.tok.bos_id, *self.tok.encode(text), self.tok.eos_id]
+                    tokens = [bos, *self.tok.encode(text, add_special_tokens=False), eos]
                     offset = pos["offset"] if first else 0
                     first = False
                     epoch_tokens += len(tokens) - offset

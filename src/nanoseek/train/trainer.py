@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nanoseek.model.deepseek_v3 import IGNORE_INDEX, DeepseekV3ForCausalLM
+from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+from nanoseek.model.loss import IGNORE_INDEX
 from nanoseek.model.moe import load_imbalance, update_router_bias
 from nanoseek.model.mtp import shift_left
 from nanoseek.parallel import (
@@ -47,13 +48,15 @@ from nanoseek.parallel import (
     parallelize,
     print0,
 )
+from nanoseek.tokenizer import Tokenizer, load_tokenizer
 from nanoseek.train import checkpoint as ckpt_io
 from nanoseek.train.config import TrainConfig, lr_at
 from nanoseek.train.data import PackedTextDataset, TaskBatcher
 from nanoseek.train.evaluate import TaskScore, evaluate_tasks
 from nanoseek.train.meter import Meter
 from nanoseek.train.tasks import Task, get_task
-from nanoseek.train.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.train.tokenizer import train_tokenizer
+from nanoseek.weights.hf_folder import save_pretrained
 
 CALIBRATION_STEPS = 20  # a time-budgeted run measures this many steps before fixing its step count
 
@@ -99,20 +102,21 @@ def tokenizer_texts(cfg: TrainConfig, n: int):
 def prepare_tokenizer(cfg: TrainConfig, out_dir: Path, info: DistInfo) -> Tokenizer:
     """cfg.tokenizer.path, else the run's own tokenizer (out_dir/tokenizer), trained by rank 0 if missing."""
     if cfg.tokenizer.path:
-        return Tokenizer.from_folder(cfg.tokenizer.path)
+        tok = load_tokenizer(cfg.tokenizer.path)
+        tok.special_ids()  # a clear error now if it lacks bos/eos/pad, not a failure in the first batch
+        return tok
     folder = out_dir / "tokenizer"
     if info.is_main and not (folder / "tokenizer.json").is_file():
         tok = train_tokenizer(tokenizer_texts(cfg, cfg.tokenizer.train_texts), vocab_size=cfg.tokenizer.vocab_size)
         tok.save(folder)
     if info.distributed:
         dist.barrier()
-    return Tokenizer.from_folder(folder)
+    return load_tokenizer(folder)
 
 
 def build_model(cfg: TrainConfig, tok: Tokenizer) -> DeepseekV3ForCausalLM:
-    mc = cfg.model_config(vocab_size=tok.vocab_size).replace(
-        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id
-    )
+    bos, eos, pad = tok.special_ids()
+    mc = cfg.model_config(vocab_size=tok.vocab_size).replace(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
     if cfg.seq_len > mc.max_position_embeddings:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds max_position_embeddings={mc.max_position_embeddings}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
@@ -368,7 +372,7 @@ class Trainer:
         export = self._export_model(model_state)
 
         def write_files(folder: Path) -> None:  # each checkpoint is also a loadable HF model folder
-            export.save_pretrained(folder)
+            save_pretrained(export, folder)
             self.tok.save(folder)
 
         return ckpt_io.save_checkpoint(
@@ -590,7 +594,7 @@ class Trainer:
         if not self.info.is_main:
             return None
         export = self._export_model(model_state)
-        export.save_pretrained(folder)
+        save_pretrained(export, folder)
         self.tok.save(folder)
         return folder
 

@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanoseek.model.dense import FULL, SLIDING, DenseConfig, DenseForCausalLM, build_on_meta, load_state
+from nanoseek.model.dense import FULL, SLIDING, DenseConfig, DenseForCausalLM, build_on_meta
 from nanoseek.weights.gguf_file import GGUFFile, TensorInfo
+from nanoseek.weights.gguf_tokenizer import gguf_stop_ids
+from nanoseek.weights.hf_folder import load_dense_state
 from nanoseek.weights.safetensors_io import WeightsError
 
 # general.architecture values this loader serves, and the dense model_type each becomes.
@@ -94,7 +96,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Path) -
         rope_scaling=_rope_scaling(get),
         tie_word_embeddings="output.weight" not in tensor_names,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=_stop_ids(meta),
+        eos_token_id=gguf_stop_ids(meta),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
     )
     if arch == "qwen2":
@@ -145,16 +147,6 @@ def _rope_scaling(get) -> dict | None:
     if get("rope.scaling.original_context_length"):
         out["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
     return out
-
-
-def _stop_ids(meta: dict) -> list[int]:
-    """EOS plus llama.cpp's end-of-turn / end-of-message ids, without repeats."""
-    ids: list[int] = []
-    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
-        value = meta.get(f"tokenizer.ggml.{key}")
-        if value is not None and int(value) not in ids:
-            ids.append(int(value))
-    return ids
 
 
 # ---- tensors ---------------------------------------------------------------------------------------------
@@ -253,4 +245,4 @@ def load_gguf_model(path: str | os.PathLike, dtype=None, device=None) -> DenseFo
     model = build_on_meta(cfg)
     device = torch.device(device) if device is not None else torch.device("cpu")
     tensors = _GGUFTensors(gf, cfg, gf.metadata["general.architecture"])
-    return load_state(model, tensors, str(gf.path), dtype or torch.float32, device)
+    return load_dense_state(model, tensors, str(gf.path), dtype or torch.float32, device)

@@ -53,6 +53,17 @@ class GGUFTokenizerInfo:
     stop_token_ids: list[int]  # EOS plus end-of-turn ids named in the metadata
 
 
+def gguf_stop_ids(meta: dict[str, Any]) -> list[int]:
+    """The ids a GGUF's metadata says end generation: EOS plus llama.cpp's end-of-turn / end-of-message ids,
+    without repeats. The model config (eos_token_id) and the tokenizer (stop_token_ids) both take them from here."""
+    ids: list[int] = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    return ids
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's map from bytes to printable characters (the alphabet byte-level vocabularies are spelled in)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -100,11 +111,6 @@ def tokenizer_from_gguf(meta: dict[str, Any], path: Path) -> GGUFTokenizerInfo:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
         )
-    stop = []
-    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
-        i = meta.get(f"tokenizer.ggml.{key}")
-        if i is not None and i not in stop:
-            stop.append(int(i))
     return GGUFTokenizerInfo(
         tokenizer=tok,
         bos_token=bos,
@@ -113,7 +119,7 @@ def tokenizer_from_gguf(meta: dict[str, Any], path: Path) -> GGUFTokenizerInfo:
         unk_token=token("unknown_token_id"),
         add_bos=add_bos,
         chat_template=meta.get("tokenizer.chat_template"),
-        stop_token_ids=stop,
+        stop_token_ids=gguf_stop_ids(meta),
     )
 
 

@@ -1,0 +1,130 @@
+"""HF model folders (config.json + safetensors) <-> nanoseek models, in both directions.
+
+    save_pretrained(model, "tiny-ds3")                        # DeepSeek-V3: what transformers, vLLM, SGLang load
+    model = load_deepseek_v3(folder, config_dict, dtype, device)
+    model = load_dense(folder, config_dict, dtype, device)     # llama / mistral / qwen2 / gemma 1-3
+
+Checkpoint formats live here, under `weights/`, so the model code never depends on them: `weights/` imports
+`model/`, never the other way round (tests/test_imports.py holds that line).
+`nanoseek.load(path)` dispatches to the loaders through `loading.ARCHITECTURES`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from nanoseek.config import ConfigError, DeepseekV3Config
+from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+from nanoseek.model.dense import DenseForCausalLM, build_on_meta, dense_config_from_hf
+from nanoseek.model.moe import Router
+from nanoseek.weights.deepseek_v3_hf import has_mtp_weights, hf_to_native, native_to_hf
+from nanoseek.weights.safetensors_io import SafetensorsReader, WeightsError, check_shape, save_safetensors_folder
+
+# ---- DeepSeek-V3 ------------------------------------------------------------------------------------------
+
+
+def save_pretrained(
+    model: DeepseekV3ForCausalLM, folder: str | os.PathLike, *, dtype: torch.dtype | None = None
+) -> None:
+    """Write `model` as a HF folder (config.json, safetensors, generation_config.json)."""
+    tensors = native_to_hf(model)
+    if dtype is not None:  # the router's correction bias stays fp32: it is compared against tiny score gaps
+        tensors = {
+            k: v.to(dtype) if v.is_floating_point() and "correction_bias" not in k else v for k, v in tensors.items()
+        }
+    cfg = model.config.to_dict()
+    if dtype is not None:
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    save_safetensors_folder(folder, tensors, cfg)
+    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
+    (Path(folder) / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def load_deepseek_v3(
+    folder: Path, config: dict, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> DeepseekV3ForCausalLM:
+    """Build a DeepSeek-V3 (or V2) model from a HF folder. dtype None keeps fp32 on CPU (bf16 is slow there)
+    and the checkpoint's dtype elsewhere."""
+    folder = Path(folder)
+    try:
+        cfg = DeepseekV3Config.from_dict(config)
+    except ConfigError as exc:
+        raise WeightsError(f"{folder / 'config.json'}: {exc}") from exc
+    reader = SafetensorsReader(folder)
+    if cfg.num_nextn_predict_layers and not has_mtp_weights(reader, cfg):
+        cfg = cfg.replace(num_nextn_predict_layers=0)  # e.g. saved by transformers, which drops MTP weights
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(cfg, init=False)
+    state = hf_to_native(reader, model, source=str(folder))
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_buffers("cpu")  # materialize the non-persistent (meta) buffers before moving
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if dtype is None:
+        stored = next(iter(state.values())).dtype
+        dtype = torch.float32 if device.type == "cpu" else stored
+    model.to(device=device, dtype=dtype)
+    for m in model.modules():  # the router bias stays fp32: it is compared against tiny score gaps
+        if isinstance(m, Router):
+            m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()
+    model.init_buffers(device)
+    return model
+
+
+# ---- dense families ---------------------------------------------------------------------------------------
+
+
+def load_dense_state(model: DenseForCausalLM, tensors, source: str, dtype: torch.dtype, device) -> DenseForCausalLM:
+    """Fill a meta-device dense model from `tensors` (a mapping name -> tensor with HF names) without a second
+    copy. Each tensor is checked against the shape the config implies; a missing one is an error naming it."""
+    expected = dict(model.state_dict(keep_vars=True))
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    state = {}
+    for name, param in expected.items():
+        if name not in tensors:
+            raise WeightsError(f"{source}: tensor {name!r} is missing from the checkpoint")
+        t = tensors[name]
+        check_shape(name, t, tuple(param.shape), source)
+        state[name] = t.to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model._rope.clear()
+    return model.eval()
+
+
+def load_dense(folder: Path, config: dict, dtype=None, device=None) -> DenseForCausalLM:
+    """llama / mistral / qwen2 / gemma / gemma2 / gemma3(_text) HF folders."""
+    cfg = dense_config_from_hf(config)
+    reader = SafetensorsReader(folder)
+    tensors = _TextModelOf(reader) if config.get("model_type") == "gemma3" else reader
+    model = build_on_meta(cfg)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return load_dense_state(model, tensors, str(folder), dtype or torch.float32, device)
+
+
+class _TextModelOf:
+    """The text decoder's tensors inside a Gemma3ForConditionalGeneration checkpoint, under plain names
+    (`language_model.model.x` or `model.language_model.x` -> `model.x`), read lazily."""
+
+    PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                ("language_model.lm_head.", "lm_head."))  # fmt: skip
+
+    def __init__(self, reader):
+        self.reader = reader
+        self.names: dict[str, str] = {}
+        for name in reader:
+            for prefix, plain in self.PREFIXES:
+                if name.startswith(prefix):
+                    self.names[plain + name[len(prefix) :]] = name
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.reader[self.names[name]]
