@@ -274,14 +274,15 @@ def from_hf_folder(
     """Build from a HF folder; used by `nanoseek.load`. dtype None keeps fp32 on CPU (bf16 is slow there)
     and the checkpoint's dtype elsewhere."""
     from nanoseek.weights.deepseek_v3_hf import has_mtp_weights, hf_to_native
-    from nanoseek.weights.safetensors_io import SafetensorsReader, WeightsError
+    from nanoseek.weights.fp8 import open_checkpoint
+    from nanoseek.weights.safetensors_io import WeightsError
 
     folder = Path(folder)
     try:
         cfg = DeepseekV3Config.from_dict(config)
     except ConfigError as exc:
         raise WeightsError(f"{folder / 'config.json'}: {exc}") from exc
-    reader = SafetensorsReader(folder)
+    reader = open_checkpoint(folder, config)  # FP8 weights come back dequantized
     if cfg.num_nextn_predict_layers and not has_mtp_weights(reader, cfg):
         cfg = cfg.replace(num_nextn_predict_layers=0)  # e.g. saved by transformers, which drops MTP weights
     with torch.device("meta"):

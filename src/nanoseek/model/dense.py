@@ -475,10 +475,10 @@ def load_state(model: DenseForCausalLM, tensors, source: str, dtype: torch.dtype
 
 def from_hf_folder(folder: Path, config: dict, dtype=None, device=None) -> DenseForCausalLM:
     """`nanoseek.load` entry for llama / mistral / qwen2 / gemma / gemma2 / gemma3(_text) HF folders."""
-    from nanoseek.weights.safetensors_io import SafetensorsReader
+    from nanoseek.weights.fp8 import open_checkpoint
 
     cfg = dense_config_from_hf(config)
-    reader = SafetensorsReader(folder)
+    reader = open_checkpoint(folder, config)  # FP8 weights come back dequantized
     tensors = _TextModelOf(reader) if config.get("model_type") == "gemma3" else reader
     model = build_on_meta(cfg)
     device = torch.device(device) if device is not None else torch.device("cpu")
