@@ -213,7 +213,7 @@ def test_absorbed_attention_matches_naive_and_cache_is_latent_only():
     randomize_nanoseek(model)
     attn = model.model.layers[0].self_attn
     x = torch.randn(2, 10, cfg.hidden_size)
-    from nanoseek.model.deepseek_v3 import attention_bias
+    from nanoseek.model.deepseek_v3 import attention_mask_for_sdpa
     from nanoseek.model.rope import rope_cos_sin
 
     cos, sin = rope_cos_sin(model.inv_freq, torch.arange(10)[None], model.rope_attention_factor)
@@ -221,7 +221,7 @@ def test_absorbed_attention_matches_naive_and_cache_is_latent_only():
     with torch.no_grad():
         naive = attn(x, cos, sin, None, None)
         cache = model.new_cache(2, 16)
-        mask = attention_bias(None, 10, 0, x.dtype, x.device, cached=True)
+        mask = attention_mask_for_sdpa(None, 10, 0, x.device, cached=True)
         absorbed = attn(x, cos, sin, mask, cache)
     assert (naive - absorbed).abs().max().item() <= 1e-5
     # The cache holds c_kv and k_pe only: (kv_lora_rank + qk_rope_head_dim) values per token per layer.

@@ -168,7 +168,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.rope_attention_factor, h.dtype)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B|1, 1, T, dr/2]
-        mask = attention_bias(attention_mask, T, past, h.dtype, h.device, cached=cache is not None)
+        mask = attention_mask_for_sdpa(attention_mask, T, past, h.device, cached=cache is not None)
         if _rope_mask_out is not None:
             _rope_mask_out.extend([cos, sin, mask])
         for layer in self.model.layers:
@@ -247,25 +247,28 @@ class DeepseekV3ForCausalLM(nn.Module):
         (Path(folder) / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
-def attention_bias(
-    attention_mask: torch.Tensor | None, T: int, past: int, dtype: torch.dtype, device: torch.device, *, cached: bool
+def attention_mask_for_sdpa(
+    attention_mask: torch.Tensor | None, T: int, past: int, device: torch.device, *, cached: bool
 ) -> torch.Tensor | None:
-    """Additive mask [B|1, 1, T, past+T], or None where plain causal attention (is_causal) is enough.
+    """Boolean mask [B|1, 1, T, past+T] (True: may attend), or None where plain causal attention (is_causal)
+    is enough.
 
-    Masked entries get dtype's most negative value rather than -inf, so a row with nothing to attend to
-    (a left-pad query) gives a uniform softmax instead of NaN.
+    Boolean, so SDPA masks with -inf in whatever dtype it computes in (a large finite negative such as
+    finfo(bf16).min does not vanish in every kernel's arithmetic). A query with no real key to attend to (a
+    left-pad position) would get an empty softmax, i.e. NaN, which would spread through the next layers'
+    attention and the MoE's routing; such a query sees its own key instead. Its output is never used.
     """
     if attention_mask is None and (not cached or T == 1):
         return None  # uncached: SDPA's is_causal; one cached query: it may see every stored key
     S = past + T
-    allowed = torch.arange(S, device=device)[None, :] <= (past + torch.arange(T, device=device))[:, None]
-    allowed = allowed[None]  # [1,T,S]
+    keys = torch.arange(S, device=device)[None, :]
+    queries = (past + torch.arange(T, device=device))[:, None]
+    allowed = (keys <= queries)[None]  # [1,T,S]
     if attention_mask is not None:
         if attention_mask.shape[-1] != S:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {S} (past+new)")
-        allowed = allowed & attention_mask.bool()[:, None, :]
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return bias.unsqueeze(1)
+        allowed = (allowed & attention_mask.bool()[:, None, :]) | (keys == queries)[None]
+    return allowed.unsqueeze(1)
 
 
 def from_hf_folder(

@@ -48,8 +48,13 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # The router runs in fp32 whatever the model dtype: ties and near-ties decide expert choice.
-        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        # The router runs in fp32 whatever the model dtype, and under autocast too (which would otherwise
+        # run this matmul in bf16), as DeepSeek's own code does: near-ties decide expert choice.
+        with torch.autocast(x_ND.device.type, enabled=False):
+            return self._route(x_ND.float())
+
+    def _route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits_NE = F.linear(x_ND, self.weight.float())
         scores_NE = logits_NE.sigmoid() if self.scoring_func == "sigmoid" else logits_NE.softmax(-1)
         with torch.no_grad():
             choice_NE = scores_NE
