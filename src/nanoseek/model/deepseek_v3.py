@@ -56,10 +56,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = DeepseekMoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h, cos, sin, mask, cache=None, aux=None) -> torch.Tensor:
+    def forward(self, h, cos, sin, mask, cache=None, aux=None, token_mask=None) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
         x = self.post_attention_layernorm(h)
-        return h + (self.mlp(x, aux) if isinstance(self.mlp, DeepseekMoE) else self.mlp(x))
+        return h + (self.mlp(x, aux, token_mask) if isinstance(self.mlp, DeepseekMoE) else self.mlp(x))
 
 
 class DeepseekV3Backbone(nn.Module):
@@ -158,8 +158,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         cache=None,
         aux=None,
         _rope_mask_out: list | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-normed hidden states [B,T,d]."""
+        """Final-normed hidden states [B,T,d]. token_mask [B,T] marks the tokens that count as expert load
+        (default: the new tokens' part of attention_mask; all tokens without one)."""
         self._check_input(input_ids, cache)
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -171,8 +173,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         mask = attention_mask_for_sdpa(attention_mask, T, past, h.device, cached=cache is not None)
         if _rope_mask_out is not None:
             _rope_mask_out.extend([cos, sin, mask])
+        if token_mask is None and attention_mask is not None:
+            token_mask = attention_mask[:, -T:].bool()
         for layer in self.model.layers:
-            h = layer(h, cos, sin, mask, cache, aux)
+            h = layer(h, cos, sin, mask, cache, aux, token_mask)
         if cache is not None:
             cache.length += T
         return self.model.norm(h)
@@ -202,11 +206,17 @@ class DeepseekV3ForCausalLM(nn.Module):
         """Next-token loss (+ MTP losses, + optional sequence-wise balance loss). targets [B,T], -100 ignored.
 
         MTP depth k at position t sees token t+k's embedding and predicts targets[t+k]; the last k positions
-        have no such token and are ignored.
+        have no such token and are ignored. A term with no target at all (say an MTP depth longer than every
+        row) is 0, not NaN.
+
+        Padding counts neither as expert load nor in the balance loss: with attention_mask, its zeros are
+        padding; without one, so are the positions after a row's last target (right padding: no loss depends
+        on them). Prompt positions before the first target are real tokens and count.
         """
         aux = AuxLosses() if balance_alpha > 0 else None
         rope_mask: list = []
-        h = self.forward_hidden(input_ids, attention_mask, aux=aux, _rope_mask_out=rope_mask)
+        token_mask = attention_mask.bool() if attention_mask is not None else up_to_last_target(targets)
+        h = self.forward_hidden(input_ids, attention_mask, aux=aux, _rope_mask_out=rope_mask, token_mask=token_mask)
         lm_loss = linear_cross_entropy(h, self.lm_head.weight, targets)
         loss = lm_loss
         mtp_losses = []
@@ -215,8 +225,12 @@ class DeepseekV3ForCausalLM(nn.Module):
             h_prev = h
             for k, module in enumerate(self.mtp, start=1):
                 emb = self.model.embed_tokens(shift_left(input_ids, k, 0))
-                h_prev = module(h_prev, emb, cos, sin, mask, aux)
                 mtp_targets = shift_left(targets, k, IGNORE_INDEX)
+                if attention_mask is not None:  # the position and the token k ahead must both be real
+                    depth_mask = token_mask & shift_left(token_mask, k, False)
+                else:
+                    depth_mask = up_to_last_target(mtp_targets)
+                h_prev = module(h_prev, emb, cos, sin, mask, aux, depth_mask)
                 mtp_losses.append(linear_cross_entropy(module.norm(h_prev), self.lm_head.weight, mtp_targets))
             mtp_loss = torch.stack(mtp_losses).mean()
             loss = loss + mtp_weight * mtp_loss
@@ -245,6 +259,12 @@ class DeepseekV3ForCausalLM(nn.Module):
         save_safetensors_folder(folder, tensors, cfg)
         gen = {"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id}
         (Path(folder) / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def up_to_last_target(targets: torch.Tensor) -> torch.Tensor:
+    """[B,T] bool: True up to and including each row's last position with a target (!= IGNORE_INDEX)."""
+    has_target = targets != IGNORE_INDEX
+    return has_target.flip(1).cummax(1).values.flip(1)
 
 
 def attention_mask_for_sdpa(
