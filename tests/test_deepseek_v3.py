@@ -99,7 +99,9 @@ def _norm_eps_x10(model: DeepseekV3ForCausalLM) -> None:
 
 def _rope_base_off(model: DeepseekV3ForCausalLM) -> None:
     cfg = model.config  # 10% off: e.g. a base read from the wrong field
-    inv_freq, _ = rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta * 1.1, cfg.rope_scaling, cfg.max_position_embeddings)
+    inv_freq, _ = rope_inv_freq(
+        cfg.qk_rope_head_dim, cfg.rope_theta * 1.1, cfg.rope_scaling, cfg.max_position_embeddings
+    )
     model.inv_freq = inv_freq
 
 
@@ -107,12 +109,18 @@ def _yarn_mscales_swapped(model: DeepseekV3ForCausalLM) -> None:
     cfg = model.config
     rs = dict(cfg.rope_scaling)
     rs["mscale"], rs["mscale_all_dim"] = rs["mscale_all_dim"], rs["mscale"]
-    _, model.rope_attention_factor = rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, rs, cfg.max_position_embeddings)
+    _, model.rope_attention_factor = rope_inv_freq(
+        cfg.qk_rope_head_dim, cfg.rope_theta, rs, cfg.max_position_embeddings
+    )
     for layer in model.model.layers:
         layer.self_attn.scale = cfg.replace(rope_scaling=rs).softmax_scale
 
 
-MUTATIONS = {"norm_eps_x10": _norm_eps_x10, "rope_base_off": _rope_base_off, "yarn_mscales_swapped": _yarn_mscales_swapped}
+MUTATIONS = {
+    "norm_eps_x10": _norm_eps_x10,
+    "rope_base_off": _rope_base_off,
+    "yarn_mscales_swapped": _yarn_mscales_swapped,
+}
 MUTATION_CASES = [(v, m) for v in VARIANTS for m in ("norm_eps_x10", "rope_base_off")] + [
     ("yarn_mscale", "yarn_mscales_swapped")  # the only variant where the swap changes anything
 ]

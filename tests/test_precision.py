@@ -171,6 +171,26 @@ def test_mtp_depth_without_targets_is_zero_not_nan():
 def test_a_nan_loss_names_its_term():
     from nanoseek.train.trainer import diverged_message
 
-    msg = diverged_message(7, float("nan"), {"lm": 2.5, "mtp depth 1": 3.1, "mtp depth 2": float("nan"), "balance": 1.0})
+    msg = diverged_message(
+        7, float("nan"), {"lm": 2.5, "mtp depth 1": 3.1, "mtp depth 2": float("nan"), "balance": 1.0}
+    )
     assert msg.startswith("step 7: loss is nan (from mtp depth 2 = nan)")
     assert "lm" not in msg and "balance" not in msg
+
+
+def test_trainer_names_the_term_that_went_nan(tmp_path, monkeypatch):
+    from nanoseek.train import trainer as trainer_mod
+    from test_trainer import run, tiny_cfg
+
+    build = trainer_mod.build_model
+
+    def build_with_a_broken_mtp_module(cfg, tok):
+        model = build(cfg, tok)
+        with torch.no_grad():
+            model.mtp[0].eh_proj.weight[0, 0] = float("nan")
+        return model
+
+    monkeypatch.setattr(trainer_mod, "build_model", build_with_a_broken_mtp_module)
+    with pytest.raises(FloatingPointError, match=r"step 0: loss is nan \(from mtp depth 1 = nan") as err:
+        run(tiny_cfg(tmp_path / "r", "max_steps=2", "ckpt_every=0"))
+    assert "lm =" not in str(err.value)

@@ -7,7 +7,6 @@ between nanoseek, transformers, vLLM and SGLang. Nothing here runs at import tim
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
