@@ -16,7 +16,7 @@ from nanoseek.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.weights.deepseek_v3_hf import native_to_hf
 from nanoseek.weights.fp8 import open_checkpoint
-from nanoseek.weights.safetensors_io import WeightsError, save_safetensors_folder
+from nanoseek.weights.safetensors_io import SafetensorsReader, WeightsError, save_safetensors_folder
 
 E4M3_MAX = 448.0
 
@@ -92,7 +92,7 @@ def test_fp8_checkpoint_loads_dequantized(tmp_path, block, variant):
     # Sanity of the test itself: the FP8 model is near the original (measured relative error 0.03-0.06)...
     # ...and the FP8 values read without their scales (what loading did before) are far off (measured 1.4).
     assert relative_error(got, unquantized) < 0.1
-    raw = open_checkpoint(fp8_dir, {})  # no quantization_config: the tensors as stored
+    raw = SafetensorsReader(fp8_dir)  # the tensors as stored
     unscaled = {k: raw[k].float() for k in raw if not k.endswith("_scale_inv")}
     save_safetensors_folder(tmp_path / "unscaled", unscaled, cfg.to_dict())
     with torch.no_grad():
@@ -131,6 +131,16 @@ def test_fp8_scale_of_the_wrong_shape_is_a_clear_error(tmp_path):
     config["quantization_config"]["weight_block_size"] = [32, 32]  # the scales were written for 16x16
     (fp8_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsError, match=r"weight_scale_inv' has shape .* in 32x32 blocks needs"):
+        nanoseek.load(fp8_dir)
+
+
+def test_fp8_scales_without_quantization_config_are_refused(tmp_path):
+    cfg = from_name("test-tiny")
+    fp8_dir, _, _ = write_fp8_and_reference(tmp_path, cfg, (16, 16))
+    config = json.loads((fp8_dir / "config.json").read_text())
+    del config["quantization_config"]
+    (fp8_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=r"holds FP8 scales .* but config.json has no quantization_config"):
         nanoseek.load(fp8_dir)
 
 

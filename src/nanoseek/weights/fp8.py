@@ -32,6 +32,11 @@ def open_checkpoint(folder: str | os.PathLike, config: dict) -> Mapping[str, tor
     reader = SafetensorsReader(folder)
     quant = config.get("quantization_config")
     if not quant:
+        scaled = next((name for name in reader if name.endswith(SCALE_SUFFIX)), None)
+        if scaled is not None:  # FP8 values read without their scales would be a silently wrong model
+            raise WeightsError(
+                f"{folder}: the checkpoint holds FP8 scales ({scaled!r}) but config.json has no quantization_config"
+            )
         return reader
     method = quant.get("quant_method") if isinstance(quant, dict) else None
     if method != "fp8":
