@@ -273,10 +273,11 @@ def attention_mask_for_sdpa(
     """Boolean mask [B|1, 1, T, past+T] (True: may attend), or None where plain causal attention (is_causal)
     is enough.
 
-    Boolean, so SDPA masks with -inf in whatever dtype it computes in (a large finite negative such as
-    finfo(bf16).min does not vanish in every kernel's arithmetic). A query with no real key to attend to (a
-    left-pad position) would get an empty softmax, i.e. NaN, which would spread through the next layers'
-    attention and the MoE's routing; such a query sees its own key instead. Its output is never used.
+    Boolean, so SDPA masks with an exact -inf in whatever dtype it computes in, where an additive
+    finfo(dtype).min relies on each kernel's arithmetic neither overflowing nor leaking weight. A query with
+    no real key to attend to (a left-pad position) would get an empty softmax, i.e. NaN, which would spread
+    through the next layers' attention and the MoE's routing; such a query sees its own key instead. Its
+    output is never used.
     """
     if attention_mask is None and (not cached or T == 1):
         return None  # uncached: SDPA's is_causal; one cached query: it may see every stored key
