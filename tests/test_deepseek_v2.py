@@ -8,6 +8,7 @@ import torch
 
 import nanoseek
 
+TOL = 2e-6  # measured max |diff| 3.6e-7 (as DeepSeek-V3's, see test_deepseek_v3.py)
 V2_TINY = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
     first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16,
@@ -43,4 +44,4 @@ def test_deepseek_v2_matches_transformers(tmp_path, variant):
     assert ours.config.scoring_func == "softmax" and ours.config.topk_method == variant["topk_method"]
     x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (ours(x) - ref(x).logits).abs().max().item() <= 1e-4
+        assert (ours(x) - ref(x).logits).abs().max().item() <= TOL

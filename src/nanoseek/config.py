@@ -7,9 +7,10 @@ between nanoseek, transformers, vLLM and SGLang. Nothing here runs at import tim
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from nanoseek.model.rope import yarn_softmax_scale_factor
 
 
 class ConfigError(ValueError):
@@ -69,14 +70,7 @@ class DeepseekV3Config:
     @property
     def softmax_scale(self) -> float:
         """(dn+dr)^-0.5, times mscale^2 when YaRN with mscale_all_dim is on (as DeepSeek and transformers do)."""
-        scale = self.qk_head_dim**-0.5
-        rs = self.rope_scaling or {}
-        if rs and rs.get("rope_type", rs.get("type", "default")) != "default":
-            mscale_all_dim = rs.get("mscale_all_dim", 0)
-            if mscale_all_dim:
-                m = yarn_get_mscale(float(rs["factor"]), float(mscale_all_dim))
-                scale *= m * m
-        return scale
+        return self.qk_head_dim**-0.5 * yarn_softmax_scale_factor(self.rope_scaling)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx >= self.first_k_dense_replace and self.n_routed_experts > 0
@@ -240,12 +234,6 @@ class DeepseekV3Config:
             matmul_params += self.num_nextn_predict_layers * self.vocab_size * d  # each depth runs the head
         fwd = 2 * matmul_params + attn
         return 3 * fwd if training else fwd
-
-
-def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
-    if scale <= 1:
-        return 1.0
-    return 0.1 * mscale * math.log(scale) + 1.0
 
 
 # Named sizes (gpt-fast style): `from_name("tiny")`.

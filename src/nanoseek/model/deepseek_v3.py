@@ -53,10 +53,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = DeepseekMoE(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h, cos, sin, mask, cache=None, aux=None) -> torch.Tensor:
+    def forward(self, h, cos, sin, mask, cache=None, aux=None, token_mask=None) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
         x = self.post_attention_layernorm(h)
-        return h + (self.mlp(x, aux) if isinstance(self.mlp, DeepseekMoE) else self.mlp(x))
+        return h + (self.mlp(x, aux, token_mask) if isinstance(self.mlp, DeepseekMoE) else self.mlp(x))
 
 
 class DeepseekV3Backbone(nn.Module):
@@ -155,8 +155,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         cache=None,
         aux=None,
         _rope_mask_out: list | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-normed hidden states [B,T,d]."""
+        """Final-normed hidden states [B,T,d]. token_mask [B,T] marks the tokens that count as expert load
+        (default: the new tokens' part of attention_mask; all tokens without one)."""
         self._check_input(input_ids, cache)
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -165,11 +167,13 @@ class DeepseekV3ForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.rope_attention_factor, h.dtype)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B|1, 1, T, dr/2]
-        mask = attention_bias(attention_mask, T, past, h.dtype, h.device, cached=cache is not None)
+        mask = attention_mask_for_sdpa(attention_mask, T, past, h.device, cached=cache is not None)
         if _rope_mask_out is not None:
             _rope_mask_out.extend([cos, sin, mask])
+        if token_mask is None and attention_mask is not None:
+            token_mask = attention_mask[:, -T:].bool()
         for layer in self.model.layers:
-            h = layer(h, cos, sin, mask, cache, aux)
+            h = layer(h, cos, sin, mask, cache, aux, token_mask)
         if cache is not None:
             cache.length += T
         return self.model.norm(h)
@@ -199,11 +203,17 @@ class DeepseekV3ForCausalLM(nn.Module):
         """Next-token loss (+ MTP losses, + optional sequence-wise balance loss). targets [B,T], -100 ignored.
 
         MTP depth k at position t sees token t+k's embedding and predicts targets[t+k]; the last k positions
-        have no such token and are ignored.
+        have no such token and are ignored. A term with no target at all (say an MTP depth longer than every
+        row) is 0, not NaN.
+
+        Padding counts neither as expert load nor in the balance loss: with attention_mask, its zeros are
+        padding; without one, so are the positions after a row's last target (right padding: no loss depends
+        on them). Prompt positions before the first target are real tokens and count.
         """
         aux = AuxLosses() if balance_alpha > 0 else None
         rope_mask: list = []
-        h = self.forward_hidden(input_ids, attention_mask, aux=aux, _rope_mask_out=rope_mask)
+        token_mask = attention_mask.bool() if attention_mask is not None else up_to_last_target(targets)
+        h = self.forward_hidden(input_ids, attention_mask, aux=aux, _rope_mask_out=rope_mask, token_mask=token_mask)
         lm_loss = linear_cross_entropy(h, self.lm_head.weight, targets)
         loss = lm_loss
         mtp_losses = []
@@ -212,8 +222,12 @@ class DeepseekV3ForCausalLM(nn.Module):
             h_prev = h
             for k, module in enumerate(self.mtp, start=1):
                 emb = self.model.embed_tokens(shift_left(input_ids, k, 0))
-                h_prev = module(h_prev, emb, cos, sin, mask, aux)
                 mtp_targets = shift_left(targets, k, IGNORE_INDEX)
+                if attention_mask is not None:  # the position and the token k ahead must both be real
+                    depth_mask = token_mask & shift_left(token_mask, k, False)
+                else:
+                    depth_mask = up_to_last_target(mtp_targets)
+                h_prev = module(h_prev, emb, cos, sin, mask, aux, depth_mask)
                 mtp_losses.append(linear_cross_entropy(module.norm(h_prev), self.lm_head.weight, mtp_targets))
             mtp_loss = torch.stack(mtp_losses).mean()
             loss = loss + mtp_weight * mtp_loss
@@ -225,22 +239,32 @@ class DeepseekV3ForCausalLM(nn.Module):
         return LossOutput(loss, lm_loss, mtp_loss, balance, mtp_losses)
 
 
-def attention_bias(
-    attention_mask: torch.Tensor | None, T: int, past: int, dtype: torch.dtype, device: torch.device, *, cached: bool
-) -> torch.Tensor | None:
-    """Additive mask [B|1, 1, T, past+T], or None where plain causal attention (is_causal) is enough.
+def up_to_last_target(targets: torch.Tensor) -> torch.Tensor:
+    """[B,T] bool: True up to and including each row's last position with a target (!= IGNORE_INDEX)."""
+    has_target = targets != IGNORE_INDEX
+    return has_target.flip(1).cummax(1).values.flip(1)
 
-    Masked entries get dtype's most negative value rather than -inf, so a row with nothing to attend to
-    (a left-pad query) gives a uniform softmax instead of NaN.
+
+def attention_mask_for_sdpa(
+    attention_mask: torch.Tensor | None, T: int, past: int, device: torch.device, *, cached: bool
+) -> torch.Tensor | None:
+    """Boolean mask [B|1, 1, T, past+T] (True: may attend), or None where plain causal attention (is_causal)
+    is enough.
+
+    Boolean, so SDPA masks with an exact -inf in whatever dtype it computes in, where an additive
+    finfo(dtype).min relies on each kernel's arithmetic neither overflowing nor leaking weight. A query with
+    no real key to attend to (a left-pad position) would get an empty softmax, i.e. NaN, which would spread
+    through the next layers' attention and the MoE's routing; such a query sees its own key instead. Its
+    output is never used.
     """
     if attention_mask is None and (not cached or T == 1):
         return None  # uncached: SDPA's is_causal; one cached query: it may see every stored key
     S = past + T
-    allowed = torch.arange(S, device=device)[None, :] <= (past + torch.arange(T, device=device))[:, None]
-    allowed = allowed[None]  # [1,T,S]
+    keys = torch.arange(S, device=device)[None, :]
+    queries = (past + torch.arange(T, device=device))[:, None]
+    allowed = (keys <= queries)[None]  # [1,T,S]
     if attention_mask is not None:
         if attention_mask.shape[-1] != S:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {S} (past+new)")
-        allowed = allowed & attention_mask.bool()[:, None, :]
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return bias.unsqueeze(1)
+        allowed = (allowed & attention_mask.bool()[:, None, :]) | (keys == queries)[None]
+    return allowed.unsqueeze(1)

@@ -21,13 +21,17 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Mean cross-entropy of logits = h @ weight.T over rows with targets != -100. h [..., d], targets [...].
 
+    With no target at all the loss is 0 (and so are its gradients), not the NaN of a mean over nothing: an
+    MTP depth longer than a batch's rows contributes nothing rather than poisoning the step.
+
     chunk_rows defaults to ~2M logits per chunk (8 MB in fp32: cache-sized, and few chunks for small vocabs).
     """
     h2, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     if chunk_rows is None:
         chunk_rows = max(64, (1 << 21) // weight.shape[0])
     if h2.device.type != "cpu":  # on GPU the unfused path with a big GEMM is already efficient
-        return F.cross_entropy(F.linear(h2, weight).float(), t, ignore_index=IGNORE_INDEX)
+        total = F.cross_entropy(F.linear(h2, weight).float(), t, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (t != IGNORE_INDEX).sum().clamp(min=1)  # (no sync: the count stays on the device)
     return _LinearCrossEntropy.apply(h2, weight, t, chunk_rows)
 
 
@@ -55,10 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_h.index_copy_(0, rows, probs @ weight)
                 if grad_w is not None:
                     grad_w.addmm_(probs.t(), h_c)
-        if n_valid == 0:
-            ctx.save_for_backward(None, None)
-            return total.new_tensor(float("nan"))  # same as F.cross_entropy with nothing to score
-        scale = 1.0 / n_valid
+        scale = 1.0 / max(n_valid, 1)  # nothing to score: loss 0, gradients 0
         ctx.save_for_backward(
             grad_h.mul_(scale) if grad_h is not None else None, grad_w.mul_(scale) if grad_w is not None else None
         )

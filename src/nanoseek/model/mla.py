@@ -117,7 +117,7 @@ class MultiHeadLatentAttention(nn.Module):
         x: torch.Tensor,  # [B,T,d]
         cos: torch.Tensor,  # [B|1, 1, T, dr/2]
         sin: torch.Tensor,
-        mask: torch.Tensor | None,  # additive [B|1, 1, T, S] or None for plain causal
+        mask: torch.Tensor | None,  # bool [B|1, 1, T, S] (True: attend) or None for plain causal
         cache: LatentKVCache | None = None,
     ) -> torch.Tensor:
         q_a, kv_a = self._down_projections(x)

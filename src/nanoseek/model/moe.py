@@ -48,8 +48,13 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # The router runs in fp32 whatever the model dtype: ties and near-ties decide expert choice.
-        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        # The router runs in fp32 whatever the model dtype, and under autocast too (which would otherwise
+        # run this matmul in bf16), as DeepSeek's own code does: near-ties decide expert choice.
+        with torch.autocast(x_ND.device.type, enabled=False):
+            return self._route(x_ND.float())
+
+    def _route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits_NE = F.linear(x_ND, self.weight.float())
         scores_NE = logits_NE.sigmoid() if self.scoring_func == "sigmoid" else logits_NE.softmax(-1)
         with torch.no_grad():
             choice_NE = scores_NE
@@ -191,35 +196,58 @@ class DeepseekMoE(nn.Module):
         # Tokens routed to each expert since the last bias update (the trainer reads and resets it).
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
 
-    def forward(self, x_BTD: torch.Tensor, aux=None) -> torch.Tensor:
-        """aux: an object with `append` (deepseek_v3.AuxLosses) collecting the sequence balance loss, or None."""
+    def forward(self, x_BTD: torch.Tensor, aux=None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """aux: an object with `append` (deepseek_v3.AuxLosses) collecting the sequence balance loss, or None.
+        token_mask [B,T]: the real tokens (None: all). Padding is routed like any token (its output is never
+        used) but counts neither toward expert load, which moves the router bias, nor toward the balance loss.
+        """
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         weights_NK, idx_NK, scores_NE = self.gate(x_ND)
         counts_E = torch.bincount(idx_NK.reshape(-1), minlength=self.gate.n_experts)
         if self.training:
-            self.tokens_per_expert += counts_E.detach()
+            if token_mask is None:
+                self.tokens_per_expert += counts_E.detach()
+            else:  # weighted count: no data-dependent shapes, so no device sync
+                real_NK = token_mask.reshape(-1, 1).expand_as(idx_NK).to(self.tokens_per_expert.dtype)
+                self.tokens_per_expert += torch.bincount(
+                    idx_NK.reshape(-1), weights=real_NK.reshape(-1), minlength=self.gate.n_experts
+                ).to(self.tokens_per_expert.dtype)
         if aux is not None:
-            aux.append(sequence_balance_loss(scores_NE.view(B, T, -1), idx_NK.view(B, T, -1)))
+            aux.append(sequence_balance_loss(scores_NE.view(B, T, -1), idx_NK.view(B, T, -1), token_mask))
         out = self.experts(x_ND, weights_NK, idx_NK, counts_E).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_BTD)
         return out
 
 
-def sequence_balance_loss(scores_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> torch.Tensor:
+def sequence_balance_loss(
+    scores_BTE: torch.Tensor, idx_BTK: torch.Tensor, token_mask_BT: torch.Tensor | None = None
+) -> torch.Tensor:
     """DeepSeek-V3's complementary sequence-wise balance loss, without its alpha:
     sum_i f_i * P_i per sequence, averaged over sequences, where f_i = E/(K*T) * (#tokens choosing i)
-    and P_i = mean_t of the normalized scores s_i / sum_j s_j."""
+    and P_i = mean_t of the normalized scores s_i / sum_j s_j.
+
+    With token_mask, T counts a sequence's real tokens only and padding is left out of f and P; a sequence
+    with no real token is left out of the average."""
     B, T, E = scores_BTE.shape
     K = idx_BTK.shape[-1]
+    real_BT = (
+        torch.ones(B, T, device=scores_BTE.device)
+        if token_mask_BT is None
+        else token_mask_BT.to(device=scores_BTE.device, dtype=torch.float32)
+    )
+    n_real_B = real_BT.sum(1)
     with torch.no_grad():
         counts = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(
-            1, idx_BTK.reshape(B, -1), torch.ones(B, T * K, device=scores_BTE.device)
+            1, idx_BTK.reshape(B, -1), real_BT[:, :, None].expand(B, T, K).reshape(B, -1)
         )
-        f_BE = counts * (E / (K * T))
-    p_BE = (scores_BTE / scores_BTE.sum(-1, keepdim=True)).mean(1)
-    return (f_BE * p_BE).sum(-1).mean()
+        f_BE = counts * (E / K) / n_real_B.clamp(min=1)[:, None]
+    normalized = scores_BTE / scores_BTE.sum(-1, keepdim=True)
+    p_BE = (normalized * real_BT[:, :, None]).sum(1) / n_real_B.clamp(min=1)[:, None]
+    per_row = (f_BE * p_BE).sum(-1)
+    has_tokens = (n_real_B > 0).to(per_row.dtype)
+    return (per_row * has_tokens).sum() / has_tokens.sum().clamp(min=1)
 
 
 @torch.no_grad()

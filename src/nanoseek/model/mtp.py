@@ -29,9 +29,11 @@ class MTPModule(nn.Module):
         self.block = block
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # HF: shared_head.norm
 
-    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, mask, aux=None) -> torch.Tensor:
+    def forward(
+        self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, mask, aux=None, token_mask=None
+    ) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return self.block(x, cos, sin, mask, None, aux)
+        return self.block(x, cos, sin, mask, None, aux, token_mask)
 
 
 def shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:

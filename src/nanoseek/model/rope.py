@@ -42,8 +42,25 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context stretched `scale` times (1 when not stretched)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_softmax_scale_factor(scaling: dict[str, Any] | None) -> float:
+    """What DeepSeek (and transformers' DeepseekV2/V3 attention) multiplies the softmax scale by under YaRN:
+    mscale(factor, mscale_all_dim)^2, or 1 without YaRN or without `mscale_all_dim`.
+
+    The cos/sin attention factor is the ratio mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+    (see `_yarn_inv_freq`); with mscale == mscale_all_dim, as in DeepSeek-V3, it is 1 and only this
+    factor remains."""
+    if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        return 1.0
+    mscale_all_dim = scaling.get("mscale_all_dim", 0)
+    if not mscale_all_dim:
+        return 1.0
+    m = yarn_get_mscale(float(scaling["factor"]), float(mscale_all_dim))
+    return m * m
 
 
 def _yarn_inv_freq(dim: int, theta: float, s: dict[str, Any], max_pos: int | None) -> tuple[torch.Tensor, float]:
@@ -56,9 +73,9 @@ def _yarn_inv_freq(dim: int, theta: float, s: dict[str, Any], max_pos: int | Non
     mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
     if attention_factor is None:
         if mscale and mscale_all_dim:
-            attention_factor = _yarn_get_mscale(factor, mscale) / _yarn_get_mscale(factor, mscale_all_dim)
+            attention_factor = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
         else:
-            attention_factor = _yarn_get_mscale(factor)
+            attention_factor = yarn_get_mscale(factor)
     beta_fast = s.get("beta_fast") or 32
     beta_slow = s.get("beta_slow") or 1
 

@@ -119,6 +119,11 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> DeepseekV3ForCausalLM:
     mc = cfg.model_config(vocab_size=tok.vocab_size).replace(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
     if cfg.seq_len > mc.max_position_embeddings:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds max_position_embeddings={mc.max_position_embeddings}")
+    if cfg.mtp_weight == 0 and mc.num_nextn_predict_layers:
+        # No loss would reach the MTP modules: DDP fails on parameters that get no gradient, and the exported
+        # model would carry MTP weights that were never trained. So there are none.
+        print0(f"mtp_weight=0: training without the {mc.num_nextn_predict_layers} MTP module(s)")
+        mc = mc.replace(num_nextn_predict_layers=0)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
     return DeepseekV3ForCausalLM(mc)
 
@@ -203,6 +208,14 @@ class BatchSource:
                 f"(resume text runs with the same number of processes)"
             )
         self.text.load_state_dict(state[self.info.rank])
+
+
+def diverged_message(step: int, loss: float, terms: dict[str, float]) -> str:
+    """Which loss terms went non-finite, so a NaN points at its source (the main head, an MTP depth, the
+    balance loss) rather than at "the loss"."""
+    bad = [f"{name} = {value}" for name, value in terms.items() if not math.isfinite(value)]
+    source = f"from {', '.join(bad)}" if bad else "although every loss term is finite"
+    return f"step {step}: loss is {loss} ({source}); lower optim.lr or raise optim.warmup_steps"
 
 
 def target_counts(y: torch.Tensor, mtp_depth: int) -> list[int]:
@@ -408,21 +421,24 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------------
     def _micro_step_loss(self, out: dict, counts: list[int], totals: list[float], rows: int, total_rows: int):
-        """This micro-batch's share of the step's loss (token-weighted), and its parts for logging."""
+        """This micro-batch's share of the step's loss (token-weighted), its parts for logging, and each loss
+        term's share by name ("lm", "mtp depth k", "balance": what a non-finite loss is traced back to)."""
         cfg = self.cfg
         lm = out["lm"] * (counts[0] / totals[0])
-        loss, parts = lm, {"lm": lm.detach()}
+        loss, parts, terms = lm, {"lm": lm.detach()}, {"lm": lm.detach()}
         if out["mtp"] is not None and cfg.mtp_weight > 0:
             shares = [out["mtp"][k] * (counts[k + 1] / max(totals[k + 1], 1)) for k in range(len(out["mtp"]))]
             mtp = torch.stack(shares).mean()
             loss = loss + cfg.mtp_weight * mtp
             parts["mtp"] = mtp.detach()
+            terms.update({f"mtp depth {k}": share.detach() for k, share in enumerate(shares, start=1)})
         if out["balance"] is not None:
             bal = out["balance"] * (rows / total_rows)
             loss = loss + cfg.balance_alpha * bal
             parts["balance"] = bal.detach()
+            terms["balance"] = bal.detach()
         parts["loss"] = loss.detach()
-        return loss, parts
+        return loss, parts, terms
 
     def _train_step(self, step: int, lr: float) -> dict[str, float]:
         cfg, info = self.cfg, self.info
@@ -438,6 +454,7 @@ class Trainer:
         if totals[0] == 0:
             raise ValueError(f"step {step}: the batch has no target tokens (empty rows?)")
         logged: dict[str, torch.Tensor] = {}
+        term_sums: dict[str, torch.Tensor] = {}
         for i, ((x, y), counts) in enumerate(zip(micro, local_counts)):
             with (
                 no_grad_sync(self.step_module, skip=i < len(micro) - 1),
@@ -445,11 +462,13 @@ class Trainer:
                                enabled=self.autocast_dtype is not None),
             ):  # fmt: skip
                 out = self.step_module(x, y, mtp_weight=cfg.mtp_weight, balance_alpha=cfg.balance_alpha)
-                loss, parts = self._micro_step_loss(out, counts, totals, x.shape[0], total_rows)
+                loss, parts, terms = self._micro_step_loss(out, counts, totals, x.shape[0], total_rows)
             # DDP and FSDP average gradients over ranks; the loss is already a share of the global sum.
             self.scaler.scale(loss * info.world_size).backward()
             for k, v in parts.items():
                 logged[k] = logged.get(k, 0.0) + v
+            for k, v in terms.items():
+                term_sums[k] = term_sums.get(k, 0.0) + v
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
@@ -460,17 +479,19 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         loads = update_router_bias(self.model, gamma=cfg.router_bias_gamma)
-        names = sorted(logged)
-        values = all_reduce_sum([float(logged[k]) for k in names] + [float(grad_norm)], info.device)
-        record = dict(zip(names, values[:-1]))
+        names, term_names = sorted(logged), list(term_sums)
+        values = all_reduce_sum(
+            [float(logged[k]) for k in names] + [float(term_sums[k]) for k in term_names] + [float(grad_norm)],
+            info.device,
+        )
+        record = dict(zip(names, values[: len(names)]))
+        record["_terms"] = dict(zip(term_names, values[len(names) : -1]))
         record["grad_norm"] = values[-1] / info.world_size  # every rank computed the same global norm
         record["load_imbalance"] = load_imbalance(loads)
         record["_loads"] = loads
         record["_tokens"] = int(sum(x.numel() for x, _ in micro)) * info.world_size
         if not math.isfinite(record["loss"]):
-            raise FloatingPointError(
-                f"step {step}: loss is {record['loss']} (diverged); lower optim.lr or raise optim.warmup_steps"
-            )
+            raise FloatingPointError(diverged_message(step, record["loss"], record["_terms"]))
         return record
 
     def _replan_due(self, step: int) -> bool:

@@ -22,7 +22,8 @@ from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.model.dense import DenseForCausalLM, build_on_meta, dense_config_from_hf
 from nanoseek.model.moe import Router
 from nanoseek.weights.deepseek_v3_hf import has_mtp_weights, hf_to_native, native_to_hf
-from nanoseek.weights.safetensors_io import SafetensorsReader, WeightsError, check_shape, save_safetensors_folder
+from nanoseek.weights.fp8 import open_checkpoint
+from nanoseek.weights.safetensors_io import WeightsError, check_shape, save_safetensors_folder
 
 # ---- DeepSeek-V3 ------------------------------------------------------------------------------------------
 
@@ -54,7 +55,7 @@ def load_deepseek_v3(
         cfg = DeepseekV3Config.from_dict(config)
     except ConfigError as exc:
         raise WeightsError(f"{folder / 'config.json'}: {exc}") from exc
-    reader = SafetensorsReader(folder)
+    reader = open_checkpoint(folder, config)  # FP8 weights come back dequantized
     if cfg.num_nextn_predict_layers and not has_mtp_weights(reader, cfg):
         cfg = cfg.replace(num_nextn_predict_layers=0)  # e.g. saved by transformers, which drops MTP weights
     with torch.device("meta"):
@@ -101,7 +102,7 @@ def load_dense_state(model: DenseForCausalLM, tensors, source: str, dtype: torch
 def load_dense(folder: Path, config: dict, dtype=None, device=None) -> DenseForCausalLM:
     """llama / mistral / qwen2 / gemma / gemma2 / gemma3(_text) HF folders."""
     cfg = dense_config_from_hf(config)
-    reader = SafetensorsReader(folder)
+    reader = open_checkpoint(folder, config)  # FP8 weights come back dequantized
     tensors = _TextModelOf(reader) if config.get("model_type") == "gemma3" else reader
     model = build_on_meta(cfg)
     device = torch.device(device) if device is not None else torch.device("cpu")
