@@ -143,9 +143,14 @@ class DeepseekV3ForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: LatentKVCache | None = None,
+        logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids [B,T] -> logits [B,T,vocab]."""
-        return self.lm_head(self.forward_hidden(input_ids, attention_mask, position_ids, cache))
+        """input_ids [B,T] -> logits [B,T,vocab]; with logits_index [B], only row i's position
+        logits_index[i]: [B,vocab] (prefill and decode need one position's logits, not T)."""
+        h = self.forward_hidden(input_ids, attention_mask, position_ids, cache)
+        if logits_index is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_index]
+        return self.lm_head(h)
 
     def forward_hidden(
         self,
@@ -159,22 +164,25 @@ class DeepseekV3ForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final-normed hidden states [B,T,d]. token_mask [B,T] marks the tokens that count as expert load
         (default: the new tokens' part of attention_mask; all tokens without one)."""
-        self._check_input(input_ids, cache)
+        paged = getattr(cache, "is_paged", False)  # the engine's paged cache brings positions and masks
+        self._check_input(input_ids, None if paged else cache)
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
+        if paged:
+            position_ids = cache.positions
+        past = cache.length if cache is not None and not paged else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.rope_attention_factor, h.dtype)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B|1, 1, T, dr/2]
-        mask = attention_mask_for_sdpa(attention_mask, T, past, h.device, cached=cache is not None)
+        mask = None if paged else attention_mask_for_sdpa(attention_mask, T, past, h.device, cached=cache is not None)
         if _rope_mask_out is not None:
             _rope_mask_out.extend([cos, sin, mask])
         if token_mask is None and attention_mask is not None:
             token_mask = attention_mask[:, -T:].bool()
         for layer in self.model.layers:
             h = layer(h, cos, sin, mask, cache, aux, token_mask)
-        if cache is not None:
+        if cache is not None and not paged:
             cache.length += T
         return self.model.norm(h)
 

@@ -250,7 +250,9 @@ class DenseAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin)
-        if cache is not None:
+        if getattr(cache, "is_paged", False):  # the engine's paged cache stores [B,T,K,D] rows
+            k, v = (t.transpose(1, 2) for t in cache.update(self.layer_idx, k=k.transpose(1, 2), v=v.transpose(1, 2)))
+        elif cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B,K,S,D]
         if self.softcap is None:
             out = F.scaled_dot_product_attention(
@@ -357,16 +359,24 @@ class DenseForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: DenseKVCache | None = None,
+        logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """input_ids [B,T] -> logits [B,T,vocab]; with logits_index [B], only row i's position
+        logits_index[i]: [B,vocab]. `cache` is a DenseKVCache or the engine's paged view."""
         cfg = self.config
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if cache is not None and start + T > cache.max_len:
+        paged = getattr(cache, "is_paged", False)
+        if paged:
+            position_ids, cache_for_mask = cache.positions, None
+        else:
+            cache_for_mask = cache
+        start = cache.length if cache_for_mask is not None else 0
+        if cache_for_mask is not None and start + T > cache.max_len:
             raise ValueError(f"the KV cache holds {cache.max_len} tokens; {start} + {T} new ones do not fit")
         device = input_ids.device
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=device).expand(B, T)
-        key_mask = _key_mask(attention_mask, cache, B, start, T, device)
+        key_mask = None if paged else _key_mask(attention_mask, cache, B, start, T, device)
 
         h = self.model.embed_tokens(input_ids)
         if cfg.embed_scale:
@@ -377,13 +387,19 @@ class DenseForCausalLM(nn.Module):
             cos, sin = rope_cos_sin(inv, position_ids, factor, dtype=h.dtype)
             cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
             window = cfg.sliding_window if kind == SLIDING else None
-            mask, is_causal = _attention_mask(key_mask, start, T, window, device)
+            if paged:
+                mask, is_causal = cache.mask(window), False
+            else:
+                mask, is_causal = _attention_mask(key_mask, start, T, window, device)
             per_type[kind] = (cos, sin, mask, is_causal)
         for layer, kind in zip(self.model.layers, cfg.layer_types):
             h = layer(h, *per_type[kind], cache)
-        if cache is not None:
+        if cache_for_mask is not None:
             cache.length += T
-        logits = self.lm_head(self.model.norm(h))
+        h = self.model.norm(h)
+        if logits_index is not None:
+            h = h[torch.arange(B, device=h.device), logits_index]
+        logits = self.lm_head(h)
         if cfg.final_logit_softcapping is not None:
             cap = cfg.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap

@@ -125,6 +125,9 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv, k_pe = self._latent(kv_a, cos, sin)
         if cache is None:
             out = self._attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
+        elif getattr(cache, "is_paged", False):  # the engine's paged cache (engine/kv_cache.PagedView)
+            c_kv, k_pe = cache.update(self.layer_idx, c_kv=c_kv, k_pe=k_pe)
+            out = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, cache.mask())
         else:
             start, T = cache.length, x.shape[1]
             cache.c_kv[self.layer_idx, :, start : start + T] = c_kv

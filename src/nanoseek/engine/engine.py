@@ -1,0 +1,252 @@
+"""The inference engine: one object behind generate, chat, evaluation, GRPO rollouts and the server.
+
+    engine = Engine(model, eos_ids=tok.stop_token_ids)
+    rid = engine.add_request(prompt_ids, SamplingParams(temperature=0.7, max_tokens=64))
+    while engine.has_work():
+        for out in engine.step():          # every running request's new token, in one batched forward
+            print(out.request_id, out.token_id, out.finished)
+    engine.abort(rid)                      # any time; its cache blocks are freed
+
+    completions = engine.generate([ids1, ids2], SamplingParams(max_tokens=32))   # offline batch
+
+`AsyncEngine` (engine/async_engine.py) runs `step()` on a thread and streams to asyncio code.
+
+A step: the scheduler picks the running requests and the prompt chunks that fit the token budget; every
+request that is decoding goes through one batched forward (one token each), each prompt chunk through its
+own; the rows that reached their last token are sampled together, each with its own settings and seed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoseek.engine.kv_cache import BlockPool, BlockTable
+from nanoseek.engine.runner import ModelRunner, Row, cache_layout
+from nanoseek.engine.sampling import SamplingParams, make_generator, sample_batch
+from nanoseek.engine.scheduler import Request, Scheduled, Scheduler, Status
+
+
+@dataclass
+class StepOutput:
+    request_id: int
+    token_id: int | None  # None when the request ended without a new token (abort)
+    finished: bool
+    finish_reason: str | None = None  # "stop", "length" or "abort" once finished
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+
+
+@dataclass
+class Completion:
+    request_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]  # generated, without the stop token
+    finish_reason: str
+    stop_reason: int | str | None = None
+    logprobs: list[dict] = field(default_factory=list)
+    num_cached_prompt: int = 0  # prompt tokens the prefix cache served
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int | None = None  # None: enough for max_num_seqs full contexts, capped by cache_bytes
+    cache_bytes: int = 1 << 30  # upper bound for the cache when num_blocks is None
+    max_num_seqs: int = 64  # requests decoding together
+    max_step_tokens: int = 256  # tokens per step (decodes + prompt chunks): bounds a step's latency
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        config: EngineConfig | None = None,
+        *,
+        eos_ids: Iterable[int] | None = None,
+        detokenize: Callable[[list[int]], str] | None = None,
+    ):
+        self.config = config = config or EngineConfig()
+        # Ids that end a request (unless it sets ignore_eos); None: the model config's eos ids.
+        self.eos_ids = set(_eos_of(model.config) if eos_ids is None else eos_ids)
+        self.detokenize = detokenize  # needed for stop strings only
+        context = model.config.max_position_embeddings
+        spec, _ = cache_layout(model)
+        num_blocks = config.num_blocks
+        if num_blocks is None:
+            per_block = spec.bytes_per_token(model.lm_head.weight.dtype) * config.block_size
+            wanted = config.max_num_seqs * -(-context // config.block_size) + 1
+            num_blocks = max(2, min(wanted, config.cache_bytes // per_block))
+        self.pool = BlockPool(num_blocks, config.block_size)
+        self.runner = ModelRunner(model, self.pool)
+        self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_step_tokens)
+        self.requests: dict[int, Request] = {}
+        self._ids = itertools.count()
+        self.vocab_size = model.lm_head.weight.shape[0]
+
+    # ---- requests -----------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> int:
+        """Queue a request; returns its id. Bad input raises ValueError and leaves the engine as it was."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        context = self.runner.context_length
+        if len(prompt) >= context:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {context}")
+        longest = min(len(prompt) + params.max_tokens, context)
+        if -(-longest // self.pool.block_size) > self.pool.num_blocks - 1:
+            raise ValueError(
+                f"prompt + max_tokens = {longest} tokens do not fit the KV cache "
+                f"({(self.pool.num_blocks - 1) * self.pool.block_size} tokens)"
+            )
+        if params.stop and self.detokenize is None:
+            raise ValueError("stop strings need an engine built with a detokenize function")
+        rid = next(self._ids)
+        req = Request(rid, prompt, params, BlockTable(self.pool), generator=make_generator(params, self.runner.device))
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        return rid
+
+    def abort(self, request_id: int) -> bool:
+        """Stop a request and free its blocks; False when it is unknown or already finished."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return False
+        self._finish(req, "abort")
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def get(self, request_id: int) -> Request:
+        return self.requests[request_id]
+
+    def release(self, request_id: int) -> None:
+        """Forget a finished request (the engine keeps finished ones until asked, for their results)."""
+        req = self.requests.get(request_id)
+        if req is not None and req.finished:
+            del self.requests[request_id]
+
+    # ---- one step -------------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        decodes = [s for s in scheduled if s.num_new == 1]
+        chunks = [s for s in scheduled if s.num_new > 1]
+        groups = ([decodes] if decodes else []) + [[c] for c in chunks]
+        to_sample: list[tuple[Scheduled, torch.Tensor]] = []
+        for group in groups:
+            rows = [
+                Row(s.request.table, s.request.num_computed,
+                    s.request.all_ids[s.request.num_computed : s.request.num_computed + s.num_new])
+                for s in group
+            ]  # fmt: skip
+            logits = self.runner.forward(rows)
+            to_sample.extend((s, logits[i]) for i, s in enumerate(group) if s.samples)
+        for s in scheduled:
+            s.request.num_computed += s.num_new
+            s.request.table.register_full_blocks(s.request.all_ids, s.request.num_computed)
+        return self._sample(to_sample)
+
+    def _sample(self, items: list[tuple[Scheduled, torch.Tensor]]) -> list[StepOutput]:
+        if not items:
+            return []
+        reqs = [s.request for s, _ in items]
+        logits = torch.stack([row for _, row in items])
+        prompt_counts = output_counts = None
+        if any(r.params.penalized for r in reqs):
+            prompt_counts = self._counts([r.prompt_ids for r in reqs], logits.shape[1])
+            output_counts = self._counts([r.output_ids for r in reqs], logits.shape[1])
+        sampled = sample_batch(
+            logits, [r.params for r in reqs], [r.generator for r in reqs],
+            prompt_counts=prompt_counts, output_counts=output_counts,
+        )  # fmt: skip
+        tokens = sampled.tokens.tolist()
+        outputs = []
+        for i, (req, token) in enumerate(zip(reqs, tokens)):
+            out = StepOutput(req.id, token, False)
+            if req.params.logprobs is not None:
+                out.logprob = float(sampled.logprobs[i])
+                n = req.params.logprobs
+                out.top_logprobs = (
+                    dict(zip(sampled.top_ids[i, :n].tolist(), sampled.top_logprobs[i, :n].tolist())) if n else {}
+                )
+                req.logprobs.append({"token": token, "logprob": out.logprob, "top": out.top_logprobs})
+            self._append(req, token, out)
+            outputs.append(out)
+        return outputs
+
+    def _counts(self, seqs: list[list[int]], vocab: int) -> torch.Tensor:
+        counts = torch.zeros(len(seqs), vocab, device=self.runner.device)
+        for i, seq in enumerate(seqs):
+            if seq:
+                counts[i].index_add_(0, torch.tensor(seq, device=counts.device), torch.ones(len(seq), device=counts.device))
+        return counts
+
+    def _append(self, req: Request, token: int, out: StepOutput) -> None:
+        p = req.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            req.stop_reason = token
+            self._finish(req, "stop")
+        else:
+            req.output_ids.append(token)
+            stop = self._stop_string(req)
+            if stop is not None:
+                req.stop_reason = stop
+                self._finish(req, "stop")
+            elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.runner.context_length:
+                self._finish(req, "length")
+            elif (window := self.runner.all_sliding) is not None:
+                req.table.free_before(req.num_computed - window + 1)
+        out.finished, out.finish_reason = req.finished, req.finish_reason
+
+    def _stop_string(self, req: Request) -> str | None:
+        if not req.params.stop:
+            return None
+        longest = max(len(s) for s in req.params.stop)
+        tail = self.detokenize(req.output_ids[-(longest + 8) :])  # a stop string spans at most this many tokens
+        return next((s for s in req.params.stop if s in tail), None)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        self.scheduler.remove(req)
+
+    # ---- offline batch ------------------------------------------------------------------------------
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[Completion]:
+        """Run every prompt to completion (batched, continuously); completions in the prompts' order."""
+        params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling settings")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params_list):
+                ids.append(self.add_request(prompt, p))
+            while any(not self.requests[i].finished for i in ids):
+                self.step()
+        except BaseException:
+            for i in ids:
+                self.abort(i)
+            raise
+        out = []
+        for i in ids:
+            r = self.requests.pop(i)
+            out.append(
+                Completion(i, r.prompt_ids, r.output_ids, r.finish_reason, r.stop_reason, r.logprobs, r.num_cached_prompt)
+            )
+        return out
+
+
+def _eos_of(cfg) -> list[int]:
+    eos = getattr(cfg, "eos_token_id", None)
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)

@@ -1,0 +1,137 @@
+"""Which requests run in the next step, and how many of their tokens: continuous batching with chunked
+prefill under a token budget, prefix-cache hits, and preemption when the cache runs out of blocks.
+
+Each step, running requests go first, oldest first: a decoding request needs one token, a request still in
+its prompt needs the next chunk of it (at most what is left of the step's token budget). Then waiting
+requests join while the budget and the free blocks allow, after sharing whatever prefix of their prompt
+the cache already holds. When a running request cannot get a block, the newest running request is
+preempted: its blocks go back to the pool and it waits again, to be recomputed from its prompt and the
+tokens it already produced (its output so far is kept). Nothing is corrupted and nothing crashes; a request
+that alone does not fit in the whole cache is refused when it is added.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoseek.engine.kv_cache import BlockPool, BlockTable
+from nanoseek.engine.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    table: BlockTable
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    num_computed: int = 0  # leading tokens of prompt + output whose keys/values are in the cache
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    generator: torch.Generator | None = None
+    logprobs: list[dict] = field(default_factory=list)
+    num_cached_prompt: int = 0  # prompt tokens served by the prefix cache (first admission)
+    num_preemptions: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+@dataclass
+class Scheduled:
+    request: Request
+    num_new: int  # tokens computed this step, from request.num_computed on
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the request's last token, so the step yields its next token."""
+        return self.request.num_computed + self.num_new == self.request.num_tokens
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_num_seqs: int = 64, max_step_tokens: int = 256):
+        if max_num_seqs < 1 or max_step_tokens < 1:
+            raise ValueError("max_num_seqs and max_step_tokens must be >= 1")
+        self.pool = pool
+        self.max_num_seqs, self.max_step_tokens = max_num_seqs, max_step_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out of the queues and give its blocks back (finished or aborted)."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.table.release()
+
+    def schedule(self) -> list[Scheduled]:
+        budget = self.max_step_tokens
+        out: list[Scheduled] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            take = min(req.num_tokens - req.num_computed, budget)
+            if not req.table.reserve(req.num_computed + take):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is req:
+                    break
+                continue
+            out.append(Scheduled(req, take))
+            budget -= take
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if req.num_computed == 0 and not req.table.blocks:
+                cached = req.table.match_prefix(req.all_ids)
+                req.num_computed = cached
+                if req.num_preemptions == 0:
+                    req.num_cached_prompt = cached
+            take = min(req.num_tokens - req.num_computed, budget)
+            if not req.table.reserve(req.num_computed + take):
+                req.table.release()  # wait for blocks without holding any
+                req.num_computed = 0
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            self.running.append(req)
+            out.append(Scheduled(req, take))
+            budget -= take
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        req.table.release()
+        req.num_computed = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)

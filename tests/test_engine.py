@@ -1,0 +1,219 @@
+"""The inference engine on tiny random models: batched continuous decoding equals one-at-a-time decoding,
+prefix caching, seeds, abort, a full cache, preemption, stops and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoseek.config import from_name
+from nanoseek.engine.engine import Engine, EngineConfig
+from nanoseek.engine.generate import generate_tokens
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+from nanoseek.model.dense import FULL, SLIDING, DenseConfig, DenseForCausalLM
+
+DENSE = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, max_position_embeddings=96,
+)  # fmt: skip
+
+
+def _dense(family: str) -> DenseConfig:
+    if family == "llama":
+        return DenseConfig("llama", num_hidden_layers=2, tie_word_embeddings=True, **DENSE)
+    if family == "mistral":  # every layer slides: the engine frees blocks that fall out of the window
+        return DenseConfig("mistral", num_hidden_layers=2, sliding_window=6, layer_types=[SLIDING] * 2, **DENSE)
+    if family == "qwen2":
+        return DenseConfig("qwen2", num_hidden_layers=2, qkv_bias=True, **DENSE)
+    gemma = dict(norm_offset=1.0, sandwich_norm=True, embed_scale=True, hidden_act="gelu_pytorch_tanh",
+                 query_pre_attn_scalar=24, sliding_window=5)  # fmt: skip
+    if family == "gemma2":
+        return DenseConfig("gemma2", num_hidden_layers=2, layer_types=[SLIDING, FULL], attn_logit_softcapping=2.0,
+                           final_logit_softcapping=5.0, **gemma, **DENSE)  # fmt: skip
+    return DenseConfig("gemma3", num_hidden_layers=3, layer_types=[SLIDING, SLIDING, FULL], qk_norm=True,
+                       rope_local_theta=10000.0, rope_theta=1e6, **gemma, **DENSE)  # fmt: skip
+
+
+def _model(family: str):
+    torch.manual_seed(0)
+    if family == "deepseek_v3":
+        return DeepseekV3ForCausalLM(from_name("test-tiny")).eval()
+    model = DenseForCausalLM(_dense(family))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen) + (1.0 if "norm" in name and "gemma" not in family else 0))
+    return model.eval()
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gemma3", "deepseek_v3"]
+PROMPTS = [[5, 6, 7, 8, 9], [17, 3], list(range(20, 47)), [42], list(range(100, 113))]
+GREEDY = SamplingParams(temperature=0, max_tokens=10)
+
+
+def _alone(model, prompt, n=10):
+    return list(generate_tokens(model, prompt, n, SamplingParams(temperature=0)))
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request):
+    return request.param, _model(request.param)
+
+
+def test_batched_greedy_equals_one_at_a_time(family_model):
+    """Small blocks and a small token budget: prompts are chunked, rows join and leave mid-run."""
+    _, model = family_model
+    engine = Engine(model, EngineConfig(block_size=4, max_step_tokens=8), eos_ids=[])
+    first = engine.generate(PROMPTS[:2], GREEDY)
+    ids = [engine.add_request(p, GREEDY) for p in PROMPTS[2:]]
+    engine.step()
+    late = engine.add_request(PROMPTS[0], GREEDY)  # joins while others decode
+    while engine.has_work():
+        engine.step()
+    got = [c.token_ids for c in first] + [engine.get(i).output_ids for i in [*ids, late]]
+    want = [_alone(model, p) for p in [*PROMPTS, PROMPTS[0]]]
+    assert got == want
+    assert engine.pool.num_free == engine.pool.num_blocks - 1  # every block back
+
+
+def test_prefix_cache_hit_gives_identical_output():
+    model = _model("deepseek_v3")
+    engine = Engine(model, EngineConfig(block_size=4), eos_ids=[])
+    system = list(range(30, 50))  # a shared 20-token prefix
+    (a,) = engine.generate([system + [7, 8]], GREEDY)
+    (b,) = engine.generate([system + [9]], GREEDY)
+    assert a.num_cached_prompt == 0 and b.num_cached_prompt == 20  # the second prefilled only its tail
+    assert a.token_ids == _alone(model, system + [7, 8]) and b.token_ids == _alone(model, system + [9])
+    (again,) = engine.generate([system + [7, 8]], GREEDY)
+    assert again.num_cached_prompt == 20 and again.token_ids == a.token_ids
+
+
+def test_seed_reproduces_the_sample_in_any_batch():
+    model = _model("llama")
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12)
+    (alone,) = Engine(model, eos_ids=[]).generate([PROMPTS[0]], seeded)
+    others = [SamplingParams(temperature=0.7, seed=None, max_tokens=5), SamplingParams(temperature=0, max_tokens=8)]
+    crowded = Engine(model, eos_ids=[]).generate([PROMPTS[2], PROMPTS[0], PROMPTS[1]], [others[0], seeded, others[1]])
+    assert crowded[1].token_ids == alone.token_ids
+    (other_seed,) = Engine(model, eos_ids=[]).generate([PROMPTS[0]], SamplingParams(temperature=1.0, seed=99, max_tokens=12))
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_abort_frees_its_blocks_and_others_continue():
+    model = _model("qwen2")
+    engine = Engine(model, EngineConfig(block_size=4), eos_ids=[])
+    keep = engine.add_request(PROMPTS[0], GREEDY)
+    gone = engine.add_request(PROMPTS[2], SamplingParams(temperature=0, max_tokens=50))
+    engine.step()
+    engine.step()
+    held, blocks = engine.pool.num_free, len(engine.get(gone).table.blocks)
+    assert blocks > 0
+    assert engine.abort(gone) and not engine.abort(gone)
+    assert engine.pool.num_free == held + blocks
+    assert engine.get(gone).finish_reason == "abort"
+    while engine.has_work():
+        engine.step()
+    assert engine.get(keep).output_ids == _alone(model, PROMPTS[0])
+    assert engine.pool.num_free == engine.pool.num_blocks - 1
+
+
+def test_full_cache_makes_requests_wait_and_preempts_without_corruption():
+    """12 blocks of 4 tokens hold ~2 of these requests at a time: the rest wait, running ones get preempted
+    and recomputed, and every output still equals its one-at-a-time decode."""
+    model = _model("deepseek_v3")
+    engine = Engine(model, EngineConfig(block_size=4, num_blocks=13, max_step_tokens=16), eos_ids=[])
+    prompts = [list(range(10 + i, 24 + i)) for i in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=12)
+    done = engine.generate(prompts, params)
+    assert [c.token_ids for c in done] == [_alone(model, p, 12) for p in prompts]
+    assert all(c.finish_reason == "length" for c in done)
+    assert engine.scheduler.num_preemptions > 0  # the path was exercised
+
+
+def test_preemption_keeps_output_so_far():
+    model = _model("llama")
+    engine = Engine(model, EngineConfig(block_size=2, num_blocks=12, max_step_tokens=4), eos_ids=[])
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    done = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
+    assert [c.token_ids for c in done] == [_alone(model, p, 12) for p in prompts]
+    assert engine.scheduler.num_preemptions > 0
+
+
+def test_stops_and_max_tokens():
+    model = _model("mistral")
+    free_run = _alone(model, PROMPTS[0])
+    engine = Engine(model, eos_ids=[free_run[3]])
+    (c,) = engine.generate([PROMPTS[0]], GREEDY)
+    assert c.token_ids == free_run[:3] and c.finish_reason == "stop" and c.stop_reason == free_run[3]
+    (c,) = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert c.token_ids == free_run and c.finish_reason == "length"
+    (c,) = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                        stop_token_ids=(free_run[5],)))  # fmt: skip
+    assert c.token_ids == free_run[:5] and c.stop_reason == free_run[5]
+    text = Engine(model, eos_ids=[], detokenize=lambda ids: " ".join(map(str, ids)))
+    (c,) = text.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=10, stop=(f"{free_run[2]}",)))
+    assert c.finish_reason == "stop" and c.token_ids == free_run[:3] and c.stop_reason == str(free_run[2])
+
+
+def test_context_limit_ends_with_length():
+    model = _model("llama")
+    prompt = list(range(1, 90))  # context 96
+    (c,) = Engine(model, eos_ids=[]).generate([prompt], SamplingParams(temperature=0, max_tokens=50))
+    assert len(c.token_ids) == 96 - 89 and c.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ([], SamplingParams(), "empty"),
+        (list(range(96)), SamplingParams(), "context"),
+        ([1, 300], SamplingParams(), "vocabulary"),
+    ],
+)
+def test_bad_requests_raise_and_the_engine_keeps_serving(prompt, params, message):
+    model = _model("llama")
+    engine = Engine(model, eos_ids=[])
+    good = engine.add_request(PROMPTS[0], GREEDY)
+    engine.step()
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(prompt, params)
+    while engine.has_work():
+        engine.step()
+    assert engine.get(good).output_ids == _alone(model, PROMPTS[0])
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 2.0),
+     ("presence_penalty", 3.0), ("frequency_penalty", float("nan")), ("repetition_penalty", 0.0),
+     ("logprobs", 50), ("logit_bias", {5: 1000.0})],
+)  # fmt: skip
+def test_out_of_range_sampling_values_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_logprobs_are_the_models_distribution():
+    model = _model("qwen2")
+    engine = Engine(model, eos_ids=[])
+    (c,) = engine.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=3, logprobs=3))
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPTS[1]]))[0, -1].log_softmax(-1)
+    first = c.logprobs[0]
+    assert first["token"] == c.token_ids[0] == int(logits.argmax())
+    assert first["logprob"] == pytest.approx(float(logits.max()), abs=1e-5)
+    top = torch.topk(logits, 3)
+    assert list(first["top"]) == top.indices.tolist()
+    assert list(first["top"].values()) == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+def test_penalties_and_logit_bias_change_choices():
+    model = _model("llama")
+    plain = _alone(model, PROMPTS[0], 10)
+    engine = Engine(model, eos_ids=[])
+    (biased,) = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=10, logit_bias={77: 100.0}))
+    assert biased.token_ids == [77] * 10
+    (pen,) = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=10, frequency_penalty=2.0,
+                                                          logit_bias={77: 5.0}))  # fmt: skip
+    assert len(set(pen.token_ids)) > 1 and pen.token_ids != plain
