@@ -43,7 +43,9 @@ def _model(family: str):
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(0.1 * torch.randn(p.shape, generator=gen) + (1.0 if "norm" in name and "gemma" not in family else 0))
+            p.copy_(
+                0.1 * torch.randn(p.shape, generator=gen) + (1.0 if "norm" in name and "gemma" not in family else 0)
+            )
     return model.eval()
 
 
@@ -96,7 +98,9 @@ def test_seed_reproduces_the_sample_in_any_batch():
     others = [SamplingParams(temperature=0.7, seed=None, max_tokens=5), SamplingParams(temperature=0, max_tokens=8)]
     crowded = Engine(model, eos_ids=[]).generate([PROMPTS[2], PROMPTS[0], PROMPTS[1]], [others[0], seeded, others[1]])
     assert crowded[1].token_ids == alone.token_ids
-    (other_seed,) = Engine(model, eos_ids=[]).generate([PROMPTS[0]], SamplingParams(temperature=1.0, seed=99, max_tokens=12))
+    (other_seed,) = Engine(model, eos_ids=[]).generate(
+        [PROMPTS[0]], SamplingParams(temperature=1.0, seed=99, max_tokens=12)
+    )
     assert other_seed.token_ids != alone.token_ids
 
 

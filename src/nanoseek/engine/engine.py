@@ -188,7 +188,9 @@ class Engine:
         counts = torch.zeros(len(seqs), vocab, device=self.runner.device)
         for i, seq in enumerate(seqs):
             if seq:
-                counts[i].index_add_(0, torch.tensor(seq, device=counts.device), torch.ones(len(seq), device=counts.device))
+                counts[i].index_add_(
+                    0, torch.tensor(seq, device=counts.device), torch.ones(len(seq), device=counts.device)
+                )
         return counts
 
     def _append(self, req: Request, token: int, out: StepOutput) -> None:
@@ -242,7 +244,9 @@ class Engine:
         for i in ids:
             r = self.requests.pop(i)
             out.append(
-                Completion(i, r.prompt_ids, r.output_ids, r.finish_reason, r.stop_reason, r.logprobs, r.num_cached_prompt)
+                Completion(
+                    i, r.prompt_ids, r.output_ids, r.finish_reason, r.stop_reason, r.logprobs, r.num_cached_prompt
+                )
             )
         return out
 

@@ -40,7 +40,10 @@ class SamplingParams:
             if not ok:
                 raise ValueError(message)
 
-        check(math.isfinite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        check(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            f"temperature must be >= 0, got {self.temperature}",
+        )
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k}")
         check(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
@@ -49,7 +52,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             check(math.isfinite(value) and -2 <= value <= 2, f"{name} must be in [-2, 2], got {value}")
-        check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
+        check(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"
+        )
         check(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}")
         for token, bias in self.logit_bias.items():
             check(isinstance(token, int) and token >= 0, f"logit_bias keys must be token ids >= 0, got {token!r}")
@@ -78,7 +83,10 @@ def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
 
 
 def apply_penalties(
-    logits: torch.Tensor, params: Sequence[SamplingParams], prompt_counts: torch.Tensor | None, output_counts: torch.Tensor | None
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_counts: torch.Tensor | None,
+    output_counts: torch.Tensor | None,
 ) -> torch.Tensor:
     """Logit bias, then repetition / presence / frequency penalties. counts: [B, V] token occurrences."""
     logits = logits.float()
