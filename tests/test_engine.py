@@ -221,3 +221,40 @@ def test_penalties_and_logit_bias_change_choices():
     (pen,) = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=10, frequency_penalty=2.0,
                                                           logit_bias={77: 5.0}))  # fmt: skip
     assert len(set(pen.token_ids)) > 1 and pen.token_ids != plain
+
+
+def test_async_streams_share_steps_and_cancel_frees_blocks():
+    import asyncio
+
+    from nanoseek.engine.async_engine import AsyncEngine
+
+    model = _model("deepseek_v3")
+    engine = Engine(model, EngineConfig(block_size=4), eos_ids=[])
+    steps = []
+    real_step = engine.step
+    engine.step = lambda: steps.append(1) or real_step()  # count the batched steps
+    server = AsyncEngine(engine)
+
+    async def collect(prompt, n, stop_after=None):
+        tokens = []
+        async for out in server.generate(prompt, SamplingParams(temperature=0, max_tokens=n)):
+            if out.token_id is not None:
+                tokens.append(out.token_id)
+            if stop_after is not None and len(tokens) == stop_after:
+                break  # the client goes away: the request is aborted
+        return tokens
+
+    async def main():
+        return await asyncio.gather(collect(PROMPTS[0], 10), collect(PROMPTS[2], 10), collect(PROMPTS[4], 40, 3))
+
+    try:
+        a, b, c = asyncio.run(main())
+        assert a == _alone(model, PROMPTS[0]) and b == _alone(model, PROMPTS[2]) and c == _alone(model, PROMPTS[4], 3)
+        assert len(steps) < 20  # 2 x 10 tokens (+ 3) in shared steps, not one request after another
+        streamed = [o.token_id for o in server.stream(PROMPTS[1], GREEDY) if o.token_id is not None]
+        assert streamed == _alone(model, PROMPTS[1])
+    finally:
+        server.shutdown()
+    assert engine.pool.num_free == engine.pool.num_blocks - 1 and not engine.requests
+    with pytest.raises(RuntimeError, match="shut down"):
+        server.submit(PROMPTS[0], GREEDY, print)

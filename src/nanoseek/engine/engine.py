@@ -88,9 +88,25 @@ class Engine:
         self.vocab_size = model.lm_head.weight.shape[0]
 
     # ---- requests -----------------------------------------------------------------------------------
-    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> int:
+    def add_request(
+        self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *, request_id: int | None = None
+    ) -> int:
         """Queue a request; returns its id. Bad input raises ValueError and leaves the engine as it was."""
         params = params or SamplingParams()
+        prompt = self.validate(prompt_ids, params)
+        rid = next(self._ids) if request_id is None else request_id
+        if rid in self.requests:
+            raise ValueError(f"request id {rid} is in use")
+        req = Request(rid, prompt, params, BlockTable(self.pool), generator=make_generator(params, self.runner.device))
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        return rid
+
+    def new_request_id(self) -> int:
+        return next(self._ids)
+
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
+        """The prompt as a list of ints, or ValueError naming what is wrong. Reads no mutable state."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
@@ -108,11 +124,7 @@ class Engine:
             )
         if params.stop and self.detokenize is None:
             raise ValueError("stop strings need an engine built with a detokenize function")
-        rid = next(self._ids)
-        req = Request(rid, prompt, params, BlockTable(self.pool), generator=make_generator(params, self.runner.device))
-        self.requests[rid] = req
-        self.scheduler.add(req)
-        return rid
+        return prompt
 
     def abort(self, request_id: int) -> bool:
         """Stop a request and free its blocks; False when it is unknown or already finished."""
