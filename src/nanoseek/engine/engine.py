@@ -77,7 +77,7 @@ class Engine:
         spec, _ = cache_layout(model)
         num_blocks = config.num_blocks
         if num_blocks is None:
-            per_block = spec.bytes_per_token(model.lm_head.weight.dtype) * config.block_size
+            per_block = spec.bytes_per_token(model.model.embed_tokens.weight.dtype) * config.block_size
             wanted = config.max_num_seqs * -(-context // config.block_size) + 1
             num_blocks = max(2, min(wanted, config.cache_bytes // per_block))
         self.pool = BlockPool(num_blocks, config.block_size)
@@ -85,7 +85,7 @@ class Engine:
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_step_tokens)
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
-        self.vocab_size = model.lm_head.weight.shape[0]
+        self.vocab_size = model.config.vocab_size
 
     # ---- requests -----------------------------------------------------------------------------------
     def add_request(

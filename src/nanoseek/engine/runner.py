@@ -37,7 +37,7 @@ def cache_layout(model) -> tuple[CacheSpec, list[int | None]]:
 class ModelRunner:
     def __init__(self, model, pool: BlockPool, dtype: torch.dtype | None = None):
         self.model = model.eval()  # eval: the router's balancing statistics never move at inference
-        weight = model.lm_head.weight
+        weight = model.model.embed_tokens.weight  # (lm_head may be a quantized module without .weight)
         self.device = weight.device
         self.spec, self.layer_windows = cache_layout(model)
         self.windows = sorted(set(self.layer_windows), key=lambda w: -1 if w is None else w)

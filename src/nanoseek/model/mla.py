@@ -96,7 +96,7 @@ class MultiHeadLatentAttention(nn.Module):
         """q_a_proj(x) (None without q_lora_rank) and kv_a_proj_with_mqa(x), as one matmul when possible."""
         if self.q_lora_rank is None:
             return None, self.kv_a_proj_with_mqa(x)
-        if self.q_a_proj.bias is not None:
+        if type(self.q_a_proj) is not nn.Linear or self.q_a_proj.bias is not None:  # (quantized: two calls)
             return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
         both = F.linear(x, torch.cat([self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight]))
         return both.split([self.q_lora_rank, self.kv_lora_rank + self.dr], dim=-1)

@@ -29,6 +29,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.gate_proj) is not nn.Linear:  # swapped for a quantized module (engine/quant.py)
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         # One matmul for gate and up (a bigger GEMM is more efficient than two); names stay HF's.
         gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
