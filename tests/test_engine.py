@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from greedy_reference import greedy_reference
 from nanoseek.config import from_name
 from nanoseek.engine.engine import Engine, EngineConfig
-from nanoseek.engine.generate import generate_tokens
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.model.dense import FULL, SLIDING, DenseConfig, DenseForCausalLM
@@ -55,7 +55,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=10)
 
 
 def _alone(model, prompt, n=10):
-    return list(generate_tokens(model, prompt, n, SamplingParams(temperature=0)))
+    return greedy_reference(model, prompt, n)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -123,21 +123,24 @@ def test_sampling_greedy_top_k_top_p_and_seed():
 
 
 class _Counter(torch.nn.Module):
-    """A stand-in with the model interface whose next token is always (last token + 1) mod V."""
+    """A stand-in with the model interface the engine drives, whose next token is always (last token + 1)
+    mod V: known logits, so the engine's stops, budgets and context limit can be checked exactly."""
 
     def __init__(self, vocab=10, context=64):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
-        self.config = type("C", (), {"max_position_embeddings": context})()
+        self.config = type("C", (), {
+            "max_position_embeddings": context, "vocab_size": vocab, "num_hidden_layers": 1,
+            "num_key_value_heads": 1, "head_dim": 1, "layer_types": ["full_attention"], "sliding_window": None,
+            "eos_token_id": None,
+        })()  # fmt: skip
         self.vocab = vocab
 
-    def new_cache(self, batch_size, max_len, dtype=None, device=None):
-        return type("Cache", (), {"length": 0, "max_len": max_len})()
-
-    def forward(self, ids, attention_mask=None, position_ids=None, cache=None):
-        assert cache.length + ids.shape[1] <= cache.max_len
-        cache.length += ids.shape[1]
-        return torch.nn.functional.one_hot((ids + 1) % self.vocab, self.vocab).float() * 10
+    def forward(self, ids, attention_mask=None, position_ids=None, cache=None, logits_index=None):
+        kv = torch.zeros(*ids.shape, 1, 1)
+        cache.update(0, k=kv, v=kv)  # the paged cache is written like a real model's
+        logits = torch.nn.functional.one_hot((ids + 1) % self.vocab, self.vocab).float() * 10
+        return logits if logits_index is None else logits[torch.arange(ids.shape[0]), logits_index]
 
 
 def test_generate_stops_on_stop_ids_budget_and_context():

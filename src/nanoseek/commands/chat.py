@@ -36,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_CACHE_TOKENS = 4096
+
+
 def chat_loop(
     model,
     tok,
@@ -47,8 +50,12 @@ def chat_loop(
 ) -> None:
     """The REPL; `read`/`write` are injectable so it can be driven without a terminal."""
     write = write or _stdout_write
-    from nanoseek.engine.generate import context_length, generate_tokens, stream_text
+    from nanoseek.engine.generate import context_length, engine_for, generate_tokens, stream_text
 
+    # One engine for the whole conversation: its prefix cache holds the history, so each turn prefills only
+    # the new message. Its cache holds up to CHAT_CACHE_TOKENS (or the model's context, when smaller).
+    limit = min(context_length(model) or CHAT_CACHE_TOKENS, CHAT_CACHE_TOKENS)
+    engine = engine_for(model, limit, stop_ids=tok.stop_token_ids)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     while True:
@@ -73,14 +80,15 @@ def chat_loop(
             write(f"unknown command {text.split()[0]}; {HELP}\n")
             continue
         history.append({"role": "user", "content": text})
-        ids = _fit_context(tok, history, len(start), context_length(model), max_tokens)
+        ids = _fit_context(tok, history, len(start), limit, max_tokens)
         if ids is None:
             history.pop()
             write("(that message alone is longer than the model's context)\n")
             continue
         reply = []
         try:
-            for delta in stream_text(tok, generate_tokens(model, ids, max_tokens, params, tok.stop_token_ids)):
+            budget = min(max_tokens, limit - len(ids))
+            for delta in stream_text(tok, generate_tokens(model, ids, budget, params, engine=engine)):
                 reply.append(delta)
                 write(delta)
         except KeyboardInterrupt:

@@ -33,7 +33,7 @@ from nanoseek.engine.scheduler import Request, Scheduled, Scheduler, Status
 @dataclass
 class StepOutput:
     request_id: int
-    token_id: int | None  # None when the request ended without a new token (abort)
+    token_id: int | None  # None when the step added no token: a stop token (not part of the output), abort
     finished: bool
     finish_reason: str | None = None  # "stop", "length" or "abort" once finished
     logprob: float | None = None
@@ -58,6 +58,7 @@ class EngineConfig:
     cache_bytes: int = 1 << 30  # upper bound for the cache when num_blocks is None
     max_num_seqs: int = 64  # requests decoding together
     max_step_tokens: int = 256  # tokens per step (decodes + prompt chunks): bounds a step's latency
+    autocast_dtype: torch.dtype | None = None  # e.g. bf16 on CUDA: every forward runs under torch.autocast
 
 
 class Engine:
@@ -77,11 +78,11 @@ class Engine:
         spec, _ = cache_layout(model)
         num_blocks = config.num_blocks
         if num_blocks is None:
-            per_block = spec.bytes_per_token(model.model.embed_tokens.weight.dtype) * config.block_size
+            per_block = spec.bytes_per_token(next(model.parameters()).dtype) * config.block_size
             wanted = config.max_num_seqs * -(-context // config.block_size) + 1
             num_blocks = max(2, min(wanted, config.cache_bytes // per_block))
         self.pool = BlockPool(num_blocks, config.block_size)
-        self.runner = ModelRunner(model, self.pool)
+        self.runner = ModelRunner(model, self.pool, autocast_dtype=config.autocast_dtype)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_step_tokens)
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
@@ -151,11 +152,8 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        decodes = [s for s in scheduled if s.num_new == 1]
-        chunks = [s for s in scheduled if s.num_new > 1]
-        groups = ([decodes] if decodes else []) + [[c] for c in chunks]
         to_sample: list[tuple[Scheduled, torch.Tensor]] = []
-        for group in groups:
+        for group in _forward_groups(scheduled):
             rows = [
                 Row(s.request.table, s.request.num_computed,
                     s.request.all_ids[s.request.num_computed : s.request.num_computed + s.num_new])
@@ -208,7 +206,7 @@ class Engine:
     def _append(self, req: Request, token: int, out: StepOutput) -> None:
         p = req.params
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            req.stop_reason = token
+            req.stop_reason, out.token_id = token, None
             self._finish(req, "stop")
         else:
             req.output_ids.append(token)
@@ -266,3 +264,19 @@ class Engine:
 def _eos_of(cfg) -> list[int]:
     eos = getattr(cfg, "eos_token_id", None)
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def _forward_groups(scheduled: list[Scheduled], max_waste: float = 0.25) -> list[list[Scheduled]]:
+    """Split a step's rows into right-padded forwards: rows of similar length share one (the decodes, one
+    token each, always do), and a long prompt chunk gets its own rather than padding every other row to its
+    length. A group's padding stays within `max_waste` of its real tokens."""
+    groups: list[list[Scheduled]] = []
+    real = 0
+    for s in sorted(scheduled, key=lambda s: s.num_new):
+        if groups and s.num_new * (len(groups[-1]) + 1) <= (1 + max_waste) * (real + s.num_new):
+            groups[-1].append(s)
+            real += s.num_new
+        else:
+            groups.append([s])
+            real = s.num_new
+    return groups

@@ -1,28 +1,26 @@
-"""The generate loop: one decode loop over the models' KV-cache interface, for one prompt or a batch.
+"""Generation through the engine, for callers that want a function: stream one prompt's tokens, or
+complete a batch of prompts. Both run on `Engine` (paged cache, continuous batching, per-request sampling):
+there is no second decode loop.
 
-`decode` prefills a batch of prompts into a fresh cache and then feeds one token per row per step until
-every row has hit a stop id, the token budget or the context limit, yielding each step's tokens. Prompts
-of different lengths are left-padded: the model then gets an attention mask over the cache slots and
-explicit positions (each row's real tokens count from 0), so a row's tokens do not depend on the other
-rows. Everything it uses is the interface every nanoseek model shares (DeepSeek-V3 and the dense families,
-or the LossModule that `parallelize()` wraps around a model):
+    for token in generate_tokens(model, prompt_ids, 64, SamplingParams(temperature=0), tok.stop_token_ids):
+        ...
+    results = generate_batch(model, [ids1, ids2], 32, SamplingParams(temperature=0), tok.stop_token_ids)
 
-    model(input_ids, attention_mask=None, position_ids=None, cache=None) -> logits [B, T, V]
-    model.new_cache(batch_size, max_len, device=...)
-
-Built on it: `generate_tokens` (one prompt, streamed token by token: `nanoseek generate` / `chat`) and
-`generate_batch` (many prompts at once: held-out evaluation). Sampling is shared with everything else
-through `engine.sampling`. The inference engine (paged cache, continuous batching) will replace this loop.
+`model` is any nanoseek model (DeepSeek-V3 and the dense families) or the LossModule that `parallelize()`
+wraps around one; under FSDP every rank must make the same calls (greedy decoding then runs the same
+forwards everywhere, which the shard all-gathers need). Pass `engine=` to reuse one engine across calls:
+its prefix cache then serves a growing chat history without prefilling it again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from nanoseek.engine.sampling import SamplingParams, make_generator, sample_next
+from nanoseek.engine.engine import Engine, EngineConfig
+from nanoseek.engine.sampling import SamplingParams
 
 
 @dataclass
@@ -37,113 +35,80 @@ def context_length(model) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-@torch.no_grad()
-def decode(
+def engine_for(
     model,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    params: SamplingParams | None = None,
-    stop_ids: Iterable[int] = (),
+    max_len: int,
     *,
-    pad_id: int = 0,
-    device: torch.device | str | None = None,
+    max_num_seqs: int = 1,
+    stop_ids: Iterable[int] = (),
     autocast_dtype: torch.dtype | None = None,
-    results: list[GenerationResult] | None = None,
-) -> Iterator[list[int | None]]:
-    """Yield, at each step, the new token of every row, or None for a row that has finished (a stop token,
-    which is never part of the output, ends a row). If `results` is given, it receives one GenerationResult
-    per row when the loop ends.
+) -> Engine:
+    """An engine whose cache holds `max_num_seqs` sequences of up to `max_len` tokens (no more)."""
+    block_size = 16
+    blocks = max_num_seqs * -(-max_len // block_size) + 1
+    config = EngineConfig(
+        block_size=block_size, num_blocks=blocks, max_num_seqs=max_num_seqs,
+        max_step_tokens=max(256, max_num_seqs * 32), autocast_dtype=autocast_dtype,
+    )  # fmt: skip
+    return Engine(model, config, eos_ids=list(stop_ids))
 
-    `pad_id` fills the left padding (any id in the vocabulary: padded slots are masked out). With
-    `autocast_dtype`, each forward runs under torch.autocast. All ranks of a sharded (FSDP) model must call
-    this with the same arguments: greedy decoding then runs the same number of forwards everywhere, which
-    the shard all-gathers need."""
-    if not prompts:
-        raise ValueError("no prompts to decode")
+
+def _params(params: SamplingParams | None, max_new_tokens: int) -> SamplingParams:
+    return replace(params or SamplingParams(), max_tokens=max_new_tokens)
+
+
+def _result(engine: Engine, prompt_len: int, token_ids: list[int], reason: str) -> GenerationResult:
+    if reason == "length" and prompt_len + len(token_ids) >= engine.runner.context_length:
+        reason = "context"
+    return GenerationResult(token_ids, reason)
+
+
+def _check(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
     if any(len(p) == 0 for p in prompts):
         raise ValueError("the prompt is empty: give at least one token")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    B, P = len(prompts), max(len(p) for p in prompts)
-    limit = context_length(model)
-    if limit is not None and limit <= P:
-        raise ValueError(f"the prompt has {P} tokens; the model's context is {limit}")
-    budget = max_new_tokens if limit is None else min(max_new_tokens, limit - P)
-    params = params or SamplingParams()
-    stop = set(stop_ids)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    generator = make_generator(params, device)
-
-    ids = torch.full((B, P), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
-    padded = any(len(p) < P for p in prompts)
-    mask = positions = None  # without padding the model's defaults (all slots real, positions from 0) hold
-    if padded:
-        mask = torch.zeros((B, P + budget), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            mask[i, P - len(p) : P] = 1
-        mask = mask.to(device)
-        positions = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)
-    cache = model.new_cache(B, P + budget, device=device)
-
-    out: list[list[int]] = [[] for _ in range(B)]
-    reasons = ["length" if budget == max_new_tokens else "context"] * B
-    done = [False] * B
-    step_ids, step_pos, length = ids.to(device), positions, P
-    try:
-        for step in range(budget):
-            with torch.autocast(
-                device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
-            ):
-                logits = model(
-                    step_ids,
-                    attention_mask=None if mask is None else mask[:, :length],
-                    position_ids=step_pos,
-                    cache=cache,
-                )
-            tokens = sample_next(logits[:, -1].float(), params, generator)
-            emitted: list[int | None] = []
-            for i, token in enumerate(tokens.tolist()):
-                if not done[i] and token in stop:
-                    done[i], reasons[i] = True, "stop"
-                if done[i]:
-                    emitted.append(None)
-                else:
-                    out[i].append(token)
-                    emitted.append(token)
-            yield emitted
-            if all(done) or step + 1 == budget:
-                break
-            # next step: one token per row (finished rows keep decoding into slots nobody reads)
-            step_ids = tokens[:, None].to(device)
-            if mask is not None:
-                mask[:, length] = 1
-                step_pos = positions[:, -1:] + 1 + step
-            length += 1
-    finally:
-        if results is not None:
-            results[:] = [GenerationResult(o, r) for o, r in zip(out, reasons)]
 
 
 def generate_tokens(
     model,
-    prompt_ids: list[int],
+    prompt_ids: Sequence[int],
     max_new_tokens: int,
     params: SamplingParams | None = None,
     stop_ids: Iterable[int] = (),
     result: GenerationResult | None = None,
+    *,
+    engine: Engine | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids one by one (stop tokens are not yielded). If `result` is given, it is
-    filled with the ids and the finish reason when the loop ends."""
-    results: list[GenerationResult] = []
+    filled with the ids and the finish reason when the loop ends. Closing the iterator aborts the request."""
+    _check([prompt_ids], max_new_tokens)
+    limit = context_length(model)
+    if limit is not None and len(prompt_ids) >= limit:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
+    out: list[int] = []
+    if max_new_tokens == 0:
+        if result is not None:
+            result.token_ids, result.finish_reason = out, "length"
+        return
+    if engine is None:
+        span = len(prompt_ids) + max_new_tokens
+        engine = engine_for(model, span if limit is None else min(span, limit), stop_ids=stop_ids)
+    rid = engine.add_request(prompt_ids, _params(params, max_new_tokens))
+    request = engine.get(rid)
     try:
-        for step in decode(model, [prompt_ids], max_new_tokens, params, stop_ids, results=results):
-            if step[0] is not None:
-                yield step[0]
+        while not request.finished:
+            for step in engine.step():
+                if step.request_id == rid and step.token_id is not None:
+                    out.append(step.token_id)
+                    yield step.token_id
     finally:
-        if result is not None and results:
-            result.token_ids, result.finish_reason = results[0].token_ids, results[0].finish_reason
+        engine.abort(rid)
+        engine.release(rid)
+        if result is not None:
+            reason = request.finish_reason if request.finish_reason != "abort" else "stop"
+            done = _result(engine, len(prompt_ids), out, reason)
+            result.token_ids, result.finish_reason = done.token_ids, done.finish_reason
 
 
 def generate_batch(
@@ -153,18 +118,24 @@ def generate_batch(
     params: SamplingParams | None = None,
     stop_ids: Iterable[int] = (),
     *,
-    pad_id: int = 0,
-    device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
+    engine: Engine | None = None,
 ) -> list[GenerationResult]:
-    """Continuations of many prompts decoded together (see `decode`); one result per prompt, in order."""
+    """Continuations of many prompts, decoded together; one result per prompt, in order."""
     if not prompts:
         return []
-    results: list[GenerationResult] = []
-    for _ in decode(model, prompts, max_new_tokens, params, stop_ids, pad_id=pad_id, device=device,
-                    autocast_dtype=autocast_dtype, results=results):  # fmt: skip
-        pass
-    return results
+    _check(prompts, max_new_tokens)
+    if max_new_tokens == 0:
+        return [GenerationResult([], "length") for _ in prompts]
+    limit = context_length(model)
+    if engine is None:
+        span = max(len(p) for p in prompts) + max_new_tokens
+        engine = engine_for(
+            model, span if limit is None else min(span, limit), max_num_seqs=len(prompts), stop_ids=stop_ids,
+            autocast_dtype=autocast_dtype,
+        )  # fmt: skip
+    done = engine.generate(prompts, _params(params, max_new_tokens))
+    return [_result(engine, len(p), c.token_ids, c.finish_reason) for p, c in zip(prompts, done)]
 
 
 class TextStreamer:

@@ -35,13 +35,14 @@ def cache_layout(model) -> tuple[CacheSpec, list[int | None]]:
 
 
 class ModelRunner:
-    def __init__(self, model, pool: BlockPool, dtype: torch.dtype | None = None):
+    def __init__(self, model, pool: BlockPool, autocast_dtype: torch.dtype | None = None):
         self.model = model.eval()  # eval: the router's balancing statistics never move at inference
-        weight = model.model.embed_tokens.weight  # (lm_head may be a quantized module without .weight)
+        weight = next(model.parameters())  # the embedding (linears may be quantized modules without .weight)
         self.device = weight.device
+        self.autocast_dtype = autocast_dtype
         self.spec, self.layer_windows = cache_layout(model)
         self.windows = sorted(set(self.layer_windows), key=lambda w: -1 if w is None else w)
-        self.storage = PagedStorage(self.spec, pool, dtype or weight.dtype, self.device)
+        self.storage = PagedStorage(self.spec, pool, weight.dtype, self.device)
 
     @property
     def context_length(self) -> int:
@@ -63,4 +64,6 @@ class ModelRunner:
             ids[i, : new_lens[i]] = torch.as_tensor(list(r.token_ids), dtype=torch.long)
         view = self.storage.view([r.table for r in rows], [r.past_len for r in rows], new_lens, self.windows)
         last = torch.tensor(new_lens, device=self.device) - 1
-        return self.model(ids.to(self.device), cache=view, logits_index=last).float()
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):  # fmt: skip
+            return self.model(ids.to(self.device), cache=view, logits_index=last).float()

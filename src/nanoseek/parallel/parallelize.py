@@ -36,11 +36,15 @@ class LossModule(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache=None,
+        logits_index: torch.Tensor | None = None,
         mtp_weight: float = 0.0,
         balance_alpha: float = 0.0,
     ):
         if targets is None:
-            return self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+            return self.model(
+                input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                logits_index=logits_index,
+            )  # fmt: skip
         out = self.model.compute_loss(
             input_ids, targets, mtp_weight=mtp_weight, balance_alpha=balance_alpha, attention_mask=attention_mask
         )
@@ -50,6 +54,11 @@ class LossModule(nn.Module):
 
     def new_cache(self, *args, **kwargs):
         return self.model.new_cache(*args, **kwargs)
+
+    @property
+    def config(self):
+        """The wrapped model's config (the inference engine reads the cache layout from it)."""
+        return self.model.config
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:

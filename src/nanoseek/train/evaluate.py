@@ -3,10 +3,10 @@
     scores = evaluate_tasks(model, tok, [get_task("add2")], n=200)
     scores["add2"].accuracy, scores["add2"].ci95, scores["add2"].n
 
-Decoding is the engine's batched loop (`nanoseek.engine.generate.generate_batch`: left-padded prompts,
-attention mask, explicit positions, the model's KV cache), greedy, stopping at the tokenizer's stop ids.
-All ranks of a sharded (FSDP) model must call this with the same arguments: the decode loop is then
-identical everywhere, which the shard all-gathers need.
+Decoding runs on the inference engine (`nanoseek.engine.generate.generate_batch`: paged cache, continuous
+batching, in eval mode so the router's balancing statistics never move), greedy, stopping at the
+tokenizer's stop ids, on the model's own device. All ranks of a sharded (FSDP) model must call this with
+the same arguments: the engine's steps are then identical everywhere, which the shard all-gathers need.
 """
 
 from __future__ import annotations
@@ -50,13 +50,11 @@ def evaluate_examples(
     *,
     max_new_tokens: int | None = None,
     batch_size: int = 256,
-    device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[TaskScore, list[tuple[Example, str]]]:
     """Score `examples` of `task`; also returns (example, prediction) pairs for inspection."""
     if max_new_tokens is None:  # room for the longest reference answer, its eos and a little slack
         max_new_tokens = max((len(tok.encode(ex.answer, add_special_tokens=False)) for ex in examples), default=1) + 2
-    _, _, pad_id = tok.special_ids()
     was_training = model.training
     model.eval()
     pairs: list[tuple[Example, str]] = []
@@ -69,8 +67,6 @@ def evaluate_examples(
                 max_new_tokens,
                 SamplingParams(temperature=0),
                 tok.stop_token_ids,
-                pad_id=pad_id,
-                device=device,
                 autocast_dtype=autocast_dtype,
             )
             pairs.extend((ex, tok.decode(a.token_ids, skip_special_tokens=True)) for ex, a in zip(chunk, answers))
@@ -88,7 +84,6 @@ def evaluate_tasks(
     *,
     seed: int = 0,
     batch_size: int = 256,
-    device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, TaskScore]:
     """Exact-match accuracy of greedy answers on up to n held-out problems per task (never seen in
@@ -97,6 +92,6 @@ def evaluate_tasks(
     for task in tasks:
         examples = task.eval_examples(n, seed=seed)
         scores[task.name], _ = evaluate_examples(
-            model, tok, task, examples, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype
+            model, tok, task, examples, batch_size=batch_size, autocast_dtype=autocast_dtype
         )
     return scores

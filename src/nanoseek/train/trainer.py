@@ -413,7 +413,7 @@ class Trainer:
         model = self.step_module if sharded else self.model
         scores = evaluate_tasks(
             model, self.tok, self.tasks, n if n is not None else self.cfg.data.eval_examples,
-            device=self.info.device, autocast_dtype=self.autocast_dtype,
+            autocast_dtype=self.autocast_dtype,
         )  # fmt: skip
         if sharded:  # back to shards: the optimizer holds the sharded parameters
             self.step_module.reshard()
