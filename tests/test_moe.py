@@ -109,3 +109,20 @@ def test_compute_loss_with_mtp_and_balance_backprops():
     torch.testing.assert_close(out.mtp_loss, torch.stack(out.mtp_losses).mean())
     out.loss.backward()
     assert model.mtp[1].eh_proj.weight.grad is not None and model.mtp[1].eh_proj.weight.grad.abs().sum() > 0
+
+
+def test_fused_projection_weights_are_reused_at_inference_and_follow_updates():
+    from nanoseek.model.moe import SwiGLU
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(8, 16)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        first = mlp._fused_gate_up(mlp.gate_proj, mlp.up_proj)
+        assert mlp._fused_gate_up(mlp.gate_proj, mlp.up_proj) is first  # made once, reused
+        mlp.up_proj.weight.mul_(2)  # an optimizer step: the cache must notice
+        y = mlp(x)
+    ref = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    torch.testing.assert_close(y, ref)
+    mlp(x).sum().backward()  # training: gradients reach the separate parameters
+    assert mlp.gate_proj.weight.grad is not None and mlp.up_proj.weight.grad is not None

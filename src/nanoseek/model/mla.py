@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import DeepseekV3Config
+from nanoseek.model.fused import FusedWeight
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope_half, apply_rope_interleaved
 
@@ -90,6 +91,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=1e-6)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.dn + self.dv), bias=False)
         self.o_proj = nn.Linear(H * self.dv, d, bias=cfg.attention_bias)
+        self._fused_down = FusedWeight()  # q_a_proj + kv_a_proj_with_mqa as one matmul
 
     # -- projections shared by both paths --------------------------------------------------------------
     def _down_projections(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -98,7 +100,7 @@ class MultiHeadLatentAttention(nn.Module):
             return None, self.kv_a_proj_with_mqa(x)
         if type(self.q_a_proj) is not nn.Linear or self.q_a_proj.bias is not None:  # (quantized: two calls)
             return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
-        both = F.linear(x, torch.cat([self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight]))
+        both = F.linear(x, self._fused_down(self.q_a_proj, self.kv_a_proj_with_mqa))
         return both.split([self.q_lora_rank, self.kv_lora_rank + self.dr], dim=-1)
 
     def _queries(self, x, q_a, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:

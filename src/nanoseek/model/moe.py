@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import DeepseekV3Config
+from nanoseek.model.fused import FusedWeight
 
 
 class SwiGLU(nn.Module):
@@ -27,12 +28,13 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=False)
         self.up_proj = nn.Linear(d, f, bias=False)
         self.down_proj = nn.Linear(f, d, bias=False)
+        self._fused_gate_up = FusedWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(self.gate_proj) is not nn.Linear:  # swapped for a quantized module (engine/quant.py)
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         # One matmul for gate and up (a bigger GEMM is more efficient than two); names stay HF's.
-        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        gate, up = F.linear(x, self._fused_gate_up(self.gate_proj, self.up_proj)).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

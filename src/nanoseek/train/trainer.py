@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+from nanoseek.model.fused import clear_fused_weights
 from nanoseek.model.loss import IGNORE_INDEX
 from nanoseek.model.moe import load_imbalance, update_router_bias
 from nanoseek.model.mtp import shift_left
@@ -416,6 +417,7 @@ class Trainer:
             autocast_dtype=self.autocast_dtype,
         )  # fmt: skip
         if sharded:  # back to shards: the optimizer holds the sharded parameters
+            clear_fused_weights(self.model)  # (they hold gathered weights)
             self.step_module.reshard()
         return scores
 
