@@ -245,3 +245,28 @@ def test_chat_history_is_trimmed_oldest_first_to_fit_the_context(tiny):
     assert len(ids) + 16 <= 200
     assert [m["content"][:6] for m in history] == ["be bri", "turn 5", "turn 5", "last"]
     assert _fit_context(tok, [system, {"role": "user", "content": "y" * 500}], keep=1, limit=200, max_tokens=16) is None
+
+
+def test_quant_option_picks_the_run_format(tiny, capsys):
+    """--quant auto leaves an F32 GGUF in fp32; int8 / fp16 swap the linears; all three give the greedy text."""
+    from nanoseek.commands._textgen import run_format
+    from nanoseek.engine.quant import Fp16Linear, Int8Linear
+
+    gguf_path, _ = tiny
+    model = nanoseek.load(gguf_path)
+    assert run_format("auto", gguf_path, model) == "none"  # the test file's weights are F32
+    assert run_format("int8", gguf_path, model) == "int8"
+    outs = []
+    for quant in ("none", "int8", "fp16"):
+        assert main(["generate", str(gguf_path), "--prompt", "the theme", "--max-tokens", "4", "--temperature", "0",
+                     "--quant", quant]) == 0  # fmt: skip
+        captured = capsys.readouterr()
+        outs.append(captured.out)
+        assert (f"weights run as {quant}" in captured.err) == (quant != "none")
+    assert all(o.strip() for o in outs)
+    quantized = nanoseek.load(gguf_path)
+    from nanoseek.engine.quant import quantize_model
+
+    quantize_model(quantized, "int8")
+    assert any(isinstance(m, Int8Linear) for m in quantized.modules())
+    assert not any(isinstance(m, Fp16Linear) for m in quantized.modules())

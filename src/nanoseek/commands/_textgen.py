@@ -12,6 +12,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="where downloaded weights are kept (default ~/.cache/nanoseek)")
     p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16")
     p.add_argument("--device", default=None, help="cpu (default) | cuda | cuda:N")
+    p.add_argument(
+        "--quant", default="auto", choices=["auto", "none", "int8", "fp16"],
+        help="weights' run format on the CPU: int8 or fp16 (packed, 2-3x faster decoding than fp32), none "
+        "(fp32); auto (default): int8 for quantized GGUF files, none otherwise",
+    )  # fmt: skip
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -38,4 +43,26 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     path = resolve_model(args.model, args.cache_dir, log=log)
     tokenizer = nanoseek.load_tokenizer(path)  # first: a folder without a tokenizer fails before the weights load
     model = nanoseek.load(path, dtype=args.dtype, device=args.device)
+    quant = run_format(args.quant, path, model)
+    if quant != "none":
+        from nanoseek.engine.quant import quantize_model
+
+        quantize_model(model, quant)
+        log(f"weights run as {quant}")
     return model, tokenizer
+
+
+def run_format(choice: str, path, model) -> str:
+    """The weights' run format for --quant. "auto" picks int8 for a quantized GGUF file on the CPU (its
+    weights are 4-8 bits already; int8 keeps them close and decodes ~3x faster than fp32), else none."""
+    device = next(model.parameters()).device
+    if choice != "auto":
+        if choice != "none" and device.type != "cpu":
+            raise ValueError(f"--quant {choice} is for the CPU; the model is on {device}")
+        return choice
+    if device.type != "cpu" or not str(path).lower().endswith(".gguf"):
+        return "none"
+    from nanoseek.weights.gguf import open_gguf
+
+    qtypes = {info.qtype.name for info in open_gguf(path).tensors.values()}
+    return "int8" if qtypes - {"F32", "F16", "BF16"} else "none"
