@@ -140,6 +140,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     )
 
 
+def trim_shared_padding(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the positions after the last target of the whole batch (padding every row has). Exact: under
+    causal attention later positions cannot change earlier ones, and the cut positions have no target."""
+    has_target = (y != IGNORE_INDEX).any(0).nonzero()
+    length = int(has_target[-1]) + 1 if len(has_target) else y.shape[1]
+    return x[:, :length], y[:, :length]
+
+
 class BatchSource:
     """This rank's micro-batches for optimizer step `step`: a list of grad_accum (input_ids, targets)."""
 
@@ -167,11 +175,8 @@ class BatchSource:
             return [self.text.next_batch(self.rows) for _ in range(self.n_micro)]
         x, y = self.tasks.batch_at(step)
         self.tasks.step = step + 1
-        # Cut the padding every row of the global batch has (causal attention: later positions cannot
-        # change earlier ones; the same cut on every rank keeps the MoE load counts equal to one process).
-        has_target = (y != IGNORE_INDEX).any(0).nonzero()
-        length = int(has_target[-1]) + 1 if len(has_target) else y.shape[1]
-        x, y = x[:, :length], y[:, :length]
+        # The same cut on every rank keeps the MoE load counts equal to those of one process.
+        x, y = trim_shared_padding(x, y)
         out = []
         for m in range(self.n_micro):
             start = (m * self.info.world_size + self.info.rank) * self.rows
