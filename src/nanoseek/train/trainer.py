@@ -221,10 +221,11 @@ class ThreadTuner:
     made the speedrun model's step ~6x slower with two threads than with one (measured on the 2-core box);
     on an idle machine two threads win. The load changes during a run, so the choice is re-checked: every
     `every` steps, `trial` steps run with the other count and the faster recent median is kept.
+    `restore()` puts back the caller's thread count (the trainer calls it when training ends).
     """
 
     def __init__(self, every: int = 50, trial: int = 3, start: int = 5):
-        self.most = torch.get_num_threads()
+        self.most = torch.get_num_threads()  # the caller's setting, restored at the end
         self.every, self.trial, self.start = every, trial, start
         self.best = self.most
         self.recent: dict[int, list[float]] = {1: [], self.most: []}
@@ -247,6 +248,9 @@ class ThreadTuner:
             medians = {k: sorted(v)[len(v) // 2] for k, v in self.recent.items()}
             self.best = min(medians, key=medians.get)
             torch.set_num_threads(self.best)
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.most)
 
 
 # ---- the trainer ----------------------------------------------------------------------------------------
@@ -577,6 +581,8 @@ class Trainer:
                         meter.log(event="eval", step=step, final=True, **{n: s.to_dict() for n, s in scores.items()})
                     model_dir = self.export(self.out_dir / "model")
         finally:
+            if self.tuner is not None:
+                self.tuner.restore()
             summary = meter.close(print_summary=info.is_main and self.show_progress)
         if scores and info.is_main:
             for name, s in scores.items():
