@@ -41,9 +41,13 @@ def _process_settings() -> dict[str, object]:
     }
 
 
+# Set by others, not by the code under test: pytest (the current test's name, per phase), and torch, which
+# writes its default inductor cache folder into the environment the first time anything asks for it.
+_ENV_NOT_OURS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+
+
 def _environ() -> dict[str, str]:
-    """os.environ without the variable pytest itself sets per test phase."""
-    return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    return {k: v for k, v in os.environ.items() if k not in _ENV_NOT_OURS}
 
 
 def _restore(settings: dict[str, object], environ: dict[str, str]) -> None:

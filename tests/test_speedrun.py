@@ -44,6 +44,8 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     assert summary["device"] == "cpu" and summary["energy_estimated"] is True
     report = (out / "report.md").read_text()
     assert "| pretrain | add2 |" in report and "95% CI" in report and "![Training loss](loss.png)" in report
+    assert "Trained from scratch (random initial weights, seed 1337), on synthetic tasks: add2, sort, with a byte-level " \
+        "BPE trained in the run." in report  # fmt: skip
     events = {json.loads(x)["event"] for x in (out / "metrics.jsonl").read_text().splitlines()}
     assert {"stage", "step", "eval", "summary"} <= events
     assert "report:" in capsys.readouterr().out
@@ -59,6 +61,24 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
         torch.testing.assert_close(ours(ids), ref(ids).logits, rtol=1e-4, atol=1e-4)
     # a finished run folder is not overwritten
     assert main(["speedrun", "--out", str(out), "--minutes", "0.1", "--quiet"]) == 2
+
+
+def test_report_says_what_data_and_tokenizer_the_run_used(tmp_path):
+    from nanoseek.train.config import load_train_config
+    from nanoseek.train.report import describe_training
+    from nanoseek.train.speedrun import training_facts
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n")
+    cfg = load_train_config(overrides=[f"data.files=[{corpus}]", f"tokenizer.path={tmp_path / 'tok'}", "seed=7"])
+    assert describe_training({"training": training_facts(cfg)}) == (
+        f"Trained from scratch (random initial weights, seed 7), on the given text files: corpus.txt, "
+        f"with the given tokenizer ({tmp_path / 'tok'})."
+    )
+    tasks = load_train_config(overrides=["data.tasks=[add2,sort]"])
+    assert "on synthetic tasks: add2, sort, with a byte-level BPE trained in the run" in describe_training(
+        {"training": training_facts(tasks)}
+    )
 
 
 @pytest.mark.slow
