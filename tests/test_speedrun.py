@@ -44,8 +44,8 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     assert summary["device"] == "cpu" and summary["energy_estimated"] is True
     report = (out / "report.md").read_text()
     assert "| pretrain | add2 |" in report and "95% CI" in report and "![Training loss](loss.png)" in report
-    assert "Trained from scratch (random initial weights, seed 1337), on synthetic tasks: add2, sort, with a byte-level " \
-        "BPE trained in the run." in report  # fmt: skip
+    said = "Trained from scratch (random initial weights, seed 1337), on synthetic tasks: add2, sort, with a byte"
+    assert said + "-level BPE trained in the run." in report
     events = {json.loads(x)["event"] for x in (out / "metrics.jsonl").read_text().splitlines()}
     assert {"stage", "step", "eval", "summary"} <= events
     assert "report:" in capsys.readouterr().out
