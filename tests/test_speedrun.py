@@ -33,7 +33,10 @@ def check_summary_shape(summary: dict) -> None:
 def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     out = tmp_path / "run"
     sets = [x for s in TINY if not s.startswith(("device=", "log_every=")) for x in ("--set", s)]
-    rc = main(["speedrun", "--out", str(out), "--minutes", "0.15", "--quiet", *sets, "--set", "eval_every=20"])
+    # The step count, not the clock, ends the run (a 30-minute budget is never reached by 30 tiny steps), so a
+    # busy machine runs the same steps and writes the same files as an idle one.
+    rc = main(["speedrun", "--out", str(out), "--minutes", "30", "--quiet", *sets, "--set", "max_steps=30",
+               "--set", "eval_every=20"])  # fmt: skip
     assert rc == 0
     for name in ("report.md", "metrics.jsonl", "summary.json", "loss.png", "accuracy.png", "throughput.png",
                  "energy.png", "model/config.json", "model/tokenizer.json", "model/model.safetensors"):  # fmt: skip
@@ -41,6 +44,7 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     check_summary_shape(summary)
     assert summary["stages"][0]["name"] == "pretrain" and "add2" in summary["stages"][0]["eval"]
+    assert summary["stages"][0]["steps"] == 30
     assert summary["device"] == "cpu" and summary["energy_estimated"] is True
     report = (out / "report.md").read_text()
     assert "| pretrain | add2 |" in report and "95% CI" in report and "![Training loss](loss.png)" in report
