@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanoseek.train import checkpoint as ck
+import procs
 from nanoseek.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -95,18 +95,17 @@ def test_rng_state_roundtrip_through_a_checkpoint(tmp_path):
     assert (random.random(), np.random.rand(5).tolist(), torch.rand(5).tolist()) == want
 
 
-def test_failed_save_keeps_previous_and_cleans_tmp(tmp_path, monkeypatch):
+def test_failed_save_keeps_previous_and_cleans_tmp(tmp_path):
     _save(tmp_path, 1, 1.0)
 
     def disk_full(label):
         if label == "train_state.pt":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ck, "_after_write_hook", disk_full)
     with pytest.raises(
         CheckpointError, match=r"could not save checkpoint step 2 .*disk is full.*intact: step-00000001"
     ):
-        _save(tmp_path, 2, 2.0)
+        _save(tmp_path, 2, 2.0, after_write=disk_full)
     assert not list(tmp_path.glob(".tmp-*"))
     assert load_latest(tmp_path).step == 1
 
@@ -142,10 +141,10 @@ KILL_SCRIPT = textwrap.dedent(
     def hook(label):
         if label == kill_at:
             open(marker, "w").write(label)
-            time.sleep(60)  # the parent kills us here
-    ck._after_write_hook = hook
+            while True:  # the parent kills us here
+                time.sleep(1)
     ck.save_checkpoint(run_dir, 2, model_state={"w": torch.full((50_000,), 2.0)}, train_config={"a": 1},
-                       optimizer_state={"m": torch.ones(10)}, keep_last=1)
+                       optimizer_state={"m": torch.ones(10)}, keep_last=1, after_write=hook)
     """
 )
 
@@ -153,18 +152,23 @@ KILL_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("kill_at", ["model_state.safetensors", "train_state.pt", "manifest.json", "renamed"])
 def test_kill_9_during_save_leaves_a_loadable_checkpoint(tmp_path, kill_at):
     run_dir, marker = tmp_path / "run", tmp_path / "marker"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(run_dir), str(marker), kill_at])
+    cmd = [sys.executable, "-c", KILL_SCRIPT, str(run_dir), str(marker), kill_at]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
+        start = time.monotonic()
         while not marker.exists():
-            assert proc.poll() is None, "the saving process ended before reaching the kill point"
-            assert time.time() < deadline
+            if proc.poll() is not None:
+                out, err = proc.communicate()
+                pytest.fail(f"the saving process ended (status {proc.returncode}) before reaching {kill_at}:\n{err}")
+            if time.monotonic() - start > procs.BOUND_S:  # only a hang gets here
+                proc.kill()
+                pytest.fail(procs.still_running(cmd, procs.BOUND_S, *proc.communicate()))
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.communicate()
     ckpt = load_latest(run_dir)
     if kill_at == "renamed":  # step 2 was complete before the kill: it is the newest usable checkpoint
         assert ckpt.step == 2 and torch.equal(ckpt.model_state["w"], torch.full((50_000,), 2.0))

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import procs
 from nanoseek.train.config import load_train_config
 from nanoseek.train.trainer import Trainer
 from test_trainer import TINY
@@ -51,7 +52,7 @@ def torchrun(out: Path, mode: str, *extra: str) -> subprocess.CompletedProcess:
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return procs.run(cmd, env=env)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

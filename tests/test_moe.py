@@ -24,10 +24,9 @@ def loop_reference(experts: moe.GroupedExperts, x, w, idx):
 
 @pytest.mark.parametrize("backend", ["grouped_mm", "padded_bmm"])
 @pytest.mark.parametrize("skewed", [False, True])
-def test_expert_backends_match_loop(monkeypatch, backend, skewed):
-    monkeypatch.setattr(moe, "EXPERTS_BACKEND", backend)
+def test_expert_backends_match_loop(backend, skewed):
     torch.manual_seed(0)
-    experts = moe.GroupedExperts(8, 32, 16)
+    experts = moe.GroupedExperts(8, 32, 16, backend=backend)
     torch.nn.init.normal_(experts.gate_up_proj, 0, 0.1)
     torch.nn.init.normal_(experts.down_proj, 0, 0.1)
     x = torch.randn(50, 32, requires_grad=True)
@@ -42,6 +41,17 @@ def test_expert_backends_match_loop(monkeypatch, backend, skewed):
     g_ref = torch.autograd.grad(ref.square().sum(), [x, w, experts.gate_up_proj, experts.down_proj])
     for a, b in zip(g_got, g_ref):
         assert (a - b).abs().max() < 1e-4
+
+
+def test_experts_backend_is_set_per_model():
+    cfg = from_name("test-tiny")
+    a, b = DeepseekV3ForCausalLM(cfg), DeepseekV3ForCausalLM(cfg)
+    assert moe.set_experts_backend(a, "padded_bmm") is a
+    backends = lambda m: {e.backend for e in m.modules() if isinstance(e, moe.GroupedExperts)}
+    assert backends(a) == {"padded_bmm"} and backends(b) == {"auto"}  # the other model is untouched
+    with pytest.raises(ValueError, match="unknown experts backend 'fast'; choose one of auto, grouped_mm"):
+        moe.set_experts_backend(a, "fast")
+    assert backends(a) == {"padded_bmm"}
 
 
 def test_router_bias_update_balances_load():

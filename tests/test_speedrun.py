@@ -33,7 +33,10 @@ def check_summary_shape(summary: dict) -> None:
 def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     out = tmp_path / "run"
     sets = [x for s in TINY if not s.startswith(("device=", "log_every=")) for x in ("--set", s)]
-    rc = main(["speedrun", "--out", str(out), "--minutes", "0.15", "--quiet", *sets, "--set", "eval_every=20"])
+    # The step count, not the clock, ends the run (a 30-minute budget is never reached by 30 tiny steps), so a
+    # busy machine runs the same steps and writes the same files as an idle one.
+    rc = main(["speedrun", "--out", str(out), "--minutes", "30", "--quiet", *sets, "--set", "max_steps=30",
+               "--set", "eval_every=20"])  # fmt: skip
     assert rc == 0
     for name in ("report.md", "metrics.jsonl", "summary.json", "loss.png", "accuracy.png", "throughput.png",
                  "energy.png", "model/config.json", "model/tokenizer.json", "model/model.safetensors"):  # fmt: skip
@@ -41,9 +44,12 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     check_summary_shape(summary)
     assert summary["stages"][0]["name"] == "pretrain" and "add2" in summary["stages"][0]["eval"]
+    assert summary["stages"][0]["steps"] == 30
     assert summary["device"] == "cpu" and summary["energy_estimated"] is True
     report = (out / "report.md").read_text()
     assert "| pretrain | add2 |" in report and "95% CI" in report and "![Training loss](loss.png)" in report
+    said = "Trained from scratch (random initial weights, seed 1337), on synthetic tasks: add2, sort, with a byte"
+    assert said + "-level BPE trained in the run." in report
     events = {json.loads(x)["event"] for x in (out / "metrics.jsonl").read_text().splitlines()}
     assert {"stage", "step", "eval", "summary"} <= events
     assert "report:" in capsys.readouterr().out
@@ -59,6 +65,24 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
         torch.testing.assert_close(ours(ids), ref(ids).logits, rtol=1e-4, atol=1e-4)
     # a finished run folder is not overwritten
     assert main(["speedrun", "--out", str(out), "--minutes", "0.1", "--quiet"]) == 2
+
+
+def test_report_says_what_data_and_tokenizer_the_run_used(tmp_path):
+    from nanoseek.train.config import load_train_config
+    from nanoseek.train.report import describe_training
+    from nanoseek.train.speedrun import training_facts
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n")
+    cfg = load_train_config(overrides=[f"data.files=[{corpus}]", f"tokenizer.path={tmp_path / 'tok'}", "seed=7"])
+    assert describe_training({"training": training_facts(cfg)}) == (
+        f"Trained from scratch (random initial weights, seed 7), on the given text files: corpus.txt, "
+        f"with the given tokenizer ({tmp_path / 'tok'})."
+    )
+    tasks = load_train_config(overrides=["data.tasks=[add2,sort]"])
+    assert "on synthetic tasks: add2, sort, with a byte-level BPE trained in the run" in describe_training(
+        {"training": training_facts(tasks)}
+    )
 
 
 @pytest.mark.slow

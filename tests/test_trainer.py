@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import procs
 from nanoseek.train.checkpoint import CheckpointError, list_checkpoints
 from nanoseek.train.config import load_train_config
 from nanoseek.train.trainer import Trainer
@@ -81,17 +81,16 @@ KILL_SCRIPT = textwrap.dedent(
     from nanoseek.train.config import load_train_config
     from nanoseek.train.trainer import Trainer
 
-    def hook(label):  # die in the middle of writing the step-8 checkpoint
-        if label == "model_state.safetensors" and saving_step[0] == 8:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    saving_step = [0]
     original = checkpoint.save_checkpoint
-    def save(run_dir, step, **kw):
-        saving_step[0] = step
-        return original(run_dir, step, **kw)
-    checkpoint.save_checkpoint = save
-    checkpoint._after_write_hook = hook
+
+    def save(run_dir, step, **kw):  # die in the middle of writing the step-8 checkpoint
+        def hook(label):
+            if label == "model_state.safetensors" and step == 8:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return original(run_dir, step, after_write=hook, **kw)
+
+    checkpoint.save_checkpoint = save  # this child process only: the Trainer saves through it
     cfg = load_train_config(overrides=sys.argv[1:])
     Trainer(cfg, show_progress=False).train()
     """
@@ -112,8 +111,8 @@ def _kill_during_save(tmp_path):
     out = tmp_path / "killed"
     overrides = [*TINY, f"out_dir={out}", "max_steps=10", "ckpt_every=4"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, *overrides], env=env, capture_output=True, timeout=300)
-    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    proc = procs.run([sys.executable, "-c", KILL_SCRIPT, *overrides], env=env)
+    assert proc.returncode == -9, proc.stderr[-2000:]
     ckpts = list_checkpoints(out / "checkpoints")
     assert [p.name for p in ckpts] == ["step-00000004"]  # the interrupted save left no step-8 folder
     resumed = run(load_train_config(overrides=overrides), resume=True)

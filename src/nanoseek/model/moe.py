@@ -81,13 +81,23 @@ class Router(nn.Module):
         return weights_NK * self.scaling, topk_idx_NK, scores_NE
 
 
+# How routed experts run: "grouped_mm" (torch._grouped_mm over expert-sorted rows, combined with index_add_),
+# "padded_bmm" (one bmm over per-expert slot blocks, dispatched and combined with gathers), or "auto"
+# (grouped_mm where the kernel is native: CUDA bf16 on sm90+, and on CPU, where `nanoseek bench moe-step`
+# measures both; padded_bmm elsewhere). Both compute the same function.
+EXPERTS_BACKENDS = ("auto", "grouped_mm", "padded_bmm")
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as 3D tensors (transformers v5 layout: gate_up_proj [E, 2F, d],
-    down_proj [E, d, F]); HF per-expert names are produced by the state-dict adapter."""
+    down_proj [E, d, F]); HF per-expert names are produced by the state-dict adapter.
 
-    def __init__(self, n_experts: int, d: int, f: int):
+    backend: one of EXPERTS_BACKENDS, per module (set_experts_backend changes it on a whole model)."""
+
+    def __init__(self, n_experts: int, d: int, f: int, backend: str = "auto"):
         super().__init__()
         self.n_experts, self.f = n_experts, f
+        self.backend = _checked_backend(backend)
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * f, d))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d, f))
 
@@ -100,7 +110,7 @@ class GroupedExperts(nn.Module):
         order = flat_idx.argsort(stable=True)  # (token, k) rows sorted by expert
         if counts_E is None:
             counts_E = torch.bincount(flat_idx, minlength=self.n_experts)
-        backend = EXPERTS_BACKEND if EXPERTS_BACKEND != "auto" else _auto_backend(x_ND)
+        backend = self.backend if self.backend != "auto" else _auto_backend(x_ND)
         if backend == "padded_bmm":
             capacity = int(counts_E.max())
             # Padding wastes compute when routing is very unbalanced; then the grouped matmul is better.
@@ -171,10 +181,19 @@ class _Combine(torch.autograd.Function):
         return grad_pad.index_select(0, slot_pair), None, None, None, None
 
 
-# How routed experts run: "grouped_mm" (torch._grouped_mm over expert-sorted rows), "padded_bmm" (one bmm
-# over per-expert slot blocks), or "auto" (grouped_mm where the kernel is native: CUDA bf16 on sm90+,
-# and on CPU, where benchmarks/moe_step.py measures both; padded_bmm elsewhere).
-EXPERTS_BACKEND = "auto"
+def _checked_backend(backend: str) -> str:
+    if backend not in EXPERTS_BACKENDS:
+        raise ValueError(f"unknown experts backend {backend!r}; choose one of {', '.join(EXPERTS_BACKENDS)}")
+    return backend
+
+
+def set_experts_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Run every GroupedExperts of `model` with `backend` (see EXPERTS_BACKENDS); returns the model."""
+    backend = _checked_backend(backend)
+    for m in model.modules():
+        if isinstance(m, GroupedExperts):
+            m.backend = backend
+    return model
 
 
 def _auto_backend(x: torch.Tensor) -> str:

@@ -62,10 +62,6 @@ RESUME_MAY_CHANGE = frozenset(
     }
 )  # fmt: skip
 
-# Test hook: called with a label after each file of a save is written (and before the rename). Tests use
-# it to kill a saving process at a known point; it is None in normal runs.
-_after_write_hook: Callable[[str], None] | None = None
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or used; the message says which and why."""
@@ -129,11 +125,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _hook(label: str) -> None:
-    if _after_write_hook is not None:
-        _after_write_hook(label)
-
-
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU contiguous copies; safetensors refuses tensors sharing storage (tied embeddings)."""
     out, seen = {}, set()
@@ -161,8 +152,14 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     write_files: Callable[[Path], None] | None = None,
     keep_last: int = 3,
+    after_write: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically into run_dir/step-XXXXXXXX and return its path."""
+    """Write checkpoint `step` atomically into run_dir/step-XXXXXXXX and return its path.
+
+    after_write: called with a label ("write_files", "model_state.safetensors", "train_state.pt",
+    "manifest.json", "renamed") after each stage of the save; tests use it to fail or kill a save at a
+    known point."""
+    reached = after_write or (lambda label: None)
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     run_dir = Path(run_dir)
@@ -178,10 +175,10 @@ def save_checkpoint(
         tmp.mkdir()
         if write_files is not None:
             write_files(tmp)
-            _hook("write_files")
+            reached("write_files")
         if model_state is not None:
             save_file(_unshared(model_state), str(tmp / "model_state.safetensors"), metadata={"step": str(step)})
-            _hook("model_state.safetensors")
+            reached("model_state.safetensors")
         train_state = {
             "format": FORMAT_VERSION,
             "step": step,
@@ -192,7 +189,7 @@ def save_checkpoint(
             "extra": extra or {},
         }
         torch.save(train_state, tmp / "train_state.pt")
-        _hook("train_state.pt")
+        reached("train_state.pt")
         _write_bytes(tmp / "train_config.json", (json.dumps(train_config, indent=2, sort_keys=True) + "\n").encode())
         files = {}
         for p in sorted(tmp.rglob("*")):
@@ -202,7 +199,7 @@ def save_checkpoint(
         manifest = {"format": FORMAT_VERSION, "step": step, "files": files}
         _write_bytes(tmp / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
         _fsync(tmp)
-        _hook("manifest.json")
+        reached("manifest.json")
         if final.exists():  # re-saving a step: move the old one aside, never delete before the new is in place
             old = run_dir / f".trash-{final.name}-{os.getpid()}"
             os.rename(final, old)
@@ -211,7 +208,7 @@ def save_checkpoint(
         else:
             os.rename(tmp, final)
         _fsync(run_dir)
-        _hook("renamed")
+        reached("renamed")
         _write_latest(run_dir, final.name)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

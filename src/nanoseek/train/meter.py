@@ -30,7 +30,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,24 +140,28 @@ class RaplEnergy(EnergyCounter):
         return self._total_uj / 1e6
 
 
+def process_cpu_seconds() -> float:
+    """This process's CPU-seconds so far: user + system, finished children included."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 class CpuTimeEnergy(EnergyCounter):
-    """An estimate: this process's CPU-seconds (user + system, children included) x watts per busy core."""
+    """An estimate: this process's CPU-seconds (user + system, children included) x watts per busy core.
+
+    cpu_seconds: the CPU-time source (tests pass a fake one to get exact figures)."""
 
     source = "estimate"
     estimated = True
 
-    def __init__(self, watts_per_core: float):
+    def __init__(self, watts_per_core: float, cpu_seconds: Callable[[], float] = process_cpu_seconds):
         self.watts_per_core = watts_per_core
-        self._start = self._cpu_seconds()
+        self._cpu_seconds = cpu_seconds
+        self._start = cpu_seconds()
         self.assumption = (
             f"estimated: process CPU time x {watts_per_core:g} W per busy core "
             f"(no NVML or readable RAPL energy counter on this machine)"
         )
-
-    @staticmethod
-    def _cpu_seconds() -> float:
-        t = os.times()
-        return t.user + t.system + t.children_user + t.children_system
 
     def joules(self) -> float:
         return (self._cpu_seconds() - self._start) * self.watts_per_core
@@ -215,7 +219,11 @@ class Meter:
         show: bool = True,
         ema: float = 0.9,
         energy: EnergyCounter | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ):
+        """energy: the energy counter (default: the best one for `device`, see make_energy_counter).
+        clock: seconds from an arbitrary origin, monotonic (default time.perf_counter; tests pass a fake)."""
+        self.clock = clock
         self.flops_per_token = float(flops_per_token)
         self.n_devices = n_devices
         self.price, self.currency = price_per_device_hour, currency
@@ -237,7 +245,7 @@ class Meter:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True, leave=True)
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
         self._last = self._t0
         self._paused_s = 0.0  # paused time since the last step
         self._train_s = 0.0
@@ -253,15 +261,15 @@ class Meter:
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Time spent inside (evaluation, checkpointing) counts in wall time but not in tokens/s."""
-        start = time.perf_counter()
+        start = self.clock()
         try:
             yield
         finally:
-            self._paused_s += time.perf_counter() - start
+            self._paused_s += self.clock() - start
 
     def step(self, step: int, loss: float, tokens: int, **scalars: Any) -> dict[str, Any]:
         """Record one optimizer step that processed `tokens` token positions (all devices)."""
-        now = time.perf_counter()
+        now = self.clock()
         dt = max(1e-9, now - self._last - self._paused_s)
         self._last, self._paused_s = now, 0.0
         self._train_s += dt
@@ -294,7 +302,7 @@ class Meter:
     def log(self, **record: Any) -> None:
         """Write any other record (eval results, notes) to metrics.jsonl, with the wall time."""
         record.setdefault("event", "log")
-        record["wall_s"] = time.perf_counter() - self._t0
+        record["wall_s"] = self.clock() - self._t0
         self._write({k: _jsonable(v) for k, v in record.items()})
         if self._bar is not None and record["event"] == "eval":
             self._bar.write(json.dumps({k: v for k, v in record.items() if k != "wall_s"}))
@@ -311,7 +319,7 @@ class Meter:
         return wall_s / 3600 * self.n_devices * self.price
 
     def summary(self) -> dict[str, Any]:
-        wall = time.perf_counter() - self._t0
+        wall = self.clock() - self._t0
         tok_s = self.tokens / self._train_s if self._train_s > 0 else 0.0
         joules = self.energy.joules()
         return {

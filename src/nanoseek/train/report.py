@@ -157,6 +157,21 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def describe_training(summary: dict[str, Any]) -> str:
+    """What the run did, from summary["training"] (written by the speedrun): its initial weights, and the
+    data and tokenizer, each as given by the user or as made by the run."""
+    t = summary["training"]
+    start = f"Trained from scratch (random initial weights, seed {t['seed']})"
+    if t["data_files"]:
+        data = f"on the given text files: {', '.join(Path(f).name for f in t['data_files'])}"
+    else:
+        data = f"on synthetic tasks: {', '.join(t['tasks'])}"
+    tok = (
+        f"the given tokenizer ({t['tokenizer_path']})" if t["tokenizer_path"] else "a byte-level BPE trained in the run"
+    )
+    return f"{start}, {data}, with {tok}."
+
+
 def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | None, plots: list[str]) -> str:
     m = summary.get("model", {})
     lines = ["# nanoseek speedrun report", ""]
@@ -172,8 +187,8 @@ def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | N
             f"Model: DeepSeek-V3 architecture, {m['params'] / 1e6:.2f}M parameters ({m['active_params'] / 1e6:.2f}M "
             f"active per token): hidden {m['hidden_size']}, {m['layers']} layers, MLA with kv_lora_rank "
             f"{m['kv_lora_rank']}, MoE {m['routed_experts']} routed experts (top-{m['experts_per_token']}) + "
-            f"{m['shared_experts']} shared, MTP depth {m['mtp_depth']}, vocabulary {m['vocab_size']} (byte-level BPE "
-            f"trained in the run). Trained from scratch on synthetic tasks: {', '.join(summary.get('tasks', []))}."
+            f"{m['shared_experts']} shared, MTP depth {m['mtp_depth']}, vocabulary {m['vocab_size']}. "
+            f"{describe_training(summary)}"
         )
         lines.append("")
     lines += ["## Held-out accuracy", ""]

@@ -183,12 +183,23 @@ def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
         "skipped_stages": skipped,
         "model_dir": str(model_dir),
         "preset": opts.preset,
-        "tasks": cfg.data.tasks,
+        "tasks": cfg.data.tasks if not cfg.data.files else [],
+        "training": training_facts(cfg),
         "model": _model_facts(model_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_report(run_dir, summary, cfg)
     return summary
+
+
+def training_facts(cfg: TrainConfig) -> dict[str, Any]:
+    """What the pretraining started from and read (the report says it as it was)."""
+    return {
+        "seed": cfg.seed,  # of the initial weights: the trainer always starts from a random model
+        "data_files": list(cfg.data.files),
+        "tasks": [] if cfg.data.files else list(cfg.data.tasks),
+        "tokenizer_path": cfg.tokenizer.path,
+    }
 
 
 def _append_metrics(src: Path, dst: Path) -> None:

@@ -150,6 +150,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     )
 
 
+def trim_shared_padding(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the positions after the last target of the whole batch (padding every row has). Exact: under
+    causal attention later positions cannot change earlier ones, and the cut positions have no target."""
+    has_target = (y != IGNORE_INDEX).any(0).nonzero()
+    length = int(has_target[-1]) + 1 if len(has_target) else y.shape[1]
+    return x[:, :length], y[:, :length]
+
+
 class BatchSource:
     """This rank's micro-batches for optimizer step `step`: a list of grad_accum (input_ids, targets)."""
 
@@ -177,11 +185,8 @@ class BatchSource:
             return [self.text.next_batch(self.rows) for _ in range(self.n_micro)]
         x, y = self.tasks.batch_at(step)
         self.tasks.step = step + 1
-        # Cut the padding every row of the global batch has (causal attention: later positions cannot
-        # change earlier ones; the same cut on every rank keeps the MoE load counts equal to one process).
-        has_target = (y != IGNORE_INDEX).any(0).nonzero()
-        length = int(has_target[-1]) + 1 if len(has_target) else y.shape[1]
-        x, y = x[:, :length], y[:, :length]
+        # The same cut on every rank keeps the MoE load counts equal to those of one process.
+        x, y = trim_shared_padding(x, y)
         out = []
         for m in range(self.n_micro):
             start = (m * self.info.world_size + self.info.rank) * self.rows
@@ -234,10 +239,11 @@ class ThreadTuner:
     made the speedrun model's step ~6x slower with two threads than with one (measured on the 2-core box);
     on an idle machine two threads win. The load changes during a run, so the choice is re-checked: every
     `every` steps, `trial` steps run with the other count and the faster recent median is kept.
+    `restore()` puts back the caller's thread count (the trainer calls it when training ends).
     """
 
     def __init__(self, every: int = 50, trial: int = 3, start: int = 5):
-        self.most = torch.get_num_threads()
+        self.most = torch.get_num_threads()  # the caller's setting, restored at the end
         self.every, self.trial, self.start = every, trial, start
         self.best = self.most
         self.recent: dict[int, list[float]] = {1: [], self.most: []}
@@ -260,6 +266,9 @@ class ThreadTuner:
             medians = {k: sorted(v)[len(v) // 2] for k, v in self.recent.items()}
             self.best = min(medians, key=medians.get)
             torch.set_num_threads(self.best)
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.most)
 
 
 # ---- the trainer ----------------------------------------------------------------------------------------
@@ -599,6 +608,8 @@ class Trainer:
                         meter.log(event="eval", step=step, final=True, **{n: s.to_dict() for n, s in scores.items()})
                     model_dir = self.export(self.out_dir / "model")
         finally:
+            if self.tuner is not None:
+                self.tuner.restore()
             summary = meter.close(print_summary=info.is_main and self.show_progress)
         if scores and info.is_main:
             for name, s in scores.items():
