@@ -138,8 +138,10 @@ def run(args: argparse.Namespace, out: str) -> None:
         rec = trainer._train_step(i, lr)
         return rec["loss"], rec["grad_norm"]
 
+    from nanoseek.weights.hf_folder import save_pretrained
+
     start = copy.deepcopy(trainer.model)  # every row starts from these weights
-    start.save_pretrained(Path(out) / "start")
+    save_pretrained(start, Path(out) / "start")
     steps = {
         TRAINER: trainer_step,
         HF_SAME: loop(hf_from_folder(Path(out) / "start"), hf_loss, trim=True, router_bias=False),
