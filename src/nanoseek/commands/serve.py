@@ -4,8 +4,9 @@
     curl localhost:8000/v1/chat/completions -H 'Authorization: Bearer secret' \
          -d '{"messages": [{"role": "user", "content": "hi"}], "stream": true}'
 
-Binds 127.0.0.1 unless --host says otherwise. On SIGTERM or Ctrl-C, in-flight requests get --shutdown-timeout
-seconds to finish; then they are cancelled (their streams end) and the engine stops.
+Binds 127.0.0.1 unless --host says otherwise. On SIGTERM or Ctrl-C the server stops taking requests and those in
+flight get --shutdown-timeout seconds to finish; then the engine aborts them (their streams end normally, with
+finish_reason "abort") and stops.
 """
 
 from __future__ import annotations
@@ -56,6 +57,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     print(f"serving {server.name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     app = create_app(server, api_key=args.api_key)
-    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
-                log_level="info")  # fmt: skip
+    # uvicorn's own deadline is a backstop only: by then the engine has ended every stream
+    config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout + 10,
+                            log_level="info")  # fmt: skip
+    _draining_server(config, server.engine.shutdown, args.shutdown_timeout).run()
     return 0
+
+
+def _draining_server(config, stop_engine, timeout: float):
+    """uvicorn's Server, plus: on SIGTERM/Ctrl-C, stop the engine after `timeout` seconds, which ends the streams
+    still running (uvicorn alone would wait for them, then cancel their tasks mid-write)."""
+    import threading
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                timer = threading.Timer(timeout, stop_engine)
+                timer.daemon = True  # an idle server exits at once, without waiting for it
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)
