@@ -38,7 +38,9 @@ class Running:
 
 
 @contextlib.contextmanager
-def serve(gguf_path, name: str = "tiny", api_key: str | None = None, engine_config=None, **app_kwargs) -> Iterator[Running]:
+def serve(
+    gguf_path, name: str = "tiny", api_key: str | None = None, engine_config=None, **app_kwargs
+) -> Iterator[Running]:
     """The app on 127.0.0.1:<free port> under a real uvicorn, stopped (lifespan shutdown included) on exit."""
     import uvicorn
 

@@ -122,10 +122,15 @@ def test_logit_bias_and_max_tokens_and_ignore_eos(client, gguf):
     reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0.8,
                                            logit_bias={str(a): 100}, extra_body={"ignore_eos": True})  # fmt: skip
     assert reply.choices[0].message.content == "AAAAA" and reply.choices[0].finish_reason == "length"
-    other = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0.9, top_p=0.9,
-                                           presence_penalty=1.0, frequency_penalty=0.5, seed=1,
-                                           extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2})  # fmt: skip
-    assert other.usage.completion_tokens <= 4
+    args = dict(model="tiny", messages=MESSAGES, max_tokens=6)
+    greedy = client.chat.completions.create(**args, temperature=0, extra_body={"ignore_eos": True})
+    for only_the_top in ({"top_k": 1}, {"min_p": 1.0}):  # vLLM's extras reach the sampler: both leave one token
+        got = client.chat.completions.create(**args, temperature=1.5, seed=3,
+                                             extra_body={**only_the_top, "ignore_eos": True})  # fmt: skip
+        assert got.choices[0].message.content == greedy.choices[0].message.content
+    penalties = dict(presence_penalty=1.0, frequency_penalty=0.5, extra_body={"repetition_penalty": 1.2})
+    penalized = client.chat.completions.create(**args, temperature=0.9, top_p=0.9, **penalties)
+    assert penalized.usage.completion_tokens <= 6
 
 
 def test_completions_token_prompts_and_echo(client, gguf):

@@ -24,8 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
-                   help="require this key (Authorization: Bearer KEY or x-api-key: KEY); default $NANOSEEK_API_KEY")  # fmt: skip
+    p.add_argument(
+        "--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
+        help="require this key (Authorization: Bearer KEY or x-api-key: KEY); default $NANOSEEK_API_KEY",
+    )  # fmt: skip
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL's name)")
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together (default 32)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,

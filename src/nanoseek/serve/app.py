@@ -13,6 +13,7 @@ free their cache blocks. Shutting down (uvicorn's lifespan, e.g. on SIGTERM) sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -56,7 +57,9 @@ def create_app(server: ModelServer, *, api_key: str | None = None, max_body_byte
     app.include_router(routers[1])
     _add_error_handlers(app)
     app.add_middleware(_LimitBody, max_bytes=max_body_bytes)
-    app.add_middleware(_CountRequests, server=server, paths={r.path for rs in routers for r in rs.routes})  # outermost: sees 413s
+    app.add_middleware(
+        _CountRequests, server=server, paths={r.path for rs in routers for r in rs.routes}
+    )  # outermost: sees 413s
     return app
 
 
@@ -199,10 +202,8 @@ class EventStream(StreamingResponse):
         async with anyio.create_task_group() as group:
 
             async def stream() -> None:
-                try:
+                with contextlib.suppress(OSError):  # the client went away mid-write
                     await self.stream_response(send)
-                except OSError:  # the client went away mid-write
-                    pass
                 group.cancel_scope.cancel()
 
             group.start_soon(stream)

@@ -14,6 +14,7 @@ concurrent requests share the engine's batched steps and no handler ever waits f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -95,10 +96,9 @@ class Generation:
         loop = asyncio.get_running_loop()
 
         def sink(out: StepOutput) -> None:  # on the engine thread
-            try:
+            # RuntimeError: the loop is closed (server stopping) and nobody is listening any more
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._queue.put_nowait, out)
-            except RuntimeError:  # the loop is closed (server stopping): nobody is listening any more
-                pass
 
         self.choices: dict[int, tuple[int, ChoiceText, SamplingParams]] = {}
         self.unfinished: set[int] = set()
@@ -167,9 +167,7 @@ class Generation:
     def _observe_token(self, rid: int, first: bool) -> None:
         now = self.server.clock()
         elapsed, self._last_token[rid] = now - self._last_token[rid], now
-        (self.server.metrics.time_to_first_token if first else self.server.metrics.inter_token_latency).observe(
-            elapsed
-        )
+        (self.server.metrics.time_to_first_token if first else self.server.metrics.inter_token_latency).observe(elapsed)
         self.server.metrics.generation_tokens.inc()
 
 
@@ -233,14 +231,15 @@ class ModelServer:
         room = self.context_length - prompt_len
         if prompt_len == 0:
             raise APIError(400, "the prompt is empty", param)
+        context, too_long = self.context_length, "context_length_exceeded"
         if room < 1:
-            raise APIError(400, f"the prompt has {prompt_len} tokens; the model's context is {self.context_length} "
-                                "tokens and the reply needs at least one", param, "context_length_exceeded")  # fmt: skip
+            message = f"the prompt has {prompt_len} tokens; the model's context is {context} tokens and the reply "
+            raise APIError(400, message + "needs at least one", param, too_long)
         if requested is None:
             return room
         if requested > room:
-            raise APIError(400, f"the prompt ({prompt_len} tokens) plus max_tokens ({requested}) exceed the model's "
-                                f"context of {self.context_length} tokens", "max_tokens", "context_length_exceeded")  # fmt: skip
+            message = f"the prompt ({prompt_len} tokens) plus max_tokens ({requested}) exceed the model's context"
+            raise APIError(400, f"{message} of {context} tokens", "max_tokens", too_long)
         return requested
 
     def generate(self, requests: Sequence[tuple[list[int], SamplingParams]]) -> Generation:
