@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "nanoseek.commands.generate",
     "nanoseek.commands.chat",
     "nanoseek.commands.fetch",
+    "nanoseek.commands.serve",
     "nanoseek.commands.bench",
 ]
 

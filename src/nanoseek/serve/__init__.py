@@ -1,0 +1,1 @@
+"""`nanoseek serve`: open models behind the OpenAI and Anthropic APIs (app.py has the routes)."""

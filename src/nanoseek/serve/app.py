@@ -1,0 +1,317 @@
+"""The FastAPI app: thin routes over the protocol models and the serving functions.
+
+    app = create_app(server, api_key="secret")       # server: serving.ModelServer
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Every route parses its body into a pydantic request model, calls one serving function and returns JSON or an
+SSE stream. Errors take the shape of the API the route belongs to (errors.py). Around the routes: a body size
+limit (413), request counting by status for /metrics, and auth when an API key is set. A streaming client
+that disconnects cancels its stream, and a non-streaming one its request: both abort the engine requests and
+free their cache blocks. Shutting down (uvicorn's lifespan, e.g. on SIGTERM) stops the engine's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanoseek.serve import protocol_anthropic as pa
+from nanoseek.serve import protocol_openai as po
+from nanoseek.serve import serving_anthropic as sa
+from nanoseek.serve import serving_openai as so
+from nanoseek.serve.errors import APIError, error_body
+from nanoseek.serve.serving import ModelServer
+
+log = logging.getLogger("nanoseek.serve")
+
+MAX_BODY_BYTES = 4 << 20  # a long-context prompt is well under this; a 10 MB body is refused with a 413
+DISCONNECTED = 499  # nginx's status for "the client closed the request"
+
+
+def create_app(server: ModelServer, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(server.engine.shutdown)  # aborts what is still in flight, stops the thread
+
+    # strict_content_type=False: a JSON body without a Content-Type header (a bare `curl --data-binary`) is JSON
+    app = FastAPI(title="nanoseek", summary="OpenAI- and Anthropic-compatible server", lifespan=lifespan,
+                  strict_content_type=False)  # fmt: skip
+    app.state.server = server
+    auth = [Depends(_require_key(api_key))] if api_key else []
+    routers = [_api_routes(server), _open_routes(server)]
+    app.include_router(routers[0], dependencies=auth)
+    app.include_router(routers[1])
+    _add_error_handlers(app)
+    app.add_middleware(_LimitBody, max_bytes=max_body_bytes)
+    app.add_middleware(
+        _CountRequests, server=server, paths={r.path for rs in routers for r in rs.routes}
+    )  # outermost: sees 413s
+    return app
+
+
+# ---- routes ------------------------------------------------------------------------------------------------
+
+
+def _api_routes(server: ModelServer) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/chat/completions", response_model=po.ChatCompletion)
+    async def chat_completions(body: po.ChatCompletionRequest, request: Request):
+        _log_unknown(body)
+        gen, in_reasoning = await so.start_chat(server, body)
+        if body.stream:
+            return EventStream(so.chat_stream(server, body, gen, in_reasoning), background=BackgroundTask(gen.close))
+        return await _unless_disconnected(request, so.chat_response(server, body, gen, in_reasoning), gen.close)
+
+    @router.post("/v1/completions", response_model=po.Completion)
+    async def completions(body: po.CompletionRequest, request: Request):
+        _log_unknown(body)
+        gen, prompts = await so.start_completion(server, body)
+        if body.stream:
+            return EventStream(so.completion_stream(server, body, gen, prompts), background=BackgroundTask(gen.close))
+        return await _unless_disconnected(request, so.completion_response(server, body, gen, prompts), gen.close)
+
+    @router.post("/v1/messages", response_model=pa.MessageResponse)
+    async def messages(body: pa.MessagesRequest, request: Request):
+        _log_unknown(body)
+        gen, in_reasoning = await sa.start_message(server, body)
+        if body.stream:
+            return EventStream(sa.message_stream(server, gen, in_reasoning), background=BackgroundTask(gen.close))
+        return await _unless_disconnected(request, sa.message_response(server, gen, in_reasoning), gen.close)
+
+    @router.post("/v1/messages/count_tokens", response_model=pa.CountTokensResponse)
+    async def count_tokens(body: pa.CountTokensRequest):
+        return await sa.count_tokens(server, body)
+
+    @router.get("/v1/models", response_model=po.ModelList)
+    async def models():
+        return po.ModelList(data=[_model_card(server)])
+
+    @router.get("/v1/models/{model_id}", response_model=po.ModelCard)
+    async def model(model_id: str):
+        server.check_model(model_id)
+        return _model_card(server)
+
+    @router.post("/tokenize", response_model=po.TokenizeResponse)
+    async def tokenize(body: po.TokenizeRequest):
+        server.check_model(body.model)
+        if body.messages is not None:
+            ids, _ = await server.chat_prompt([m.for_template() for m in body.messages], body.add_generation_prompt)
+        else:
+            ids = await server.encode(body.prompt, body.add_special_tokens)
+        return po.TokenizeResponse(count=len(ids), max_model_len=server.context_length, tokens=ids)
+
+    @router.post("/detokenize", response_model=po.DetokenizeResponse)
+    async def detokenize(body: po.DetokenizeRequest):
+        server.check_model(body.model)
+        ids = server.check_tokens(body.tokens, "tokens")
+        return po.DetokenizeResponse(prompt=await asyncio.to_thread(server.tokenizer.decode, ids))
+
+    return router
+
+
+def _open_routes(server: ModelServer) -> APIRouter:
+    """Routes without auth: a health probe and Prometheus scraping."""
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health():
+        if server.healthy():
+            return {"status": "ok"}
+        return JSONResponse({"status": "error", "error": repr(server.engine.error)}, status_code=503)
+
+    @router.get("/metrics", response_class=Response)
+    async def metrics():
+        content, media_type = server.metrics.render()
+        return Response(content, media_type=media_type)
+
+    return router
+
+
+def _model_card(server: ModelServer) -> po.ModelCard:
+    return po.ModelCard(id=server.name, created=server.created, max_model_len=server.context_length)
+
+
+def _log_unknown(body: BaseModel) -> None:
+    if body.model_extra:
+        log.info("ignored unknown fields: %s", ", ".join(sorted(body.model_extra)))
+
+
+# ---- auth, disconnects, streams -----------------------------------------------------------------------------
+
+
+def _require_key(api_key: str) -> Callable[[Request], Awaitable[None]]:
+    expected = api_key.encode()
+
+    async def check(request: Request) -> None:
+        bearer = request.headers.get("authorization", "")
+        given = bearer[7:] if bearer.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(given.strip().encode(), expected):
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY or x-api-key: KEY)",
+                           code="invalid_api_key")  # fmt: skip
+
+    return check
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[BaseModel], on_cancel: Callable[[], None]):
+    """Await `work` (a non-streaming reply) unless the client goes away first: then cancel it and abort."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            on_cancel()
+    if task.cancelled():
+        return Response(status_code=DISCONNECTED)
+    return JSONResponse(task.result().model_dump())
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that stops as soon as the client disconnects, also while no token is coming (Starlette's
+    own, under ASGI 2.4, only notices on its next write)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content, background: BackgroundTask | None = None):
+        super().__init__(content, background=background, headers={"cache-control": "no-cache",
+                                                                   "x-accel-buffering": "no"})  # fmt: skip
+
+    async def __call__(self, scope, receive, send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def stream() -> None:
+                with contextlib.suppress(OSError):  # the client went away mid-write
+                    await self.stream_response(send)
+                group.cancel_scope.cancel()
+
+            group.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            group.cancel_scope.cancel()
+        if self.background is not None:
+            await self.background()
+
+
+# ---- errors and middleware ----------------------------------------------------------------------------------
+
+
+def _error(path: str, status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(path, status, message, param, code), status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return "the request body is not valid JSON", None
+    parts, params = [], []
+    for e in errors[:3]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc}: {e.get('msg')}" if loc else f"the request body must be a JSON object ({e.get('msg')}; "
+                     "send it as Content-Type: application/json)")  # fmt: skip
+        params.append(loc)
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return "; ".join(parts) + more, params[0] or None
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return _error(request.url.path, exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return _error(request.url.path, 400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return _error(request.url.path, exc.status_code, detail)
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return _error(request.url.path, 500, f"internal error: {type(exc).__name__}")
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    content = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": content})
+
+
+class _LimitBody:
+    """Refuses a body over `max_bytes` with a 413 before the app parses it (whether the size is announced in
+    Content-Length or only seen while reading a chunked body)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = error_body(scope["path"], 413, f"the request body is larger than {self.max_bytes} bytes")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await _send_json(send, 413, too_big)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await _send_json(send, 413, too_big)
+        pending = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+
+class _CountRequests:
+    """Counts requests by endpoint (known routes only, to bound the labels) and response status."""
+
+    def __init__(self, app, server: ModelServer, paths: set[str]):
+        self.app, self.counter, self.paths = app, server.metrics.requests, paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = DISCONNECTED
+
+        async def send_and_note(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            endpoint = scope["path"] if scope["path"] in self.paths else "other"
+            self.counter.labels(endpoint, str(status)).inc()

@@ -1,0 +1,192 @@
+"""Anthropic's Messages API: request and response models, and the conversion of a request to chat-template
+messages and the engine's SamplingParams. Fields follow https://docs.anthropic.com/en/api/messages."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.serve.errors import APIError
+from nanoseek.serve.protocol_openai import Lenient, make_params
+
+# ---- requests ---------------------------------------------------------------------------------------------
+
+
+class ContentBlock(Lenient):
+    type: str
+    text: str | None = None
+    thinking: str | None = None
+    id: str | None = None  # tool_use
+    name: str | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = None  # tool_result
+    content: str | list[dict[str, Any]] | None = None
+
+
+class Message(Lenient):
+    role: Literal["user", "assistant"]
+    content: str | list[ContentBlock]
+
+
+class ThinkingConfig(Lenient):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = Field(None, ge=0)
+
+
+class MessagesRequest(Lenient):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int = Field(ge=1)
+    system: str | list[ContentBlock] | None = None
+    stop_sequences: list[str] | None = None
+    stream: bool = False
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    thinking: ThinkingConfig | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return template_messages(self.system, self.messages)
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return template_kwargs(self.thinking, self.tools)
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        return make_params(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            max_tokens=max_tokens,
+            stop=tuple(s for s in self.stop_sequences or () if s),
+        )
+
+
+class CountTokensRequest(Lenient):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    system: str | list[ContentBlock] | None = None
+    thinking: ThinkingConfig | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return template_messages(self.system, self.messages)
+
+    def template_kwargs(self) -> dict[str, Any]:
+        return template_kwargs(self.thinking, self.tools)
+
+
+def template_kwargs(thinking: ThinkingConfig | None, tools: list[dict] | None) -> dict[str, Any]:
+    """Extra chat-template variables: `enable_thinking` (the switch reasoning templates read) and `tools` in
+    the OpenAI function layout most templates iterate over."""
+    extra: dict[str, Any] = {}
+    if thinking is not None:
+        extra["enable_thinking"] = thinking.type != "disabled"
+    if tools:
+        extra["tools"] = [
+            {"type": "function", "function": {"name": t.get("name"), "description": t.get("description", ""),
+                                              "parameters": t.get("input_schema", {})}}
+            for t in tools
+        ]  # fmt: skip
+    return extra
+
+
+def _text_of(blocks: str | list[ContentBlock] | list[dict] | None, param: str) -> str:
+    if blocks is None or isinstance(blocks, str):
+        return blocks or ""
+    texts = []
+    for b in blocks:
+        kind, text = (b.get("type"), b.get("text")) if isinstance(b, dict) else (b.type, b.text)
+        if kind != "text" or text is None:
+            raise APIError(400, f"content blocks of type {kind!r} are not supported here (text only)", param)
+        texts.append(text)
+    return "".join(texts)
+
+
+def template_messages(system: str | list[ContentBlock] | None, messages: list[Message]) -> list[dict[str, Any]]:
+    """Anthropic messages as chat-template messages: a system message first; text, thinking, tool_use and
+    tool_result blocks become content, reasoning_content, tool_calls and tool messages."""
+    out: list[dict[str, Any]] = []
+    if system:
+        out.append({"role": "system", "content": _text_of(system, "system")})
+    for m in messages:
+        if isinstance(m.content, str):
+            out.append({"role": m.role, "content": m.content})
+            continue
+        texts, thinking, calls = [], [], []
+        for b in m.content:
+            if b.type == "text" and b.text is not None:
+                texts.append(b.text)
+            elif b.type == "thinking" and m.role == "assistant":
+                thinking.append(b.thinking or "")
+            elif b.type == "redacted_thinking":
+                continue
+            elif b.type == "tool_use" and m.role == "assistant":
+                arguments = json.dumps(b.input or {}, ensure_ascii=False)
+                calls.append({"id": b.id, "type": "function", "function": {"name": b.name, "arguments": arguments}})
+            elif b.type == "tool_result" and m.role == "user":
+                out.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": _text_of(b.content, "messages")})
+            else:
+                raise APIError(400, f"content blocks of type {b.type!r} are not supported in {m.role} messages",
+                               "messages")  # fmt: skip
+        if texts or thinking or calls or not any(b.type == "tool_result" for b in m.content):
+            message: dict[str, Any] = {"role": m.role, "content": "".join(texts)}
+            if thinking:
+                message["reasoning_content"] = "".join(thinking)
+            if calls:
+                message["tool_calls"] = calls
+            out.append(message)
+    return out
+
+
+# ---- responses --------------------------------------------------------------------------------------------
+
+
+class TextBlock(BaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ThinkingBlock(BaseModel):
+    type: Literal["thinking"] = "thinking"
+    thinking: str
+    signature: str = ""  # Anthropic signs its thinking; an open model has nothing to sign it with
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
+class MessageResponse(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    model: str
+    content: list[TextBlock | ThinkingBlock]
+    stop_reason: str | None
+    stop_sequence: str | None
+    usage: Usage
+
+
+class CountTokensResponse(BaseModel):
+    input_tokens: int
+
+
+def stop_reason(finish_reason: str | None, stop_string: str | int | None) -> str | None:
+    """The engine's finish reason in Anthropic's terms."""
+    if finish_reason == "length":
+        return "max_tokens"
+    if finish_reason == "stop":
+        return "stop_sequence" if isinstance(stop_string, str) else "end_turn"
+    return None if finish_reason is None else "end_turn"
+
+
+def new_message_id() -> str:
+    return f"msg_{uuid.uuid4().hex}"

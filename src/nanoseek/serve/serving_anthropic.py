@@ -1,0 +1,105 @@
+"""Anthropic's Messages API on a ModelServer: a reply's text deltas become thinking and text content blocks,
+returned whole or streamed as SSE events (message_start, content_block_start / _delta / _stop, message_delta
+with the stop reason and usage, message_stop)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from nanoseek.serve import protocol_anthropic as a
+from nanoseek.serve.errors import ANTHROPIC_TYPES, APIError
+from nanoseek.serve.reasoning import ReasoningParser, starts_in_reasoning
+from nanoseek.serve.serving import Generation, ModelServer
+
+
+def event(kind: str, data: dict) -> str:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
+
+
+async def start_message(server: ModelServer, req: a.MessagesRequest) -> tuple[Generation, bool]:
+    server.check_model(req.model)
+    ids, text = await server.chat_prompt(req.template_messages(), **req.template_kwargs())
+    max_tokens = server.max_tokens(req.max_tokens, len(ids))
+    return server.generate([(ids, req.sampling_params(max_tokens))]), starts_in_reasoning(text)
+
+
+async def count_tokens(server: ModelServer, req: a.CountTokensRequest) -> a.CountTokensResponse:
+    server.check_model(req.model)
+    ids, _ = await server.chat_prompt(req.template_messages(), **req.template_kwargs())
+    return a.CountTokensResponse(input_tokens=len(ids))
+
+
+async def message_response(server: ModelServer, gen: Generation, in_reasoning: bool) -> a.MessageResponse:
+    parser, text, finish, stop = ReasoningParser(in_reasoning), [], None, None
+    async for d in gen:
+        text.append(d.text)
+        finish, stop = d.finish_reason or finish, d.stop_reason
+    parts = [parser.feed("".join(text)), parser.finish()]
+    reasoning, content = "".join(r for r, _ in parts), "".join(c for _, c in parts)
+    blocks: list = [a.ThinkingBlock(thinking=reasoning)] if reasoning else []
+    if content or not reasoning:
+        blocks.append(a.TextBlock(text=content))
+    return a.MessageResponse(
+        id=a.new_message_id(), model=server.name, content=blocks,
+        stop_reason=a.stop_reason(finish, stop), stop_sequence=stop if isinstance(stop, str) else None,
+        usage=a.Usage(input_tokens=gen.prompt_tokens, output_tokens=gen.completion_tokens),
+    )  # fmt: skip
+
+
+class BlockWriter:
+    """Opens, fills and closes content blocks as reasoning and answer text arrive: a change of kind closes the
+    open block and starts the next one."""
+
+    DELTA = {"thinking": ("thinking_delta", "thinking"), "text": ("text_delta", "text")}
+
+    def __init__(self):
+        self.index = -1
+        self.kind: str | None = None
+
+    def write(self, kind: str, text: str) -> list[str]:
+        if not text:
+            return []
+        events = []
+        if kind != self.kind:
+            events += self.close()
+            self.index, self.kind = self.index + 1, kind
+            block = {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" else {
+                "type": "text", "text": ""}  # fmt: skip
+            events.append(event("content_block_start", {"index": self.index, "content_block": block}))
+        delta_type, field = self.DELTA[kind]
+        events.append(event("content_block_delta", {"index": self.index, "delta": {"type": delta_type, field: text}}))
+        return events
+
+    def close(self) -> list[str]:
+        if self.kind is None:
+            return []
+        self.kind = None
+        return [event("content_block_stop", {"index": self.index})]
+
+
+async def message_stream(server: ModelServer, gen: Generation, in_reasoning: bool) -> AsyncIterator[str]:
+    message = a.MessageResponse(
+        id=a.new_message_id(), model=server.name, content=[], stop_reason=None, stop_sequence=None,
+        usage=a.Usage(input_tokens=gen.prompt_tokens, output_tokens=0),
+    )  # fmt: skip
+    yield event("message_start", {"message": message.model_dump()})
+    parser, blocks = ReasoningParser(in_reasoning), BlockWriter()
+    finish = stop = None
+    try:
+        async for d in gen:
+            pieces = [parser.feed(d.text)] + ([parser.finish()] if d.finish_reason else [])
+            for reasoning, content in pieces:
+                for line in blocks.write("thinking", reasoning) + blocks.write("text", content):
+                    yield line
+            finish, stop = d.finish_reason or finish, d.stop_reason
+    except APIError as exc:
+        yield event("error", {"error": {"type": ANTHROPIC_TYPES.get(exc.status, "api_error"), "message": exc.message}})
+        return
+    finally:
+        gen.close()
+    for line in blocks.close():
+        yield line
+    delta = {"stop_reason": a.stop_reason(finish, stop), "stop_sequence": stop if isinstance(stop, str) else None}
+    yield event("message_delta", {"delta": delta, "usage": {"output_tokens": gen.completion_tokens}})
+    yield event("message_stop", {})

@@ -1,0 +1,212 @@
+"""OpenAI's chat completions and completions on a ModelServer: a request becomes engine requests, their text
+deltas become a response or a stream of SSE chunks (`data: {json}`, then `data: [DONE]`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from nanoseek.serve import protocol_openai as p
+from nanoseek.serve.errors import APIError
+from nanoseek.serve.reasoning import ReasoningParser, starts_in_reasoning
+from nanoseek.serve.serving import ChoiceDelta, Generation, ModelServer, TokenLogprob, seeded
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _with_usage_field(chunk: dict, include_usage: bool) -> dict:
+    """With stream_options.include_usage every chunk has "usage": null (the last one carries it); else none."""
+    if not include_usage:
+        chunk.pop("usage", None)
+    return chunk
+
+
+def sse_error(exc: APIError) -> str:
+    return sse({"error": {"message": exc.message, "type": "server_error", "param": exc.param, "code": exc.code}})
+
+
+# ---- chat completions -------------------------------------------------------------------------------------
+
+
+async def start_chat(server: ModelServer, req: p.ChatCompletionRequest) -> tuple[Generation, bool]:
+    """Submit the request's choices; returns the generation and whether replies start inside reasoning."""
+    server.check_model(req.model)
+    if req.response_format is not None and req.response_format.type != "text":
+        raise APIError(400, f"response_format {req.response_format.type!r} is not supported yet", "response_format")
+    ids, text = await server.chat_prompt(req.template_messages(), req.add_generation_prompt, **req.template_kwargs())
+    max_tokens = server.max_tokens(req.requested_max_tokens, len(ids))
+    params = req.sampling_params(max_tokens, req.num_logprobs)
+    return server.generate([(ids, q) for q in seeded(params, req.n)]), starts_in_reasoning(text)
+
+
+def chat_logprobs(items: list[TokenLogprob]) -> p.ChoiceLogprobs:
+    return p.ChoiceLogprobs(
+        content=[
+            p.TokenLogprob(
+                token=t.token, logprob=t.logprob, bytes=list(t.token.encode()),
+                top_logprobs=[p.TopLogprob(token=s, logprob=lp, bytes=list(s.encode())) for s, lp in t.top],
+            )
+            for t in items
+        ]
+    )  # fmt: skip
+
+
+async def chat_response(
+    server: ModelServer, req: p.ChatCompletionRequest, gen: Generation, in_reasoning: bool
+) -> p.ChatCompletion:
+    texts, logprobs, finish = [[] for _ in range(req.n)], [[] for _ in range(req.n)], [None] * req.n
+    async for delta in gen:
+        texts[delta.index].append(delta.text)
+        logprobs[delta.index] += delta.logprobs
+        finish[delta.index] = delta.finish_reason or finish[delta.index]
+    choices = []
+    for i in range(req.n):
+        parser = ReasoningParser(in_reasoning)
+        parts = [parser.feed("".join(texts[i])), parser.finish()]
+        reasoning, content = "".join(r for r, _ in parts), "".join(c for _, c in parts)
+        message = p.AssistantMessage(
+            content=content if content or not reasoning else None,
+            reasoning_content=(reasoning or None) if req.include_reasoning else None,
+        )
+        lp = chat_logprobs(logprobs[i]) if req.logprobs else None
+        choices.append(p.ChatChoice(index=i, message=message, logprobs=lp, finish_reason=finish[i]))
+    return p.ChatCompletion(
+        id=p.new_id("chatcmpl"), created=p.now(), model=server.name, choices=choices,
+        usage=p.usage(gen.prompt_tokens, gen.completion_tokens),
+    )  # fmt: skip
+
+
+async def chat_stream(
+    server: ModelServer, req: p.ChatCompletionRequest, gen: Generation, in_reasoning: bool
+) -> AsyncIterator[str]:
+    cid, created = p.new_id("chatcmpl"), p.now()
+
+    def chunk(index: int, delta: p.ChatDelta, logprobs=None, finish_reason=None) -> str:
+        choice = p.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)
+        body = p.ChatCompletionChunk(id=cid, created=created, model=server.name, choices=[choice]).model_dump()
+        body["choices"][0]["delta"] = delta.model_dump(exclude_unset=True)  # only the fields this chunk carries
+        return sse(_with_usage_field(body, req.include_usage))
+
+    parsers = [ReasoningParser(in_reasoning) for _ in range(req.n)]
+    try:
+        for i in range(req.n):
+            yield chunk(i, p.ChatDelta(role="assistant", content=""), None, None)
+        async for d in gen:
+            reasoning, content = parsers[d.index].feed(d.text)
+            if d.finish_reason is not None:
+                r, c = parsers[d.index].finish()
+                reasoning, content = reasoning + r, content + c
+            fields = {"content": content} if content else {}
+            if reasoning and req.include_reasoning:
+                fields["reasoning_content"] = reasoning
+            lp = chat_logprobs(d.logprobs) if req.logprobs and d.logprobs else None
+            if fields or lp is not None:
+                yield chunk(d.index, p.ChatDelta(**fields), lp, None)
+            if d.finish_reason is not None:
+                yield chunk(d.index, p.ChatDelta(), None, d.finish_reason)
+        if req.include_usage:
+            body = p.ChatCompletionChunk(id=cid, created=created, model=server.name, choices=[],
+                                         usage=p.usage(gen.prompt_tokens, gen.completion_tokens))  # fmt: skip
+            yield sse(body.model_dump())
+    except APIError as exc:
+        yield sse_error(exc)
+    finally:
+        gen.close()
+    yield sse("[DONE]")
+
+
+# ---- completions ------------------------------------------------------------------------------------------
+
+
+async def start_completion(server: ModelServer, req: p.CompletionRequest) -> tuple[Generation, list[str]]:
+    """Submit n choices per prompt; returns the generation and the prompts' texts (for echo)."""
+    server.check_model(req.model)
+    prompts, texts = [], []
+    for prompt in req.prompts():
+        if isinstance(prompt, str):
+            ids, text = await server.encode(prompt), prompt
+        else:
+            ids = server.check_tokens(prompt, "prompt")
+            text = server.tokenizer.decode(ids) if req.echo else ""
+        max_tokens = server.max_tokens(req.max_tokens, len(ids), "prompt")
+        prompts.append((ids, req.sampling_params(max_tokens, req.logprobs)))
+        texts.append(text)
+    requests = [(ids, q) for ids, params in prompts for q in seeded(params, req.n)]
+    return server.generate(requests), texts
+
+
+class CompletionLogprobs:
+    """The legacy logprobs layout: parallel lists, and each token's offset in the choice's text."""
+
+    def __init__(self, offset: int = 0):
+        self.offset = offset
+
+    def take(self, items: list[TokenLogprob]) -> p.CompletionLogprobs:
+        offsets = []
+        for t in items:
+            offsets.append(self.offset)
+            self.offset += len(t.token)
+        return p.CompletionLogprobs(
+            tokens=[t.token for t in items], token_logprobs=[t.logprob for t in items],
+            top_logprobs=[dict(t.top) for t in items], text_offset=offsets,
+        )  # fmt: skip
+
+
+def _prefix(req: p.CompletionRequest, prompt_texts: list[str], index: int) -> str:
+    return prompt_texts[index // req.n] if req.echo else ""
+
+
+async def completion_response(
+    server: ModelServer, req: p.CompletionRequest, gen: Generation, prompt_texts: list[str]
+) -> p.Completion:
+    count = len(prompt_texts) * req.n
+    deltas: list[list[ChoiceDelta]] = [[] for _ in range(count)]
+    async for d in gen:
+        deltas[d.index].append(d)
+    choices = []
+    for i, ds in enumerate(deltas):
+        prefix = _prefix(req, prompt_texts, i)
+        items = [t for d in ds for t in d.logprobs]
+        lp = CompletionLogprobs(len(prefix)).take(items) if req.logprobs is not None else None
+        finish = next((d.finish_reason for d in reversed(ds) if d.finish_reason), None)
+        choices.append(
+            p.CompletionChoice(index=i, text=prefix + "".join(d.text for d in ds), logprobs=lp, finish_reason=finish)
+        )
+    return p.Completion(
+        id=p.new_id("cmpl"), created=p.now(), model=server.name, choices=choices,
+        usage=p.usage(gen.prompt_tokens, gen.completion_tokens),
+    )  # fmt: skip
+
+
+async def completion_stream(
+    server: ModelServer, req: p.CompletionRequest, gen: Generation, prompt_texts: list[str]
+) -> AsyncIterator[str]:
+    cid, created = p.new_id("cmpl"), p.now()
+    count = len(prompt_texts) * req.n
+    offsets = [CompletionLogprobs() for _ in range(count)]
+
+    def chunk(index: int, text: str, logprobs=None, finish_reason=None) -> str:
+        choice = p.CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)
+        body = p.Completion(id=cid, created=created, model=server.name, choices=[choice]).model_dump()
+        return sse(_with_usage_field(body, req.include_usage))
+
+    try:
+        for i in range(count):
+            prefix = _prefix(req, prompt_texts, i)
+            if prefix:
+                offsets[i].offset = len(prefix)
+                yield chunk(i, prefix)
+        async for d in gen:
+            lp = offsets[d.index].take(d.logprobs) if req.logprobs is not None else None
+            yield chunk(d.index, d.text, lp, d.finish_reason)
+        if req.include_usage:
+            body = p.Completion(id=cid, created=created, model=server.name, choices=[],
+                                usage=p.usage(gen.prompt_tokens, gen.completion_tokens))  # fmt: skip
+            yield sse(body.model_dump())
+    except APIError as exc:
+        yield sse_error(exc)
+    finally:
+        gen.close()
+    yield sse("[DONE]")
