@@ -189,3 +189,20 @@ def write_gguf(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def tiny_llama(context: int = 64):
+    """A tiny random transformers Llama over this vocabulary, with weights large enough that greedy
+    tokens vary (the CLI and server tests' chat model)."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                                   tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    return model

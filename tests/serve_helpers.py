@@ -9,25 +9,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-
 import nanoseek
-from gguf_writer import CHATML, VOCAB_SIZE, write_gguf
+from gguf_writer import CHATML, tiny_llama, write_gguf
 
 
 def tiny_llama_gguf(path, chat_template: str | None = CHATML, context: int = 64):
     """A tiny random Llama as a GGUF with a byte-level tokenizer and a ChatML template."""
-    import transformers
-
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-                                   tie_word_embeddings=True)  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.5 * torch.randn_like(p))
-    return write_gguf(path, model, "llama", chat_template=chat_template)
+    return write_gguf(path, tiny_llama(context), "llama", chat_template=chat_template)
 
 
 @dataclass

@@ -7,10 +7,9 @@ import json
 import zipfile
 
 import pytest
-import torch
 
 import nanoseek
-from gguf_writer import CHATML, write_gguf
+from gguf_writer import CHATML, tiny_llama, write_gguf
 from nanoseek import assets
 from nanoseek.cli import main
 from nanoseek.commands.chat import chat_loop
@@ -20,25 +19,11 @@ from nanoseek.engine.sampling import SamplingParams
 transformers = pytest.importorskip("transformers")
 
 
-def _tiny_llama():
-    from gguf_writer import VOCAB_SIZE
-
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=True)  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.5 * torch.randn_like(p))
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny chat GGUF and the same model as a HF folder with a tokenizer.json."""
     root = tmp_path_factory.mktemp("cli")
-    model = _tiny_llama()
+    model = tiny_llama()
     gguf_path = write_gguf(root / "tiny.gguf", model, "llama")
     folder = root / "hf"
     model.save_pretrained(folder)
@@ -113,7 +98,7 @@ def test_chat_loop_history_reset_and_ctrl_c(tiny):
 
 
 def test_chat_refuses_a_model_without_template(tiny, tmp_path, capsys):
-    path = write_gguf(tmp_path / "base.gguf", _tiny_llama(), "llama", chat_template=None)
+    path = write_gguf(tmp_path / "base.gguf", tiny_llama(), "llama", chat_template=None)
     code, _, err = _run(capsys, "chat", path)
     assert code == 2 and "no chat template" in err
 
@@ -135,7 +120,7 @@ def test_evil_gguf_chat_template_is_refused_not_executed(tmp_path, capsys):
         "{{ ''.__class__.__mro__[1].__subclasses__() }}"
         f"{{{{ cycler.__init__.__globals__.os.system('touch {marker}') }}}}"
     )
-    path = write_gguf(tmp_path / "evil.gguf", _tiny_llama(), "llama", chat_template=evil)
+    path = write_gguf(tmp_path / "evil.gguf", tiny_llama(), "llama", chat_template=evil)
     code, out, err = _run(capsys, "generate", path, "--chat", "hi", "--max-tokens", 2)
     _assert_clean_error(code, err, "evil.gguf", "chat template tried to reach Python internals")
     assert not marker.exists()
