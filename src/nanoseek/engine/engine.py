@@ -96,7 +96,9 @@ class Engine:
         context = model.config.max_position_embeddings
         mtp = config.speculative == "mtp"
         if mtp and not len(getattr(model, "mtp", ())):
-            raise ValueError("speculative='mtp' needs a DeepSeek model with MTP modules (num_nextn_predict_layers >= 1)")
+            raise ValueError(
+                "speculative='mtp' needs a DeepSeek model with MTP modules (num_nextn_predict_layers >= 1)"
+            )
         spec, _ = cache_layout(model, mtp=mtp)
         num_blocks = config.num_blocks
         if num_blocks is None:
@@ -250,7 +252,9 @@ class Engine:
     def _logprobs(self, req: Request, out: StepOutput, sampled, row: int) -> None:
         out.logprob = float(sampled.logprobs[row])
         n = req.params.logprobs
-        out.top_logprobs = dict(zip(sampled.top_ids[row, :n].tolist(), sampled.top_logprobs[row, :n].tolist())) if n else {}
+        out.top_logprobs = (
+            dict(zip(sampled.top_ids[row, :n].tolist(), sampled.top_logprobs[row, :n].tolist())) if n else {}
+        )
         req.logprobs.append({"token": out.token_id, "logprob": out.logprob, "top": out.top_logprobs})
 
     def _counts(self, seqs: list[list[int]], vocab: int) -> torch.Tensor:
