@@ -3,7 +3,7 @@
     engine = Engine(model, eos_ids=tok.stop_token_ids)
     rid = engine.add_request(prompt_ids, SamplingParams(temperature=0.7, max_tokens=64))
     while engine.has_work():
-        for out in engine.step():          # every running request's new token, in one batched forward
+        for out in engine.step():          # every running request's new token(s), in one batched forward
             print(out.request_id, out.token_id, out.finished)
     engine.abort(rid)                      # any time; its cache blocks are freed
 
@@ -14,6 +14,11 @@
 A step: the scheduler picks the running requests and the prompt chunks that fit the token budget; every
 request that is decoding goes through one batched forward (one token each), each prompt chunk through its
 own; the rows that reached their last token are sampled together, each with its own settings and seed.
+
+With speculative decoding on (`EngineConfig.speculative`, engine/speculative.py), a greedy request may carry
+drafts into the step; it then yields one `StepOutput` per accepted token (1..k+1), in order, the last one
+carrying `finished` when a stop, max_tokens or the context ends it. `stats()` reports how many drafts
+were proposed and accepted.
 """
 
 from __future__ import annotations
@@ -25,13 +30,16 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.engine.kv_cache import BlockPool, BlockTable
-from nanoseek.engine.runner import ModelRunner, Row, cache_layout
+from nanoseek.engine.runner import ForwardResult, ModelRunner, Row, cache_layout
 from nanoseek.engine.sampling import SamplingParams, make_generator, sample_batch
 from nanoseek.engine.scheduler import Request, Scheduled, Scheduler, Status
+from nanoseek.engine.speculative import METHODS, accept_greedy, make_drafter
 
 
 @dataclass
 class StepOutput:
+    """One new token of one request (a speculating request gets several per step, in order)."""
+
     request_id: int
     token_id: int | None  # None when the step added no token: a stop token (not part of the output), abort
     finished: bool
@@ -59,6 +67,18 @@ class EngineConfig:
     max_num_seqs: int = 64  # requests decoding together
     max_step_tokens: int = 256  # tokens per step (decodes + prompt chunks): bounds a step's latency
     autocast_dtype: torch.dtype | None = None  # e.g. bf16 on CUDA: every forward runs under torch.autocast
+    speculative: str | None = None  # None, "ngram" (prompt lookup, any model) or "mtp" (DeepSeek MTP modules)
+    num_speculative_tokens: int = 4  # drafts per step and request (greedy requests only)
+    ngram_max: int = 3  # prompt lookup matches the last ngram_max .. ngram_min tokens, longest first
+    ngram_min: int = 1
+
+    def __post_init__(self) -> None:
+        if self.speculative not in (None, *METHODS):
+            raise ValueError(f"speculative must be None or one of {METHODS}, got {self.speculative!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
 
 
 class Engine:
@@ -75,14 +95,23 @@ class Engine:
         self.eos_ids = set(_eos_of(model.config) if eos_ids is None else eos_ids)
         self.detokenize = detokenize  # needed for stop strings only
         context = model.config.max_position_embeddings
-        spec, _ = cache_layout(model)
+        mtp = config.speculative == "mtp"
+        if mtp and not len(getattr(model, "mtp", ())):
+            raise ValueError(
+                "speculative='mtp' needs a DeepSeek model with MTP modules (num_nextn_predict_layers >= 1)"
+            )
+        spec, _ = cache_layout(model, mtp=mtp)
         num_blocks = config.num_blocks
         if num_blocks is None:
             per_block = spec.bytes_per_token(next(model.parameters()).dtype) * config.block_size
             wanted = config.max_num_seqs * -(-context // config.block_size) + 1
             num_blocks = max(2, min(wanted, config.cache_bytes // per_block))
         self.pool = BlockPool(num_blocks, config.block_size)
-        self.runner = ModelRunner(model, self.pool, autocast_dtype=config.autocast_dtype)
+        self.runner = ModelRunner(model, self.pool, autocast_dtype=config.autocast_dtype, mtp=mtp)
+        self.drafter = make_drafter(
+            config.speculative, self.runner, config.num_speculative_tokens, config.ngram_max, config.ngram_min
+        )
+        self.num_drafted = self.num_accepted = 0  # speculative drafts proposed / accepted by the target
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_step_tokens)
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
@@ -141,6 +170,15 @@ class Engine:
     def get(self, request_id: int) -> Request:
         return self.requests[request_id]
 
+    def stats(self) -> dict[str, float]:
+        """Counters since the engine was built: speculative drafts and their acceptance rate, preemptions."""
+        return {
+            "num_drafted": self.num_drafted,
+            "num_accepted": self.num_accepted,
+            "acceptance_rate": self.num_accepted / self.num_drafted if self.num_drafted else 0.0,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+
     def release(self, request_id: int) -> None:
         """Forget a finished request (the engine keeps finished ones until asked, for their results)."""
         req = self.requests.get(request_id)
@@ -152,47 +190,70 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        # rows of similar length share a forward (decodes, with their drafts if any, always do)
+        passes: list[tuple[list[Scheduled], ForwardResult]] = []
         to_sample: list[tuple[Scheduled, torch.Tensor]] = []
         for group in _forward_groups(scheduled):
-            rows = [
-                Row(s.request.table, s.request.num_computed,
-                    s.request.all_ids[s.request.num_computed : s.request.num_computed + s.num_new])
-                for s in group
-            ]  # fmt: skip
-            logits = self.runner.forward(rows)
-            to_sample.extend((s, logits[i]) for i, s in enumerate(group) if s.samples)
+            rows = [Row(s.request.table, s.request.num_computed, s.token_ids, 1 + len(s.draft_ids)) for s in group]
+            result = self.runner.forward(rows, hidden=self.drafter is not None and self.drafter.needs_hidden)
+            passes.append((group, result))
+            to_sample.extend((s, result.row_logits(i, 1 + len(s.draft_ids))) for i, s in enumerate(group) if s.samples)
         for s in scheduled:
-            s.request.num_computed += s.num_new
-            s.request.table.register_full_blocks(s.request.all_ids, s.request.num_computed)
-        return self._sample(to_sample)
+            if not s.samples:  # a prompt chunk short of the last token (sampled rows advance in _sample)
+                s.request.num_computed += s.num_new
+                s.request.table.register_full_blocks(s.request.all_ids, s.request.num_computed)
+        outputs = self._sample(to_sample)
+        if self.drafter is not None:
+            self.drafter.after_step(passes)  # the drafts each request brings to the next step
+        return outputs
 
     def _sample(self, items: list[tuple[Scheduled, torch.Tensor]]) -> list[StepOutput]:
+        """Sample every row that reached its last token. A row with drafts has logits [1 + drafts, V]: the
+        target's choice at each position (penalties see the drafts before it as output), of which the
+        request keeps the tokens `accept_greedy` yields; stops apply token by token."""
         if not items:
             return []
-        reqs = [s.request for s, _ in items]
-        logits = torch.stack([row for _, row in items])
+        # one flat row per position: (request, output it follows)
+        flat = [(s.request, s.request.output_ids + s.draft_ids[:j]) for s, lg in items for j in range(lg.shape[0])]
+        reqs = [r for r, _ in flat]
+        logits = torch.cat([lg for _, lg in items])
         prompt_counts = output_counts = None
         if any(r.params.penalized for r in reqs):
             prompt_counts = self._counts([r.prompt_ids for r in reqs], logits.shape[1])
-            output_counts = self._counts([r.output_ids for r in reqs], logits.shape[1])
+            output_counts = self._counts([out for _, out in flat], logits.shape[1])
         sampled = sample_batch(
             logits, [r.params for r in reqs], [r.generator for r in reqs],
             prompt_counts=prompt_counts, output_counts=output_counts,
         )  # fmt: skip
         tokens = sampled.tokens.tolist()
         outputs = []
-        for i, (req, token) in enumerate(zip(reqs, tokens)):
-            out = StepOutput(req.id, token, False)
-            if req.params.logprobs is not None:
-                out.logprob = float(sampled.logprobs[i])
-                n = req.params.logprobs
-                out.top_logprobs = (
-                    dict(zip(sampled.top_ids[i, :n].tolist(), sampled.top_logprobs[i, :n].tolist())) if n else {}
-                )
-                req.logprobs.append({"token": token, "logprob": out.logprob, "top": out.top_logprobs})
-            self._append(req, token, out)
-            outputs.append(out)
+        first = 0  # flat row of the item's first position
+        for s, lg in items:
+            req = s.request
+            run = accept_greedy(s.draft_ids, tokens[first : first + lg.shape[0]])
+            self.num_drafted += len(s.draft_ids)
+            self.num_accepted += len(run) - 1
+            # the cache now holds the row's real tokens and the accepted drafts; rejected ones lie beyond
+            req.num_computed += s.num_new - len(s.draft_ids) + len(run) - 1
+            req.table.register_full_blocks(req.all_ids + run[:-1], req.num_computed)
+            for j, token in enumerate(run):
+                out = StepOutput(req.id, token, False)
+                if req.params.logprobs is not None:
+                    self._logprobs(req, out, sampled, first + j)
+                self._append(req, token, out)
+                outputs.append(out)
+                if req.finished:
+                    break
+            first += lg.shape[0]
         return outputs
+
+    def _logprobs(self, req: Request, out: StepOutput, sampled, row: int) -> None:
+        out.logprob = float(sampled.logprobs[row])
+        n = req.params.logprobs
+        out.top_logprobs = (
+            dict(zip(sampled.top_ids[row, :n].tolist(), sampled.top_logprobs[row, :n].tolist())) if n else {}
+        )
+        req.logprobs.append({"token": out.token_id, "logprob": out.logprob, "top": out.top_logprobs})
 
     def _counts(self, seqs: list[list[int]], vocab: int) -> torch.Tensor:
         counts = torch.zeros(len(seqs), vocab, device=self.runner.device)

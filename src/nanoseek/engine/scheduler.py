@@ -8,6 +8,11 @@ the cache already holds. When a running request cannot get a block, the newest r
 preempted: its blocks go back to the pool and it waits again, to be recomputed from its prompt and the
 tokens it already produced (its output so far is kept). Nothing is corrupted and nothing crashes; a request
 that alone does not fit in the whole cache is refused when it is added.
+
+Speculative decoding: a decoding request may carry draft tokens (`Request.draft_ids`, proposed at the end
+of the previous step). It then takes 1 + len(drafts) tokens, so the target model scores them all in one
+forward; when the budget or the free blocks are short, the drafts are cut (down to none) before anything
+is preempted for them.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class Request:
     logprobs: list[dict] = field(default_factory=list)
     num_cached_prompt: int = 0  # prompt tokens served by the prefix cache (first admission)
     num_preemptions: int = 0
+    draft_ids: list[int] = field(default_factory=list)  # speculative tokens to verify in the next step
 
     @property
     def all_ids(self) -> list[int]:
@@ -60,12 +66,18 @@ class Request:
 @dataclass
 class Scheduled:
     request: Request
-    num_new: int  # tokens computed this step, from request.num_computed on
+    num_new: int  # tokens computed this step, from request.num_computed on (drafts included)
+    draft_ids: list[int] = field(default_factory=list)  # the last len(draft_ids) of them are drafts
 
     @property
     def samples(self) -> bool:
-        """Whether this chunk reaches the request's last token, so the step yields its next token."""
-        return self.request.num_computed + self.num_new == self.request.num_tokens
+        """Whether this chunk reaches the request's last token, so the step yields its next token(s)."""
+        return self.request.num_computed + self.num_new - len(self.draft_ids) == self.request.num_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        req, start = self.request, self.request.num_computed
+        return req.all_ids[start : start + self.num_new - len(self.draft_ids)] + self.draft_ids
 
 
 class Scheduler:
@@ -99,14 +111,17 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             take = min(req.num_tokens - req.num_computed, budget)
+            drafts, req.draft_ids = req.draft_ids[: budget - take], []  # (drafts only come with take == 1)
+            if drafts and not req.table.reserve(req.num_computed + take + len(drafts)):
+                drafts = []  # speculation never costs a preemption
             if not req.table.reserve(req.num_computed + take):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is req:
                     break
                 continue
-            out.append(Scheduled(req, take))
-            budget -= take
+            out.append(Scheduled(req, take + len(drafts), drafts))
+            budget -= take + len(drafts)
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
@@ -131,6 +146,7 @@ class Scheduler:
         self.running.remove(req)
         req.table.release()
         req.num_computed = 0
+        req.draft_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
         req.status = Status.WAITING

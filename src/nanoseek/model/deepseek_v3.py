@@ -144,13 +144,27 @@ class DeepseekV3ForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: LatentKVCache | None = None,
         logits_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids [B,T] -> logits [B,T,vocab]; with logits_index [B], only row i's position
-        logits_index[i]: [B,vocab] (prefill and decode need one position's logits, not T)."""
+        logits_index[i]: [B,vocab] (prefill and decode need one position's logits, not T); with
+        logits_index [B,n], row i's positions logits_index[i, j]: [B,n,vocab] (speculative verification).
+        return_hidden: also the final-normed hidden states [B,T,d] (what MTP depth 1 takes)."""
         h = self.forward_hidden(input_ids, attention_mask, position_ids, cache)
-        if logits_index is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), logits_index]
-        return self.lm_head(h)
+        logits = self.lm_head(h if logits_index is None else gather_positions(h, logits_index))
+        return (logits, h) if return_hidden else logits
+
+    def mtp_forward(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache) -> torch.Tensor:
+        """MTP module `depth` (0-based) on the engine's paged cache, exactly as compute_loss runs it: at each
+        new position t, h_prev[t] (depth 0: the main model's final-normed hidden state) and the embedding of
+        next_ids[t] (the token at t+1+depth). Returns the module's block output [B,T,d]; its prediction
+        (the token after next_ids[t]) is `mtp_logits(depth, out)`."""
+        cos, sin = rope_cos_sin(self.inv_freq, cache.positions, self.rope_attention_factor, h_prev.dtype)
+        emb = self.model.embed_tokens(next_ids)
+        return self.mtp[depth](h_prev, emb, cos.unsqueeze(1), sin.unsqueeze(1), None, cache=cache)
+
+    def mtp_logits(self, depth: int, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.mtp[depth].norm(h))
 
     def forward_hidden(
         self,
@@ -245,6 +259,12 @@ class DeepseekV3ForCausalLM(nn.Module):
         if balance is not None:
             loss = loss + balance_alpha * balance
         return LossOutput(loss, lm_loss, mtp_loss, balance, mtp_losses)
+
+
+def gather_positions(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """h [B,T,d] at positions index [B] -> [B,d], or index [B,n] -> [B,n,d]."""
+    rows = torch.arange(h.shape[0], device=h.device)
+    return h[rows if index.dim() == 1 else rows[:, None], index]
 
 
 def up_to_last_target(targets: torch.Tensor) -> torch.Tensor:

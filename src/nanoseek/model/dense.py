@@ -362,7 +362,8 @@ class DenseForCausalLM(nn.Module):
         logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B,T] -> logits [B,T,vocab]; with logits_index [B], only row i's position
-        logits_index[i]: [B,vocab]. `cache` is a DenseKVCache or the engine's paged view."""
+        logits_index[i]: [B,vocab]; with logits_index [B,n], row i's positions logits_index[i, j]: [B,n,vocab].
+        `cache` is a DenseKVCache or the engine's paged view."""
         cfg = self.config
         B, T = input_ids.shape
         paged = getattr(cache, "is_paged", False)
@@ -398,7 +399,8 @@ class DenseForCausalLM(nn.Module):
             cache.length += T
         h = self.model.norm(h)
         if logits_index is not None:
-            h = h[torch.arange(B, device=h.device), logits_index]
+            rows = torch.arange(B, device=h.device)
+            h = h[rows if logits_index.dim() == 1 else rows[:, None], logits_index]
         logits = self.lm_head(h)
         if cfg.final_logit_softcapping is not None:
             cap = cfg.final_logit_softcapping

@@ -30,10 +30,12 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # HF: shared_head.norm
 
     def forward(
-        self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, mask, aux=None, token_mask=None
+        self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, mask, aux=None, token_mask=None, cache=None
     ) -> torch.Tensor:
+        """cache: None in training; the engine's paged view when drafting (the block's attention then keeps
+        its own keys in the cache's layer `layer_idx`)."""
         x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return self.block(x, cos, sin, mask, None, aux, token_mask)
+        return self.block(x, cos, sin, mask, cache, aux, token_mask)
 
 
 def shift_left(x: torch.Tensor, k: int, fill: int) -> torch.Tensor:
