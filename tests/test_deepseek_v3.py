@@ -8,6 +8,7 @@ import torch
 
 import nanoseek
 from deepseek_reference import random_hf_model, randomize_nanoseek
+from greedy_reference import paged_forward_in_chunks
 from nanoseek.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.model.rope import rope_inv_freq
@@ -178,6 +179,8 @@ def test_padded_batch_matches_hf_and_unpadded(tmp_path):
 
 
 def test_kv_cache_decode_equals_full_forward():
+    """Prefill 8, then one token per forward through the engine's paged latent cache, equals one full
+    forward (the absorbed attention against the naive one)."""
     cfg = from_name("test-tiny", num_nextn_predict_layers=1)
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(cfg).eval()
@@ -185,60 +188,39 @@ def test_kv_cache_decode_equals_full_forward():
     x = tokens(B=2, T=20)
     with torch.no_grad():
         full = model(x)
-        cache = model.new_cache(2, 32)
-        steps = [model(x[:, :8], cache=cache)]  # prefill 8, then one token at a time
-        for t in range(8, 20):
-            steps.append(model(x[:, t : t + 1], cache=cache))
-        assert cache.length == 20
-        assert (torch.cat(steps, dim=1) - full).abs().max().item() <= TOL
-
-
-def test_kv_cache_with_left_padding():
-    cfg = from_name("test-tiny")
-    torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(cfg).eval()
-    randomize_nanoseek(model)
-    x = tokens(B=2, T=12)
-    mask = torch.ones_like(x)
-    mask[1, :4] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        full = model(x, attention_mask=mask, position_ids=pos)
-        cache = model.new_cache(2, 16)
-        a = model(x[:, :6], attention_mask=mask[:, :6], position_ids=pos[:, :6], cache=cache)
-        rest = []
-        for t in range(6, 12):
-            rest.append(
-                model(x[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1], cache=cache)
-            )
-        got = torch.cat([a, *rest], dim=1)
-        assert (got[mask.bool()] - full[mask.bool()]).abs().max().item() <= TOL
+    cached = paged_forward_in_chunks(model, x, [8] + [1] * 12)
+    assert (cached - full).abs().max().item() <= TOL
 
 
 def test_absorbed_attention_matches_naive_and_cache_is_latent_only():
+    from nanoseek.engine.kv_cache import BlockPool, BlockTable, PagedStorage
+    from nanoseek.engine.runner import cache_layout
+    from nanoseek.model.rope import rope_cos_sin
+
     cfg = from_name("test-tiny")
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(cfg).eval()
     randomize_nanoseek(model)
     attn = model.model.layers[0].self_attn
     x = torch.randn(2, 10, cfg.hidden_size)
-    from nanoseek.model.deepseek_v3 import attention_mask_for_sdpa
-    from nanoseek.model.rope import rope_cos_sin
-
     cos, sin = rope_cos_sin(model.inv_freq, torch.arange(10)[None], model.rope_attention_factor)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    spec, _ = cache_layout(model)
+    pool = BlockPool(8, 4)
+    storage = PagedStorage(spec, pool, torch.float32, "cpu")
+    tables = [BlockTable(pool), BlockTable(pool)]
+    for t in tables:
+        t.reserve(10)
     with torch.no_grad():
         naive = attn(x, cos, sin, None, None)
-        cache = model.new_cache(2, 16)
-        mask = attention_mask_for_sdpa(None, 10, 0, x.device, cached=True)
-        absorbed = attn(x, cos, sin, mask, cache)
+        absorbed = attn(x, cos, sin, None, storage.view(tables, [0, 0], [10, 10]))
     assert (naive - absorbed).abs().max().item() <= 1e-5
     # The cache holds c_kv and k_pe only: (kv_lora_rank + qk_rope_head_dim) values per token per layer.
+    assert set(storage.tensors) == {"c_kv", "k_pe"}
     per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
-    assert cache.bytes_per_token() == per_token
+    assert spec.bytes_per_token(torch.float32) == per_token
     naive_cache = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4
-    assert cache.bytes_per_token() < naive_cache / 4
-    assert cache.c_kv.shape[-1] == cfg.kv_lora_rank and cache.k_pe.shape[-1] == cfg.qk_rope_head_dim
+    assert per_token < naive_cache / 4
 
 
 def test_mtp_weights_roundtrip_and_hf_ignores_them(tmp_path):

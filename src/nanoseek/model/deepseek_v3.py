@@ -18,7 +18,7 @@ from torch import nn
 
 from nanoseek.config import DeepseekV3Config
 from nanoseek.model.loss import IGNORE_INDEX, linear_cross_entropy
-from nanoseek.model.mla import LatentKVCache, MultiHeadLatentAttention
+from nanoseek.model.mla import MultiHeadLatentAttention
 from nanoseek.model.moe import DeepseekMoE, GroupedExperts, Router, SwiGLU
 from nanoseek.model.mtp import MTPModule, shift_left
 from nanoseek.model.norm import RMSNorm
@@ -120,33 +120,18 @@ class DeepseekV3ForCausalLM(nn.Module):
                 nn.init.normal_(m.gate_up_proj, 0.0, std, generator=generator)
                 nn.init.normal_(m.down_proj, 0.0, std, generator=generator)
 
-    def new_cache(
-        self,
-        batch_size: int,
-        max_len: int,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> LatentKVCache:
-        if max_len > self.config.max_position_embeddings:
-            raise ValueError(
-                f"cache length {max_len} exceeds max_position_embeddings={self.config.max_position_embeddings}"
-            )
-        w = self.lm_head.weight
-        return LatentKVCache.allocate(
-            self.config, batch_size, max_len, dtype=dtype or w.dtype, device=device or w.device
-        )
-
     # ---- forward ----------------------------------------------------------------------------------------
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: LatentKVCache | None = None,
+        cache=None,
         logits_index: torch.Tensor | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """input_ids [B,T] -> logits [B,T,vocab]; with logits_index [B], only row i's position
+        """input_ids [B,T] -> logits [B,T,vocab]. `cache` is the inference engine's paged cache view (it brings
+        the new tokens' positions and the attention masks), or None. With logits_index [B], only row i's position
         logits_index[i]: [B,vocab] (prefill and decode need one position's logits, not T); with
         logits_index [B,n], row i's positions logits_index[i, j]: [B,n,vocab] (speculative verification).
         return_hidden: also the final-normed hidden states [B,T,d] (what MTP depth 1 takes)."""
@@ -178,34 +163,28 @@ class DeepseekV3ForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final-normed hidden states [B,T,d]. token_mask [B,T] marks the tokens that count as expert load
         (default: the new tokens' part of attention_mask; all tokens without one)."""
-        paged = getattr(cache, "is_paged", False)  # the engine's paged cache brings positions and masks
-        self._check_input(input_ids, None if paged else cache)
+        self._check_input(input_ids)
         B, T = input_ids.shape
-        if paged:
-            position_ids = cache.positions
-        past = cache.length if cache is not None and not paged else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
+        if cache is not None:  # the engine's paged view: positions and masks come with it
+            position_ids, mask = cache.positions, None
+        else:
+            if position_ids is None:
+                position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)
+            mask = attention_mask_for_sdpa(attention_mask, T, input_ids.device)
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.rope_attention_factor, h.dtype)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B|1, 1, T, dr/2]
-        mask = None if paged else attention_mask_for_sdpa(attention_mask, T, past, h.device, cached=cache is not None)
         if _rope_mask_out is not None:
             _rope_mask_out.extend([cos, sin, mask])
         if token_mask is None and attention_mask is not None:
             token_mask = attention_mask[:, -T:].bool()
         for layer in self.model.layers:
             h = layer(h, cos, sin, mask, cache, aux, token_mask)
-        if cache is not None and not paged:
-            cache.length += T
         return self.model.norm(h)
 
-    def _check_input(self, input_ids: torch.Tensor, cache: LatentKVCache | None) -> None:
+    def _check_input(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError("input_ids must be a LongTensor of shape [batch, seq]")
-        T = input_ids.shape[1]
-        if cache is not None and cache.length + T > cache.max_len:
-            raise ValueError(f"sequence of {cache.length + T} tokens exceeds the cache's {cache.max_len}")
         if input_ids.device.type == "cpu" and input_ids.numel():  # (on GPU this check would force a sync)
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
@@ -273,11 +252,9 @@ def up_to_last_target(targets: torch.Tensor) -> torch.Tensor:
     return has_target.flip(1).cummax(1).values.flip(1)
 
 
-def attention_mask_for_sdpa(
-    attention_mask: torch.Tensor | None, T: int, past: int, device: torch.device, *, cached: bool
-) -> torch.Tensor | None:
-    """Boolean mask [B|1, 1, T, past+T] (True: may attend), or None where plain causal attention (is_causal)
-    is enough.
+def attention_mask_for_sdpa(attention_mask: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean causal mask [B, 1, T, T] (True: may attend) for a padded batch, or None where plain causal
+    attention (SDPA's is_causal) is enough.
 
     Boolean, so SDPA masks with an exact -inf in whatever dtype it computes in, where an additive
     finfo(dtype).min relies on each kernel's arithmetic neither overflowing nor leaking weight. A query with
@@ -285,14 +262,11 @@ def attention_mask_for_sdpa(
     through the next layers' attention and the MoE's routing; such a query sees its own key instead. Its
     output is never used.
     """
-    if attention_mask is None and (not cached or T == 1):
-        return None  # uncached: SDPA's is_causal; one cached query: it may see every stored key
-    S = past + T
-    keys = torch.arange(S, device=device)[None, :]
-    queries = (past + torch.arange(T, device=device))[:, None]
-    allowed = (keys <= queries)[None]  # [1,T,S]
-    if attention_mask is not None:
-        if attention_mask.shape[-1] != S:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {S} (past+new)")
-        allowed = (allowed & attention_mask.bool()[:, None, :]) | (keys == queries)[None]
+    if attention_mask is None:
+        return None
+    if attention_mask.shape[-1] != T:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {T}")
+    keys = torch.arange(T, device=device)[None, :]
+    queries = torch.arange(T, device=device)[:, None]
+    allowed = ((keys <= queries)[None] & attention_mask.bool()[:, None, :]) | (keys == queries)[None]
     return allowed.unsqueeze(1)

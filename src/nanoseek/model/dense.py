@@ -12,11 +12,11 @@ The families differ in a handful of switches, all in `DenseConfig`:
 | gemma3  | gemma2 minus soft-capping, plus q/k RMSNorm and a separate rope base for local layers         |
 
 Module names are transformers' names (`model.layers.{i}.self_attn.q_proj` …), so a HF state dict loads
-as is. The forward follows the inference interface every nanoseek model shares:
-`model(input_ids, attention_mask=None, position_ids=None, cache=None) -> logits` and
-`model.new_cache(batch_size, max_len)`.
+as is. The forward follows the interface every nanoseek model shares:
+`model(input_ids, attention_mask=None, position_ids=None, cache=None, logits_index=None) -> logits`, where
+`cache` is the inference engine's paged cache view (engine/kv_cache.PagedView) or None.
 
-Shapes: B batch, T new tokens, S = cache.length + T key slots, H query heads, K kv heads, D head dim.
+Shapes: B batch, T new tokens, S key positions (the rows' histories), H query heads, K kv heads, D head dim.
 """
 
 from __future__ import annotations
@@ -198,30 +198,6 @@ def dense_config_from_hf(cfg: dict) -> DenseConfig:
 # ---- KV cache -------------------------------------------------------------------------------------------
 
 
-class DenseKVCache:
-    """Preallocated keys/values for every layer: [layers, B, K, max_len, D].
-
-    `length` counts the slots filled (the same for every row). `key_mask` remembers which slots hold real
-    tokens when a padded batch was fed, so decode steps need not pass the mask again.
-    """
-
-    def __init__(self, cfg: DenseConfig, batch_size: int, max_len: int, dtype: torch.dtype, device):
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
-        self.max_len = max_len
-        self.batch_size = batch_size
-        self.key_mask: torch.Tensor | None = None  # [B, max_len] bool, None while every slot is real
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys/values at slots length..length+T; return every filled slot's keys/values."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
 # ---- modules --------------------------------------------------------------------------------------------
 
 
@@ -242,7 +218,7 @@ class DenseAttention(nn.Module):
         self.scale = cfg.softmax_scale
         self.softcap = cfg.attn_logit_softcapping
 
-    def forward(self, x, cos, sin, mask, is_causal: bool, cache: DenseKVCache | None):
+    def forward(self, x, cos, sin, mask, is_causal: bool, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B,H,T,D]
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B,K,T,D]
@@ -250,10 +226,8 @@ class DenseAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin)
-        if getattr(cache, "is_paged", False):  # the engine's paged cache stores [B,T,K,D] rows
+        if cache is not None:  # the engine's paged cache stores [B,T,K,D] rows, returns [B,S,K,D] histories
             k, v = (t.transpose(1, 2) for t in cache.update(self.layer_idx, k=k.transpose(1, 2), v=v.transpose(1, 2)))
-        elif cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # [B,K,S,D]
         if self.softcap is None:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
@@ -349,35 +323,25 @@ class DenseForCausalLM(nn.Module):
             self._rope[key] = (inv.to(device), factor)
         return self._rope[key]
 
-    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> DenseKVCache:
-        weight = self.lm_head.weight
-        return DenseKVCache(self.config, batch_size, max_len, dtype or weight.dtype, device or weight.device)
-
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: DenseKVCache | None = None,
+        cache=None,
         logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B,T] -> logits [B,T,vocab]; with logits_index [B], only row i's position
         logits_index[i]: [B,vocab]; with logits_index [B,n], row i's positions logits_index[i, j]: [B,n,vocab].
-        `cache` is a DenseKVCache or the engine's paged view."""
+        `cache` is the engine's paged view (it brings positions and masks), or None."""
         cfg = self.config
         B, T = input_ids.shape
-        paged = getattr(cache, "is_paged", False)
-        if paged:
-            position_ids, cache_for_mask = cache.positions, None
-        else:
-            cache_for_mask = cache
-        start = cache.length if cache_for_mask is not None else 0
-        if cache_for_mask is not None and start + T > cache.max_len:
-            raise ValueError(f"the KV cache holds {cache.max_len} tokens; {start} + {T} new ones do not fit")
         device = input_ids.device
-        if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=device).expand(B, T)
-        key_mask = None if paged else _key_mask(attention_mask, cache, B, start, T, device)
+        if cache is not None:
+            position_ids = cache.positions
+        elif position_ids is None:
+            position_ids = torch.arange(T, device=device).expand(B, T)
+        key_mask = None if cache is not None else _key_mask(attention_mask, B, T, device)
 
         h = self.model.embed_tokens(input_ids)
         if cfg.embed_scale:
@@ -388,15 +352,13 @@ class DenseForCausalLM(nn.Module):
             cos, sin = rope_cos_sin(inv, position_ids, factor, dtype=h.dtype)
             cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
             window = cfg.sliding_window if kind == SLIDING else None
-            if paged:
+            if cache is not None:
                 mask, is_causal = cache.mask(window), False
             else:
-                mask, is_causal = _attention_mask(key_mask, start, T, window, device)
+                mask, is_causal = _attention_mask(key_mask, T, window, device)
             per_type[kind] = (cos, sin, mask, is_causal)
         for layer, kind in zip(self.model.layers, cfg.layer_types):
             h = layer(h, *per_type[kind], cache)
-        if cache_for_mask is not None:
-            cache.length += T
         h = self.model.norm(h)
         if logits_index is not None:
             rows = torch.arange(B, device=h.device)
@@ -408,47 +370,27 @@ class DenseForCausalLM(nn.Module):
         return logits
 
 
-def _key_mask(attention_mask, cache, B, start, T, device) -> torch.Tensor | None:
-    """[B, start+T] bool of real key slots, or None when every slot is real. Kept in the cache."""
-    if attention_mask is not None:
-        if attention_mask.shape != (B, start + T):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, start + T)} "
-                "(past and new tokens)"
-            )
-        mask = attention_mask.to(device=device, dtype=torch.bool)
-        if bool(mask.all()):
-            mask = None
-    elif cache is not None and cache.key_mask is not None:
-        new = torch.ones(B, T, dtype=torch.bool, device=device)
-        mask = torch.cat([cache.key_mask[:, :start], new], dim=1)
-    else:
-        mask = None
-    if cache is not None:
-        if mask is not None:
-            if cache.key_mask is None:
-                cache.key_mask = torch.ones(B, cache.max_len, dtype=torch.bool, device=device)
-            cache.key_mask[:, : start + T] = mask
-        elif cache.key_mask is not None:
-            cache.key_mask[:, : start + T] = True
-    return mask
+def _key_mask(attention_mask, B: int, T: int, device) -> torch.Tensor | None:
+    """[B, T] bool of real tokens, or None when every token is real."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != (B, T):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, T)}")
+    mask = attention_mask.to(device=device, dtype=torch.bool)
+    return None if bool(mask.all()) else mask
 
 
-def _attention_mask(key_mask, start: int, T: int, window: int | None, device):
-    """(bool mask [B|1, 1, T, S] or None, is_causal) over key slots 0..S-1 for queries at slots start..start+T-1.
+def _attention_mask(key_mask, T: int, window: int | None, device):
+    """(bool mask [B|1, 1, T, T] or None, is_causal) for a batch without a cache.
 
-    A query sees keys at slots <= its own, within `window` slots when sliding (transformers' rule:
+    A query sees keys at positions <= its own, within `window` positions when sliding (transformers' rule:
     key > query - window), and only real keys; it always sees itself, so a padding row never has an
     empty softmax (its output is ignored anyway)."""
-    S = start + T
-    needs_window = window is not None and window < S
+    needs_window = window is not None and window < T
     if key_mask is None and not needs_window:
-        if T == 1:
-            return None, False
-        if start == 0:
-            return None, True
-    q = torch.arange(start, S, device=device)[:, None]
-    k = torch.arange(S, device=device)[None, :]
+        return None, True
+    q = torch.arange(T, device=device)[:, None]
+    k = torch.arange(T, device=device)[None, :]
     allowed = k <= q
     if needs_window:
         allowed &= k > q - window
@@ -476,6 +418,5 @@ __all__ = [
     "DENSE_MODEL_TYPES",
     "DenseConfig",
     "DenseForCausalLM",
-    "DenseKVCache",
     "dense_config_from_hf",
 ]

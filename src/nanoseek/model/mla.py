@@ -15,8 +15,6 @@ Two ways to compute the same attention:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,49 +23,6 @@ from nanoseek.config import DeepseekV3Config
 from nanoseek.model.fused import FusedWeight
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope_half, apply_rope_interleaved
-
-
-@dataclass
-class LatentKVCache:
-    """Preallocated MLA cache: per layer, the normalized latent c_kv and the rotated shared key k_pe.
-
-    `length` counts the positions already written (the same for every row); the model advances it after a
-    forward. Row-wise offsets (continuous batching) belong to the engine, which can pass its own positions.
-    """
-
-    c_kv: torch.Tensor  # [L, B, S_max, r]
-    k_pe: torch.Tensor  # [L, B, S_max, dr]
-    length: int = 0
-
-    @classmethod
-    def allocate(
-        cls,
-        cfg: DeepseekV3Config,
-        batch_size: int,
-        max_len: int,
-        *,
-        num_layers: int | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> LatentKVCache:
-        layers = cfg.num_hidden_layers if num_layers is None else num_layers
-        c_kv = torch.zeros(layers, batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-        k_pe = torch.zeros(layers, batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
-        return cls(c_kv, k_pe, 0)
-
-    @property
-    def max_len(self) -> int:
-        return self.c_kv.shape[2]
-
-    def bytes_per_token(self) -> int:
-        """Cache bytes one token costs across all layers (the number MLA exists to shrink)."""
-        layers = self.c_kv.shape[0]
-        return layers * (
-            self.c_kv.shape[-1] * self.c_kv.element_size() + self.k_pe.shape[-1] * self.k_pe.element_size()
-        )
-
-    def reset(self) -> None:
-        self.length = 0
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -120,23 +75,16 @@ class MultiHeadLatentAttention(nn.Module):
         cos: torch.Tensor,  # [B|1, 1, T, dr/2]
         sin: torch.Tensor,
         mask: torch.Tensor | None,  # bool [B|1, 1, T, S] (True: attend) or None for plain causal
-        cache: LatentKVCache | None = None,
+        cache=None,  # the engine's paged cache view (engine/kv_cache.PagedView), or None: no cache
     ) -> torch.Tensor:
         q_a, kv_a = self._down_projections(x)
         q_nope, q_pe = self._queries(x, q_a, cos, sin)
         c_kv, k_pe = self._latent(kv_a, cos, sin)
         if cache is None:
             out = self._attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
-        elif getattr(cache, "is_paged", False):  # the engine's paged cache (engine/kv_cache.PagedView)
+        else:  # store this step's latents, attend over the row's whole history in the absorbed form
             c_kv, k_pe = cache.update(self.layer_idx, c_kv=c_kv, k_pe=k_pe)
             out = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, cache.mask())
-        else:
-            start, T = cache.length, x.shape[1]
-            cache.c_kv[self.layer_idx, :, start : start + T] = c_kv
-            cache.k_pe[self.layer_idx, :, start : start + T] = k_pe
-            c_kv = cache.c_kv[self.layer_idx, :, : start + T]
-            k_pe = cache.k_pe[self.layer_idx, :, : start + T]
-            out = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
         B, H, T, dv = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * dv))
 

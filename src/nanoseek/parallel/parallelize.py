@@ -52,9 +52,6 @@ class LossModule(nn.Module):
         mtp = torch.stack(out.mtp_losses) if out.mtp_losses else None
         return {"lm": out.lm_loss, "mtp": mtp, "balance": out.balance_loss}
 
-    def new_cache(self, *args, **kwargs):
-        return self.model.new_cache(*args, **kwargs)
-
     @property
     def config(self):
         """The wrapped model's config (the inference engine reads the cache layout from it)."""
