@@ -5,6 +5,7 @@ Peers such as transformers are dev dependencies (`pip install -e .[dev]`).
 """
 
 BENCHMARKS = {
+    "decode": "nanoseek.bench.decode",
     "moe-step": "nanoseek.bench.moe_step",
     "train-throughput": "nanoseek.bench.train_throughput",
 }

@@ -1,0 +1,83 @@
+"""`nanoseek bench decode` end to end on a tiny Q4_1 GGUF (the real figures come from SmolLM2, see
+benchmarks/RESULTS.md): every side runs in its own process, the printed figures are finite and positive,
+the plot is written, greedy nanoseek fp32 equals transformers, and a missing llama.cpp is said plainly."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from gguf_writer import VOCAB_SIZE, write_gguf
+from nanoseek.bench import decode
+from nanoseek.cli import main
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-6, num_hidden_layers=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen) + (1.0 if "norm" in name else 0.0))
+    return write_gguf(tmp_path_factory.mktemp("decode") / "tiny-Q4_1.gguf", model, "llama", qtype="Q4_1")
+
+
+def _numbers(cell: str) -> list[float]:
+    return [float(x) for x in re.findall(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?|nan|inf", cell)]
+
+
+def test_decode_benchmark_smoke(tiny_gguf, tmp_path, capsys, monkeypatch):
+    real_find_spec = decode.importlib.util.find_spec
+    # llama.cpp's column must degrade to a clear note; pretend it is not installed so the test is the same
+    # on machines with and without it
+    monkeypatch.setattr(
+        decode.importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a)
+    )
+    plot, raw = tmp_path / "decode.png", tmp_path / "decode.json"
+    argv = ["bench", "decode", str(tiny_gguf), "--threads", "1", "--reps", "2", "--prompt-tokens", "20",
+            "--decode-tokens", "33", "--concurrency", "1,3", "--batch-prompt-tokens", "8", "--batch-tokens", "4",
+            "--formats", "fp32,int8", "--deepseek", "test-tiny", "--plot", str(plot), "--json", str(raw)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+
+    assert "llama.cpp column MISSING" in out and "pip install -e '.[bench]'" in out
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    speed = {r[0]: r[1:] for r in rows if len(r) == 6 and r[0] != "side"}  # decode, prefill, TTFT, agg@1, agg@3
+    memory = {r[0]: r[1:] for r in rows if len(r) == 8 and r[0] != "side"}
+    assert set(speed) == set(memory) == {"transformers", "nanoseek-fp32", "nanoseek-int8"}
+    for label, cells in speed.items():
+        for cell in cells:
+            median, low, high = _numbers(cell)
+            assert all(math.isfinite(x) and x > 0 for x in (median, low, high)), (label, cell)
+            assert low <= median <= high
+    for label, cells in memory.items():
+        weights_mb, peak_mb = _numbers(cells[0])[0], _numbers(cells[4])[0]
+        assert weights_mb >= 0 and peak_mb > 0, (label, cells)
+    assert _numbers(memory["nanoseek-int8"][1])[0] >= 0  # its KV cache, in MB
+    assert re.search(r"outputs agree: nanoseek fp32 equals transformers greedy for (\d+) tokens", out)
+    assert re.search(r"nanoseek-fp32\s+/ transformers\s*: decode \d+\.\d+x", out)
+    assert re.search(r"plain: decode \d+\.\d+ \(", out)  # the DeepSeek-V3 run
+    assert "with MTP speculation:" in out
+    assert plot.stat().st_size > 10_000
+    figures = json.loads(raw.read_text())["figures"]
+    assert all(len(t) == 33 for t in figures["nanoseek-int8"]["tokens"])
+
+
+def test_decode_benchmark_bad_input(tmp_path, capsys):
+    assert main(["bench", "decode", str(tmp_path / "missing.gguf")]) == 2
+    assert "no such .gguf file" in capsys.readouterr().err
+    assert main(["bench", "decode", "smollm2", "--formats", "int3"]) == 2
+    assert "unknown nanoseek format 'int3'" in capsys.readouterr().err
+    assert main(["bench", "decode", "smollm2", "--concurrency", "4,x"]) == 2
+    assert "--concurrency takes integers" in capsys.readouterr().err
