@@ -302,16 +302,22 @@ class _CountRequests:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = DISCONNECTED
+        status, counted = DISCONNECTED, False
+        endpoint = scope["path"] if scope["path"] in self.paths else "other"
 
         async def send_and_note(message) -> None:
-            nonlocal status
+            nonlocal status, counted
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False) and not counted:
+                # counted before the last bytes go out: a client that has read the whole reply (a stream's
+                # [DONE] included) and then reads /metrics finds its request there
+                counted = True
+                self.counter.labels(endpoint, str(status)).inc()
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            endpoint = scope["path"] if scope["path"] in self.paths else "other"
-            self.counter.labels(endpoint, str(status)).inc()
+            if not counted:  # the client left, or the app failed before the end of the body
+                self.counter.labels(endpoint, str(status)).inc()
