@@ -64,6 +64,37 @@ class Fp16Linear(nn.Module):
 KEEP = ("kv_b_proj",)
 
 
+def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear whose output is the given linears' outputs side by side."""
+    first = linears[0]
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None)
+    fused = fused.to(device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in linears]))
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([m.bias for m in linears]))
+    return fused
+
+
+# (fused attribute the model reads, the projections it replaces, in output order)
+FUSIONS = (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj")))
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """For inference: wherever a module offers a fused projection slot (DenseAttention.qkv_proj,
+    DenseMLP/SwiGLU.gate_up_proj), put one linear there in place of the projections it stands for. One
+    matmul instead of two or three, and, quantized, one activation quantization of their shared input.
+    The model then has no q/k/v (gate/up) parameters of its own: it is for inference only."""
+    for module in model.modules():
+        for fused_name, names in FUSIONS:
+            parts = [getattr(module, n, None) for n in names]
+            if hasattr(module, fused_name) and all(type(p) is nn.Linear for p in parts):
+                setattr(module, fused_name, _concat_linears(parts))
+                for n in names:
+                    delattr(module, n)
+    return model
+
+
 def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     """Swap the model's nn.Linear modules (in place) for `mode`'s packed form. CPU only; returns the model."""
     if mode not in MODES:
@@ -72,6 +103,7 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
         raise ValueError("quantize_model is for CPU inference; the model is not on the CPU")
     if mode == "fp16" and "fbgemm" not in torch.backends.quantized.supported_engines:
         raise ValueError("fp16 weights need fbgemm (x86 CPUs); use int8")
+    fuse_projections(model)
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear and child_name not in KEEP:

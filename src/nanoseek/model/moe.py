@@ -29,10 +29,12 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=False)
         self.down_proj = nn.Linear(f, d, bias=False)
         self._fused_gate_up = FusedWeight()
+        self.gate_up_proj: nn.Module | None = None  # set by engine/quant.fuse_projections (inference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(self.gate_proj) is not nn.Linear:  # swapped for a quantized module (engine/quant.py)
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:  # one (possibly quantized) module in place of gate_proj and up_proj
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         # One matmul for gate and up (a bigger GEMM is more efficient than two); names stay HF's.
         gate, up = F.linear(x, self._fused_gate_up(self.gate_proj, self.up_proj)).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
