@@ -41,13 +41,15 @@ def _process_settings() -> dict[str, object]:
     }
 
 
-# Set by others, not by the code under test: pytest (the current test's name, per phase), and torch, which
-# writes its default inductor cache folder into the environment the first time anything asks for it.
-_ENV_NOT_OURS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+# Set by others, not by the code under test: pytest (the current test's name, per phase), and torch's
+# inductor, which writes its own variables into the environment when it first compiles (its cache folder,
+# `_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR`, ...).
+_ENV_NOT_OURS = {"PYTEST_CURRENT_TEST"}
+_ENV_PREFIXES_NOT_OURS = ("TORCHINDUCTOR_", "_TORCHINDUCTOR_")
 
 
 def _environ() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in _ENV_NOT_OURS}
+    return {k: v for k, v in os.environ.items() if k not in _ENV_NOT_OURS and not k.startswith(_ENV_PREFIXES_NOT_OURS)}
 
 
 def _restore(settings: dict[str, object], environ: dict[str, str]) -> None:
