@@ -11,7 +11,7 @@ from tokenizers import models, pre_tokenizers
 
 import nanoseek
 from nanoseek.engine.generate import TextStreamer, generate_tokens
-from nanoseek.engine.sampling import SamplingParams, filter_logits, sample_next
+from nanoseek.engine.sampling import SamplingParams, filter_logits, make_generator, sample_batch
 from nanoseek.tokenizer import ChatTemplateError, render_chat_template
 
 CHATML = (
@@ -109,15 +109,20 @@ def test_missing_template_and_missing_tokenizer_are_clear(tmp_path):
 
 def test_sampling_greedy_top_k_top_p_and_seed():
     logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0]])
-    assert sample_next(logits, SamplingParams(temperature=0)).item() == 1
+    assert sample_batch(logits, [SamplingParams(temperature=0)]).tokens.item() == 1
     kept = torch.isfinite(filter_logits(logits, SamplingParams(top_k=2))).nonzero()[:, 1].tolist()
     assert kept == [1, 2]
     # probabilities ~[.02,.46,.41,.01,.06]: top_p 0.5 keeps the two best (the first alone is under 0.5)
     kept = torch.isfinite(filter_logits(logits, SamplingParams(top_p=0.5))).nonzero()[:, 1].tolist()
     assert kept == [1, 2]
-    draws = lambda seed: [sample_next(logits, p, g).item() for p in [SamplingParams(seed=seed)]  # noqa: E731
-                          for g in [torch.Generator().manual_seed(seed)] for _ in range(20)]  # fmt: skip
+
+    def draws(seed):
+        params = SamplingParams(seed=seed)
+        generator = make_generator(params)
+        return [sample_batch(logits, [params], [generator]).tokens.item() for _ in range(20)]
+
     assert draws(7) == draws(7)
+    assert len(set(draws(7))) > 1  # it does sample (from the 3-4 likely tokens), not argmax
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
 

@@ -178,11 +178,3 @@ def sample_batch(
         if n:
             out.top_logprobs, out.top_ids = logp.topk(n, dim=-1)
     return out
-
-
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids [B] from logits [B, V], one setting and generator for the whole batch."""
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    probs = filter_logits(logits, params).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
