@@ -89,6 +89,11 @@ class AsyncEngine:
             if not finished:
                 self.abort(rid)
 
+    @property
+    def healthy(self) -> bool:
+        """The engine thread is running and has not stopped on an error."""
+        return self.error is None and self._thread.is_alive()
+
     def shutdown(self) -> None:
         """Abort every request in flight (their streams end with finish_reason "abort") and stop the thread."""
         with self._lock:

@@ -253,7 +253,7 @@ class ModelServer:
         return TokenLogprob(out.token_id, self.token_text(out.token_id), out.logprob, top)
 
     def healthy(self) -> bool:
-        return self.engine.error is None and self.engine._thread.is_alive()
+        return self.engine.healthy
 
 
 def seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
