@@ -90,7 +90,8 @@ async def chat_stream(
         return sse(_with_usage_field(body, req.include_usage))
 
     parsers = [ReasoningParser(in_reasoning) for _ in range(req.n)]
-    try:
+
+    async def events() -> AsyncIterator[str]:
         for i in range(req.n):
             yield chunk(i, p.ChatDelta(role="assistant", content=""), None, None)
         async for d in gen:
@@ -106,10 +107,22 @@ async def chat_stream(
                 yield chunk(d.index, p.ChatDelta(**fields), lp, None)
             if d.finish_reason is not None:
                 yield chunk(d.index, p.ChatDelta(), None, d.finish_reason)
-        if req.include_usage:
-            body = p.ChatCompletionChunk(id=cid, created=created, model=server.name, choices=[],
-                                         usage=p.usage(gen.prompt_tokens, gen.completion_tokens))  # fmt: skip
-            yield sse(body.model_dump())
+
+    def usage_chunk(usage: p.Usage) -> p.ChatCompletionChunk:
+        return p.ChatCompletionChunk(id=cid, created=created, model=server.name, choices=[], usage=usage)
+
+    async for event in _framed(events(), gen, usage_chunk if req.include_usage else None):
+        yield event
+
+
+async def _framed(events: AsyncIterator[str], gen: Generation, usage_chunk) -> AsyncIterator[str]:
+    """OpenAI's stream framing around a request's chunks: with include_usage (`usage_chunk` given) a last
+    chunk with no choices and the usage; an error event if the request fails midway; always `data: [DONE]`."""
+    try:
+        async for event in events:
+            yield event
+        if usage_chunk is not None:
+            yield sse(usage_chunk(p.usage(gen.prompt_tokens, gen.completion_tokens)).model_dump())
     except APIError as exc:
         yield sse_error(exc)
     finally:
@@ -192,7 +205,7 @@ async def completion_stream(
         body = p.Completion(id=cid, created=created, model=server.name, choices=[choice]).model_dump()
         return sse(_with_usage_field(body, req.include_usage))
 
-    try:
+    async def events() -> AsyncIterator[str]:
         for i in range(count):
             prefix = _prefix(req, prompt_texts, i)
             if prefix:
@@ -201,12 +214,9 @@ async def completion_stream(
         async for d in gen:
             lp = offsets[d.index].take(d.logprobs) if req.logprobs is not None else None
             yield chunk(d.index, d.text, lp, d.finish_reason)
-        if req.include_usage:
-            body = p.Completion(id=cid, created=created, model=server.name, choices=[],
-                                usage=p.usage(gen.prompt_tokens, gen.completion_tokens))  # fmt: skip
-            yield sse(body.model_dump())
-    except APIError as exc:
-        yield sse_error(exc)
-    finally:
-        gen.close()
-    yield sse("[DONE]")
+
+    def usage_chunk(usage: p.Usage) -> p.Completion:
+        return p.Completion(id=cid, created=created, model=server.name, choices=[], usage=usage)
+
+    async for event in _framed(events(), gen, usage_chunk if req.include_usage else None):
+        yield event
