@@ -194,6 +194,20 @@ def test_gemma3_multimodal_folder_loads_its_text_model(tmp_path):
         assert (ours(ids) - ref(input_ids=ids).logits).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("mode", ["int8", "fp16"])
+def test_packing_while_loading_equals_quantizing_after(pair, mode, tmp_path):
+    from nanoseek.engine.quant import quantize_model
+
+    _, ref, _ = pair
+    ref.save_pretrained(tmp_path)
+    packed = nanoseek.load(tmp_path, quant=mode)
+    after = quantize_model(nanoseek.load(tmp_path), mode)
+    assert [type(m) for m in packed.modules()] == [type(m) for m in after.modules()]
+    ids = _ids(2, 9)
+    with torch.no_grad():
+        assert torch.equal(packed(ids), after(ids))
+
+
 def test_pre_transformers5_config_fields_are_understood():
     """Checkpoints on disk mostly predate `rope_parameters`: rope_theta / rope_scaling / rope_local_base_freq."""
     from nanoseek.model.dense import SLIDING, dense_config_from_hf

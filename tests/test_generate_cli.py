@@ -238,9 +238,10 @@ def test_quant_option_picks_the_run_format(tiny, capsys):
     from nanoseek.engine.quant import Fp16Linear, Int8Linear
 
     gguf_path, _ = tiny
-    model = nanoseek.load(gguf_path)
-    assert run_format("auto", gguf_path, model) == "none"  # the test file's weights are F32
-    assert run_format("int8", gguf_path, model) == "int8"
+    assert run_format("auto", gguf_path, None) == "none"  # the test file's weights are F32
+    assert run_format("int8", gguf_path, "cpu") == "int8"
+    with pytest.raises(ValueError, match="for the CPU"):
+        run_format("int8", gguf_path, "cuda")
     outs = []
     for quant in ("none", "int8", "fp16"):
         assert main(["generate", str(gguf_path), "--prompt", "the theme", "--max-tokens", "4", "--temperature", "0",

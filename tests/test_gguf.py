@@ -88,6 +88,25 @@ def test_quantized_gguf_matches_transformers_gguf_loader(qtype, tmp_path):
         assert (ours(IDS) - ref(IDS).logits).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("mode", ["int8", "fp16"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied embeddings (lm_head packed from them) and untied
+def test_packing_while_loading_equals_quantizing_after(arch, mode, tmp_path):
+    """`load(quant=)` packs each projection as it is read (no fp32 model in between): same modules, same
+    logits, bit for bit, as loading in fp32 and quantizing afterwards."""
+    from nanoseek.engine.quant import KEEP, quantize_model
+
+    path = write_gguf(tmp_path / "tiny-Q8_0.gguf", _tiny(arch), arch, qtype="Q8_0")
+    packed = nanoseek.load(path, quant=mode)
+    after = quantize_model(nanoseek.load(path), mode)
+    assert [type(m) for m in packed.modules()] == [type(m) for m in after.modules()]
+    assert not [n for n, m in packed.named_modules() if type(m) is torch.nn.Linear and n.split(".")[-1] not in KEEP]
+    with torch.no_grad():
+        assert torch.equal(packed(IDS), after(IDS))
+    assert packed.quantization == mode
+    with pytest.raises(ValueError, match="int4"):
+        nanoseek.load(path, quant="int4")
+
+
 def test_k_quants_match_transformers_gguf_loader(tmp_path):
     kq = {"blk.0.ffn_down.weight": "Q4_K", "blk.1.ffn_down.weight": "Q6_K"}
     path = write_gguf(tmp_path / "tiny-k.gguf", _tiny("qwen2"), "qwen2", qtype="Q8_0", kquant=kq)

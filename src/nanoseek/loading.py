@@ -1,7 +1,7 @@
 """`nanoseek.load(path)`: one entry point for every model format and architecture.
 
 A HF folder is dispatched on `config.json`'s `model_type` through `ARCHITECTURES`; a `.gguf` file goes
-through the GGUF reader. Each entry names a loader `(folder, config_dict, dtype, device) -> nn.Module`
+through the GGUF reader. Each entry names a loader `(folder, config_dict, dtype, device, quant) -> nn.Module`
 (weights/hf_folder.py), so adding a family touches this table and its loader only.
 """
 
@@ -45,24 +45,28 @@ def load(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    quant: str | None = None,
 ) -> torch.nn.Module:
     """Load a model from a HF folder (config.json + safetensors) or a .gguf file, ready for inference.
 
     Calling the returned module on a LongTensor [B, T] gives logits [B, T, vocab].
+    `quant` ("int8" | "fp16", CPU inference): the projections run packed (engine/quant.py); dense models
+    and GGUF files are packed while loading, without an fp32 copy of the whole model.
     Raises FileNotFoundError / ValueError naming the file and the problem.
     """
     path = Path(path)
     dtype = parse_dtype(dtype)
+    quant = None if quant in (None, "none") else quant
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_file():
         if path.suffix == ".gguf":
-            return _resolve("nanoseek.weights.gguf:load_gguf_model")(path, dtype=dtype, device=device)
+            return _resolve("nanoseek.weights.gguf:load_gguf_model")(path, dtype=dtype, device=device, quant=quant)
         raise WeightsError(f"{path}: not a model folder or a .gguf file")
     config = read_config_json(path)
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
         raise WeightsError(f"{path / 'config.json'}: unsupported model_type {model_type!r}; supported: {known}")
-    model = _resolve(ARCHITECTURES[model_type])(path, config, dtype=dtype, device=device)
+    model = _resolve(ARCHITECTURES[model_type])(path, config, dtype=dtype, device=device, quant=quant)
     return model.eval()

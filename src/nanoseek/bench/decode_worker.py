@@ -49,17 +49,17 @@ class NanoseekSide:
 
         self.torch = torch
         torch.set_num_threads(settings["threads"])
+        fmt = settings.get("format", "fp32")
         if settings["side"] == "deepseek":
             from nanoseek.config import from_name
             from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 
             torch.manual_seed(0)
             self.model = DeepseekV3ForCausalLM(from_name(settings["config"], num_nextn_predict_layers=1)).eval()
-        else:
-            self.model = nanoseek.load(settings["model"])
-        fmt = settings.get("format", "fp32")
-        if fmt != "fp32":
-            quantize_model(self.model, fmt)
+            if fmt != "fp32":
+                quantize_model(self.model, fmt)
+        else:  # quantized formats are packed while loading, as `nanoseek generate --quant` does
+            self.model = nanoseek.load(settings["model"], quant=None if fmt == "fp32" else fmt)
         self.weights_bytes = linear_weight_bytes(self.model)
         self.engine_options = speculation_options(settings.get("mtp", False))
 

@@ -42,25 +42,24 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     path = resolve_model(args.model, args.cache_dir, log=log)
     tokenizer = nanoseek.load_tokenizer(path)  # first: a folder without a tokenizer fails before the weights load
-    model = nanoseek.load(path, dtype=args.dtype, device=args.device)
-    quant = run_format(args.quant, path, model)
+    quant = run_format(args.quant, path, args.device)
+    model = nanoseek.load(path, dtype=args.dtype, device=args.device, quant=quant)
     if quant != "none":
-        from nanoseek.engine.quant import quantize_model
-
-        quantize_model(model, quant)
         log(f"weights run as {quant}")
     return model, tokenizer
 
 
-def run_format(choice: str, path, model) -> str:
+def run_format(choice: str, path, device: str | None) -> str:
     """The weights' run format for --quant. "auto" picks int8 for a quantized GGUF file on the CPU (its
     weights are 4-8 bits already; int8 keeps them close and decodes ~3x faster than fp32), else none."""
-    device = next(model.parameters()).device
+    import torch
+
+    device_type = torch.device(device).type if device else "cpu"
     if choice != "auto":
-        if choice != "none" and device.type != "cpu":
+        if choice != "none" and device_type != "cpu":
             raise ValueError(f"--quant {choice} is for the CPU; the model is on {device}")
         return choice
-    if device.type != "cpu" or not str(path).lower().endswith(".gguf"):
+    if device_type != "cpu" or not str(path).lower().endswith(".gguf"):
         return "none"
     from nanoseek.weights.gguf import open_gguf
 

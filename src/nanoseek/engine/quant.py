@@ -3,6 +3,7 @@ in a compact run format, applied to a built model from outside, so the model cod
 
     quantize_model(model, "int8")   # int8 weights (a scale per output row), int8 activations (a scale per row)
     quantize_model(model, "fp16")   # fp16 weights packed for fbgemm, fp32 math
+    nanoseek.load("x.gguf", quant="int8")  # the same, packed while loading: no fp32 copy of the whole model
 
 Kernels, measured on the 2-core AVX2 development machine (SmolLM2-135M shapes, µs per call, one token):
 fp32 `F.linear` 51-103 (lm_head 576->49152: 7,400); fbgemm fp16 26-39 (780); `torch._int_mm` int8 x int8
@@ -26,15 +27,15 @@ class Int8Linear(nn.Module):
     accumulation in `torch._int_mm`, rescaled to fp32. Each row's activation scale is its own, so a row's
     result never depends on the other rows of the batch."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        w = linear.weight.detach().float()
+        w = weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
         # [in, out], column-major: the layout _int_mm's CPU kernel is fastest with (measured 3x on lm_head)
         self.register_buffer("qweight_t", torch.round(w / scale[:, None]).to(torch.int8).t())
         self.register_buffer("scale", scale)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.out_features, self.in_features = w.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -48,11 +49,11 @@ class Int8Linear(nn.Module):
 
 
 class Fp16Linear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        self._packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        bias = None if bias is None else bias.detach().float()
+        self._packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), bias)
+        self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -67,8 +68,9 @@ KEEP = ("kv_b_proj",)
 def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
     """One nn.Linear whose output is the given linears' outputs side by side."""
     first = linears[0]
-    fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None)
-    fused = fused.to(device=first.weight.device, dtype=first.weight.dtype)
+    out_features = sum(m.out_features for m in linears)
+    w = first.weight  # on the meta device (packing while loading) nothing is allocated
+    fused = nn.Linear(first.in_features, out_features, bias=first.bias is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         fused.weight.copy_(torch.cat([m.weight for m in linears]))
         if first.bias is not None:
@@ -95,26 +97,42 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantize_model(model: nn.Module, mode: str) -> nn.Module:
-    """Swap the model's nn.Linear modules (in place) for `mode`'s packed form. CPU only; returns the model."""
+def packed_linear(mode: str):
+    """`(weight [out, in], bias | None) -> module` for `mode`, after checking the mode fits this machine."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
-    if next(model.parameters()).device.type != "cpu":
-        raise ValueError("quantize_model is for CPU inference; the model is not on the CPU")
     if mode == "fp16" and "fbgemm" not in torch.backends.quantized.supported_engines:
         raise ValueError("fp16 weights need fbgemm (x86 CPUs); use int8")
+    return Int8Linear if mode == "int8" else Fp16Linear
+
+
+def quantizable_linears(model: nn.Module) -> list[tuple[nn.Module, str, tuple[str, ...]]]:
+    """(parent module, attribute, the HF-named projections it stands for) for every nn.Linear to pack, after
+    `fuse_projections`: a fused qkv_proj stands for (q_proj, k_proj, v_proj), a plain linear for itself."""
+    parts_of = dict(FUSIONS)
+    return [
+        (module, name, parts_of.get(name, (name,)))
+        for module in model.modules()
+        for name, child in module.named_children()
+        if type(child) is nn.Linear and name not in KEEP
+    ]
+
+
+def quantize_model(model: nn.Module, mode: str) -> nn.Module:
+    """Swap the model's nn.Linear modules (in place) for `mode`'s packed form. CPU only; returns the model."""
+    make = packed_linear(mode)
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("quantize_model is for CPU inference; the model is not on the CPU")
     fuse_projections(model)
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child_name not in KEEP:
-                new = Int8Linear(child) if mode == "int8" else Fp16Linear(child)
-                setattr(module, child_name, new)
+    for module, name, _ in quantizable_linears(model):
+        child = getattr(module, name)
+        setattr(module, name, make(child.weight, child.bias))
     model.quantization = mode
-    _return_freed_memory()
+    return_freed_memory()
     return model
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand the replaced fp32 weights' memory back to the OS. glibc keeps freed heap in the process, so
     without this a quantized model's process stays as large as the fp32 one (measured: 1,294 MB after
     quantizing SmolLM2 to fp16, 896 MB after malloc_trim)."""

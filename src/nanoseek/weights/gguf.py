@@ -204,11 +204,16 @@ def dequantize_tensor(gf: GGUFFile, info: TensorInfo) -> np.ndarray:
             f"supported: {', '.join(supported_quant_types())}"
         )
     raw = gf.raw(info)
+    out = np.empty((raw.shape[0], int(np.prod(info.shape)) // raw.shape[0]), dtype=np.float32)
+    # A few thousand rows at a time: numpy's dequantizers make several full-size temporaries, which for
+    # SmolLM2's embedding matrix alone raised the loading peak by ~400 MB.
+    step = max(1, (1 << 22) // max(1, out.shape[1]))
     try:
-        w = quants.dequantize(raw, qtype)
+        for start in range(0, raw.shape[0], step):
+            out[start : start + step] = quants.dequantize(raw[start : start + step], qtype).reshape(-1, out.shape[1])
     except Exception as exc:
         raise WeightsError(f"{gf.path}: tensor {info.name!r} could not be dequantized ({exc})") from exc
-    return np.asarray(w, dtype=np.float32).reshape(info.shape)
+    return out.reshape(info.shape)
 
 
 class _GGUFTensors:
@@ -233,11 +238,12 @@ class _GGUFTensors:
             w = unpermute_rope_rows(w, self.cfg.num_key_value_heads)
         if self.cfg.norm_offset and "norm.weight" in name:
             w = w - self.cfg.norm_offset
-        return torch.from_numpy(np.array(w, dtype=np.float32))  # a writable copy owned by torch
+        return torch.from_numpy(np.require(w, np.float32, "CW"))  # writable and contiguous (a copy only if not)
 
 
-def load_gguf_model(path: str | os.PathLike, dtype=None, device=None) -> DenseForCausalLM:
-    """`nanoseek.load` for a .gguf file: a dense model with dequantized weights (fp32 unless `dtype`)."""
+def load_gguf_model(path: str | os.PathLike, dtype=None, device=None, quant: str | None = None) -> DenseForCausalLM:
+    """`nanoseek.load` for a .gguf file: a dense model with dequantized weights (fp32 unless `dtype`), or with
+    its projections repacked tensor by tensor into `quant`'s run format (int8 | fp16)."""
     gf = open_gguf(path)
     cfg = config_from_gguf(gf.metadata, set(gf.tensors), gf.path)
     if "rope_freqs.weight" in gf.tensors:  # llama 3.1+: per-frequency divisors in place of rope_scaling metadata
@@ -245,4 +251,4 @@ def load_gguf_model(path: str | os.PathLike, dtype=None, device=None) -> DenseFo
     model = build_on_meta(cfg)
     device = torch.device(device) if device is not None else torch.device("cpu")
     tensors = _GGUFTensors(gf, cfg, gf.metadata["general.architecture"])
-    return load_dense_state(model, tensors, str(gf.path), dtype or torch.float32, device)
+    return load_dense_state(model, tensors, str(gf.path), dtype or torch.float32, device, quant)

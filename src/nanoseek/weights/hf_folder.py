@@ -46,10 +46,14 @@ def save_pretrained(
 
 
 def load_deepseek_v3(
-    folder: Path, config: dict, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    folder: Path,
+    config: dict,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    quant: str | None = None,
 ) -> DeepseekV3ForCausalLM:
     """Build a DeepSeek-V3 (or V2) model from a HF folder. dtype None keeps fp32 on CPU (bf16 is slow there)
-    and the checkpoint's dtype elsewhere."""
+    and the checkpoint's dtype elsewhere. `quant` packs the projections after loading (engine/quant.py)."""
     folder = Path(folder)
     try:
         cfg = DeepseekV3Config.from_dict(config)
@@ -74,39 +78,82 @@ def load_deepseek_v3(
         if isinstance(m, Router):
             m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()
     model.init_buffers(device)
+    if quant is not None:
+        from nanoseek.engine.quant import quantize_model
+
+        quantize_model(model, quant)
     return model
 
 
 # ---- dense families ---------------------------------------------------------------------------------------
 
 
-def load_dense_state(model: DenseForCausalLM, tensors, source: str, dtype: torch.dtype, device) -> DenseForCausalLM:
+def load_dense_state(
+    model: DenseForCausalLM, tensors, source: str, dtype: torch.dtype, device, quant: str | None = None
+) -> DenseForCausalLM:
     """Fill a meta-device dense model from `tensors` (a mapping name -> tensor with HF names) without a second
-    copy. Each tensor is checked against the shape the config implies; a missing one is an error naming it."""
+    copy. Each tensor is checked against the shape the config implies; a missing one is an error naming it.
+
+    With `quant` ("int8" | "fp16", CPU only; engine/quant.py), each projection is packed as soon as it is
+    read, so the model never exists whole in fp32 (a quantized GGUF is not expanded first)."""
     expected = dict(model.state_dict(keep_vars=True))
-    if model.config.tie_word_embeddings:
+    tied = model.config.tie_word_embeddings
+    if tied:
         expected.pop("lm_head.weight", None)
-    state = {}
-    for name, param in expected.items():
+
+    def read(name: str) -> torch.Tensor:
         if name not in tensors:
             raise WeightsError(f"{source}: tensor {name!r} is missing from the checkpoint")
         t = tensors[name]
-        check_shape(name, t, tuple(param.shape), source)
-        state[name] = t.to(device=device, dtype=dtype)
+        check_shape(name, t, tuple(expected[name].shape), source)
+        return t
+
+    packed: set[str] = set()
+    if quant is not None:
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"quantized weights ({quant}) are for the CPU, not {device}")
+        packed = _pack_linears(model, read, quant, tied)
+    state = {name: read(name).to(device=device, dtype=dtype) for name in expected if name not in packed}
     model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+    if quant is None:
+        model.tie_weights()
+    else:
+        model.quantization = quant
     model._rope.clear()
     return model.eval()
 
 
-def load_dense(folder: Path, config: dict, dtype=None, device=None) -> DenseForCausalLM:
+def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool) -> set[str]:
+    """Replace the meta model's projections by packed ones built from `read(name)`, one at a time; return
+    the parameter names consumed."""
+    from nanoseek.engine.quant import fuse_projections, packed_linear, quantizable_linears, return_freed_memory
+
+    make = packed_linear(quant)
+    fuse_projections(model)
+    prefix_of = {id(m): f"{name}." if name else "" for name, m in model.named_modules()}
+    consumed: set[str] = set()
+    for module, attr, parts in quantizable_linears(model):
+        names = [prefix_of[id(module)] + part for part in parts]
+        if tied and names == ["lm_head"]:  # its own packed copy of the (fp32) embedding matrix
+            weight = read("model.embed_tokens.weight")
+        else:
+            weight = torch.cat([read(f"{n}.weight").float() for n in names])
+        has_bias = getattr(module, attr).bias is not None
+        bias = torch.cat([read(f"{n}.bias").float() for n in names]) if has_bias else None
+        setattr(module, attr, make(weight, bias))
+        consumed |= {f"{n}.{kind}" for n in names for kind in ("weight", "bias")}
+    return_freed_memory()
+    return consumed
+
+
+def load_dense(folder: Path, config: dict, dtype=None, device=None, quant: str | None = None) -> DenseForCausalLM:
     """llama / mistral / qwen2 / gemma / gemma2 / gemma3(_text) HF folders."""
     cfg = dense_config_from_hf(config)
     reader = open_checkpoint(folder, config)  # FP8 weights come back dequantized
     tensors = _TextModelOf(reader) if config.get("model_type") == "gemma3" else reader
     model = build_on_meta(cfg)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    return load_dense_state(model, tensors, str(folder), dtype or torch.float32, device)
+    return load_dense_state(model, tensors, str(folder), dtype or torch.float32, device, quant)
 
 
 class _TextModelOf:
