@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,3 +289,26 @@ def test_cli_end_to_end_and_its_errors(chatml_tok, tmp_path):
     bad = _cli("sft", base, data, "--out", tmp_path / "o2", "--set", "optim.lrr=1")
     assert bad.returncode == 2 and "unknown config key 'optim.lrr'" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+# ---- data parallel --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_follow_the_single_process_curve(chatml_tok, tmp_path, mode):
+    """Under torchrun (gloo, 2 CPU processes) each rank packs its half of the step's conversations; the loss,
+    normalised by the step's assistant tokens over both ranks, follows the one-process curve."""
+    base = llama_folder(tmp_path / "base", chatml_tok)
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in DATA))
+    sets = ["max_steps=4", "optim.lr=3e-3", "ckpt_every=0"]
+    single = run_sft(base, data, tmp_path / "single", sets, show_progress=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "nanoseek",
+           "sft", base, data, "--out", tmp_path / mode, "--parallel", mode, "--quiet"]  # fmt: skip
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = procs.run([str(c) for c in cmd], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if x["event"] == "step"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(single.losses), rtol=1e-5, atol=0)
+    assert (tmp_path / mode / "model/model.safetensors").is_file()

@@ -291,6 +291,39 @@ def check_trainable(model: nn.Module, tok: Tokenizer) -> int:
     return int(model.config.max_position_embeddings)
 
 
+def prepare_sft(
+    model: str | os.PathLike | nn.Module,
+    data: str | os.PathLike | Sequence[dict],
+    out: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    tokenizer=None,
+    show_progress: bool = True,
+    device: str = "cpu",
+    resume: bool = False,
+    parallel: str = "auto",
+    stop_after: int | None = None,
+) -> SFTTrainer:
+    """Everything run_sft does before training: load and check the model, the settings and all the data
+    (every error is raised here), and build the trainer. `.train()` runs it."""
+    net, tok, name = load_for_training(model, tokenizer)
+    context = check_trainable(net, tok)
+    cfg, epochs, keys = sft_config(overrides, out, device, context)
+    examples, skipped = prepare_examples(tok, data, cfg.seq_len)
+    plan_steps(cfg, len(examples), epochs, keys)
+    plan = SFTPlan(epochs, examples, skipped, data_digest(examples))
+    info = init_distributed(cfg.device)
+    n_targets = sum(e.n_targets for e in examples)
+    print0(
+        f"sft: {len(examples)} conversations ({skipped} skipped), {n_targets} assistant tokens, "
+        f"{cfg.max_steps} steps of {cfg.batch_size} conversations, lr {cfg.optim.lr:g}"
+    )
+    return SFTTrainer(
+        cfg, net, tok, plan, name, parallel=parallel, resume=resume, show_progress=show_progress, info=info,
+        stop_after=stop_after,
+    )  # fmt: skip
+
+
 def run_sft(
     model: str | os.PathLike | nn.Module,
     data: str | os.PathLike | Sequence[dict],
@@ -311,21 +344,9 @@ def run_sft(
     parallel: auto | none | ddp | fsdp, as `nanoseek train`. stop_after: end after that many steps without
     the final checkpoint and export, as an interrupted run would (for resume tests).
     Bad input (data, --set keys, a model that cannot be fine-tuned) raises ValueError before training."""
-    net, tok, name = load_for_training(model, tokenizer)
-    context = check_trainable(net, tok)
-    cfg, epochs, keys = sft_config(overrides, out, device, context)
-    examples, skipped = prepare_examples(tok, data, cfg.seq_len)
-    plan_steps(cfg, len(examples), epochs, keys)
-    plan = SFTPlan(epochs, examples, skipped, data_digest(examples))
-    info = init_distributed(cfg.device)
-    n_targets = sum(e.n_targets for e in examples)
-    print0(
-        f"sft: {len(examples)} conversations ({skipped} skipped), {n_targets} assistant tokens, "
-        f"{cfg.max_steps} steps of {cfg.batch_size} conversations, lr {cfg.optim.lr:g}"
-    )
-    trainer = SFTTrainer(
-        cfg, net, tok, plan, name, parallel=parallel, resume=resume, show_progress=show_progress, info=info,
-        stop_after=stop_after,
+    trainer = prepare_sft(
+        model, data, out, overrides, tokenizer=tokenizer, show_progress=show_progress, device=device,
+        resume=resume, parallel=parallel, stop_after=stop_after,
     )  # fmt: skip
     trainer.metrics_mirror = Path(metrics_path) if metrics_path is not None else None
     result = trainer.train()
