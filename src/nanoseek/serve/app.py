@@ -260,7 +260,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        return _error(request.url.path, exc.status_code, detail)
+        response = _error(request.url.path, exc.status_code, detail)
+        response.headers.update(exc.headers or {})  # e.g. a 405's Allow, which RFC 9110 requires
+        return response
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception):
