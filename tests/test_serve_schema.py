@@ -70,8 +70,8 @@ def test_wrong_method_is_405_with_allow(running):
 def test_schemathesis_cli_every_phase_finds_no_5xx(running, tmp_path):
     """The CLI's whole run: examples, coverage (boundary and malformed values of every field), fuzzing and
     stateful sequences, checked for server errors only (about 2 minutes: slow)."""
-    cmd = [sys.executable, "-m", "schemathesis.cli", "run", running.url + "/openapi.json", "--checks", "not_a_server_error",
-           "--max-examples", "30", "--seed", "1", "--generation-deterministic",
+    cmd = [sys.executable, "-m", "schemathesis.cli", "run", running.url + "/openapi.json",
+           "--checks", "not_a_server_error", "--max-examples", "30", "--seed", "1", "--generation-deterministic",
            "--workers", "1", "--no-color"]  # fmt: skip
     try:
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
