@@ -10,6 +10,7 @@ screenshot.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -26,17 +27,22 @@ from gguf_writer import IM_END
 from serve_helpers import serve, tiny_llama_gguf
 
 pytest.importorskip("transformers")
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="the playwright package is not installed (`pip install -e .[dev]`)"
-)
-expect = sync_api.Expect()  # our own instance: its timeout is set here, not on playwright's shared `expect`
-expect.set_options(timeout=30_000)  # a bound against a hang; the waits end as soon as the page is there
 CHROMIUM = Path("/usr/bin/chromium")
-if not CHROMIUM.exists():
-    pytest.skip(
-        f"Debian's chromium is not installed ({CHROMIUM}): `make setup` installs it where it can (root with apt)",
-        allow_module_level=True,
-    )
+VENDOR = Path(nanoseek.__file__).parent / "serve" / "static" / "vendor"
+
+
+def _browser_missing() -> str | None:
+    """Why the browser test cannot run here, or None."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (`pip install -e .[dev]`)"
+    if not CHROMIUM.exists():
+        return f"Debian's chromium is not installed ({CHROMIUM}): `make setup` installs it where it can (root with apt)"
+    return None
+
+
+needs_browser = pytest.mark.skipif(_browser_missing() is not None, reason=str(_browser_missing()))
 
 # A template that ignores the conversation: every prompt has the same length, so the scripted model knows
 # which reply token it is choosing from a position alone. The request bodies are checked in the browser.
@@ -122,12 +128,29 @@ def _last_request(requests: list) -> dict:
     return json.loads(chats[-1].post_data)
 
 
+def test_chat_page_and_vendored_files_are_served_without_the_key(scripted):
+    running = scripted[0]
+    page = httpx.get(running.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]  # no inline script can run
+    assert httpx.get(running.url + "/v1/models").status_code == 401  # while the API itself needs the key
+    for asset in ["chat.js", "chat.css", "vendor/marked.umd.js", "vendor/purify.min.js"]:
+        assert httpx.get(f"{running.url}/static/{asset}").status_code == 200, asset
+    # the vendored files are the released ones the README names
+    readme = (VENDOR / "README.md").read_text()
+    for name in ["marked.umd.js", "purify.min.js"]:
+        assert hashlib.sha256((VENDOR / name).read_bytes()).hexdigest() in readme, name
+
+
+@needs_browser
 @pytest.mark.timeout(180)
 def test_web_chat_streams_sanitized_markdown_and_stops(scripted, tmp_path):
+    from playwright import sync_api
+
+    expect = sync_api.Expect()  # our own instance: its timeout is set here, not on playwright's shared `expect`
+    expect.set_options(timeout=30_000)  # a bound against a hang; the waits end as soon as the page is there
     running, model, hold_at, script_len = scripted
     url = running.url
-    page_html = httpx.get(url + "/")
-    assert page_html.status_code == 200 and "script-src 'self'" in page_html.headers["content-security-policy"]
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
