@@ -59,6 +59,16 @@ def test_no_server_errors(running, mode):
         assert httpx.get(running.url + "/health", timeout=10).status_code == 200  # and it keeps serving
 
 
+def test_schema_documents_the_400_the_server_sends(running):
+    """Found by schemathesis (`--checks all`): FastAPI's schema promised 422 for invalid requests."""
+    paths = httpx.get(running.url + "/openapi.json").json()["paths"]
+    responses = {f"{m.upper()} {p}": set(op["responses"]) for p, ops in paths.items() for m, op in ops.items()}
+    assert responses["POST /v1/chat/completions"] == {"200", "400"}
+    assert responses["GET /v1/models/{model_id}"] == {"200", "400", "404"}
+    assert not any("422" in codes for codes in responses.values())
+    assert httpx.post(running.url + "/v1/chat/completions", json={"messages": 1}).status_code == 400
+
+
 def test_wrong_method_is_405_with_allow(running):
     """Found by schemathesis (`--checks all`): a 405 must say which methods the route has (RFC 9110)."""
     resp = httpx.request("TRACE", running.url + "/v1/models", timeout=10)
