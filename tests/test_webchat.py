@@ -154,7 +154,9 @@ def test_web_chat_streams_sanitized_markdown_and_stops(scripted, tmp_path):
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1000, "height": 900})
+            # CSP bypassed: the sanitizer alone must keep the injected HTML from running (the page's CSP, a
+            # second line of defence, is checked in the test above)
+            page = browser.new_context(bypass_csp=True, viewport={"width": 1000, "height": 900}).new_page()
             page.set_default_timeout(30_000)
             errors, requests = [], []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -191,9 +193,10 @@ def test_web_chat_streams_sanitized_markdown_and_stops(scripted, tmp_path):
             assert reasoning.evaluate("d => d.open") is True
             # the injected HTML reached the renderer (its <img> is there) but nothing of it can run
             expect(first.locator(".answer img")).to_have_count(1)
+            page.wait_for_function("document.querySelector('.answer img').complete")  # its error event is past
+            assert page.evaluate("window.__pwned") is None
             assert first.locator(".answer img").get_attribute("onerror") is None
             assert first.locator(".answer script").count() == 0 and page.locator("main script").count() == 0
-            assert page.evaluate("window.__pwned") is None
 
             # turn 2: the model is held mid-reply; what came so far is on the page; stop ends the stream
             tokens_before = _metric(url, "nanoseek_generation_tokens_total")
