@@ -49,4 +49,4 @@ bench: $(STAMP)
 	$(VENV)/bin/nanoseek bench moe-step
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .hypothesis
