@@ -8,6 +8,7 @@ SSE stream. Errors take the shape of the API the route belongs to (errors.py). A
 limit (413), request counting by status for /metrics, and auth when an API key is set. A streaming client
 that disconnects cancels its stream, and a non-streaming one its request: both abort the engine requests and
 free their cache blocks. Shutting down (uvicorn's lifespan, e.g. on SIGTERM) stops the engine's thread.
+`/` serves the web chat (static/, no build step), which talks to /v1/chat/completions like any client.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,6 +42,11 @@ log = logging.getLogger("nanoseek.serve")
 
 MAX_BODY_BYTES = 4 << 20  # a long-context prompt is well under this; a 10 MB body is refused with a 413
 DISCONNECTED = 499  # nginx's status for "the client closed the request"
+STATIC = Path(__file__).parent / "static"  # the web chat (package data: the wheel ships it)
+# The chat page runs only its own scripts and styles, talks only to this server and shows no remote images: a
+# second line of defence behind the sanitizer if a model's reply ever smuggled HTML through.
+CHAT_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+            "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")  # fmt: skip
 
 
 def create_app(server: ModelServer, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
@@ -55,7 +63,9 @@ def create_app(server: ModelServer, *, api_key: str | None = None, max_body_byte
     routers = [_api_routes(server), _open_routes(server)]
     app.include_router(routers[0], dependencies=auth)
     app.include_router(routers[1])
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _add_error_handlers(app)
+    _document_400s(app)
     app.add_middleware(_LimitBody, max_bytes=max_body_bytes)
     app.add_middleware(
         _CountRequests, server=server, paths={r.path for rs in routers for r in rs.routes}
@@ -101,7 +111,7 @@ def _api_routes(server: ModelServer) -> APIRouter:
     async def models():
         return po.ModelList(data=[_model_card(server)])
 
-    @router.get("/v1/models/{model_id}", response_model=po.ModelCard)
+    @router.get("/v1/models/{model_id}", response_model=po.ModelCard, responses={404: {"description": "Unknown model"}})
     async def model(model_id: str):
         server.check_model(model_id)
         return _model_card(server)
@@ -125,7 +135,7 @@ def _api_routes(server: ModelServer) -> APIRouter:
 
 
 def _open_routes(server: ModelServer) -> APIRouter:
-    """Routes without auth: a health probe and Prometheus scraping."""
+    """Routes without auth: a health probe, Prometheus scraping and the web chat's page."""
     router = APIRouter()
 
     @router.get("/health")
@@ -138,6 +148,10 @@ def _open_routes(server: ModelServer) -> APIRouter:
     async def metrics():
         content, media_type = server.metrics.render()
         return Response(content, media_type=media_type)
+
+    @router.get("/", include_in_schema=False)
+    async def chat_page():  # the web chat; it asks for the API key itself when the server needs one
+        return FileResponse(STATIC / "index.html", headers={"content-security-policy": CHAT_CSP})
 
     return router
 
@@ -234,6 +248,22 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) + more, params[0] or None
 
 
+def _document_400s(app: FastAPI) -> None:
+    """FastAPI's schema promises a 422 for an invalid request; this server answers 400 in the API's error shape
+    (as OpenAI and Anthropic do), so /openapi.json says 400 (schemathesis checks responses against it)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for operation in (op for path in schema["paths"].values() for op in path.values()):
+                if operation.get("responses", {}).pop("422", None) is not None:
+                    operation["responses"]["400"] = {"description": "Invalid request (the API's error JSON)"}
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -247,7 +277,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        return _error(request.url.path, exc.status_code, detail)
+        response = _error(request.url.path, exc.status_code, detail)
+        response.headers.update(exc.headers or {})  # e.g. a 405's Allow, which RFC 9110 requires
+        return response
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception):
