@@ -20,7 +20,7 @@ from nanoseek.model.loss import IGNORE_INDEX
 from nanoseek.train.chat_data import first_fit, pack, tokenize_conversation
 from nanoseek.train.checkpoint import list_checkpoints
 from nanoseek.train.sft import run_sft
-from nanoseek.train.tokenizer import train_tokenizer
+from nanoseek.train.tokenizer import CHAT_TEMPLATE, train_tokenizer
 from nanoseek.weights.hf_folder import save_pretrained
 
 transformers = pytest.importorskip("transformers")
@@ -39,7 +39,7 @@ GEMMA = (
     "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
-END_OF_TURN = {CHATML: "<|im_end|>", LLAMA3: "<|eot_id|>", GEMMA: "<end_of_turn>"}
+END_OF_TURN = {CHATML: "<|im_end|>", LLAMA3: "<|eot_id|>", GEMMA: "<end_of_turn>", CHAT_TEMPLATE: "<|eos|>"}
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
             "<start_of_turn>", "<end_of_turn>"]  # fmt: skip
 TEXTS = [f"what is {a} plus {b}? it is {a + b}. thanks, you are welcome." for a in range(30) for b in range(10)]
@@ -107,7 +107,9 @@ def _assistant_texts(tok, ex) -> list[str]:
 
 
 # ---- masks ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("template", [CHATML, LLAMA3, GEMMA], ids=["chatml", "llama3", "gemma"])
+@pytest.mark.parametrize(
+    "template", [CHATML, LLAMA3, GEMMA, CHAT_TEMPLATE], ids=["chatml", "llama3", "gemma", "nanoseek"]
+)
 def test_assistant_mask_covers_replies_and_their_end_of_turn_only(template):
     tok = make_tokenizer(template)
     ex = tokenize_conversation(tok, MULTI_TURN)
@@ -118,6 +120,14 @@ def test_assistant_mask_covers_replies_and_their_end_of_turn_only(template):
     rendered = tok.backend.decode(ex.ids, skip_special_tokens=False)
     assert rendered == tok.apply_chat_template(MULTI_TURN, add_generation_prompt=False)
     assert sum(ex.assistant) < len(ex.ids) / 2
+
+
+def test_a_reply_that_opens_the_conversation_excludes_what_the_template_puts_before_it():
+    template = "<|im_start|>system\ndefault prompt<|im_end|>\n" + CHATML  # like SmolLM2's default system prompt
+    tok = make_tokenizer(CHATML)
+    tok.chat_template = template
+    ex = tokenize_conversation(tok, MULTI_TURN[2:])  # assistant, user, assistant
+    assert [t.strip() for t in _assistant_texts(tok, ex)] == ["it is 3.<|im_end|>", "you are welcome.<|im_end|>"]
 
 
 def test_template_that_rewrites_history_falls_back_to_locating_the_replies():
