@@ -354,4 +354,4 @@ def test_smollm2_sft_few_steps_exports_what_transformers_reads(tmp_path):
     ids = torch.tensor([tok.encode_chat(chats[0]["messages"][:1])])
     with torch.no_grad():
         gap = (ours(ids) - ref(ids).logits).abs().max().item()
-    assert gap <= 1e-4, gap  # logits of magnitude ~20; fp32 summation order only
+    assert gap <= 1e-4, gap  # measured 0.0 (logits up to ~42); the margin is for other CPUs' summation order
