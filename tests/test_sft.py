@@ -240,7 +240,8 @@ def test_resume_after_interruption_gives_the_same_losses(chatml_tok, tmp_path):
 
 def test_epochs_set_the_step_count_and_batch_size_counts_conversations(chatml_tok, tmp_path):
     base = llama_folder(tmp_path / "base", chatml_tok)
-    res = run_sft(base, DATA[:10], tmp_path / "out", ["epochs=2", "batch_size=4", "ckpt_every=0"], show_progress=False)
+    res = run_sft(base, DATA[:10], tmp_path / "out", ["epochs=2", "batch_size=4", "ckpt_every=0"], show_progress=False,
+                  tune_threads=True)  # fmt: skip
     assert res.steps == 5  # ceil(2 epochs x 10 conversations / 4)
 
 
