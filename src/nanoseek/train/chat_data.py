@@ -116,12 +116,23 @@ def assistant_char_spans(tok: Tokenizer, messages: list[dict[str, Any]]) -> tupl
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tok.apply_chat_template(messages[:i], add_generation_prompt=True) if i else ""
+        before = _render_or_empty(tok, messages[:i]) if i == 0 else tok.apply_chat_template(messages[:i])
         after = tok.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
         if not (full.startswith(before) and full.startswith(after) and len(after) > len(before)):
             return full, _spans_by_search(tok, full, messages)
         spans.append((len(before), len(after)))
     return full, spans
+
+
+def _render_or_empty(tok: Tokenizer, messages: list[dict[str, Any]]) -> str:
+    """What the template writes before a reply that opens the conversation (a default system prompt, the
+    assistant header), or "" if it refuses an empty conversation."""
+    from nanoseek.tokenizer import ChatTemplateError
+
+    try:
+        return tok.apply_chat_template(messages, add_generation_prompt=True)
+    except ChatTemplateError:
+        return ""
 
 
 def _spans_by_search(tok: Tokenizer, full: str, messages: list[dict[str, Any]]) -> list[tuple[int, int]]:

@@ -303,6 +303,7 @@ def prepare_sft(
     resume: bool = False,
     parallel: str = "auto",
     stop_after: int | None = None,
+    tune_threads: bool = False,
 ) -> SFTTrainer:
     """Everything run_sft does before training: load and check the model, the settings and all the data
     (every error is raised here), and build the trainer. `.train()` runs it."""
@@ -320,7 +321,7 @@ def prepare_sft(
     )
     return SFTTrainer(
         cfg, net, tok, plan, name, parallel=parallel, resume=resume, show_progress=show_progress, info=info,
-        stop_after=stop_after,
+        stop_after=stop_after, tune_threads=tune_threads,
     )  # fmt: skip
 
 
@@ -337,16 +338,18 @@ def run_sft(
     resume: bool = False,
     parallel: str = "auto",
     stop_after: int | None = None,
+    tune_threads: bool = False,
 ) -> SFTResult:
     """Fine-tune `model` on `data` into `out` (see the module docstring). A model object is trained in place.
 
     resume: continue from out/checkpoints (same model, data and settings; max_steps may change).
     parallel: auto | none | ddp | fsdp, as `nanoseek train`. stop_after: end after that many steps without
-    the final checkpoint and export, as an interrupted run would (for resume tests).
+    the final checkpoint and export, as an interrupted run would (for resume tests). tune_threads: on CPU,
+    keep switching to the faster of 1 thread and all threads (the Trainer's ThreadTuner, as the speedrun does).
     Bad input (data, --set keys, a model that cannot be fine-tuned) raises ValueError before training."""
     trainer = prepare_sft(
         model, data, out, overrides, tokenizer=tokenizer, show_progress=show_progress, device=device,
-        resume=resume, parallel=parallel, stop_after=stop_after,
+        resume=resume, parallel=parallel, stop_after=stop_after, tune_threads=tune_threads,
     )  # fmt: skip
     trainer.metrics_mirror = Path(metrics_path) if metrics_path is not None else None
     result = trainer.train()
