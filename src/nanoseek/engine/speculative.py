@@ -6,7 +6,7 @@ the target's own argmax, then the target's token after it: 1..k+1 tokens per ste
 greedy decoding would give. Cache entries of rejected drafts stay behind `num_computed` and are
 overwritten by the next step (prefix caching only registers blocks wholly below `num_computed`).
 
-Only greedy requests speculate. Sampled requests decode one token per step: speculative sampling
+Only greedy requests without a token constraint (engine/constraint.py) speculate. Sampled requests decode one token per step: speculative sampling
 (Leviathan et al.) would need the per-request sampling pipeline (penalties, top-k/p, seeded streams) applied
 per draft position, and is not implemented.
 
@@ -70,9 +70,9 @@ def accept_greedy(drafts: Sequence[int], targets: Sequence[int]) -> list[int]:
 
 
 def draft_limit(req: Request, num_speculative_tokens: int, context_length: int) -> int:
-    """How many drafts the request may verify next step: 0 unless it is greedy and decoding; never more
-    than its remaining max_tokens (the bonus token always comes) or the context allows."""
-    if req.finished or not req.params.greedy or req.num_computed != req.num_tokens - 1:
+    """How many drafts the request may verify next step: 0 unless it is greedy, unconstrained and decoding;
+    never more than its remaining max_tokens (the bonus token always comes) or the context allows."""
+    if req.finished or not req.params.greedy or req.constraint is not None or req.num_computed != req.num_tokens - 1:
         return 0
     room = min(req.params.max_tokens - len(req.output_ids) - 1, context_length - req.num_tokens)
     return max(0, min(num_speculative_tokens, room))
