@@ -25,6 +25,7 @@ from nanoseek.engine.generate import TextStreamer
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.metrics import Metrics
+from nanoseek.serve.structured import StructuredOutput
 
 
 @dataclass
@@ -191,6 +192,7 @@ class ModelServer:
         self.context_length: int = engine.engine.runner.context_length
         self.vocab_size: int = engine.engine.vocab_size
         self.created = int(time.time())
+        self.structured = StructuredOutput(tokenizer)
         metrics.watch_engine(engine.engine)
 
     def check_model(self, model: str | None) -> None:

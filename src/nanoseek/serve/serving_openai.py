@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from nanoseek.serve import protocol_openai as p
 from nanoseek.serve.errors import APIError
@@ -33,11 +34,10 @@ def sse_error(exc: APIError) -> str:
 async def start_chat(server: ModelServer, req: p.ChatCompletionRequest) -> tuple[Generation, bool]:
     """Submit the request's choices; returns the generation and whether replies start inside reasoning."""
     server.check_model(req.model)
-    if req.response_format is not None and req.response_format.type != "text":
-        raise APIError(400, f"response_format {req.response_format.type!r} is not supported yet", "response_format")
+    constraint = await server.structured.constraint(req.response_format)
     ids, text = await server.chat_prompt(req.template_messages(), req.add_generation_prompt, **req.template_kwargs())
     max_tokens = server.max_tokens(req.requested_max_tokens, len(ids))
-    params = req.sampling_params(max_tokens, req.num_logprobs)
+    params = replace(req.sampling_params(max_tokens, req.num_logprobs), constraint=constraint)
     return server.generate([(ids, q) for q in seeded(params, req.n)]), starts_in_reasoning(text)
 
 
@@ -136,6 +136,7 @@ async def _framed(events: AsyncIterator[str], gen: Generation, usage_chunk) -> A
 async def start_completion(server: ModelServer, req: p.CompletionRequest) -> tuple[Generation, list[str]]:
     """Submit n choices per prompt; returns the generation and the prompts' texts (for echo)."""
     server.check_model(req.model)
+    constraint = await server.structured.constraint(req.response_format)
     prompts, texts = [], []
     for prompt in req.prompts():
         if isinstance(prompt, str):
@@ -144,7 +145,7 @@ async def start_completion(server: ModelServer, req: p.CompletionRequest) -> tup
             ids = server.check_tokens(prompt, "prompt")
             text = server.tokenizer.decode(ids) if req.echo else ""
         max_tokens = server.max_tokens(req.max_tokens, len(ids), "prompt")
-        prompts.append((ids, req.sampling_params(max_tokens, req.logprobs)))
+        prompts.append((ids, replace(req.sampling_params(max_tokens, req.logprobs), constraint=constraint)))
         texts.append(text)
     requests = [(ids, q) for ids, params in prompts for q in seeded(params, req.n)]
     return server.generate(requests), texts
