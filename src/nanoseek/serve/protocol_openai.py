@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.serve.errors import APIError
+from nanoseek.serve.tool_calls import template_tool_calls
 
 SEED_RANGE = dict(ge=-(2**63), lt=2**63)
 
@@ -54,9 +55,11 @@ class ChatMessage(Lenient):
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it (plain-string content; "developer" is a system message)."""
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
-        for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
+        for key in ("name", "tool_call_id", "reasoning_content"):
             if getattr(self, key) is not None:
                 message[key] = getattr(self, key)
+        if self.tool_calls:
+            message["tool_calls"] = template_tool_calls(self.tool_calls)
         return message
 
 
@@ -167,10 +170,17 @@ class ChatCompletionRequest(SamplingFields):
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.for_template() for m in self.messages]
 
+    @property
+    def uses_tools(self) -> bool:
+        """Tools are offered (and the reply is parsed for calls): tools given and tool_choice not "none"."""
+        return bool(self.tools) and self.tool_choice != "none"
+
     def template_kwargs(self) -> dict[str, Any]:
         extra = dict(self.chat_template_kwargs or {})
-        if self.tools:
+        if self.uses_tools:
             extra["tools"] = self.tools
+            if self.tool_choice is not None:
+                extra["tool_choice"] = self.tool_choice
         return extra
 
 

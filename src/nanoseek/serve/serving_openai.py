@@ -11,6 +11,7 @@ from nanoseek.serve import protocol_openai as p
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.reasoning import ReasoningParser, starts_in_reasoning
 from nanoseek.serve.serving import ChoiceDelta, Generation, ModelServer, TokenLogprob, seeded
+from nanoseek.serve.tool_calls import ToolCall, parse_all
 
 
 def sse(data: dict | str) -> str:
@@ -66,12 +67,19 @@ async def chat_response(
         parser = ReasoningParser(in_reasoning)
         parts = [parser.feed("".join(texts[i])), parser.finish()]
         reasoning, content = "".join(r for r, _ in parts), "".join(c for _, c in parts)
+        tool_parser = _tool_parser(server, req)
+        calls = []
+        if tool_parser is not None:
+            content, calls = parse_all(tool_parser, content)
+            content = content.strip() if calls else content  # the blank lines around the calls
         message = p.AssistantMessage(
-            content=content if content or not reasoning else None,
+            content=content if content or not (reasoning or calls) else None,
             reasoning_content=(reasoning or None) if req.include_reasoning else None,
+            tool_calls=[_tool_call(c) for c in calls],
         )
         lp = chat_logprobs(logprobs[i]) if req.logprobs else None
-        choices.append(p.ChatChoice(index=i, message=message, logprobs=lp, finish_reason=finish[i]))
+        reason = "tool_calls" if calls and finish[i] != "abort" else finish[i]
+        choices.append(p.ChatChoice(index=i, message=message, logprobs=lp, finish_reason=reason))
     return p.ChatCompletion(
         id=p.new_id("chatcmpl"), created=p.now(), model=server.name, choices=choices,
         usage=p.usage(gen.prompt_tokens, gen.completion_tokens),
@@ -90,29 +98,60 @@ async def chat_stream(
         return sse(_with_usage_field(body, req.include_usage))
 
     parsers = [ReasoningParser(in_reasoning) for _ in range(req.n)]
+    tool_parsers = [_tool_parser(server, req) for _ in range(req.n)]
+    num_calls = [0] * req.n
+
+    def tool_events(i: int, content: str, final: bool) -> tuple[str, list[dict]]:
+        """The content text and the tool-call deltas in this piece of answer text."""
+        if tool_parsers[i] is None:
+            return content, []
+        found = tool_parsers[i].feed(content) + (tool_parsers[i].finish() if final else [])
+        texts, calls = [], []
+        for e in found:
+            if isinstance(e, str):
+                if e.strip() or not num_calls[i]:  # blank lines between calls are not content
+                    texts.append(e)
+            else:
+                calls.append({"index": num_calls[i], **_tool_call(e).model_dump()})
+                num_calls[i] += 1
+        return "".join(texts), calls
 
     async def events() -> AsyncIterator[str]:
         for i in range(req.n):
             yield chunk(i, p.ChatDelta(role="assistant", content=""), None, None)
         async for d in gen:
+            final = d.finish_reason is not None
             reasoning, content = parsers[d.index].feed(d.text)
-            if d.finish_reason is not None:
+            if final:
                 r, c = parsers[d.index].finish()
                 reasoning, content = reasoning + r, content + c
-            fields = {"content": content} if content else {}
+            content, calls = tool_events(d.index, content, final)
+            fields: dict = {"content": content} if content else {}
             if reasoning and req.include_reasoning:
                 fields["reasoning_content"] = reasoning
             lp = chat_logprobs(d.logprobs) if req.logprobs and d.logprobs else None
             if fields or lp is not None:
                 yield chunk(d.index, p.ChatDelta(**fields), lp, None)
-            if d.finish_reason is not None:
-                yield chunk(d.index, p.ChatDelta(), None, d.finish_reason)
+            if calls:
+                yield chunk(d.index, p.ChatDelta(tool_calls=calls), None, None)
+            if final:
+                reason = "tool_calls" if num_calls[d.index] and d.finish_reason != "abort" else d.finish_reason
+                yield chunk(d.index, p.ChatDelta(), None, reason)
 
     def usage_chunk(usage: p.Usage) -> p.ChatCompletionChunk:
         return p.ChatCompletionChunk(id=cid, created=created, model=server.name, choices=[], usage=usage)
 
     async for event in _framed(events(), gen, usage_chunk if req.include_usage else None):
         yield event
+
+
+def _tool_parser(server: ModelServer, req: p.ChatCompletionRequest):
+    """A fresh tool-call parser for one choice when the request offers tools and the template has a format."""
+    return server.tool_parser() if req.uses_tools and server.tool_parser is not None else None
+
+
+def _tool_call(call: ToolCall) -> p.ToolCall:
+    return p.ToolCall(id=call.id, function=p.ToolCallFunction(name=call.name, arguments=call.arguments_json))
 
 
 async def _framed(events: AsyncIterator[str], gen: Generation, usage_chunk) -> AsyncIterator[str]:
