@@ -27,15 +27,17 @@ class Running:
 
 @contextlib.contextmanager
 def serve(
-    gguf_path, name: str = "tiny", api_key: str | None = None, engine_config=None, **app_kwargs
+    gguf_path, name: str = "tiny", api_key: str | None = None, engine_config=None, model=None, **app_kwargs
 ) -> Iterator[Running]:
-    """The app on 127.0.0.1:<free port> under a real uvicorn, stopped (lifespan shutdown included) on exit."""
+    """The app on 127.0.0.1:<free port> under a real uvicorn, stopped (lifespan shutdown included) on exit.
+    `model`: serve this model with the file's tokenizer instead of the file's own weights."""
     import uvicorn
 
     from nanoseek.serve.app import create_app
     from nanoseek.serve.serving import make_server
 
-    tok, model = nanoseek.load_tokenizer(gguf_path), nanoseek.load(gguf_path)
+    tok = nanoseek.load_tokenizer(gguf_path)
+    model = nanoseek.load(gguf_path) if model is None else model
     server = make_server(model, tok, name, engine_config)
     app = create_app(server, api_key=api_key, **app_kwargs)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -48,7 +48,6 @@ async def message_response(
     tool_parser, calls = _tool_parser(server, req), []
     if tool_parser is not None:
         content, calls = parse_all(tool_parser, content)
-        content = content.strip() if calls else content  # the blank lines around the calls
     blocks: list = [a.ThinkingBlock(thinking=reasoning)] if reasoning else []
     if content or not (reasoning or calls):
         blocks.append(a.TextBlock(text=content))
@@ -125,8 +124,8 @@ async def message_stream(
                 else:
                     found = tool_parser.feed(content) + (tool_parser.finish() if d.finish_reason else [])
                     for e in found:
-                        if isinstance(e, str):  # (blank lines between calls are not text)
-                            lines += blocks.write("text", e) if e.strip() or not num_calls else []
+                        if isinstance(e, str):
+                            lines += blocks.write("text", e)
                         else:
                             lines += blocks.tool_use(e)
                             num_calls += 1

@@ -71,7 +71,6 @@ async def chat_response(
         calls = []
         if tool_parser is not None:
             content, calls = parse_all(tool_parser, content)
-            content = content.strip() if calls else content  # the blank lines around the calls
         message = p.AssistantMessage(
             content=content if content or not (reasoning or calls) else None,
             reasoning_content=(reasoning or None) if req.include_reasoning else None,
@@ -109,8 +108,7 @@ async def chat_stream(
         texts, calls = [], []
         for e in found:
             if isinstance(e, str):
-                if e.strip() or not num_calls[i]:  # blank lines between calls are not content
-                    texts.append(e)
+                texts.append(e)
             else:
                 calls.append({"index": num_calls[i], **_tool_call(e).model_dump()})
                 num_calls[i] += 1

@@ -67,13 +67,17 @@ def _partial_prefix(text: str, tag: str) -> int:
 
 
 class HermesToolParser:
-    """`<tool_call>` JSON `</tool_call>` blocks (Hermes, Qwen 2.5 / 3), with answer text around them."""
+    """`<tool_call>` JSON `</tool_call>` blocks (Hermes, Qwen 2.5 / 3), with answer text around them. The
+    whitespace that separates text from calls is layout, not answer: it is dropped (so a trailing blank is held
+    back until text follows it, and the streamed text equals the whole reply's)."""
 
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
     def __init__(self):
-        self._buffer = ""
+        self._buffer = ""  # text not given out yet: a possible start of a tag, or a call being written
         self._inside = False
+        self._blank = ""  # trailing whitespace of the text given out so far
+        self._after_call = False
 
     def feed(self, text: str) -> list[Event]:
         self._buffer += text
@@ -83,31 +87,51 @@ class HermesToolParser:
                 i = self._buffer.find(self.OPEN)
                 if i < 0:
                     keep = _partial_prefix(self._buffer, self.OPEN)
-                    events.append(self._buffer[: len(self._buffer) - keep])
+                    events += self._text(self._buffer[: len(self._buffer) - keep])
                     self._buffer = self._buffer[len(self._buffer) - keep :]
                     break
-                events.append(self._buffer[:i])
-                self._buffer, self._inside = self._buffer[i:], True
+                events += self._text(self._buffer[:i])
+                self._buffer, self._inside, self._blank = self._buffer[i:], True, ""
             j = self._buffer.find(self.CLOSE)
             if j < 0:
                 break
             block, self._buffer = self._buffer[: j + len(self.CLOSE)], self._buffer[j + len(self.CLOSE) :]
             self._inside = False
             events.append(self._parse(block))
-        return [e for e in events if e != ""]
+        return events
 
     def finish(self) -> list[Event]:
         """The end of the reply: an unclosed call still counts if its JSON is whole (models often stop there)."""
         rest, self._buffer, inside = self._buffer, "", self._inside
         self._inside = False
-        if not rest:
-            return []
-        return [self._parse(rest)] if inside else [rest]
+        if inside:
+            return [self._parse(rest)]
+        events = self._text(rest)
+        if self._blank and not self._after_call:
+            events.append(self._blank)
+        self._blank = ""
+        return events
+
+    def _text(self, text: str) -> list[Event]:
+        if self._after_call:
+            text = text.lstrip()
+            if not text:
+                return []
+            self._after_call = False
+        text = self._blank + text
+        body = text.rstrip()
+        self._blank = text[len(body) :]
+        return [body] if body else []
 
     def _parse(self, block: str) -> Event:
         body = block[len(self.OPEN) :]
         body = body[: -len(self.CLOSE)] if body.endswith(self.CLOSE) else body
-        return _call_from_json(body.strip(), ("arguments", "parameters")) or block
+        call = _call_from_json(body.strip(), ("arguments", "parameters"))
+        if call is None:
+            self._after_call = False
+            return block
+        self._after_call = True
+        return call
 
 
 class Llama3JsonToolParser:

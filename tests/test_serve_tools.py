@@ -1,0 +1,183 @@
+"""Tool calling through the official openai and anthropic SDKs: a whole round trip (request with tools, the
+model calls the tool, the client sends the result, the model answers from it), streaming and not, on a
+scripted model run by the real engine and server with a Qwen-style (Hermes `<tool_call>`) chat template."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import nanoseek
+from scripted_model import ScriptedConfig, ScriptedModel, script_policy
+from serve_helpers import serve, tiny_llama_gguf
+
+openai = pytest.importorskip("openai")
+anthropic = pytest.importorskip("anthropic")
+
+# Qwen 2.5's chat template, shortened (the same tool prompt, tool_call and tool_response layout)
+HERMES = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
+    "# Tools\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+    "{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>\n\nFor each function call, return a json "
+    "object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+    "{%- elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) or "
+    "(message.role == 'assistant' and not message.tool_calls) %}"
+    "<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{%- elif message.role == 'assistant' %}<|im_start|>assistant{% if message.content %}\n{{ message.content }}"
+    "{% endif %}{%- for tool_call in message.tool_calls %}{% if tool_call.function is defined %}"
+    "{% set tool_call = tool_call.function %}{% endif %}\n<tool_call>\n"
+    '{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}\n</tool_call>'
+    "{%- endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}{% if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}"
+    "<|im_start|>user{% endif %}\n<tool_response>\n{{ message.content }}\n</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}<|im_end|>\n{% endif %}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "the weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+def reply(prompt: str) -> str:
+    """What the scripted model writes: with the tool's result in the prompt, an answer quoting it; with the tool
+    offered, a call for the city the user named last; else plain text."""
+    if "<tool_response>" in prompt:
+        result = prompt.rsplit("<tool_response>\n", 1)[1].split("\n</tool_response>", 1)[0]
+        return f"The tool says: {result}"
+    if '"get_weather"' in prompt:
+        city = prompt.rsplit("weather in ", 1)[1].split("?", 1)[0]
+        return f'Let me check.\n<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>'
+    return "No tools here."
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    gguf = tiny_llama_gguf(tmp_path_factory.mktemp("tools") / "tiny.gguf", chat_template=HERMES)
+    tok = nanoseek.load_tokenizer(gguf)
+    config = ScriptedConfig(vocab_size=tok.vocab_size, eos_token_id=tok.stop_token_ids[0])
+    model = ScriptedModel(config, script_policy(tok, "<|im_start|>assistant\n", reply))
+    with serve(gguf, model=model) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def client(running):
+    return openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def claude(running):
+    return anthropic.Anthropic(base_url=running.url, api_key="unused", max_retries=0, timeout=120)
+
+
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+TOOLS = [{"type": "function", "function": WEATHER}]
+
+
+def _openai_stream(client, **kwargs):
+    """A streamed reply put back together: content, tool calls (by index) and finish reason."""
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for call in delta.tool_calls or []:
+            entry = calls.setdefault(call.index, {"id": None, "name": "", "arguments": ""})
+            entry["id"] = call.id or entry["id"]
+            entry["name"] += call.function.name or ""
+            entry["arguments"] += call.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_tool_round_trip(client, stream):
+    kwargs = dict(model="tiny", messages=QUESTION, tools=TOOLS, max_tokens=200)
+    if stream:
+        content, calls, finish = _openai_stream(client, **kwargs)
+    else:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        content, finish = choice.message.content, choice.finish_reason
+        calls = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+                 for c in choice.message.tool_calls]  # fmt: skip
+    assert finish == "tool_calls" and content == "Let me check."
+    assert len(calls) == 1 and calls[0]["name"] == "get_weather" and calls[0]["id"]
+    assert json.loads(calls[0]["arguments"]) == {"city": "Paris"}
+
+    conversation = QUESTION + [
+        {"role": "assistant", "content": content, "tool_calls": [
+            {"id": calls[0]["id"], "type": "function",
+             "function": {"name": calls[0]["name"], "arguments": calls[0]["arguments"]}}]},
+        {"role": "tool", "tool_call_id": calls[0]["id"], "content": "sunny, 24 C"},
+    ]  # fmt: skip
+    kwargs["messages"] = conversation
+    if stream:
+        content, calls, finish = _openai_stream(client, **kwargs)
+    else:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        content, calls, finish = choice.message.content, choice.message.tool_calls, choice.finish_reason
+    assert content == "The tool says: sunny, 24 C" and not calls and finish == "stop"
+
+
+def test_openai_tool_choice_none_and_no_tools_leave_the_reply_alone(client):
+    for kwargs in ({"tools": TOOLS, "tool_choice": "none"}, {}):
+        choice = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=50, **kwargs).choices[0]
+        assert choice.message.content == "No tools here." and not choice.message.tool_calls
+        assert choice.finish_reason == "stop"
+
+
+ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "the weather in a city",
+                    "input_schema": WEATHER["parameters"]}]  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_tool_round_trip(claude, stream):
+    kwargs = dict(model="tiny", max_tokens=200, tools=ANTHROPIC_TOOLS, messages=QUESTION)
+    if stream:
+        with claude.messages.stream(**kwargs) as s:
+            kinds = [e.type for e in s]
+            message = s.get_final_message()
+        assert "input_json" in kinds  # the SDK's event for an input_json_delta
+    else:
+        message = claude.messages.create(**kwargs)
+    assert message.stop_reason == "tool_use"
+    assert [b.type for b in message.content] == ["text", "tool_use"] and message.content[0].text == "Let me check."
+    use = message.content[1]
+    assert use.name == "get_weather" and use.input == {"city": "Paris"} and use.id.startswith("toolu_")
+
+    kwargs["messages"] = QUESTION + [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in message.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                      "content": [{"type": "text", "text": "rain, 9 C"}]}]},
+    ]  # fmt: skip
+    if stream:
+        with claude.messages.stream(**kwargs) as s:
+            message = s.get_final_message()
+    else:
+        message = claude.messages.create(**kwargs)
+    assert message.stop_reason == "end_turn"
+    assert [(b.type, b.text) for b in message.content] == [("text", "The tool says: rain, 9 C")]
+
+
+def test_the_template_sees_the_conversation_in_its_own_shape(running):
+    """The assistant's call comes back to the template with arguments as a mapping (Qwen writes them with
+    tojson) and the tool result as a tool message."""
+    import httpx
+
+    messages = QUESTION + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "snow"},
+    ]  # fmt: skip
+    ids = httpx.post(running.url + "/tokenize", json={"messages": messages, "add_special_tokens": False}).json()
+    text = running.server.tokenizer.decode(ids["tokens"], skip_special_tokens=False)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in text
+    assert "<tool_response>\nsnow\n</tool_response>" in text
