@@ -75,9 +75,13 @@ OPENAI_CASES = {
         400,
     ),
     "json_schema unsatisfiable": (
-        {**CHAT, "response_format": {"type": "json_schema",
-                                     "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 3,
-                                                                             "maximum": 1}}}},
+        {
+            **CHAT,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 3, "maximum": 1}},
+            },
+        },
         400,
     ),  # fmt: skip
 }

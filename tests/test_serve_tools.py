@@ -1,6 +1,7 @@
 """Tool calling through the official openai and anthropic SDKs: a whole round trip (request with tools, the
 model calls the tool, the client sends the result, the model answers from it), streaming and not, on a
-scripted model run by the real engine and server with a Qwen-style (Hermes `<tool_call>`) chat template."""
+scripted model run by the real engine and server, for a Qwen-style (Hermes `<tool_call>`) and a Llama 3.1-style
+(JSON with "parameters") chat template; a malformed call comes back as plain text."""
 
 from __future__ import annotations
 
@@ -38,6 +39,22 @@ HERMES = (
     "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# A Llama 3.1-style template on the test tokenizer's ChatML tokens: the same JSON call instruction and
+# "parameters" key, tool results as "ipython" messages, the assistant's calls written back as JSON
+LLAMA31 = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' and loop.last and tools %}<|im_start|>user\n"
+    "Given the following functions, respond with a JSON for a function call with its proper arguments. "
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.\n'
+    "{% for t in tools %}{{ t | tojson }}\n{% endfor %}{{ message.content }}<|im_end|>\n"
+    "{%- elif message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{%- set call = message.tool_calls[0].function %}"
+    '{{ \'{"name": "\' + call.name + \'", "parameters": \' + (call.arguments | tojson) + "}" }}<|im_end|>\n'
+    "{%- elif message.role in ('tool', 'ipython') %}<|im_start|>ipython\n{{ message.content }}<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 WEATHER = {
     "name": "get_weather",
     "description": "the weather in a city",
@@ -45,26 +62,54 @@ WEATHER = {
 }
 
 
-def reply(prompt: str) -> str:
+def _asked_city(prompt: str) -> str:
+    return prompt.rsplit("weather in ", 1)[1].split("?", 1)[0]
+
+
+def hermes_reply(prompt: str) -> str:
     """What the scripted model writes: with the tool's result in the prompt, an answer quoting it; with the tool
-    offered, a call for the city the user named last; else plain text."""
+    offered, a call for the city the user named last (a malformed one when asked for "Nowhere"); else text."""
     if "<tool_response>" in prompt:
         result = prompt.rsplit("<tool_response>\n", 1)[1].split("\n</tool_response>", 1)[0]
         return f"The tool says: {result}"
     if '"get_weather"' in prompt:
-        city = prompt.rsplit("weather in ", 1)[1].split("?", 1)[0]
+        city = _asked_city(prompt)
+        if city == "Nowhere":
+            return '<tool_call>\n{"name": "get_weather", "arguments": {city: Nowhere}\n</tool_call>'
         return f'Let me check.\n<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}\n</tool_call>'
     return "No tools here."
 
 
-@pytest.fixture(scope="module")
-def running(tmp_path_factory):
-    gguf = tiny_llama_gguf(tmp_path_factory.mktemp("tools") / "tiny.gguf", chat_template=HERMES)
+def llama31_reply(prompt: str) -> str:
+    if "<|im_start|>ipython\n" in prompt:
+        return "The tool says: " + prompt.rsplit("<|im_start|>ipython\n", 1)[1].split("<|im_end|>", 1)[0]
+    if '"get_weather"' in prompt:
+        city = _asked_city(prompt)
+        if city == "Nowhere":
+            return '{"name": "get_weather", "parameters": {"city": Nowhere}'
+        return f'{{"name": "get_weather", "parameters": {{"city": "{city}"}}}}'
+    return "No tools here."
+
+
+FORMATS = {"hermes": (HERMES, hermes_reply, "Let me check."), "llama3_json": (LLAMA31, llama31_reply, "")}
+
+
+@pytest.fixture(scope="module", params=list(FORMATS))
+def running(tmp_path_factory, request):
+    template, reply, _ = FORMATS[request.param]
+    gguf = tiny_llama_gguf(tmp_path_factory.mktemp("tools") / "tiny.gguf", chat_template=template)
     tok = nanoseek.load_tokenizer(gguf)
     config = ScriptedConfig(vocab_size=tok.vocab_size, eos_token_id=tok.stop_token_ids[0])
     model = ScriptedModel(config, script_policy(tok, "<|im_start|>assistant\n", reply))
     with serve(gguf, model=model) as r:
+        r.format = request.param
         yield r
+
+
+@pytest.fixture(scope="module")
+def preamble(running) -> str:
+    """The text the format's model writes before its call."""
+    return FORMATS[running.format][2]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +144,7 @@ def _openai_stream(client, **kwargs):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_openai_tool_round_trip(client, stream):
+def test_openai_tool_round_trip(client, preamble, stream):
     kwargs = dict(model="tiny", messages=QUESTION, tools=TOOLS, max_tokens=200)
     if stream:
         content, calls, finish = _openai_stream(client, **kwargs)
@@ -108,7 +153,7 @@ def test_openai_tool_round_trip(client, stream):
         content, finish = choice.message.content, choice.finish_reason
         calls = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
                  for c in choice.message.tool_calls]  # fmt: skip
-    assert finish == "tool_calls" and content == "Let me check."
+    assert finish == "tool_calls" and (content or "") == preamble
     assert len(calls) == 1 and calls[0]["name"] == "get_weather" and calls[0]["id"]
     assert json.loads(calls[0]["arguments"]) == {"city": "Paris"}
 
@@ -139,7 +184,7 @@ ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "the weather in a city
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_anthropic_tool_round_trip(claude, stream):
+def test_anthropic_tool_round_trip(claude, preamble, stream):
     kwargs = dict(model="tiny", max_tokens=200, tools=ANTHROPIC_TOOLS, messages=QUESTION)
     if stream:
         with claude.messages.stream(**kwargs) as s:
@@ -149,8 +194,9 @@ def test_anthropic_tool_round_trip(claude, stream):
     else:
         message = claude.messages.create(**kwargs)
     assert message.stop_reason == "tool_use"
-    assert [b.type for b in message.content] == ["text", "tool_use"] and message.content[0].text == "Let me check."
-    use = message.content[1]
+    texts = [b.text for b in message.content if b.type == "text"]
+    assert [b.type for b in message.content] == ["text"] * bool(preamble) + ["tool_use"] and "".join(texts) == preamble
+    use = message.content[-1]
     assert use.name == "get_weather" and use.input == {"city": "Paris"} and use.id.startswith("toolu_")
 
     kwargs["messages"] = QUESTION + [
@@ -167,6 +213,26 @@ def test_anthropic_tool_round_trip(claude, stream):
     assert [(b.type, b.text) for b in message.content] == [("text", "The tool says: rain, 9 C")]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_malformed_call_is_plain_content(client, claude, running, stream):
+    question = [{"role": "user", "content": "What is the weather in Nowhere?"}]
+    want = FORMATS[running.format][1]('"get_weather" weather in Nowhere?')  # the scripted model's broken call
+    kwargs = dict(model="tiny", messages=question, tools=TOOLS, max_tokens=200)
+    if stream:
+        content, calls, finish = _openai_stream(client, **kwargs)
+    else:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        content, calls, finish = choice.message.content, choice.message.tool_calls, choice.finish_reason
+    assert content == want and not calls and finish == "stop"
+    kwargs["tools"] = ANTHROPIC_TOOLS
+    if stream:
+        with claude.messages.stream(**kwargs) as s:
+            message = s.get_final_message()
+    else:
+        message = claude.messages.create(**kwargs)
+    assert message.stop_reason == "end_turn" and [(b.type, b.text) for b in message.content] == [("text", want)]
+
+
 def test_the_template_sees_the_conversation_in_its_own_shape(running):
     """The assistant's call comes back to the template with arguments as a mapping (Qwen writes them with
     tojson) and the tool result as a tool message."""
@@ -179,5 +245,8 @@ def test_the_template_sees_the_conversation_in_its_own_shape(running):
     ]  # fmt: skip
     ids = httpx.post(running.url + "/tokenize", json={"messages": messages, "add_special_tokens": False}).json()
     text = running.server.tokenizer.decode(ids["tokens"], skip_special_tokens=False)
-    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in text
-    assert "<tool_response>\nsnow\n</tool_response>" in text
+    if running.format == "hermes":
+        assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in text
+        assert "<tool_response>\nsnow\n</tool_response>" in text
+    else:
+        assert '{"name": "get_weather", "parameters": {"city": "Oslo"}}' in text and "ipython\nsnow" in text

@@ -97,8 +97,12 @@ class BlockWriter:
         start = {**block.model_dump(), "input": {}}
         partial = json.dumps(block.input, ensure_ascii=False)
         events.append(event("content_block_start", {"index": self.index, "content_block": start}))
-        events.append(event("content_block_delta", {"index": self.index,
-                                                    "delta": {"type": "input_json_delta", "partial_json": partial}}))
+        events.append(
+            event(
+                "content_block_delta",
+                {"index": self.index, "delta": {"type": "input_json_delta", "partial_json": partial}},
+            )
+        )
         events.append(event("content_block_stop", {"index": self.index}))
         return events  # fmt: skip
 

@@ -77,6 +77,7 @@ class HermesToolParser:
         self._buffer = ""  # text not given out yet: a possible start of a tag, or a call being written
         self._inside = False
         self._blank = ""  # trailing whitespace of the text given out so far
+        self._before_tag = ""
         self._after_call = False
 
     def feed(self, text: str) -> list[Event]:
@@ -91,7 +92,8 @@ class HermesToolParser:
                     self._buffer = self._buffer[len(self._buffer) - keep :]
                     break
                 events += self._text(self._buffer[:i])
-                self._buffer, self._inside, self._blank = self._buffer[i:], True, ""
+                self._buffer, self._inside = self._buffer[i:], True
+                self._before_tag, self._blank = self._blank, ""  # given back if the call turns out malformed
             j = self._buffer.find(self.CLOSE)
             if j < 0:
                 break
@@ -129,7 +131,7 @@ class HermesToolParser:
         call = _call_from_json(body.strip(), ("arguments", "parameters"))
         if call is None:
             self._after_call = False
-            return block
+            return self._before_tag + block
         self._after_call = True
         return call
 
