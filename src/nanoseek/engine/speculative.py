@@ -6,9 +6,10 @@ the target's own argmax, then the target's token after it: 1..k+1 tokens per ste
 greedy decoding would give. Cache entries of rejected drafts stay behind `num_computed` and are
 overwritten by the next step (prefix caching only registers blocks wholly below `num_computed`).
 
-Only greedy requests without a token constraint (engine/constraint.py) speculate. Sampled requests decode one token per step: speculative sampling
+Only greedy requests speculate. Sampled requests decode one token per step: speculative sampling
 (Leviathan et al.) would need the per-request sampling pipeline (penalties, top-k/p, seeded streams) applied
-per draft position, and is not implemented.
+per draft position, and is not implemented. Nor do requests with a token constraint (engine/constraint.py):
+their drafts would need the grammar's mask at every draft position.
 
 Two drafters, picked by `EngineConfig.speculative`:
 - "ngram" (prompt lookup, every family): the last n tokens (n = ngram_max down to ngram_min) are looked up
