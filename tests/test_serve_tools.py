@@ -183,6 +183,13 @@ ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "the weather in a city
                     "input_schema": WEATHER["parameters"]}]  # fmt: skip
 
 
+def test_anthropic_tool_choice_none_leaves_the_reply_alone(claude):
+    message = claude.messages.create(model="tiny", max_tokens=50, tools=ANTHROPIC_TOOLS, messages=QUESTION,
+                                     tool_choice={"type": "none"})  # fmt: skip
+    assert message.stop_reason == "end_turn" and [(b.type, b.text) for b in message.content] == [
+        ("text", "No tools here.")]  # fmt: skip
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_anthropic_tool_round_trip(claude, preamble, stream):
     kwargs = dict(model="tiny", max_tokens=200, tools=ANTHROPIC_TOOLS, messages=QUESTION)

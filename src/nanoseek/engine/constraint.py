@@ -79,7 +79,7 @@ class GrammarTokenizer:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
                 schema, defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
             )
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise GrammarError(f"invalid JSON schema: {exc}") from None
         return self.grammar(grammar)
 
@@ -87,7 +87,10 @@ class GrammarTokenizer:
         """A constraint from llguidance's grammar text (e.g. `LLMatcher.grammar_from_lark(...)`)."""
         import llguidance
 
-        problem = llguidance.LLMatcher.validate_grammar(grammar, self.ll)
+        try:
+            problem = llguidance.LLMatcher.validate_grammar(grammar, self.ll)
+        except (ValueError, TypeError, RuntimeError) as exc:  # llguidance's API errors, e.g. a grammar not JSON
+            problem = str(exc)
         if problem:
             raise GrammarError(f"invalid grammar or schema: {problem}")
         matcher = llguidance.LLMatcher(self.ll, grammar, log_level=0)

@@ -60,7 +60,10 @@ class MessagesRequest(Lenient):
         return bool(self.tools) and (self.tool_choice or {}).get("type") != "none"
 
     def template_kwargs(self) -> dict[str, Any]:
-        return template_kwargs(self.thinking, self.tools if self.uses_tools else None)
+        extra = template_kwargs(self.thinking, self.tools if self.uses_tools else None)
+        if self.uses_tools and self.tool_choice:
+            extra["tool_choice"] = openai_tool_choice(self.tool_choice)
+        return extra
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         return make_params(
@@ -99,6 +102,15 @@ def template_kwargs(thinking: ThinkingConfig | None, tools: list[dict] | None) -
             for t in tools
         ]  # fmt: skip
     return extra
+
+
+def openai_tool_choice(choice: dict[str, Any]) -> str | dict[str, Any]:
+    """Anthropic's tool_choice in the OpenAI layout templates know: auto, required (Anthropic's "any"), or one
+    named function."""
+    kind = choice.get("type")
+    if kind == "tool":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return {"any": "required"}.get(kind, kind or "auto")
 
 
 def _text_of(blocks: str | list[ContentBlock] | list[dict] | None, param: str) -> str:

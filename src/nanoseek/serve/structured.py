@@ -28,7 +28,11 @@ class StructuredOutput:
     def grammars(self) -> GrammarTokenizer:
         with self._lock:
             if self._grammars is None:
-                self._grammars = GrammarTokenizer(self.tokenizer, self.tokenizer.stop_token_ids)
+                try:
+                    self._grammars = GrammarTokenizer(self.tokenizer, self.tokenizer.stop_token_ids)
+                except Exception as exc:  # llguidance refuses a tokenizer it cannot map to bytes
+                    raise APIError(400, f"structured output is not available for this model's tokenizer: {exc}",
+                                   "response_format") from None  # fmt: skip
             return self._grammars
 
     async def constraint(self, response_format) -> Constraint | None:
