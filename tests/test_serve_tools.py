@@ -257,3 +257,66 @@ def test_the_template_sees_the_conversation_in_its_own_shape(running):
         assert "<tool_response>\nsnow\n</tool_response>" in text
     else:
         assert '{"name": "get_weather", "parameters": {"city": "Oslo"}}' in text and "ipython\nsnow" in text
+
+
+# ---- a tool_choice that forces a call is enforced by the grammar, on a random model ---------------------------
+
+BOUNDED = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                                         "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "days"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+        "additionalProperties": False}}},
+]  # fmt: skip
+
+
+def _valid_call(name: str, arguments: dict) -> bool:
+    if name == "get_weather":
+        return set(arguments) == {"city", "days"} and arguments["city"] in ("Paris", "Oslo") and (
+            type(arguments["days"]) is int and 1 <= arguments["days"] <= 7)  # fmt: skip
+    return name == "get_time" and arguments in ({"zone": "UTC"}, {"zone": "CET"})
+
+
+@pytest.fixture(scope="module", params=list(FORMATS))
+def random_server(tmp_path_factory, request):
+    gguf = tiny_llama_gguf(tmp_path_factory.mktemp("forced") / "tiny.gguf", chat_template=FORMATS[request.param][0],
+                           context=2048)  # fmt: skip
+    with serve(gguf) as r:
+        yield r
+
+
+def test_forced_tool_choice_makes_a_random_model_call(random_server):
+    client = openai.OpenAI(base_url=random_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    kwargs = dict(model="tiny", messages=QUESTION, tools=BOUNDED, max_tokens=300, temperature=0)
+    free = client.chat.completions.create(**kwargs).choices[0]
+    assert not free.message.tool_calls and free.finish_reason != "tool_calls"  # left alone, it calls nothing
+    for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+        reply = client.chat.completions.create(tool_choice=choice, **kwargs).choices[0]
+        calls = reply.message.tool_calls
+        assert reply.finish_reason == "tool_calls" and calls and not reply.message.content
+        assert all(_valid_call(c.function.name, json.loads(c.function.arguments)) for c in calls)
+        if isinstance(choice, dict):
+            assert [c.function.name for c in calls] == ["get_time"]
+    claude = anthropic.Anthropic(base_url=random_server.url, api_key="unused", max_retries=0, timeout=120)
+    tools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in BOUNDED]
+    message = claude.messages.create(
+        model="tiny", max_tokens=300, messages=QUESTION, tools=tools, extra_body={"top_k": 1},
+        tool_choice={"type": "tool", "name": "get_weather"},
+    )  # fmt: skip
+    assert message.stop_reason == "tool_use" and [b.type for b in message.content] == ["tool_use"]
+    assert message.content[0].name == "get_weather" and _valid_call("get_weather", message.content[0].input)
+
+
+def test_forced_tool_choice_errors(random_server):
+    import httpx
+
+    body = {"model": "tiny", "messages": QUESTION, "tools": BOUNDED, "max_tokens": 50}
+    cases = [
+        {"tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        {"tool_choice": "required", "response_format": {"type": "json_object"}},
+    ]
+    for extra in cases:
+        r = httpx.post(random_server.url + "/v1/chat/completions", json={**body, **extra}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["message"]

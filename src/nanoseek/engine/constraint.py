@@ -83,6 +83,12 @@ class GrammarTokenizer:
             raise GrammarError(f"invalid JSON schema: {exc}") from None
         return self.grammar(grammar)
 
+    def lark(self, lark: str) -> GrammarConstraint:
+        """A constraint from a Lark grammar (llguidance's dialect: `%json {schema}` embeds a JSON schema)."""
+        import llguidance
+
+        return self.grammar(llguidance.LLMatcher.grammar_from_lark(lark))
+
     def grammar(self, grammar: str) -> GrammarConstraint:
         """A constraint from llguidance's grammar text (e.g. `LLMatcher.grammar_from_lark(...)`)."""
         import llguidance

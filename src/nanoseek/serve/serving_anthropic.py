@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from nanoseek.serve import protocol_anthropic as a
 from nanoseek.serve.errors import ANTHROPIC_TYPES, APIError
@@ -20,9 +21,13 @@ def event(kind: str, data: dict) -> str:
 
 async def start_message(server: ModelServer, req: a.MessagesRequest) -> tuple[Generation, bool]:
     server.check_model(req.model)
+    tools = req.template_kwargs().get("tools") if req.uses_tools else None
+    choice = a.openai_tool_choice(req.tool_choice) if req.tool_choice else None
+    constraint = await server.structured.for_request(None, server.tool_parser, tools, choice)
     ids, text = await server.chat_prompt(req.template_messages(), **req.template_kwargs())
     max_tokens = server.max_tokens(req.max_tokens, len(ids))
-    return server.generate([(ids, req.sampling_params(max_tokens))]), starts_in_reasoning(text)
+    params = replace(req.sampling_params(max_tokens), constraint=constraint)
+    return server.generate([(ids, params)]), starts_in_reasoning(text)
 
 
 async def count_tokens(server: ModelServer, req: a.CountTokensRequest) -> a.CountTokensResponse:

@@ -35,7 +35,9 @@ def sse_error(exc: APIError) -> str:
 async def start_chat(server: ModelServer, req: p.ChatCompletionRequest) -> tuple[Generation, bool]:
     """Submit the request's choices; returns the generation and whether replies start inside reasoning."""
     server.check_model(req.model)
-    constraint = await server.structured.constraint(req.response_format)
+    constraint = await server.structured.for_request(
+        req.response_format, server.tool_parser, req.tools if req.uses_tools else None, req.tool_choice
+    )
     ids, text = await server.chat_prompt(req.template_messages(), req.add_generation_prompt, **req.template_kwargs())
     max_tokens = server.max_tokens(req.requested_max_tokens, len(ids))
     params = replace(req.sampling_params(max_tokens, req.num_logprobs), constraint=constraint)

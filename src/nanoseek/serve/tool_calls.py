@@ -15,6 +15,10 @@ back as the plain text it was: a broken call never fails the request.
     for delta in deltas:
         events = parser.feed(delta)
     events = parser.finish()
+
+A tool_choice that forces a call ("required", or a named function) is enforced, not only asked for: the
+parser's `grammar(tools, name)` constrains decoding (engine/constraint.py) to calls of the offered tools with
+arguments valid under their parameter schemas.
 """
 
 from __future__ import annotations
@@ -56,6 +60,26 @@ def _call_from_json(text: str, argument_keys: tuple[str, ...]) -> ToolCall | Non
     if not isinstance(arguments, dict):
         return None
     return ToolCall(value["name"], arguments)
+
+
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _call_schema(tools: list[dict[str, Any]], name: str | None, argument_key: str) -> dict[str, Any]:
+    """A JSON schema for one call object `{"name": ..., argument_key: {...}}` of the offered tools (OpenAI
+    layout), or of the one named; the arguments follow the tool's parameter schema."""
+    options = []
+    for tool in tools:
+        function = tool.get("function", tool)
+        if name is not None and function.get("name") != name:
+            continue
+        parameters = function.get("parameters") or {"type": "object"}
+        options.append({"type": "object", "properties": {"name": {"const": function.get("name")},
+                                                         argument_key: parameters},
+                        "required": ["name", argument_key], "additionalProperties": False})  # fmt: skip
+    if not options:
+        raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
+    return {"anyOf": options, "x-guidance": COMPACT_JSON}
 
 
 def _partial_prefix(text: str, tag: str) -> int:
@@ -114,6 +138,13 @@ class HermesToolParser:
         self._blank = ""
         return events
 
+    @classmethod
+    def grammar(cls, tools: list[dict[str, Any]], name: str | None) -> str:
+        """A Lark grammar (llguidance) for a reply made of calls only: one or more, or exactly one of `name`."""
+        body = json.dumps(_call_schema(tools, name, "arguments"))
+        start = "start: call" if name else 'start: call ("\\n" call)*'
+        return f'{start}\ncall: "{cls.OPEN}\\n" body "\\n{cls.CLOSE}"\nbody: %json {body}\n'
+
     def _text(self, text: str) -> list[Event]:
         if self._after_call:
             text = text.lstrip()
@@ -161,6 +192,11 @@ class Llama3JsonToolParser:
             return [held]
         return []
 
+    @staticmethod
+    def grammar(tools: list[dict[str, Any]], name: str | None) -> str:
+        """A Lark grammar (llguidance) for a reply that is one call (of `name`, when given)."""
+        return f"start: %json {json.dumps(_call_schema(tools, name, 'parameters'))}\n"
+
     def finish(self) -> list[Event]:
         held, self._held = self._held, ""
         if not held:
@@ -199,6 +235,15 @@ def parser_for_template(template: str | None) -> type | None:
     if Llama3JsonToolParser.PYTHON_TAG in template or ('"parameters"' in template and "ipython" in template):
         return Llama3JsonToolParser
     return None
+
+
+def forced_call(tool_choice: str | dict[str, Any] | None) -> tuple[bool, str | None]:
+    """Whether an OpenAI tool_choice forces a call ("required" or a named function), and the name if named."""
+    if tool_choice == "required":
+        return True, None
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        return True, (tool_choice.get("function") or {}).get("name")
+    return False, None
 
 
 def parse_all(parser, text: str) -> tuple[str, list[ToolCall]]:
