@@ -109,7 +109,7 @@ class BlockWriter:
             )
         )
         events.append(event("content_block_stop", {"index": self.index}))
-        return events  # fmt: skip
+        return events
 
 
 async def message_stream(
