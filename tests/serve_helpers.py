@@ -27,16 +27,24 @@ class Running:
 
 @contextlib.contextmanager
 def serve(
-    gguf_path, name: str = "tiny", api_key: str | None = None, engine_config=None, wrap_model=None, **app_kwargs
+    gguf_path,
+    name: str = "tiny",
+    api_key: str | None = None,
+    engine_config=None,
+    model=None,
+    wrap_model=None,
+    **app_kwargs,
 ) -> Iterator[Running]:
     """The app on 127.0.0.1:<free port> under a real uvicorn, stopped (lifespan shutdown included) on exit.
-    wrap_model: a function of the loaded model that returns the model to serve (e.g. a scripted one)."""
+    `model`: serve this model with the file's tokenizer instead of the file's own weights.
+    `wrap_model`: a function of the model that returns the model to serve (e.g. a scripted one)."""
     import uvicorn
 
     from nanoseek.serve.app import create_app
     from nanoseek.serve.serving import make_server
 
-    tok, model = nanoseek.load_tokenizer(gguf_path), nanoseek.load(gguf_path)
+    tok = nanoseek.load_tokenizer(gguf_path)
+    model = nanoseek.load(gguf_path) if model is None else model
     if wrap_model is not None:
         model = wrap_model(model)
     server = make_server(model, tok, name, engine_config)

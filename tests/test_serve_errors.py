@@ -68,7 +68,22 @@ OPENAI_CASES = {
     "too many top_logprobs": ({**CHAT, "logprobs": True, "top_logprobs": 50}, 400),
     "stream_options without stream": ({**CHAT, "stream_options": {"include_usage": True}}, 400),
     "image content": ({**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400),
-    "json_schema not supported yet": ({**CHAT, "response_format": {"type": "json_object"}}, 400),
+    "response_format unknown type": ({**CHAT, "response_format": {"type": "yaml"}}, 400),
+    "json_schema missing": ({**CHAT, "response_format": {"type": "json_schema"}}, 400),
+    "json_schema invalid": (
+        {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
+        400,
+    ),
+    "json_schema unsatisfiable": (
+        {
+            **CHAT,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 3, "maximum": 1}},
+            },
+        },
+        400,
+    ),  # fmt: skip
 }
 
 

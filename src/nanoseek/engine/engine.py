@@ -128,6 +128,8 @@ class Engine:
         if rid in self.requests:
             raise ValueError(f"request id {rid} is in use")
         req = Request(rid, prompt, params, BlockTable(self.pool), generator=make_generator(params, self.runner.device))
+        if params.constraint is not None:
+            req.constraint = params.constraint.start()
         self.requests[rid] = req
         self.scheduler.add(req)
         return rid
@@ -221,9 +223,10 @@ class Engine:
         if any(r.params.penalized for r in reqs):
             prompt_counts = self._counts([r.prompt_ids for r in reqs], logits.shape[1])
             output_counts = self._counts([out for _, out in flat], logits.shape[1])
+        allowed = self._allowed(reqs, logits.shape[1]) if any(r.constraint is not None for r in reqs) else None
         sampled = sample_batch(
             logits, [r.params for r in reqs], [r.generator for r in reqs],
-            prompt_counts=prompt_counts, output_counts=output_counts,
+            prompt_counts=prompt_counts, output_counts=output_counts, allowed=allowed,
         )  # fmt: skip
         tokens = sampled.tokens.tolist()
         outputs = []
@@ -246,6 +249,17 @@ class Engine:
                     break
             first += lg.shape[0]
         return outputs
+
+    def _allowed(self, reqs: list[Request], vocab: int) -> torch.Tensor:
+        """[B, V] bool: each constrained row's next allowed tokens (a row with none left may only end: its
+        end-of-sequence ids), every token for the others. (Constrained rows carry no drafts: one row each.)"""
+        allowed = torch.ones(len(reqs), vocab, dtype=torch.bool)
+        for i, req in enumerate(reqs):
+            if req.constraint is not None:
+                allowed[i] = req.constraint.allowed(vocab)
+                if not allowed[i].any():
+                    allowed[i, [t for t in self.eos_ids if t < vocab]] = True
+        return allowed
 
     def _logprobs(self, req: Request, out: StepOutput, sampled, row: int) -> None:
         out.logprob = float(sampled.logprobs[row])
@@ -271,6 +285,8 @@ class Engine:
             self._finish(req, "stop")
         else:
             req.output_ids.append(token)
+            if req.constraint is not None:
+                req.constraint.advance(token)
             stop = self._stop_string(req)
             if stop is not None:
                 req.stop_reason = stop

@@ -4,6 +4,10 @@ One definition of "sample with these settings" for the generate loop, the engine
 server. A batch mixes requests with different settings: each row gets its own temperature, top-k, top-p,
 min-p, penalties and logit bias, all applied as [B, V] tensor operations.
 
+Constrained decoding (engine/constraint.py): `allowed` [B, V] bool sets each row's forbidden tokens to -inf
+before any sampling, so a grammar's mask applies whatever the settings, and an unconstrained row (all True)
+is left exactly as it was.
+
 Seeds: a request with a seed draws its randomness from its own generator, one draw per token, so its
 output is the same whatever else shares the batch. Sampling uses the exponential-race form
 (argmax of p / q with q ~ Exp(1)), which equals drawing from p and needs no cumulative sums.
@@ -16,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from nanoseek.engine.constraint import Constraint
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra stop ids, beside the model's end-of-sequence ids
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; n >= 0: the sampled token's and the top-n alternatives
+    constraint: Constraint | None = None  # which tokens may come next (e.g. a JSON schema's grammar); per request
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
@@ -150,12 +157,16 @@ def sample_batch(
     *,
     prompt_counts: torch.Tensor | None = None,
     output_counts: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> SampleOutput:
-    """Next tokens [B] from logits [B, V], each row with its own settings and (optional) generator.
+    """Next tokens [B] from logits [B, V], each row with its own settings and (optional) generator; `allowed`
+    [B, V] bool, when given, limits each row to its True tokens (a row needs at least one).
     Logprobs, when any row asks, are of the model's own distribution (before temperature and filters)."""
     B = logits.shape[0]
     generators = generators or [None] * B
     processed = apply_penalties(logits, params, prompt_counts, output_counts)
+    if allowed is not None:
+        processed = processed.masked_fill(~allowed.to(processed.device), float("-inf"))
     tokens = processed.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:

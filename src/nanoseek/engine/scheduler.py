@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanoseek.engine.constraint import ConstraintState
 from nanoseek.engine.kv_cache import BlockPool, BlockTable
 from nanoseek.engine.sampling import SamplingParams
 
@@ -49,6 +50,7 @@ class Request:
     num_cached_prompt: int = 0  # prompt tokens served by the prefix cache (first admission)
     num_preemptions: int = 0
     draft_ids: list[int] = field(default_factory=list)  # speculative tokens to verify in the next step
+    constraint: ConstraintState | None = None  # its own state of params.constraint, advanced token by token
 
     @property
     def all_ids(self) -> list[int]:

@@ -8,7 +8,8 @@ overwritten by the next step (prefix caching only registers blocks wholly below 
 
 Only greedy requests speculate. Sampled requests decode one token per step: speculative sampling
 (Leviathan et al.) would need the per-request sampling pipeline (penalties, top-k/p, seeded streams) applied
-per draft position, and is not implemented.
+per draft position, and is not implemented. Nor do requests with a token constraint (engine/constraint.py):
+their drafts would need the grammar's mask at every draft position.
 
 Two drafters, picked by `EngineConfig.speculative`:
 - "ngram" (prompt lookup, every family): the last n tokens (n = ngram_max down to ngram_min) are looked up
@@ -70,9 +71,9 @@ def accept_greedy(drafts: Sequence[int], targets: Sequence[int]) -> list[int]:
 
 
 def draft_limit(req: Request, num_speculative_tokens: int, context_length: int) -> int:
-    """How many drafts the request may verify next step: 0 unless it is greedy and decoding; never more
-    than its remaining max_tokens (the bonus token always comes) or the context allows."""
-    if req.finished or not req.params.greedy or req.num_computed != req.num_tokens - 1:
+    """How many drafts the request may verify next step: 0 unless it is greedy, unconstrained and decoding;
+    never more than its remaining max_tokens (the bonus token always comes) or the context allows."""
+    if req.finished or not req.params.greedy or req.constraint is not None or req.num_computed != req.num_tokens - 1:
         return 0
     room = min(req.params.max_tokens - len(req.output_ids) - 1, context_length - req.num_tokens)
     return max(0, min(num_speculative_tokens, room))

@@ -100,8 +100,8 @@ def _api_routes(server: ModelServer) -> APIRouter:
         _log_unknown(body)
         gen, in_reasoning = await sa.start_message(server, body)
         if body.stream:
-            return EventStream(sa.message_stream(server, gen, in_reasoning), background=BackgroundTask(gen.close))
-        return await _unless_disconnected(request, sa.message_response(server, gen, in_reasoning), gen.close)
+            return EventStream(sa.message_stream(server, body, gen, in_reasoning), background=BackgroundTask(gen.close))
+        return await _unless_disconnected(request, sa.message_response(server, body, gen, in_reasoning), gen.close)
 
     @router.post("/v1/messages/count_tokens", response_model=pa.CountTokensResponse)
     async def count_tokens(body: pa.CountTokensRequest):

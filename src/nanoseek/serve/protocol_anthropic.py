@@ -3,7 +3,6 @@ messages and the engine's SamplingParams. Fields follow https://docs.anthropic.c
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any, Literal
 
@@ -55,8 +54,16 @@ class MessagesRequest(Lenient):
     def template_messages(self) -> list[dict[str, Any]]:
         return template_messages(self.system, self.messages)
 
+    @property
+    def uses_tools(self) -> bool:
+        """Tools are offered (and the reply is parsed for tool_use): tools given and tool_choice not "none"."""
+        return bool(self.tools) and (self.tool_choice or {}).get("type") != "none"
+
     def template_kwargs(self) -> dict[str, Any]:
-        return template_kwargs(self.thinking, self.tools)
+        extra = template_kwargs(self.thinking, self.tools if self.uses_tools else None)
+        if self.uses_tools and self.tool_choice:
+            extra["tool_choice"] = openai_tool_choice(self.tool_choice)
+        return extra
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         return make_params(
@@ -97,6 +104,15 @@ def template_kwargs(thinking: ThinkingConfig | None, tools: list[dict] | None) -
     return extra
 
 
+def openai_tool_choice(choice: dict[str, Any]) -> str | dict[str, Any]:
+    """Anthropic's tool_choice in the OpenAI layout templates know: auto, required (Anthropic's "any"), or one
+    named function."""
+    kind = choice.get("type")
+    if kind == "tool":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return {"any": "required"}.get(kind, kind or "auto")
+
+
 def _text_of(blocks: str | list[ContentBlock] | list[dict] | None, param: str) -> str:
     if blocks is None or isinstance(blocks, str):
         return blocks or ""
@@ -128,8 +144,8 @@ def template_messages(system: str | list[ContentBlock] | None, messages: list[Me
             elif b.type == "redacted_thinking":
                 continue
             elif b.type == "tool_use" and m.role == "assistant":
-                arguments = json.dumps(b.input or {}, ensure_ascii=False)
-                calls.append({"id": b.id, "type": "function", "function": {"name": b.name, "arguments": arguments}})
+                # arguments as a mapping: templates write them with tojson (tool_calls.template_tool_calls)
+                calls.append({"id": b.id, "type": "function", "function": {"name": b.name, "arguments": b.input or {}}})
             elif b.type == "tool_result" and m.role == "user":
                 out.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": _text_of(b.content, "messages")})
             else:
@@ -159,6 +175,13 @@ class ThinkingBlock(BaseModel):
     signature: str = ""  # Anthropic signs its thinking; an open model has nothing to sign it with
 
 
+class ToolUseBlock(BaseModel):
+    type: Literal["tool_use"] = "tool_use"
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
 class Usage(BaseModel):
     input_tokens: int
     output_tokens: int
@@ -169,7 +192,7 @@ class MessageResponse(BaseModel):
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
     model: str
-    content: list[TextBlock | ThinkingBlock]
+    content: list[TextBlock | ThinkingBlock | ToolUseBlock]
     stop_reason: str | None
     stop_sequence: str | None
     usage: Usage
@@ -179,8 +202,10 @@ class CountTokensResponse(BaseModel):
     input_tokens: int
 
 
-def stop_reason(finish_reason: str | None, stop_string: str | int | None) -> str | None:
-    """The engine's finish reason in Anthropic's terms."""
+def stop_reason(finish_reason: str | None, stop_string: str | int | None, tool_use: bool = False) -> str | None:
+    """The engine's finish reason in Anthropic's terms (`tool_use`: the reply called a tool)."""
+    if tool_use and finish_reason not in (None, "abort"):
+        return "tool_use"
     if finish_reason == "length":
         return "max_tokens"
     if finish_reason == "stop":
@@ -190,3 +215,8 @@ def stop_reason(finish_reason: str | None, stop_string: str | int | None) -> str
 
 def new_message_id() -> str:
     return f"msg_{uuid.uuid4().hex}"
+
+
+def tool_use_block(call) -> ToolUseBlock:
+    """A parsed tool_calls.ToolCall as a tool_use block."""
+    return ToolUseBlock(id="toolu_" + call.id.removeprefix("call_"), name=call.name, input=call.arguments)

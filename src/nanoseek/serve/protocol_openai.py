@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.serve.errors import APIError
+from nanoseek.serve.tool_calls import template_tool_calls
 
 SEED_RANGE = dict(ge=-(2**63), lt=2**63)
 
@@ -54,9 +55,11 @@ class ChatMessage(Lenient):
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it (plain-string content; "developer" is a system message)."""
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
-        for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
+        for key in ("name", "tool_call_id", "reasoning_content"):
             if getattr(self, key) is not None:
                 message[key] = getattr(self, key)
+        if self.tool_calls:
+            message["tool_calls"] = template_tool_calls(self.tool_calls)
         return message
 
 
@@ -89,6 +92,7 @@ class SamplingFields(Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None  # json_object / json_schema: constrained decoding
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -143,7 +147,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -167,10 +170,17 @@ class ChatCompletionRequest(SamplingFields):
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.for_template() for m in self.messages]
 
+    @property
+    def uses_tools(self) -> bool:
+        """Tools are offered (and the reply is parsed for calls): tools given and tool_choice not "none"."""
+        return bool(self.tools) and self.tool_choice != "none"
+
     def template_kwargs(self) -> dict[str, Any]:
         extra = dict(self.chat_template_kwargs or {})
-        if self.tools:
+        if self.uses_tools:
             extra["tools"] = self.tools
+            if self.tool_choice is not None:
+                extra["tool_choice"] = self.tool_choice
         return extra
 
 

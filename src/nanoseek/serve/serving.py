@@ -25,6 +25,8 @@ from nanoseek.engine.generate import TextStreamer
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.metrics import Metrics
+from nanoseek.serve.structured import StructuredOutput
+from nanoseek.serve.tool_calls import parser_for_template
 
 
 @dataclass
@@ -191,6 +193,8 @@ class ModelServer:
         self.context_length: int = engine.engine.runner.context_length
         self.vocab_size: int = engine.engine.vocab_size
         self.created = int(time.time())
+        self.structured = StructuredOutput(tokenizer)
+        self.tool_parser = parser_for_template(tokenizer.chat_template)  # a class, or None: no tool-call format
         metrics.watch_engine(engine.engine)
 
     def check_model(self, model: str | None) -> None:

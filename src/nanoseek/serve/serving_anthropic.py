@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from nanoseek.serve import protocol_anthropic as a
 from nanoseek.serve.errors import ANTHROPIC_TYPES, APIError
 from nanoseek.serve.reasoning import ReasoningParser, starts_in_reasoning
 from nanoseek.serve.serving import Generation, ModelServer
+from nanoseek.serve.tool_calls import parse_all
 
 
 def event(kind: str, data: dict) -> str:
@@ -19,9 +21,13 @@ def event(kind: str, data: dict) -> str:
 
 async def start_message(server: ModelServer, req: a.MessagesRequest) -> tuple[Generation, bool]:
     server.check_model(req.model)
+    tools = req.template_kwargs().get("tools") if req.uses_tools else None
+    choice = a.openai_tool_choice(req.tool_choice) if req.tool_choice else None
+    constraint = await server.structured.for_request(None, server.tool_parser, tools, choice)
     ids, text = await server.chat_prompt(req.template_messages(), **req.template_kwargs())
     max_tokens = server.max_tokens(req.max_tokens, len(ids))
-    return server.generate([(ids, req.sampling_params(max_tokens))]), starts_in_reasoning(text)
+    params = replace(req.sampling_params(max_tokens), constraint=constraint)
+    return server.generate([(ids, params)]), starts_in_reasoning(text)
 
 
 async def count_tokens(server: ModelServer, req: a.CountTokensRequest) -> a.CountTokensResponse:
@@ -30,19 +36,30 @@ async def count_tokens(server: ModelServer, req: a.CountTokensRequest) -> a.Coun
     return a.CountTokensResponse(input_tokens=len(ids))
 
 
-async def message_response(server: ModelServer, gen: Generation, in_reasoning: bool) -> a.MessageResponse:
+def _tool_parser(server: ModelServer, req: a.MessagesRequest):
+    """A fresh tool-call parser when the request offers tools and the template has a tool-call format."""
+    return server.tool_parser() if req.uses_tools and server.tool_parser is not None else None
+
+
+async def message_response(
+    server: ModelServer, req: a.MessagesRequest, gen: Generation, in_reasoning: bool
+) -> a.MessageResponse:
     parser, text, finish, stop = ReasoningParser(in_reasoning), [], None, None
     async for d in gen:
         text.append(d.text)
         finish, stop = d.finish_reason or finish, d.stop_reason
     parts = [parser.feed("".join(text)), parser.finish()]
     reasoning, content = "".join(r for r, _ in parts), "".join(c for _, c in parts)
+    tool_parser, calls = _tool_parser(server, req), []
+    if tool_parser is not None:
+        content, calls = parse_all(tool_parser, content)
     blocks: list = [a.ThinkingBlock(thinking=reasoning)] if reasoning else []
-    if content or not reasoning:
+    if content or not (reasoning or calls):
         blocks.append(a.TextBlock(text=content))
+    blocks += [a.tool_use_block(c) for c in calls]
     return a.MessageResponse(
         id=a.new_message_id(), model=server.name, content=blocks,
-        stop_reason=a.stop_reason(finish, stop), stop_sequence=stop if isinstance(stop, str) else None,
+        stop_reason=a.stop_reason(finish, stop, bool(calls)), stop_sequence=stop if isinstance(stop, str) else None,
         usage=a.Usage(input_tokens=gen.prompt_tokens, output_tokens=gen.completion_tokens),
     )  # fmt: skip
 
@@ -77,20 +94,51 @@ class BlockWriter:
         self.kind = None
         return [event("content_block_stop", {"index": self.index})]
 
+    def tool_use(self, call) -> list[str]:
+        """A whole tool_use block: start (empty input), the input as one input_json_delta, stop."""
+        block = a.tool_use_block(call)
+        events = self.close()
+        self.index += 1
+        start = {**block.model_dump(), "input": {}}
+        partial = json.dumps(block.input, ensure_ascii=False)
+        events.append(event("content_block_start", {"index": self.index, "content_block": start}))
+        events.append(
+            event(
+                "content_block_delta",
+                {"index": self.index, "delta": {"type": "input_json_delta", "partial_json": partial}},
+            )
+        )
+        events.append(event("content_block_stop", {"index": self.index}))
+        return events
 
-async def message_stream(server: ModelServer, gen: Generation, in_reasoning: bool) -> AsyncIterator[str]:
+
+async def message_stream(
+    server: ModelServer, req: a.MessagesRequest, gen: Generation, in_reasoning: bool
+) -> AsyncIterator[str]:
     message = a.MessageResponse(
         id=a.new_message_id(), model=server.name, content=[], stop_reason=None, stop_sequence=None,
         usage=a.Usage(input_tokens=gen.prompt_tokens, output_tokens=0),
     )  # fmt: skip
     yield event("message_start", {"message": message.model_dump()})
-    parser, blocks = ReasoningParser(in_reasoning), BlockWriter()
+    parser, blocks, tool_parser = ReasoningParser(in_reasoning), BlockWriter(), _tool_parser(server, req)
     finish = stop = None
+    num_calls = 0
     try:
         async for d in gen:
             pieces = [parser.feed(d.text)] + ([parser.finish()] if d.finish_reason else [])
             for reasoning, content in pieces:
-                for line in blocks.write("thinking", reasoning) + blocks.write("text", content):
+                lines = blocks.write("thinking", reasoning)
+                if tool_parser is None:
+                    lines += blocks.write("text", content)
+                else:
+                    found = tool_parser.feed(content) + (tool_parser.finish() if d.finish_reason else [])
+                    for e in found:
+                        if isinstance(e, str):
+                            lines += blocks.write("text", e)
+                        else:
+                            lines += blocks.tool_use(e)
+                            num_calls += 1
+                for line in lines:
                     yield line
             finish, stop = d.finish_reason or finish, d.stop_reason
     except APIError as exc:
@@ -100,6 +148,7 @@ async def message_stream(server: ModelServer, gen: Generation, in_reasoning: boo
         gen.close()
     for line in blocks.close():
         yield line
-    delta = {"stop_reason": a.stop_reason(finish, stop), "stop_sequence": stop if isinstance(stop, str) else None}
+    delta = {"stop_reason": a.stop_reason(finish, stop, num_calls > 0),
+             "stop_sequence": stop if isinstance(stop, str) else None}  # fmt: skip
     yield event("message_delta", {"delta": delta, "usage": {"output_tokens": gen.completion_tokens}})
     yield event("message_stop", {})

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from nanoseek.serve import protocol_openai as p
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.reasoning import ReasoningParser, starts_in_reasoning
 from nanoseek.serve.serving import ChoiceDelta, Generation, ModelServer, TokenLogprob, seeded
+from nanoseek.serve.tool_calls import ToolCall, parse_all
 
 
 def sse(data: dict | str) -> str:
@@ -33,11 +35,12 @@ def sse_error(exc: APIError) -> str:
 async def start_chat(server: ModelServer, req: p.ChatCompletionRequest) -> tuple[Generation, bool]:
     """Submit the request's choices; returns the generation and whether replies start inside reasoning."""
     server.check_model(req.model)
-    if req.response_format is not None and req.response_format.type != "text":
-        raise APIError(400, f"response_format {req.response_format.type!r} is not supported yet", "response_format")
+    constraint = await server.structured.for_request(
+        req.response_format, server.tool_parser, req.tools if req.uses_tools else None, req.tool_choice
+    )
     ids, text = await server.chat_prompt(req.template_messages(), req.add_generation_prompt, **req.template_kwargs())
     max_tokens = server.max_tokens(req.requested_max_tokens, len(ids))
-    params = req.sampling_params(max_tokens, req.num_logprobs)
+    params = replace(req.sampling_params(max_tokens, req.num_logprobs), constraint=constraint)
     return server.generate([(ids, q) for q in seeded(params, req.n)]), starts_in_reasoning(text)
 
 
@@ -66,12 +69,18 @@ async def chat_response(
         parser = ReasoningParser(in_reasoning)
         parts = [parser.feed("".join(texts[i])), parser.finish()]
         reasoning, content = "".join(r for r, _ in parts), "".join(c for _, c in parts)
+        tool_parser = _tool_parser(server, req)
+        calls = []
+        if tool_parser is not None:
+            content, calls = parse_all(tool_parser, content)
         message = p.AssistantMessage(
-            content=content if content or not reasoning else None,
+            content=content if content or not (reasoning or calls) else None,
             reasoning_content=(reasoning or None) if req.include_reasoning else None,
+            tool_calls=[_tool_call(c) for c in calls],
         )
         lp = chat_logprobs(logprobs[i]) if req.logprobs else None
-        choices.append(p.ChatChoice(index=i, message=message, logprobs=lp, finish_reason=finish[i]))
+        reason = "tool_calls" if calls and finish[i] != "abort" else finish[i]
+        choices.append(p.ChatChoice(index=i, message=message, logprobs=lp, finish_reason=reason))
     return p.ChatCompletion(
         id=p.new_id("chatcmpl"), created=p.now(), model=server.name, choices=choices,
         usage=p.usage(gen.prompt_tokens, gen.completion_tokens),
@@ -90,29 +99,59 @@ async def chat_stream(
         return sse(_with_usage_field(body, req.include_usage))
 
     parsers = [ReasoningParser(in_reasoning) for _ in range(req.n)]
+    tool_parsers = [_tool_parser(server, req) for _ in range(req.n)]
+    num_calls = [0] * req.n
+
+    def tool_events(i: int, content: str, final: bool) -> tuple[str, list[dict]]:
+        """The content text and the tool-call deltas in this piece of answer text."""
+        if tool_parsers[i] is None:
+            return content, []
+        found = tool_parsers[i].feed(content) + (tool_parsers[i].finish() if final else [])
+        texts, calls = [], []
+        for e in found:
+            if isinstance(e, str):
+                texts.append(e)
+            else:
+                calls.append({"index": num_calls[i], **_tool_call(e).model_dump()})
+                num_calls[i] += 1
+        return "".join(texts), calls
 
     async def events() -> AsyncIterator[str]:
         for i in range(req.n):
             yield chunk(i, p.ChatDelta(role="assistant", content=""), None, None)
         async for d in gen:
+            final = d.finish_reason is not None
             reasoning, content = parsers[d.index].feed(d.text)
-            if d.finish_reason is not None:
+            if final:
                 r, c = parsers[d.index].finish()
                 reasoning, content = reasoning + r, content + c
-            fields = {"content": content} if content else {}
+            content, calls = tool_events(d.index, content, final)
+            fields: dict = {"content": content} if content else {}
             if reasoning and req.include_reasoning:
                 fields["reasoning_content"] = reasoning
             lp = chat_logprobs(d.logprobs) if req.logprobs and d.logprobs else None
             if fields or lp is not None:
                 yield chunk(d.index, p.ChatDelta(**fields), lp, None)
-            if d.finish_reason is not None:
-                yield chunk(d.index, p.ChatDelta(), None, d.finish_reason)
+            if calls:
+                yield chunk(d.index, p.ChatDelta(tool_calls=calls), None, None)
+            if final:
+                reason = "tool_calls" if num_calls[d.index] and d.finish_reason != "abort" else d.finish_reason
+                yield chunk(d.index, p.ChatDelta(), None, reason)
 
     def usage_chunk(usage: p.Usage) -> p.ChatCompletionChunk:
         return p.ChatCompletionChunk(id=cid, created=created, model=server.name, choices=[], usage=usage)
 
     async for event in _framed(events(), gen, usage_chunk if req.include_usage else None):
         yield event
+
+
+def _tool_parser(server: ModelServer, req: p.ChatCompletionRequest):
+    """A fresh tool-call parser for one choice when the request offers tools and the template has a format."""
+    return server.tool_parser() if req.uses_tools and server.tool_parser is not None else None
+
+
+def _tool_call(call: ToolCall) -> p.ToolCall:
+    return p.ToolCall(id=call.id, function=p.ToolCallFunction(name=call.name, arguments=call.arguments_json))
 
 
 async def _framed(events: AsyncIterator[str], gen: Generation, usage_chunk) -> AsyncIterator[str]:
@@ -136,6 +175,7 @@ async def _framed(events: AsyncIterator[str], gen: Generation, usage_chunk) -> A
 async def start_completion(server: ModelServer, req: p.CompletionRequest) -> tuple[Generation, list[str]]:
     """Submit n choices per prompt; returns the generation and the prompts' texts (for echo)."""
     server.check_model(req.model)
+    constraint = await server.structured.constraint(req.response_format)
     prompts, texts = [], []
     for prompt in req.prompts():
         if isinstance(prompt, str):
@@ -144,7 +184,7 @@ async def start_completion(server: ModelServer, req: p.CompletionRequest) -> tup
             ids = server.check_tokens(prompt, "prompt")
             text = server.tokenizer.decode(ids) if req.echo else ""
         max_tokens = server.max_tokens(req.max_tokens, len(ids), "prompt")
-        prompts.append((ids, req.sampling_params(max_tokens, req.logprobs)))
+        prompts.append((ids, replace(req.sampling_params(max_tokens, req.logprobs), constraint=constraint)))
         texts.append(text)
     requests = [(ids, q) for ids, params in prompts for q in seeded(params, req.n)]
     return server.generate(requests), texts
