@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "nanoseek.commands.chat",
     "nanoseek.commands.fetch",
     "nanoseek.commands.serve",
+    "nanoseek.commands.eval",
     "nanoseek.commands.bench",
 ]
 
