@@ -249,13 +249,16 @@ def test_r1_format_reads_the_answer_tag(tiny):
     assert result.settings["format"] == "r1"
     # a random model does not write <think>…</think><answer>…</answer>: every completion counts as wrong
     assert all(not any(d["correct"]) for d in result.details)
-    from nanoseek.eval.runner import _synthetic_problems
+    from nanoseek.eval.runner import completion_text, synthetic_problems
 
-    problem = _synthetic_problems(tok, get_task("add2"), "r1", 1, 0)[0]
     ex = get_task("add2").eval_examples(1)[0]
+    problem = synthetic_problems(tok, get_task("add2"), "r1", [ex])[0]
     assert problem.check(f"<think>carry</think><answer>{ex.answer}</answer>")
     assert not problem.check(ex.answer) and not problem.check("<think>x</think><answer>0</answer>")
     assert tok.decode(problem.prompt, skip_special_tokens=False).startswith("<|bos|><|system|>The assistant first")
+    # the trained tokenizer's R1 markers are special tokens: the r1 format keeps them in the checked text
+    ids = tok.encode(f"<think>x</think><answer>{ex.answer}</answer>", add_special_tokens=False)
+    assert problem.check(completion_text(tok, ids, "r1")) and not problem.check(completion_text(tok, ids, "plain"))
 
 
 def test_prompt_longer_than_the_context_is_skipped_with_a_warning(tiny, tmp_path):

@@ -36,10 +36,10 @@ from torch import nn
 from nanoseek.engine.generate import context_length, engine_for
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.eval.answers import extract_math_answer, math_equal
-from nanoseek.eval.data import ChoiceItem, load_choices, load_math
+from nanoseek.eval.data import ChoiceItem, MathProblem, load_choices, load_math
 from nanoseek.eval.stats import bootstrap_ci95, pass_at_k, wilson_ci95
 from nanoseek.train.data import prompt_ids
-from nanoseek.train.tasks import R1_SYSTEM_PROMPT, TASKS, Task, extract_r1_answer, get_task
+from nanoseek.train.tasks import R1_SYSTEM_PROMPT, TASKS, Example, Task, extract_r1_answer, get_task
 
 FORMATS = ("auto", "plain", "chat", "r1")
 FILE_KINDS = {"gsm8k": "math", "math": "math", "mc": "mc"}
@@ -114,7 +114,7 @@ class EvalResult:
 
 
 @dataclass
-class _Problem:
+class Problem:
     prompt: list[int]
     check: Callable[[str], bool]
     shown: dict[str, Any]  # what the details record says about the problem
@@ -129,9 +129,17 @@ def _chat_ids(tok, question: str, r1: bool) -> list[int]:
     return tok.encode_chat([*system, {"role": "user", "content": question}])
 
 
-def _synthetic_problems(tok, task: Task, fmt: str, n: int, seed: int) -> list[_Problem]:
+def completion_text(tok, token_ids: Sequence[int], fmt: str) -> str:
+    """A completion's text for its checker. In the r1 format special tokens are kept: a trained tokenizer makes
+    <think>, </think>, <answer>, </answer> special tokens, and the format check needs them. (The stop token that
+    ended the completion is not among the ids.)"""
+    return tok.decode(token_ids, skip_special_tokens=fmt != "r1")
+
+
+def synthetic_problems(tok, task: Task, fmt: str, examples: Sequence[Example]) -> list[Problem]:
+    """Prompts and checkers for `examples` of a synthetic task in a format ("plain", "chat" or "r1")."""
     problems = []
-    for ex in task.eval_examples(n, seed=seed):
+    for ex in examples:
         if fmt == "plain":
             ids, check = prompt_ids(tok, ex), (lambda text, ex=ex: task.check(text, ex))
         elif fmt == "chat":
@@ -143,7 +151,7 @@ def _synthetic_problems(tok, task: Task, fmt: str, n: int, seed: int) -> list[_P
                 answer = extract_r1_answer(text)
                 return answer is not None and task.check(answer, ex)
 
-        problems.append(_Problem(ids, check, {"prompt": ex.prompt, "reference": ex.answer}))
+        problems.append(Problem(ids, check, {"prompt": ex.prompt, "reference": ex.answer}))
     return problems
 
 
@@ -154,9 +162,10 @@ def _plain_math_answer(text: str) -> str | None:
     return extract_math_answer(text)
 
 
-def _math_problems(tok, path: Path, fmt: str, limit: int | None) -> list[_Problem]:
+def math_problems(tok, problems_in: Sequence[MathProblem], fmt: str) -> list[Problem]:
+    """Prompts and checkers for GSM8K-style problems in a format ("plain", "chat" or "r1")."""
     problems = []
-    for p in load_math(path, limit):
+    for p in problems_in:
         if fmt == "plain":
             ids = _bos(tok) + tok.encode(f"Question: {p.question}\nAnswer:", add_special_tokens=False)
             check = lambda text, ref=p.reference: math_equal(_plain_math_answer(text), ref)  # noqa: E731
@@ -166,7 +175,7 @@ def _math_problems(tok, path: Path, fmt: str, limit: int | None) -> list[_Proble
         else:
             ids = _chat_ids(tok, p.question, r1=True)
             check = lambda text, ref=p.reference: math_equal(extract_r1_answer(text), ref)  # noqa: E731
-        problems.append(_Problem(ids, check, {"prompt": p.question, "reference": p.reference}))
+        problems.append(Problem(ids, check, {"prompt": p.question, "reference": p.reference}))
     return problems
 
 
@@ -182,16 +191,17 @@ def _fits(prompt_len: int, limit: int | None) -> bool:
     return limit is None or prompt_len < limit  # the engine needs room for at least one new token
 
 
-def _generate(
+def generate_completions(
     model: nn.Module,
     tok,
-    problems: list[_Problem],
+    problems: list[Problem],
     *,
     samples: int,
     params: SamplingParams,
     seed: int,
     batch_size: int,
     autocast_dtype: torch.dtype | None,
+    fmt: str = "plain",
 ) -> list[list[str]]:
     """`samples` completions of every problem, decoded; sampled ones seeded per (problem, sample)."""
     requests = [(i, j) for i in range(len(problems)) for j in range(samples)]
@@ -212,7 +222,7 @@ def _generate(
         ]
         done = engine.generate([problems[i].prompt for i, _ in chunk], settings)
         for (i, _), completion in zip(chunk, done):
-            texts[i].append(tok.decode(completion.token_ids, skip_special_tokens=True))
+            texts[i].append(completion_text(tok, completion.token_ids, fmt))
     return texts
 
 
@@ -371,9 +381,9 @@ def _generation_task(
     if fmt == "auto":
         fmt = "plain" if spec.kind == "synthetic" or not tok.chat_template else "chat"
     if spec.kind == "synthetic":
-        problems = _synthetic_problems(tok, spec.task, fmt, 200 if limit is None else limit, seed)
+        problems = synthetic_problems(tok, spec.task, fmt, spec.task.eval_examples(limit or 200, seed=seed))
     else:
-        problems = _math_problems(tok, spec.path, fmt, limit)
+        problems = math_problems(tok, load_math(spec.path, limit), fmt)
     if max_new_tokens is None:
         max_new_tokens = _default_max_new_tokens(spec, fmt, tok)
     if max_new_tokens < 1:
@@ -381,8 +391,8 @@ def _generation_task(
     window = context_length(model)
     kept = [p for p in problems if _fits(len(p.prompt), window)]
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
-    texts = _generate(model, tok, kept, samples=samples, params=params, seed=seed, batch_size=batch_size,
-                      autocast_dtype=autocast_dtype)  # fmt: skip
+    texts = generate_completions(model, tok, kept, samples=samples, params=params, seed=seed, batch_size=batch_size,
+                                 autocast_dtype=autocast_dtype, fmt=fmt)  # fmt: skip
     correct, details = [], []
     for problem, outs in zip(kept, texts):
         verdicts = [bool(problem.check(t)) for t in outs]
