@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "nanoseek.commands.fetch",
     "nanoseek.commands.serve",
     "nanoseek.commands.eval",
+    "nanoseek.commands.distill",
     "nanoseek.commands.bench",
 ]
 
