@@ -153,3 +153,75 @@ def test_distill_trains_the_student_on_the_traces(models, tmp_path):
     assert set(result.eval_before) == set(result.eval_after) == {"add2"}  # the math file was trained on
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["sft"]["steps"] == 2 and summary["eval_after"]["add2"]["n"] == 5
+
+
+# ---- logit distillation -----------------------------------------------------------------------------------
+
+
+def test_distillation_kl_is_the_forward_kl_at_the_masked_positions():
+    from nanoseek.train.distill import distillation_kl
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    mask = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    for tau in (1.0, 2.0):
+        terms = []
+        for b, t in mask.nonzero().tolist():
+            p = torch.softmax(teacher[b, t] / tau, -1)
+            q = torch.softmax(student[b, t] / tau, -1)
+            terms.append(float((p * (p.log() - q.log())).sum()))
+        want = sum(terms) / len(terms) * tau**2
+        assert float(distillation_kl(student, teacher, mask, tau)) == pytest.approx(want, rel=1e-5)
+    assert float(distillation_kl(teacher, teacher, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def _conversations():
+    return [conversation(Trace("add2", f"{a}+{b}=", "", f"<think>{a}+{b}</think><answer>{a + b}</answer>", True))
+            for a, b in ((1, 2), (3, 4), (5, 6), (7, 8))]  # fmt: skip
+
+
+def test_logit_distillation_moves_the_student_toward_the_teacher(models, tmp_path):
+    from nanoseek.train.chat_data import tokenize_conversation
+    from nanoseek.train.distill import _padded, distillation_kl, logit_distill
+
+    teacher_dir, student_dir = models
+    tok = nanoseek.load_tokenizer(student_dir)
+    teacher, student = nanoseek.load(teacher_dir), nanoseek.load(student_dir)
+    convs = _conversations()
+    examples = [tokenize_conversation(tok, c) for c in convs]
+    ids, mask = _padded(examples, range(len(examples)), tok.pad_token_id)
+
+    def kl_to_teacher(model) -> float:
+        with torch.no_grad():
+            return float(distillation_kl(model(ids), teacher(ids), mask))
+
+    before = kl_to_teacher(student)
+    result = logit_distill(student, teacher, tok, convs, tmp_path / "kl", steps=12, batch_size=4, lr=3e-3)
+    assert result.steps == 12 and result.losses[0] == pytest.approx(before, rel=1e-4)  # step 0 sees every row
+    trained = nanoseek.load(result.model_dir)
+    assert kl_to_teacher(trained) < 0.5 * before
+    assert nanoseek.load_tokenizer(result.model_dir).backend.get_vocab() == tok.backend.get_vocab()
+
+
+def test_logit_distillation_refuses_different_vocabularies(models, tmp_path):
+    from nanoseek.train.distill import logit_distill
+
+    teacher_dir, student_dir = models
+    other = train_tokenizer(list(sample_texts([get_task("sort")], 200)), vocab_size=300)
+    with pytest.raises(ValueError, match="same vocabulary"):
+        logit_distill(nanoseek.load(student_dir), nanoseek.load(teacher_dir), nanoseek.load_tokenizer(student_dir),
+                      _conversations(), tmp_path, teacher_tokenizer=other)  # fmt: skip
+
+
+def test_distill_with_logit_kl_after_sft(models, tmp_path):
+    pytest.importorskip("nanoseek.train.sft")
+    from nanoseek.train.distill import distill
+
+    teacher, student = models
+    path, answerable = _math_file(tmp_path / "math.jsonl", teacher)
+    result = distill(teacher, student, [f"gsm8k:{path}"], tmp_path / "out", ["max_steps=1", "batch_size=2"],
+                     problems=6, samples=1, temperature=0, fmt="chat", max_new_tokens=24, logit_kl_steps=3,
+                     show_progress=False)  # fmt: skip
+    assert result.logit is not None and result.logit.steps == 3 and len(result.logit.losses) == 3
+    assert nanoseek.load(result.logit.model_dir) is not None
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["logit"]["steps"] == 3

@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="r1", choices=["r1", "chat"], help="r1 (default) or chat (no system prompt)")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens per teacher completion (default 256)")
     p.add_argument("--eval-limit", type=int, default=200, help="held-out problems per task for before/after")
+    p.add_argument("--logit-kl-steps", type=int, default=0,
+                   help="after SFT, steps of logit distillation (KL to the teacher's token distributions on the "
+                   "traces; teacher and student must share the vocabulary) (default 0: off)")  # fmt: skip
+    p.add_argument("--logit-kl-lr", type=float, default=5e-5, help="learning rate of logit distillation")
     p.add_argument("--traces-only", action="store_true", help="stop after writing DIR/traces.jsonl")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an SFT setting, as nanoseek sft --set (max_steps, epochs, optim.lr, …)")  # fmt: skip
@@ -53,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
             args.teacher, args.student, specs, args.out, args.overrides, problems=args.problems,
             samples=args.samples, temperature=args.temperature, fmt=args.format, per_problem=args.per_problem,
             max_new_tokens=args.max_tokens, eval_limit=args.eval_limit, traces_only=args.traces_only,
+            logit_kl_steps=args.logit_kl_steps, logit_kl_lr=args.logit_kl_lr,
             device=args.device, show_progress=not args.no_progress, seed=args.seed,
         )  # fmt: skip
     for w in caught:

@@ -64,6 +64,7 @@ class DistillResult:
     per_task: dict[str, dict[str, int]]
     skipped: int = 0  # problems whose prompt did not fit the teacher's context
     sft: Any = None  # nanoseek.train.sft.SFTResult, None with traces_only
+    logit: LogitDistillResult | None = None  # the optional logit-distillation stage after SFT
     eval_before: dict[str, Any] = field(default_factory=dict)  # spec -> EvalResult
     eval_after: dict[str, Any] = field(default_factory=dict)
 
@@ -73,9 +74,14 @@ class DistillResult:
             s = self.sft
             sft = {"model_dir": str(s.model_dir), "steps": s.steps, "tokens": s.tokens, "energy_j": s.energy_j,
                    "wall_s": s.wall_s, "final_loss": s.losses[-1] if s.losses else None}  # fmt: skip
+        logit = None
+        if self.logit is not None:
+            lg = self.logit
+            logit = {"model_dir": str(lg.model_dir), "steps": lg.steps, "kl_first": lg.losses[0],
+                     "kl_last": lg.losses[-1]}  # fmt: skip
         return {
             "traces_path": str(self.traces_path), "generated": self.generated, "correct": self.correct,
-            "kept": self.kept, "skipped": self.skipped, "per_task": self.per_task, "sft": sft,
+            "kept": self.kept, "skipped": self.skipped, "per_task": self.per_task, "sft": sft, "logit": logit,
             "eval_before": {k: r.to_dict() for k, r in self.eval_before.items()},
             "eval_after": {k: r.to_dict() for k, r in self.eval_after.items()},
         }  # fmt: skip
@@ -231,13 +237,17 @@ def distill(
     max_new_tokens: int = 256,
     eval_limit: int = 200,
     traces_only: bool = False,
+    logit_kl_steps: int = 0,
+    logit_kl_lr: float = 5e-5,
     device: str = "cpu",
     show_progress: bool = True,
     seed: int = 0,
 ) -> DistillResult:
     """Teacher traces -> verifier -> student SFT (see the module docstring). `teacher` and `student`: anything
     `nanoseek.load` reads, or (model, tokenizer) pairs. `overrides` go to `run_sft` ("max_steps=50", …).
-    traces_only: stop after writing OUT/traces.jsonl."""
+    traces_only: stop after writing OUT/traces.jsonl. logit_kl_steps > 0: after SFT, that many steps of logit
+    distillation (KL to the teacher's next-token distributions on the traces; same vocabulary needed) into
+    OUT/kl/model, which is then the model evaluated."""
     out = Path(out)
     parsed = [parse_spec(s) for s in specs]  # bad specs fail before any model loads
     t_model, t_tok, _ = _load(teacher)
@@ -256,14 +266,15 @@ def distill(
                 f"the teacher got none of its {len(traces)} completions right: no traces to train the student on "
                 f"(wrote an empty {path})"
             )
+        kl = dict(teacher=teacher, steps=logit_kl_steps, lr=logit_kl_lr, traces=kept)
         _train_student(result, student, parsed, out, overrides, fmt=fmt, max_new_tokens=max_new_tokens,
-                       eval_limit=eval_limit, device=device, show_progress=show_progress, seed=seed)  # fmt: skip
+                       eval_limit=eval_limit, device=device, show_progress=show_progress, seed=seed, kl=kl)  # fmt: skip
     (out / "summary.json").write_text(json.dumps(result.to_summary(), indent=2) + "\n")
     return result
 
 
 def _train_student(result: DistillResult, student, parsed, out: Path, overrides, *, fmt, max_new_tokens, eval_limit,
-                   device, show_progress, seed) -> None:  # fmt: skip
+                   device, show_progress, seed, kl) -> None:  # fmt: skip
     try:
         from nanoseek.train.sft import run_sft
     except ModuleNotFoundError as exc:
@@ -273,12 +284,128 @@ def _train_student(result: DistillResult, student, parsed, out: Path, overrides,
     import nanoseek
 
     s_model, s_tok, s_path = _load(student)
+    t_model, t_tok, _ = _load(kl["teacher"]) if kl["steps"] else (None, None, None)
+    if kl["steps"] and not same_vocabulary(t_tok, s_tok, t_model, s_model):  # before any training
+        raise ValueError("logit distillation needs teacher and student with the same vocabulary (token table and "
+                         "logit width); drop --logit-kl-steps to distill the traces alone")  # fmt: skip
     held_out = [s.name for s in parsed if s.kind == "synthetic"]  # a math file trained on is no test set
     settings = dict(limit=eval_limit, format=fmt, max_new_tokens=max_new_tokens, seed=seed)
     if held_out:
         result.eval_before = evaluate(s_model, s_tok, held_out, **settings)
     result.sft = run_sft(s_path or s_model, result.traces_path, out / "sft", overrides, tokenizer=s_tok,
                          show_progress=show_progress, device=device)  # fmt: skip
+    final_dir = result.sft.model_dir
+    if kl["steps"]:
+        result.logit = logit_distill(
+            nanoseek.load(final_dir, dtype="float32"), t_model, nanoseek.load_tokenizer(final_dir),
+            [conversation(t, fmt) for t in kl["traces"]], out / "kl", teacher_tokenizer=t_tok, steps=kl["steps"],
+            lr=kl["lr"], seed=seed,
+        )  # fmt: skip
+        final_dir = result.logit.model_dir
     if held_out:
-        after = nanoseek.load(result.sft.model_dir)
-        result.eval_after = evaluate(after, nanoseek.load_tokenizer(result.sft.model_dir), held_out, **settings)
+        after = nanoseek.load(final_dir)
+        result.eval_after = evaluate(after, nanoseek.load_tokenizer(final_dir), held_out, **settings)
+
+
+# ---- optional: logit distillation -------------------------------------------------------------------------
+
+
+@dataclass
+class LogitDistillResult:
+    model_dir: Path
+    steps: int
+    losses: list[float]  # the KL per step (mean over the assistant tokens of the batch)
+
+
+def same_vocabulary(teacher_tok, student_tok, teacher: nn.Module, student: nn.Module) -> bool:
+    """Whether teacher and student give logits over the same tokens: identical token tables and logit widths."""
+    widths = (teacher.config.vocab_size, student.config.vocab_size)
+    return widths[0] == widths[1] and teacher_tok.backend.get_vocab() == student_tok.backend.get_vocab()
+
+
+def _padded(examples, rows: Sequence[int], pad_id: int):
+    import torch
+
+    width = max(len(examples[i].ids) for i in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width - 1, dtype=torch.bool)  # position t predicts token t+1
+    for r, i in enumerate(rows):
+        ex = examples[i]
+        ids[r, : len(ex.ids)] = torch.tensor(ex.ids)
+        mask[r, : len(ex.ids) - 1] = torch.tensor(ex.assistant[1:])
+    return ids, mask
+
+
+def distillation_kl(student_logits, teacher_logits, mask, temperature: float = 1.0):
+    """Forward KL(teacher || student) of the next-token distributions at the masked positions, averaged over
+    them and scaled by temperature² (Hinton et al., 2015: keeps gradients comparable across temperatures)."""
+    t = (teacher_logits[:, :-1][mask].float() / temperature).log_softmax(-1)
+    s = (student_logits[:, :-1][mask].float() / temperature).log_softmax(-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+def logit_distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer,
+    conversations: Sequence[dict],
+    out: str | os.PathLike,
+    *,
+    teacher_tokenizer=None,
+    steps: int = 50,
+    batch_size: int = 4,
+    lr: float = 5e-5,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> LogitDistillResult:
+    """Train `student` (in place) to match the teacher's next-token distributions on the assistant tokens of
+    `conversations` (the verified traces); write it as a HF folder OUT/model. Needs the same vocabulary."""
+    import torch
+
+    from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+    from nanoseek.train.chat_data import tokenize_conversation
+    from nanoseek.weights.hf_folder import save_dense, save_pretrained
+
+    if not same_vocabulary(teacher_tokenizer or tokenizer, tokenizer, teacher, student):
+        raise ValueError("logit distillation needs teacher and student with the same vocabulary (token table and "
+                         "logit width); use trace distillation (SFT) alone")  # fmt: skip
+    if steps < 1 or batch_size < 1 or temperature <= 0:
+        raise ValueError(f"steps and batch_size must be >= 1 and temperature > 0, got {steps}, {batch_size}, "
+                         f"{temperature}")  # fmt: skip
+    examples = [tokenize_conversation(tokenizer, c) for c in conversations]
+    examples = [e for e in examples if e.n_targets > 0]
+    if not examples:
+        raise ValueError("no conversation with assistant tokens to distill on")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = random.Random(seed)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    was_training = (student.training, teacher.training)
+    student.eval()  # no dropout in these models; eval keeps the router's balancing statistics still
+    teacher.eval()
+    losses = []
+    try:
+        queue: list[int] = []
+        for _ in range(steps):
+            if len(queue) < batch_size:
+                more = list(range(len(examples)))
+                order.shuffle(more)
+                queue += more
+            rows, queue = queue[:batch_size], queue[batch_size:]
+            ids, mask = _padded(examples, rows, pad)
+            with torch.no_grad():
+                teacher_logits = teacher(ids)
+            loss = distillation_kl(student(ids), teacher_logits, mask, temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        student.train(was_training[0])
+        teacher.train(was_training[1])
+    folder = Path(out) / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    (save_pretrained if isinstance(student, DeepseekV3ForCausalLM) else save_dense)(student, folder)
+    tokenizer.save(folder)
+    return LogitDistillResult(folder, steps, losses)
