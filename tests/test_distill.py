@@ -83,6 +83,7 @@ def test_select_keeps_verified_distinct_traces_per_problem():
         {"role": "assistant", "content": "<think>a</think><answer>3</answer>"},
     ]}  # fmt: skip
     assert [m["role"] for m in conversation(t[0], "chat")["messages"]] == ["user", "assistant"]
+    assert conversation(t[0], "plain") == conversation(t[0], "chat")  # a base teacher's answer, as a chat reply
 
 
 def test_teacher_traces_come_from_the_engine_and_the_training_split(models):

@@ -30,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=4, help="teacher completions per problem (default 4)")
     p.add_argument("--temperature", type=float, default=0.8, help="the teacher's sampling temperature (default 0.8)")
     p.add_argument("--per-problem", type=int, default=1, help="verified traces kept per problem (default 1)")
-    p.add_argument("--format", default="r1", choices=["r1", "chat"], help="r1 (default) or chat (no system prompt)")
+    p.add_argument("--format", default="r1", choices=["r1", "chat", "plain"],
+                   help="how the teacher is prompted: r1 (default; R1 system prompt), chat (chat template only) or "
+                   "plain (the raw prompt, for base models); the traces are written as chat conversations")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens per teacher completion (default 256)")
     p.add_argument("--eval-limit", type=int, default=200, help="held-out problems per task for before/after")
     p.add_argument("--logit-kl-steps", type=int, default=0,
@@ -69,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
     for name, c in summary["per_task"].items():
         print(f"  {name}: {c['correct']}/{c['generated']} correct over {c['problems']} problems, {c['kept']} kept")
     for name in summary["eval_after"]:
-        before = summary["eval_before"][name]["metrics"]["pass@1"]
-        after = summary["eval_after"][name]["metrics"]["pass@1"]
-        print(f"  student {name} pass@1: {before['value']:.3f} {before['ci95']} -> {after['value']:.3f} "
-              f"{after['ci95']}")  # fmt: skip
+        b = summary["eval_before"][name]["metrics"]["pass@1"]
+        a = summary["eval_after"][name]["metrics"]["pass@1"]
+        print(f"  student {name} pass@1 (95% CI): {b['value']:.3f} [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] -> "
+              f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]")  # fmt: skip
     print(f"summary: {result.traces_path.parent / 'summary.json'}")
     return 0

@@ -43,7 +43,9 @@ from nanoseek.eval.runner import (
 )
 from nanoseek.train.tasks import R1_SYSTEM_PROMPT, Task
 
-DISTILL_FORMATS = ("r1", "chat")
+# How the teacher is prompted. The conversations written are chat in every case: "plain" (a base or speedrun
+# model answering the raw prompt) becomes user: prompt / assistant: answer.
+DISTILL_FORMATS = ("r1", "chat", "plain")
 
 
 @dataclass
@@ -127,9 +129,7 @@ def generate_traces(
     """The teacher's completions of `problems` training problems per task, each checked by the task's verifier.
     Returns (traces, problems skipped because the prompt did not fit the teacher's context)."""
     if fmt not in DISTILL_FORMATS:
-        raise ValueError(
-            f"unknown format {fmt!r}; distillation writes chat conversations: {', '.join(DISTILL_FORMATS)}"
-        )
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(DISTILL_FORMATS)}")
     if samples < 1 or problems < 1:
         raise ValueError(f"problems and samples must be >= 1, got {problems} and {samples}")
     if temperature == 0 and samples > 1:
@@ -289,7 +289,10 @@ def _train_student(result: DistillResult, student, parsed, out: Path, overrides,
         raise ValueError("logit distillation needs teacher and student with the same vocabulary (token table and "
                          "logit width); drop --logit-kl-steps to distill the traces alone")  # fmt: skip
     held_out = [s.name for s in parsed if s.kind == "synthetic"]  # a math file trained on is no test set
-    settings = dict(limit=eval_limit, format=fmt, max_new_tokens=max_new_tokens, seed=seed)
+    # the student is evaluated the way it is trained: chat conversations (with the R1 system prompt for r1)
+    eval_fmt = "r1" if fmt == "r1" else "chat"
+    settings = dict(limit=eval_limit, format=eval_fmt, max_new_tokens=max_new_tokens if fmt == "r1" else None,
+                    seed=seed)  # fmt: skip
     if held_out:
         result.eval_before = evaluate(s_model, s_tok, held_out, **settings)
     result.sft = run_sft(s_path or s_model, result.traces_path, out / "sft", overrides, tokenizer=s_tok,
