@@ -104,6 +104,13 @@ def test_echo_logprobs_with_a_text_prompt_streamed_and_whole(folder, running):
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
 
 
+def test_echo_logprobs_of_a_one_token_prompt(folder, running):
+    tok = nanoseek.load_tokenizer(folder)
+    body = {"model": "tiny", "prompt": [tok.bos_token_id], "max_tokens": 1, "logprobs": 2, "echo": True}
+    lp = httpx.post(running.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == 2 and len(lp["top_logprobs"][1]) == 2
+
+
 def test_without_logprobs_echo_only_prepends_the_text(running):
     body = {"model": "tiny", "prompt": "the cat", "max_tokens": 2, "echo": True, "temperature": 0}
     choice = httpx.post(running.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
