@@ -307,8 +307,11 @@ def test_cli_table_and_json(tiny, tmp_path, capsys):
         ["add2", "pass@1"], ["sort", "pass@1"], [f"mc:{mc}", "acc"], [f"mc:{mc}", "acc_norm"],
         [f"gsm8k:{math}", "pass@1"],
     ]  # fmt: skip
-    code, out, _ = _run(capsys, *args, "--json")
+    code, out, _ = _run(capsys, *args, "--json", "--details", tmp_path / "details.jsonl")
     assert code == 0
+    details = [json.loads(line) for line in (tmp_path / "details.jsonl").read_text().splitlines()]
+    assert [d["task"] for d in details] == ["add2"] * 4 + ["sort"] * 4 + [f"mc:{mc}", f"gsm8k:{math}"]
+    assert set(details[0]) == {"task", "prompt", "reference", "completions", "correct"}
     data = json.loads(out)
     assert list(data) == ["add2", "sort", f"mc:{mc}", f"gsm8k:{math}"]
     add2 = data["add2"]

@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the problems drawn and of sampling (default 0)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--details", default=None, metavar="FILE",
+                   help="also write every problem's prompt, reference, completions and verdicts (or choice "
+                   "log-likelihoods) to this JSONL file")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -71,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
     for w in caught:
         if issubclass(w.category, EvalWarning):
             print(f"nanoseek eval: warning: {w.message}", file=sys.stderr)
+    if args.details:
+        with open(args.details, "w", encoding="utf-8") as f:
+            for name, r in results.items():
+                for d in r.details:
+                    f.write(json.dumps({"task": name, **d}, ensure_ascii=False) + "\n")
     if args.json:
         print(json.dumps({name: r.to_dict() for name, r in results.items()}, indent=2))
     else:

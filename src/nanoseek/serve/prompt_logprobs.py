@@ -31,9 +31,9 @@ def prompt_logprobs(
     ids = list(ids)
     device = next(model.parameters()).device
     with _ONE_AT_A_TIME, torch.inference_mode():
-        logits = model(torch.tensor([ids], dtype=torch.long, device=device))[0, :-1].float()
-        logprobs = logits.log_softmax(-1)
-        chosen = logprobs.gather(-1, torch.tensor(ids[1:], dtype=torch.long, device=device)[:, None]).squeeze(-1).tolist()
+        tokens = torch.tensor([ids], dtype=torch.long, device=device)
+        logprobs = model(tokens)[0, :-1].float().log_softmax(-1)
+        chosen = logprobs.gather(-1, tokens[0, 1:, None]).squeeze(-1).tolist()
         top_lp, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (logprobs[:, :0], logprobs[:, :0].long())
         top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
     items = [TokenLogprob(ids[0], token_text(ids[0]), None, [])]  # type: ignore[arg-type]
