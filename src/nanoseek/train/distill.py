@@ -211,15 +211,16 @@ def per_task_counts(traces: Sequence[Trace], kept: Sequence[Trace]) -> dict[str,
 # ---- the whole recipe --------------------------------------------------------------------------------------
 
 
-def _load(model, tokenizer=None):
-    """(model, tokenizer, path or None) from a loadable name/path, or an (nn.Module, tokenizer) pair."""
+def _load(model, device: str = "cpu"):
+    """(model, tokenizer, path or None) from a loadable name/path (loaded on `device`), or an (nn.Module,
+    tokenizer) pair as it is."""
     if isinstance(model, tuple):
         return model[0], model[1], None
     import nanoseek
     from nanoseek.assets import resolve_model
 
     path = resolve_model(str(model))
-    return nanoseek.load(path), tokenizer or nanoseek.load_tokenizer(path), path
+    return nanoseek.load(path, device=device), nanoseek.load_tokenizer(path), path
 
 
 def distill(
@@ -250,7 +251,7 @@ def distill(
     OUT/kl/model, which is then the model evaluated."""
     out = Path(out)
     parsed = [parse_spec(s) for s in specs]  # bad specs fail before any model loads
-    t_model, t_tok, _ = _load(teacher)
+    t_model, t_tok, _ = _load(teacher, device)
     traces, skipped = generate_traces(
         t_model, t_tok, [s.name for s in parsed], problems=problems, samples=samples, temperature=temperature,
         fmt=fmt, max_new_tokens=max_new_tokens, seed=seed,
@@ -283,8 +284,8 @@ def _train_student(result: DistillResult, student, parsed, out: Path, overrides,
         raise ValueError(f"SFT is not part of this build; the traces are in {result.traces_path}") from None
     import nanoseek
 
-    s_model, s_tok, s_path = _load(student)
-    t_model, t_tok, _ = _load(kl["teacher"]) if kl["steps"] else (None, None, None)
+    s_model, s_tok, s_path = _load(student, device)
+    t_model, t_tok, _ = _load(kl["teacher"], device) if kl["steps"] else (None, None, None)
     if kl["steps"] and not same_vocabulary(t_tok, s_tok, t_model, s_model):  # before any training
         raise ValueError("logit distillation needs teacher and student with the same vocabulary (token table and "
                          "logit width); drop --logit-kl-steps to distill the traces alone")  # fmt: skip
@@ -300,13 +301,13 @@ def _train_student(result: DistillResult, student, parsed, out: Path, overrides,
     final_dir = result.sft.model_dir
     if kl["steps"]:
         result.logit = logit_distill(
-            nanoseek.load(final_dir, dtype="float32"), t_model, nanoseek.load_tokenizer(final_dir),
+            nanoseek.load(final_dir, dtype="float32", device=device), t_model, nanoseek.load_tokenizer(final_dir),
             [conversation(t, fmt) for t in kl["traces"]], out / "kl", teacher_tokenizer=t_tok, steps=kl["steps"],
             lr=kl["lr"], seed=seed,
         )  # fmt: skip
         final_dir = result.logit.model_dir
     if held_out:
-        after = nanoseek.load(final_dir)
+        after = nanoseek.load(final_dir, device=device)
         result.eval_after = evaluate(after, nanoseek.load_tokenizer(final_dir), held_out, **settings)
 
 
@@ -380,6 +381,7 @@ def logit_distill(
     if not examples:
         raise ValueError("no conversation with assistant tokens to distill on")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(student.parameters()).device
     order = random.Random(seed)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -396,6 +398,7 @@ def logit_distill(
                 queue += more
             rows, queue = queue[:batch_size], queue[batch_size:]
             ids, mask = _padded(examples, rows, pad)
+            ids, mask = ids.to(device), mask.to(device)
             with torch.no_grad():
                 teacher_logits = teacher(ids)
             loss = distillation_kl(student(ids), teacher_logits, mask, temperature)
