@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "nanoseek.commands.chat",
     "nanoseek.commands.fetch",
     "nanoseek.commands.serve",
+    "nanoseek.commands.eval",
+    "nanoseek.commands.distill",
     "nanoseek.commands.bench",
 ]
 

@@ -3,12 +3,14 @@ deltas become a response or a stream of SSE chunks (`data: {json}`, then `data: 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from nanoseek.serve import protocol_openai as p
 from nanoseek.serve.errors import APIError
+from nanoseek.serve.prompt_logprobs import prompt_logprobs
 from nanoseek.serve.reasoning import ReasoningParser, starts_in_reasoning
 from nanoseek.serve.serving import ChoiceDelta, Generation, ModelServer, TokenLogprob, seeded
 from nanoseek.serve.tool_calls import ToolCall, parse_all
@@ -172,11 +174,19 @@ async def _framed(events: AsyncIterator[str], gen: Generation, usage_chunk) -> A
 # ---- completions ------------------------------------------------------------------------------------------
 
 
-async def start_completion(server: ModelServer, req: p.CompletionRequest) -> tuple[Generation, list[str]]:
-    """Submit n choices per prompt; returns the generation and the prompts' texts (for echo)."""
+@dataclass
+class EchoedPrompt:
+    """What `echo` puts before a choice's text: the prompt, and with logprobs its own tokens' logprobs."""
+
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+async def start_completion(server: ModelServer, req: p.CompletionRequest) -> tuple[Generation, list[EchoedPrompt]]:
+    """Submit n choices per prompt; returns the generation and the prompts (for echo)."""
     server.check_model(req.model)
     constraint = await server.structured.constraint(req.response_format)
-    prompts, texts = [], []
+    prompts, echoed = [], []
     for prompt in req.prompts():
         if isinstance(prompt, str):
             ids, text = await server.encode(prompt), prompt
@@ -184,10 +194,19 @@ async def start_completion(server: ModelServer, req: p.CompletionRequest) -> tup
             ids = server.check_tokens(prompt, "prompt")
             text = server.tokenizer.decode(ids) if req.echo else ""
         max_tokens = server.max_tokens(req.max_tokens, len(ids), "prompt")
-        prompts.append((ids, replace(req.sampling_params(max_tokens, req.logprobs), constraint=constraint)))
-        texts.append(text)
+        params = replace(req.sampling_params(max_tokens, req.logprobs), constraint=constraint)
+        if req.echo and req.logprobs is not None and max_tokens == 1:
+            # a scoring request: its one reply token is listed even when it is end-of-sequence, so the logprobs
+            # always hold prompt + 1 entries (lm-evaluation-harness drops the last one by position, as on vLLM)
+            params = replace(params, ignore_eos=True)
+        prompts.append((ids, params))
+        echoed.append(EchoedPrompt(text))
+    if req.echo and req.logprobs is not None:  # log-likelihood scoring (lm-evaluation-harness): before submitting
+        model = server.engine.engine.runner.model
+        for (ids, _), e in zip(prompts, echoed):
+            e.logprobs = await asyncio.to_thread(prompt_logprobs, model, ids, req.logprobs, server.token_text)
     requests = [(ids, q) for ids, params in prompts for q in seeded(params, req.n)]
-    return server.generate(requests), texts
+    return server.generate(requests), echoed
 
 
 class CompletionLogprobs:
@@ -203,30 +222,31 @@ class CompletionLogprobs:
             self.offset += len(t.token)
         return p.CompletionLogprobs(
             tokens=[t.token for t in items], token_logprobs=[t.logprob for t in items],
-            top_logprobs=[dict(t.top) for t in items], text_offset=offsets,
+            top_logprobs=[None if t.logprob is None else dict(t.top) for t in items], text_offset=offsets,
         )  # fmt: skip
 
 
-def _prefix(req: p.CompletionRequest, prompt_texts: list[str], index: int) -> str:
-    return prompt_texts[index // req.n] if req.echo else ""
+def _prefix(req: p.CompletionRequest, prompts: list[EchoedPrompt], index: int) -> EchoedPrompt:
+    return prompts[index // req.n] if req.echo else EchoedPrompt("")
 
 
 async def completion_response(
-    server: ModelServer, req: p.CompletionRequest, gen: Generation, prompt_texts: list[str]
+    server: ModelServer, req: p.CompletionRequest, gen: Generation, prompts: list[EchoedPrompt]
 ) -> p.Completion:
-    count = len(prompt_texts) * req.n
+    count = len(prompts) * req.n
     deltas: list[list[ChoiceDelta]] = [[] for _ in range(count)]
     async for d in gen:
         deltas[d.index].append(d)
     choices = []
     for i, ds in enumerate(deltas):
-        prefix = _prefix(req, prompt_texts, i)
+        prefix = _prefix(req, prompts, i)
         items = [t for d in ds for t in d.logprobs]
-        lp = CompletionLogprobs(len(prefix)).take(items) if req.logprobs is not None else None
+        lp = None
+        if req.logprobs is not None:  # the echoed prompt's tokens (if any) come first, from offset 0
+            lp = CompletionLogprobs(0 if prefix.logprobs else len(prefix.text)).take(prefix.logprobs + items)
         finish = next((d.finish_reason for d in reversed(ds) if d.finish_reason), None)
-        choices.append(
-            p.CompletionChoice(index=i, text=prefix + "".join(d.text for d in ds), logprobs=lp, finish_reason=finish)
-        )
+        text = prefix.text + "".join(d.text for d in ds)
+        choices.append(p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish))
     return p.Completion(
         id=p.new_id("cmpl"), created=p.now(), model=server.name, choices=choices,
         usage=p.usage(gen.prompt_tokens, gen.completion_tokens),
@@ -234,10 +254,10 @@ async def completion_response(
 
 
 async def completion_stream(
-    server: ModelServer, req: p.CompletionRequest, gen: Generation, prompt_texts: list[str]
+    server: ModelServer, req: p.CompletionRequest, gen: Generation, prompts: list[EchoedPrompt]
 ) -> AsyncIterator[str]:
     cid, created = p.new_id("cmpl"), p.now()
-    count = len(prompt_texts) * req.n
+    count = len(prompts) * req.n
     offsets = [CompletionLogprobs() for _ in range(count)]
 
     def chunk(index: int, text: str, logprobs=None, finish_reason=None) -> str:
@@ -247,10 +267,11 @@ async def completion_stream(
 
     async def events() -> AsyncIterator[str]:
         for i in range(count):
-            prefix = _prefix(req, prompt_texts, i)
-            if prefix:
-                offsets[i].offset = len(prefix)
-                yield chunk(i, prefix)
+            prefix = _prefix(req, prompts, i)
+            if prefix.text:
+                lp = offsets[i].take(prefix.logprobs) if req.logprobs is not None and prefix.logprobs else None
+                offsets[i].offset = len(prefix.text)
+                yield chunk(i, prefix.text, lp)
         async for d in gen:
             lp = offsets[d.index].take(d.logprobs) if req.logprobs is not None else None
             yield chunk(d.index, d.text, lp, d.finish_reason)

@@ -1,0 +1,417 @@
+"""Distillation (DeepSeek-R1 §2.4): a teacher's verified reasoning traces become a student's SFT data.
+
+    result = distill("runs/big/model", "runs/small/model", ["add3", "countdown"], "runs/distill")
+    result.kept, result.traces_path, result.sft.model_dir, result.eval_after["add3"].metrics["pass@1"]
+
+1. The teacher answers training-split problems of each task (`samples` completions per problem at a
+   temperature, batched through the engine), in the R1 format by default: the R1 system prompt, the reply
+   `<think>…</think><answer>…</answer>`. A `gsm8k:FILE.jsonl` task uses that file's problems.
+2. The task's verifier keeps the correct completions (the exact checkers of the synthetic tasks, math-verify for
+   math), at most `per_problem` distinct ones per problem.
+3. They are written as chat conversations (`{"messages": [system, user, assistant]}`, OUT/traces.jsonl, what
+   `nanoseek sft` reads) and the student is fine-tuned on them with `nanoseek.train.sft.run_sft` into OUT/sft.
+4. The student is evaluated on the held-out split of the synthetic tasks before and after (`nanoseek.eval`),
+   and OUT/summary.json records the counts, the SFT run and both evaluations.
+
+Training problems come from the training split only, so the held-out evaluation stays unseen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from nanoseek.engine.generate import context_length
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.eval.data import load_math
+from nanoseek.eval.runner import (
+    EvalWarning,
+    Problem,
+    evaluate,
+    generate_completions,
+    math_problems,
+    parse_spec,
+    synthetic_problems,
+)
+from nanoseek.train.tasks import R1_SYSTEM_PROMPT, Task
+
+# How the teacher is prompted. The conversations written are chat in every case: "plain" (a base or speedrun
+# model answering the raw prompt) becomes user: prompt / assistant: answer.
+DISTILL_FORMATS = ("r1", "chat", "plain")
+
+
+@dataclass
+class Trace:
+    task: str
+    question: str
+    reference: str
+    completion: str
+    correct: bool
+
+
+@dataclass
+class DistillResult:
+    traces_path: Path  # the kept traces as chat conversations (JSONL)
+    generated: int  # completions the teacher wrote
+    correct: int  # of which the verifier accepted
+    kept: int  # conversations written (distinct, at most per_problem per problem)
+    per_task: dict[str, dict[str, int]]
+    skipped: int = 0  # problems whose prompt did not fit the teacher's context
+    sft: Any = None  # nanoseek.train.sft.SFTResult, None with traces_only
+    logit: LogitDistillResult | None = None  # the optional logit-distillation stage after SFT
+    eval_before: dict[str, Any] = field(default_factory=dict)  # spec -> EvalResult
+    eval_after: dict[str, Any] = field(default_factory=dict)
+
+    def to_summary(self) -> dict[str, Any]:
+        sft = None
+        if self.sft is not None:
+            s = self.sft
+            sft = {"model_dir": str(s.model_dir), "steps": s.steps, "tokens": s.tokens, "energy_j": s.energy_j,
+                   "wall_s": s.wall_s, "final_loss": s.losses[-1] if s.losses else None}  # fmt: skip
+        logit = None
+        if self.logit is not None:
+            lg = self.logit
+            logit = {"model_dir": str(lg.model_dir), "steps": lg.steps, "kl_first": lg.losses[0],
+                     "kl_last": lg.losses[-1]}  # fmt: skip
+        return {
+            "traces_path": str(self.traces_path), "generated": self.generated, "correct": self.correct,
+            "kept": self.kept, "skipped": self.skipped, "per_task": self.per_task, "sft": sft, "logit": logit,
+            "eval_before": {k: r.to_dict() for k, r in self.eval_before.items()},
+            "eval_after": {k: r.to_dict() for k, r in self.eval_after.items()},
+        }  # fmt: skip
+
+
+# ---- 1. traces ---------------------------------------------------------------------------------------------
+
+
+def training_examples(task: Task, n: int, seed: int) -> list:
+    """Up to n distinct training-split problems of `task` (never from the held-out split)."""
+    rng = random.Random(f"{task.name}/distill/{seed}")
+    seen: dict[str, Any] = {}
+    for _ in range(50 * n + 100):
+        if len(seen) >= n:
+            break
+        ex = task.generate(rng, "train")
+        seen.setdefault(ex.prompt, ex)
+    return list(seen.values())
+
+
+def _problems(tok, spec, fmt: str, n: int, seed: int) -> list[Problem]:
+    if spec.kind == "synthetic":
+        return synthetic_problems(tok, spec.task, fmt, training_examples(spec.task, n, seed))
+    if spec.kind == "math":
+        return math_problems(tok, load_math(spec.path, n), fmt)
+    raise ValueError(f"{spec.name}: multiple-choice data has no answers to distill; use synthetic or gsm8k: tasks")
+
+
+def generate_traces(
+    teacher: nn.Module,
+    tokenizer,
+    specs: Sequence[str],
+    *,
+    problems: int = 64,
+    samples: int = 4,
+    temperature: float = 0.8,
+    top_p: float = 1.0,
+    fmt: str = "r1",
+    max_new_tokens: int = 256,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> tuple[list[Trace], int]:
+    """The teacher's completions of `problems` training problems per task, each checked by the task's verifier.
+    Returns (traces, problems skipped because the prompt did not fit the teacher's context)."""
+    if fmt not in DISTILL_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(DISTILL_FORMATS)}")
+    if samples < 1 or problems < 1:
+        raise ValueError(f"problems and samples must be >= 1, got {problems} and {samples}")
+    if temperature == 0 and samples > 1:
+        raise ValueError("several samples per problem need a temperature > 0 (greedy samples are all the same)")
+    parsed = [parse_spec(s) for s in specs]
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
+    window = context_length(teacher)
+    traces, skipped = [], 0
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        for spec in parsed:
+            todo = _problems(tokenizer, spec, fmt, problems, seed)
+            kept = [p for p in todo if window is None or len(p.prompt) < window]
+            if len(kept) < len(todo):
+                skipped += len(todo) - len(kept)
+                warnings.warn(f"{spec.name}: skipped {len(todo) - len(kept)} problem(s) longer than the teacher's "
+                              f"context of {window} tokens", EvalWarning, stacklevel=2)  # fmt: skip
+            texts = generate_completions(teacher, tokenizer, kept, samples=samples, params=params, seed=seed,
+                                         batch_size=batch_size, autocast_dtype=None, fmt=fmt)  # fmt: skip
+            for problem, outs in zip(kept, texts):
+                for text in outs:
+                    traces.append(Trace(spec.name, problem.shown["prompt"], problem.shown["reference"], text,
+                                        bool(problem.check(text))))  # fmt: skip
+    finally:
+        teacher.train(was_training)
+    return traces, skipped
+
+
+# ---- 2. filter, 3. conversations ---------------------------------------------------------------------------
+
+
+def select_traces(traces: Sequence[Trace], per_problem: int = 1) -> list[Trace]:
+    """The verified traces, at most `per_problem` distinct completions per (task, question), in order."""
+    if per_problem < 1:
+        raise ValueError(f"per_problem must be >= 1, got {per_problem}")
+    chosen: dict[tuple[str, str], list[str]] = {}
+    kept = []
+    for t in traces:
+        seen = chosen.setdefault((t.task, t.question), [])
+        text = t.completion.strip()
+        if t.correct and len(seen) < per_problem and text not in seen:
+            seen.append(text)
+            kept.append(t)
+    return kept
+
+
+def conversation(trace: Trace, fmt: str = "r1") -> dict[str, Any]:
+    """The chat conversation SFT trains on: (R1 system prompt,) the question, the teacher's verified reply."""
+    system = [{"role": "system", "content": R1_SYSTEM_PROMPT}] if fmt == "r1" else []
+    return {"messages": [*system, {"role": "user", "content": trace.question},
+                         {"role": "assistant", "content": trace.completion.strip()}]}  # fmt: skip
+
+
+def write_conversations(path: str | os.PathLike, traces: Sequence[Trace], fmt: str = "r1") -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for t in traces:
+            f.write(json.dumps(conversation(t, fmt), ensure_ascii=False) + "\n")
+    tmp.replace(path)  # a crash never leaves half a file under the final name
+    return path
+
+
+def per_task_counts(traces: Sequence[Trace], kept: Sequence[Trace]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for t in traces:
+        c = counts.setdefault(t.task, {"problems": 0, "generated": 0, "correct": 0, "kept": 0})
+        c["generated"] += 1
+        c["correct"] += t.correct
+    for name in counts:
+        counts[name]["problems"] = len({t.question for t in traces if t.task == name})
+    for t in kept:
+        counts[t.task]["kept"] += 1
+    return counts
+
+
+# ---- the whole recipe --------------------------------------------------------------------------------------
+
+
+def _load(model, device: str = "cpu"):
+    """(model, tokenizer, path or None) from a loadable name/path (loaded on `device`), or an (nn.Module,
+    tokenizer) pair as it is."""
+    if isinstance(model, tuple):
+        return model[0], model[1], None
+    import nanoseek
+    from nanoseek.assets import resolve_model
+
+    path = resolve_model(str(model))
+    return nanoseek.load(path, device=device), nanoseek.load_tokenizer(path), path
+
+
+def distill(
+    teacher,
+    student,
+    specs: Sequence[str],
+    out: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    problems: int = 64,
+    samples: int = 4,
+    temperature: float = 0.8,
+    fmt: str = "r1",
+    per_problem: int = 1,
+    max_new_tokens: int = 256,
+    eval_limit: int = 200,
+    traces_only: bool = False,
+    logit_kl_steps: int = 0,
+    logit_kl_lr: float = 5e-5,
+    device: str = "cpu",
+    show_progress: bool = True,
+    seed: int = 0,
+) -> DistillResult:
+    """Teacher traces -> verifier -> student SFT (see the module docstring). `teacher` and `student`: anything
+    `nanoseek.load` reads, or (model, tokenizer) pairs. `overrides` go to `run_sft` ("max_steps=50", …).
+    traces_only: stop after writing OUT/traces.jsonl. logit_kl_steps > 0: after SFT, that many steps of logit
+    distillation (KL to the teacher's next-token distributions on the traces; same vocabulary needed) into
+    OUT/kl/model, which is then the model evaluated."""
+    out = Path(out)
+    parsed = [parse_spec(s) for s in specs]  # bad specs fail before any model loads
+    t_model, t_tok, _ = _load(teacher, device)
+    traces, skipped = generate_traces(
+        t_model, t_tok, [s.name for s in parsed], problems=problems, samples=samples, temperature=temperature,
+        fmt=fmt, max_new_tokens=max_new_tokens, seed=seed,
+    )  # fmt: skip
+    del t_model
+    kept = select_traces(traces, per_problem)
+    path = write_conversations(out / "traces.jsonl", kept, fmt)
+    result = DistillResult(path, len(traces), sum(t.correct for t in traces), len(kept),
+                           per_task_counts(traces, kept), skipped)  # fmt: skip
+    if not traces_only:
+        if not kept:
+            raise ValueError(
+                f"the teacher got none of its {len(traces)} completions right: no traces to train the student on "
+                f"(wrote an empty {path})"
+            )
+        kl = dict(teacher=teacher, steps=logit_kl_steps, lr=logit_kl_lr, traces=kept)
+        _train_student(result, student, parsed, out, overrides, fmt=fmt, max_new_tokens=max_new_tokens,
+                       eval_limit=eval_limit, device=device, show_progress=show_progress, seed=seed, kl=kl)  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(result.to_summary(), indent=2) + "\n")
+    return result
+
+
+def _train_student(result: DistillResult, student, parsed, out: Path, overrides, *, fmt, max_new_tokens, eval_limit,
+                   device, show_progress, seed, kl) -> None:  # fmt: skip
+    try:
+        from nanoseek.train.sft import run_sft
+    except ModuleNotFoundError as exc:
+        if exc.name != "nanoseek.train.sft":
+            raise
+        raise ValueError(f"SFT is not part of this build; the traces are in {result.traces_path}") from None
+    import nanoseek
+
+    s_model, s_tok, s_path = _load(student, device)
+    t_model, t_tok, _ = _load(kl["teacher"], device) if kl["steps"] else (None, None, None)
+    if kl["steps"] and not same_vocabulary(t_tok, s_tok, t_model, s_model):  # before any training
+        raise ValueError("logit distillation needs teacher and student with the same vocabulary (token table and "
+                         "logit width); drop --logit-kl-steps to distill the traces alone")  # fmt: skip
+    held_out = [s.name for s in parsed if s.kind == "synthetic"]  # a math file trained on is no test set
+    # the student is evaluated the way it is trained: chat conversations (with the R1 system prompt for r1)
+    eval_fmt = "r1" if fmt == "r1" else "chat"
+    settings = dict(limit=eval_limit, format=eval_fmt, max_new_tokens=max_new_tokens if fmt == "r1" else None,
+                    seed=seed)  # fmt: skip
+    if held_out:
+        result.eval_before = evaluate(s_model, s_tok, held_out, **settings)
+    result.sft = run_sft(s_path or s_model, result.traces_path, out / "sft", overrides, tokenizer=s_tok,
+                         show_progress=show_progress, device=device)  # fmt: skip
+    final_dir = result.sft.model_dir
+    if kl["steps"]:
+        result.logit = logit_distill(
+            nanoseek.load(final_dir, dtype="float32", device=device), t_model, nanoseek.load_tokenizer(final_dir),
+            [conversation(t, fmt) for t in kl["traces"]], out / "kl", teacher_tokenizer=t_tok, steps=kl["steps"],
+            lr=kl["lr"], seed=seed,
+        )  # fmt: skip
+        final_dir = result.logit.model_dir
+    if held_out:
+        after = nanoseek.load(final_dir, device=device)
+        result.eval_after = evaluate(after, nanoseek.load_tokenizer(final_dir), held_out, **settings)
+
+
+# ---- optional: logit distillation -------------------------------------------------------------------------
+
+
+@dataclass
+class LogitDistillResult:
+    model_dir: Path
+    steps: int
+    losses: list[float]  # the KL per step (mean over the assistant tokens of the batch)
+
+
+def same_vocabulary(teacher_tok, student_tok, teacher: nn.Module, student: nn.Module) -> bool:
+    """Whether teacher and student give logits over the same tokens: identical token tables and logit widths."""
+    widths = (teacher.config.vocab_size, student.config.vocab_size)
+    return widths[0] == widths[1] and teacher_tok.backend.get_vocab() == student_tok.backend.get_vocab()
+
+
+def _padded(examples, rows: Sequence[int], pad_id: int):
+    import torch
+
+    width = max(len(examples[i].ids) for i in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width - 1, dtype=torch.bool)  # position t predicts token t+1
+    for r, i in enumerate(rows):
+        ex = examples[i]
+        ids[r, : len(ex.ids)] = torch.tensor(ex.ids)
+        mask[r, : len(ex.ids) - 1] = torch.tensor(ex.assistant[1:])
+    return ids, mask
+
+
+def distillation_kl(student_logits, teacher_logits, mask, temperature: float = 1.0):
+    """Forward KL(teacher || student) of the next-token distributions at the masked positions, averaged over
+    them and scaled by temperature² (Hinton et al., 2015: keeps gradients comparable across temperatures)."""
+    t = (teacher_logits[:, :-1][mask].float() / temperature).log_softmax(-1)
+    s = (student_logits[:, :-1][mask].float() / temperature).log_softmax(-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+def logit_distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer,
+    conversations: Sequence[dict],
+    out: str | os.PathLike,
+    *,
+    teacher_tokenizer=None,
+    steps: int = 50,
+    batch_size: int = 4,
+    lr: float = 5e-5,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> LogitDistillResult:
+    """Train `student` (in place) to match the teacher's next-token distributions on the assistant tokens of
+    `conversations` (the verified traces); write it as a HF folder OUT/model. Needs the same vocabulary."""
+    import torch
+
+    from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+    from nanoseek.train.chat_data import tokenize_conversation
+    from nanoseek.weights.hf_folder import save_dense, save_pretrained
+
+    if not same_vocabulary(teacher_tokenizer or tokenizer, tokenizer, teacher, student):
+        raise ValueError("logit distillation needs teacher and student with the same vocabulary (token table and "
+                         "logit width); use trace distillation (SFT) alone")  # fmt: skip
+    if steps < 1 or batch_size < 1 or temperature <= 0:
+        raise ValueError(f"steps and batch_size must be >= 1 and temperature > 0, got {steps}, {batch_size}, "
+                         f"{temperature}")  # fmt: skip
+    examples = [tokenize_conversation(tokenizer, c) for c in conversations]
+    examples = [e for e in examples if e.n_targets > 0]
+    if not examples:
+        raise ValueError("no conversation with assistant tokens to distill on")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(student.parameters()).device
+    order = random.Random(seed)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    was_training = (student.training, teacher.training)
+    student.eval()  # no dropout in these models; eval keeps the router's balancing statistics still
+    teacher.eval()
+    losses = []
+    try:
+        queue: list[int] = []
+        for _ in range(steps):
+            if len(queue) < batch_size:
+                more = list(range(len(examples)))
+                order.shuffle(more)
+                queue += more
+            rows, queue = queue[:batch_size], queue[batch_size:]
+            ids, mask = _padded(examples, rows, pad)
+            ids, mask = ids.to(device), mask.to(device)
+            with torch.no_grad():
+                teacher_logits = teacher(ids)
+            loss = distillation_kl(student(ids), teacher_logits, mask, temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        student.train(was_training[0])
+        teacher.train(was_training[1])
+    folder = Path(out) / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    (save_pretrained if isinstance(student, DeepseekV3ForCausalLM) else save_dense)(student, folder)
+    tokenizer.save(folder)
+    return LogitDistillResult(folder, steps, losses)
