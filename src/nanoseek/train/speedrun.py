@@ -18,8 +18,9 @@ stage in STAGES whose module exists and says which ones it skipped.
 
 from __future__ import annotations
 
-import importlib
 import json
+import random
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,6 +29,7 @@ from typing import Any
 
 from nanoseek.train.config import TrainConfig, load_train_config
 from nanoseek.train.evaluate import TaskScore
+from nanoseek.train.tasks import Example, Task, get_task
 
 STAGES = ["pretrain", "sft", "grpo"]
 
@@ -39,6 +41,8 @@ class SpeedrunOptions:
     device: str = "cpu"
     preset: str = "tiny"
     overrides: list[str] = field(default_factory=list)  # extra TrainConfig key=value settings
+    sft_overrides: list[str] = field(default_factory=list)  # extra run_sft settings (after the plan's)
+    grpo_overrides: list[str] = field(default_factory=list)  # extra run_grpo settings (after the plan's)
     show_progress: bool = True
 
 
@@ -74,6 +78,22 @@ class StageContext:
     metrics_path: Path
     device: str
     show_progress: bool = True
+    plan: StagePlan | None = None
+
+
+@dataclass
+class StagePlan:
+    """What the stages after pretraining do: SFT data (R1-format traces of `sft_tasks`) and settings, and the
+    tasks and settings of GRPO. `*_extra` are the user's overrides, applied last."""
+
+    sft_tasks: list[str]
+    sft_task_weights: list[float]
+    sft_conversations: int
+    sft: list[str]
+    grpo_tasks: list[str]
+    grpo: list[str]
+    sft_extra: list[str] = field(default_factory=list)
+    grpo_extra: list[str] = field(default_factory=list)
 
 
 # Defaults of the speedrun on top of the preset: time-budgeted, evaluated along the way. Tasks and lr were
@@ -86,6 +106,55 @@ SPEEDRUN_DEFAULTS = {
         "data.tasks=[add2,sort]", "data.task_weights=[0.75,0.25]", "optim.lr=3e-3",
     ],
 }  # fmt: skip
+
+
+# ---- R1-format traces of the synthetic tasks (the SFT data, and what GRPO rewards) -------------------------
+def r1_thought(example: Example) -> str:
+    """A short scratchpad for `example`: for addition, the operands with their digits reversed and padded to
+    the same width, so digit i of the (least-significant-first) answer sits under digit i of both; for
+    other tasks, the problem restated."""
+    m = re.fullmatch(r"(\d+)\+(\d+)=", example.prompt)
+    if m:
+        width = max(len(m.group(1)), len(m.group(2)))
+        a, b = (x.zfill(width)[::-1] for x in m.groups())
+        return f"{a}+{b}"
+    return example.prompt.rstrip("=")
+
+
+def r1_answer_text(example: Example) -> str:
+    return f"<think>{r1_thought(example)}</think><answer>{example.answer}</answer>"
+
+
+def r1_conversations(tasks: list[Task], n: int, seed: int, weights: list[float] | None = None) -> list[dict]:
+    """n training-split problems as chat conversations whose assistant turn is the R1-format trace."""
+    rng = random.Random(f"sft-data/{seed}")
+    out = []
+    for _ in range(n):
+        ex = rng.choices(tasks, weights=weights)[0].generate(rng, "train")
+        out.append({"messages": [{"role": "user", "content": ex.prompt},
+                                 {"role": "assistant", "content": r1_answer_text(ex)}]})  # fmt: skip
+    return out
+
+
+# After pretraining: SFT teaches the chat + R1 format on traces of every task, then GRPO trains on add3, the
+# task SFT leaves room on (see the measurements above SPEEDRUN_DEFAULTS).
+STAGE_PLANS = {
+    "tiny": StagePlan(
+        sft_tasks=["add2", "sort", "add3"], sft_task_weights=[0.25, 0.25, 0.5], sft_conversations=4000,
+        sft=["time_budget_min=1.5", "max_steps=300", "batch_size=128", "optim.lr=1e-3", "optim.warmup_steps=20"],
+        grpo_tasks=["add3"],
+        grpo=["time_budget_min=3", "max_steps=200", "num_generations=8", "prompts_per_step=16", "max_new_tokens=24",
+              "temperature=1.0", "loss_type=dapo", "optim.lr=1e-4"],
+    ),
+}  # fmt: skip
+
+
+def stage_plan(opts: SpeedrunOptions) -> StagePlan:
+    import copy
+
+    plan = copy.deepcopy(STAGE_PLANS.get(opts.preset, STAGE_PLANS["tiny"]))
+    plan.sft_extra, plan.grpo_extra = list(opts.sft_overrides), list(opts.grpo_overrides)
+    return plan
 
 
 def speedrun_config(opts: SpeedrunOptions, run_dir: Path) -> TrainConfig:
@@ -124,15 +193,74 @@ def run_pretrain(cfg: TrainConfig, run_dir: Path, show_progress: bool) -> StageR
     )  # fmt: skip
 
 
-def later_stage(name: str):
-    """`speedrun_stage` of nanoseek.train.<name>, or None while that stage does not exist."""
+def sft_stage(ctx: StageContext) -> StageResult | None:
+    """SFT on R1-format traces of the tasks (nanoseek.train.sft.run_sft); None while that module is missing."""
     try:
-        module = importlib.import_module(f"nanoseek.train.{name}")
+        from nanoseek.train.sft import run_sft
     except ModuleNotFoundError as exc:
-        if exc.name == f"nanoseek.train.{name}":
+        if exc.name == "nanoseek.train.sft":
             return None
         raise
-    return getattr(module, "speedrun_stage", None)
+    plan = ctx.plan
+    tasks = [get_task(t, ctx.train_config.data.heldout_fraction) for t in plan.sft_tasks]
+    data = r1_conversations(tasks, plan.sft_conversations, ctx.train_config.seed, plan.sft_task_weights or None)
+    start = time.perf_counter()
+    result = run_sft(
+        ctx.previous.model_dir, data, ctx.run_dir / "sft", [*plan.sft, *plan.sft_extra],
+        show_progress=ctx.show_progress, device=ctx.device, metrics_path=ctx.metrics_path,
+    )  # fmt: skip
+    scores = evaluate_r1_stage(result.model_dir, ctx)
+    s = result.summary
+    extra = {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
+             "tok_s": s.get("tok_s"), "mfu": s.get("mfu"), "train_s": s.get("train_s"),
+             "energy_source": s.get("energy_source")}  # fmt: skip
+    return StageResult(
+        "sft", time.perf_counter() - start, int(result.tokens), float(result.energy_j), scores, result.model_dir, extra
+    )
+
+
+def grpo_stage(ctx: StageContext) -> StageResult | None:
+    """GRPO on the tasks SFT left room on, from the SFT model (skipped when SFT did not run: the pretrained
+    model has never seen the R1 format, so every reward would be 0)."""
+    from nanoseek.train.grpo import run_grpo
+
+    if ctx.previous.name != "sft":
+        return None
+    plan = ctx.plan
+    start = time.perf_counter()
+    result = run_grpo(
+        ctx.previous.model_dir, plan.grpo_tasks, ctx.run_dir / "grpo",
+        [*plan.grpo, "eval_examples=0", "system_prompt=", *plan.grpo_extra],
+        show_progress=ctx.show_progress, device=ctx.device, metrics_path=ctx.metrics_path,
+    )  # fmt: skip
+    scores = evaluate_r1_stage(result.model_dir, ctx)
+    s = result.summary
+    keys = ("reward", "accuracy", "completion_len", "kl", "clip_frac", "entropy")
+    extra = {"steps": result.steps, "final_loss": s.get("final_loss"), "tok_s": s.get("tok_s"), "mfu": s.get("mfu"),
+             "train_s": s.get("train_s"), "energy_source": s.get("energy_source"),
+             "history": [{k: h[k] for k in ("step", *keys) if k in h} for h in result.history]}  # fmt: skip
+    return StageResult(
+        "grpo", time.perf_counter() - start, int(result.tokens), float(result.energy_j), scores, result.model_dir, extra
+    )
+
+
+def evaluate_r1_stage(model_dir: Path, ctx: StageContext) -> dict[str, TaskScore]:
+    """Held-out accuracy of a chat-format stage's model: greedy, R1 format, the <answer> checked exactly."""
+    import nanoseek
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.grpo import evaluate_r1, load_grpo_config
+
+    cfg = ctx.train_config
+    model = nanoseek.load(model_dir, device=ctx.device)
+    tasks = [get_task(t, cfg.data.heldout_fraction) for t in cfg.data.tasks]
+    r1 = load_grpo_config(["system_prompt=", *ctx.plan.grpo, *ctx.plan.grpo_extra])
+    scores = evaluate_r1(model, load_tokenizer(model_dir), tasks, cfg.data.eval_examples, r1)
+    with open(ctx.metrics_path, "a") as f:
+        f.write(json.dumps({"event": "eval", "final": True, **{n: s.to_dict() for n, s in scores.items()}}) + "\n")
+    return scores
+
+
+LATER_STAGES = {"sft": sft_stage, "grpo": grpo_stage}
 
 
 def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
@@ -145,6 +273,7 @@ def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
         raise ValueError(f"{run_dir} already holds a finished speedrun (summary.json); choose another --out")
     device = str(resolve_device(opts.device))
     cfg = speedrun_config(opts, run_dir)
+    plan = stage_plan(opts)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     (run_dir / "train_config.json").write_text(cfg.to_json() + "\n")
@@ -156,13 +285,13 @@ def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
     stages = [stage]
     skipped = []
     for name in STAGES[1:]:
-        fn = later_stage(name)
-        if fn is None:
+        ctx = StageContext(run_dir, cfg, stages[-1], metrics_path, device, opts.show_progress, plan)
+        mark_stage(metrics_path, name)
+        result = LATER_STAGES[name](ctx)
+        if result is None:
             skipped.append(name)
             continue
-        mark_stage(metrics_path, name)
-        ctx = StageContext(run_dir, cfg, stages[-1], metrics_path, device, opts.show_progress)
-        stages.append(fn(ctx))
+        stages.append(result)
 
     final = stages[-1]
     model_dir = run_dir / "model"
