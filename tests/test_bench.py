@@ -125,3 +125,29 @@ def test_disagreeing_sides_stop_the_benchmark():
         check_agreement({"a": a, "b": b}, {"a": 1.0, "b": 1.0}, "a")
     with pytest.raises(OutputsDisagree, match="b: loss 1.1 vs a 1"):
         check_agreement({"a": a, "b": b}, {"a": 1.0, "b": 1.1}, "a")
+
+
+def test_sft_benchmark_prints_agreeing_curves_both_sides_and_the_ratio(capsys):
+    assert main(["bench", "sft", "--model", "tiny", "--conversations", "16", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "loss curves agree" in out
+    (rows,) = tables(out)
+    assert [r[0] for r in rows] == [
+        "nanoseek SFT step (packed rows, fused linear+CE)",
+        "transformers loop (padded batch, labels=)",
+    ]
+    for r in rows:
+        median, range_ = positive(r[1]), r[2]
+        lo, hi = (positive(x) for x in range_.split("–"))
+        assert lo <= median <= hi and positive(r[3])
+    spread(out.strip().splitlines()[-1].split(": ")[-1])
+
+
+def test_sft_benchmark_stops_when_the_loss_curves_part():
+    from nanoseek.bench.sft import check_curves
+
+    check_curves([2.0, 1.9, 1.8], [2.0, 1.91, 1.79], 3)  # within float noise after step 0
+    with pytest.raises(OutputsDisagree, match="step 0: nanoseek loss 2 vs transformers 2.1"):
+        check_curves([2.0, 1.9], [2.1, 1.9], 2)
+    with pytest.raises(OutputsDisagree, match="step 1"):
+        check_curves([2.0, 1.9], [2.0, 1.5], 2)

@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "nanoseek.commands.info",
     "nanoseek.commands.speedrun",
     "nanoseek.commands.train",
+    "nanoseek.commands.sft",
     "nanoseek.commands.grpo",
     "nanoseek.commands.generate",
     "nanoseek.commands.chat",

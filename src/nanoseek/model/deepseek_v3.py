@@ -10,28 +10,17 @@ The model knows nothing of parallelism, quantization or serving: those are appli
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from nanoseek.config import DeepseekV3Config
-from nanoseek.model.loss import IGNORE_INDEX, linear_cross_entropy
+from nanoseek.model.loss import IGNORE_INDEX, LossOutput, linear_cross_entropy
 from nanoseek.model.mla import MultiHeadLatentAttention
 from nanoseek.model.moe import DeepseekMoE, GroupedExperts, Router, SwiGLU
 from nanoseek.model.mtp import MTPModule, shift_left
 from nanoseek.model.norm import RMSNorm
+from nanoseek.model.packing import document_causal_mask, same_document_ahead
 from nanoseek.model.rope import rope_cos_sin, rope_inv_freq
-
-
-@dataclass
-class LossOutput:
-    loss: torch.Tensor  # what to backprop: lm + mtp_weight * mean(mtp) + balance_alpha * balance
-    lm_loss: torch.Tensor
-    mtp_loss: torch.Tensor | None  # mean over depths
-    balance_loss: torch.Tensor | None
-    mtp_losses: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
 class AuxLosses:
@@ -160,9 +149,11 @@ class DeepseekV3ForCausalLM(nn.Module):
         aux=None,
         _rope_mask_out: list | None = None,
         token_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states [B,T,d]. token_mask [B,T] marks the tokens that count as expert load
-        (default: the new tokens' part of attention_mask; all tokens without one)."""
+        (default: the new tokens' part of attention_mask; all tokens without one). document_ids [B,T]:
+        packed rows (model/packing.py), each position attending within its own document only."""
         self._check_input(input_ids)
         B, T = input_ids.shape
         if cache is not None:  # the engine's paged view: positions and masks come with it
@@ -170,7 +161,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         else:
             if position_ids is None:
                 position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)
-            mask = attention_mask_for_sdpa(attention_mask, T, input_ids.device)
+            if document_ids is not None:
+                mask = document_causal_mask(document_ids)
+            else:
+                mask = attention_mask_for_sdpa(attention_mask, T, input_ids.device)
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.rope_attention_factor, h.dtype)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B|1, 1, T, dr/2]
@@ -200,6 +194,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         mtp_weight: float = 0.3,
         balance_alpha: float = 0.0,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> LossOutput:
         """Next-token loss (+ MTP losses, + optional sequence-wise balance loss). targets [B,T], -100 ignored.
 
@@ -210,11 +206,24 @@ class DeepseekV3ForCausalLM(nn.Module):
         Padding counts neither as expert load nor in the balance loss: with attention_mask, its zeros are
         padding; without one, so are the positions after a row's last target (right padding: no loss depends
         on them). Prompt positions before the first target are real tokens and count.
+
+        Packed rows (document_ids [B,T], -1 for padding; position_ids restarting per document): attention
+        stays within each document, padding is what document_ids marks, and MTP depth k at t needs t+k in t's
+        document. The sequence-wise balance loss then treats a packed row as one sequence (an approximation;
+        its weight balance_alpha is tiny).
         """
         aux = AuxLosses() if balance_alpha > 0 else None
         rope_mask: list = []
-        token_mask = attention_mask.bool() if attention_mask is not None else up_to_last_target(targets)
-        h = self.forward_hidden(input_ids, attention_mask, aux=aux, _rope_mask_out=rope_mask, token_mask=token_mask)
+        if document_ids is not None:
+            token_mask = document_ids >= 0
+        elif attention_mask is not None:
+            token_mask = attention_mask.bool()
+        else:
+            token_mask = up_to_last_target(targets)
+        h = self.forward_hidden(
+            input_ids, attention_mask, position_ids, aux=aux, _rope_mask_out=rope_mask, token_mask=token_mask,
+            document_ids=document_ids,
+        )  # fmt: skip
         lm_loss = linear_cross_entropy(h, self.lm_head.weight, targets)
         loss = lm_loss
         mtp_losses = []
@@ -224,7 +233,10 @@ class DeepseekV3ForCausalLM(nn.Module):
             for k, module in enumerate(self.mtp, start=1):
                 emb = self.model.embed_tokens(shift_left(input_ids, k, 0))
                 mtp_targets = shift_left(targets, k, IGNORE_INDEX)
-                if attention_mask is not None:  # the position and the token k ahead must both be real
+                if document_ids is not None:  # t and t+k in one document; no target across a boundary
+                    depth_mask = same_document_ahead(document_ids, k)
+                    mtp_targets = mtp_targets.masked_fill(~depth_mask, IGNORE_INDEX)
+                elif attention_mask is not None:  # the position and the token k ahead must both be real
                     depth_mask = token_mask & shift_left(token_mask, k, False)
                 else:
                     depth_mask = up_to_last_target(mtp_targets)

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.model.loss import IGNORE_INDEX, LossOutput, linear_cross_entropy
 from nanoseek.model.norm import RMSNorm
+from nanoseek.model.packing import document_causal_mask
 from nanoseek.model.rope import apply_rope_half, rope_cos_sin, rope_inv_freq
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -195,6 +197,63 @@ def dense_config_from_hf(cfg: dict) -> DenseConfig:
     return DenseConfig(**kw)
 
 
+_HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+}  # fmt: skip
+
+
+def dense_config_to_hf(cfg: DenseConfig) -> dict[str, Any]:
+    """The inverse of dense_config_from_hf: a transformers config.json dict that maps back to `cfg`
+    (layer types spelled out, so a GGUF's hard-coded local/global pattern survives)."""
+    if cfg.rope_freq_factors is not None:
+        raise ValueError(
+            "the model's RoPE comes as llama.cpp per-frequency factors (a GGUF `rope_freqs` tensor), which a "
+            "HF config cannot express; export is not supported for it"
+        )
+    model_type = "gemma3_text" if cfg.model_type == "gemma3" else cfg.model_type
+    out: dict[str, Any] = {
+        "architectures": [_HF_ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": "float32",
+    }
+    out["hidden_activation" if model_type.startswith("gemma") else "hidden_act"] = cfg.hidden_act
+    if model_type == "llama":
+        out.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
+    elif model_type == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    elif model_type == "qwen2":
+        out.update(
+            use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+            max_window_layers=cfg.num_hidden_layers, layer_types=list(cfg.layer_types),
+        )  # fmt: skip
+    else:  # Gemma family
+        out.update(attention_bias=cfg.attention_bias, query_pre_attn_scalar=cfg.query_pre_attn_scalar)
+    if model_type in ("gemma2", "gemma3_text"):
+        out.update(
+            sliding_window=cfg.sliding_window, layer_types=list(cfg.layer_types),
+            attn_logit_softcapping=cfg.attn_logit_softcapping, final_logit_softcapping=cfg.final_logit_softcapping,
+        )  # fmt: skip
+    if model_type == "gemma3_text":
+        out["rope_local_base_freq"] = cfg.rope_local_theta
+    return out
+
+
 # ---- KV cache -------------------------------------------------------------------------------------------
 
 
@@ -346,6 +405,28 @@ class DenseForCausalLM(nn.Module):
         """input_ids [B,T] -> logits [B,T,vocab]; with logits_index [B], only row i's position
         logits_index[i]: [B,vocab]; with logits_index [B,n], row i's positions logits_index[i, j]: [B,n,vocab].
         `cache` is the engine's paged view (it brings positions and masks), or None."""
+        h = self.forward_hidden(input_ids, attention_mask, position_ids, cache)
+        if logits_index is not None:
+            rows = torch.arange(h.shape[0], device=h.device)
+            h = h[rows if logits_index.dim() == 1 else rows[:, None], logits_index]
+        return self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states -> logits (soft-capped where the family caps them)."""
+        logits = self.lm_head(h)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def forward_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache=None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states [B,T,d]. document_ids [B,T]: packed rows (model/packing.py), each
+        position attending within its own document only; position_ids should then restart per document."""
         cfg = self.config
         B, T = input_ids.shape
         device = input_ids.device
@@ -353,7 +434,8 @@ class DenseForCausalLM(nn.Module):
             position_ids = cache.positions
         elif position_ids is None:
             position_ids = torch.arange(T, device=device).expand(B, T)
-        key_mask = None if cache is not None else _key_mask(attention_mask, B, T, device)
+        packed = cache is None and document_ids is not None
+        key_mask = None if cache is not None or packed else _key_mask(attention_mask, B, T, device)
 
         h = self.model.embed_tokens(input_ids)
         if cfg.embed_scale:
@@ -366,20 +448,38 @@ class DenseForCausalLM(nn.Module):
             window = cfg.sliding_window if kind == SLIDING else None
             if cache is not None:
                 mask, is_causal = cache.mask(window), False
+            elif packed:
+                mask, is_causal = document_causal_mask(document_ids, window), False
             else:
                 mask, is_causal = _attention_mask(key_mask, T, window, device)
             per_type[kind] = (cos, sin, mask, is_causal)
         for layer, kind in zip(self.model.layers, cfg.layer_types):
             h = layer(h, *per_type[kind], cache)
-        h = self.model.norm(h)
-        if logits_index is not None:
-            rows = torch.arange(B, device=h.device)
-            h = h[rows if logits_index.dim() == 1 else rows[:, None], logits_index]
-        logits = self.lm_head(h)
-        if cfg.final_logit_softcapping is not None:
-            cap = cfg.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return self.model.norm(h)
+
+    def compute_loss(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        mtp_weight: float = 0.0,
+        balance_alpha: float = 0.0,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> LossOutput:
+        """Mean next-token cross-entropy over targets != -100 (the training interface DeepSeek-V3 has too; a
+        dense model has no MTP or balance loss, so those arguments are accepted and unused). The fused
+        linear + cross-entropy skips ignored rows and never stores logits; Gemma 2's final soft-capping sits
+        between the head and the softmax, so capped models take the plain path."""
+        h = self.forward_hidden(input_ids, attention_mask, position_ids, document_ids=document_ids)
+        if self.config.final_logit_softcapping is None:
+            lm = linear_cross_entropy(h, self.lm_head.weight, targets)
+        else:
+            valid = targets != IGNORE_INDEX
+            total = F.cross_entropy(self.logits(h[valid]).float(), targets[valid], reduction="sum")
+            lm = total / valid.sum().clamp(min=1)
+        return LossOutput(lm, lm, None, None)
 
 
 def _key_mask(attention_mask, B: int, T: int, device) -> torch.Tensor | None:

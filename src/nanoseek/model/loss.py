@@ -10,10 +10,24 @@ Same idea as Liger-Kernel's and Apple's cut-cross-entropy, written for clarity.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+
+
+@dataclass
+class LossOutput:
+    """What a model's `compute_loss` returns."""
+
+    loss: torch.Tensor  # what to backprop: lm + mtp_weight * mean(mtp) + balance_alpha * balance
+    lm_loss: torch.Tensor
+    mtp_loss: torch.Tensor | None  # mean over depths
+    balance_loss: torch.Tensor | None
+    mtp_losses: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
 def linear_cross_entropy(

@@ -39,15 +39,19 @@ class LossModule(nn.Module):
         logits_index: torch.Tensor | None = None,
         mtp_weight: float = 0.0,
         balance_alpha: float = 0.0,
+        document_ids: torch.Tensor | None = None,
     ):
+        # Packed training rows pass document_ids (model/packing.py) and per-document position_ids.
         if targets is None:
             return self.model(
                 input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                 logits_index=logits_index,
             )  # fmt: skip
+        packed = {} if document_ids is None else {"position_ids": position_ids, "document_ids": document_ids}
         out = self.model.compute_loss(
-            input_ids, targets, mtp_weight=mtp_weight, balance_alpha=balance_alpha, attention_mask=attention_mask
-        )
+            input_ids, targets, mtp_weight=mtp_weight, balance_alpha=balance_alpha, attention_mask=attention_mask,
+            **packed,
+        )  # fmt: skip
         # Plain tensors in a dict: DDP finds every output tensor in it.
         mtp = torch.stack(out.mtp_losses) if out.mtp_losses else None
         return {"lm": out.lm_loss, "mtp": mtp, "balance": out.balance_loss}

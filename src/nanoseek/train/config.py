@@ -134,8 +134,9 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    def validate(self) -> None:
-        """Cross-field checks; raises ValueError (ConfigError for model shapes) with the field's name."""
+    def validate(self, *, check_model: bool = True) -> None:
+        """Cross-field checks; raises ValueError (ConfigError for model shapes) with the field's name.
+        check_model=False skips the [model] section and seq_len's bound from it (fine-tuning loads its model)."""
         positive = {
             "batch_size": self.batch_size, "seq_len": self.seq_len, "grad_accum": self.grad_accum,
             "max_steps": self.max_steps, "keep_last": self.keep_last, "log_every": self.log_every,
@@ -192,6 +193,8 @@ class TrainConfig:
 
             for name in self.data.tasks:
                 get_task(name)
+        if not check_model:
+            return
         mc = self.model_config(vocab_size=self.tokenizer.vocab_size if self.tokenizer.path is None else None)
         if self.seq_len > mc.max_position_embeddings:
             raise ValueError(
@@ -282,13 +285,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # ---- loading ------------------------------------------------------------------------------------------
 def load_train_config(
-    path: str | Path | None = None, preset: str | None = None, overrides: list[str] | None = None
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    *,
+    base: dict[str, Any] | None = None,
+    check_model: bool = True,
 ) -> TrainConfig:
-    """Build and validate a TrainConfig: defaults < preset < file (TOML/YAML) < `key=value` overrides."""
+    """Build and validate a TrainConfig: defaults < base < preset < file (TOML/YAML) < `key=value` overrides.
+    base: another layer of defaults (SFT's); check_model: see TrainConfig.validate."""
     file_data: dict[str, Any] = _read_config_file(Path(path)) if path is not None else {}
     file_preset = file_data.pop("preset", None)
     preset = preset if preset is not None else file_preset
     cfg = TrainConfig()
+    if base:
+        _apply(cfg, base, where="defaults")
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}{_suggest(preset, PRESETS)}")
@@ -305,7 +316,7 @@ def load_train_config(
             node = node.setdefault(part, {})
         node[parts[-1]] = _RawString(raw.strip())
         _apply(cfg, nested, where=f"override {item!r}")
-    cfg.validate()
+    cfg.validate(check_model=check_model)
     return cfg
 
 

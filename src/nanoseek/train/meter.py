@@ -220,9 +220,11 @@ class Meter:
         ema: float = 0.9,
         energy: EnergyCounter | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        mirror: str | os.PathLike | None = None,
     ):
         """energy: the energy counter (default: the best one for `device`, see make_energy_counter).
-        clock: seconds from an arbitrary origin, monotonic (default time.perf_counter; tests pass a fake)."""
+        clock: seconds from an arbitrary origin, monotonic (default time.perf_counter; tests pass a fake).
+        mirror: another JSONL file that gets every record too (appended; e.g. a pipeline's own log)."""
         self.clock = clock
         self.flops_per_token = float(flops_per_token)
         self.n_devices = n_devices
@@ -240,6 +242,10 @@ class Meter:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             self.path = Path(out_dir) / "metrics.jsonl"
             self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 (kept open for the run)
+        self._mirror = None
+        if mirror is not None:
+            Path(mirror).parent.mkdir(parents=True, exist_ok=True)
+            self._mirror = open(mirror, "a", buffering=1)  # noqa: SIM115 (kept open for the run)
         self._bar = None
         if show:
             from tqdm.auto import tqdm
@@ -308,8 +314,10 @@ class Meter:
             self._bar.write(json.dumps({k: v for k, v in record.items() if k != "wall_s"}))
 
     def _write(self, record: dict[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        for f in (self._file, self._mirror):
+            if f is not None:
+                f.write(line)
 
     # ---- derived quantities --------------------------------------------------------------------------
     def mfu(self, tok_s: float) -> float:
@@ -355,8 +363,9 @@ class Meter:
         self._write({"event": "summary", **summary})
         if self._bar is not None:
             self._bar.close()
-        if self._file is not None:
-            self._file.close()
+        for f in (self._file, self._mirror):
+            if f is not None:
+                f.close()
         if print_summary:
             print(format_summary(summary))
         return summary

@@ -216,6 +216,13 @@ class BatchSource:
         self.text.load_state_dict(state[self.info.rank])
 
 
+def _on_device(batch: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """A micro-batch (x, y) or (x, y, extra forward kwargs) on `device`, as (x, y, kwargs)."""
+    x, y, *rest = batch
+    extra = {k: v.to(device) for k, v in (rest[0] if rest else {}).items()}
+    return x.to(device), y.to(device), extra
+
+
 def diverged_message(step: int, loss: float, terms: dict[str, float]) -> str:
     """Which loss terms went non-finite, so a NaN points at its source (the main head, an MTP depth, the
     balance loss) rather than at "the loss"."""
@@ -273,6 +280,13 @@ class ThreadTuner:
 
 # ---- the trainer ----------------------------------------------------------------------------------------
 class Trainer:
+    """Pretraining from a config. The set-up is split into hooks (`_prepare_tokenizer`, `_build_model`,
+    `_make_source`, `_make_tasks`, `_describe_model`, `_flops_per_token`, `_config_record`) that fine-tuning
+    (train/sft.py) overrides to start from a loaded model and its own batches."""
+
+    builds_model = True  # the model comes from cfg.model (False: from elsewhere; cfg.model is not checked)
+    metrics_mirror: Path | None = None  # also append the meter's records to this file
+
     def __init__(
         self,
         cfg: TrainConfig,
@@ -289,7 +303,7 @@ class Trainer:
         evaluation, export), as if the process were stopped there (for resume tests).
         tune_threads: on CPU, keep switching to the faster of 1 thread and all threads (ThreadTuner); float
         results then depend on timing, so it is off unless asked for (the speedrun asks)."""
-        cfg.validate()
+        cfg.validate(check_model=self.builds_model)
         self.cfg = cfg
         self.info = info or init_distributed(cfg.device)
         if parallel == "auto":
@@ -320,22 +334,23 @@ class Trainer:
         self.checkpoint = None
         if self.resume:
             # Checked before anything is built: a checkpoint of another config is an error, not a surprise.
-            self.checkpoint = ckpt_io.load_latest(self.ckpt_dir, train_config=cfg.to_dict())
+            self.checkpoint = ckpt_io.load_latest(self.ckpt_dir, train_config=self._config_record())
             if self.checkpoint is None:
                 print0(f"no checkpoint in {self.ckpt_dir}: starting from scratch")
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.tok = prepare_tokenizer(cfg, self.out_dir, info)
-        model = build_model(cfg, self.tok)
+        self.tok = self._prepare_tokenizer()
+        model = self._build_model()
         if self.checkpoint is not None:
             model.load_state_dict(self.checkpoint.model_state, strict=True)
         self.model = model.to(info.device)
-        self.model.init_buffers(info.device)
+        if hasattr(self.model, "init_buffers"):
+            self.model.init_buffers(info.device)
         self.step_module = parallelize(self.model, self.parallel, info=info, compile=cfg.compile)
         self.optimizer = build_optimizer(self.model, cfg, info.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
-        self.source = BatchSource(cfg, self.tok, info)
-        self.tasks = build_tasks(cfg) if not cfg.data.files else []
+        self.source = self._make_source()
+        self.tasks = self._make_tasks()
         self.start_step = 0
         self.planned_steps = cfg.max_steps if cfg.time_budget_min is None else None
         self.elapsed_before = 0.0
@@ -352,6 +367,31 @@ class Trainer:
             print0(f"resumed from {c.path} at step {c.step}")
             if c.step >= cfg.max_steps:
                 print0(f"the run already reached max_steps={cfg.max_steps}; raise it (--set max_steps=N) to go on")
+
+    # -- hooks (overridden by fine-tuning) -------------------------------------------------------------------
+    def _prepare_tokenizer(self) -> Tokenizer:
+        return prepare_tokenizer(self.cfg, self.out_dir, self.info)
+
+    def _build_model(self) -> nn.Module:
+        return build_model(self.cfg, self.tok)
+
+    def _make_source(self):
+        """This rank's batches: `.batches(step)` -> micro-batches (x, y) or (x, y, extra forward kwargs)."""
+        return BatchSource(self.cfg, self.tok, self.info)
+
+    def _make_tasks(self) -> list[Task]:
+        return build_tasks(self.cfg) if not self.cfg.data.files else []
+
+    def _describe_model(self) -> str:
+        counts = self.model.config.param_counts()
+        return f"{counts.get('total', 0) / 1e6:.2f}M params ({counts.get('active', 0) / 1e6:.2f}M active)"
+
+    def _flops_per_token(self) -> float:
+        return self.model.config.flops_per_token(self.cfg.seq_len)
+
+    def _config_record(self) -> dict[str, Any]:
+        """What a checkpoint records as the run's config, and what a resume must match."""
+        return self.cfg.to_dict()
 
     # Optimizer state is saved keyed by parameter name (torch.distributed.checkpoint's full state dict), the
     # same layout for one process, DDP and FSDP, so a checkpoint resumes under any of them.
@@ -377,10 +417,13 @@ class Trainer:
         model_state = get_model_state_dict(self.model, options=opts) if sharded else self.model.state_dict()
         return model_state, optim_state
 
-    def _export_model(self, model_state: dict | None) -> DeepseekV3ForCausalLM:
+    def _export_model(self, model_state: dict | None) -> nn.Module:
         """A plain model with the complete weights (the live one, unless sharded)."""
         if self.parallel == "fsdp" and self.info.distributed:
-            plain = DeepseekV3ForCausalLM(self.model.config, init=False)
+            if isinstance(self.model, DeepseekV3ForCausalLM):
+                plain = DeepseekV3ForCausalLM(self.model.config, init=False)
+            else:
+                plain = type(self.model)(self.model.config)
             plain.load_state_dict(model_state, strict=True)
             return plain
         return self.model
@@ -406,7 +449,7 @@ class Trainer:
             scheduler_state={"planned_steps": self.planned_steps},
             data_state=data_state,
             rng_state=ckpt_io.capture_rng_state(),
-            train_config=self.cfg.to_dict(),
+            train_config=self._config_record(),
             extra={"train_s": train_s, "world_size": self.info.world_size, "parallel": self.parallel},
             write_files=write_files,
             keep_last=self.cfg.keep_last,
@@ -455,10 +498,10 @@ class Trainer:
         cfg, info = self.cfg, self.info
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro = [(x.to(info.device), y.to(info.device)) for x, y in self.source.batches(step)]
-        depth = len(self.model.mtp) if cfg.mtp_weight > 0 else 0
-        local_counts = [target_counts(y, depth) for _, y in micro]
-        local_rows = sum(x.shape[0] for x, _ in micro)
+        micro = [_on_device(batch, info.device) for batch in self.source.batches(step)]
+        depth = len(getattr(self.model, "mtp", ())) if cfg.mtp_weight > 0 else 0
+        local_counts = [target_counts(y, depth) for _, y, _ in micro]
+        local_rows = sum(x.shape[0] for x, _, _ in micro)
         summed = [sum(c[i] for c in local_counts) for i in range(depth + 1)]
         totals = all_reduce_sum([*summed, local_rows], info.device)
         total_rows = totals.pop()
@@ -466,13 +509,13 @@ class Trainer:
             raise ValueError(f"step {step}: the batch has no target tokens (empty rows?)")
         logged: dict[str, torch.Tensor] = {}
         term_sums: dict[str, torch.Tensor] = {}
-        for i, ((x, y), counts) in enumerate(zip(micro, local_counts)):
+        for i, ((x, y, extra), counts) in enumerate(zip(micro, local_counts)):
             with (
                 no_grad_sync(self.step_module, skip=i < len(micro) - 1),
                 torch.autocast(info.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                enabled=self.autocast_dtype is not None),
             ):  # fmt: skip
-                out = self.step_module(x, y, mtp_weight=cfg.mtp_weight, balance_alpha=cfg.balance_alpha)
+                out = self.step_module(x, y, mtp_weight=cfg.mtp_weight, balance_alpha=cfg.balance_alpha, **extra)
                 loss, parts, terms = self._micro_step_loss(out, counts, totals, x.shape[0], total_rows)
             # DDP and FSDP average gradients over ranks; the loss is already a share of the global sum.
             self.scaler.scale(loss * info.world_size).backward()
@@ -500,7 +543,7 @@ class Trainer:
         record["grad_norm"] = values[-1] / info.world_size  # every rank computed the same global norm
         record["load_imbalance"] = load_imbalance(loads)
         record["_loads"] = loads
-        record["_tokens"] = int(sum(x.numel() for x, _ in micro)) * info.world_size
+        record["_tokens"] = int(sum(x.numel() for x, _, _ in micro)) * info.world_size
         if not math.isfinite(record["loss"]):
             raise FloatingPointError(diverged_message(step, record["loss"], record["_terms"]))
         return record
@@ -530,14 +573,13 @@ class Trainer:
         self._setup()
         cfg, info = self.cfg, self.info
         mc = self.model.config
-        counts = mc.param_counts()
         print0(
-            f"model: {counts.get('total', 0) / 1e6:.2f}M params ({counts.get('active', 0) / 1e6:.2f}M active), "
+            f"model: {self._describe_model()}, "
             f"vocab {mc.vocab_size}, device {info.device}, world {info.world_size} ({self.parallel})"
         )
         meter = Meter(
             self.out_dir if info.is_main else None,
-            flops_per_token=mc.flops_per_token(cfg.seq_len),
+            flops_per_token=self._flops_per_token(), mirror=self.metrics_mirror if info.is_main else None,
             device=str(info.device), dtype=cfg.dtype, peak_flops=cfg.peak_flops, n_devices=info.world_size,
             price_per_device_hour=cfg.price_per_device_hour, currency=cfg.currency,
             watts_per_core=cfg.watts_per_core, total_steps=self.planned_steps or cfg.max_steps,

@@ -1,6 +1,7 @@
 """HF model folders (config.json + safetensors) <-> nanoseek models, in both directions.
 
     save_pretrained(model, "tiny-ds3")                        # DeepSeek-V3: what transformers, vLLM, SGLang load
+    save_pretrained(dense_model, "tiny-llama")               # dense families: transformers' names and config
     model = load_deepseek_v3(folder, config_dict, dtype, device)
     model = load_dense(folder, config_dict, dtype, device)     # llama / mistral / qwen2 / gemma 1-3
 
@@ -19,7 +20,7 @@ import torch
 
 from nanoseek.config import ConfigError, DeepseekV3Config
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
-from nanoseek.model.dense import DenseForCausalLM, build_on_meta, dense_config_from_hf
+from nanoseek.model.dense import DenseForCausalLM, build_on_meta, dense_config_from_hf, dense_config_to_hf
 from nanoseek.model.moe import Router
 from nanoseek.weights.deepseek_v3_hf import has_mtp_weights, hf_to_native, native_to_hf
 from nanoseek.weights.fp8 import open_checkpoint
@@ -29,9 +30,12 @@ from nanoseek.weights.safetensors_io import WeightsError, check_shape, save_safe
 
 
 def save_pretrained(
-    model: DeepseekV3ForCausalLM, folder: str | os.PathLike, *, dtype: torch.dtype | None = None
+    model: DeepseekV3ForCausalLM | DenseForCausalLM, folder: str | os.PathLike, *, dtype: torch.dtype | None = None
 ) -> None:
     """Write `model` as a HF folder (config.json, safetensors, generation_config.json)."""
+    if isinstance(model, DenseForCausalLM):
+        save_dense(model, folder, dtype=dtype)
+        return
     tensors = native_to_hf(model)
     if dtype is not None:  # the router's correction bias stays fp32: it is compared against tiny score gaps
         tensors = {
@@ -78,6 +82,21 @@ def load_deepseek_v3(
 
 
 # ---- dense families ---------------------------------------------------------------------------------------
+
+
+def save_dense(model: DenseForCausalLM, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
+    """Write a dense model as a HF folder: the inverse of load_dense. The module names are transformers' names
+    already; a head tied to the embeddings is stored once, as transformers does."""
+    cfg = dense_config_to_hf(model.config)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        tensors[name] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+    cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    save_safetensors_folder(folder, tensors, cfg)
+    gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
+    (Path(folder) / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
 def load_dense_state(model: DenseForCausalLM, tensors, source: str, dtype: torch.dtype, device) -> DenseForCausalLM:

@@ -1,0 +1,53 @@
+"""`nanoseek sft MODEL DATA --out DIR [--set key=value ...] [--resume] [--parallel ddp|fsdp]`
+
+nanoseek sft smollm2 chats.jsonl --out runs/sft --set max_steps=100 --set optim.lr=5e-5
+torchrun --nproc-per-node 8 -m nanoseek sft ./my-model data/ --out runs/sft --parallel fsdp
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sft",
+        help="supervised fine-tuning on chat JSONL (loss on assistant tokens, packed sequences)",
+        description='Fine-tune a model on OpenAI-style chat JSONL ({"messages": [...]} per line). The model\'s own '
+        "chat template renders the data; the loss falls on the assistant's tokens only. The result is DIR/model, "
+        "a HF folder with tokenizer and chat template.",
+    )
+    p.add_argument("model", help="a HF model folder, a .gguf file (dequantized for training), or a known name "
+                                 "(smollm2, gemma3-270m)")  # fmt: skip
+    p.add_argument("data", help='a .jsonl file of {"messages": [...]} objects, or a folder of them')
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, model/")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="a `nanoseek train` setting or epochs/batch_size, e.g. --set epochs=2 --set optim.lr=5e-5 "
+        "(defaults: 3 epochs, 8 conversations per step, lr 2e-5 with 5%% warmup)",
+    )  # fmt: skip
+    p.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N | auto")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument(
+        "--parallel", default="auto", choices=["auto", "none", "ddp", "fsdp"],
+        help="data parallelism under torchrun: ddp (replicas) or fsdp (FSDP2 sharding); auto = ddp",
+    )  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from nanoseek.parallel import destroy_distributed
+    from nanoseek.train.sft import run_sft
+
+    try:
+        result = run_sft(
+            args.model, args.data, args.out, args.overrides, show_progress=not args.quiet, device=args.device,
+            resume=args.resume, parallel=args.parallel,
+        )  # fmt: skip
+    except BaseException:
+        destroy_distributed(wait_for_peers=False)
+        raise
+    destroy_distributed()
+    print(f"fine-tuned model: {result.model_dir}")
+    return 0
