@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -83,6 +82,7 @@ class GRPOConfig:
         default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant", weight_decay=0.0)
     )
     eval_examples: int = 200  # held-out problems per task, evaluated before and after (0: none)
+    eval_every: int = 0  # steps; also evaluate along the way (0: before and after only)
     heldout_fraction: float = 0.1
     seed: int = 0
     device: str = "cpu"
@@ -98,8 +98,8 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_generations < 2:
             raise ValueError("num_generations must be >= 2: advantages compare completions of the same prompt")
-        if self.max_steps < 0 or self.micro_batch_size < 0 or self.ckpt_every < 0 or self.eval_examples < 0:
-            raise ValueError("max_steps, micro_batch_size, ckpt_every and eval_examples must be >= 0")
+        if min(self.max_steps, self.micro_batch_size, self.ckpt_every, self.eval_examples, self.eval_every) < 0:
+            raise ValueError("max_steps, micro_batch_size, ckpt_every, eval_examples and eval_every must be >= 0")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be > 0 (rollouts sample), got {self.temperature}")
         if self.beta < 0 or self.epsilon_low < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
@@ -361,30 +361,13 @@ def evaluate_r1(
 
 
 # ---- saving ----------------------------------------------------------------------------------------------
-def save_model(model: nn.Module, tok, folder: Path, source: Path | None) -> Path:
-    """The policy as a HF folder with its tokenizer (what nanoseek.load reads): DeepSeek-V3 through
-    save_pretrained; a dense model as its source folder's config with the trained weights."""
+def save_model(model: nn.Module, tok, folder: Path) -> Path:
+    """The policy as a HF folder with its tokenizer (what nanoseek.load and transformers read)."""
     from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
-    from nanoseek.weights.hf_folder import save_pretrained
-    from nanoseek.weights.safetensors_io import save_safetensors_folder
+    from nanoseek.weights.hf_folder import save_dense, save_pretrained
 
     folder = Path(folder)
-    if isinstance(model, DeepseekV3ForCausalLM):
-        save_pretrained(model, folder)
-    else:
-        if source is None or not (Path(source) / "config.json").is_file():
-            raise ValueError(
-                f"saving a {type(model).__name__} needs the HF folder it came from (config.json); "
-                f"a .gguf source cannot be written back as a folder yet"
-            )
-        config = json.loads((Path(source) / "config.json").read_text())
-        state = dict(model.state_dict())
-        if getattr(model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
-        save_safetensors_folder(folder, state, config)
-        gen = Path(source) / "generation_config.json"
-        if gen.is_file():
-            shutil.copy(gen, folder / "generation_config.json")
+    (save_pretrained if isinstance(model, DeepseekV3ForCausalLM) else save_dense)(model, folder)
     tok.save(folder)
     return folder
 
@@ -427,7 +410,6 @@ class GRPOTrainer:
         cfg: GRPOConfig,
         out: Path,
         *,
-        source: Path | None = None,
         reward_fns: Sequence[RewardFn] | None = None,
         show_progress: bool = True,
         metrics_path: Path | None = None,
@@ -442,7 +424,7 @@ class GRPOTrainer:
         if cfg.task_weights and len(cfg.task_weights) != len(tasks):
             raise ValueError(f"{len(tasks)} tasks but {len(cfg.task_weights)} task_weights")
         self.cfg, self.tok, self.tasks = cfg, tok, list(tasks)
-        self.out, self.source = Path(out), source
+        self.out = Path(out)
         self.ckpt_dir = self.out / "checkpoints"
         self.device = torch.device(cfg.device)
         self.model = model.to(self.device)
@@ -511,6 +493,8 @@ class GRPOTrainer:
         self.model.eval()
         ro = self.collect(step)
         rollout_s = time.perf_counter() - t0
+        # token positions processed: the rollouts' (prompt + completion), then the training forwards'
+        rolled = sum(len(p) + len(c) for p, c in zip(ro.prompt_ids, ro.completion_ids))
         record: dict[str, Any] = {"rollout_s": rollout_s}
         if not ro.examples:
             return {**record, "loss": 0.0, "reward": 0.0, "skipped": True, "_tokens": 0}
@@ -537,7 +521,7 @@ class GRPOTrainer:
         rows = keep.nonzero().view(-1).tolist()
         rows = [i for i in rows if lengths[i] > 0]
         if not rows:
-            record.update(loss=0.0, kl=0.0, clip_frac=0.0, entropy=0.0, skipped=True, _tokens=0)
+            record.update(loss=0.0, kl=0.0, clip_frac=0.0, entropy=0.0, skipped=True, _tokens=rolled)
             return record
         batch = make_batch([ro.prompt_ids[i] for i in rows], [ro.completion_ids[i] for i in rows], self.pad_id)
         adv_rows = adv[rows].to(self.device)
@@ -578,7 +562,7 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         self._router_update()
         self.model.eval()
-        record.update(stats, lr=lr, grad_norm=float(grad_norm), _tokens=int(batch.attention_mask.sum()) * cfg.mu)
+        record.update(stats, lr=lr, grad_norm=float(grad_norm), _tokens=rolled + int(batch.attention_mask.sum()) * cfg.mu)
         return record
 
     def _router_update(self) -> None:
@@ -593,7 +577,7 @@ class GRPOTrainer:
         return ckpt_io.save_checkpoint(
             self.ckpt_dir, step, model_state=self.model.state_dict(), optimizer_state=self.optimizer.state_dict(),
             data_state={"step": step}, rng_state=ckpt_io.capture_rng_state(), train_config=self.cfg.to_dict(),
-            extra={"train_s": train_s}, write_files=lambda d: save_model(self.model, self.tok, d, self.source),
+            extra={"train_s": train_s}, write_files=lambda d: save_model(self.model, self.tok, d),
             keep_last=self.cfg.keep_last,
         )  # fmt: skip
 
@@ -628,9 +612,13 @@ class GRPOTrainer:
                 meter.step(step, loss=rec["loss"], tokens=tokens, **logged)
                 history.append({"step": step, **rec})
                 train_s = self.elapsed_before + time.perf_counter() - loop_start
-                if cfg.ckpt_every and step % cfg.ckpt_every == 0:
-                    with meter.paused():
+                with meter.paused():
+                    if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                         self.save(step, train_s)
+                    if cfg.eval_every and cfg.eval_examples and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                        scores = evaluate_r1(self.model, self.tok, self.tasks, cfg.eval_examples, cfg)
+                        meter.log(event="eval", step=step, **{n: s.to_dict() for n, s in scores.items()})
+                        log.info("step %d: %s", step, ", ".join(f"{n} {100 * s.accuracy:.1f}%" for n, s in scores.items()))
                 # stop before a step that would overrun the budget (the last step's time as the estimate)
                 if train_s + (time.perf_counter() - t_step) > budget:
                     break
@@ -641,7 +629,7 @@ class GRPOTrainer:
                 after = evaluate_r1(self.model, self.tok, self.tasks, cfg.eval_examples, cfg) if cfg.eval_examples else {}
                 if after:
                     meter.log(event="eval", step=step, final=True, **{n: s.to_dict() for n, s in after.items()})
-                model_dir = save_model(self.model, self.tok, self.out / "model", self.source)
+                model_dir = save_model(self.model, self.tok, self.out / "model")
         finally:
             summary = meter.close(print_summary=self.show_progress)
         if self.metrics_path is not None and meter.path is not None:
@@ -678,19 +666,16 @@ def run_grpo(
     from nanoseek.tokenizer import load_tokenizer
 
     cfg = load_grpo_config([f"device={device}", *overrides])
-    source = None
     if isinstance(model, nn.Module):
         if tokenizer is None:
             raise ValueError("run_grpo with a model object needs its tokenizer (tokenizer=...)")
         module, tok = model, tokenizer
     else:
-        source = Path(model)
-        module = nanoseek.load(source, device=cfg.device)
-        tok = tokenizer or load_tokenizer(source)
-        source = source if source.is_dir() else None
+        module = nanoseek.load(model, device=cfg.device)
+        tok = tokenizer or load_tokenizer(model)
     task_objs = [t if isinstance(t, Task) else get_task(t, cfg.heldout_fraction) for t in tasks]
     trainer = GRPOTrainer(
-        module, tok, task_objs, cfg, Path(out), source=source, reward_fns=reward_fns, show_progress=show_progress,
+        module, tok, task_objs, cfg, Path(out), reward_fns=reward_fns, show_progress=show_progress,
         metrics_path=Path(metrics_path) if metrics_path is not None else None, resume=resume,
     )  # fmt: skip
     return trainer.train()
