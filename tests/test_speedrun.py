@@ -41,7 +41,8 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
                "--set", "eval_every=20", *later])  # fmt: skip
     assert rc == 0
     for name in ("report.md", "metrics.jsonl", "summary.json", "loss.png", "accuracy.png", "throughput.png",
-                 "energy.png", "grpo.png", "model/config.json", "model/tokenizer.json", "model/model.safetensors"):  # fmt: skip
+                 "energy.png", "grpo.png", "model/config.json", "model/tokenizer.json",
+                 "model/model.safetensors"):  # fmt: skip
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     check_summary_shape(summary)

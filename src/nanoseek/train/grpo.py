@@ -31,12 +31,11 @@ from the newest one with the same optimizer state, step and reference model.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -448,7 +447,9 @@ class GRPOTrainer:
         self.start_step, self.elapsed_before = 0, 0.0
         existing = ckpt_io.list_checkpoints(self.ckpt_dir)
         if existing and not resume:
-            raise ValueError(f"{self.ckpt_dir} already holds checkpoints ({existing[-1].name}); resume or use another out")
+            raise ValueError(
+                f"{self.ckpt_dir} already holds checkpoints ({existing[-1].name}); resume, or choose another out"
+            )
         if resume:
             may = ckpt_io.RESUME_MAY_CHANGE | {"max_steps", "time_budget_min", "device", "ckpt_every", "eval_examples"}
             ckpt = ckpt_io.load_latest(self.ckpt_dir, train_config=cfg.to_dict(), may_change=may)
@@ -562,7 +563,8 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         self._router_update()
         self.model.eval()
-        record.update(stats, lr=lr, grad_norm=float(grad_norm), _tokens=rolled + int(batch.attention_mask.sum()) * cfg.mu)
+        trained = int(batch.attention_mask.sum()) * cfg.mu
+        record.update(stats, lr=lr, grad_norm=float(grad_norm), _tokens=rolled + trained)
         return record
 
     def _router_update(self) -> None:
@@ -618,7 +620,8 @@ class GRPOTrainer:
                     if cfg.eval_every and cfg.eval_examples and step % cfg.eval_every == 0 and step < cfg.max_steps:
                         scores = evaluate_r1(self.model, self.tok, self.tasks, cfg.eval_examples, cfg)
                         meter.log(event="eval", step=step, **{n: s.to_dict() for n, s in scores.items()})
-                        log.info("step %d: %s", step, ", ".join(f"{n} {100 * s.accuracy:.1f}%" for n, s in scores.items()))
+                        said = ", ".join(f"{n} {100 * s.accuracy:.1f}%" for n, s in scores.items())
+                        log.info("step %d: held-out %s", step, said)
                 # stop before a step that would overrun the budget (the last step's time as the estimate)
                 if train_s + (time.perf_counter() - t_step) > budget:
                     break
@@ -626,7 +629,9 @@ class GRPOTrainer:
             with meter.paused():
                 if step > self.start_step and not (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                     self.save(step, train_s)
-                after = evaluate_r1(self.model, self.tok, self.tasks, cfg.eval_examples, cfg) if cfg.eval_examples else {}
+                after = {}
+                if cfg.eval_examples:
+                    after = evaluate_r1(self.model, self.tok, self.tasks, cfg.eval_examples, cfg)
                 if after:
                     meter.log(event="eval", step=step, final=True, **{n: s.to_dict() for n, s in after.items()})
                 model_dir = save_model(self.model, self.tok, self.out / "model")
@@ -679,6 +684,3 @@ def run_grpo(
         metrics_path=Path(metrics_path) if metrics_path is not None else None, resume=resume,
     )  # fmt: skip
     return trainer.train()
-
-
-

@@ -265,7 +265,7 @@ def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | N
             f"{s['energy_j'] / 3600:.2f} Wh | {loss} |"
         )
     lines.append("")
-    price = cfg.price_per_device_hour if cfg else (summary["cost"] * 3600 / summary["wall_s"] if summary["wall_s"] else 0)
+    price = cfg.price_per_device_hour if cfg else summary["cost"] * 3600 / max(summary["wall_s"], 1e-9)
     lines += ["## Energy per correct answer and cost", ""]
     lines.append("Cumulative over the run up to each stage; correct answers are the held-out ones of the table above.")
     lines.append("")
