@@ -191,22 +191,32 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def tiny_llama_file(tmp_path_factory):
+    """A tiny random Llama (a dense family) as a GGUF with a ChatML template."""
+    from serve_helpers import tiny_llama_gguf
+
+    return tiny_llama_gguf(tmp_path_factory.mktemp("llama") / "tiny.gguf")
+
+
 SMALL = ["num_generations=4", "prompts_per_step=3", "max_new_tokens=8", "eval_examples=6", "optim.lr=1e-3",
          "system_prompt=", "log_every=1"]  # fmt: skip
 
 
-def test_training_logprobs_equal_the_rollout_policy(tiny_model_dir):
+@pytest.mark.parametrize("which", ["deepseek", "llama"])
+def test_training_logprobs_equal_the_rollout_policy(tiny_model_dir, tiny_llama_file, which):
     import nanoseek
     from nanoseek.tokenizer import load_tokenizer
 
-    model, tok = nanoseek.load(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    path = tiny_model_dir if which == "deepseek" else tiny_llama_file
+    model, tok = nanoseek.load(path), load_tokenizer(path)
     cfg = load_grpo_config([*SMALL, "temperature=1.0"])
     task = get_task("add2")
     prompts = [render_prompt(tok, task.generate(random.Random(i)), cfg) for i in range(3)]
     completions, _, engine_lps = rollout(model, tok, prompts, 4, cfg, seed=7, logprobs=True)
     flat = [p for p in prompts for _ in range(4)]
     model.train()  # training mode, as in the GRPO step
-    batch = make_batch(flat, completions, tok.pad_token_id)
+    batch = make_batch(flat, completions, tok.pad_token_id or 0)
     logp, entropy = completion_logprobs(model, batch, cfg.temperature, with_entropy=True)
     assert batch.mask.sum() > 0
     for i, lps in enumerate(engine_lps):
@@ -245,6 +255,18 @@ def test_tiny_grpo_run_writes_metrics_and_model(tiny_model_dir, tmp_path, loss_t
     assert loaded.config.vocab_size == nanoseek.load(tiny_model_dir).config.vocab_size
     assert (out / "checkpoints").is_dir()
     assert all(h["groups_kept"] == 3 and not h.get("skipped") for h in res.history)
+
+
+def test_grpo_on_a_dense_gguf_model_writes_a_loadable_folder(tiny_llama_file, tmp_path):
+    import nanoseek
+
+    res = run_grpo(tiny_llama_file, ["add2"], tmp_path / "llama", [*SMALL, "max_steps=2", "eval_examples=0"],
+                   show_progress=False, reward_fns=[length_reward])  # fmt: skip
+    assert res.steps == 2 and not res.history[-1].get("skipped")
+    before, after = nanoseek.load(tiny_llama_file), nanoseek.load(res.model_dir)
+    assert type(after).__name__ == type(before).__name__ == "DenseForCausalLM"
+    changed = [not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values())]
+    assert any(changed)  # trained, and written back as a HF folder nanoseek.load reads
 
 
 def test_dapo_drops_groups_with_equal_rewards(tiny_model_dir, tmp_path):
