@@ -151,9 +151,11 @@ def r1_conversations(tasks: list[Task], n: int, seed: int, weights: list[float] 
 #   43.5% per sample but 79% of the problems solved within 8 samples; sort 86%; add3 1.5%. Formatting and the
 #   scratchpad are learnt first (96% of add2 scratchpads correct), the answer from it later: SFT leaves room
 #   on add2, and its pass@8 >> pass@1 is what GRPO sharpens.
-#   GRPO from there (DAPO, 64 prompts x 8, lr 1e-4 / 3e-4): 30 steps raised the rollouts' accuracy from 38% to
-#   ~55-60% and held-out add2 to 55.5%; with 16 prompts per step and lr 3e-4 it drifted down (38%): too few
-#   samples per step for that rate.
+#   GRPO from there, DAPO, 64 prompts x 8 samples, lr 2e-4: held-out add2 59.0% after 30 steps, 75.5% after 60,
+#   87.5% after 90 and 90.0% (95% CI 85.1-93.4%, n=200) after 120, rollout accuracy 38% -> 83%, the
+#   completion length steady at 12.5 tokens. With 16 prompts per step at lr 3e-4 it drifted down instead
+#   (38% after 40 steps): too few samples per step for that rate; lr 1e-4 and 3e-4 at 64 prompts both gave
+#   55.5% after 30 steps.
 STAGE_PLANS = {
     "tiny": StagePlan(
         sft_tasks=["add2", "sort", "add3"], sft_task_weights=[0.25, 0.25, 0.5], sft_conversations=4000,
