@@ -527,6 +527,7 @@ class GRPOTrainer:
         batch = make_batch([ro.prompt_ids[i] for i in rows], [ro.completion_ids[i] for i in rows], self.pad_id)
         adv_rows = adv[rows].to(self.device)
         weights = token_weights(batch.mask, cfg.loss_type, cfg.max_new_tokens).to(self.device)
+        total = float(weights.sum())
         micro = cfg.micro_batch_size or len(rows)
         slices = [slice(s, s + micro) for s in range(0, len(rows), micro)]
         with torch.no_grad():
@@ -552,11 +553,11 @@ class GRPOTrainer:
                 )  # fmt: skip
                 out.loss.backward()
                 w = weights[s]
-                share = float(w.sum())  # this micro-batch's share of the whole batch's weight
+                share = float(w.sum()) / total  # this micro-batch's share of the whole batch's weight
                 stats["loss"] += float(out.loss.detach()) / cfg.mu
                 stats["kl"] += out.kl * share / cfg.mu
                 stats["clip_frac"] += out.clip_fraction * share / cfg.mu
-                stats["entropy"] += float((entropy * w).sum() / max(share, 1e-12)) * share / cfg.mu
+                stats["entropy"] += float((entropy * w).sum() / w.sum().clamp(min=1e-12)) * share / cfg.mu
             grad_clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip, foreach=True)
             self.optimizer.step()
