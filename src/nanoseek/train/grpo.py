@@ -666,20 +666,24 @@ def run_grpo(
     metrics_path: str | Path | None = None,
     resume: bool = False,
 ) -> GRPOResult:
-    """GRPO on `tasks` starting from `model` (anything nanoseek.load reads, or a module with `tokenizer`);
-    writes <out>/model (HF folder + tokenizer), <out>/metrics.jsonl and <out>/checkpoints."""
+    """GRPO on `tasks` starting from `model` (anything nanoseek.load reads, a known name such as smollm2, or a
+    module with its `tokenizer`); writes <out>/model (HF folder + tokenizer), <out>/metrics.jsonl and
+    <out>/checkpoints. Settings and task names are checked before the model is loaded."""
     import nanoseek
     from nanoseek.tokenizer import load_tokenizer
 
     cfg = load_grpo_config([f"device={device}", *overrides])
+    task_objs = [t if isinstance(t, Task) else get_task(t, cfg.heldout_fraction) for t in tasks]
     if isinstance(model, nn.Module):
         if tokenizer is None:
             raise ValueError("run_grpo with a model object needs its tokenizer (tokenizer=...)")
         module, tok = model, tokenizer
     else:
-        module = nanoseek.load(model, device=cfg.device)
-        tok = tokenizer or load_tokenizer(model)
-    task_objs = [t if isinstance(t, Task) else get_task(t, cfg.heldout_fraction) for t in tasks]
+        from nanoseek.assets import resolve_model
+
+        path = resolve_model(str(model))  # a known name such as smollm2, or a path
+        module = nanoseek.load(path, dtype="float32", device=cfg.device)  # GGUF weights come back dequantized
+        tok = tokenizer or load_tokenizer(path)
     trainer = GRPOTrainer(
         module, tok, task_objs, cfg, Path(out), reward_fns=reward_fns, show_progress=show_progress,
         metrics_path=Path(metrics_path) if metrics_path is not None else None, resume=resume,
