@@ -163,7 +163,8 @@ def plot_grpo(records, path: Path) -> None:
     x = [r["step"] for r in steps]
     axes[0].plot(x, [r["reward"] for r in steps], label="mean reward")
     axes[0].plot(x, [r["accuracy"] for r in steps], label="rollout accuracy")
-    for key in sorted(k for k in steps[0] if k.startswith("reward_") and k != "reward_std"):
+    # each reward function's mean (reward_accuracy is the rollout accuracy again: not drawn twice)
+    for key in sorted(k for k in steps[0] if k.startswith("reward_") and k not in ("reward_std", "reward_accuracy")):
         axes[0].plot(x, [r[key] for r in steps], label=key.replace("_", " "), alpha=0.6)
     axes[0].set_title("Rewards of the sampled completions")
     axes[1].plot(x, [r["completion_len"] for r in steps], color="C3")
@@ -285,8 +286,9 @@ def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | N
             return sum(r.get(key, 0.0) for r in rows) / len(rows)
 
         lines += ["## GRPO", ""]
+        on = f" on {', '.join(grpo['tasks'])}" if grpo.get("tasks") else ""
         lines.append(
-            f"{len(h)} steps. Mean over the first and last {k} step(s): reward {mean(first, 'reward'):.3f} -> "
+            f"{len(h)} steps{on}. Mean over the first and last {k} step(s): reward {mean(first, 'reward'):.3f} -> "
             f"{mean(last, 'reward'):.3f}, rollout accuracy {_pct(mean(first, 'accuracy'))} -> "
             f"{_pct(mean(last, 'accuracy'))}, completion length {mean(first, 'completion_len'):.1f} -> "
             f"{mean(last, 'completion_len'):.1f} tokens."

@@ -267,7 +267,7 @@ def grpo_stage(ctx: StageContext) -> StageResult | None:
     keys = ("reward", "accuracy", "completion_len", "kl", "clip_frac", "entropy")
     # no MFU: GRPO's tokens mix sampling (inference) and training, whose FLOPs per token differ 3x
     extra = {"steps": result.steps, "final_loss": s.get("final_loss"), "tok_s": s.get("tok_s"), "mfu": None,
-             "train_s": s.get("train_s"), "energy_source": s.get("energy_source"),
+             "train_s": s.get("train_s"), "energy_source": s.get("energy_source"), "tasks": list(plan.grpo_tasks),
              "history": [{k: h[k] for k in ("step", *keys) if k in h} for h in result.history]}  # fmt: skip
     return StageResult(
         "grpo", time.perf_counter() - start, int(result.tokens), float(result.energy_j), scores, result.model_dir, extra
