@@ -35,23 +35,35 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     sets = [x for s in TINY if not s.startswith(("device=", "log_every=")) for x in ("--set", s)]
     # The step count, not the clock, ends the run (a 30-minute budget is never reached by 30 tiny steps), so a
     # busy machine runs the same steps and writes the same files as an idle one.
+    later = ["--set-sft", "max_steps=4", "--set-sft", "batch_size=16", "--set-grpo", "max_steps=3",
+             "--set-grpo", "prompts_per_step=4", "--set-grpo", "num_generations=4"]  # fmt: skip
     rc = main(["speedrun", "--out", str(out), "--minutes", "30", "--quiet", *sets, "--set", "max_steps=30",
-               "--set", "eval_every=20"])  # fmt: skip
+               "--set", "eval_every=20", *later])  # fmt: skip
     assert rc == 0
     for name in ("report.md", "metrics.jsonl", "summary.json", "loss.png", "accuracy.png", "throughput.png",
-                 "energy.png", "model/config.json", "model/tokenizer.json", "model/model.safetensors"):  # fmt: skip
+                 "energy.png", "grpo.png", "model/config.json", "model/tokenizer.json",
+                 "model/model.safetensors"):  # fmt: skip
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     check_summary_shape(summary)
-    assert summary["stages"][0]["name"] == "pretrain" and "add2" in summary["stages"][0]["eval"]
-    assert summary["stages"][0]["steps"] == 30
+    assert [s["name"] for s in summary["stages"]] == ["pretrain", "sft", "grpo"] and not summary["skipped_stages"]
+    assert all(set(s["eval"]) == {"add2", "sort"} for s in summary["stages"])
+    assert [s["steps"] for s in summary["stages"]] == [30, 4, 3]
+    grpo = summary["stages"][2]
+    assert [h["step"] for h in grpo["history"]] == [1, 2, 3]
+    assert all(k in grpo["history"][0] for k in ("reward", "accuracy", "completion_len", "kl", "clip_frac", "entropy"))
     assert summary["device"] == "cpu" and summary["energy_estimated"] is True
     report = (out / "report.md").read_text()
-    assert "| pretrain | add2 |" in report and "95% CI" in report and "![Training loss](loss.png)" in report
+    assert "| pretrain | add2 |" in report and "| grpo | add2 |" in report and "95% CI" in report
+    assert "![Training loss](loss.png)" in report and "![GRPO rewards, lengths, KL](grpo.png)" in report
+    assert "energy per correct answer" in report and "| after stage |" in report
     said = "Trained from scratch (random initial weights, seed 1337), on synthetic tasks: add2, sort, with a byte"
     assert said + "-level BPE trained in the run." in report
     events = {json.loads(x)["event"] for x in (out / "metrics.jsonl").read_text().splitlines()}
     assert {"stage", "step", "eval", "summary"} <= events
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    stages = [r["name"] for r in records if r["event"] == "stage"]
+    assert stages == ["pretrain", "sft", "grpo"]
     assert "report:" in capsys.readouterr().out
     # the final model loads in nanoseek and in transformers, and both compute the same logits
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,6 +104,9 @@ def test_default_speedrun_learns_within_15_minutes(tmp_path):
     wall = time.perf_counter() - start
     summary = json.loads((tmp_path / "full/summary.json").read_text())
     check_summary_shape(summary)
-    add2 = summary["stages"][0]["eval"]["add2"]
-    assert add2["accuracy"] >= 0.8, add2
+    pretrain, sft, grpo = summary["stages"]
+    assert pretrain["eval"]["add2"]["accuracy"] >= 0.8, pretrain["eval"]
+    # SFT leaves room on add2, and GRPO raises it beyond both 95% confidence intervals
+    assert sft["eval"]["add2"]["accuracy"] < 0.9, sft["eval"]
+    assert grpo["eval"]["add2"]["ci95"][0] > sft["eval"]["add2"]["ci95"][1], (sft["eval"], grpo["eval"])
     assert wall <= 15 * 60, wall

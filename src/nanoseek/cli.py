@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "nanoseek.commands.speedrun",
     "nanoseek.commands.train",
     "nanoseek.commands.sft",
+    "nanoseek.commands.grpo",
     "nanoseek.commands.generate",
     "nanoseek.commands.chat",
     "nanoseek.commands.fetch",

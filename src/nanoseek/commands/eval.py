@@ -27,7 +27,7 @@ examples:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", help="evaluate a model: synthetic tasks, GSM8K-style math, multiple choice (pass@k, 95% CIs)",
+        "eval", help="evaluate a model: synthetic tasks, GSM8K-style math, multiple choice (pass@k, 95%% CIs)",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     add_model_args(p)

@@ -8,7 +8,7 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "speedrun",
-        help="tokenizer + pretraining (+ later stages) + held-out eval + report card, in minutes on a CPU",
+        help="tokenizer + pretraining + SFT + GRPO + held-out eval + report card, in minutes on a CPU",
         description=(
             "Train a small DeepSeek-V3-style model (MLA + MoE + MTP) from scratch on verifiable synthetic "
             "tasks, evaluate it on held-out problems and write a run folder: model/, metrics.jsonl, "
@@ -16,12 +16,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--out", help="run folder (default runs/<timestamp>)")
-    p.add_argument("--minutes", type=float, help="pretraining time budget in minutes (default 8 for tiny)")
+    p.add_argument("--minutes", type=float, help="pretraining time budget in minutes (default: the plan's)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--preset", default="tiny", help="model/training preset (tiny, small, gpt2-small-moe)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a training setting (repeatable), e.g. --set data.tasks=[add2,sort]",
+    )  # fmt: skip
+    p.add_argument(
+        "--set-sft", dest="sft_overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override an SFT-stage setting (repeatable), e.g. --set-sft max_steps=50",
+    )  # fmt: skip
+    p.add_argument(
+        "--set-grpo", dest="grpo_overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a GRPO-stage setting (repeatable), e.g. --set-grpo max_steps=20 --set-grpo loss_type=grpo",
     )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -36,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--minutes must be positive, got {args.minutes}")
     opts = SpeedrunOptions(
         out=Path(args.out) if args.out else None, minutes=args.minutes, device=args.device,
-        preset=args.preset, overrides=args.overrides, show_progress=not args.quiet,
+        preset=args.preset, overrides=args.overrides, sft_overrides=args.sft_overrides,
+        grpo_overrides=args.grpo_overrides, show_progress=not args.quiet,
     )  # fmt: skip
     summary = speedrun(opts)
     run_dir = Path(summary["model_dir"]).parent

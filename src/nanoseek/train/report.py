@@ -64,6 +64,8 @@ def plot_loss(records, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     for stage in dict.fromkeys(r["stage"] for r in records):
+        if stage == "grpo":  # a policy-gradient surrogate, not a cross-entropy: plotted by plot_grpo
+            continue
         steps = [r for r in records if r["stage"] == stage and r.get("event") == "step"]
         if not steps:
             continue
@@ -87,7 +89,7 @@ def plot_accuracy(summary: dict[str, Any], records, path: Path) -> None:
     plt = _plt()
     stages = summary["stages"]
     tasks = sorted({t for s in stages for t in s["eval"]})
-    history = [r for r in records if r.get("event") == "eval" and not r.get("final")]
+    history = [r for r in records if r.get("event") == "eval" and not r.get("final") and r["stage"] == "pretrain"]
     fig, axes = plt.subplots(1, 2 if history else 1, figsize=(11 if history else 6, 4), squeeze=False)
     ax = axes[0][0]
     width = min(0.35, 0.8 / max(1, len(stages)))
@@ -153,6 +155,50 @@ def plot_series(records, key: str, ylabel: str, title: str, path: Path, scale: f
     plt.close(fig)
 
 
+def plot_grpo(records, path: Path) -> None:
+    """GRPO over its steps: mean reward and rollout accuracy; completion length; KL, clip fraction, entropy."""
+    plt = _plt()
+    steps = [r for r in records if r["stage"] == "grpo" and r.get("event") == "step" and "reward" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    x = [r["step"] for r in steps]
+    axes[0].plot(x, [r["reward"] for r in steps], label="mean reward")
+    axes[0].plot(x, [r["accuracy"] for r in steps], label="rollout accuracy")
+    # each reward function's mean (reward_accuracy is the rollout accuracy again: not drawn twice)
+    for key in sorted(k for k in steps[0] if k.startswith("reward_") and k not in ("reward_std", "reward_accuracy")):
+        axes[0].plot(x, [r[key] for r in steps], label=key.replace("_", " "), alpha=0.6)
+    axes[0].set_title("Rewards of the sampled completions")
+    axes[1].plot(x, [r["completion_len"] for r in steps], color="C3")
+    axes[1].set_ylabel("tokens")
+    axes[1].set_title("Mean completion length")
+    for key, label in (("kl", "KL (k3)"), ("clip_frac", "clip fraction"), ("entropy", "entropy (nats)")):
+        axes[2].plot(x, [r.get(key, 0.0) for r in steps], label=label)
+    axes[2].set_title("KL to the reference, clipping, entropy")
+    for ax in axes:
+        ax.set_xlabel("GRPO step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def stage_costs(summary: dict[str, Any], price_per_hour: float) -> list[dict[str, Any]]:
+    """Per stage: correct held-out answers, energy and cost so far (the run up to and including the stage),
+    and energy per correct answer (J): what a correct answer of that stage's model cost to make."""
+    rows, energy, wall = [], 0.0, 0.0
+    for s in summary["stages"]:
+        energy += s["energy_j"]
+        wall += s["wall_s"]
+        correct = sum(round(e["accuracy"] * e["n"]) for e in s["eval"].values())
+        n = sum(e["n"] for e in s["eval"].values())
+        rows.append({
+            "name": s["name"], "correct": correct, "n": n, "energy_j": energy, "cost": wall / 3600 * price_per_hour,
+            "j_per_correct": energy / correct if correct else None,
+        })  # fmt: skip
+    return rows
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -192,7 +238,11 @@ def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | N
         )
         lines.append("")
     lines += ["## Held-out accuracy", ""]
-    lines.append("Exact match of greedy answers on problems never drawn for training (95% Wilson interval).")
+    lines.append(
+        "Exact match of greedy answers on problems never drawn for training (95% Wilson interval). Pretraining is "
+        "asked the bare problem (`47+85=`); SFT and GRPO are asked in the chat template and must answer "
+        "`<think>…</think><answer>…</answer>`, the answer checked exactly."
+    )
     lines.append("")
     lines.append("| stage | task | accuracy | 95% CI | n | chance |")
     lines.append("|---|---|---|---|---|---|")
@@ -216,6 +266,34 @@ def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | N
             f"{s['energy_j'] / 3600:.2f} Wh | {loss} |"
         )
     lines.append("")
+    price = cfg.price_per_device_hour if cfg else summary["cost"] * 3600 / max(summary["wall_s"], 1e-9)
+    lines += ["## Energy per correct answer and cost", ""]
+    lines.append("Cumulative over the run up to each stage; correct answers are the held-out ones of the table above.")
+    lines.append("")
+    lines += ["| after stage | correct / asked | energy | energy per correct answer | cost |", "|---|---|---|---|---|"]
+    for r in stage_costs(summary, price):
+        per = f"{r['j_per_correct']:.1f} J" if r["j_per_correct"] is not None else "–"
+        lines.append(f"| {r['name']} | {r['correct']} / {r['n']} | {r['energy_j'] / 3600:.2f} Wh | {per} | "
+                     f"{r['cost']:.4f} {summary.get('currency', 'USD')} |")  # fmt: skip
+    lines.append("")
+    grpo = next((s for s in summary["stages"] if s["name"] == "grpo"), None)
+    if grpo and grpo.get("history"):
+        h = grpo["history"]
+        k = max(1, len(h) // 10)
+        first, last = h[:k], h[-k:]
+
+        def mean(rows, key):
+            return sum(r.get(key, 0.0) for r in rows) / len(rows)
+
+        lines += ["## GRPO", ""]
+        on = f" on {', '.join(grpo['tasks'])}" if grpo.get("tasks") else ""
+        lines.append(
+            f"{len(h)} steps{on}. Mean over the first and last {k} step(s): reward {mean(first, 'reward'):.3f} -> "
+            f"{mean(last, 'reward'):.3f}, rollout accuracy {_pct(mean(first, 'accuracy'))} -> "
+            f"{_pct(mean(last, 'accuracy'))}, completion length {mean(first, 'completion_len'):.1f} -> "
+            f"{mean(last, 'completion_len'):.1f} tokens."
+        )
+        lines.append("")
     if summary.get("skipped_stages"):
         lines.append(
             f"Stages not run (not part of this build yet): {', '.join(summary['skipped_stages'])}. "
@@ -230,7 +308,7 @@ def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | N
         lines.append("")
     lines += ["## Plots", ""]
     titles = {"loss.png": "Training loss", "accuracy.png": "Accuracy", "throughput.png": "Tokens/s",
-              "energy.png": "Energy"}  # fmt: skip
+              "energy.png": "Energy", "grpo.png": "GRPO rewards, lengths, KL"}  # fmt: skip
     for p in plots:
         lines.append(f"![{titles.get(p, p)}]({p})")
         lines.append("")
@@ -260,6 +338,9 @@ def write_report(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | None
         label = "energy (Wh, estimated)" if summary["energy_estimated"] else "energy (Wh)"
         plot_series(records, "energy_j", label, "Cumulative energy per stage", run_dir / "energy.png", 1 / 3600)
         plots.append("energy.png")
+    if any(r["stage"] == "grpo" and r.get("event") == "step" and "reward" in r for r in records):
+        plot_grpo(records, run_dir / "grpo.png")
+        plots.append("grpo.png")
     path = run_dir / "report.md"
     path.write_text(render_markdown(run_dir, summary, cfg, plots))
     return path

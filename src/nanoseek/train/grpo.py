@@ -1,0 +1,691 @@
+"""GRPO: reinforcement learning with rule-based rewards (the R1-Zero recipe, REFERENCE §2).
+
+    result = run_grpo("runs/x/model", ["add3"], "runs/x/grpo", ["loss_type=dapo", "optim.lr=5e-5"])
+    result.model_dir, result.steps, result.history          # history: one record per step (reward, kl, ...)
+
+One step:
+  1. draw `prompts_per_step` training-split problems of the tasks (a pure function of seed and step);
+  2. rollouts: `num_generations` (G) completions per prompt, sampled at `temperature` through the inference
+     engine in one batched call (per-request seeds; the model is in eval mode there, so the router's
+     balancing statistics do not move); a fresh engine each step, so its prefix cache never serves
+     keys and values of older weights;
+  3. rewards from the reward functions (rewards.py), summed with their weights; advantages normalised
+     per group: A = (r - mean) / std (grpo, dapo) or r - mean (dr_grpo);
+  4. `mu` inner iterations of the clipped surrogate per token, ratio = pi / pi_old, with the log-probs of
+     the rollout policy as pi_old (for mu = 1 the ratio is 1 and only its gradient matters), plus
+     beta x KL(pi || pi_ref) with the k3 estimator exp(ref - pi) - (ref - pi) - 1 against a frozen copy of
+     the starting model (none is kept when beta = 0);
+  5. AdamW step, then the router-bias update (router_bias_gamma, 0 by default: routing stays as trained).
+
+Loss types (how token losses are summed, which advantages, which clip):
+  grpo     mean over each completion's tokens, then over completions; std-normalised advantages; eps 0.2
+  dr_grpo  sum over tokens / (completions x max_new_tokens), no std (Dr. GRPO: no length or std bias)
+  dapo     sum over tokens / all tokens of the batch; clip-higher (eps_low 0.2, eps_high 0.28); groups whose
+           rewards are all equal are dropped (they carry no signal)
+
+Each step logs reward (and each reward function), accuracy, completion length, KL, clip fraction and
+entropy into the meter (metrics.jsonl). Checkpoints every `ckpt_every` steps; `resume=True` continues
+from the newest one with the same optimizer state, step and reference model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nanoseek.engine.generate import context_length, engine_for
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.train.config import OptimConfig
+from nanoseek.train.evaluate import TaskScore
+from nanoseek.train.rewards import RewardFn, get_rewards, score_completions
+from nanoseek.train.tasks import R1_SYSTEM_PROMPT, Example, Task, extract_r1_answer, get_task
+
+log = logging.getLogger("nanoseek.grpo")
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+
+
+# ---- configuration ----------------------------------------------------------------------------------------
+@dataclass
+class GRPOConfig:
+    loss_type: str = "grpo"  # grpo | dr_grpo | dapo
+    num_generations: int = 8  # G: completions per prompt
+    prompts_per_step: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    max_steps: int = 200
+    time_budget_min: float | None = None  # stop at whichever comes first
+    mu: int = 1  # inner optimisation iterations per rollout batch
+    beta: float = 0.0  # KL weight; 0: no reference model is kept
+    epsilon_low: float = 0.2
+    epsilon_high: float | None = None  # None: epsilon_low, or 0.28 for dapo (clip-higher)
+    micro_batch_size: int = 0  # completions per forward/backward; 0: all of a step at once
+    rewards: list[str] = field(default_factory=lambda: ["format", "accuracy"])
+    reward_weights: list[float] = field(default_factory=list)  # default: 1 each
+    task_weights: list[float] = field(default_factory=list)  # mixture of the tasks; default uniform
+    system_prompt: str = R1_SYSTEM_PROMPT  # "" for none
+    chat: bool = True  # the model's chat template when it has one (else <bos> + prompt)
+    router_bias_gamma: float = 0.0
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant", weight_decay=0.0)
+    )
+    eval_examples: int = 200  # held-out problems per task, evaluated before and after (0: none)
+    eval_every: int = 0  # steps; also evaluate along the way (0: before and after only)
+    heldout_fraction: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+    ckpt_every: int = 50  # 0: only the final checkpoint
+    keep_last: int = 2
+    log_every: int = 1
+
+    def validate(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        for name in ("num_generations", "prompts_per_step", "max_new_tokens", "mu", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_generations < 2:
+            raise ValueError("num_generations must be >= 2: advantages compare completions of the same prompt")
+        if min(self.max_steps, self.micro_batch_size, self.ckpt_every, self.eval_examples, self.eval_every) < 0:
+            raise ValueError("max_steps, micro_batch_size, ckpt_every, eval_examples and eval_every must be >= 0")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be > 0 (rollouts sample), got {self.temperature}")
+        if self.beta < 0 or self.epsilon_low < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise ValueError("beta, epsilon_low and epsilon_high must be >= 0")
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"{len(self.rewards)} rewards but {len(self.reward_weights)} reward_weights")
+        if self.optim.schedule not in ("constant", "cosine"):
+            raise ValueError(f"optim.schedule for GRPO must be constant or cosine, got {self.optim.schedule!r}")
+        get_rewards(self.rewards)
+
+    @property
+    def eps_high(self) -> float:
+        if self.epsilon_high is not None:
+            return self.epsilon_high
+        return 0.28 if self.loss_type == "dapo" else self.epsilon_low
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_grpo_config(overrides: Sequence[str] = ()) -> GRPOConfig:
+    """GRPOConfig from `key=value` strings (as `nanoseek train --set`), checked and coerced per field."""
+    from nanoseek.train.config import _apply, _RawString
+
+    cfg = GRPOConfig()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} must look like key=value (e.g. loss_type=dapo)")
+        nested: dict[str, Any] = {}
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _RawString(raw.strip())
+        _apply(cfg, nested, where=f"override {item!r}")
+    cfg.validate()
+    return cfg
+
+
+# ---- the math: advantages, log-probs, the loss ------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """rewards [P, G] (G completions of each of P prompts) -> advantages [P, G]: r - mean(group), divided by
+    the group's standard deviation (unbiased, + eps) when `scale` (GRPO, DAPO; Dr. GRPO does not)."""
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be [prompts, generations >= 2], got {tuple(rewards.shape)}")
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if not scale:
+        return centered
+    return centered / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate, k3 = exp(ref - pi) - (ref - pi) - 1 (>= 0, unbiased)."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
+
+
+def token_weights(mask: torch.Tensor, loss_type: str, max_new_tokens: int) -> torch.Tensor:
+    """Each token's weight in the batch loss [B, L], so the loss is sum(weights x per-token loss) and can be
+    split over micro-batches (weights computed on the whole batch)."""
+    mask = mask.float()
+    B = mask.shape[0]
+    if loss_type == "grpo":  # mean over each sequence, then over sequences
+        return mask / mask.sum(1, keepdim=True).clamp(min=1) / B
+    if loss_type == "dr_grpo":  # a constant normaliser: no bias towards short or long answers
+        return mask / (B * max_new_tokens)
+    if loss_type == "dapo":  # token-level: every token of the batch counts the same
+        return mask / mask.sum().clamp(min=1)
+    raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor  # scalar, with gradient
+    kl: float  # weighted mean k3 KL (0 without a reference)
+    clip_fraction: float  # share of tokens whose clipped term was the active (smaller) one
+
+
+def clipped_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+) -> LossParts:
+    """PPO-style clipped surrogate per token (+ beta x k3 KL), summed with `weights` (token_weights).
+    logp/old_logp/ref_logp/weights: [B, L]; advantages: [B] (one per completion)."""
+    A = advantages[:, None]
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * A
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A
+    per_token = -torch.min(unclipped, clipped)
+    kl_value = 0.0
+    if beta > 0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs the reference log-probs")
+        kl = k3_kl(logp, ref_logp)
+        per_token = per_token + beta * kl
+        kl_value = float((kl.detach() * weights).sum() / weights.sum().clamp(min=1e-12))
+    real = weights > 0
+    is_clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
+    clip_fraction = float((is_clipped & real).sum() / real.sum().clamp(min=1))
+    return LossParts((per_token * weights).sum(), kl_value, clip_fraction)
+
+
+@dataclass
+class Batch:
+    """Prompt + completion rows, right-padded: input_ids [B, T], attention_mask [B, T]; completion token
+    j of row i sits at position prompt_lens[i] + j; targets [B, L] and mask [B, L] over completions."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_lens: torch.Tensor  # [B]
+    targets: torch.Tensor  # [B, L] completion tokens (0 where masked)
+    mask: torch.Tensor  # [B, L] real completion tokens
+
+    def rows(self, index: slice) -> Batch:
+        return Batch(*(t[index] for t in (self.input_ids, self.attention_mask, self.prompt_lens, self.targets,
+                                          self.mask)))  # fmt: skip
+
+
+def make_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int = 0) -> Batch:
+    if len(prompts) != len(completions) or not prompts:
+        raise ValueError(f"{len(prompts)} prompts and {len(completions)} completions: need equal, non-zero counts")
+    T = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    L = max(1, max(len(c) for c in completions))
+    B = len(prompts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, T, dtype=torch.long)
+    targets = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        row = [*p, *c]
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attn[i, : len(row)] = 1
+        if c:
+            targets[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
+            mask[i, : len(c)] = True
+    return Batch(ids, attn, torch.tensor([len(p) for p in prompts]), targets, mask)
+
+
+def completion_logprobs(
+    model: nn.Module, batch: Batch, temperature: float = 1.0, *, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(completion token | everything before it) [B, L] under logits / temperature (the distribution
+    the rollouts sampled from), and optionally the entropy of that distribution at each position [B, L].
+    Only the completion positions' logits are computed (logits_index), not the prompt's."""
+    device = next(model.parameters()).device
+    L = batch.targets.shape[1]
+    T = batch.input_ids.shape[1]
+    # the logits predicting completion token j are at position prompt_len - 1 + j
+    index = (batch.prompt_lens[:, None] - 1 + torch.arange(L)[None, :]).clamp(max=T - 1).to(device)
+    logits = model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), logits_index=index)
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, batch.targets.to(device)[..., None]).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+# ---- prompts and rollouts ------------------------------------------------------------------------------
+def render_prompt(tok, example: Example, cfg: GRPOConfig) -> list[int]:
+    """The ids a policy sees: the chat template (system prompt + the problem as a user turn) when the
+    tokenizer has one and cfg.chat, else <bos> + the problem."""
+    if cfg.chat and tok.chat_template:
+        messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+        messages.append({"role": "user", "content": example.prompt})
+        return tok.encode_chat(messages, add_generation_prompt=True)
+    bos = tok.bos_token_id
+    return [*([bos] if bos is not None else []), *tok.encode(example.prompt, add_special_tokens=False)]
+
+
+def decode_completion(tok, ids: Sequence[int]) -> str:
+    """Completion text with special tokens kept (a tokenizer may make <think>/<answer> special) except the
+    bos/eos/pad markers themselves."""
+    text = tok.decode(ids, skip_special_tokens=False)
+    for marker in (tok.bos_token, tok.eos_token, tok.pad_token):
+        if marker:
+            text = text.replace(marker, "")
+    return text
+
+
+@dataclass
+class Rollouts:
+    examples: list[Example]  # one per completion (each prompt's example repeated G times)
+    tasks: list[Task]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]  # sampled tokens, plus the stop token when the completion stopped
+    texts: list[str]
+    finish_reasons: list[str]
+    rollout_logprobs: list[list[float]]  # the engine's log-probs of the sampled tokens (temperature 1)
+
+
+def rollout(
+    model: nn.Module, tok, prompts: Sequence[list[int]], G: int, cfg: GRPOConfig, seed: int, *, logprobs: bool = False
+) -> tuple[list[list[int]], list[str], list[list[float]]]:
+    """G sampled completions of every prompt, all in one engine call. Returns (completion ids with the stop
+    token appended when one ended it, finish reasons, per-token log-probs when asked)."""
+    flat = [p for p in prompts for _ in range(G)]
+    limit = context_length(model)
+    span = max(len(p) for p in flat) + cfg.max_new_tokens
+    engine = engine_for(
+        model, span if limit is None else min(span, limit), max_num_seqs=len(flat), stop_ids=tok.stop_token_ids
+    )
+    params = [
+        SamplingParams(
+            temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+            seed=(seed * 1_000_003 + i) % (1 << 62), logprobs=0 if logprobs else None,
+        )
+        for i in range(len(flat))
+    ]  # fmt: skip
+    done = engine.generate(flat, params)
+    completions, reasons, lps = [], [], []
+    for c in done:
+        ids = list(c.token_ids)
+        if c.finish_reason == "stop" and isinstance(c.stop_reason, int):
+            ids.append(c.stop_reason)  # the policy chose to stop: that choice is trained too
+        completions.append(ids)
+        reasons.append(c.finish_reason)
+        lps.append([e["logprob"] for e in c.logprobs])
+    return completions, reasons, lps
+
+
+# ---- evaluation in the R1 format ----------------------------------------------------------------------
+def evaluate_r1(
+    model: nn.Module, tok, tasks: Sequence[Task], n: int, cfg: GRPOConfig, *, seed: int = 0, batch_size: int = 256
+) -> dict[str, TaskScore]:
+    """Greedy answers to up to n held-out problems per task, in the prompt format GRPO trains with; correct
+    when the <answer> passes the task's exact checker (held-out problems never appear in training)."""
+    from nanoseek.engine.generate import generate_batch
+
+    scores = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for task in tasks:
+            examples = task.eval_examples(n, seed=seed)
+            correct = 0
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start : start + batch_size]
+                prompts = [render_prompt(tok, ex, cfg) for ex in chunk]
+                outs = generate_batch(
+                    model, prompts, cfg.max_new_tokens, SamplingParams(temperature=0), tok.stop_token_ids
+                )
+                for ex, out in zip(chunk, outs):
+                    answer = extract_r1_answer(decode_completion(tok, out.token_ids))
+                    correct += answer is not None and task.check(answer, ex)
+            scores[task.name] = TaskScore(correct, len(examples))
+    finally:
+        model.train(was_training)
+    return scores
+
+
+# ---- saving ----------------------------------------------------------------------------------------------
+def save_model(model: nn.Module, tok, folder: Path) -> Path:
+    """The policy as a HF folder with its tokenizer (what nanoseek.load and transformers read)."""
+    from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+    from nanoseek.weights.hf_folder import save_dense, save_pretrained
+
+    folder = Path(folder)
+    (save_pretrained if isinstance(model, DeepseekV3ForCausalLM) else save_dense)(model, folder)
+    tok.save(folder)
+    return folder
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+@dataclass
+class GRPOResult:
+    model_dir: Path
+    steps: int
+    tokens: int  # token positions processed by training forwards (prompt + completion)
+    energy_j: float
+    wall_s: float
+    history: list[dict[str, Any]]  # one record per step: reward, accuracy, completion_len, kl, clip_frac...
+    eval_before: dict[str, TaskScore] = field(default_factory=dict)
+    eval_after: dict[str, TaskScore] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)  # the meter's summary
+
+
+def draw_examples(tasks: Sequence[Task], weights: Sequence[float], n: int, seed: int, step: int) -> list[Example]:
+    """n training-split problems for `step`: a pure function of (seed, step), so a resumed run draws the same."""
+    rng = random.Random(f"grpo/{seed}/{step}")
+    return [rng.choices(list(tasks), weights=list(weights))[0].generate(rng, "train") for _ in range(n)]
+
+
+def _lr(cfg: GRPOConfig, step: int) -> float:
+    o = cfg.optim
+    warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+    if o.schedule == "cosine" and cfg.max_steps > 0:
+        progress = min(1.0, step / cfg.max_steps)
+        return o.lr * warm * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return o.lr * warm
+
+
+class GRPOTrainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        tok,
+        tasks: Sequence[Task],
+        cfg: GRPOConfig,
+        out: Path,
+        *,
+        reward_fns: Sequence[RewardFn] | None = None,
+        show_progress: bool = True,
+        metrics_path: Path | None = None,
+        resume: bool = False,
+    ):
+        from nanoseek.train import checkpoint as ckpt_io
+        from nanoseek.train.trainer import param_groups
+
+        cfg.validate()
+        if not tasks:
+            raise ValueError("GRPO needs at least one task (--tasks add3,...)")
+        if cfg.task_weights and len(cfg.task_weights) != len(tasks):
+            raise ValueError(f"{len(tasks)} tasks but {len(cfg.task_weights)} task_weights")
+        self.cfg, self.tok, self.tasks = cfg, tok, list(tasks)
+        self.out = Path(out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.device = torch.device(cfg.device)
+        self.model = model.to(self.device)
+        self.reward_fns = list(reward_fns) if reward_fns is not None else get_rewards(cfg.rewards)
+        self.reward_weights = list(cfg.reward_weights) or [1.0] * len(self.reward_fns)
+        if len(self.reward_weights) != len(self.reward_fns):
+            raise ValueError(f"{len(self.reward_fns)} reward functions but {len(self.reward_weights)} weights")
+        self.show_progress, self.metrics_path = show_progress, metrics_path
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        # The frozen reference is the starting policy; none is kept when beta = 0 (memory).
+        self.ref = None
+        if cfg.beta > 0:
+            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        o = cfg.optim
+        kernel = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kernel
+        )
+        self.start_step, self.elapsed_before = 0, 0.0
+        existing = ckpt_io.list_checkpoints(self.ckpt_dir)
+        if existing and not resume:
+            raise ValueError(
+                f"{self.ckpt_dir} already holds checkpoints ({existing[-1].name}); resume, or choose another out"
+            )
+        if resume:
+            may = ckpt_io.RESUME_MAY_CHANGE | {"max_steps", "time_budget_min", "device", "ckpt_every", "eval_examples"}
+            ckpt = ckpt_io.load_latest(self.ckpt_dir, train_config=cfg.to_dict(), may_change=may)
+            if ckpt is not None:
+                self.model.load_state_dict(ckpt.model_state, strict=True)
+                self.optimizer.load_state_dict(ckpt.optimizer_state)
+                if ckpt.rng_state is not None:
+                    ckpt_io.restore_rng_state(ckpt.rng_state)
+                self.start_step = ckpt.step
+                self.elapsed_before = float(ckpt.extra.get("train_s", 0.0))
+                log.info("resumed from %s at step %d", ckpt.path, ckpt.step)
+
+    # -- one step --------------------------------------------------------------------------------------
+    def collect(self, step: int) -> Rollouts:
+        cfg = self.cfg
+        weights = cfg.task_weights or [1.0] * len(self.tasks)
+        examples = draw_examples(self.tasks, weights, cfg.prompts_per_step, cfg.seed, step)
+        limit = context_length(self.model)
+        kept, prompts = [], []
+        for ex in examples:
+            ids = render_prompt(self.tok, ex, cfg)
+            if limit is not None and len(ids) >= limit:
+                log.warning("skipping a prompt of %d tokens: the model's context is %d (%r)", len(ids), limit,
+                            ex.prompt[:60])  # fmt: skip
+                continue
+            kept.append(ex)
+            prompts.append(ids)
+        G = cfg.num_generations
+        completions, reasons, lps = ([], [], []) if not prompts else rollout(
+            self.model, self.tok, prompts, G, cfg, seed=cfg.seed * 100_003 + step
+        )  # fmt: skip
+        by_name = {t.name: t for t in self.tasks}
+        flat_ex = [ex for ex in kept for _ in range(G)]
+        return Rollouts(
+            flat_ex, [by_name[ex.task] for ex in flat_ex], [p for p in prompts for _ in range(G)], completions,
+            [decode_completion(self.tok, c) for c in completions], reasons, lps,
+        )  # fmt: skip
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        cfg, G = self.cfg, self.cfg.num_generations
+        t0 = time.perf_counter()
+        self.model.eval()
+        ro = self.collect(step)
+        rollout_s = time.perf_counter() - t0
+        # token positions processed: the rollouts' (prompt + completion), then the training forwards'
+        rolled = sum(len(p) + len(c) for p, c in zip(ro.prompt_ids, ro.completion_ids))
+        record: dict[str, Any] = {"rollout_s": rollout_s}
+        if not ro.examples:
+            return {**record, "loss": 0.0, "reward": 0.0, "skipped": True, "_tokens": 0}
+        totals, parts = score_completions(self.reward_fns, self.reward_weights, ro.texts, ro.examples, ro.tasks)
+        rewards = torch.tensor(totals, dtype=torch.float32).view(-1, G)
+        adv = group_advantages(rewards, scale=cfg.loss_type != "dr_grpo").view(-1)
+        keep = torch.ones(len(totals), dtype=torch.bool)
+        if cfg.loss_type == "dapo":  # groups with equal rewards carry no signal: drop them
+            keep = (rewards.max(1).values > rewards.min(1).values).repeat_interleave(G)
+        lengths = [len(c) for c in ro.completion_ids]
+        correct = [
+            float(extract_r1_answer(t) is not None and task.check(extract_r1_answer(t), ex))
+            for t, ex, task in zip(ro.texts, ro.examples, ro.tasks)
+        ]
+        record.update(
+            reward=sum(totals) / len(totals),
+            reward_std=float(rewards.std(1).mean()),
+            accuracy=sum(correct) / len(correct),
+            completion_len=sum(lengths) / len(lengths),
+            truncated=sum(r != "stop" for r in ro.finish_reasons) / len(lengths),
+            groups_kept=int(keep.view(-1, G)[:, 0].sum()),
+            **{f"reward_{name.removesuffix('_reward')}": sum(v) / len(v) for name, v in parts.items()},
+        )
+        rows = keep.nonzero().view(-1).tolist()
+        rows = [i for i in rows if lengths[i] > 0]
+        if not rows:
+            record.update(loss=0.0, kl=0.0, clip_frac=0.0, entropy=0.0, skipped=True, _tokens=rolled)
+            return record
+        batch = make_batch([ro.prompt_ids[i] for i in rows], [ro.completion_ids[i] for i in rows], self.pad_id)
+        adv_rows = adv[rows].to(self.device)
+        weights = token_weights(batch.mask, cfg.loss_type, cfg.max_new_tokens).to(self.device)
+        total = float(weights.sum())
+        micro = cfg.micro_batch_size or len(rows)
+        slices = [slice(s, s + micro) for s in range(0, len(rows), micro)]
+        with torch.no_grad():
+            # pi_old: the rollout policy; recomputed once only when several inner iterations follow (for mu=1
+            # the first iteration's own log-probs, detached, are identical)
+            old = [completion_logprobs(self.model, batch.rows(s), cfg.temperature)[0] for s in slices] \
+                if cfg.mu > 1 else None  # fmt: skip
+            ref = [completion_logprobs(self.ref, batch.rows(s), cfg.temperature)[0] for s in slices] \
+                if self.ref is not None else None  # fmt: skip
+        lr = _lr(cfg, step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
+        for _ in range(cfg.mu):
+            for j, s in enumerate(slices):
+                part = batch.rows(s)
+                logp, entropy = completion_logprobs(self.model, part, cfg.temperature, with_entropy=True)
+                out = clipped_loss(
+                    logp, old[j] if old is not None else logp.detach(), adv_rows[s], weights[s],
+                    eps_low=cfg.epsilon_low, eps_high=cfg.eps_high, beta=cfg.beta,
+                    ref_logp=ref[j] if ref is not None else None,
+                )  # fmt: skip
+                out.loss.backward()
+                w = weights[s]
+                share = float(w.sum()) / total  # this micro-batch's share of the whole batch's weight
+                stats["loss"] += float(out.loss.detach()) / cfg.mu
+                stats["kl"] += out.kl * share / cfg.mu
+                stats["clip_frac"] += out.clip_fraction * share / cfg.mu
+                stats["entropy"] += float((entropy * w).sum() / w.sum().clamp(min=1e-12)) * share / cfg.mu
+            grad_clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip, foreach=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._router_update()
+        self.model.eval()
+        trained = int(batch.attention_mask.sum()) * cfg.mu
+        record.update(stats, lr=lr, grad_norm=float(grad_norm), _tokens=rolled + trained)
+        return record
+
+    def _router_update(self) -> None:
+        from nanoseek.model.moe import update_router_bias
+
+        update_router_bias(self.model, gamma=self.cfg.router_bias_gamma)  # also resets the load counters
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def save(self, step: int, train_s: float) -> Path:
+        from nanoseek.train import checkpoint as ckpt_io
+
+        return ckpt_io.save_checkpoint(
+            self.ckpt_dir, step, model_state=self.model.state_dict(), optimizer_state=self.optimizer.state_dict(),
+            data_state={"step": step}, rng_state=ckpt_io.capture_rng_state(), train_config=self.cfg.to_dict(),
+            extra={"train_s": train_s}, write_files=lambda d: save_model(self.model, self.tok, d),
+            keep_last=self.cfg.keep_last,
+        )  # fmt: skip
+
+    def train(self) -> GRPOResult:
+        from nanoseek.train.meter import Meter
+
+        cfg = self.cfg
+        start_wall = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        mc = self.model.config
+        flops = mc.flops_per_token(cfg.max_new_tokens) if hasattr(mc, "flops_per_token") else 6 * sum(
+            p.numel() for p in self.model.parameters()
+        )  # fmt: skip
+        meter = Meter(
+            self.out, flops_per_token=flops, device=str(self.device), total_steps=cfg.max_steps,
+            log_every=cfg.log_every, show=self.show_progress,
+        )  # fmt: skip
+        before = evaluate_r1(self.model, self.tok, self.tasks, cfg.eval_examples, cfg) if cfg.eval_examples else {}
+        if before:
+            meter.log(event="eval", step=self.start_step, **{n: s.to_dict() for n, s in before.items()})
+        history: list[dict[str, Any]] = []
+        step = self.start_step
+        loop_start = time.perf_counter()
+        budget = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else math.inf
+        try:
+            while step < cfg.max_steps:
+                t_step = time.perf_counter()
+                rec = self.train_step(step)
+                step += 1
+                tokens = rec.pop("_tokens")
+                logged = {k: v for k, v in rec.items() if k != "loss"}
+                meter.step(step, loss=rec["loss"], tokens=tokens, **logged)
+                history.append({"step": step, **rec})
+                train_s = self.elapsed_before + time.perf_counter() - loop_start
+                with meter.paused():
+                    if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                        self.save(step, train_s)
+                    if cfg.eval_every and cfg.eval_examples and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                        scores = evaluate_r1(self.model, self.tok, self.tasks, cfg.eval_examples, cfg)
+                        meter.log(event="eval", step=step, **{n: s.to_dict() for n, s in scores.items()})
+                        said = ", ".join(f"{n} {100 * s.accuracy:.1f}%" for n, s in scores.items())
+                        log.info("step %d: held-out %s", step, said)
+                # stop before a step that would overrun the budget (the last step's time as the estimate)
+                if train_s + (time.perf_counter() - t_step) > budget:
+                    break
+            train_s = self.elapsed_before + time.perf_counter() - loop_start
+            with meter.paused():
+                if step > self.start_step and not (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                    self.save(step, train_s)
+                after = {}
+                if cfg.eval_examples:
+                    after = evaluate_r1(self.model, self.tok, self.tasks, cfg.eval_examples, cfg)
+                if after:
+                    meter.log(event="eval", step=step, final=True, **{n: s.to_dict() for n, s in after.items()})
+                model_dir = save_model(self.model, self.tok, self.out / "model")
+        finally:
+            summary = meter.close(print_summary=self.show_progress)
+        if self.metrics_path is not None and meter.path is not None:
+            with open(self.metrics_path, "a") as f:
+                f.write(meter.path.read_text())
+        for name, s in after.items():
+            lo, hi = s.ci95
+            b = before.get(name)
+            was = f" (before {100 * b.accuracy:.1f}%)" if b else ""
+            log.info("GRPO held-out %s: %.1f%% (95%% CI %.1f-%.1f%%, n=%d)%s", name, 100 * s.accuracy, 100 * lo,
+                     100 * hi, s.n, was)  # fmt: skip
+        return GRPOResult(
+            model_dir, step, int(summary["tokens"]), float(summary["energy_j"]), time.perf_counter() - start_wall,
+            history, before, after, summary,
+        )  # fmt: skip
+
+
+def run_grpo(
+    model: str | Path | nn.Module,
+    tasks: Sequence[str | Task],
+    out: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    tokenizer=None,
+    reward_fns: Sequence[RewardFn] | None = None,
+    show_progress: bool = True,
+    device: str = "cpu",
+    metrics_path: str | Path | None = None,
+    resume: bool = False,
+) -> GRPOResult:
+    """GRPO on `tasks` starting from `model` (anything nanoseek.load reads, a known name such as smollm2, or a
+    module with its `tokenizer`); writes <out>/model (HF folder + tokenizer), <out>/metrics.jsonl and
+    <out>/checkpoints. Settings and task names are checked before the model is loaded."""
+    import nanoseek
+    from nanoseek.tokenizer import load_tokenizer
+
+    cfg = load_grpo_config([f"device={device}", *overrides])
+    task_objs = [t if isinstance(t, Task) else get_task(t, cfg.heldout_fraction) for t in tasks]
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            raise ValueError("run_grpo with a model object needs its tokenizer (tokenizer=...)")
+        module, tok = model, tokenizer
+    else:
+        from nanoseek.assets import resolve_model
+
+        path = resolve_model(str(model))  # a known name such as smollm2, or a path
+        module = nanoseek.load(path, dtype="float32", device=cfg.device)  # GGUF weights come back dequantized
+        tok = tokenizer or load_tokenizer(path)
+    trainer = GRPOTrainer(
+        module, tok, task_objs, cfg, Path(out), reward_fns=reward_fns, show_progress=show_progress,
+        metrics_path=Path(metrics_path) if metrics_path is not None else None, resume=resume,
+    )  # fmt: skip
+    return trainer.train()
