@@ -7,5 +7,6 @@ Peers such as transformers are dev dependencies (`pip install -e .[dev]`).
 BENCHMARKS = {
     "decode": "nanoseek.bench.decode",
     "moe-step": "nanoseek.bench.moe_step",
+    "serve": "nanoseek.bench.serve",
     "train-throughput": "nanoseek.bench.train_throughput",
 }
