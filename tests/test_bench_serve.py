@@ -125,3 +125,12 @@ def test_llama_server_command_line(tmp_path):
     queue_argv = queue.argv(8123)
     assert queue_argv[queue_argv.index("--interrupt_requests") + 1] == "False"
     assert spec.equal_work(64) == {"min_tokens": 64}
+
+
+def test_prompts_differ_across_levels_and_warmup():
+    prompts = bench.level_prompts([1, 4, 16], 40)
+    assert [len(prompts[k]) for k in ("warmup", 1, 4, 16)] == [1, 1, 4, 16]
+    every = [p for ps in prompts.values() for p in ps]
+    assert len(set(every)) == len(every) == 22 and all(len(p.split()) == 40 for p in every)
+    with pytest.raises(ValueError, match="distinct prompts"):
+        bench.make_prompts(10_000, 40)

@@ -276,12 +276,27 @@ def request_body(spec: ServerSpec, model: str, max_tokens: int) -> dict:
 
 
 def make_prompts(count: int, words: int) -> list[str]:
-    """`count` distinct prompts of `words` words: windows of the text that start one word apart (their
-    first tokens differ, so no prefix cache can share them)."""
+    """`count` distinct prompts of `words` words: windows of the text that start one word apart (no two
+    share a 16-token cache block, so no prefix cache can reuse one prompt's work for another)."""
     text = TEXT.split()
+    if count > len(text):
+        raise ValueError(f"at most {len(text)} distinct prompts (the text has {len(text)} words), asked for {count}")
     while len(text) < count + words:
         text = text + TEXT.split()
     return [" ".join(text[i : i + words]) for i in range(count)]
+
+
+def level_prompts(concurrency: list[int], words: int) -> dict[int | str, list[str]]:
+    """Prompts for the warm-up ("warmup") and each level: all different, so neither a level nor the warm-up
+    before it can leave a prompt in a server's prefix cache for the next (llama.cpp's server keeps the
+    previous request's tokens and reuses a matching prefix; nanoseek's engine caches full blocks)."""
+    windows = make_prompts(1 + sum(concurrency), words)
+    prompts: dict[int | str, list[str]] = {"warmup": windows[:1]}
+    start = 1
+    for c in concurrency:
+        prompts[c] = windows[start : start + c]
+        start += c
+    return prompts
 
 
 # ---- figures -----------------------------------------------------------------------------------------------
@@ -412,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     peers, notes = peer_specs(args.peers, model, args.threads, n_ctx)
     specs += peers
     env = worker_env(args.threads)
-    prompts = {c: make_prompts(c, args.prompt_words) for c in args.concurrency}
+    prompts = level_prompts(args.concurrency, args.prompt_words)
     load_start = os.getloadavg()
 
     # figures[label][C] = one dict per round; texts[label] = the concurrency-1 output of each round
@@ -443,8 +458,8 @@ def main(argv: list[str] | None = None) -> None:
 def run_server(spec, args, env, prompts, figures, texts, rss) -> None:
     with running(spec, env, args.startup_timeout) as (url, model, proc):
         body = request_body(spec, model, args.max_tokens)
-        warm_prompt = prompts[args.concurrency[0]][:1]  # untimed: lazy initialisation, first allocations
-        warm = asyncio.run(drive(url, warm_prompt, request_body(spec, model, 2), args.request_timeout)).streams[0]
+        # untimed: lazy initialisation, first allocations
+        warm = asyncio.run(drive(url, prompts["warmup"], request_body(spec, model, 2), args.request_timeout)).streams[0]
         if warm.error:
             raise ServerFailed(f"{spec.label}: the warm-up request failed: {warm.error} {warm.text}")
         for c in args.concurrency:
