@@ -20,7 +20,9 @@ TTFT (send to first text chunk), TPOT ((last chunk - first chunk) / (tokens - 1)
 / request latency) and aggregate tok/s (tokens of completed streams / wall time of the whole level). Each
 figure is taken per round (median, or p90, over the level's requests) and reported as the median over the
 rounds with the min-max; the ratios nanoseek / peer are taken round by round (the two servers ran minutes
-apart at most) and summarised the same way. The machine load is printed: on a shared machine it matters.
+apart at most) and summarised the same way. The machine load is printed: on a shared machine it matters,
+and more for llama.cpp, whose worker threads spin: with --threads 2 on a busy 2-core machine its decode
+slowed 15-25x (measured here), so compare at --threads 1 there.
 
 Agreement: at concurrency 1 both servers' greedy outputs for the same prompt are compared (longest common
 prefix, in tokens of the GGUF's tokenizer). Exact equality is not expected: nanoseek runs a quantized GGUF
@@ -581,8 +583,8 @@ def plot(args, model: Path, figures: dict, path: Path) -> None:
         ax.set_title(title)
         ax.legend()
     load = os.getloadavg()[0]
-    fig.suptitle(f"serve benchmark: {model.name}, {args.threads} threads, {args.max_tokens} tokens/stream, "
-                 f"median of {args.rounds} rounds (load {load:.1f})")  # fmt: skip
+    fig.suptitle(f"serve benchmark: {model.name}, {args.threads} thread(s) per server, {args.max_tokens} "
+                 f"tokens/stream, median of {args.rounds} rounds (load {load:.1f})")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
