@@ -58,6 +58,7 @@ def test_serve_benchmark_quick(tmp_path, capsys, monkeypatch):
         assert f["tokens_streamed"] == f["completed"] * max_tokens  # the server's usage chunks say so
         assert f["prompt_tokens"] and min(f["prompt_tokens"]) > 0
         assert f["ttft_p90_ms"] >= f["ttft_ms"] > 0
+    assert re.search(r"prompts: 3 prompts of \d+–\d+ tokens", out)  # C=1 and C=2, tokenized by the server
     assert "every server gave the same output in every round" in out
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -83,7 +84,7 @@ def test_streams_are_judged_and_counted():
     assert f["aggregate_tok_s"] == pytest.approx(2 * 8 / 2.0)  # completed streams' tokens over the wall time
     assert f["ttft_ms"] == pytest.approx(150.0)  # median of 100 and 200 ms
     assert f["ttft_p90_ms"] == pytest.approx(190.0)
-    assert f["tpot_ms"] == pytest.approx(700 / 7)  # (last - first) / (tokens - 1), the same for both
+    assert f["tpot_ms"] == pytest.approx(800 / 7)  # (end - first) / (tokens - 1), the same for both
     assert f["request_tok_s"] == pytest.approx((8 / 0.9 + 8 / 1.0) / 2)  # median of the two rates
 
 
@@ -134,3 +135,11 @@ def test_prompts_differ_across_levels_and_warmup():
     assert len(set(every)) == len(every) == 22 and all(len(p.split()) == 40 for p in every)
     with pytest.raises(ValueError, match="distinct prompts"):
         bench.make_prompts(10_000, 40)
+
+
+def test_prompt_tokens_compared_across_servers():
+    same = {"nanoseek": [[1, 2], [3, 4, 5]], "llama.cpp": [[1, 2], [3, 4, 5]]}
+    assert bench.same_prompt_tokens(same).endswith("2 prompts of 2–3 tokens (each server's tokenize endpoint): "
+                                                   "the same token ids on every server")  # fmt: skip
+    differ = {"nanoseek": [[1, 2], [3, 4, 5]], "llama.cpp": [[0, 1, 2], [3, 4, 5]]}
+    assert bench.same_prompt_tokens(differ).endswith("DIFFERENT token ids on llama.cpp for 1")

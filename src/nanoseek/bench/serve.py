@@ -15,9 +15,9 @@ A stream is *completed* when it ends with finish_reason "length" and then [DONE]
 else is a *failed* stream, by reason: an HTTP error, a timeout (--request-timeout bounds every stream, so
 the benchmark never hangs), a stream cut short ([DONE] without a finish reason; llama.cpp's server does that
 to the running stream whenever another request arrives, unless started with --interrupt_requests False: the
-`llama.cpp-queue` peer), or a stop before max_tokens. Figures cover completed streams only:
-TTFT (send to first text chunk), TPOT ((last chunk - first chunk) / (tokens - 1)), per-request tok/s (tokens
-/ request latency) and aggregate tok/s (tokens of completed streams / wall time of the whole level). Each
+`llama.cpp-queue` peer), or a stop before max_tokens. Figures cover completed streams only: TTFT (send to
+first text chunk), TPOT ((end of stream - first text chunk) / (tokens - 1)), per-request tok/s (tokens /
+request latency) and aggregate tok/s (tokens of completed streams / wall time of the whole level). Each
 figure is taken per round (median, or p90, over the level's requests) and reported as the median over the
 rounds with the min-max; the ratios nanoseek / peer are taken round by round (the two servers ran minutes
 apart at most) and summarised the same way. The machine load is printed: on a shared machine it matters,
@@ -69,6 +69,8 @@ class ServerSpec:
     label: str
     argv: Callable[[int], list[str]]
     equal_work: Callable[[int], dict]  # max_tokens -> extra request fields that make it run to max_tokens
+    tokenize_path: str  # the server's own tokenize endpoint: {"model", field: text} -> {"tokens": [...]}
+    tokenize_field: str
 
 
 def nanoseek_spec(model: Path, quant: str, max_num_seqs: int) -> ServerSpec:
@@ -76,7 +78,7 @@ def nanoseek_spec(model: Path, quant: str, max_num_seqs: int) -> ServerSpec:
         return [sys.executable, "-m", "nanoseek", "serve", str(model), "--port", str(port), "--quant", quant,
                 "--max-num-seqs", str(max_num_seqs), "--shutdown-timeout", "2"]  # fmt: skip
 
-    return ServerSpec("nanoseek", argv, lambda n: {"ignore_eos": True})
+    return ServerSpec("nanoseek", argv, lambda n: {"ignore_eos": True}, "/tokenize", "prompt")
 
 
 def llama_spec(label: str, model: Path, threads: int, n_ctx: int, interrupt_requests: bool) -> ServerSpec:
@@ -85,7 +87,7 @@ def llama_spec(label: str, model: Path, threads: int, n_ctx: int, interrupt_requ
                 "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx), "--port", str(port),
                 "--interrupt_requests", str(interrupt_requests), "--verbose", "False"]  # fmt: skip
 
-    return ServerSpec(label, argv, lambda n: {"min_tokens": n})
+    return ServerSpec(label, argv, lambda n: {"min_tokens": n}, "/extras/tokenize", "input")
 
 
 PEERS = ("llama.cpp", "llama.cpp-queue")
@@ -322,7 +324,9 @@ def level_figures(level: Level, max_tokens: int) -> dict:
     """A level's figures over its completed streams, and its stream counts."""
     done = [s for s in level.streams if s.verdict(max_tokens) == "completed"]
     ttft = [(s.first - s.sent) * 1000 for s in done]
-    tpot = [(s.last - s.first) * 1000 / (max_tokens - 1) for s in done if max_tokens > 1]
+    # TPOT from the end of the stream, not the last text chunk: a server may hold back tokens that end inside a
+    # UTF-8 character and send them in one chunk (the first text chunk can then be the last)
+    tpot = [(s.end - s.first) * 1000 / (max_tokens - 1) for s in done if max_tokens > 1]
     return {
         "ttft_ms": percentile(ttft, 0.5),
         "ttft_p90_ms": percentile(ttft, 0.9),
@@ -436,6 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     figures: dict[str, dict[int, list[dict]]] = {s.label: {c: [] for c in args.concurrency} for s in specs}
     texts: dict[str, list[str]] = {s.label: [] for s in specs}
     rss: dict[str, list[float]] = {s.label: [] for s in specs}
+    prompt_ids: dict[str, list[list[int]]] = {}  # each server's tokenization of every timed prompt
     failed: dict[str, str] = {}
     for r in range(args.rounds):
         shift = r % len(specs)
@@ -444,20 +449,35 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             print(f"round {r + 1}/{args.rounds}: {spec.label} ...", file=sys.stderr, flush=True)
             try:
-                run_server(spec, args, env, prompts, figures, texts, rss)
+                run_server(spec, args, env, prompts, figures, texts, rss, prompt_ids)
             except ServerFailed as exc:
                 if spec.label == "nanoseek":
                     raise SystemExit(f"nanoseek bench serve: error: {exc}") from exc
                 failed[spec.label] = str(exc)
                 notes.append(f"{spec.label} MISSING: its server failed: {str(exc).strip()}")
     for label in failed:
-        for d in (figures, texts, rss):
-            d.pop(label)
+        for d in (figures, texts, rss, prompt_ids):
+            d.pop(label, None)
 
-    report(args, model, figures, texts, rss, notes, load_start)
+    report(args, model, figures, texts, rss, notes, load_start, same_prompt_tokens(prompt_ids))
 
 
-def run_server(spec, args, env, prompts, figures, texts, rss) -> None:
+def server_prompt_ids(spec: ServerSpec, url: str, model: str, prompts: list[str]) -> list[list[int]]:
+    """How the server itself tokenizes each prompt (its tokenize endpoint), to check that every server is
+    given the same prompt tokens."""
+    import httpx
+
+    ids = []
+    for prompt in prompts:
+        answer = httpx.post(
+            f"{url}{spec.tokenize_path}", json={"model": model, spec.tokenize_field: prompt}, timeout=60
+        )
+        answer.raise_for_status()
+        ids.append(answer.json()["tokens"])
+    return ids
+
+
+def run_server(spec, args, env, prompts, figures, texts, rss, prompt_ids) -> None:
     with running(spec, env, args.startup_timeout) as (url, model, proc):
         body = request_body(spec, model, args.max_tokens)
         # untimed: lazy initialisation, first allocations
@@ -470,9 +490,25 @@ def run_server(spec, args, env, prompts, figures, texts, rss) -> None:
             if c == 1:
                 texts[spec.label].append(level.streams[0].text)
         rss[spec.label].append(peak_rss_mb(proc.pid))
+        if spec.label not in prompt_ids:
+            prompt_ids[spec.label] = server_prompt_ids(
+                spec, url, model, [p for c in args.concurrency for p in prompts[c]]
+            )
 
 
-def report(args, model: Path, figures, texts, rss, notes, load_start) -> None:
+def same_prompt_tokens(prompt_ids: dict[str, list[list[int]]]) -> str:
+    """A line saying whether every server tokenized every prompt the same (equal work needs it)."""
+    labels = list(prompt_ids)
+    ours = prompt_ids["nanoseek"]
+    lengths = sorted({len(ids) for ids in ours})
+    differ = {peer: sum(a != b for a, b in zip(ours, prompt_ids[peer])) for peer in labels[1:]}
+    shown = f"{len(ours)} prompts of {lengths[0]}–{lengths[-1]} tokens (each server's tokenize endpoint)"
+    if not any(differ.values()):
+        return shown + (": the same token ids on every server" if differ else "")
+    return shown + ": DIFFERENT token ids on " + ", ".join(f"{p} for {n}" for p, n in differ.items() if n)
+
+
+def report(args, model: Path, figures, texts, rss, notes, load_start, prompt_tokens_line: str) -> None:
     load_end = os.getloadavg()
     labels = list(figures)
     print(
@@ -482,10 +518,7 @@ def report(args, model: Path, figures, texts, rss, notes, load_start) -> None:
     )
     for note in notes:
         print(f"NOTE: {note}")
-    prompt_tokens = sorted({t for lab in labels for c in args.concurrency for f in figures[lab][c]
-                            for t in f["prompt_tokens"]})  # fmt: skip
-    if prompt_tokens:
-        print(f"prompt tokens (nanoseek's usage): {prompt_tokens[0]}–{prompt_tokens[-1]}")
+    print(f"prompts: {prompt_tokens_line}")
     print()
     rows = []
     for label in labels:
@@ -519,7 +552,8 @@ def report(args, model: Path, figures, texts, rss, notes, load_start) -> None:
         print(f"plot: {args.plot}")
     if args.json:
         raw = {"args": {k: v for k, v in vars(args).items()}, "figures": figures, "texts": texts, "rss_mb": rss,
-               "ratios": ratios, "agreement": agreement, "notes": notes, "load": [load_start, load_end]}  # fmt: skip
+               "ratios": ratios, "agreement": agreement, "notes": notes, "load": [load_start, load_end],
+               "prompts": prompt_tokens_line}  # fmt: skip
         Path(args.json).write_text(json.dumps(raw, indent=1, default=str))
 
 
