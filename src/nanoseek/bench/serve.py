@@ -469,10 +469,12 @@ def server_prompt_ids(spec: ServerSpec, url: str, model: str, prompts: list[str]
 
     ids = []
     for prompt in prompts:
-        answer = httpx.post(
-            f"{url}{spec.tokenize_path}", json={"model": model, spec.tokenize_field: prompt}, timeout=60
-        )
-        answer.raise_for_status()
+        body = {"model": model, spec.tokenize_field: prompt}
+        try:
+            answer = httpx.post(f"{url}{spec.tokenize_path}", json=body, timeout=60)
+            answer.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise ServerFailed(f"{spec.label}: its tokenize endpoint {spec.tokenize_path} failed: {exc}") from exc
         ids.append(answer.json()["tokens"])
     return ids
 
