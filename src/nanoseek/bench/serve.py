@@ -514,7 +514,7 @@ def report(args, model: Path, figures, texts, rss, notes, load_start, prompt_tok
     load_end = os.getloadavg()
     labels = list(figures)
     print(
-        f"serve benchmark: {model.name}, {args.threads} threads per server, {args.rounds} round(s) (median, min–max "
+        f"serve benchmark: {model.name}, {args.threads} thread(s) per server, {args.rounds} round(s) (median, min–max "
         f"over rounds), {args.max_tokens} tokens per stream, prompts of {args.prompt_words} words, "
         f"{os.cpu_count()} CPUs, load average {load_start[0]:.2f} at the start and {load_end[0]:.2f} at the end"
     )
