@@ -7,8 +7,10 @@ MODEL is a .gguf file or an asset name (default `smollm2`: SmolLM2-135M-Instruct
 runs in its own process, one at a time: every round starts a server, sends one untimed warm-up request,
 drives it at each concurrency C (C distinct text prompts sent at once to /v1/completions as streams), then
 stops it; the next server follows, and the order of the servers rotates every round. Both get the same
-prompts, the same max_tokens and temperature 0; both are asked to run every stream to max_tokens
+prompts (each server's own tokenize endpoint is asked for their ids, and the report says whether they
+match), the same max_tokens and temperature 0; both are asked to run every stream to max_tokens
 (nanoseek: ignore_eos; llama.cpp has no ignore_eos, so min_tokens = max_tokens, which masks its EOS token).
+The warm-up and every level get prompts of their own, so no prefix cache carries work from one to the next.
 
 A stream is *completed* when it ends with finish_reason "length" and then [DONE] and has max_tokens tokens
 (nanoseek's usage chunk counts them; llama.cpp's stream has no usage, so "length" is its count). Anything
@@ -21,13 +23,14 @@ request latency) and aggregate tok/s (tokens of completed streams / wall time of
 figure is taken per round (median, or p90, over the level's requests) and reported as the median over the
 rounds with the min-max; the ratios nanoseek / peer are taken round by round (the two servers ran minutes
 apart at most) and summarised the same way. The machine load is printed: on a shared machine it matters,
-and more for llama.cpp, whose worker threads spin: with --threads 2 on a busy 2-core machine its decode
-slowed 15-25x (measured here), so compare at --threads 1 there.
+and more for llama.cpp, whose worker threads spin: with --threads 2 on a busy 2-core machine (load ~8) its
+server took 300-930 ms per token against 17-30 ms with one thread (measured here), so compare at
+--threads 1 there. Peak RSS of each server process is printed.
 
 Agreement: at concurrency 1 both servers' greedy outputs for the same prompt are compared (longest common
 prefix, in tokens of the GGUF's tokenizer). Exact equality is not expected: nanoseek runs a quantized GGUF
 as int8 (`--quant auto`) while llama.cpp runs the GGUF's own Q4_1 kernels. Each server must give the same
-text in every round (determinism), or the benchmark says so.
+text in every round (determinism), or the report says so.
 
 llama.cpp is optional: `pip install -e '.[bench]'` (llama-cpp-python with its server extra).
 """
