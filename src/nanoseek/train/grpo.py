@@ -376,7 +376,7 @@ def save_model(model: nn.Module, tok, folder: Path) -> Path:
 class GRPOResult:
     model_dir: Path
     steps: int
-    tokens: int  # token positions processed by training forwards (prompt + completion)
+    tokens: int  # token positions processed: sampled in the rollouts plus trained on (prompt + completion each)
     energy_j: float
     wall_s: float
     history: list[dict[str, Any]]  # one record per step: reward, accuracy, completion_len, kl, clip_frac...
@@ -522,7 +522,7 @@ class GRPOTrainer:
         rows = keep.nonzero().view(-1).tolist()
         rows = [i for i in rows if lengths[i] > 0]
         if not rows:
-            record.update(loss=0.0, kl=0.0, clip_frac=0.0, entropy=0.0, skipped=True, _tokens=rolled)
+            record.update(loss=0.0, kl=0.0, clip_frac=0.0, entropy=0.0, skipped=True, _tokens=0, rollout_tokens=rolled)
             return record
         batch = make_batch([ro.prompt_ids[i] for i in rows], [ro.completion_ids[i] for i in rows], self.pad_id)
         adv_rows = adv[rows].to(self.device)
@@ -565,7 +565,9 @@ class GRPOTrainer:
         self._router_update()
         self.model.eval()
         trained = int(batch.attention_mask.sum()) * cfg.mu
-        record.update(stats, lr=lr, grad_norm=float(grad_norm), _tokens=rolled + trained)
+        # The meter's tokens (and so its tokens/s and MFU) are the positions trained on; the sampled tokens are
+        # logged apart. Counted together at training FLOPs per token, the MFU read past 100%.
+        record.update(stats, lr=lr, grad_norm=float(grad_norm), _tokens=trained, rollout_tokens=rolled)
         return record
 
     def _router_update(self) -> None:
@@ -648,7 +650,8 @@ class GRPOTrainer:
             log.info("GRPO held-out %s: %.1f%% (95%% CI %.1f-%.1f%%, n=%d)%s", name, 100 * s.accuracy, 100 * lo,
                      100 * hi, s.n, was)  # fmt: skip
         return GRPOResult(
-            model_dir, step, int(summary["tokens"]), float(summary["energy_j"]), time.perf_counter() - start_wall,
+            model_dir, step, int(summary["tokens"]) + sum(int(r.get("rollout_tokens", 0)) for r in history),
+            float(summary["energy_j"]), time.perf_counter() - start_wall,
             history, before, after, summary,
         )  # fmt: skip
 

@@ -265,8 +265,10 @@ def grpo_stage(ctx: StageContext) -> StageResult | None:
     scores = evaluate_r1_stage(result.model_dir, ctx)
     s = result.summary
     keys = ("reward", "accuracy", "completion_len", "kl", "clip_frac", "entropy")
-    # no MFU: GRPO's tokens mix sampling (inference) and training, whose FLOPs per token differ 3x
-    extra = {"steps": result.steps, "final_loss": s.get("final_loss"), "tok_s": s.get("tok_s"), "mfu": None,
+    # no MFU: GRPO's tokens mix sampling (inference) and training, whose FLOPs per token differ 3x; tokens/s
+    # counts both, as the tokens column does (the meter's own tok_s counts the trained positions only)
+    tok_s = result.tokens / s["train_s"] if s.get("train_s") else None
+    extra = {"steps": result.steps, "final_loss": s.get("final_loss"), "tok_s": tok_s, "mfu": None,
              "train_s": s.get("train_s"), "energy_source": s.get("energy_source"), "tasks": list(plan.grpo_tasks),
              "history": [{k: h[k] for k in ("step", *keys) if k in h} for h in result.history]}  # fmt: skip
     return StageResult(
