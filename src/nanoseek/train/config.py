@@ -31,6 +31,7 @@ import math
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,10 +306,18 @@ def load_train_config(
             raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}{_suggest(preset, PRESETS)}")
         _apply(cfg, PRESETS[preset], where=f"preset {preset!r}")
     _apply(cfg, file_data, where=str(path))
-    for item in overrides or []:
+    apply_overrides(cfg, overrides or [])
+    cfg.validate(check_model=check_model)
+    return cfg
+
+
+def apply_overrides(cfg: Any, overrides: Sequence[str], example: str = "optim.lr=3e-4") -> None:
+    """Apply `key=value` strings (dotted keys reach nested sections) to the dataclass `cfg`, in place, each
+    value checked and coerced to its field's type."""
+    for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"override {item!r} must look like key=value (e.g. optim.lr=3e-4)")
+            raise ValueError(f"override {item!r} must look like key=value (e.g. {example})")
         nested: dict[str, Any] = {}
         node = nested
         parts = key.strip().split(".")
@@ -316,8 +325,6 @@ def load_train_config(
             node = node.setdefault(part, {})
         node[parts[-1]] = _RawString(raw.strip())
         _apply(cfg, nested, where=f"override {item!r}")
-    cfg.validate(check_model=check_model)
-    return cfg
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:

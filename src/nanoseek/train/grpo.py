@@ -121,20 +121,10 @@ class GRPOConfig:
 
 def load_grpo_config(overrides: Sequence[str] = ()) -> GRPOConfig:
     """GRPOConfig from `key=value` strings (as `nanoseek train --set`), checked and coerced per field."""
-    from nanoseek.train.config import _apply, _RawString
+    from nanoseek.train.config import apply_overrides
 
     cfg = GRPOConfig()
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"override {item!r} must look like key=value (e.g. loss_type=dapo)")
-        nested: dict[str, Any] = {}
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = _RawString(raw.strip())
-        _apply(cfg, nested, where=f"override {item!r}")
+    apply_overrides(cfg, overrides, example="loss_type=dapo")
     cfg.validate()
     return cfg
 
