@@ -7,6 +7,8 @@ Run folder:
     model/            final model: HF folder with tokenizer (nanoseek.load and transformers load it)
     metrics.jsonl     every step and evaluation of every stage ({"event": "stage", ...} lines separate stages)
     summary.json      {"stages": [{"name", "wall_s", "tokens", "energy_j", "eval": {task: {accuracy, ci95, n}}}],
+                       "final_eval": {"stage", "wall_s", "energy_j", "greedy": {task: EvalResult.to_dict()},
+                                      "sampled": {task: EvalResult.to_dict()}},
                        "energy_estimated", "cost", "device", ...}
     report.md + *.png the report card
     pretrain/         the pretraining stage's checkpoints and tokenizer
@@ -19,6 +21,11 @@ Stages are a list (STAGES). Pretraining learns the tasks in their bare format (`
 SFT left room on, with the format and accuracy rewards. Each stage gets a StageContext (the previous stage's
 model folder, the StagePlan) and returns a StageResult, or None when it cannot run (then it is listed as
 skipped). Pretraining is evaluated on the bare prompts, SFT and GRPO in the chat + R1 format.
+
+After the last stage, the final model's report card comes from nanoseek.eval (final_evaluation): on the GRPO
+tasks in the last stage's format, greedy pass@1 (the same problems and format as the stage's own evaluation,
+so the same number) and FINAL_EVAL_SAMPLES sampled completions per problem for pass@1 and pass@k, each with
+its 95% interval.
 """
 
 from __future__ import annotations
@@ -292,6 +299,49 @@ def evaluate_r1_stage(model_dir: Path, ctx: StageContext) -> dict[str, TaskScore
 
 LATER_STAGES = {"sft": sft_stage, "grpo": grpo_stage}
 
+# The final model's sampled evaluation: completions per problem, at the GRPO rollouts' temperature. The tiny
+# model's engine decodes all problems x samples together (FINAL_EVAL_BATCH sequences at a time).
+FINAL_EVAL_SAMPLES = 8
+FINAL_EVAL_TEMPERATURE = 1.0
+FINAL_EVAL_BATCH = 512
+
+
+def final_evaluation(
+    final: StageResult, cfg: TrainConfig, plan: StagePlan, device: str, *, samples: int = FINAL_EVAL_SAMPLES
+) -> dict[str, Any]:
+    """The final model on the GRPO tasks' held-out problems through nanoseek.eval, in the last stage's format
+    (chat + R1 with no system prompt after SFT or GRPO, as those stages evaluate; the bare prompt after
+    pretraining alone): greedy pass@1 with a Wilson interval, then `samples` completions per problem at
+    FINAL_EVAL_TEMPERATURE for pass@1 and pass@`samples` with bootstrap intervals."""
+    import nanoseek
+    from nanoseek.eval import TaskSpec, evaluate
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.grpo import load_grpo_config
+    from nanoseek.train.meter import make_energy_counter
+
+    start, energy = time.perf_counter(), make_energy_counter(device, cfg.watts_per_core)
+    model = nanoseek.load(final.model_dir, device=device)
+    tok = load_tokenizer(final.model_dir)
+    if final.name == "pretrain":
+        fmt: dict[str, Any] = {"format": "plain"}
+    else:  # the format and answer budget of evaluate_r1_stage
+        r1 = load_grpo_config(["system_prompt=", *plan.grpo, *plan.grpo_extra])
+        fmt = {"format": "r1", "system_prompt": "", "max_new_tokens": r1.max_new_tokens}
+    # the held-out split of the pretraining config, as the stages' evaluations draw it
+    specs = [TaskSpec(t, "synthetic", task=get_task(t, cfg.data.heldout_fraction)) for t in plan.grpo_tasks]
+    n = cfg.data.eval_examples
+    # batches of 256, as the stages' greedy evaluation decodes: the same engine steps, so the same answers
+    greedy = evaluate(model, tok, specs, limit=n, batch_size=256, **fmt)
+    sampled = evaluate(model, tok, specs, limit=n, samples=samples, k=sorted({1, samples}),
+                       temperature=FINAL_EVAL_TEMPERATURE, batch_size=FINAL_EVAL_BATCH, **fmt)  # fmt: skip
+    return {
+        "stage": final.name,
+        "wall_s": time.perf_counter() - start,
+        "energy_j": float(energy.joules()),
+        "greedy": {name: r.to_dict() for name, r in greedy.items()},
+        "sampled": {name: r.to_dict() for name, r in sampled.items()},
+    }
+
 
 def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
     from nanoseek.parallel import resolve_device
@@ -326,18 +376,22 @@ def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
     final = stages[-1]
     model_dir = run_dir / "model"
     _copy_model(final.model_dir, model_dir)
+    final_eval = final_evaluation(final, cfg, plan, device)
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps({"event": "final_eval", **final_eval}) + "\n")
     total_wall = time.perf_counter() - t0
     price = cfg.price_per_device_hour
     from nanoseek.train.meter import make_energy_counter
 
     summary = {
         "stages": [s.to_summary() for s in stages],
+        "final_eval": final_eval,
         "energy_estimated": make_energy_counter(device, cfg.watts_per_core).estimated,
         "cost": total_wall / 3600 * price,
         "currency": cfg.currency,
         "device": device,
         "wall_s": total_wall,
-        "energy_j": sum(s.energy_j for s in stages),
+        "energy_j": sum(s.energy_j for s in stages) + final_eval["energy_j"],
         "tokens": sum(s.tokens for s in stages),
         "skipped_stages": skipped,
         "model_dir": str(model_dir),
