@@ -287,6 +287,36 @@ def test_r1_without_system_prompt_is_the_format_grpo_trains_with(tiny):
         evaluate(model, tok, ["add2"], format="plain", system_prompt="be brief")
 
 
+def test_r1_without_system_prompt_scores_as_grpo_evaluates(tiny):
+    # a scripted model answers a third of the add2 problems right, a third wrong, a third outside the R1 format:
+    # nanoseek.eval (greedy, and sampled at T=1 from its one-hot policy) and GRPO's own evaluation agree exactly
+    import re
+
+    from nanoseek.train.grpo import evaluate_r1, load_grpo_config
+    from scripted_model import ScriptedConfig, ScriptedModel, script_policy
+
+    _, _, tok = tiny
+
+    def reply(prompt_text: str) -> str:
+        a, b = map(int, re.search(r"(\d+)\+(\d+)=", prompt_text).groups())
+        answer = str(a + b)[::-1]  # add2 answers least-significant digit first
+        if (a + b) % 3 == 0:
+            return f"<think>{a}+{b}</think><answer>{str(a + b + 1)[::-1]}</answer>"
+        return f"<think>{a}+{b}</think><answer>{answer}</answer>" if (a + b) % 3 == 1 else answer
+
+    model = ScriptedModel(ScriptedConfig(tok.vocab_size, tok.eos_token_id), script_policy(tok, "<|assistant|>", reply))
+    task, n = get_task("add2"), 30
+    expected = sum(int(ex.answer[::-1]) % 3 == 1 for ex in task.eval_examples(n)) / n
+    assert 0 < expected < 1
+    grpo = evaluate_r1(model, tok, [task], n, load_grpo_config(["system_prompt=", "max_new_tokens=24"]))["add2"]
+    kwargs = dict(limit=n, format="r1", system_prompt="", max_new_tokens=24)
+    greedy = evaluate(model, tok, ["add2"], **kwargs)["add2"]
+    assert greedy.metrics["pass@1"].value == grpo.accuracy == expected and greedy.n == grpo.n == n
+    assert greedy.metrics["pass@1"].ci95 == grpo.ci95
+    sampled = evaluate(model, tok, ["add2"], samples=4, k=(1, 4), temperature=1.0, **kwargs)["add2"]
+    assert sampled.metrics["pass@1"].value == sampled.metrics["pass@4"].value == expected
+
+
 def test_prompt_longer_than_the_context_is_skipped_with_a_warning(tiny, tmp_path):
     _, model, tok = tiny
     long_question = " ".join(["the cat sat on the mat"] * 40)
