@@ -280,9 +280,8 @@ def test_r1_without_system_prompt_is_the_format_grpo_trains_with(tiny):
     assert problems[0].check(completion_text(tok, ids, "r1"))
     result = evaluate(model, tok, ["add2"], limit=3, format="r1", system_prompt="", max_new_tokens=4)["add2"]
     assert result.settings["system_prompt"] == "" and result.n == 3
-    assert evaluate(model, tok, ["add2"], limit=1, format="r1", max_new_tokens=1)["add2"].settings[
-        "system_prompt"
-    ].startswith("The assistant first")
+    default = evaluate(model, tok, ["add2"], limit=1, format="r1", max_new_tokens=1)["add2"]
+    assert default.settings["system_prompt"].startswith("The assistant first")
     with pytest.raises(ValueError, match="system prompt needs the chat or r1 format"):
         evaluate(model, tok, ["add2"], format="plain", system_prompt="be brief")
 

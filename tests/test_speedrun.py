@@ -69,6 +69,15 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
         assert sampled["metrics"]["pass@1"]["value"] <= sampled["metrics"]["pass@8"]["value"]
         for m in sampled["metrics"].values():
             assert m["ci_method"] == "bootstrap" and m["ci95"][0] <= m["value"] <= m["ci95"][1]
+    # the stages' nanoseek.eval scores are those of GRPO's own evaluation (train.grpo.evaluate_r1)
+    import nanoseek
+    from nanoseek.train.grpo import evaluate_r1, load_grpo_config
+    from nanoseek.train.tasks import get_task
+
+    r1 = load_grpo_config(["system_prompt=", "max_new_tokens=24"])
+    reference = evaluate_r1(nanoseek.load(out / "model"), nanoseek.load_tokenizer(out / "model"),
+                            [get_task("add2"), get_task("sort")], 20, r1)  # fmt: skip
+    assert {task: s.to_dict() for task, s in reference.items()} == grpo["eval"]
     report = (out / "report.md").read_text()
     assert "## Final model" in report and "| task | pass@1 greedy | pass@1 sampled | pass@8 | n |" in report
     assert "| pretrain | add2 |" in report and "| grpo | add2 |" in report and "95% CI" in report

@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("always", EvalWarning)
         results = evaluate(
             model, tok, specs, limit=args.limit, samples=args.samples, k=ks, temperature=args.temperature,
-            top_p=args.top_p, format=args.format, system_prompt=args.system_prompt, max_new_tokens=args.max_tokens, batch_size=args.batch_size,
-            seed=args.seed,
+            top_p=args.top_p, format=args.format, system_prompt=args.system_prompt, max_new_tokens=args.max_tokens,
+            batch_size=args.batch_size, seed=args.seed,
         )  # fmt: skip
     for w in caught:
         if issubclass(w.category, EvalWarning):

@@ -19,8 +19,8 @@ GSM8K as "Question: …\\nAnswer:"), "chat" sends the question as one user messa
 template, "r1" adds the R1 system prompt and reads the answer inside `<answer>…</answer>` (a completion that is
 not `<think>…</think><answer>…</answer>` counts as wrong). "auto": plain for synthetic tasks, chat for math when
 the tokenizer has a chat template. `system_prompt` replaces the chat and r1 formats' system message ("" for none:
-the r1 format without a system prompt is how the speedrun's small-context models are trained and evaluated). A prompt that leaves no room in the model's context is skipped with a warning
-and counted in `skipped`.
+the r1 format without a system prompt is how the speedrun's small-context models are trained and evaluated).
+A prompt that leaves no room in the model's context is skipped with a warning and counted in `skipped`.
 """
 
 from __future__ import annotations
@@ -179,9 +179,7 @@ def _plain_math_answer(text: str) -> str | None:
     return extract_math_answer(text)
 
 
-def math_problems(
-    tok, problems_in: Sequence[MathProblem], fmt: str, system_prompt: str | None = None
-) -> list[Problem]:
+def math_problems(tok, problems_in: Sequence[MathProblem], fmt: str, system_prompt: str | None = None) -> list[Problem]:
     """Prompts and checkers for GSM8K-style problems in a format ("plain", "chat" or "r1"); the chat formats'
     system message is `system_prompt` (None: the format's default)."""
     system = default_system_prompt(fmt) if system_prompt is None else system_prompt

@@ -20,7 +20,8 @@ Stages are a list (STAGES). Pretraining learns the tasks in their bare format (`
 (`<think>74+58</think><answer>231</answer>`, r1_conversations); GRPO (nanoseek.train.grpo) trains on the task
 SFT left room on, with the format and accuracy rewards. Each stage gets a StageContext (the previous stage's
 model folder, the StagePlan) and returns a StageResult, or None when it cannot run (then it is listed as
-skipped). Pretraining is evaluated on the bare prompts, SFT and GRPO in the chat + R1 format.
+skipped). Pretraining is evaluated on the bare prompts (by the trainer), SFT and GRPO in the chat + R1 format
+with no system prompt (by nanoseek.eval, evaluate_r1_stage).
 
 After the last stage, the final model's report card comes from nanoseek.eval (final_evaluation): on the GRPO
 tasks in the last stage's format, greedy pass@1 (the same problems and format as the stage's own evaluation,
@@ -281,17 +282,41 @@ def grpo_stage(ctx: StageContext) -> StageResult | None:
     )
 
 
+# Greedy evaluations decode 256 problems at a time (as train.grpo.evaluate_r1 does: the same engine steps, so the
+# same answers to the bit).
+GREEDY_EVAL_BATCH = 256
+
+
+def heldout_specs(tasks: list[str], cfg: TrainConfig) -> list[Any]:
+    """nanoseek.eval task specs of `tasks` on the pretraining config's held-out split."""
+    from nanoseek.eval import TaskSpec
+
+    return [TaskSpec(t, "synthetic", task=get_task(t, cfg.data.heldout_fraction)) for t in tasks]
+
+
+def r1_eval_format(plan: StagePlan) -> dict[str, Any]:
+    """nanoseek.eval settings of the format SFT teaches and GRPO trains with: the chat template, no system prompt
+    (the R1 one would fill much of a small model's context), `<think>…</think><answer>…</answer>` with the
+    answer checked exactly, GRPO's completion budget."""
+    from nanoseek.train.grpo import load_grpo_config
+
+    r1 = load_grpo_config(["system_prompt=", *plan.grpo, *plan.grpo_extra])
+    return {"format": "r1", "system_prompt": r1.system_prompt, "max_new_tokens": r1.max_new_tokens}
+
+
 def evaluate_r1_stage(model_dir: Path, ctx: StageContext) -> dict[str, TaskScore]:
-    """Held-out accuracy of a chat-format stage's model: greedy, R1 format, the <answer> checked exactly."""
+    """Held-out accuracy of a chat-format stage's model (nanoseek.eval): greedy, in r1_eval_format."""
     import nanoseek
+    from nanoseek.eval import evaluate
     from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train.grpo import evaluate_r1, load_grpo_config
 
     cfg = ctx.train_config
     model = nanoseek.load(model_dir, device=ctx.device)
-    tasks = [get_task(t, cfg.data.heldout_fraction) for t in cfg.data.tasks]
-    r1 = load_grpo_config(["system_prompt=", *ctx.plan.grpo, *ctx.plan.grpo_extra])
-    scores = evaluate_r1(model, load_tokenizer(model_dir), tasks, cfg.data.eval_examples, r1)
+    results = evaluate(
+        model, load_tokenizer(model_dir), heldout_specs(cfg.data.tasks, cfg), limit=cfg.data.eval_examples,
+        batch_size=GREEDY_EVAL_BATCH, **r1_eval_format(ctx.plan),
+    )  # fmt: skip
+    scores = {name: TaskScore(sum(d["correct"][0] for d in r.details), r.n) for name, r in results.items()}
     with open(ctx.metrics_path, "a") as f:
         f.write(json.dumps({"event": "eval", "final": True, **{n: s.to_dict() for n, s in scores.items()}}) + "\n")
     return scores
@@ -314,24 +339,16 @@ def final_evaluation(
     pretraining alone): greedy pass@1 with a Wilson interval, then `samples` completions per problem at
     FINAL_EVAL_TEMPERATURE for pass@1 and pass@`samples` with bootstrap intervals."""
     import nanoseek
-    from nanoseek.eval import TaskSpec, evaluate
+    from nanoseek.eval import evaluate
     from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train.grpo import load_grpo_config
     from nanoseek.train.meter import make_energy_counter
 
     start, energy = time.perf_counter(), make_energy_counter(device, cfg.watts_per_core)
     model = nanoseek.load(final.model_dir, device=device)
     tok = load_tokenizer(final.model_dir)
-    if final.name == "pretrain":
-        fmt: dict[str, Any] = {"format": "plain"}
-    else:  # the format and answer budget of evaluate_r1_stage
-        r1 = load_grpo_config(["system_prompt=", *plan.grpo, *plan.grpo_extra])
-        fmt = {"format": "r1", "system_prompt": "", "max_new_tokens": r1.max_new_tokens}
-    # the held-out split of the pretraining config, as the stages' evaluations draw it
-    specs = [TaskSpec(t, "synthetic", task=get_task(t, cfg.data.heldout_fraction)) for t in plan.grpo_tasks]
-    n = cfg.data.eval_examples
-    # batches of 256, as the stages' greedy evaluation decodes: the same engine steps, so the same answers
-    greedy = evaluate(model, tok, specs, limit=n, batch_size=256, **fmt)
+    fmt = {"format": "plain"} if final.name == "pretrain" else r1_eval_format(plan)
+    specs, n = heldout_specs(plan.grpo_tasks, cfg), cfg.data.eval_examples
+    greedy = evaluate(model, tok, specs, limit=n, batch_size=GREEDY_EVAL_BATCH, **fmt)
     sampled = evaluate(model, tok, specs, limit=n, samples=samples, k=sorted({1, samples}),
                        temperature=FINAL_EVAL_TEMPERATURE, batch_size=FINAL_EVAL_BATCH, **fmt)  # fmt: skip
     return {
