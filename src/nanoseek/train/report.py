@@ -271,8 +271,8 @@ def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | N
     lines += ["## Held-out accuracy", ""]
     lines.append(
         "Exact match of greedy answers on problems never drawn for training (95% Wilson interval). Pretraining is "
-        "asked the bare problem (`47+85=`); SFT and GRPO are asked in the chat template and must answer "
-        "`<think>…</think><answer>…</answer>`, the answer checked exactly."
+        "asked the bare problem (`47+85=`); SFT and GRPO are asked in the chat template (no system prompt) and must "
+        "answer `<think>…</think><answer>…</answer>`, the answer checked exactly."
     )
     lines.append("")
     lines.append("| stage | task | accuracy | 95% CI | n | chance |")
