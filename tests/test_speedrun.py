@@ -79,7 +79,7 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
                             [get_task("add2"), get_task("sort")], 20, r1)  # fmt: skip
     assert {task: s.to_dict() for task, s in reference.items()} == grpo["eval"]
     report = (out / "report.md").read_text()
-    assert "## Final model" in report and "| task | pass@1 greedy | pass@1 sampled | pass@8 | n |" in report
+    assert "## Final model" in report and "| task | pass@1 greedy | n | pass@1 sampled | pass@8 | n |" in report
     assert "| pretrain | add2 |" in report and "| grpo | add2 |" in report and "95% CI" in report
     assert "![Training loss](loss.png)" in report and "![GRPO rewards, lengths, KL](grpo.png)" in report
     assert "energy per correct answer" in report and "| after stage |" in report

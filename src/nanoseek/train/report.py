@@ -237,14 +237,16 @@ def final_eval_lines(final: dict[str, Any] | None) -> list[str]:
     lines.append(
         f"`nanoseek eval` on the {final['stage']} model, in {fmt}: pass@1 of the greedy answer (Wilson interval), "
         f"and pass@1 and pass@{k} from {k} completions per problem sampled at temperature {temperature:g} "
-        f"(unbiased estimator, bootstrap interval over problems); {final['wall_s']:.0f} s."
+        f"(unbiased estimator, bootstrap interval over problems; the first problems of the greedy ones); "
+        f"{final['wall_s']:.0f} s."
     )
     lines.append("")
-    lines += [f"| task | pass@1 greedy | pass@1 sampled | pass@{k} | n |", "|---|---|---|---|---|"]
+    lines += [f"| task | pass@1 greedy | n | pass@1 sampled | pass@{k} | n |", "|---|---|---|---|---|---|"]
     for task, greedy in sorted(final["greedy"].items()):
-        sampled = final["sampled"][task]["metrics"]
-        lines.append(f"| {task} | {_with_ci(greedy['metrics']['pass@1'])} | {_with_ci(sampled['pass@1'])} | "
-                     f"{_with_ci(sampled[f'pass@{k}'])} | {greedy['n']} |")  # fmt: skip
+        sampled = final["sampled"][task]
+        lines.append(f"| {task} | {_with_ci(greedy['metrics']['pass@1'])} | {greedy['n']} | "
+                     f"{_with_ci(sampled['metrics']['pass@1'])} | {_with_ci(sampled['metrics'][f'pass@{k}'])} | "
+                     f"{sampled['n']} |")  # fmt: skip
     lines.append("")
     return lines
 

@@ -324,10 +324,14 @@ def evaluate_r1_stage(model_dir: Path, ctx: StageContext) -> dict[str, TaskScore
 
 LATER_STAGES = {"sft": sft_stage, "grpo": grpo_stage}
 
-# The final model's sampled evaluation: completions per problem, at the GRPO rollouts' temperature. The tiny
-# model's engine decodes all problems x samples together (FINAL_EVAL_BATCH sequences at a time).
+# The final model's sampled evaluation: completions per problem, at the GRPO rollouts' temperature, on the first
+# FINAL_EVAL_SAMPLED_PROBLEMS of the greedy evaluation's problems, FINAL_EVAL_BATCH sequences decoded together.
+# Measured on the 2-core CPU (shared with other jobs, load ~4) with a default run's GRPO model, add2 + sort: 400
+# problems x 8 samples took 36-52 s at batch 512 and 80-88 s at 3,200 (the decode steps are compute-bound); with
+# 200 problems sampled, the whole final_evaluation (model load, greedy on 400, sampled on 200) took 45-57 s.
 FINAL_EVAL_SAMPLES = 8
 FINAL_EVAL_TEMPERATURE = 1.0
+FINAL_EVAL_SAMPLED_PROBLEMS = 200
 FINAL_EVAL_BATCH = 512
 
 
@@ -336,8 +340,9 @@ def final_evaluation(
 ) -> dict[str, Any]:
     """The final model on the GRPO tasks' held-out problems through nanoseek.eval, in the last stage's format
     (chat + R1 with no system prompt after SFT or GRPO, as those stages evaluate; the bare prompt after
-    pretraining alone): greedy pass@1 with a Wilson interval, then `samples` completions per problem at
-    FINAL_EVAL_TEMPERATURE for pass@1 and pass@`samples` with bootstrap intervals."""
+    pretraining alone): greedy pass@1 with a Wilson interval on the stages' held-out problems, then `samples`
+    completions of each of the first FINAL_EVAL_SAMPLED_PROBLEMS at FINAL_EVAL_TEMPERATURE for pass@1 and
+    pass@`samples` with bootstrap intervals."""
     import nanoseek
     from nanoseek.eval import evaluate
     from nanoseek.tokenizer import load_tokenizer
@@ -349,8 +354,9 @@ def final_evaluation(
     fmt = {"format": "plain"} if final.name == "pretrain" else r1_eval_format(plan)
     specs, n = heldout_specs(plan.grpo_tasks, cfg), cfg.data.eval_examples
     greedy = evaluate(model, tok, specs, limit=n, batch_size=GREEDY_EVAL_BATCH, **fmt)
-    sampled = evaluate(model, tok, specs, limit=n, samples=samples, k=sorted({1, samples}),
-                       temperature=FINAL_EVAL_TEMPERATURE, batch_size=FINAL_EVAL_BATCH, **fmt)  # fmt: skip
+    sampled = evaluate(model, tok, specs, limit=min(n, FINAL_EVAL_SAMPLED_PROBLEMS), samples=samples,
+                       k=sorted({1, samples}), temperature=FINAL_EVAL_TEMPERATURE, batch_size=FINAL_EVAL_BATCH,
+                       **fmt)  # fmt: skip
     return {
         "stage": final.name,
         "wall_s": time.perf_counter() - start,
