@@ -261,6 +261,61 @@ def test_r1_format_reads_the_answer_tag(tiny):
     assert problem.check(completion_text(tok, ids, "r1")) and not problem.check(completion_text(tok, ids, "plain"))
 
 
+def test_r1_without_system_prompt_is_the_format_grpo_trains_with(tiny):
+    # the speedrun trains and evaluates its small-context models in the R1 format with no system prompt
+    from nanoseek.eval.runner import completion_text, synthetic_problems
+    from nanoseek.train.grpo import decode_completion, load_grpo_config, render_prompt
+
+    _, model, tok = tiny
+    task = get_task("add2")
+    examples = task.eval_examples(5)
+    cfg = load_grpo_config(["system_prompt="])
+    problems = synthetic_problems(tok, task, "r1", examples, system_prompt="")
+    assert [p.prompt for p in problems] == [render_prompt(tok, ex, cfg) for ex in examples]
+    assert not tok.decode(problems[0].prompt, skip_special_tokens=False).startswith("<|bos|><|system|>")
+    # the completion is read as GRPO's rewards read it: special tokens kept, bos/eos markers dropped
+    ids = [tok.bos_token_id, *tok.encode(f"<think>x</think><answer>{examples[0].answer}</answer>",
+                                         add_special_tokens=False), tok.eos_token_id]  # fmt: skip
+    assert completion_text(tok, ids, "r1") == decode_completion(tok, ids)
+    assert problems[0].check(completion_text(tok, ids, "r1"))
+    result = evaluate(model, tok, ["add2"], limit=3, format="r1", system_prompt="", max_new_tokens=4)["add2"]
+    assert result.settings["system_prompt"] == "" and result.n == 3
+    default = evaluate(model, tok, ["add2"], limit=1, format="r1", max_new_tokens=1)["add2"]
+    assert default.settings["system_prompt"].startswith("The assistant first")
+    with pytest.raises(ValueError, match="system prompt needs the chat or r1 format"):
+        evaluate(model, tok, ["add2"], format="plain", system_prompt="be brief")
+
+
+def test_r1_without_system_prompt_scores_as_grpo_evaluates(tiny):
+    # a scripted model answers a third of the add2 problems right, a third wrong, a third outside the R1 format:
+    # nanoseek.eval (greedy, and sampled at T=1 from its one-hot policy) and GRPO's own evaluation agree exactly
+    import re
+
+    from nanoseek.train.grpo import evaluate_r1, load_grpo_config
+    from scripted_model import ScriptedConfig, ScriptedModel, script_policy
+
+    _, _, tok = tiny
+
+    def reply(prompt_text: str) -> str:
+        a, b = map(int, re.search(r"(\d+)\+(\d+)=", prompt_text).groups())
+        answer = str(a + b)[::-1]  # add2 answers least-significant digit first
+        if (a + b) % 3 == 0:
+            return f"<think>{a}+{b}</think><answer>{str(a + b + 1)[::-1]}</answer>"
+        return f"<think>{a}+{b}</think><answer>{answer}</answer>" if (a + b) % 3 == 1 else answer
+
+    model = ScriptedModel(ScriptedConfig(tok.vocab_size, tok.eos_token_id), script_policy(tok, "<|assistant|>", reply))
+    task, n = get_task("add2"), 30
+    expected = sum(int(ex.answer[::-1]) % 3 == 1 for ex in task.eval_examples(n)) / n
+    assert 0 < expected < 1
+    grpo = evaluate_r1(model, tok, [task], n, load_grpo_config(["system_prompt=", "max_new_tokens=24"]))["add2"]
+    kwargs = dict(limit=n, format="r1", system_prompt="", max_new_tokens=24)
+    greedy = evaluate(model, tok, ["add2"], **kwargs)["add2"]
+    assert greedy.metrics["pass@1"].value == grpo.accuracy == expected and greedy.n == grpo.n == n
+    assert greedy.metrics["pass@1"].ci95 == grpo.ci95
+    sampled = evaluate(model, tok, ["add2"], samples=4, k=(1, 4), temperature=1.0, **kwargs)["add2"]
+    assert sampled.metrics["pass@1"].value == sampled.metrics["pass@4"].value == expected
+
+
 def test_prompt_longer_than_the_context_is_skipped_with_a_warning(tiny, tmp_path):
     _, model, tok = tiny
     long_question = " ".join(["the cat sat on the mat"] * 40)

@@ -53,7 +53,33 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     assert [h["step"] for h in grpo["history"]] == [1, 2, 3]
     assert all(k in grpo["history"][0] for k in ("reward", "accuracy", "completion_len", "kl", "clip_frac", "entropy"))
     assert summary["device"] == "cpu" and summary["energy_estimated"] is True
+    # the final model's report card (nanoseek.eval): greedy pass@1 on the GRPO stage's own problems and format
+    # gives the stage's held-out accuracy; sampled pass@1 and pass@8 carry bootstrap intervals
+    final = summary["final_eval"]
+    assert final["stage"] == "grpo" and final["wall_s"] > 0 and final["energy_j"] >= 0
+    assert set(final["greedy"]) == set(final["sampled"]) == set(grpo["tasks"]) == {"add2", "sort"}
+    for task, greedy in final["greedy"].items():
+        stage_eval, pass1 = grpo["eval"][task], greedy["metrics"]["pass@1"]
+        assert greedy["settings"]["format"] == "r1" and greedy["settings"]["system_prompt"] == ""
+        assert greedy["n"] == stage_eval["n"] == 20 and greedy["skipped"] == 0
+        assert pass1["value"] == stage_eval["accuracy"] and pass1["ci95"] == stage_eval["ci95"], (task, final)
+        sampled = final["sampled"][task]
+        assert sampled["samples"] == 8 and sampled["settings"]["temperature"] == 1.0 and sampled["n"] == 20
+        assert set(sampled["metrics"]) == {"pass@1", "pass@8"}
+        assert sampled["metrics"]["pass@1"]["value"] <= sampled["metrics"]["pass@8"]["value"]
+        for m in sampled["metrics"].values():
+            assert m["ci_method"] == "bootstrap" and m["ci95"][0] <= m["value"] <= m["ci95"][1]
+    # the stages' nanoseek.eval scores are those of GRPO's own evaluation (train.grpo.evaluate_r1)
+    import nanoseek
+    from nanoseek.train.grpo import evaluate_r1, load_grpo_config
+    from nanoseek.train.tasks import get_task
+
+    r1 = load_grpo_config(["system_prompt=", "max_new_tokens=24"])
+    reference = evaluate_r1(nanoseek.load(out / "model"), nanoseek.load_tokenizer(out / "model"),
+                            [get_task("add2"), get_task("sort")], 20, r1)  # fmt: skip
+    assert {task: s.to_dict() for task, s in reference.items()} == grpo["eval"]
     report = (out / "report.md").read_text()
+    assert "## Final model" in report and "| task | pass@1 greedy | n | pass@1 sampled | pass@8 | n |" in report
     assert "| pretrain | add2 |" in report and "| grpo | add2 |" in report and "95% CI" in report
     assert "![Training loss](loss.png)" in report and "![GRPO rewards, lengths, KL](grpo.png)" in report
     assert "energy per correct answer" in report and "| after stage |" in report

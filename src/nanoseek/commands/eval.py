@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompt format for generation tasks: plain (raw prompt), chat (chat template), r1 (R1 "
                    "system prompt, answer read from <answer>); auto: plain for synthetic tasks, chat for math "
                    "(default)")  # fmt: skip
+    p.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="system message of the chat and r1 formats (default: none for chat, the R1 prompt for r1; "
+                   "'' for none)")  # fmt: skip
     p.add_argument("--samples", type=int, default=1, help="completions per problem (default 1; >1 needs --temperature)")
     p.add_argument("--k", type=int, nargs="+", default=None, help="pass@k values to report (default: 1 and --samples)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
@@ -59,6 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from nanoseek.eval import EvalWarning, evaluate, format_table, parse_spec
 
+    if args.system_prompt and args.format == "plain":
+        raise ValueError("--system-prompt needs --format chat or r1 (the plain format sends the bare prompt)")
     specs = [s for item in args.tasks for s in item.split(",") if s]
     for spec in specs:  # bad specs fail before the model loads
         parse_spec(spec)
@@ -68,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("always", EvalWarning)
         results = evaluate(
             model, tok, specs, limit=args.limit, samples=args.samples, k=ks, temperature=args.temperature,
-            top_p=args.top_p, format=args.format, max_new_tokens=args.max_tokens, batch_size=args.batch_size,
-            seed=args.seed,
+            top_p=args.top_p, format=args.format, system_prompt=args.system_prompt, max_new_tokens=args.max_tokens,
+            batch_size=args.batch_size, seed=args.seed,
         )  # fmt: skip
     for w in caught:
         if issubclass(w.category, EvalWarning):

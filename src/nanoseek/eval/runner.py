@@ -18,8 +18,9 @@ Prompt formats (`format`): "plain" gives the raw prompt (a synthetic task's `<bo
 GSM8K as "Question: …\\nAnswer:"), "chat" sends the question as one user message through the model's chat
 template, "r1" adds the R1 system prompt and reads the answer inside `<answer>…</answer>` (a completion that is
 not `<think>…</think><answer>…</answer>` counts as wrong). "auto": plain for synthetic tasks, chat for math when
-the tokenizer has a chat template. A prompt that leaves no room in the model's context is skipped with a warning
-and counted in `skipped`.
+the tokenizer has a chat template. `system_prompt` replaces the chat and r1 formats' system message ("" for none:
+the r1 format without a system prompt is how the speedrun's small-context models are trained and evaluated).
+A prompt that leaves no room in the model's context is skipped with a warning and counted in `skipped`.
 """
 
 from __future__ import annotations
@@ -124,28 +125,44 @@ def _bos(tok) -> list[int]:
     return [tok.bos_token_id] if tok.bos_token_id is not None else []
 
 
-def _chat_ids(tok, question: str, r1: bool) -> list[int]:
-    system = [{"role": "system", "content": R1_SYSTEM_PROMPT}] if r1 else []
+def default_system_prompt(fmt: str) -> str:
+    """The system message a format sends when none is given: the R1 prompt for r1, none for chat."""
+    return R1_SYSTEM_PROMPT if fmt == "r1" else ""
+
+
+def _chat_ids(tok, question: str, system_prompt: str) -> list[int]:
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return tok.encode_chat([*system, {"role": "user", "content": question}])
 
 
 def completion_text(tok, token_ids: Sequence[int], fmt: str) -> str:
     """A completion's text for its checker. In the r1 format special tokens are kept: a trained tokenizer makes
-    <think>, </think>, <answer>, </answer> special tokens, and the format check needs them. (The stop token that
-    ended the completion is not among the ids.)"""
-    return tok.decode(token_ids, skip_special_tokens=fmt != "r1")
+    <think>, </think>, <answer>, </answer> special tokens, and the format check needs them; only the bos, eos and
+    pad markers are dropped, as GRPO's rewards read a completion (train.grpo.decode_completion). (The stop token
+    that ended the completion is not among the ids.)"""
+    if fmt != "r1":
+        return tok.decode(token_ids, skip_special_tokens=True)
+    text = tok.decode(token_ids, skip_special_tokens=False)
+    for marker in (getattr(tok, "bos_token", None), getattr(tok, "eos_token", None), getattr(tok, "pad_token", None)):
+        if marker:
+            text = text.replace(marker, "")
+    return text
 
 
-def synthetic_problems(tok, task: Task, fmt: str, examples: Sequence[Example]) -> list[Problem]:
-    """Prompts and checkers for `examples` of a synthetic task in a format ("plain", "chat" or "r1")."""
+def synthetic_problems(
+    tok, task: Task, fmt: str, examples: Sequence[Example], system_prompt: str | None = None
+) -> list[Problem]:
+    """Prompts and checkers for `examples` of a synthetic task in a format ("plain", "chat" or "r1"); the chat
+    formats' system message is `system_prompt` (None: the format's default)."""
+    system = default_system_prompt(fmt) if system_prompt is None else system_prompt
     problems = []
     for ex in examples:
         if fmt == "plain":
             ids, check = prompt_ids(tok, ex), (lambda text, ex=ex: task.check(text, ex))
         elif fmt == "chat":
-            ids, check = _chat_ids(tok, ex.prompt, r1=False), (lambda text, ex=ex: task.check(text, ex))
+            ids, check = _chat_ids(tok, ex.prompt, system), (lambda text, ex=ex: task.check(text, ex))
         else:
-            ids = _chat_ids(tok, ex.prompt, r1=True)
+            ids = _chat_ids(tok, ex.prompt, system)
 
             def check(text: str, ex=ex) -> bool:
                 answer = extract_r1_answer(text)
@@ -162,18 +179,20 @@ def _plain_math_answer(text: str) -> str | None:
     return extract_math_answer(text)
 
 
-def math_problems(tok, problems_in: Sequence[MathProblem], fmt: str) -> list[Problem]:
-    """Prompts and checkers for GSM8K-style problems in a format ("plain", "chat" or "r1")."""
+def math_problems(tok, problems_in: Sequence[MathProblem], fmt: str, system_prompt: str | None = None) -> list[Problem]:
+    """Prompts and checkers for GSM8K-style problems in a format ("plain", "chat" or "r1"); the chat formats'
+    system message is `system_prompt` (None: the format's default)."""
+    system = default_system_prompt(fmt) if system_prompt is None else system_prompt
     problems = []
     for p in problems_in:
         if fmt == "plain":
             ids = _bos(tok) + tok.encode(f"Question: {p.question}\nAnswer:", add_special_tokens=False)
             check = lambda text, ref=p.reference: math_equal(_plain_math_answer(text), ref)  # noqa: E731
         elif fmt == "chat":
-            ids = _chat_ids(tok, p.question, r1=False)
+            ids = _chat_ids(tok, p.question, system)
             check = lambda text, ref=p.reference: math_equal(extract_math_answer(text), ref)  # noqa: E731
         else:
-            ids = _chat_ids(tok, p.question, r1=True)
+            ids = _chat_ids(tok, p.question, system)
             check = lambda text, ref=p.reference: math_equal(extract_r1_answer(text), ref)  # noqa: E731
         problems.append(Problem(ids, check, {"prompt": p.question, "reference": p.reference}))
     return problems
@@ -324,15 +343,19 @@ def evaluate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     format: str = "auto",
+    system_prompt: str | None = None,
     max_new_tokens: int | None = None,
     batch_size: int = 64,
     seed: int = 0,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, EvalResult]:
     """Evaluate `model` on each task spec; results keyed by spec. `limit`: problems per task (default: 200 for a
-    synthetic task, every line of a file). See the module docstring for formats, metrics and intervals."""
+    synthetic task, every line of a file). `system_prompt`: the chat and r1 formats' system message (None: the
+    format's default, "" for none). See the module docstring for formats, metrics and intervals."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if system_prompt and format == "plain":
+        raise ValueError("a system prompt needs the chat or r1 format (the plain format sends the bare prompt)")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if temperature == 0 and samples > 1:
@@ -360,8 +383,8 @@ def evaluate(
             else:
                 result, skipped = _generation_task(
                     model, tokenizer, spec, limit=limit, samples=samples, ks=ks, temperature=temperature,
-                    top_p=top_p, fmt=format, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                    autocast_dtype=autocast_dtype,
+                    top_p=top_p, fmt=format, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, seed=seed, autocast_dtype=autocast_dtype,
                 )  # fmt: skip
             if skipped:
                 warnings.warn(
@@ -375,15 +398,16 @@ def evaluate(
 
 
 def _generation_task(
-    model, tok, spec: TaskSpec, *, limit, samples, ks, temperature, top_p, fmt, max_new_tokens, batch_size, seed,
-    autocast_dtype,
+    model, tok, spec: TaskSpec, *, limit, samples, ks, temperature, top_p, fmt, system_prompt, max_new_tokens,
+    batch_size, seed, autocast_dtype,
 ) -> tuple[EvalResult, int]:  # fmt: skip
     if fmt == "auto":
         fmt = "plain" if spec.kind == "synthetic" or not tok.chat_template else "chat"
     if spec.kind == "synthetic":
-        problems = synthetic_problems(tok, spec.task, fmt, spec.task.eval_examples(limit or 200, seed=seed))
+        problems = synthetic_problems(tok, spec.task, fmt, spec.task.eval_examples(limit or 200, seed=seed),
+                                      system_prompt)  # fmt: skip
     else:
-        problems = math_problems(tok, load_math(spec.path, limit), fmt)
+        problems = math_problems(tok, load_math(spec.path, limit), fmt, system_prompt)
     if max_new_tokens is None:
         max_new_tokens = _default_max_new_tokens(spec, fmt, tok)
     if max_new_tokens < 1:
@@ -399,6 +423,8 @@ def _generation_task(
         correct.append(sum(verdicts))
         details.append({**problem.shown, "completions": outs, "correct": verdicts})
     settings = {"format": fmt, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+    if fmt != "plain":
+        settings["system_prompt"] = default_system_prompt(fmt) if system_prompt is None else system_prompt
     metrics = _pass_metrics(correct, samples, ks, seed)
     skipped = len(problems) - len(kept)
     return EvalResult(spec.name, "generate", len(kept), skipped, metrics, samples, settings, details), skipped

@@ -218,6 +218,39 @@ def describe_training(summary: dict[str, Any]) -> str:
     return f"{start}, {data}, with {tok}."
 
 
+def _with_ci(metric: dict[str, Any]) -> str:
+    lo, hi = metric["ci95"]
+    return f"**{_pct(metric['value'])}** ({_pct(lo)} – {_pct(hi)})"
+
+
+def final_eval_lines(final: dict[str, Any] | None) -> list[str]:
+    """The final model's table (summary["final_eval"], from nanoseek.eval): greedy pass@1, sampled pass@1 and
+    pass@k per task, each with its 95% interval."""
+    if not final or not final.get("greedy"):
+        return []
+    some = next(iter(final["sampled"].values()))
+    k, temperature, settings = some["samples"], some["settings"]["temperature"], some["settings"]
+    fmt = "the bare prompt" if settings["format"] == "plain" else "the chat template and the R1 format"
+    if settings.get("system_prompt") == "":
+        fmt += " with no system prompt"
+    lines = ["## Final model", ""]
+    lines.append(
+        f"`nanoseek eval` on the {final['stage']} model, in {fmt}: pass@1 of the greedy answer (Wilson interval), "
+        f"and pass@1 and pass@{k} from {k} completions per problem sampled at temperature {temperature:g} "
+        f"(unbiased estimator, bootstrap interval over problems; the first problems of the greedy ones); "
+        f"{final['wall_s']:.0f} s."
+    )
+    lines.append("")
+    lines += [f"| task | pass@1 greedy | n | pass@1 sampled | pass@{k} | n |", "|---|---|---|---|---|---|"]
+    for task, greedy in sorted(final["greedy"].items()):
+        sampled = final["sampled"][task]
+        lines.append(f"| {task} | {_with_ci(greedy['metrics']['pass@1'])} | {greedy['n']} | "
+                     f"{_with_ci(sampled['metrics']['pass@1'])} | {_with_ci(sampled['metrics'][f'pass@{k}'])} | "
+                     f"{sampled['n']} |")  # fmt: skip
+    lines.append("")
+    return lines
+
+
 def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | None, plots: list[str]) -> str:
     m = summary.get("model", {})
     lines = ["# nanoseek speedrun report", ""]
@@ -240,8 +273,8 @@ def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | N
     lines += ["## Held-out accuracy", ""]
     lines.append(
         "Exact match of greedy answers on problems never drawn for training (95% Wilson interval). Pretraining is "
-        "asked the bare problem (`47+85=`); SFT and GRPO are asked in the chat template and must answer "
-        "`<think>…</think><answer>…</answer>`, the answer checked exactly."
+        "asked the bare problem (`47+85=`); SFT and GRPO are asked in the chat template (no system prompt) and must "
+        "answer `<think>…</think><answer>…</answer>`, the answer checked exactly."
     )
     lines.append("")
     lines.append("| stage | task | accuracy | 95% CI | n | chance |")
@@ -255,6 +288,7 @@ def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | N
                 f"| {s['name']} | {task} | **{_pct(e['accuracy'])}** | {_pct(lo)} – {_pct(hi)} | {e['n']} | {chance} |"
             )
     lines.append("")
+    lines += final_eval_lines(summary.get("final_eval"))
     lines += ["## Stages", "", "| stage | wall time | steps | tokens | tokens/s | MFU | energy | final loss |"]
     lines.append("|---|---|---|---|---|---|---|---|")
     for s in summary["stages"]:

@@ -7,6 +7,8 @@ Run folder:
     model/            final model: HF folder with tokenizer (nanoseek.load and transformers load it)
     metrics.jsonl     every step and evaluation of every stage ({"event": "stage", ...} lines separate stages)
     summary.json      {"stages": [{"name", "wall_s", "tokens", "energy_j", "eval": {task: {accuracy, ci95, n}}}],
+                       "final_eval": {"stage", "wall_s", "energy_j", "greedy": {task: EvalResult.to_dict()},
+                                      "sampled": {task: EvalResult.to_dict()}},
                        "energy_estimated", "cost", "device", ...}
     report.md + *.png the report card
     pretrain/         the pretraining stage's checkpoints and tokenizer
@@ -18,7 +20,13 @@ Stages are a list (STAGES). Pretraining learns the tasks in their bare format (`
 (`<think>74+58</think><answer>231</answer>`, r1_conversations); GRPO (nanoseek.train.grpo) trains on the task
 SFT left room on, with the format and accuracy rewards. Each stage gets a StageContext (the previous stage's
 model folder, the StagePlan) and returns a StageResult, or None when it cannot run (then it is listed as
-skipped). Pretraining is evaluated on the bare prompts, SFT and GRPO in the chat + R1 format.
+skipped). Pretraining is evaluated on the bare prompts (by the trainer), SFT and GRPO in the chat + R1 format
+with no system prompt (by nanoseek.eval, evaluate_r1_stage).
+
+After the last stage, the final model's report card comes from nanoseek.eval (final_evaluation): on the GRPO
+tasks in the last stage's format, greedy pass@1 (the same problems and format as the stage's own evaluation,
+so the same number) and FINAL_EVAL_SAMPLES sampled completions per problem for pass@1 and pass@k, each with
+its 95% interval.
 """
 
 from __future__ import annotations
@@ -276,23 +284,88 @@ def grpo_stage(ctx: StageContext) -> StageResult | None:
     )
 
 
+# Greedy evaluations decode 256 problems at a time (as train.grpo.evaluate_r1 does: the same engine steps, so the
+# same answers to the bit).
+GREEDY_EVAL_BATCH = 256
+
+
+def heldout_specs(tasks: list[str], cfg: TrainConfig) -> list[Any]:
+    """nanoseek.eval task specs of `tasks` on the pretraining config's held-out split."""
+    from nanoseek.eval import TaskSpec
+
+    return [TaskSpec(t, "synthetic", task=get_task(t, cfg.data.heldout_fraction)) for t in tasks]
+
+
+def r1_eval_format(plan: StagePlan) -> dict[str, Any]:
+    """nanoseek.eval settings of the format SFT teaches and GRPO trains with: the chat template, no system prompt
+    (the R1 one would fill much of a small model's context), `<think>…</think><answer>…</answer>` with the
+    answer checked exactly, GRPO's completion budget."""
+    from nanoseek.train.grpo import load_grpo_config
+
+    r1 = load_grpo_config(["system_prompt=", *plan.grpo, *plan.grpo_extra])
+    return {"format": "r1", "system_prompt": r1.system_prompt, "max_new_tokens": r1.max_new_tokens}
+
+
 def evaluate_r1_stage(model_dir: Path, ctx: StageContext) -> dict[str, TaskScore]:
-    """Held-out accuracy of a chat-format stage's model: greedy, R1 format, the <answer> checked exactly."""
+    """Held-out accuracy of a chat-format stage's model (nanoseek.eval): greedy, in r1_eval_format."""
     import nanoseek
+    from nanoseek.eval import evaluate
     from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train.grpo import evaluate_r1, load_grpo_config
 
     cfg = ctx.train_config
     model = nanoseek.load(model_dir, device=ctx.device)
-    tasks = [get_task(t, cfg.data.heldout_fraction) for t in cfg.data.tasks]
-    r1 = load_grpo_config(["system_prompt=", *ctx.plan.grpo, *ctx.plan.grpo_extra])
-    scores = evaluate_r1(model, load_tokenizer(model_dir), tasks, cfg.data.eval_examples, r1)
+    results = evaluate(
+        model, load_tokenizer(model_dir), heldout_specs(cfg.data.tasks, cfg), limit=cfg.data.eval_examples,
+        batch_size=GREEDY_EVAL_BATCH, **r1_eval_format(ctx.plan),
+    )  # fmt: skip
+    scores = {name: TaskScore(sum(d["correct"][0] for d in r.details), r.n) for name, r in results.items()}
     with open(ctx.metrics_path, "a") as f:
         f.write(json.dumps({"event": "eval", "final": True, **{n: s.to_dict() for n, s in scores.items()}}) + "\n")
     return scores
 
 
 LATER_STAGES = {"sft": sft_stage, "grpo": grpo_stage}
+
+# The final model's sampled evaluation: completions per problem, at the GRPO rollouts' temperature, on the first
+# FINAL_EVAL_SAMPLED_PROBLEMS of the greedy evaluation's problems, FINAL_EVAL_BATCH sequences decoded together.
+# Measured on the 2-core CPU (shared with other jobs, load ~4) with a default run's GRPO model, add2 + sort: 400
+# problems x 8 samples took 36-52 s at batch 512 and 80-88 s at 3,200 (the decode steps are compute-bound); with
+# 200 problems sampled, the whole final_evaluation (model load, greedy on 400, sampled on 200) took 45-57 s.
+FINAL_EVAL_SAMPLES = 8
+FINAL_EVAL_TEMPERATURE = 1.0
+FINAL_EVAL_SAMPLED_PROBLEMS = 200
+FINAL_EVAL_BATCH = 512
+
+
+def final_evaluation(
+    final: StageResult, cfg: TrainConfig, plan: StagePlan, device: str, *, samples: int = FINAL_EVAL_SAMPLES
+) -> dict[str, Any]:
+    """The final model on the GRPO tasks' held-out problems through nanoseek.eval, in the last stage's format
+    (chat + R1 with no system prompt after SFT or GRPO, as those stages evaluate; the bare prompt after
+    pretraining alone): greedy pass@1 with a Wilson interval on the stages' held-out problems, then `samples`
+    completions of each of the first FINAL_EVAL_SAMPLED_PROBLEMS at FINAL_EVAL_TEMPERATURE for pass@1 and
+    pass@`samples` with bootstrap intervals."""
+    import nanoseek
+    from nanoseek.eval import evaluate
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.meter import make_energy_counter
+
+    start, energy = time.perf_counter(), make_energy_counter(device, cfg.watts_per_core)
+    model = nanoseek.load(final.model_dir, device=device)
+    tok = load_tokenizer(final.model_dir)
+    fmt = {"format": "plain"} if final.name == "pretrain" else r1_eval_format(plan)
+    specs, n = heldout_specs(plan.grpo_tasks, cfg), cfg.data.eval_examples
+    greedy = evaluate(model, tok, specs, limit=n, batch_size=GREEDY_EVAL_BATCH, **fmt)
+    sampled = evaluate(model, tok, specs, limit=min(n, FINAL_EVAL_SAMPLED_PROBLEMS), samples=samples,
+                       k=sorted({1, samples}), temperature=FINAL_EVAL_TEMPERATURE, batch_size=FINAL_EVAL_BATCH,
+                       **fmt)  # fmt: skip
+    return {
+        "stage": final.name,
+        "wall_s": time.perf_counter() - start,
+        "energy_j": float(energy.joules()),
+        "greedy": {name: r.to_dict() for name, r in greedy.items()},
+        "sampled": {name: r.to_dict() for name, r in sampled.items()},
+    }
 
 
 def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
@@ -328,18 +401,22 @@ def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
     final = stages[-1]
     model_dir = run_dir / "model"
     _copy_model(final.model_dir, model_dir)
+    final_eval = final_evaluation(final, cfg, plan, device)
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps({"event": "final_eval", **final_eval}) + "\n")
     total_wall = time.perf_counter() - t0
     price = cfg.price_per_device_hour
     from nanoseek.train.meter import make_energy_counter
 
     summary = {
         "stages": [s.to_summary() for s in stages],
+        "final_eval": final_eval,
         "energy_estimated": make_energy_counter(device, cfg.watts_per_core).estimated,
         "cost": total_wall / 3600 * price,
         "currency": cfg.currency,
         "device": device,
         "wall_s": total_wall,
-        "energy_j": sum(s.energy_j for s in stages),
+        "energy_j": sum(s.energy_j for s in stages) + final_eval["energy_j"],
         "tokens": sum(s.tokens for s in stages),
         "skipped_stages": skipped,
         "model_dir": str(model_dir),
