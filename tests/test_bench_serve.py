@@ -26,8 +26,10 @@ def test_serve_benchmark_quick(tmp_path, capsys, monkeypatch):
     real_find_spec = bench.importlib.util.find_spec
     # llama.cpp must degrade to a clear note; pretend it is not installed so the test is the same on
     # machines with and without it (and never runs llama.cpp on the tiny byte-level vocabulary)
+    # (its server's extras too, so the note is the same whether they are installed or not)
+    server_modules = ("llama_cpp", "sse_starlette", "starlette_context", "pydantic_settings")
     monkeypatch.setattr(
-        bench.importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a)
+        bench.importlib.util, "find_spec", lambda name, *a: None if name in server_modules else real_find_spec(name, *a)
     )
     gguf = tiny_llama_gguf(tmp_path / "tiny.gguf")
     plot, raw = tmp_path / "serve.png", tmp_path / "serve.json"
@@ -36,7 +38,9 @@ def test_serve_benchmark_quick(tmp_path, capsys, monkeypatch):
     assert main(argv) == 0
     out = capsys.readouterr().out
 
-    assert "llama.cpp MISSING: llama_cpp not importable" in out and "pip install -e '.[bench]'" in out
+    assert (
+        f"llama.cpp MISSING: {', '.join(server_modules)} not importable" in out and "pip install -e '.[bench]'" in out
+    )
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
     table = [r for r in rows if len(r) == 9 and r[0] != "server"]
     assert [(r[0], r[1]) for r in table] == [("nanoseek", "1"), ("nanoseek", "2")]
