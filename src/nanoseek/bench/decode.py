@@ -35,6 +35,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanoseek.bench.timing import matching_prefix
+
 WORKER = Path(__file__).with_name("decode_worker.py")
 INSTALL_HINT = "pip install -e '.[bench]' (builds llama-cpp-python from source, ~10 min on 2 cores)"
 
@@ -129,15 +131,6 @@ def spread(xs: list[float], fmt: str = "{:.1f}") -> str:
     if not xs:
         return "—"
     return f"{fmt.format(median(xs))} ({fmt.format(min(xs))}–{fmt.format(max(xs))})"
-
-
-def matching_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def resolve_model(name: str) -> Path:

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanoseek.bench.decode import TEXT, resolve_model, worker_env
-from nanoseek.bench.timing import Spread, table
+from nanoseek.bench.timing import Spread, matching_prefix, table
 
 INSTALL_HINT = "pip install -e '.[bench]' (llama-cpp-python with its server extra; builds from source, ~10 min)"
 QUICK = {"rounds": 1, "concurrency": "1,2", "max_tokens": 8, "prompt_words": 6}
@@ -371,15 +371,6 @@ def ratio_table(figures: dict, label: str, peer: str, concurrency: list[int]) ->
         rows.append(cells)
     header = ["C", "TTFT", "TTFT p90", "TPOT", "per-request tok/s", "aggregate tok/s", "completed"]
     return table(header, rows), ratios
-
-
-def matching_prefix(a: list, b: list) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # ---- the run -----------------------------------------------------------------------------------------------

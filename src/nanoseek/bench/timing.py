@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +80,16 @@ def relative_gap(a: float, b: float) -> float:
         return math.inf
     scale = max(abs(a), abs(b))
     return abs(a - b) / scale if scale else 0.0
+
+
+def matching_prefix(a: Sequence, b: Sequence) -> int:
+    """How many leading items (tokens, characters) two outputs share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class OutputsDisagree(AssertionError):
