@@ -37,17 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.parallel import destroy_distributed
+    from nanoseek.parallel import leaving_process_group
     from nanoseek.train.sft import run_sft
 
-    try:
+    with leaving_process_group():
         result = run_sft(
             args.model, args.data, args.out, args.overrides, show_progress=not args.quiet, device=args.device,
             resume=args.resume, parallel=args.parallel,
         )  # fmt: skip
-    except BaseException:
-        destroy_distributed(wait_for_peers=False)
-        raise
-    destroy_distributed()
     print(f"fine-tuned model: {result.model_dir}")
     return 0

@@ -33,15 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.parallel import destroy_distributed
+    from nanoseek.parallel import leaving_process_group
     from nanoseek.train.config import load_train_config
     from nanoseek.train.trainer import Trainer
 
     cfg = load_train_config(args.config, preset=args.preset, overrides=args.overrides)
-    try:
+    with leaving_process_group():
         Trainer(cfg, parallel=args.parallel, resume=args.resume, show_progress=not args.quiet).train()
-    except BaseException:
-        destroy_distributed(wait_for_peers=False)
-        raise
-    destroy_distributed()
     return 0

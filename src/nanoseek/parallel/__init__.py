@@ -7,6 +7,7 @@ from nanoseek.parallel.distributed import (
     destroy_distributed,
     init_distributed,
     is_main_process,
+    leaving_process_group,
     print0,
     resolve_device,
 )
@@ -14,5 +15,5 @@ from nanoseek.parallel.parallelize import MODES, LossModule, no_grad_sync, paral
 
 __all__ = [
     "MODES", "DistInfo", "LossModule", "all_reduce_sum", "destroy_distributed", "init_distributed",
-    "is_main_process", "no_grad_sync", "parallelize", "print0", "resolve_device", "unwrap",
+    "is_main_process", "leaving_process_group", "no_grad_sync", "parallelize", "print0", "resolve_device", "unwrap",
 ]  # fmt: skip

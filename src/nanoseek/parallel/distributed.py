@@ -10,7 +10,9 @@ same variables on every node. The backend is nccl on CUDA and gloo on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +74,18 @@ def destroy_distributed(wait_for_peers: bool = True) -> None:
         if wait_for_peers:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def leaving_process_group() -> Iterator[None]:
+    """Run a command's body, then leave the process group: with the peers when it ends normally, at once
+    after an error (the peers may never reach the barrier)."""
+    try:
+        yield
+    except BaseException:
+        destroy_distributed(wait_for_peers=False)
+        raise
+    destroy_distributed()
 
 
 def is_main_process() -> bool:
