@@ -72,7 +72,7 @@ class NanoseekSide:
         blocks = num_seqs * -(-tokens_per_seq // block) + 1
         config = EngineConfig(block_size=block, num_blocks=blocks, max_num_seqs=num_seqs, **self.engine_options)
         engine = Engine(self.model, config, eos_ids=[])
-        kv_bytes = sum(t.numel() * t.element_size() for t in engine.runner.storage.tensors.values())
+        kv_bytes = sum(t.numel() * t.element_size() for ts in engine.runner.storage.tensors.values() for t in ts)
         return engine, kv_bytes
 
     def single(self, prompt: list[int], max_tokens: int) -> dict:
