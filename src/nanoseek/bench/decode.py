@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,7 +178,8 @@ def parse_args(argv):
     ap.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrent-request counts")
     ap.add_argument("--batch-prompt-tokens", type=int, default=32, help="prompt length of each concurrent request")
     ap.add_argument("--batch-tokens", type=int, default=32, help="max_tokens of each concurrent request")
-    ap.add_argument("--formats", default="fp32,fp16,int8", help="nanoseek run formats")
+    ap.add_argument("--formats", default="fp32,fp16,int8,int8+compile",
+                    help="nanoseek run formats; FORMAT+compile runs decode steps through torch.compile")  # fmt: skip
     ap.add_argument("--peers", default="llama.cpp,transformers", help="peers to run (comma-separated; '' for none)")
     ap.add_argument("--transformers-max-concurrency", type=int, default=64,
                     help="largest concurrency transformers runs (its batched generate is slow)")  # fmt: skip
@@ -195,8 +197,9 @@ def parse_args(argv):
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for f in args.formats:
-        if f not in ("fp32", "fp16", "int8"):
-            raise ValueError(f"unknown nanoseek format {f!r}; choose from fp32, fp16, int8")
+        base, plus, extra = f.partition("+")
+        if base not in ("fp32", "fp16", "int8") or (plus and extra != "compile"):
+            raise ValueError(f"unknown nanoseek format {f!r}; choose from fp32, fp16, int8, each maybe +compile")
     for p in args.peers:
         if p not in ("llama.cpp", "transformers"):
             raise ValueError(f"unknown peer {p!r}; choose from llama.cpp, transformers")
@@ -247,7 +250,14 @@ def main(argv: list[str] | None = None) -> None:
         for side in tqdm(sides, desc="loading sides", file=sys.stderr, leave=False):
             side.start(env)
             if side.error is None:
+                t0 = time.perf_counter()
                 side.call("single", prompt=long_prompt[:16], max_tokens=4)  # warm-up (lazy init, allocator)
+                if side.label.endswith("+compile"):  # compiles for one row above, for several rows here
+                    side.call("batch", prompts=batches[max(args.concurrency)][:2],
+                              max_tokens=4)  # fmt: skip
+                    took = time.perf_counter() - t0
+                    notes.append(f"{side.label}: compiling its decode step took {took:.0f} s (warm-up, before "
+                                 "timing; inductor's disk cache shortens it in later runs)")  # fmt: skip
         for side in [s for s in sides if s.error]:
             notes.append(f"{side.label} column MISSING: it failed to load: {side.error.strip()}")
         sides = [s for s in sides if s.error is None]

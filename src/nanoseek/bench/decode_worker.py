@@ -12,8 +12,8 @@ prints can corrupt the answers). Tasks:
     {"task": "batch", "prompts": [[ids]...], "max_tokens": M}  -> {"wall", "lengths", "kv_bytes"}
     {"task": "memory"}                                        -> {"peak_kb", "rss_kb"}   (peak since load)
     {"task": "profile", "prompt": [ids], "steps": N}          -> {"table"} (nanoseek sides)
-Sides: "nanoseek" (settings "format": fp32 | fp16 | int8), "transformers", "llama.cpp", "deepseek"
-(a random nanoseek DeepSeek-V3 of a named config; "mtp": true asks for MTP speculation where the engine has it).
+Sides: "nanoseek" (settings "format": fp32 | fp16 | int8, each maybe "+compile"), "transformers", "llama.cpp",
+"deepseek" (a random nanoseek DeepSeek-V3 of a named config; "mtp": true asks for MTP speculation).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class NanoseekSide:
 
         self.torch = torch
         torch.set_num_threads(settings["threads"])
-        fmt = settings.get("format", "fp32")
+        fmt, _, extra = settings.get("format", "fp32").partition("+")
+        self.compile = extra == "compile"  # decode steps through torch.compile (engine/runner.CompiledDecode)
         if settings["side"] == "deepseek":
             from nanoseek.config import from_name
             from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
@@ -70,7 +71,9 @@ class NanoseekSide:
 
         block = 16
         blocks = num_seqs * -(-tokens_per_seq // block) + 1
-        config = EngineConfig(block_size=block, num_blocks=blocks, max_num_seqs=num_seqs, **self.engine_options)
+        config = EngineConfig(
+            block_size=block, num_blocks=blocks, max_num_seqs=num_seqs, compile=self.compile, **self.engine_options
+        )
         engine = Engine(self.model, config, eos_ids=[])
         kv_bytes = sum(t.numel() * t.element_size() for ts in engine.runner.storage.tensors.values() for t in ts)
         return engine, kv_bytes

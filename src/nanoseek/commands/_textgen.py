@@ -17,6 +17,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="weights' run format on the CPU: int8 or fp16 (packed, 2-3x faster decoding than fp32), none "
         "(fp32); auto (default): int8 for quantized GGUF files, none otherwise",
     )  # fmt: skip
+    p.add_argument(
+        "--compile", action="store_true",
+        help="run decode steps through torch.compile: faster tokens (SmolLM2 int8 on 2 CPU cores: see "
+        "benchmarks/RESULTS.md) after a one-off compilation of tens of seconds (cached on disk for later runs)",
+    )  # fmt: skip
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
             f"{args.model}: the model has no chat template (a base model?); use `nanoseek generate --prompt`"
         )
     print(f"nanoseek chat — {args.model}\n{HELP}", file=sys.stderr)
-    chat_loop(model, tok, params, args.max_tokens, system=args.system)
+    chat_loop(model, tok, params, args.max_tokens, system=args.system, compile=args.compile)
     return 0
 
 
@@ -47,6 +47,7 @@ def chat_loop(
     system: str | None = None,
     read: Callable[[str], str] = input,
     write: Callable[[str], object] | None = None,
+    compile: bool = False,
 ) -> None:
     """The REPL; `read`/`write` are injectable so it can be driven without a terminal."""
     write = write or _stdout_write
@@ -55,7 +56,7 @@ def chat_loop(
     # One engine for the whole conversation: its prefix cache holds the history, so each turn prefills only
     # the new message. Its cache holds up to CHAT_CACHE_TOKENS (or the model's context, when smaller).
     limit = min(context_length(model) or CHAT_CACHE_TOKENS, CHAT_CACHE_TOKENS)
-    engine = engine_for(model, limit, stop_ids=tok.stop_token_ids)
+    engine = engine_for(model, limit, stop_ids=tok.stop_token_ids, compile=compile)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     while True:

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.engine.generate import GenerationResult, generate_tokens, stream_text
+    from nanoseek.engine.generate import GenerationResult, context_length, engine_for, generate_tokens, stream_text
 
     params = sampling_params(args)
     model, tok = load_model_and_tokenizer(args)
@@ -34,7 +34,10 @@ def run(args: argparse.Namespace) -> int:
         if not ids and tok.bos_token_id is not None:
             ids = [tok.bos_token_id]
     result = GenerationResult([], "")
-    tokens = generate_tokens(model, ids, args.max_tokens, params, tok.stop_token_ids, result=result)
+    limit = context_length(model) or len(ids) + args.max_tokens
+    span = min(len(ids) + args.max_tokens, limit)
+    engine = engine_for(model, span, stop_ids=tok.stop_token_ids, compile=args.compile)
+    tokens = generate_tokens(model, ids, args.max_tokens, params, tok.stop_token_ids, result=result, engine=engine)
     for delta in stream_text(tok, tokens):
         sys.stdout.write(delta)
         sys.stdout.flush()

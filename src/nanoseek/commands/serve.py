@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.serve.serving import make_server
 
     model, tok = load_model_and_tokenizer(args)
-    server = make_server(model, tok, served_name(args), EngineConfig(max_num_seqs=args.max_num_seqs))
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, compile=args.compile)
+    server = make_server(model, tok, served_name(args), config)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     print(f"serving {server.name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)

@@ -71,6 +71,9 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # drafts per step and request (greedy requests only)
     ngram_max: int = 3  # prompt lookup matches the last ngram_max .. ngram_min tokens, longest first
     ngram_min: int = 1
+    # torch.compile the decode forward (runner.CompiledDecode): faster tokens once compiled, at the price of
+    # a compilation on the first decode step; prompt chunks and draft verification stay eager
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.speculative not in (None, *METHODS):
@@ -107,7 +110,9 @@ class Engine:
             wanted = config.max_num_seqs * -(-context // config.block_size) + 1
             num_blocks = max(2, min(wanted, config.cache_bytes // per_block))
         self.pool = BlockPool(num_blocks, config.block_size)
-        self.runner = ModelRunner(model, self.pool, autocast_dtype=config.autocast_dtype, mtp=mtp)
+        self.runner = ModelRunner(
+            model, self.pool, autocast_dtype=config.autocast_dtype, mtp=mtp, compile_decode=config.compile
+        )
         self.drafter = make_drafter(
             config.speculative, self.runner, config.num_speculative_tokens, config.ngram_max, config.ngram_min
         )

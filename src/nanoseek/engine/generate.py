@@ -42,13 +42,15 @@ def engine_for(
     max_num_seqs: int = 1,
     stop_ids: Iterable[int] = (),
     autocast_dtype: torch.dtype | None = None,
+    compile: bool = False,
 ) -> Engine:
-    """An engine whose cache holds `max_num_seqs` sequences of up to `max_len` tokens (no more)."""
+    """An engine whose cache holds `max_num_seqs` sequences of up to `max_len` tokens (no more);
+    compile: decode steps through torch.compile (EngineConfig.compile)."""
     block_size = 16
     blocks = max_num_seqs * -(-max_len // block_size) + 1
     config = EngineConfig(
         block_size=block_size, num_blocks=blocks, max_num_seqs=max_num_seqs,
-        max_step_tokens=max(256, max_num_seqs * 32), autocast_dtype=autocast_dtype,
+        max_step_tokens=max(256, max_num_seqs * 32), autocast_dtype=autocast_dtype, compile=compile,
     )  # fmt: skip
     return Engine(model, config, eos_ids=list(stop_ids))
 

@@ -9,6 +9,7 @@ compressed c_kv and k_pe (kv_lora_rank + qk_rope_head_dim values per token and l
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,8 +53,17 @@ def cache_layout(model, *, mtp: bool = False) -> tuple[CacheSpec, list[int | Non
 
 
 class ModelRunner:
-    def __init__(self, model, pool: BlockPool, autocast_dtype: torch.dtype | None = None, *, mtp: bool = False):
+    def __init__(
+        self,
+        model,
+        pool: BlockPool,
+        autocast_dtype: torch.dtype | None = None,
+        *,
+        mtp: bool = False,
+        compile_decode: bool = False,
+    ):
         self.model = model.eval()  # eval: the router's balancing statistics never move at inference
+        self.decode_model = CompiledDecode(model) if compile_decode else None
         weight = next(model.parameters())  # the embedding (linears may be quantized modules without .weight)
         self.device = weight.device
         self.autocast_dtype = autocast_dtype
@@ -85,10 +95,60 @@ class ModelRunner:
         # row i's last n positions (clamped at 0: a row with fewer wanted repeats its first, then ignores it)
         index = (torch.tensor(new_lens)[:, None] - n + torch.arange(n)[None, :]).clamp(min=0).to(self.device)
         ids = ids.to(self.device)
+        # decode steps (one new token per row, no drafts) take the compiled model when there is one; prompt
+        # chunks and draft verification stay eager (their shapes vary more, and they are not per-token costs)
+        decoding = self.decode_model is not None and T == 1 and n == 1 and not hidden
+        model = self.decode_model if decoding else self.model
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):  # fmt: skip
             if hidden:
-                logits, h = self.model(ids, cache=view, logits_index=index, return_hidden=True)
+                logits, h = model(ids, cache=view, logits_index=index, return_hidden=True)
             else:
-                logits, h = self.model(ids, cache=view, logits_index=index), None
+                logits, h = model(ids, cache=view, logits_index=index), None
         return ForwardResult(logits.float(), h, view, [r.past_len for r in rows])
+
+
+class CompiledDecode:
+    """`model`'s forward under torch.compile, for decode steps. Inductor fuses each layer's norms, activation
+    quantization, rotary embedding, cache write and gathers into a few kernels around the matmuls, where
+    eager decode runs ~60 small ops per layer (on the 2-core CPU those ops, not the matmuls, were most of a
+    SmolLM2 token). Shapes are dynamic (batch size and history length change every step), so it compiles
+    once for one row and once for several, not per step. The first decode step pays the compilation (tens
+    of seconds on 2 cores; inductor caches its kernels on disk for the next process).
+
+    A model that traces as one graph (the dense families) runs without guards on its modules' attributes:
+    checking ~300 parameters' metadata before every step cost ~1 ms of an 8 ms token. Compiled code is
+    cached per code object, not per model, so each model (and run format) gets its own key, a constant the
+    compiled function reads and so is guarded on. A model with eager parts (DeepSeek's routed experts,
+    `torch.compiler.disable`d) breaks into several graphs, one per layer code object, which only full
+    guards keep apart (layer 0's dense MLP and layer 1's MoE share `forward`'s code): it keeps them."""
+
+    def __init__(self, model):
+        self.model = model
+        self.key = f"{_model_key(model)}:{getattr(model, 'quantization', None)}"
+        skip_module_guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        self.one_graph = torch.compile(self._decode, dynamic=True, fullgraph=True, options=skip_module_guards)
+        self.guarded = None  # set when the model does not trace as one graph
+
+    def _decode(self, key: str, ids, cache, logits_index):
+        if not key:  # reads the key, so the compiled graph is guarded on it
+            raise ValueError("compiled decode needs a model key")
+        return self.model(ids, cache=cache, logits_index=logits_index)
+
+    def __call__(self, ids, cache, logits_index):
+        if self.guarded is None:
+            try:
+                return self.one_graph(self.key, ids, cache, logits_index)
+            except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError):  # a graph break; nothing ran
+                self.guarded = torch.compile(self.model, dynamic=True)  # full guards
+        return self.guarded(ids, cache=cache, logits_index=logits_index)
+
+
+_model_keys = itertools.count()
+
+
+def _model_key(model) -> int:
+    """A number of this model object's own, for the life of the process (id() can be reused)."""
+    if not hasattr(model, "_compile_key"):
+        model._compile_key = next(_model_keys)
+    return model._compile_key

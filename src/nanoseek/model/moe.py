@@ -103,6 +103,9 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * f, d))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d, f))
 
+    # Always eager, also inside a compiled caller (the engine's compiled decode): the token counts per expert
+    # are data-dependent and, on CPU, the fake-tensor check of torch._grouped_mm demands bf16.
+    @torch.compiler.disable
     def forward(
         self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor, counts_E: torch.Tensor | None = None
     ) -> torch.Tensor:
