@@ -177,7 +177,7 @@ def parse_args(argv):
     ap.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrent-request counts")
     ap.add_argument("--batch-prompt-tokens", type=int, default=32, help="prompt length of each concurrent request")
     ap.add_argument("--batch-tokens", type=int, default=32, help="max_tokens of each concurrent request")
-    ap.add_argument("--formats", default="fp32,fp16,int8", help="nanoseek run formats")
+    ap.add_argument("--formats", default="fp32,fp16,int8", help="nanoseek run formats (fp32, fp16, int8, int4)")
     ap.add_argument("--peers", default="llama.cpp,transformers", help="peers to run (comma-separated; '' for none)")
     ap.add_argument("--transformers-max-concurrency", type=int, default=64,
                     help="largest concurrency transformers runs (its batched generate is slow)")  # fmt: skip
@@ -195,8 +195,8 @@ def parse_args(argv):
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for f in args.formats:
-        if f not in ("fp32", "fp16", "int8"):
-            raise ValueError(f"unknown nanoseek format {f!r}; choose from fp32, fp16, int8")
+        if f not in ("fp32", "fp16", "int8", "int4"):
+            raise ValueError(f"unknown nanoseek format {f!r}; choose from fp32, fp16, int8, int4")
     for p in args.peers:
         if p not in ("llama.cpp", "transformers"):
             raise ValueError(f"unknown peer {p!r}; choose from llama.cpp, transformers")

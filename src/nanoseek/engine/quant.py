@@ -163,8 +163,14 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     return model
 
 
-def packed_linear(mode: str):
-    """`(weight [out, in], bias | None) -> module` for `mode`, after checking the mode fits this machine."""
+# Kept int8 in int4 mode: torch's int4 kernel returns bf16, which would round logits near 25 to steps of
+# 0.125 (close calls and logprobs move), and for one row it is no faster than int8 on lm_head (measured).
+INT8_IN_INT4 = ("lm_head",)
+
+
+def packed_linear(mode: str, name: str = ""):
+    """`(weight [out, in], bias | None) -> module` for `mode` and the linear called `name`, after checking
+    that the mode fits this machine."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "fp16" and "fbgemm" not in torch.backends.quantized.supported_engines:
@@ -174,6 +180,8 @@ def packed_linear(mode: str):
             f"int4 weights need torch's AVX512 int4 kernel; this CPU runs torch's "
             f"{torch.backends.cpu.get_cpu_capability()} kernels, where int4 is slower than fp32: use int8"
         )
+    if mode == "int4" and name in INT8_IN_INT4:
+        return Int8Linear
     return {"int8": Int8Linear, "int4": int4_or_int8, "fp16": Fp16Linear}[mode]
 
 
@@ -191,13 +199,13 @@ def quantizable_linears(model: nn.Module) -> list[tuple[nn.Module, str, tuple[st
 
 def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     """Swap the model's nn.Linear modules (in place) for `mode`'s packed form. CPU only; returns the model."""
-    make = packed_linear(mode)
+    packed_linear(mode)  # an unknown mode or one this machine cannot run fails before anything changes
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("quantize_model is for CPU inference; the model is not on the CPU")
     fuse_projections(model)
     for module, name, _ in quantizable_linears(model):
         child = getattr(module, name)
-        setattr(module, name, make(child.weight, child.bias))
+        setattr(module, name, packed_linear(mode, name)(child.weight, child.bias))
     model.quantization = mode
     return_freed_memory()
     return model
