@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import nanoseek
-from nanoseek.engine.quant import int4_kernel_available
 from greedy_reference import paged_forward_in_chunks
+from nanoseek.engine.quant import int4_kernel_available
 from nanoseek.model.dense import DenseForCausalLM, dense_config_from_hf
 from nanoseek.weights.hf_folder import save_pretrained
 

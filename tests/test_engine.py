@@ -304,25 +304,22 @@ def test_int4_logits_match_the_dequantized_model_and_are_batch_invariant(family)
     """int4 against the same model with each 4-bit weight replaced by the fp32 weight its grid stands for
     (lm_head stays int8 in both): what is left is bf16 rounding of activations and outputs, and lm_head's
     int8 activations (up to ~1.2e-2 of the largest logit, measured)."""
-    from nanoseek.engine.quant import (
-        INT8_IN_INT4, Int4Linear, Int8Linear, fuse_projections, int4_dequantize, int4_grid, quantizable_linears,
-        quantize_model,
-    )  # fmt: skip
+    from nanoseek.engine import quant
 
-    model, reference = _model(family), fuse_projections(_model(family))
-    four_bit = [(m, name) for m, name, _ in quantizable_linears(reference) if name not in INT8_IN_INT4]
+    model, reference = _model(family), quant.fuse_projections(_model(family))
+    four_bit = [(m, name) for m, name, _ in quant.quantizable_linears(reference) if name not in quant.INT8_IN_INT4]
     with torch.no_grad():
         for module, name in four_bit:
             linear = getattr(module, name)  # a new parameter: a tied lm_head leaves the embeddings as they are
-            linear.weight = torch.nn.Parameter(int4_dequantize(*int4_grid(linear.weight)))
+            linear.weight = torch.nn.Parameter(quant.int4_dequantize(*quant.int4_grid(linear.weight)))
     ids = torch.tensor([PROMPTS[2][:12], PROMPTS[4][:12]])
     with torch.no_grad():
         ref, fp32 = reference(ids), model(ids)
-        quantize_model(model, "int4")
+        quant.quantize_model(model, "int4")
         got = model(ids)
         alone = model(ids[1:])
-    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == len(four_bit)
-    assert isinstance(model.lm_head, Int8Linear)
+    assert sum(isinstance(m, quant.Int4Linear) for m in model.modules()) == len(four_bit)
+    assert isinstance(model.lm_head, quant.Int8Linear)
     assert (got - ref).abs().max() <= 3e-2 * ref.abs().max()
     # 4-bit weights themselves move these random models' logits by up to ~30% of the largest
     assert (got - fp32).abs().max() <= 0.5 * fp32.abs().max()

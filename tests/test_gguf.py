@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import nanoseek
-from nanoseek.engine.quant import int4_kernel_available
 from gguf_writer import IM_END, IM_START, VOCAB_SIZE, write_gguf
+from nanoseek.engine.quant import int4_kernel_available
 from nanoseek.weights.safetensors_io import WeightsError
 
 transformers = pytest.importorskip("transformers")
