@@ -33,6 +33,8 @@ torch.compile of 4 linears in a row with their activation conversion, as in a co
 | lm_head | 1 | 1082 (805–9269) | 1054 (867–9165) | 0.97× | 2331 (2029–4340) | 3141 (2071–5197) | 1.35× |
 | lm_head | 4 | 7290 (3155–11493) | 1456 (1337–9540) | 0.20× | 8295 (6313–11302) | 4586 (2536–5646) | 0.55× |
 
+With 2 threads (one row, same machine, later): qkv int4pack 0.58x alone and 0.49x compiled; lm_head's
+medians were swamped by stalls of several ms on the loaded machine, its minima 0.83x in both.
 Relative error against fp32 on random weights: int8 1.0e-2; int4 7.7e-2, of which the 4-bit grid is all but
 1.7e-3 (bf16). On SmolLM2's Q4_1 file the grid is the file's own: int4 keeps its weights to 2e-3 (bf16
 scales; max 0.04 of a grid step), int8 moves them by 1e-2. Not used, measured in the same runs:
