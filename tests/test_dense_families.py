@@ -13,10 +13,13 @@ import torch
 
 import nanoseek
 from greedy_reference import paged_forward_in_chunks
+from nanoseek.engine.quant import int4_kernel_available
 from nanoseek.model.dense import DenseForCausalLM, dense_config_from_hf
 from nanoseek.weights.hf_folder import save_pretrained
 
 transformers = pytest.importorskip("transformers")
+INT4 = pytest.param("int4", marks=pytest.mark.skipif(
+    not int4_kernel_available(), reason="torch's int4 CPU kernel needs AVX512"))  # fmt: skip
 
 # Measured max |diff| against transformers: 3.1e-6 (logits of magnitude ~5); TOL leaves ~3x headroom. KV-cached
 # decode against the full forward differs more (different matmul shapes; measured 6.2e-6): CACHE_TOL.
@@ -195,7 +198,7 @@ def test_gemma3_multimodal_folder_loads_its_text_model(tmp_path):
         assert (ours(ids) - ref(input_ids=ids).logits).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("mode", ["int8", "fp16"])
+@pytest.mark.parametrize("mode", ["int8", "fp16", INT4])
 def test_packing_while_loading_equals_quantizing_after(pair, mode, tmp_path):
     from nanoseek.engine.quant import quantize_model
 

@@ -285,5 +285,82 @@ def test_quantized_logits_stay_close_and_batch_invariant(family, mode, tol):
 def test_quantize_refuses_unknown_modes():
     from nanoseek.engine.quant import quantize_model
 
-    with pytest.raises(ValueError, match="int4"):
-        quantize_model(_model("llama"), "int4")
+    with pytest.raises(ValueError, match="int3"):
+        quantize_model(_model("llama"), "int3")
+
+
+def _int4_available() -> bool:
+    from nanoseek.engine.quant import int4_kernel_available
+
+    return int4_kernel_available()
+
+
+needs_int4_kernel = pytest.mark.skipif(not _int4_available(), reason="torch's int4 CPU kernel needs AVX512")
+
+
+@needs_int4_kernel
+@pytest.mark.parametrize("family", ["llama", "deepseek_v3"])
+def test_int4_logits_match_the_dequantized_model_and_are_batch_invariant(family):
+    """int4 against the same model with each 4-bit weight replaced by the fp32 weight its grid stands for
+    (lm_head stays int8 in both): what is left is bf16 rounding of activations and outputs, and lm_head's
+    int8 activations (up to ~1.2e-2 of the largest logit, measured)."""
+    from nanoseek.engine import quant
+
+    model, reference = _model(family), quant.fuse_projections(_model(family))
+    four_bit = [(m, name) for m, name, _ in quant.quantizable_linears(reference) if name not in quant.INT8_IN_INT4]
+    with torch.no_grad():
+        for module, name in four_bit:
+            linear = getattr(module, name)  # a new parameter: a tied lm_head leaves the embeddings as they are
+            linear.weight = torch.nn.Parameter(quant.int4_dequantize(*quant.int4_grid(linear.weight)))
+    ids = torch.tensor([PROMPTS[2][:12], PROMPTS[4][:12]])
+    with torch.no_grad():
+        ref, fp32 = reference(ids), model(ids)
+        quant.quantize_model(model, "int4")
+        got = model(ids)
+        alone = model(ids[1:])
+    assert sum(isinstance(m, quant.Int4Linear) for m in model.modules()) == len(four_bit)
+    assert isinstance(model.lm_head, quant.Int8Linear)
+    assert (got - ref).abs().max() <= 3e-2 * ref.abs().max()
+    # 4-bit weights themselves move these random models' logits by up to ~30% of the largest
+    assert (got - fp32).abs().max() <= 0.5 * fp32.abs().max()
+    assert (got[1:] - alone).abs().max() <= 1e-5 * ref.abs().max()
+    engine = Engine(model, EngineConfig(block_size=4), eos_ids=[])
+    batch = engine.generate(PROMPTS, GREEDY)
+    assert [c.token_ids for c in batch] == [engine.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
+
+
+def test_int4_linear_rows_are_independent_and_match_the_grid():
+    """Any output size (padded to the kernel's multiple of 16 inside), a bias, 1 to 37 rows: each row equals
+    the bf16-rounded activations times the dequantized weight, and the same row alone or in any batch."""
+    from nanoseek.engine.quant import Int4Linear, int4_dequantize, int4_grid
+
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(40, 96, generator=gen), torch.randn(40, generator=gen)
+    x = torch.randn(37, 96, generator=gen)
+    q, scales_zeros = int4_grid(weight)
+    groups = weight.view(40, 3, 32)
+    half_step = (groups.amax(-1) - groups.amin(-1)) / 30  # 16 levels across each group's range
+    error = (int4_dequantize(q, scales_zeros).view(40, 3, 32) - groups).abs()
+    assert (error <= half_step[..., None] + 1e-2 * groups.abs().amax(-1, keepdim=True)).all()  # + bf16 scales
+    linear = Int4Linear(weight, bias)
+    full = linear(x)
+    expected = x.bfloat16().float() @ int4_dequantize(q, scales_zeros).T + bias
+    assert full.shape == (37, 40) and full.dtype == torch.float32
+    assert (full - expected).abs().max() <= 1e-2 * expected.abs().max()  # bf16 output rounding
+    for start, rows in [(0, 1), (5, 1), (3, 4), (0, 16), (20, 17)]:
+        assert torch.equal(linear(x[start : start + rows]), full[start : start + rows])
+    assert torch.equal(linear(x.view(1, 37, 96))[0], full)
+
+
+def test_int4_needs_its_kernel_and_a_group_sized_input(monkeypatch):
+    from nanoseek.engine import quant
+
+    with pytest.raises(ValueError, match="divisible by 32"):
+        quant.Int4Linear(torch.randn(64, 48))
+    assert isinstance(quant.int4_or_int8(torch.randn(64, 48)), quant.Int8Linear)  # left to int8
+    assert isinstance(quant.int4_or_int8(torch.randn(64, 64)), quant.Int4Linear)
+    linear = quant.Int4Linear(torch.randn(40, 64))  # 48 rows packed: 4 bits a weight, 2 bf16 per 32 weights
+    assert quant.linear_weight_bytes(linear) == 48 * 64 // 2 + 48 * 2 * 2 * 2
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.raises(ValueError, match="AVX512"):
+        quant.quantize_model(_model("llama"), "int4")

@@ -179,7 +179,8 @@ def parse_args(argv):
     ap.add_argument("--batch-prompt-tokens", type=int, default=32, help="prompt length of each concurrent request")
     ap.add_argument("--batch-tokens", type=int, default=32, help="max_tokens of each concurrent request")
     ap.add_argument("--formats", default="fp32,fp16,int8,int8+compile",
-                    help="nanoseek run formats; FORMAT+compile runs decode steps through torch.compile")  # fmt: skip
+                    help="nanoseek run formats (fp32, fp16, int8, int4); FORMAT+compile runs decode steps through "
+                    "torch.compile")  # fmt: skip
     ap.add_argument("--peers", default="llama.cpp,transformers", help="peers to run (comma-separated; '' for none)")
     ap.add_argument("--transformers-max-concurrency", type=int, default=64,
                     help="largest concurrency transformers runs (its batched generate is slow)")  # fmt: skip
@@ -198,8 +199,8 @@ def parse_args(argv):
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for f in args.formats:
         base, plus, extra = f.partition("+")
-        if base not in ("fp32", "fp16", "int8") or (plus and extra != "compile"):
-            raise ValueError(f"unknown nanoseek format {f!r}; choose from fp32, fp16, int8, each maybe +compile")
+        if base not in ("fp32", "fp16", "int8", "int4") or (plus and extra != "compile"):
+            raise ValueError(f"unknown nanoseek format {f!r}; choose from fp32, fp16, int8, int4, each maybe +compile")
     for p in args.peers:
         if p not in ("llama.cpp", "transformers"):
             raise ValueError(f"unknown peer {p!r}; choose from llama.cpp, transformers")

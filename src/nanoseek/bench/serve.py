@@ -386,7 +386,7 @@ def parse_args(argv):
     ap.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrent-stream counts")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens every stream generates")
     ap.add_argument("--prompt-words", type=int, default=40, help="words in each prompt (~1.2 tokens a word)")
-    ap.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "fp16"],
+    ap.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4", "fp16"],
                     help="nanoseek serve --quant (auto: int8 for a quantized GGUF)")  # fmt: skip
     ap.add_argument("--request-timeout", type=float, default=300.0, help="seconds one stream may take in all")
     ap.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to start")

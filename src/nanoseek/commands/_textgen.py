@@ -13,9 +13,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default) | bfloat16 | float16")
     p.add_argument("--device", default=None, help="cpu (default) | cuda | cuda:N")
     p.add_argument(
-        "--quant", default="auto", choices=["auto", "none", "int8", "fp16"],
-        help="weights' run format on the CPU: int8 or fp16 (packed, 2-3x faster decoding than fp32), none "
-        "(fp32); auto (default): int8 for quantized GGUF files, none otherwise",
+        "--quant", default="auto", choices=["auto", "none", "int8", "int4", "fp16"],
+        help="weights' run format on the CPU: int8 or fp16 (packed, 2-3x faster decoding than fp32), int4 "
+        "(4-bit groups of 32 as GGUF Q4_1, AVX512 CPUs only), none (fp32); auto (default): int8 for quantized "
+        "GGUF files, none otherwise",
     )  # fmt: skip
     p.add_argument(
         "--compile", action="store_true",

@@ -2,16 +2,54 @@
 in a compact run format, applied to a built model from outside, so the model code knows nothing of it.
 
     quantize_model(model, "int8")   # int8 weights (a scale per output row), int8 activations (a scale per row)
+    quantize_model(model, "int4")   # 4-bit weights in groups of 32 (GGUF Q4_1's grid), bf16 activations; AVX512
     quantize_model(model, "fp16")   # fp16 weights packed for fbgemm, fp32 math
     nanoseek.load("x.gguf", quant="int8")  # the same, packed while loading: no fp32 copy of the whole model
 
-Kernels, measured on the 2-core AVX2 development machine (SmolLM2-135M shapes, µs per call, one token):
+Kernels, measured on the 2-core development machine (SmolLM2-135M shapes, µs per call, one token):
 fp32 `F.linear` 51-103 (lm_head 576->49152: 7,400); fbgemm fp16 26-39 (780); `torch._int_mm` int8 x int8
--> int32 6-14 (280). torch's weight-only `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` were 5-10x
-slower than fp32 here, and fbgemm's dynamic int8 picks one activation scale for the whole call, so a row's
-numbers would depend on the other rows of the batch: neither is used.
+-> int32 6-14 (280), weights in cache. fbgemm's dynamic int8 picks one activation scale for the whole call,
+so a row's numbers would depend on the other rows of the batch: not used.
 
-Both modes are batch invariant: a request gets the same tokens alone or in any batch.
+4-bit (issue 11; benchmarks/int4_kernels.py). This CPU is an AMD EPYC with AVX512 (torch dispatches its
+AVX512 kernels), and torch's `_weight_int4pack_mm_for_cpu` is fast only with bf16 activations: fp32 or fp16
+activations take a scalar path (2,061 / 1,260 µs for one 576->960 row, against 11 with bf16): likely what
+an earlier table, which found it 5-10x slower than fp32, timed. With AVX2 only (ATEN_CPU_CAPABILITY=avx2) every dtype
+takes the scalar path: `int4_kernel_available` refuses int4 there. µs per call, median (min-max) of 31
+alternating rounds, weights read from memory (copies beyond the 32 MB L3), 1 thread, the machine shared
+with other jobs (load 5-9 on 2 cores); "alone" is the kernel on ready activations, "compiled" is
+torch.compile of 4 linears in a row with their activation conversion, as in a compiled decode step:
+
+| linear | rows | `_int_mm` alone | int4pack alone | ratio | `_int_mm` compiled | int4pack compiled | ratio |
+|---|---|---|---|---|---|---|---|
+| qkv | 1 | 33 (26–509) | 22 (18–322) | 0.68× | 72 (49–2072) | 43 (37–721) | 0.60× |
+| qkv | 4 | 66 (43–820) | 32 (29–510) | 0.49× | 150 (98–2160) | 81 (58–2121) | 0.54× |
+| o | 1 | 24 (19–268) | 14 (12–209) | 0.57× | 43 (33–550) | 33 (26–444) | 0.77× |
+| o | 4 | 44 (31–724) | 20 (18–694) | 0.45× | 74 (56–753) | 39 (34–729) | 0.53× |
+| gate_up | 1 | 89 (72–650) | 58 (50–510) | 0.65× | 179 (154–2204) | 134 (106–2151) | 0.75× |
+| gate_up | 4 | 169 (144–1567) | 92 (85–2113) | 0.54× | 302 (182–2366) | 161 (136–2207) | 0.53× |
+| down | 1 | 45 (40–450) | 28 (27–483) | 0.62× | 94 (86–1124) | 55 (51–736) | 0.59× |
+| down | 4 | 95 (72–1008) | 50 (47–8109) | 0.52× | 173 (136–3142) | 83 (69–1594) | 0.48× |
+| lm_head | 1 | 1082 (805–9269) | 1054 (867–9165) | 0.97× | 2331 (2029–4340) | 3141 (2071–5197) | 1.35× |
+| lm_head | 4 | 7290 (3155–11493) | 1456 (1337–9540) | 0.20× | 8295 (6313–11302) | 4586 (2536–5646) | 0.55× |
+
+With 2 threads (one row, same machine, later): qkv int4pack 0.58x alone and 0.49x compiled; lm_head's
+medians were swamped by stalls of several ms on the loaded machine, its minima 0.83x in both.
+Relative error against fp32 on random weights: int8 1.0e-2; int4 7.7e-2, of which the 4-bit grid is all but
+1.7e-3 (bf16). On SmolLM2's Q4_1 file the grid is the file's own: int4 keeps its weights to 2e-3 (bf16
+scales; max 0.04 of a grid step), int8 moves them by 1e-2. Not used, measured in the same runs:
+- inductor's code for the same grid as plain torch ops (compiled: one vectorized reduction that reads the
+  packed bytes once per row, fp32 activations): 0.60-0.63x of compiled `_int_mm` for one row on the layer
+  shapes, like int4pack, but 1.45x on lm_head and 0.93-1.59x for four rows (it unpacks per row);
+- `_dyn_quant_matmul_4bit` (KleidiAI's op; a reference fallback on x86): 11-68x slower than `_int_mm`;
+- `_weight_int8pack_mm` (int8 weights, bf16 activations): 0.75-1.22x for one row, 0.25-0.49x for four;
+- torchao 0.18 (pip, no torch change): no x86 kernel of its own in the wheel; its CPU int4 layout calls
+  `_weight_int4pack_mm_for_cpu`.
+End to end (SmolLM2-135M Q4_1, eager engine, 1 thread, 32 greedy tokens, 5 alternating runs, shared
+machine): int4 30.9 tok/s (29.9-33.9) against int8 27.0 (25.8-31.2), 1.14x. lm_head stays int8 in int4
+mode (INT8_IN_INT4): one row of it is no faster in int4, and the kernel's bf16 output would round logits.
+
+Every mode is batch invariant: a request gets the same tokens alone or in any batch.
 """
 
 from __future__ import annotations
@@ -19,7 +57,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MODES = ("int8", "fp16")
+MODES = ("int8", "int4", "fp16")
 
 
 class Int8Linear(nn.Module):
@@ -46,6 +84,72 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.view(*shape[:-1], self.out_features)
+
+
+# GGUF Q4_0/Q4_1's block size; torch's kernel wants the input size divisible by it and the output by 16
+INT4_GROUP = 32
+INT4_ROWS_MULTIPLE = 16
+
+
+def int4_kernel_available() -> bool:
+    """torch's CPU int4 kernel is vectorized for AVX512 only; elsewhere it falls back to scalar code that is
+    ~100x slower than fp32 (measured: 8 ms for one 576->960 row with ATEN_CPU_CAPABILITY=avx2)."""
+    return "AVX512" in torch.backends.cpu.get_cpu_capability()
+
+
+def int4_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF Q4_1's grid: per group of 32 inputs, w ~ (q - 8) * scale + zero with q in 0..15 (zero = the
+    group's minimum + 8 * scale). Returns q [out, in] int32 and the (scale, zero) pairs [out, in / 32, 2] in
+    bf16, the dtype torch's int4 kernel takes them in."""
+    groups = weight.detach().float().view(weight.shape[0], -1, INT4_GROUP)
+    minimum = groups.amin(-1)
+    scale = (groups.amax(-1) - minimum) / 15
+    q = torch.round((groups - minimum[..., None]) / scale.clamp(min=1e-12)[..., None]).clamp(0, 15)
+    return q.view(weight.shape).to(torch.int32), torch.stack([scale, minimum + 8 * scale], -1).to(torch.bfloat16)
+
+
+def int4_dequantize(q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight that `int4_grid`'s output stands for: what Int4Linear multiplies by."""
+    sz = scales_zeros.float()
+    groups = (q.view(q.shape[0], -1, INT4_GROUP) - 8).float() * sz[..., :1] + sz[..., 1:]
+    return groups.view(q.shape)
+
+
+class Int4Linear(nn.Module):
+    """4-bit weights in groups of 32 inputs with a scale and a minimum each (`int4_grid`, GGUF Q4_1's
+    grid), packed for torch's CPU kernel `_weight_int4pack_mm_for_cpu` (AVX512). Activations are rounded
+    to bf16 and each row is computed on its own, so a row's result never depends on the other rows of the
+    batch. The kernel returns bf16: the output carries bf16 rounding (~2e-3 relative, measured)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        if self.in_features % INT4_GROUP:
+            raise ValueError(f"int4 weights need the input size divisible by {INT4_GROUP}, got {self.in_features}")
+        q, scales_zeros = int4_grid(weight)
+        pad = -self.out_features % INT4_ROWS_MULTIPLE  # zero rows that the kernel computes and forward drops
+        if pad:
+            q = torch.cat([q, q.new_full((pad, self.in_features), 8)])
+            scales_zeros = torch.cat([scales_zeros, scales_zeros.new_zeros(pad, *scales_zeros.shape[1:])])
+        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.register_buffer("scales_zeros", scales_zeros.transpose(0, 1).contiguous())  # [groups, out, 2]
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, INT4_GROUP, self.scales_zeros)
+        out = out[:, : self.out_features].float()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*shape[:-1], self.out_features)
+
+
+def int4_or_int8(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+    """Int4Linear where the kernel takes the shape (input size divisible by 32), Int8Linear elsewhere."""
+    if weight.shape[1] % INT4_GROUP:
+        return Int8Linear(weight, bias)
+    return Int4Linear(weight, bias)
 
 
 class Fp16Linear(nn.Module):
@@ -97,13 +201,26 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     return model
 
 
-def packed_linear(mode: str):
-    """`(weight [out, in], bias | None) -> module` for `mode`, after checking the mode fits this machine."""
+# Kept int8 in int4 mode: torch's int4 kernel returns bf16, which would round logits near 25 to steps of
+# 0.125 (close calls and logprobs move), and for one row it is no faster than int8 on lm_head (measured).
+INT8_IN_INT4 = ("lm_head",)
+
+
+def packed_linear(mode: str, name: str = ""):
+    """`(weight [out, in], bias | None) -> module` for `mode` and the linear called `name`, after checking
+    that the mode fits this machine."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "fp16" and "fbgemm" not in torch.backends.quantized.supported_engines:
         raise ValueError("fp16 weights need fbgemm (x86 CPUs); use int8")
-    return Int8Linear if mode == "int8" else Fp16Linear
+    if mode == "int4" and not int4_kernel_available():
+        raise ValueError(
+            f"int4 weights need torch's AVX512 int4 kernel; this CPU runs torch's "
+            f"{torch.backends.cpu.get_cpu_capability()} kernels, where int4 is slower than fp32: use int8"
+        )
+    if mode == "int4" and name in INT8_IN_INT4:
+        return Int8Linear
+    return {"int8": Int8Linear, "int4": int4_or_int8, "fp16": Fp16Linear}[mode]
 
 
 def quantizable_linears(model: nn.Module) -> list[tuple[nn.Module, str, tuple[str, ...]]]:
@@ -120,13 +237,13 @@ def quantizable_linears(model: nn.Module) -> list[tuple[nn.Module, str, tuple[st
 
 def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     """Swap the model's nn.Linear modules (in place) for `mode`'s packed form. CPU only; returns the model."""
-    make = packed_linear(mode)
+    packed_linear(mode)  # an unknown mode or one this machine cannot run fails before anything changes
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("quantize_model is for CPU inference; the model is not on the CPU")
     fuse_projections(model)
     for module, name, _ in quantizable_linears(model):
         child = getattr(module, name)
-        setattr(module, name, make(child.weight, child.bias))
+        setattr(module, name, packed_linear(mode, name)(child.weight, child.bias))
     model.quantization = mode
     return_freed_memory()
     return model
@@ -153,6 +270,8 @@ def linear_weight_bytes(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, Int8Linear):
             total += m.in_features * m.out_features + 8 * m.out_features
+        elif isinstance(m, Int4Linear):
+            total += m.qweight.numel() + 2 * m.scales_zeros.numel()
         elif isinstance(m, Fp16Linear):
             total += 2 * m.in_features * m.out_features
         else:

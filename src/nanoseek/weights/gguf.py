@@ -243,7 +243,7 @@ class _GGUFTensors:
 
 def load_gguf_model(path: str | os.PathLike, dtype=None, device=None, quant: str | None = None) -> DenseForCausalLM:
     """`nanoseek.load` for a .gguf file: a dense model with dequantized weights (fp32 unless `dtype`), or with
-    its projections repacked tensor by tensor into `quant`'s run format (int8 | fp16)."""
+    its projections repacked tensor by tensor into `quant`'s run format (int8 | int4 | fp16)."""
     gf = open_gguf(path)
     cfg = config_from_gguf(gf.metadata, set(gf.tensors), gf.path)
     if "rope_freqs.weight" in gf.tensors:  # llama 3.1+: per-frequency divisors in place of rope_scaling metadata

@@ -147,7 +147,7 @@ def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool) -> set[s
     the parameter names consumed."""
     from nanoseek.engine.quant import fuse_projections, packed_linear, quantizable_linears, return_freed_memory
 
-    make = packed_linear(quant)
+    packed_linear(quant)  # an unknown mode or one this machine cannot run fails before anything is read
     fuse_projections(model)
     prefix_of = {id(m): f"{name}." if name else "" for name, m in model.named_modules()}
     consumed: set[str] = set()
@@ -159,7 +159,7 @@ def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool) -> set[s
             weight = torch.cat([read(f"{n}.weight").float() for n in names])
         has_bias = getattr(module, attr).bias is not None
         bias = torch.cat([read(f"{n}.bias").float() for n in names]) if has_bias else None
-        setattr(module, attr, make(weight, bias))
+        setattr(module, attr, packed_linear(quant, attr)(weight, bias))
         consumed |= {f"{n}.{kind}" for n in names for kind in ("weight", "bias")}
     return_freed_memory()
     return consumed
