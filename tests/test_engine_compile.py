@@ -24,7 +24,8 @@ def _batched_with_a_join(model, compile: bool) -> list[list[int]]:
 
 
 def _alone(model, prompt, compile: bool) -> list[int]:
-    return Engine(model, EngineConfig(block_size=4, compile=compile), eos_ids=[]).generate([prompt], GREEDY)[0].token_ids
+    engine = Engine(model, EngineConfig(block_size=4, compile=compile), eos_ids=[])
+    return engine.generate([prompt], GREEDY)[0].token_ids
 
 
 @pytest.fixture(scope="module")
