@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.engine.constraint import ConstraintState
-from nanoseek.engine.kv_cache import BlockPool, BlockTable
+from nanoseek.engine.kv_cache import BlockPool
+from nanoseek.engine.kv_groups import SequenceBlocks
 from nanoseek.engine.sampling import SamplingParams
 
 
@@ -39,7 +40,7 @@ class Request:
     id: int
     prompt_ids: list[int]
     params: SamplingParams
-    table: BlockTable
+    table: SequenceBlocks  # its cache blocks: one table per layer group
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed: int = 0  # leading tokens of prompt + output whose keys/values are in the cache
@@ -114,9 +115,9 @@ class Scheduler:
             req = self.running[i]
             take = min(req.num_tokens - req.num_computed, budget)
             drafts, req.draft_ids = req.draft_ids[: budget - take], []  # (drafts only come with take == 1)
-            if drafts and not req.table.reserve(req.num_computed + take + len(drafts)):
+            if drafts and not req.table.reserve(req.num_computed + take + len(drafts), req.num_computed):
                 drafts = []  # speculation never costs a preemption
-            if not req.table.reserve(req.num_computed + take):
+            if not req.table.reserve(req.num_computed + take, req.num_computed):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is req:
@@ -127,13 +128,13 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if req.num_computed == 0 and not req.table.blocks:
+            if req.num_computed == 0 and req.table.empty:
                 cached = req.table.match_prefix(req.all_ids)
                 req.num_computed = cached
                 if req.num_preemptions == 0:
                     req.num_cached_prompt = cached
             take = min(req.num_tokens - req.num_computed, budget)
-            if not req.table.reserve(req.num_computed + take):
+            if not req.table.reserve(req.num_computed + take, req.num_computed):
                 req.table.release()  # wait for blocks without holding any
                 req.num_computed = 0
                 break
