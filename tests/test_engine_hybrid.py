@@ -54,11 +54,11 @@ def _tables(engine: Engine, rid: int, window: int | None):
     return [t for t in engine.get(rid).table.tables if t.window == window]
 
 
-def _run_checking_bounds(engine: Engine, ids: list[int]) -> None:
+def _run_checking_bounds(engine: Engine, ids: list[int], drafts: int = 0) -> None:
     """Step to the end; after every step, each sliding table of a decoding request holds at most
-    window/block + 2 blocks, one in a prompt chunk at most its window plus a chunk, and each full table one
-    block per 4 positions held."""
-    decode_bound = WINDOW // BLOCK + 2
+    window/block + 2 blocks (plus what its drafts took), one in a prompt chunk at most its window plus a
+    chunk, and each full table one block per 4 positions held."""
+    decode_bound = WINDOW // BLOCK + 2 + -(-drafts // BLOCK)
     chunk_bound = -(-(WINDOW - 1 + engine.config.max_step_tokens) // BLOCK) + 1
     while engine.has_work():
         engine.step()
@@ -151,6 +151,18 @@ def test_a_prefix_hit_needs_every_group():
         pool.release(block)
     assert all(pool.cached((full.group, h)) for h in full.hashes)
     assert SequenceBlocks(pool, layout).match_prefix(tokens) == 0
+
+
+def test_speculative_drafts_and_rollback_keep_the_window(hybrid):
+    """Prompt-lookup drafts on a repeating prompt: rejected drafts lie past num_computed and the sliding
+    groups only give back what no query from num_computed on reads, so greedy output is unchanged."""
+    engine = Engine(hybrid, EngineConfig(block_size=BLOCK, max_step_tokens=8, speculative="ngram"), eos_ids=[])
+    prompts = [[5, 6, 7, 8, 9] * 7, list(range(60, 80)) * 2]
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=40)) for p in prompts]
+    _run_checking_bounds(engine, ids, drafts=engine.config.num_speculative_tokens)
+    assert [engine.get(i).output_ids for i in ids] == [greedy_reference(hybrid, p, 40) for p in prompts]
+    assert engine.stats()["num_drafted"] > engine.stats()["num_accepted"] > 0  # drafts both kept and rolled back
+    assert engine.pool.num_free == engine.pool.num_blocks - 1
 
 
 def test_abort_and_finish_free_every_group(hybrid):

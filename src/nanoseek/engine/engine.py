@@ -105,7 +105,9 @@ class Engine:
         layout = KVLayout.of(windows)
         num_blocks = config.num_blocks
         if num_blocks is None:  # a block holds layout.num_slots layers' keys and values of block_size tokens
-            per_block = spec.bytes_per_layer_token(next(model.parameters()).dtype) * layout.num_slots * config.block_size
+            per_block = (
+                spec.bytes_per_layer_token(next(model.parameters()).dtype) * layout.num_slots * config.block_size
+            )
             per_seq = layout.blocks_per_sequence(context, config.block_size, config.max_step_tokens)
             num_blocks = max(2, min(config.max_num_seqs * per_seq + 1, config.cache_bytes // per_block))
         self.pool = BlockPool(num_blocks, config.block_size)

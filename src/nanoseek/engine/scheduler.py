@@ -4,10 +4,12 @@ prefill under a token budget, prefix-cache hits, and preemption when the cache r
 Each step, running requests go first, oldest first: a decoding request needs one token, a request still in
 its prompt needs the next chunk of it (at most what is left of the step's token budget). Then waiting
 requests join while the budget and the free blocks allow, after sharing whatever prefix of their prompt
-the cache already holds. When a running request cannot get a block, the newest running request is
-preempted: its blocks go back to the pool and it waits again, to be recomputed from its prompt and the
-tokens it already produced (its output so far is kept). Nothing is corrupted and nothing crashes; a request
-that alone does not fit in the whole cache is refused when it is added.
+the cache already holds. A request's blocks are one table per layer group (engine/kv_groups.py): it
+joins or grows only when the pool has what every group needs together. When a running request cannot get
+its blocks, the newest running request is preempted: its blocks (every group's) go back to the pool and it
+waits again, to be recomputed from its prompt and the tokens it already produced (its output so far is
+kept). Nothing is corrupted and nothing crashes; a request that alone does not fit in the whole cache is
+refused when it is added.
 
 Speculative decoding: a decoding request may carry draft tokens (`Request.draft_ids`, proposed at the end
 of the previous step). It then takes 1 + len(drafts) tokens, so the target model scores them all in one
