@@ -101,15 +101,12 @@ class Engine:
             raise ValueError(
                 "speculative='mtp' needs a DeepSeek model with MTP modules (num_nextn_predict_layers >= 1)"
             )
-        spec, windows = cache_layout(model, mtp=mtp)
-        layout = KVLayout.of(windows)
         num_blocks = config.num_blocks
         if num_blocks is None:  # a block holds layout.num_slots layers' keys and values of block_size tokens
-            per_block = (
-                spec.bytes_per_layer_token(next(model.parameters()).dtype) * layout.num_slots * config.block_size
-            )
-            per_seq = layout.blocks_per_sequence(context, config.block_size, config.max_step_tokens)
-            num_blocks = max(2, min(config.max_num_seqs * per_seq + 1, config.cache_bytes // per_block))
+            spec, windows = cache_layout(model, mtp=mtp)
+            per_token = spec.bytes_per_layer_token(next(model.parameters()).dtype) * KVLayout.of(windows).num_slots
+            wanted = cache_blocks(model, config, config.max_num_seqs, context)
+            num_blocks = max(2, min(wanted, config.cache_bytes // (per_token * config.block_size)))
         self.pool = BlockPool(num_blocks, config.block_size)
         self.runner = ModelRunner(model, self.pool, autocast_dtype=config.autocast_dtype, mtp=mtp)
         self.drafter = make_drafter(
@@ -342,6 +339,14 @@ class Engine:
                 )
             )
         return out
+
+
+def cache_blocks(model, config: EngineConfig, num_seqs: int, tokens_per_seq: int) -> int:
+    """The num_blocks (the reserved block included) that hold num_seqs sequences of tokens_per_seq tokens at
+    once: every layer group's blocks (a sliding group needs only its window and a step's tokens)."""
+    _, windows = cache_layout(model, mtp=config.speculative == "mtp")
+    per_seq = KVLayout.of(windows).blocks_per_sequence(tokens_per_seq, config.block_size, config.max_step_tokens)
+    return num_seqs * per_seq + 1
 
 
 def _eos_of(cfg) -> list[int]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from nanoseek.engine.engine import Engine, EngineConfig
+from nanoseek.engine.engine import Engine, EngineConfig, cache_blocks
 from nanoseek.engine.sampling import SamplingParams
 
 
@@ -44,12 +44,11 @@ def engine_for(
     autocast_dtype: torch.dtype | None = None,
 ) -> Engine:
     """An engine whose cache holds `max_num_seqs` sequences of up to `max_len` tokens (no more)."""
-    block_size = 16
-    blocks = max_num_seqs * -(-max_len // block_size) + 1
     config = EngineConfig(
-        block_size=block_size, num_blocks=blocks, max_num_seqs=max_num_seqs,
-        max_step_tokens=max(256, max_num_seqs * 32), autocast_dtype=autocast_dtype,
+        block_size=16, max_num_seqs=max_num_seqs, max_step_tokens=max(256, max_num_seqs * 32),
+        autocast_dtype=autocast_dtype,
     )  # fmt: skip
+    config = replace(config, num_blocks=cache_blocks(model, config, max_num_seqs, max_len))
     return Engine(model, config, eos_ids=list(stop_ids))
 
 
