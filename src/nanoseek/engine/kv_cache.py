@@ -142,20 +142,14 @@ class BlockTable:
             return 0
         return max(0, num_computed - self.window + 1) // self.pool.block_size
 
-    def num_to_allocate(self, num_tokens: int, num_computed: int) -> int:
-        """New blocks needed to hold positions up to num_tokens - 1 (skipping those out of the window)."""
-        wanted = -(-num_tokens // self.pool.block_size)
-        return max(0, wanted - max(len(self.blocks), self.first_needed(num_computed)))
+    def num_to_allocate(self, num_tokens: int) -> int:
+        """New blocks needed to hold positions up to num_tokens - 1. (Every position before them has a block
+        or, out of the window, NULL_BLOCK: a prefix hit leaves NULL_BLOCK for those, see kv_groups.py.)"""
+        return max(0, -(-num_tokens // self.pool.block_size) - len(self.blocks))
 
-    def grow(self, num_tokens: int, num_computed: int) -> None:
+    def grow(self, num_tokens: int) -> None:
         """Take the blocks `num_to_allocate` counted (the caller checked the pool has them)."""
-        self.drop_out_of_window(num_computed)
-        first = self.first_needed(num_computed)
-        if len(self.blocks) < first:  # positions the window has passed before they had a block (a prefix hit)
-            self.blocks.extend([NULL_BLOCK] * (first - len(self.blocks)))
-            self.num_dropped = first
-        for _ in range(self.num_to_allocate(num_tokens, num_computed)):
-            self.blocks.append(self.pool.allocate())
+        self.blocks.extend(self.pool.allocate() for _ in range(self.num_to_allocate(num_tokens)))
 
     def drop_out_of_window(self, num_computed: int) -> None:
         """Give back the blocks no query from position num_computed on can see. Safe with chunked prefill

@@ -42,10 +42,10 @@ class SequenceBlocks:
         """Make room for positions num_computed..num_tokens-1 in every group (a sliding group first gives back
         what fell out of its window). False, and nothing taken, when the pool cannot serve every group."""
         self.drop_out_of_window(num_computed)
-        if sum(t.num_to_allocate(num_tokens, num_computed) for t in self.tables) > self.pool.num_free:
+        if sum(t.num_to_allocate(num_tokens) for t in self.tables) > self.pool.num_free:
             return False
         for t in self.tables:
-            t.grow(num_tokens, num_computed)
+            t.grow(num_tokens)
         return True
 
     def drop_out_of_window(self, num_computed: int) -> None:
