@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -276,23 +277,22 @@ class PagedStorage:
         end = past + new
         query_pos = past[:, None] + torch.arange(T)[None, :]  # [B, T]
         query_real = torch.arange(T)[None, :] < new[:, None]
-        keys: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}  # window -> key positions, real
+        keys: dict[int | None, torch.Tensor] = {}  # window -> key positions [B, S_w]
         masks = {}
         for w in dict.fromkeys(layout.windows):
             start = torch.zeros_like(past) if w is None else (past - w + 1).clamp(min=0)
-            key_pos = start[:, None] + torch.arange(int((end - start).max()))[None, :]  # [B, S_w]
-            key_real = key_pos < end[:, None]
-            keys[w] = key_pos, key_real
-            masks[w] = _mask(query_pos, key_pos, key_real, w).to(device)
+            keys[w] = start[:, None] + torch.arange(int((end - start).max()))[None, :]
+            masks[w] = _mask(query_pos, keys[w], end, w).to(device)
         num_blocks = -(-int(end.max()) // bs)
+        padded = [
+            (blocks := seq.tables[g].blocks[:num_blocks]) + [NULL_BLOCK] * (num_blocks - len(blocks))
+            for g in range(layout.num_groups)
+            for seq in seqs
+        ]  # through numpy: torch.tensor of a list of ints costs ~6x more (measured ~0.5 ms for 96 rows)
+        all_ids = torch.from_numpy(np.array(padded, dtype=np.int64)).view(layout.num_groups, len(seqs), num_blocks)
         read, write = [], []
-        for g, w in enumerate(layout.windows):
-            block_ids = torch.zeros(len(seqs), num_blocks, dtype=torch.long)
-            for i, seq in enumerate(seqs):
-                table = seq.tables[g].blocks[:num_blocks]
-                block_ids[i, : len(table)] = torch.tensor(table, dtype=torch.long)
-            key_pos, key_real = keys[w]
-            read.append(torch.where(key_real, _slots(block_ids, key_pos, bs), NULL_BLOCK).to(device))
+        for block_ids, w in zip(all_ids, layout.windows):
+            read.append(_slots(block_ids, keys[w], bs).to(device))  # (keys past a row's end: masked)
             # padding queries write into block 0
             write.append(torch.where(query_real, _slots(block_ids, query_pos, bs), NULL_BLOCK).to(device))
         return PagedView(self.tensors, layout.slot_of, read, write, query_pos.to(device), masks)
@@ -304,11 +304,11 @@ def _slots(block_ids: torch.Tensor, positions: torch.Tensor, block_size: int) ->
     return torch.gather(block_ids, 1, index) * block_size + positions % block_size
 
 
-def _mask(query_pos: torch.Tensor, key_pos: torch.Tensor, key_real: torch.Tensor, window: int | None) -> torch.Tensor:
+def _mask(query_pos: torch.Tensor, key_pos: torch.Tensor, seq_lens: torch.Tensor, window: int | None) -> torch.Tensor:
     """[B, 1, T, S] bool: a query sees its row's keys at positions <= its own (and > its own - window).
     A padding query (beyond its row's length) sees key 0 only, so its softmax is never empty."""
     key, q = key_pos[:, None, :], query_pos[:, :, None]
-    allowed = (key <= q) & key_real[:, None, :]
+    allowed = (key <= q) & (key < seq_lens[:, None, None])
     if window is not None:
         allowed &= key > q - window
     allowed[:, :, 0] |= ~allowed.any(-1)
