@@ -261,11 +261,6 @@ class PagedStorage:
             for name, shape in spec.per_token.items()
         }
 
-    @property
-    def bytes_per_block(self) -> int:
-        dtype = next(iter(self.tensors.values()))[0].dtype
-        return self.layout.num_slots * self.pool.block_size * self.spec.bytes_per_layer_token(dtype)
-
     def view(self, seqs: Sequence[SequenceBlocks], past_lens: Sequence[int], new_lens: Sequence[int]) -> PagedView:
         """The view for one forward of len(seqs) rows: row i holds new_lens[i] new tokens at positions
         past_lens[i].., right-padded to the longest. Each window kind gets its own key axis: row i's keys
