@@ -30,20 +30,22 @@ def greedy_reference(model, prompt: Sequence[int], max_new_tokens: int, stop_ids
 def paged_forward_in_chunks(model, ids: torch.Tensor, chunks: Sequence[int], block_size: int = 4) -> torch.Tensor:
     """Logits [B, T, V] of `ids` [B, T] fed through the engine's paged cache a chunk at a time (e.g. a prefill
     of 8, then one token per forward): what a cached decode computes, for comparison with one full forward."""
-    from nanoseek.engine.kv_cache import BlockPool, BlockTable, PagedStorage
+    from nanoseek.engine.kv_cache import BlockPool, KVLayout, PagedStorage
+    from nanoseek.engine.kv_groups import SequenceBlocks
     from nanoseek.engine.runner import cache_layout
 
     B, T = ids.shape
     assert sum(chunks) == T
     spec, windows = cache_layout(model)
-    pool = BlockPool(B * -(-T // block_size) + 1, block_size)
-    storage = PagedStorage(spec, pool, torch.float32, "cpu")
-    tables = [BlockTable(pool) for _ in range(B)]
-    for table in tables:
-        assert table.reserve(T)
+    layout = KVLayout.of(windows)
+    pool = BlockPool(B * layout.num_groups * -(-T // block_size) + 1, block_size)
+    storage = PagedStorage(spec, pool, torch.float32, "cpu", layout)
+    seqs = [SequenceBlocks(pool, layout) for _ in range(B)]
+    for seq in seqs:
+        assert seq.reserve(T, 0)
     out, start = [], 0
     for n in chunks:
-        view = storage.view(tables, [start] * B, [n] * B, sorted(set(windows), key=lambda w: -1 if w is None else w))
+        view = storage.view(seqs, [start] * B, [n] * B)
         out.append(model(ids[:, start : start + n], cache=view))
         start += n
     return torch.cat(out, dim=1)

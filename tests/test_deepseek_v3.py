@@ -193,7 +193,8 @@ def test_kv_cache_decode_equals_full_forward():
 
 
 def test_absorbed_attention_matches_naive_and_cache_is_latent_only():
-    from nanoseek.engine.kv_cache import BlockPool, BlockTable, PagedStorage
+    from nanoseek.engine.kv_cache import BlockPool, KVLayout, PagedStorage
+    from nanoseek.engine.kv_groups import SequenceBlocks
     from nanoseek.engine.runner import cache_layout
     from nanoseek.model.rope import rope_cos_sin
 
@@ -208,9 +209,9 @@ def test_absorbed_attention_matches_naive_and_cache_is_latent_only():
     spec, _ = cache_layout(model)
     pool = BlockPool(8, 4)
     storage = PagedStorage(spec, pool, torch.float32, "cpu")
-    tables = [BlockTable(pool), BlockTable(pool)]
+    tables = [SequenceBlocks(pool, KVLayout.of([None] * spec.num_layers)) for _ in range(2)]
     for t in tables:
-        t.reserve(10)
+        assert t.reserve(10, 0)
     with torch.no_grad():
         naive = attn(x, cos, sin, None, None)
         absorbed = attn(x, cos, sin, None, storage.view(tables, [0, 0], [10, 10]))

@@ -67,13 +67,12 @@ class NanoseekSide:
     def engine(self, num_seqs: int, tokens_per_seq: int):
         """A fresh engine (no prefix cache carried over between repeats) whose KV cache holds exactly the
         task: num_seqs sequences of tokens_per_seq tokens, plus the reserved padding block."""
-        from nanoseek.engine.engine import Engine, EngineConfig
+        from dataclasses import replace
 
-        block = 16
-        blocks = num_seqs * -(-tokens_per_seq // block) + 1
-        config = EngineConfig(
-            block_size=block, num_blocks=blocks, max_num_seqs=num_seqs, compile=self.compile, **self.engine_options
-        )
+        from nanoseek.engine.engine import Engine, EngineConfig, cache_blocks
+
+        config = EngineConfig(block_size=16, max_num_seqs=num_seqs, compile=self.compile, **self.engine_options)
+        config = replace(config, num_blocks=cache_blocks(self.model, config, num_seqs, tokens_per_seq))
         engine = Engine(self.model, config, eos_ids=[])
         kv_bytes = sum(t.numel() * t.element_size() for ts in engine.runner.storage.tensors.values() for t in ts)
         return engine, kv_bytes

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoseek.engine.kv_cache import BlockPool, BlockTable
+from nanoseek.engine.kv_cache import BlockPool, KVLayout
+from nanoseek.engine.kv_groups import SequenceBlocks
 from nanoseek.engine.runner import ForwardResult, ModelRunner, Row, cache_layout
 from nanoseek.engine.sampling import SamplingParams, make_generator, sample_batch
 from nanoseek.engine.scheduler import Request, Scheduled, Scheduler, Status
@@ -103,12 +104,12 @@ class Engine:
             raise ValueError(
                 "speculative='mtp' needs a DeepSeek model with MTP modules (num_nextn_predict_layers >= 1)"
             )
-        spec, _ = cache_layout(model, mtp=mtp)
         num_blocks = config.num_blocks
-        if num_blocks is None:
-            per_block = spec.bytes_per_token(next(model.parameters()).dtype) * config.block_size
-            wanted = config.max_num_seqs * -(-context // config.block_size) + 1
-            num_blocks = max(2, min(wanted, config.cache_bytes // per_block))
+        if num_blocks is None:  # a block holds layout.num_slots layers' keys and values of block_size tokens
+            spec, windows = cache_layout(model, mtp=mtp)
+            per_token = spec.bytes_per_layer_token(next(model.parameters()).dtype) * KVLayout.of(windows).num_slots
+            wanted = cache_blocks(model, config, config.max_num_seqs, context)
+            num_blocks = max(2, min(wanted, config.cache_bytes // (per_token * config.block_size)))
         self.pool = BlockPool(num_blocks, config.block_size)
         self.runner = ModelRunner(
             model, self.pool, autocast_dtype=config.autocast_dtype, mtp=mtp, compile_decode=config.compile
@@ -132,7 +133,8 @@ class Engine:
         rid = next(self._ids) if request_id is None else request_id
         if rid in self.requests:
             raise ValueError(f"request id {rid} is in use")
-        req = Request(rid, prompt, params, BlockTable(self.pool), generator=make_generator(params, self.runner.device))
+        blocks = SequenceBlocks(self.pool, self.runner.layout)
+        req = Request(rid, prompt, params, blocks, generator=make_generator(params, self.runner.device))
         if params.constraint is not None:
             req.constraint = params.constraint.start()
         self.requests[rid] = req
@@ -154,10 +156,11 @@ class Engine:
         if len(prompt) >= context:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {context}")
         longest = min(len(prompt) + params.max_tokens, context)
-        if -(-longest // self.pool.block_size) > self.pool.num_blocks - 1:
+        needed = self.runner.layout.blocks_per_sequence(longest, self.pool.block_size, self.config.max_step_tokens)
+        if needed > self.pool.num_blocks - 1:
             raise ValueError(
                 f"prompt + max_tokens = {longest} tokens do not fit the KV cache "
-                f"({(self.pool.num_blocks - 1) * self.pool.block_size} tokens)"
+                f"(they need {needed} blocks of {self.pool.block_size} tokens, it has {self.pool.num_blocks - 1})"
             )
         if params.stop and self.detokenize is None:
             raise ValueError("stop strings need an engine built with a detokenize function")
@@ -209,6 +212,7 @@ class Engine:
             if not s.samples:  # a prompt chunk short of the last token (sampled rows advance in _sample)
                 s.request.num_computed += s.num_new
                 s.request.table.register_full_blocks(s.request.all_ids, s.request.num_computed)
+                s.request.table.drop_out_of_window(s.request.num_computed)
         outputs = self._sample(to_sample)
         if self.drafter is not None:
             self.drafter.after_step(passes)  # the drafts each request brings to the next step
@@ -244,6 +248,7 @@ class Engine:
             # the cache now holds the row's real tokens and the accepted drafts; rejected ones lie beyond
             req.num_computed += s.num_new - len(s.draft_ids) + len(run) - 1
             req.table.register_full_blocks(req.all_ids + run[:-1], req.num_computed)
+            req.table.drop_out_of_window(req.num_computed)  # sliding groups: what no later query can see
             for j, token in enumerate(run):
                 out = StepOutput(req.id, token, False)
                 if req.params.logprobs is not None:
@@ -298,8 +303,6 @@ class Engine:
                 self._finish(req, "stop")
             elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.runner.context_length:
                 self._finish(req, "length")
-            elif (window := self.runner.all_sliding) is not None:
-                req.table.free_before(req.num_computed - window + 1)
         out.finished, out.finish_reason = req.finished, req.finish_reason
 
     def _stop_string(self, req: Request) -> str | None:
@@ -341,6 +344,14 @@ class Engine:
                 )
             )
         return out
+
+
+def cache_blocks(model, config: EngineConfig, num_seqs: int, tokens_per_seq: int) -> int:
+    """The num_blocks (the reserved block included) that hold num_seqs sequences of tokens_per_seq tokens at
+    once: every layer group's blocks (a sliding group needs only its window and a step's tokens)."""
+    _, windows = cache_layout(model, mtp=config.speculative == "mtp")
+    per_seq = KVLayout.of(windows).blocks_per_sequence(tokens_per_seq, config.block_size, config.max_step_tokens)
+    return num_seqs * per_seq + 1
 
 
 def _eos_of(cfg) -> list[int]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from nanoseek.engine.engine import Engine, EngineConfig
+from nanoseek.engine.engine import Engine, EngineConfig, cache_blocks
 from nanoseek.engine.sampling import SamplingParams
 
 
@@ -46,12 +46,11 @@ def engine_for(
 ) -> Engine:
     """An engine whose cache holds `max_num_seqs` sequences of up to `max_len` tokens (no more);
     compile: decode steps through torch.compile (EngineConfig.compile)."""
-    block_size = 16
-    blocks = max_num_seqs * -(-max_len // block_size) + 1
     config = EngineConfig(
-        block_size=block_size, num_blocks=blocks, max_num_seqs=max_num_seqs,
-        max_step_tokens=max(256, max_num_seqs * 32), autocast_dtype=autocast_dtype, compile=compile,
+        block_size=16, max_num_seqs=max_num_seqs, max_step_tokens=max(256, max_num_seqs * 32),
+        autocast_dtype=autocast_dtype, compile=compile,
     )  # fmt: skip
+    config = replace(config, num_blocks=cache_blocks(model, config, max_num_seqs, max_len))
     return Engine(model, config, eos_ids=list(stop_ids))
 
 

@@ -1,33 +1,53 @@
 """The paged KV cache: fixed-size blocks shared by all sequences, block tables, prefix caching.
 
+    layout = KVLayout.of(layer_windows)      # which layers share a block table (one group per window kind)
     pool = BlockPool(num_blocks=256, block_size=16)
-    table = BlockTable(pool)                 # one per sequence
-    table.reserve(n_tokens)                  # blocks for the positions it will hold (False: pool is full)
-    storage = PagedStorage(spec, pool, dtype, device)   # the tensors, one flat slot axis per layer
-    view = storage.view(tables, past_lens, new_lens)    # what one batched forward reads and writes
+    blocks = SequenceBlocks(pool, layout)    # one per sequence: a BlockTable per group (engine/kv_groups.py)
+    blocks.reserve(n_tokens, num_computed)   # blocks for the positions it will hold (False: pool is full)
+    storage = PagedStorage(spec, pool, dtype, device, layout)   # the tensors, one flat slot axis each
+    view = storage.view(seqs, past_lens, new_lens)              # what one batched forward reads and writes
 
-Every token has a *slot*: `block * block_size + offset`. The storage keeps, per layer and per cached tensor
-(k and v for the dense families; MLA's compressed c_kv and k_pe for DeepSeek), one tensor
+Every token has a *slot*: `block * block_size + offset`. The storage keeps, per cached tensor (k and v for
+the dense families; MLA's compressed c_kv and k_pe for DeepSeek) and per *storage slot layer*, one tensor
 `[num_blocks * block_size, *per_token_shape]`. A forward gets a `PagedView`: the slots where its new
-tokens go, the slots every row reads (its whole history in order), and the attention masks, all built once
-per step and shared by every layer. Slot 0 (block 0) is never handed out: rows shorter than the longest
-read it as padding, and the masks hide it.
+tokens go, the slots every row reads, and the attention masks, all built once per step and shared by
+every layer. Slot 0 (block 0) is never handed out: rows shorter than the longest read it as padding, and
+the masks hide it.
+
+Layer groups (what vLLM calls the hybrid allocator). Layers with the same attention window form groups of
+`num_slots` layers; a sequence holds one block table per group, all drawing from the one pool, and layer
+`l` stores its keys/values in tensor `slot(l)` at the blocks of its own group's table. A block id is
+owned by one group at a time, so the same tensors serve every group: a block costs `num_slots` layers of
+memory whichever group holds it, and the pool never has to be split between groups in advance (a batch of
+long sequences takes more full-attention blocks, a batch of short ones fewer). A sliding group's table
+gives back the blocks that fell out of its window, so Gemma 3 (5 local : 1 global) keeps its local
+layers' cache at about a window per sequence while the global layers keep everything. Models with one
+window kind (Llama, Qwen2, Mistral, DeepSeek) have one group of all layers: one table, one tensor per
+layer, exactly the plain paged cache. A sliding row reads only the keys its queries can see (from its
+first query's window start on), so local layers also attend over a window, not the whole history.
 
 Prefix caching: a *full* block is identified by the hash of its tokens chained with its predecessor's
-hash, so two sequences that start with the same tokens (a shared system prompt, few-shot examples) share
-the blocks of that prefix and prefill it once. Freed blocks keep their contents and hash until the pool
-needs them again (least recently freed first), so a prefix stays reusable across requests.
+hash, and by its group (each group's block holds different layers), so two sequences that start with the
+same tokens (a shared system prompt, few-shot examples) share the blocks of that prefix and prefill it
+once. Freed blocks keep their contents and hash until the pool needs them again (least recently freed
+first), so a prefix stays reusable across requests. The rule for hybrid models is in engine/kv_groups.py.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from math import prod
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-NULL_BLOCK = 0  # never allocated: padding slots point here
+if TYPE_CHECKING:
+    from nanoseek.engine.kv_groups import SequenceBlocks
+
+NULL_BLOCK = 0  # never allocated: padding slots, and blocks a sliding window no longer needs, point here
 
 
 class BlockPool:
@@ -42,8 +62,8 @@ class BlockPool:
         self.ref_count = [0] * num_blocks
         # Free blocks in the order they were freed (oldest first); cached ones may be revived by a hit.
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
-        self._hash_of: dict[int, int] = {}  # block -> prefix hash of its (full) contents
-        self._block_of: dict[int, int] = {}  # prefix hash -> block
+        self._key_of: dict[int, Hashable] = {}  # block -> (group, prefix hash) of its (full) contents
+        self._block_of: dict[Hashable, int] = {}  # (group, prefix hash) -> block
         self.hits = self.queries = 0  # prefix-cache statistics (blocks)
 
     @property
@@ -60,7 +80,7 @@ class BlockPool:
         if not self._free:
             return None
         block, _ = self._free.popitem(last=False)
-        old = self._hash_of.pop(block, None)
+        old = self._key_of.pop(block, None)
         if old is not None:
             del self._block_of[old]
         self.ref_count[block] = 1
@@ -75,24 +95,27 @@ class BlockPool:
         if self.ref_count[block] == 0:
             self._free[block] = None
 
-    def lookup(self, prefix_hash: int) -> int | None:
-        """The cached block holding exactly this prefix, now shared (ref count + 1); None on a miss."""
-        self.queries += 1
-        block = self._block_of.get(prefix_hash)
+    def cached(self, key: Hashable) -> bool:
+        """Whether a block holding exactly this (group, prefix hash) is in the cache (nothing is taken)."""
+        return key in self._block_of
+
+    def lookup(self, key: Hashable) -> int | None:
+        """The cached block holding exactly this (group, prefix hash), now shared (ref count + 1); None on
+        a miss."""
+        block = self._block_of.get(key)
         if block is None:
             return None
-        self.hits += 1
         if self.ref_count[block] == 0:
             del self._free[block]
         self.ref_count[block] += 1
         return block
 
-    def register(self, block: int, prefix_hash: int) -> None:
-        """Mark a full block as holding `prefix_hash`'s tokens, so later sequences can share it."""
-        if prefix_hash in self._block_of or block in self._hash_of:
+    def register(self, block: int, key: Hashable) -> None:
+        """Mark a full block as holding this (group, prefix hash), so later sequences can share it."""
+        if key in self._block_of or block in self._key_of:
             return  # the same prefix computed twice concurrently: keep the first copy
-        self._hash_of[block] = prefix_hash
-        self._block_of[prefix_hash] = block
+        self._key_of[block] = key
+        self._block_of[key] = block
 
 
 def chain_hash(parent: int | None, tokens: Sequence[int]) -> int:
@@ -100,44 +123,44 @@ def chain_hash(parent: int | None, tokens: Sequence[int]) -> int:
 
 
 class BlockTable:
-    """One sequence's blocks, in position order. Position p lives in blocks[p // block_size]."""
+    """One sequence's blocks for one layer group, in position order: position p lives in
+    blocks[p // block_size]. A sliding group (window w) needs only the positions a future query can see,
+    those >= num_computed - w + 1; the blocks wholly before that are given back and read as NULL_BLOCK."""
 
-    def __init__(self, pool: BlockPool):
-        self.pool = pool
+    def __init__(self, pool: BlockPool, group: int = 0, window: int | None = None):
+        self.pool, self.group, self.window = pool, group, window
         self.blocks: list[int] = []
         self.hashes: list[int] = []  # prefix hashes of the leading full blocks registered so far
-        self.num_freed = 0  # leading blocks given back because they fell out of a sliding window
+        self.num_dropped = 0  # leading entries that are NULL_BLOCK: out of the window (or never taken)
 
     @property
-    def capacity(self) -> int:
-        return len(self.blocks) * self.pool.block_size
+    def num_live(self) -> int:
+        return sum(b != NULL_BLOCK for b in self.blocks)
 
-    def match_prefix(self, tokens: Sequence[int]) -> int:
-        """Share cached blocks for the longest cached prefix of `tokens` (whole blocks only, and never the
-        whole prompt: the last token must be computed to get logits). Returns the tokens covered."""
-        if self.blocks:
-            raise RuntimeError("match_prefix must come before any block is reserved")
-        bs = self.pool.block_size
-        parent = None
-        for start in range(0, len(tokens) - 1 - (len(tokens) - 1) % bs, bs):
-            h = chain_hash(parent, tokens[start : start + bs])
-            block = self.pool.lookup(h)
-            if block is None:
-                break
-            self.blocks.append(block)
-            self.hashes.append(h)
-            parent = h
-        return len(self.blocks) * bs
+    def first_needed(self, num_computed: int) -> int:
+        """Index of the first block a query at position >= num_computed can read (0 for full attention)."""
+        if self.window is None:
+            return 0
+        return max(0, num_computed - self.window + 1) // self.pool.block_size
 
-    def reserve(self, num_tokens: int) -> bool:
-        """Make room for positions 0..num_tokens-1. False (and nothing taken) when the pool is short."""
-        need = -(-num_tokens // self.pool.block_size) - len(self.blocks)
-        if need <= 0:
-            return True
-        if need > self.pool.num_free:
-            return False
-        self.blocks.extend(self.pool.allocate() for _ in range(need))
-        return True
+    def num_to_allocate(self, num_tokens: int) -> int:
+        """New blocks needed to hold positions up to num_tokens - 1. (Every position before them has a block
+        or, out of the window, NULL_BLOCK: a prefix hit leaves NULL_BLOCK for those, see kv_groups.py.)"""
+        return max(0, -(-num_tokens // self.pool.block_size) - len(self.blocks))
+
+    def grow(self, num_tokens: int) -> None:
+        """Take the blocks `num_to_allocate` counted (the caller checked the pool has them)."""
+        self.blocks.extend(self.pool.allocate() for _ in range(self.num_to_allocate(num_tokens)))
+
+    def drop_out_of_window(self, num_computed: int) -> None:
+        """Give back the blocks no query from position num_computed on can see. Safe with chunked prefill
+        (the next chunk's first query is at num_computed and still reads the window before it) and with
+        speculation (rejected drafts lie at >= num_computed, which never moves back while blocks are held)."""
+        end = min(self.first_needed(num_computed), len(self.blocks))
+        for i in range(self.num_dropped, end):
+            self.pool.release(self.blocks[i])
+            self.blocks[i] = NULL_BLOCK
+        self.num_dropped = max(self.num_dropped, end)
 
     def register_full_blocks(self, tokens: Sequence[int], num_computed: int) -> None:
         """Index every block whose tokens are all computed (positions < num_computed) for prefix reuse."""
@@ -146,20 +169,57 @@ class BlockTable:
             i = len(self.hashes)
             h = chain_hash(self.hashes[-1] if self.hashes else None, tokens[i * bs : (i + 1) * bs])
             if self.blocks[i] != NULL_BLOCK:
-                self.pool.register(self.blocks[i], h)
+                self.pool.register(self.blocks[i], (self.group, h))
             self.hashes.append(h)
-
-    def free_before(self, position: int) -> None:
-        """Give back the blocks that only hold positions < `position` (out of every layer's window)."""
-        while self.num_freed < min(position // self.pool.block_size, len(self.blocks)):
-            self.pool.release(self.blocks[self.num_freed])
-            self.blocks[self.num_freed] = NULL_BLOCK
-            self.num_freed += 1
 
     def release(self) -> None:
         for block in self.blocks:
             self.pool.release(block)
-        self.blocks, self.hashes, self.num_freed = [], [], 0
+        self.blocks, self.hashes, self.num_dropped = [], [], 0
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Which layers share a block table, and which storage tensor each layer uses.
+
+    Layers of the same window kind are cut, in layer order, into groups of `num_slots` layers (the fewest
+    layers any window kind has: Gemma 2's alternation gives two groups of n/2, Gemma 3's 5:1 gives one
+    global group and five local ones of n/6 layers each). A group with fewer layers than `num_slots` (the
+    last of a kind, when the counts do not divide) leaves the rest of its blocks unused, as vLLM does;
+    equal-sized groups are what lets one block id mean the same memory in every group."""
+
+    windows: tuple[int | None, ...]  # per group: its layers' attention window (None: full attention)
+    slot_of: tuple[tuple[int, int], ...]  # per layer: (group, storage slot)
+    num_slots: int  # storage tensors per cached name; a block holds this many layers' tokens
+
+    @classmethod
+    def of(cls, layer_windows: Sequence[int | None]) -> KVLayout:
+        if not layer_windows:
+            raise ValueError("a KV layout needs at least one layer")
+        kinds = list(dict.fromkeys(layer_windows))  # window kinds in order of first appearance
+        per_kind = {w: [i for i, lw in enumerate(layer_windows) if lw == w] for w in kinds}
+        num_slots = min(len(layers) for layers in per_kind.values())
+        windows: list[int | None] = []
+        slot_of: dict[int, tuple[int, int]] = {}
+        for w in kinds:
+            layers = per_kind[w]
+            for start in range(0, len(layers), num_slots):
+                for slot, layer in enumerate(layers[start : start + num_slots]):
+                    slot_of[layer] = (len(windows), slot)
+                windows.append(w)
+        return cls(tuple(windows), tuple(slot_of[i] for i in range(len(layer_windows))), num_slots)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.windows)
+
+    def blocks_per_sequence(self, num_tokens: int, block_size: int, step_tokens: int) -> int:
+        """The most blocks one sequence of num_tokens tokens holds at once, all groups together, when a step
+        adds at most step_tokens of it: a sliding group holds its window plus the step's new tokens."""
+        whole = -(-num_tokens // block_size)
+        return sum(
+            whole if w is None else min(whole, -(-(w - 1 + step_tokens) // block_size) + 1) for w in self.windows
+        )
 
 
 @dataclass(frozen=True)
@@ -169,93 +229,111 @@ class CacheSpec:
     num_layers: int
     per_token: dict[str, tuple[int, ...]]
 
+    def bytes_per_layer_token(self, dtype: torch.dtype) -> int:
+        return sum(prod(s) for s in self.per_token.values()) * torch.empty((), dtype=dtype).element_size()
+
     def bytes_per_token(self, dtype: torch.dtype) -> int:
-        size = torch.empty((), dtype=dtype).element_size()
-        return self.num_layers * sum(int(torch.tensor(s).prod()) if s else 1 for s in self.per_token.values()) * size
+        return self.num_layers * self.bytes_per_layer_token(dtype)
 
 
 class PagedStorage:
-    """The cache tensors: per name, one [num_blocks * block_size, *per_token_shape] tensor per layer.
-    Separate tensors per layer (not one stacked [num_layers, ...] tensor) so that a compiled decode step
-    writes a layer's new slots in place: torch.compile copies a whole input when a *view* of it is
-    mutated (measured: every layer's write copied the entire stacked cache, 3x slower than eager)."""
+    """The cache tensors: per name, one [num_blocks * block_size, *per_token_shape] tensor per storage slot
+    (per layer, for a model with one window kind). Separate tensors (not one stacked [num_slots, ...]
+    tensor) so that a compiled decode step writes a layer's new slots in place: torch.compile copies a
+    whole input when a *view* of it is mutated (measured: every layer's write copied the entire stacked
+    cache, 3x slower than eager)."""
 
-    def __init__(self, spec: CacheSpec, pool: BlockPool, dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        spec: CacheSpec,
+        pool: BlockPool,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        layout: KVLayout | None = None,
+    ):
         self.spec, self.pool = spec, pool
+        self.layout = layout or KVLayout.of([None] * spec.num_layers)  # None: every layer full attention
+        if len(self.layout.slot_of) != spec.num_layers:
+            raise ValueError(f"the layout covers {len(self.layout.slot_of)} layers, the cache {spec.num_layers}")
         slots = pool.num_blocks * pool.block_size
         self.tensors = {
-            name: [torch.zeros(slots, *shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+            name: [torch.zeros(slots, *shape, dtype=dtype, device=device) for _ in range(self.layout.num_slots)]
             for name, shape in spec.per_token.items()
         }
 
-    def view(
-        self,
-        tables: Sequence[BlockTable],
-        past_lens: Sequence[int],
-        new_lens: Sequence[int],
-        windows: Sequence[int | None] = (None,),
-    ) -> PagedView:
-        """The view for one forward of len(tables) rows: row i holds new_lens[i] new tokens at positions
-        past_lens[i].., right-padded to the longest; `windows` lists the sliding windows whose masks the
-        model will ask for (None: full attention)."""
+    def view(self, seqs: Sequence[SequenceBlocks], past_lens: Sequence[int], new_lens: Sequence[int]) -> PagedView:
+        """The view for one forward of len(seqs) rows: row i holds new_lens[i] new tokens at positions
+        past_lens[i].., right-padded to the longest. Each window kind gets its own key axis: row i's keys
+        start at its first query's window start (0 for full attention)."""
         device = next(iter(self.tensors.values()))[0].device
-        bs = self.pool.block_size
-        B, T = len(tables), max(new_lens)
-        S = max(p + n for p, n in zip(past_lens, new_lens))
-        block_ids = torch.zeros(B, -(-S // bs), dtype=torch.long)
-        for i, table in enumerate(tables):
-            block_ids[i, : len(table.blocks)] = torch.tensor(table.blocks[: block_ids.shape[1]], dtype=torch.long)
-        key_pos = torch.arange(S)
-        read_slots = block_ids[:, key_pos // bs] * bs + key_pos % bs  # [B, S]
-        past = torch.tensor(past_lens)[:, None]
-        new = torch.tensor(new_lens)[:, None]
-        query_pos = past + torch.arange(T)[None, :]  # [B, T]
-        query_real = torch.arange(T)[None, :] < new
-        write_slots = torch.gather(read_slots, 1, query_pos.clamp(max=S - 1))
-        write_slots = torch.where(query_real, write_slots, NULL_BLOCK)  # padding queries write into block 0
-        masks = {w: _mask(query_pos, past + new, S, w) for w in windows}
-        return PagedView(
-            self.tensors,
-            read_slots.to(device),
-            write_slots.to(device),
-            query_pos.to(device),
-            {w: m.to(device) for w, m in masks.items()},
-        )
+        bs, layout = self.pool.block_size, self.layout
+        T = max(new_lens)
+        past, new = torch.tensor(past_lens), torch.tensor(new_lens)
+        end = past + new
+        query_pos = past[:, None] + torch.arange(T)[None, :]  # [B, T]
+        query_real = torch.arange(T)[None, :] < new[:, None]
+        keys: dict[int | None, torch.Tensor] = {}  # window -> key positions [B, S_w]
+        masks = {}
+        for w in dict.fromkeys(layout.windows):
+            start = torch.zeros_like(past) if w is None else (past - w + 1).clamp(min=0)
+            keys[w] = start[:, None] + torch.arange(int((end - start).max()))[None, :]
+            masks[w] = _mask(query_pos, keys[w], end, w).to(device)
+        num_blocks = -(-int(end.max()) // bs)
+        padded = [
+            (blocks := seq.tables[g].blocks[:num_blocks]) + [NULL_BLOCK] * (num_blocks - len(blocks))
+            for g in range(layout.num_groups)
+            for seq in seqs
+        ]  # through numpy: torch.tensor of a list of ints costs ~6x more (measured ~0.5 ms for 96 rows)
+        all_ids = torch.from_numpy(np.array(padded, dtype=np.int64)).view(layout.num_groups, len(seqs), num_blocks)
+        read, write = [], []
+        for block_ids, w in zip(all_ids, layout.windows):
+            read.append(_slots(block_ids, keys[w], bs).to(device))  # (keys past a row's end: masked)
+            # padding queries write into block 0
+            write.append(torch.where(query_real, _slots(block_ids, query_pos, bs), NULL_BLOCK).to(device))
+        return PagedView(self.tensors, layout.slot_of, read, write, query_pos.to(device), masks)
 
 
-def _mask(query_pos: torch.Tensor, seq_lens: torch.Tensor, S: int, window: int | None) -> torch.Tensor:
+def _slots(block_ids: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, n] slots of positions [B, n] in each row's blocks (positions past the table: anything, masked)."""
+    index = (positions // block_size).clamp(max=block_ids.shape[1] - 1)
+    return torch.gather(block_ids, 1, index) * block_size + positions % block_size
+
+
+def _mask(query_pos: torch.Tensor, key_pos: torch.Tensor, seq_lens: torch.Tensor, window: int | None) -> torch.Tensor:
     """[B, 1, T, S] bool: a query sees its row's keys at positions <= its own (and > its own - window).
     A padding query (beyond its row's length) sees key 0 only, so its softmax is never empty."""
-    key = torch.arange(S)[None, None, :]
-    q = query_pos[:, :, None]
-    allowed = (key <= q) & (key < seq_lens[:, :, None])
+    key, q = key_pos[:, None, :], query_pos[:, :, None]
+    allowed = (key <= q) & (key < seq_lens[:, None, None])
     if window is not None:
         allowed &= key > q - window
-    allowed |= (key == 0) & ~allowed.any(-1, keepdim=True)
+    allowed[:, :, 0] |= ~allowed.any(-1)
     return allowed[:, None]
 
 
 @dataclass
 class PagedView:
     """One forward's window onto the paged cache. Models call `update` once per layer, then attend with
-    `mask(window)`; `positions` are the new tokens' positions (for rotary embeddings)."""
+    `mask(window)`; `positions` are the new tokens' positions (for rotary embeddings). Each layer reads and
+    writes the slots of its own group's block table."""
 
-    tensors: dict[str, list[torch.Tensor]]  # name -> per-layer [slots, *shape]
-    read_slots: torch.Tensor  # [B, S]
-    write_slots: torch.Tensor  # [B, T]
+    tensors: dict[str, list[torch.Tensor]]  # name -> per storage slot [slots, *shape]
+    slot_of: tuple[tuple[int, int], ...]  # layer -> (group, storage slot)
+    read_slots: list[torch.Tensor]  # per group [B, S_w]: the keys its window kind's mask covers
+    write_slots: list[torch.Tensor]  # per group [B, T]
     positions: torch.Tensor  # [B, T]
-    masks: dict[int | None, torch.Tensor]  # window -> [B, 1, T, S] bool
+    masks: dict[int | None, torch.Tensor]  # window -> [B, 1, T, S_w] bool
     is_paged = True  # what the models look for (model/ does not import the engine)
 
     def update(self, layer: int, **new: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Store each new tensor [B, T, *shape] at the write slots; return the rows' histories [B, S, *shape]
-        in the order the keywords were given."""
+        """Store each new tensor [B, T, *shape] at the layer's write slots; return the rows' histories
+        [B, S_w, *shape] in the order the keywords were given."""
+        group, slot = self.slot_of[layer]
+        read, flat_write = self.read_slots[group], self.write_slots[group].reshape(-1)
         out = []
-        flat_write = self.write_slots.reshape(-1)
         for name, value in new.items():
-            store = self.tensors[name][layer]
+            store = self.tensors[name][slot]
             store.index_copy_(0, flat_write, value.reshape(-1, *store.shape[1:]).to(store.dtype))
-            out.append(store[self.read_slots])
+            out.append(store[read])
         return tuple(out)
 
     def mask(self, window: int | None = None) -> torch.Tensor:

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoseek.engine.kv_cache import BlockPool, BlockTable, CacheSpec, PagedStorage, PagedView
+from nanoseek.engine.kv_cache import BlockPool, CacheSpec, KVLayout, PagedStorage, PagedView
+from nanoseek.engine.kv_groups import SequenceBlocks
 
 
 @dataclass
 class Row:
-    table: BlockTable
+    table: SequenceBlocks  # the sequence's blocks, one table per layer group
     past_len: int  # tokens already in the cache
     token_ids: Sequence[int]  # the new tokens, at positions past_len..
     num_logits: int = 1  # logits wanted at this many last new tokens (1 + drafts when verifying)
@@ -39,14 +40,14 @@ class ForwardResult:
 
 
 def cache_layout(model, *, mtp: bool = False) -> tuple[CacheSpec, list[int | None]]:
-    """What the model caches per token and layer, and each layer's attention window (None: full).
+    """What the model caches per token and layer, and each cache layer's attention window (None: full).
     mtp: DeepSeek's MTP modules get cache layers too, after the main ones (their blocks' layer_idx is
     num_hidden_layers + k), for MTP drafting."""
     cfg = model.config
     if hasattr(cfg, "kv_lora_rank"):  # DeepSeek-V3 / V2: MLA's latent cache
         layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
         spec = CacheSpec(layers, {"c_kv": (cfg.kv_lora_rank,), "k_pe": (cfg.qk_rope_head_dim,)})
-        return spec, [None] * cfg.num_hidden_layers
+        return spec, [None] * layers
     kv = (cfg.num_key_value_heads, cfg.head_dim)
     windows = [cfg.sliding_window if kind == "sliding_attention" else None for kind in cfg.layer_types]
     return CacheSpec(cfg.num_hidden_layers, {"k": kv, "v": kv}), windows
@@ -68,18 +69,12 @@ class ModelRunner:
         self.device = weight.device
         self.autocast_dtype = autocast_dtype
         self.spec, self.layer_windows = cache_layout(model, mtp=mtp)
-        self.windows = sorted(set(self.layer_windows), key=lambda w: -1 if w is None else w)
-        self.storage = PagedStorage(self.spec, pool, weight.dtype, self.device)
+        self.layout = KVLayout.of(self.layer_windows)
+        self.storage = PagedStorage(self.spec, pool, weight.dtype, self.device, self.layout)
 
     @property
     def context_length(self) -> int:
         return self.model.config.max_position_embeddings
-
-    @property
-    def all_sliding(self) -> int | None:
-        """The window when every layer slides (its blocks can be freed as they fall out), else None."""
-        w = self.layer_windows
-        return w[0] if w and None not in w and len(set(w)) == 1 else None
 
     @torch.inference_mode()
     def forward(self, rows: Sequence[Row], *, hidden: bool = False) -> ForwardResult:
@@ -90,7 +85,7 @@ class ModelRunner:
         ids = torch.zeros(len(rows), T, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : new_lens[i]] = torch.as_tensor(list(r.token_ids), dtype=torch.long)
-        view = self.storage.view([r.table for r in rows], [r.past_len for r in rows], new_lens, self.windows)
+        view = self.storage.view([r.table for r in rows], [r.past_len for r in rows], new_lens)
         n = max(r.num_logits for r in rows)
         # row i's last n positions (clamped at 0: a row with fewer wanted repeats its first, then ignores it)
         index = (torch.tensor(new_lens)[:, None] - n + torch.arange(n)[None, :]).clamp(min=0).to(self.device)

@@ -4,10 +4,12 @@ prefill under a token budget, prefix-cache hits, and preemption when the cache r
 Each step, running requests go first, oldest first: a decoding request needs one token, a request still in
 its prompt needs the next chunk of it (at most what is left of the step's token budget). Then waiting
 requests join while the budget and the free blocks allow, after sharing whatever prefix of their prompt
-the cache already holds. When a running request cannot get a block, the newest running request is
-preempted: its blocks go back to the pool and it waits again, to be recomputed from its prompt and the
-tokens it already produced (its output so far is kept). Nothing is corrupted and nothing crashes; a request
-that alone does not fit in the whole cache is refused when it is added.
+the cache already holds. A request's blocks are one table per layer group (engine/kv_groups.py): it
+joins or grows only when the pool has what every group needs together. When a running request cannot get
+its blocks, the newest running request is preempted: its blocks (every group's) go back to the pool and it
+waits again, to be recomputed from its prompt and the tokens it already produced (its output so far is
+kept). Nothing is corrupted and nothing crashes; a request that alone does not fit in the whole cache is
+refused when it is added.
 
 Speculative decoding: a decoding request may carry draft tokens (`Request.draft_ids`, proposed at the end
 of the previous step). It then takes 1 + len(drafts) tokens, so the target model scores them all in one
@@ -24,7 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.engine.constraint import ConstraintState
-from nanoseek.engine.kv_cache import BlockPool, BlockTable
+from nanoseek.engine.kv_cache import BlockPool
+from nanoseek.engine.kv_groups import SequenceBlocks
 from nanoseek.engine.sampling import SamplingParams
 
 
@@ -39,7 +42,7 @@ class Request:
     id: int
     prompt_ids: list[int]
     params: SamplingParams
-    table: BlockTable
+    table: SequenceBlocks  # its cache blocks: one table per layer group
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed: int = 0  # leading tokens of prompt + output whose keys/values are in the cache
@@ -114,9 +117,9 @@ class Scheduler:
             req = self.running[i]
             take = min(req.num_tokens - req.num_computed, budget)
             drafts, req.draft_ids = req.draft_ids[: budget - take], []  # (drafts only come with take == 1)
-            if drafts and not req.table.reserve(req.num_computed + take + len(drafts)):
+            if drafts and not req.table.reserve(req.num_computed + take + len(drafts), req.num_computed):
                 drafts = []  # speculation never costs a preemption
-            if not req.table.reserve(req.num_computed + take):
+            if not req.table.reserve(req.num_computed + take, req.num_computed):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is req:
@@ -127,13 +130,13 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if req.num_computed == 0 and not req.table.blocks:
+            if req.num_computed == 0 and req.table.empty:
                 cached = req.table.match_prefix(req.all_ids)
                 req.num_computed = cached
                 if req.num_preemptions == 0:
                     req.num_cached_prompt = cached
             take = min(req.num_tokens - req.num_computed, budget)
-            if not req.table.reserve(req.num_computed + take):
+            if not req.table.reserve(req.num_computed + take, req.num_computed):
                 req.table.release()  # wait for blocks without holding any
                 req.num_computed = 0
                 break

@@ -138,7 +138,8 @@ class MTPDrafter:
             # draft j+1 comes from MTP position num_computed + j - 1 (its entry is speculative)
             active = [
                 i for i, req in enumerate(reqs)
-                if limits[i] > j and len(req.draft_ids) == j and req.table.reserve(req.num_computed + j)
+                if limits[i] > j and len(req.draft_ids) == j
+                and req.table.reserve(req.num_computed + j, req.num_computed)
             ]  # fmt: skip
             if not active:
                 break
