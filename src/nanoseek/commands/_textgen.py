@@ -70,14 +70,19 @@ def run_format(choice: str, path, device: str | None) -> str:
     from nanoseek.engine.quant import int4_kernel_available
     from nanoseek.weights.gguf import open_gguf
 
-    return auto_format({info.qtype.name for info in open_gguf(path).tensors.values()}, int4_kernel_available())
+    # the embedding and output head do not count: int4 keeps the head in int8 and the embedding in fp32
+    # (SmolLM2's Q4_1 file stores its tied embedding as Q8_0)
+    tensors = open_gguf(path).tensors
+    qtypes = {info.qtype.name for name, info in tensors.items() if not name.startswith(("token_embd.", "output."))}
+    return auto_format(qtypes, int4_kernel_available())
 
 
 FOUR_BIT_GGUF = {"Q4_0", "Q4_1", "Q4_K"}
 
 
 def auto_format(gguf_qtypes: set[str], int4_kernel: bool) -> str:
-    """The run format for a GGUF file's tensor types. A file whose quantized tensors are all 4-bit runs as
+    """The run format for a GGUF file's tensor types (of its layers' weights). A file whose quantized
+    layer weights are all 4-bit runs as
     int4 where the int4 kernel is fast (AVX512): its grid holds those weights almost exactly and it decodes
     faster than int8. Any other quantized file runs as int8 (it is 4-8 bits already; int8 stays close and
     decodes ~3x faster than fp32); an unquantized one as none (fp32)."""
