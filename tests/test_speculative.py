@@ -5,6 +5,7 @@ acceptance counters."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 
@@ -248,3 +249,35 @@ def test_streaming_carries_every_token_of_a_run():
         server.shutdown()
     assert [o.token_id for o in outs] == _alone(model, REPEATING, 16)
     assert [o.finished for o in outs] == [False] * 15 + [True]
+
+
+# ---- int8: bit for bit ----------------------------------------------------------------------------------------
+def _int8(model):
+    from nanoseek.engine.quant import quantize_model
+
+    return quantize_model(copy.deepcopy(model), "int8")
+
+
+@pytest.mark.parametrize(
+    "family, method", [("llama", "ngram"), ("gemma2", "ngram"), ("deepseek_v3", "ngram"), ("deepseek_v3", "mtp")]
+)
+def test_int8_speculative_greedy_is_bit_identical_to_plain_int8_greedy(family, method):
+    """int8 activations are rounded per row, so a ~1e-7 difference between a one-token decode and the same
+    position inside a verification can become a different token after a near-tie (the last session saw it on
+    SmolLM2). Speculating, decodes and verifications compute every query as if alone, so a request's logprobs,
+    not only its tokens, equal plain int8 decoding's bit for bit while drafts are accepted (chunked prompts,
+    sliding layers, a prompt shorter than a verification). Each request runs alone on both sides: a batched
+    prefill, or a prompt chunked differently because a batch mate shared the token budget, moves the cache's
+    low bits with or without speculation."""
+    model = _int8(_trained_mtp_model() if method == "mtp" else _model(family))
+    prompts = [REPEATING, WALK, [5, 6, 5], [9, 4, 9, 4, 9, 4, 9], list(range(20, 47))]
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=0)
+    accepted = 0
+    for prompt in prompts:
+        engine = Engine(model, EngineConfig(speculative=method, num_speculative_tokens=4, **CHUNKED), eos_ids=[])
+        (spec,) = engine.generate([prompt], params)
+        (plain,) = Engine(model, EngineConfig(**CHUNKED), eos_ids=[]).generate([prompt], params)
+        assert spec.token_ids == plain.token_ids
+        assert [x["logprob"] for x in spec.logprobs] == [x["logprob"] for x in plain.logprobs]  # exact
+        accepted += engine.stats()["num_accepted"]
+    assert accepted > 0

@@ -108,6 +108,9 @@ class Engine:
             num_blocks = max(2, min(wanted, config.cache_bytes // per_block))
         self.pool = BlockPool(num_blocks, config.block_size)
         self.runner = ModelRunner(model, self.pool, autocast_dtype=config.autocast_dtype, mtp=mtp)
+        # Speculating, a request's tokens must not depend on how many drafts a step verifies: decodes and
+        # verifications compute every query as if alone (kv_cache.PagedView.query_spans).
+        self.runner.row_wise = config.speculative is not None
         self.drafter = make_drafter(
             config.speculative, self.runner, config.num_speculative_tokens, config.ngram_max, config.ngram_min
         )
@@ -195,7 +198,7 @@ class Engine:
         # rows of similar length share a forward (decodes, with their drafts if any, always do)
         passes: list[tuple[list[Scheduled], ForwardResult]] = []
         to_sample: list[tuple[Scheduled, torch.Tensor]] = []
-        for group in _forward_groups(scheduled):
+        for group in self._groups(scheduled):
             rows = [Row(s.request.table, s.request.num_computed, s.token_ids, 1 + len(s.draft_ids)) for s in group]
             result = self.runner.forward(rows, hidden=self.drafter is not None and self.drafter.needs_hidden)
             passes.append((group, result))
@@ -208,6 +211,15 @@ class Engine:
         if self.drafter is not None:
             self.drafter.after_step(passes)  # the drafts each request brings to the next step
         return outputs
+
+    def _groups(self, scheduled: list[Scheduled]) -> list[list[Scheduled]]:
+        """The step's forwards. Row-wise (speculating), decodes and verifications never share a forward with a
+        prompt chunk, so theirs run query by query (ModelRunner.row_wise) and the chunks' run batched."""
+        if not self.runner.row_wise:
+            return _forward_groups(scheduled)
+        decoding = [s for s in scheduled if s.samples and s.num_new == 1 + len(s.draft_ids)]
+        chunks = [s for s in scheduled if not (s.samples and s.num_new == 1 + len(s.draft_ids))]
+        return _forward_groups(decoding) + _forward_groups(chunks)
 
     def _sample(self, items: list[tuple[Scheduled, torch.Tensor]]) -> list[StepOutput]:
         """Sample every row that reached its last token. A row with drafts has logits [1 + drafts, V]: the

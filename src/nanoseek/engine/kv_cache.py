@@ -194,10 +194,13 @@ class PagedStorage:
         past_lens: Sequence[int],
         new_lens: Sequence[int],
         windows: Sequence[int | None] = (None,),
+        *,
+        row_wise: bool = False,
     ) -> PagedView:
         """The view for one forward of len(tables) rows: row i holds new_lens[i] new tokens at positions
         past_lens[i].., right-padded to the longest; `windows` lists the sliding windows whose masks the
-        model will ask for (None: full attention)."""
+        model will ask for (None: full attention); row_wise: the models compute each query as if alone
+        (PagedView.query_spans)."""
         device = next(iter(self.tensors.values()))[0].device
         bs = self.pool.block_size
         B, T = len(tables), max(new_lens)
@@ -214,12 +217,16 @@ class PagedStorage:
         write_slots = torch.gather(read_slots, 1, query_pos.clamp(max=S - 1))
         write_slots = torch.where(query_real, write_slots, NULL_BLOCK)  # padding queries write into block 0
         masks = {w: _mask(query_pos, past + new, S, w) for w in windows}
+        spans = None
+        if row_wise:
+            spans = [(i, t, p + t + 1) for i, (p, n) in enumerate(zip(past_lens, new_lens)) for t in range(n)]
         return PagedView(
             self.tensors,
             read_slots.to(device),
             write_slots.to(device),
             query_pos.to(device),
             {w: m.to(device) for w, m in masks.items()},
+            spans,
         )
 
 
@@ -245,6 +252,15 @@ class PagedView:
     write_slots: torch.Tensor  # [B, T]
     positions: torch.Tensor  # [B, T]
     masks: dict[int | None, torch.Tensor]  # window -> [B, 1, T, S] bool
+    # Row-wise forwards (speculative decoding's decodes and verifications): (row, query index, key count) of
+    # every real query. The models then compute attention one query at a time over exactly its own keys,
+    # unmasked, and DeepSeek's MoE one token at a time, so a query's numbers are the same whatever else is in
+    # the forward: alone, beside longer rows, or as position j of a verification (T = 1 + drafts). Batched,
+    # they are not: on CPU, SDPA's result for a row moves by ~1e-7 with the number of query rows (its
+    # matmuls change shape) and with the key padding (its reductions change blocking), and so do fp32 matmuls
+    # (MLA's absorbed kv_b_proj, the router, the experts) with their row count; int8's activation rounding can
+    # turn that into a different token. None: attend with the masks, all rows at once.
+    query_spans: list[tuple[int, int, int]] | None = None
     is_paged = True  # what the models look for (model/ does not import the engine)
 
     def update(self, layer: int, **new: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -60,6 +60,9 @@ class ModelRunner:
         self.spec, self.layer_windows = cache_layout(model, mtp=mtp)
         self.windows = sorted(set(self.layer_windows), key=lambda w: -1 if w is None else w)
         self.storage = PagedStorage(self.spec, pool, weight.dtype, self.device)
+        # compute the forwards whose rows are all decodes or verifications (logits at every new token) query by
+        # query (PagedView.query_spans); the engine turns it on for speculative decoding
+        self.row_wise = False
 
     @property
     def context_length(self) -> int:
@@ -80,7 +83,10 @@ class ModelRunner:
         ids = torch.zeros(len(rows), T, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : new_lens[i]] = torch.as_tensor(list(r.token_ids), dtype=torch.long)
-        view = self.storage.view([r.table for r in rows], [r.past_len for r in rows], new_lens, self.windows)
+        row_wise = self.row_wise and all(r.num_logits == n for r, n in zip(rows, new_lens))
+        view = self.storage.view(
+            [r.table for r in rows], [r.past_len for r in rows], new_lens, self.windows, row_wise=row_wise
+        )
         n = max(r.num_logits for r in rows)
         # row i's last n positions (clamped at 0: a row with fewer wanted repeats its first, then ignores it)
         index = (torch.tensor(new_lens)[:, None] - n + torch.arange(n)[None, :]).clamp(min=0).to(self.device)

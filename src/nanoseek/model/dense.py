@@ -279,6 +279,7 @@ class DenseAttention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.scale = cfg.softmax_scale
         self.softcap = cfg.attn_logit_softcapping
+        self.window = cfg.sliding_window if cfg.layer_types[layer_idx] == SLIDING else None
 
     def forward(self, x, cos, sin, mask, is_causal: bool, cache=None):
         B, T, _ = x.shape
@@ -295,13 +296,35 @@ class DenseAttention(nn.Module):
         q, k = apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin)
         if cache is not None:  # the engine's paged cache stores [B,T,K,D] rows, returns [B,S,K,D] histories
             k, v = (t.transpose(1, 2) for t in cache.update(self.layer_idx, k=k.transpose(1, 2), v=v.transpose(1, 2)))
-        if self.softcap is None:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
-            )
-        else:
-            out = self._softcapped_attention(q, k, v, mask, is_causal)
+            if cache.query_spans is not None:
+                return self.o_proj(self._attend_row_wise(q, k, v, cache.query_spans).transpose(1, 2).reshape(B, T, -1))
+        out = self._attend(q, k, v, mask, is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend(self, q, k, v, mask, is_causal):
+        if self.softcap is not None:
+            return self._softcapped_attention(q, k, v, mask, is_causal)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
+        )
+
+    def _attend_row_wise(self, q, k, v, spans) -> torch.Tensor:
+        """Each query over exactly its own keys, as a one-token forward of its row alone computes it: the keys
+        from position 0 on, with the window as a mask on sliding layers (see PagedView.query_spans)."""
+        if len(spans) == 1 and q.shape[0] == q.shape[2] == 1 and spans[0][2] == k.shape[2]:  # one query alone
+            return self._attend(q, k, v, self._window_mask(spans[0][2], q.device), False)
+        out = q.new_zeros(q.shape)  # padding queries (rows shorter than T) stay 0; nothing reads them
+        for i, t, end in spans:
+            query, keys, values = q[i : i + 1, :, t : t + 1], k[i : i + 1, :, :end], v[i : i + 1, :, :end]
+            out[i, :, t] = self._attend(query, keys, values, self._window_mask(end, q.device), False)[0, :, 0]
+        return out
+
+    def _window_mask(self, num_keys: int, device) -> torch.Tensor | None:
+        """[1, 1, 1, num_keys] for the last query of a row of num_keys tokens on a sliding layer; None when
+        the window covers them all."""
+        if self.window is None or num_keys <= self.window:
+            return None
+        return (torch.arange(num_keys, device=device) >= num_keys - self.window)[None, None, None]
 
     def _softcapped_attention(self, q, k, v, mask, is_causal):
         # SDPA has no hook between the scores and the softmax, so Gemma 2's tanh capping is spelled out.
