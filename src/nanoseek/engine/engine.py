@@ -257,6 +257,7 @@ class Engine:
         if plain:
             rows = torch.tensor(plain, device=processed.device)
             tokens[rows] = choose(processed[rows], [params[i] for i in plain], [reqs[i].generator for i in plain])
+        chosen = tokens.tolist()
         runs = []
         first = 0  # flat row of the item's first position
         for s, lg in items:
@@ -266,7 +267,7 @@ class Engine:
                 run, _ = accept_drafts(probs, s.draft_ids, s.request.generator)
                 tokens[first : first + len(run)] = torch.tensor(run, device=tokens.device)
             else:
-                run = accept_greedy(s.draft_ids, tokens[first : first + n].tolist())
+                run = accept_greedy(s.draft_ids, chosen[first : first + n])
             runs.append(run)
             first += n
         sampled = with_logprobs(SampleOutput(tokens), logits, params)
