@@ -336,25 +336,29 @@ def test_streaming_carries_every_token_of_a_run():
     assert [o.finished for o in outs] == [False] * 15 + [True]
 
 
-# ---- int8: bit for bit ----------------------------------------------------------------------------------------
-def _int8(model):
+# ---- int8 and fp16: bit for bit ----------------------------------------------------------------------------------------
+def _quantized(model, mode: str = "int8"):
     from nanoseek.engine.quant import quantize_model
 
-    return quantize_model(copy.deepcopy(model), "int8")
+    return quantize_model(copy.deepcopy(model), mode)
 
 
 @pytest.mark.parametrize(
-    "family, method", [("llama", "ngram"), ("gemma2", "ngram"), ("deepseek_v3", "ngram"), ("deepseek_v3", "mtp")]
-)
-def test_int8_speculative_greedy_is_bit_identical_to_plain_int8_greedy(family, method):
+    "family, method, mode",
+    [("llama", "ngram", "int8"), ("gemma2", "ngram", "int8"), ("deepseek_v3", "ngram", "int8"),
+     ("deepseek_v3", "mtp", "int8"), ("llama", "ngram", "fp16")],
+)  # fmt: skip
+def test_quantized_speculative_greedy_is_bit_identical_to_plain_greedy(family, method, mode):
     """int8 activations are rounded per row, so a ~1e-7 difference between a one-token decode and the same
     position inside a verification can become a different token after a near-tie (the last session saw it on
     SmolLM2). Speculating, decodes and verifications compute every query as if alone, so a request's logprobs,
     not only its tokens, equal plain int8 decoding's bit for bit while drafts are accepted (chunked prompts,
     sliding layers, a prompt shorter than a verification). Each request runs alone on both sides: a batched
     prefill, or a prompt chunked differently because a batch mate shared the token budget, moves the cache's
-    low bits with or without speculation."""
-    model = _int8(_trained_mtp_model() if method == "mtp" else _model(family))
+    low bits with or without speculation. fp16 weights (fbgemm) are row-invariant too, and so exact as well."""
+    if mode == "fp16" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("fp16 weights need fbgemm (x86)")
+    model = _quantized(_trained_mtp_model() if method == "mtp" else _model(family), mode)
     prompts = [REPEATING, WALK, [5, 6, 5], [9, 4, 9, 4, 9, 4, 9], list(range(20, 47))]
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=0)
     accepted = 0
