@@ -336,7 +336,7 @@ def test_streaming_carries_every_token_of_a_run():
     assert [o.finished for o in outs] == [False] * 15 + [True]
 
 
-# ---- int8 and fp16: bit for bit ----------------------------------------------------------------------------------------
+# ---- int8 and fp16: bit for bit ------------------------------------------------------------------------------------
 def _quantized(model, mode: str = "int8"):
     from nanoseek.engine.quant import quantize_model
 
