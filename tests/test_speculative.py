@@ -5,6 +5,7 @@ acceptance counters."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 
@@ -13,7 +14,7 @@ import torch
 
 from nanoseek.config import from_name
 from nanoseek.engine.engine import Engine, EngineConfig
-from nanoseek.engine.sampling import SamplingParams
+from nanoseek.engine.sampling import SamplingParams, accept_drafts, process_logits, target_probs
 from nanoseek.engine.speculative import accept_greedy, propose_ngram
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.model.rope import rope_cos_sin
@@ -126,13 +127,98 @@ def test_penalties_and_logprobs_with_drafts():
     assert engine.stats()["num_accepted"] > 0
 
 
-def test_sampled_requests_do_not_speculate_and_keep_their_seeded_output():
+# ---- sampled requests: rejection sampling ------------------------------------------------------------------
+def test_accept_drafts_by_hand():
+    """Position by position the target draws its own token (argmax of p / Exp(1) noise, the request's next
+    [V] exponentials) and keeps the draft while they agree; the first disagreement is the replacement."""
+    noise = torch.empty(3, 3).exponential_(generator=torch.Generator().manual_seed(3))  # the draws, in order
+    p = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.1, 0.3], [0.3, 0.3, 0.4]])
+    y = (p / noise).argmax(-1).tolist()  # the target's draw at each position
+    assert accept_drafts(p, [y[0], y[1]], torch.Generator().manual_seed(3)) == ([y[0], y[1], y[2]], 2)
+    wrong = (y[1] + 1) % 3
+    assert accept_drafts(p, [y[0], wrong], torch.Generator().manual_seed(3)) == ([y[0], y[1]], 1)
+    assert accept_drafts(p, [(y[0] + 1) % 3, 0], torch.Generator().manual_seed(3)) == ([y[0]], 0)
+    # a draft with no mass is never kept; the only other token with mass is then certain
+    certain = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert accept_drafts(certain, [0], torch.Generator().manual_seed(3)) == ([1], 0)
+    assert accept_drafts(certain, [1], torch.Generator().manual_seed(3)) == ([1, 2], 1)
+    with pytest.raises(ValueError, match="drafts"):
+        accept_drafts(p, [1], None)
+
+
+def _within(counts: torch.Tensor, p: torch.Tensor, n: int) -> bool:
+    """Empirical frequencies within 5 standard errors of p (binomial, per token; never fails by chance at
+    these seeds, and a 5-sigma band still catches a rule that, say, always keeps the draft)."""
+    band = 5 * (p * (1 - p) / n).sqrt() + 1e-9
+    return bool(((counts / n - p).abs() <= band).all())
+
+
+@pytest.mark.parametrize("draft_kind", ["right", "wrong", "filtered"])
+def test_rejection_sampling_reproduces_the_target_distribution(draft_kind):
+    """The first token of a speculative step is distributed as p (the processed target distribution: here
+    temperature 0.7, top-k 5 and a repetition penalty on token 1), whatever the draft: the target's most likely
+    token, a wrong one, or one top-k removed (p = 0, never kept). The second token, after a kept first draft,
+    is distributed as the second row's p."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 8, generator=gen) * 2
+    params = SamplingParams(temperature=0.7, top_k=5, repetition_penalty=1.3)
+    counts = torch.zeros(3, 8)
+    counts[:, 1] = 1
+    probs = target_probs(process_logits(logits, [params] * 3, None, counts), [params] * 3)
+    first = int(probs[0].argmax()) if draft_kind == "right" else int(probs[0].argsort()[-3])
+    if draft_kind == "filtered":
+        first = int(probs[0].argmin())
+        assert probs[0, first] == 0
+    drafts = [first, int(probs[1].argmax())]
+    n = 6000
+    firsts, seconds = torch.zeros(8), torch.zeros(8)
+    draws = torch.Generator().manual_seed(1)
+    for _ in range(n):
+        tokens, kept = accept_drafts(probs, drafts, draws)
+        firsts[tokens[0]] += 1
+        if kept:
+            seconds[tokens[1]] += 1
+    assert _within(firsts, probs[0], n)
+    if seconds.sum() > 100:
+        assert _within(seconds, probs[1], int(seconds.sum()))
+
+
+def test_sampled_speculation_is_seeded_per_request_and_uses_the_processed_distribution():
+    """A seeded sampled request speculates (drafts are accepted) and gives the same tokens alone, beside other
+    requests (seeded and not) with its prompt chunked differently, and without speculation: each token spends
+    the same draw either way. Penalties and top-k/p apply at every verified position with the kept drafts
+    before it counted as output (else the penalised request would part from plain sampling)."""
     model = _model("llama")
-    seeded = SamplingParams(temperature=1.0, seed=7, max_tokens=12)
+    prompts = [PROMPTS[2], REPEATING, [5, 6, 5, 6]]
+    others = [SamplingParams(temperature=0.9, max_tokens=10), SamplingParams(temperature=0.5, seed=1, max_tokens=14)]
+    for seeded in (
+        SamplingParams(temperature=0.3, seed=7, max_tokens=12),
+        SamplingParams(temperature=0.5, seed=3, max_tokens=16, frequency_penalty=0.4, top_k=20, top_p=0.9),
+    ):
+        engine = Engine(model, EngineConfig(speculative="ngram"), eos_ids=[])
+        (alone,) = engine.generate([REPEATING], seeded)
+        assert engine.stats()["num_accepted"] > 0
+        batch = Engine(model, EngineConfig(speculative="ngram", **CHUNKED), eos_ids=[]).generate(
+            prompts, [others[0], seeded, others[1]]
+        )
+        assert batch[1].token_ids == alone.token_ids
+        assert alone.token_ids == _plain(model, [REPEATING], seeded)[0]
+
+
+def test_sampled_speculation_returns_the_target_models_logprobs():
+    """Logprobs of a sampled speculative request (kept drafts, replacements and bonus tokens alike) are the
+    model's own log-softmax at each position, as a full forward over prompt + output computes them."""
+    model = _model("llama")
+    params = SamplingParams(temperature=0.3, seed=7, max_tokens=12, logprobs=2)
     engine = Engine(model, EngineConfig(speculative="ngram"), eos_ids=[])
-    (spec,) = engine.generate([REPEATING], seeded)
-    (plain,) = Engine(model, eos_ids=[]).generate([REPEATING], seeded)
-    assert spec.token_ids == plain.token_ids and engine.stats()["num_drafted"] == 0
+    (c,) = engine.generate([REPEATING], params)
+    assert engine.stats()["num_accepted"] > 0
+    with torch.no_grad():
+        logp = model(torch.tensor([REPEATING + c.token_ids]))[0, len(REPEATING) - 1 : -1].log_softmax(-1)
+    assert [x["token"] for x in c.logprobs] == c.token_ids
+    want = logp.gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
+    assert [x["logprob"] for x in c.logprobs] == pytest.approx(want.tolist(), abs=1e-4)
+    assert [sorted(x["top"]) for x in c.logprobs] == [sorted(row) for row in logp.topk(2).indices.tolist()]
 
 
 # ---- cache consistency of MTP drafts ------------------------------------------------------------------------
@@ -248,3 +334,39 @@ def test_streaming_carries_every_token_of_a_run():
         server.shutdown()
     assert [o.token_id for o in outs] == _alone(model, REPEATING, 16)
     assert [o.finished for o in outs] == [False] * 15 + [True]
+
+
+# ---- int8 and fp16: bit for bit ------------------------------------------------------------------------------------
+def _quantized(model, mode: str = "int8"):
+    from nanoseek.engine.quant import quantize_model
+
+    return quantize_model(copy.deepcopy(model), mode)
+
+
+@pytest.mark.parametrize(
+    "family, method, mode",
+    [("llama", "ngram", "int8"), ("gemma2", "ngram", "int8"), ("deepseek_v3", "ngram", "int8"),
+     ("deepseek_v3", "mtp", "int8"), ("llama", "ngram", "fp16")],
+)  # fmt: skip
+def test_quantized_speculative_greedy_is_bit_identical_to_plain_greedy(family, method, mode):
+    """int8 activations are rounded per row, so a ~1e-7 difference between a one-token decode and the same
+    position inside a verification can become a different token after a near-tie (the last session saw it on
+    SmolLM2). Speculating, decodes and verifications compute every query as if alone, so a request's logprobs,
+    not only its tokens, equal plain int8 decoding's bit for bit while drafts are accepted (chunked prompts,
+    sliding layers, a prompt shorter than a verification). Each request runs alone on both sides: a batched
+    prefill, or a prompt chunked differently because a batch mate shared the token budget, moves the cache's
+    low bits with or without speculation. fp16 weights (fbgemm) are row-invariant too, and so exact as well."""
+    if mode == "fp16" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("fp16 weights need fbgemm (x86)")
+    model = _quantized(_trained_mtp_model() if method == "mtp" else _model(family), mode)
+    prompts = [REPEATING, WALK, [5, 6, 5], [9, 4, 9, 4, 9, 4, 9], list(range(20, 47))]
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=0)
+    accepted = 0
+    for prompt in prompts:
+        engine = Engine(model, EngineConfig(speculative=method, num_speculative_tokens=4, **CHUNKED), eos_ids=[])
+        (spec,) = engine.generate([prompt], params)
+        (plain,) = Engine(model, EngineConfig(**CHUNKED), eos_ids=[]).generate([prompt], params)
+        assert spec.token_ids == plain.token_ids
+        assert [x["logprob"] for x in spec.logprobs] == [x["logprob"] for x in plain.logprobs]  # exact
+        accepted += engine.stats()["num_accepted"]
+    assert accepted > 0

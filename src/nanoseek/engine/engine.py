@@ -15,8 +15,9 @@ A step: the scheduler picks the running requests and the prompt chunks that fit 
 request that is decoding goes through one batched forward (one token each), each prompt chunk through its
 own; the rows that reached their last token are sampled together, each with its own settings and seed.
 
-With speculative decoding on (`EngineConfig.speculative`, engine/speculative.py), a greedy request may carry
-drafts into the step; it then yields one `StepOutput` per accepted token (1..k+1), in order, the last one
+With speculative decoding on (`EngineConfig.speculative`, engine/speculative.py), a request without a token
+constraint may carry drafts into the step (greedy ones are verified by argmax, sampled ones by rejection
+sampling); it then yields one `StepOutput` per accepted token (1..k+1), in order, the last one
 carrying `finished` when a stop, max_tokens or the context ends it. `stats()` reports how many drafts
 were proposed and accepted.
 """
@@ -32,7 +33,16 @@ import torch
 from nanoseek.engine.kv_cache import BlockPool, KVLayout
 from nanoseek.engine.kv_groups import SequenceBlocks
 from nanoseek.engine.runner import ForwardResult, ModelRunner, Row, cache_layout
-from nanoseek.engine.sampling import SamplingParams, make_generator, sample_batch
+from nanoseek.engine.sampling import (
+    SampleOutput,
+    SamplingParams,
+    accept_drafts,
+    choose,
+    make_generator,
+    process_logits,
+    target_probs,
+    with_logprobs,
+)
 from nanoseek.engine.scheduler import Request, Scheduled, Scheduler, Status
 from nanoseek.engine.speculative import METHODS, accept_greedy, make_drafter
 
@@ -69,7 +79,7 @@ class EngineConfig:
     max_step_tokens: int = 256  # tokens per step (decodes + prompt chunks): bounds a step's latency
     autocast_dtype: torch.dtype | None = None  # e.g. bf16 on CUDA: every forward runs under torch.autocast
     speculative: str | None = None  # None, "ngram" (prompt lookup, any model) or "mtp" (DeepSeek MTP modules)
-    num_speculative_tokens: int = 4  # drafts per step and request (greedy requests only)
+    num_speculative_tokens: int = 4  # drafts per step and request (requests without a constraint)
     ngram_max: int = 3  # prompt lookup matches the last ngram_max .. ngram_min tokens, longest first
     ngram_min: int = 1
     # torch.compile the decode forward (runner.CompiledDecode): faster tokens once compiled, at the price of
@@ -114,6 +124,9 @@ class Engine:
         self.runner = ModelRunner(
             model, self.pool, autocast_dtype=config.autocast_dtype, mtp=mtp, compile_decode=config.compile
         )
+        # Speculating, a request's tokens must not depend on how many drafts a step verifies: decodes and
+        # verifications compute every query as if alone (kv_cache.PagedView.query_spans).
+        self.runner.row_wise = config.speculative is not None
         self.drafter = make_drafter(
             config.speculative, self.runner, config.num_speculative_tokens, config.ngram_max, config.ngram_min
         )
@@ -203,7 +216,7 @@ class Engine:
         # rows of similar length share a forward (decodes, with their drafts if any, always do)
         passes: list[tuple[list[Scheduled], ForwardResult]] = []
         to_sample: list[tuple[Scheduled, torch.Tensor]] = []
-        for group in _forward_groups(scheduled):
+        for group in self._groups(scheduled):
             rows = [Row(s.request.table, s.request.num_computed, s.token_ids, 1 + len(s.draft_ids)) for s in group]
             result = self.runner.forward(rows, hidden=self.drafter is not None and self.drafter.needs_hidden)
             passes.append((group, result))
@@ -218,31 +231,59 @@ class Engine:
             self.drafter.after_step(passes)  # the drafts each request brings to the next step
         return outputs
 
+    def _groups(self, scheduled: list[Scheduled]) -> list[list[Scheduled]]:
+        """The step's forwards. Row-wise (speculating), decodes and verifications never share a forward with a
+        prompt chunk, so theirs run query by query (ModelRunner.row_wise) and the chunks' run batched."""
+        if not self.runner.row_wise:
+            return _forward_groups(scheduled)
+        decoding = [s for s in scheduled if s.samples and s.num_new == 1 + len(s.draft_ids)]
+        chunks = [s for s in scheduled if not (s.samples and s.num_new == 1 + len(s.draft_ids))]
+        return _forward_groups(decoding) + _forward_groups(chunks)
+
     def _sample(self, items: list[tuple[Scheduled, torch.Tensor]]) -> list[StepOutput]:
-        """Sample every row that reached its last token. A row with drafts has logits [1 + drafts, V]: the
-        target's choice at each position (penalties see the drafts before it as output), of which the
-        request keeps the tokens `accept_greedy` yields; stops apply token by token."""
+        """Sample every row that reached its last token. A row with drafts has logits [1 + drafts, V], each
+        position processed as the request's own next-token distribution (penalties see the drafts before it as
+        output); a greedy request keeps the tokens `accept_greedy` yields, a sampled one those `accept_drafts`
+        yields (rejection sampling with its own generator). Stops apply token by token."""
         if not items:
             return []
         # one flat row per position: (request, output it follows)
         flat = [(s.request, s.request.output_ids + s.draft_ids[:j]) for s, lg in items for j in range(lg.shape[0])]
         reqs = [r for r, _ in flat]
+        params = [r.params for r in reqs]
         logits = torch.cat([lg for _, lg in items])
         prompt_counts = output_counts = None
-        if any(r.params.penalized for r in reqs):
+        if any(p.penalized for p in params):
             prompt_counts = self._counts([r.prompt_ids for r in reqs], logits.shape[1])
             output_counts = self._counts([out for _, out in flat], logits.shape[1])
         allowed = self._allowed(reqs, logits.shape[1]) if any(r.constraint is not None for r in reqs) else None
-        sampled = sample_batch(
-            logits, [r.params for r in reqs], [r.generator for r in reqs],
-            prompt_counts=prompt_counts, output_counts=output_counts, allowed=allowed,
-        )  # fmt: skip
-        tokens = sampled.tokens.tolist()
-        outputs = []
+        processed = process_logits(logits, params, prompt_counts, output_counts, allowed)
+        # every position's token: the target's own choice, except for sampled rows with drafts (below), whose
+        # positions must not spend draws from the request's generator here
+        of_row = [s for s, lg in items for _ in range(lg.shape[0])]
+        plain = [i for i, s in enumerate(of_row) if not s.draft_ids or s.request.params.greedy]
+        tokens = torch.zeros(len(flat), dtype=torch.long, device=processed.device)
+        if plain:
+            rows = torch.tensor(plain, device=processed.device)
+            tokens[rows] = choose(processed[rows], [params[i] for i in plain], [reqs[i].generator for i in plain])
+        chosen = tokens.tolist()
+        runs = []
         first = 0  # flat row of the item's first position
         for s, lg in items:
+            n = lg.shape[0]
+            if s.draft_ids and not s.request.params.greedy:
+                probs = target_probs(processed[first : first + n], params[first : first + n])
+                run, _ = accept_drafts(probs, s.draft_ids, s.request.generator)
+                tokens[first : first + len(run)] = torch.tensor(run, device=tokens.device)
+            else:
+                run = accept_greedy(s.draft_ids, chosen[first : first + n])
+            runs.append(run)
+            first += n
+        sampled = with_logprobs(SampleOutput(tokens), logits, params)
+        outputs = []
+        first = 0
+        for (s, lg), run in zip(items, runs):
             req = s.request
-            run = accept_greedy(s.draft_ids, tokens[first : first + lg.shape[0]])
             self.num_drafted += len(s.draft_ids)
             self.num_accepted += len(run) - 1
             # the cache now holds the row's real tokens and the accepted drafts; rejected ones lie beyond

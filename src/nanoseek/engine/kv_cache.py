@@ -261,10 +261,18 @@ class PagedStorage:
             for name, shape in spec.per_token.items()
         }
 
-    def view(self, seqs: Sequence[SequenceBlocks], past_lens: Sequence[int], new_lens: Sequence[int]) -> PagedView:
+    def view(
+        self,
+        seqs: Sequence[SequenceBlocks],
+        past_lens: Sequence[int],
+        new_lens: Sequence[int],
+        *,
+        row_wise: bool = False,
+    ) -> PagedView:
         """The view for one forward of len(seqs) rows: row i holds new_lens[i] new tokens at positions
         past_lens[i].., right-padded to the longest. Each window kind gets its own key axis: row i's keys
-        start at its first query's window start (0 for full attention)."""
+        start at its first query's window start (0 for full attention). row_wise: the models compute each
+        query as if alone (PagedView.query_spans)."""
         device = next(iter(self.tensors.values()))[0].device
         bs, layout = self.pool.block_size, self.layout
         T = max(new_lens)
@@ -290,7 +298,11 @@ class PagedStorage:
             read.append(_slots(block_ids, keys[w], bs).to(device))  # (keys past a row's end: masked)
             # padding queries write into block 0
             write.append(torch.where(query_real, _slots(block_ids, query_pos, bs), NULL_BLOCK).to(device))
-        return PagedView(self.tensors, layout.slot_of, read, write, query_pos.to(device), masks)
+        spans = None
+        if row_wise:
+            spans = [(i, t, p + t + 1) for i, (p, n) in enumerate(zip(past_lens, new_lens)) for t in range(n)]
+        key_starts = {w: k[:, 0].tolist() for w, k in keys.items()}
+        return PagedView(self.tensors, layout.slot_of, read, write, query_pos.to(device), masks, key_starts, spans)
 
 
 def _slots(block_ids: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -322,6 +334,16 @@ class PagedView:
     write_slots: list[torch.Tensor]  # per group [B, T]
     positions: torch.Tensor  # [B, T]
     masks: dict[int | None, torch.Tensor]  # window -> [B, 1, T, S_w] bool
+    key_starts: dict[int | None, list[int]]  # window -> each row's first key position (its key axis' 0)
+    # Row-wise forwards (speculative decoding's decodes and verifications): (row, query index, key count) of
+    # every real query. The models then compute attention one query at a time over exactly its own keys,
+    # unmasked, and DeepSeek's MoE one token at a time, so a query's numbers are the same whatever else is in
+    # the forward: alone, beside longer rows, or as position j of a verification (T = 1 + drafts). Batched,
+    # they are not: on CPU, SDPA's result for a row moves by ~1e-7 with the number of query rows (its
+    # matmuls change shape) and with the key padding (its reductions change blocking), and so do fp32 matmuls
+    # (MLA's absorbed kv_b_proj, the router, the experts) with their row count; int8's activation rounding can
+    # turn that into a different token. None: attend with the masks, all rows at once.
+    query_spans: list[tuple[int, int, int]] | None = None
     is_paged = True  # what the models look for (model/ does not import the engine)
 
     def update(self, layer: int, **new: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -71,6 +71,9 @@ class ModelRunner:
         self.spec, self.layer_windows = cache_layout(model, mtp=mtp)
         self.layout = KVLayout.of(self.layer_windows)
         self.storage = PagedStorage(self.spec, pool, weight.dtype, self.device, self.layout)
+        # compute the forwards whose rows are all decodes or verifications (logits at every new token) query by
+        # query (PagedView.query_spans); the engine turns it on for speculative decoding
+        self.row_wise = False
 
     @property
     def context_length(self) -> int:
@@ -85,14 +88,16 @@ class ModelRunner:
         ids = torch.zeros(len(rows), T, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : new_lens[i]] = torch.as_tensor(list(r.token_ids), dtype=torch.long)
-        view = self.storage.view([r.table for r in rows], [r.past_len for r in rows], new_lens)
+        row_wise = self.row_wise and all(r.num_logits == n for r, n in zip(rows, new_lens))
+        view = self.storage.view([r.table for r in rows], [r.past_len for r in rows], new_lens, row_wise=row_wise)
         n = max(r.num_logits for r in rows)
         # row i's last n positions (clamped at 0: a row with fewer wanted repeats its first, then ignores it)
         index = (torch.tensor(new_lens)[:, None] - n + torch.arange(n)[None, :]).clamp(min=0).to(self.device)
         ids = ids.to(self.device)
         # decode steps (one new token per row, no drafts) take the compiled model when there is one; prompt
         # chunks and draft verification stay eager (their shapes vary more, and they are not per-token costs)
-        decoding = self.decode_model is not None and T == 1 and n == 1 and not hidden
+        # (and row-wise views, whose per-query Python loop would be traced and guarded afresh every step)
+        decoding = self.decode_model is not None and T == 1 and n == 1 and not hidden and not row_wise
         model = self.decode_model if decoding else self.model
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):  # fmt: skip

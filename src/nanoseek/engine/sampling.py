@@ -11,6 +11,11 @@ is left exactly as it was.
 Seeds: a request with a seed draws its randomness from its own generator, one draw per token, so its
 output is the same whatever else shares the batch. Sampling uses the exponential-race form
 (argmax of p / q with q ~ Exp(1)), which equals drawing from p and needs no cumulative sums.
+
+Speculative decoding: a sampled request's drafts are kept or replaced by `accept_drafts` (rejection
+sampling against the same processed distribution `sample_batch` draws from, with the draws coupled), so its
+tokens have the distribution of plain sampling, and a seeded request spends one draw per token as without
+speculation: it gives the same tokens with or without drafts, alone or in any batch.
 """
 
 from __future__ import annotations
@@ -142,12 +147,75 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return filter_logits_batch(logits, [params] * logits.shape[0])
 
 
+def process_logits(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_counts: torch.Tensor | None = None,
+    output_counts: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """fp32 logits [B, V] after logit bias, penalties and the constraint mask (`allowed` [B, V] bool, when
+    given, keeps each row's True tokens only): what greedy takes the argmax of, and what temperature and the
+    filters then shape into the distribution a sampled row draws from (`target_probs`)."""
+    processed = apply_penalties(logits, params, prompt_counts, output_counts)
+    if allowed is not None:
+        processed = processed.masked_fill(~allowed.to(processed.device), float("-inf"))
+    return processed
+
+
+def target_probs(processed: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """[B, V] the distribution each (non-greedy) row samples from: temperature, top-k / top-p / min-p."""
+    return filter_logits_batch(processed, params).softmax(dim=-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One token from probs [V] (need not sum to 1): the exponential race sample_batch runs per row, drawing
+    V exponentials from `generator`."""
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return int((probs / noise).argmax())
+
+
+def accept_drafts(
+    probs: torch.Tensor, drafts: Sequence[int], generator: torch.Generator | None = None
+) -> tuple[list[int], int]:
+    """Speculative sampling for deterministic drafts. probs [k+1, V]: the target distribution at the request's
+    last token and after each of its k drafts (each already conditioned on the drafts before it: penalties
+    see them as output). Position by position, the target draws its own token y_j = `draw`(p_j) and keeps
+    the draft while y_j equals it; the first y_j that differs, or the bonus y_k when all k are kept, ends
+    the run. This is rejection sampling with the draws coupled (Gumbel-max): a draft x is kept with
+    probability P(y_j = x) = p_j(x) = min(1, p_j(x) / q(x)) for the point mass q = 1{x} that n-gram and MTP
+    drafts are, and a rejected position's token is y_j given y_j != x, i.e. p_j with x removed and
+    renormalised. Each examined position spends exactly the draw plain sampling spends on that token, so a
+    seeded request gives the same tokens with or without speculation, whatever its drafts and its batch.
+    Returns (tokens, number of drafts kept)."""
+    if probs.shape[0] != len(drafts) + 1:
+        raise ValueError(f"{len(drafts)} drafts need {len(drafts) + 1} rows of probabilities, got {probs.shape[0]}")
+    for j, x in enumerate(drafts):
+        y = draw(probs[j], generator)
+        if y != x:
+            return [*drafts[:j], y], j
+    return [*drafts, draw(probs[len(drafts)], generator)], len(drafts)
+
+
 @dataclass
 class SampleOutput:
     tokens: torch.Tensor  # [B]
     logprobs: torch.Tensor | None = None  # [B] log-probability of each sampled token (model distribution)
     top_ids: torch.Tensor | None = None  # [B, n] the n most likely tokens
     top_logprobs: torch.Tensor | None = None  # [B, n]
+
+
+def with_logprobs(out: SampleOutput, logits: torch.Tensor, params: Sequence[SamplingParams]) -> SampleOutput:
+    """Fill in the logprobs of out.tokens when any row asks: the model's own distribution (before penalties,
+    temperature and filters), and the top-n alternatives."""
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    if wanted:
+        logp = logits.float().log_softmax(dim=-1)
+        out.logprobs = logp.gather(1, out.tokens[:, None].to(logp.device)).squeeze(1)
+        n = max(wanted)
+        if n:
+            out.top_logprobs, out.top_ids = logp.topk(n, dim=-1)
+    return out
 
 
 def sample_batch(
@@ -162,16 +230,24 @@ def sample_batch(
     """Next tokens [B] from logits [B, V], each row with its own settings and (optional) generator; `allowed`
     [B, V] bool, when given, limits each row to its True tokens (a row needs at least one).
     Logprobs, when any row asks, are of the model's own distribution (before temperature and filters)."""
-    B = logits.shape[0]
+    processed = process_logits(logits, params, prompt_counts, output_counts, allowed)
+    return with_logprobs(SampleOutput(choose(processed, params, generators)), logits, params)
+
+
+def choose(
+    processed: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None] | None = None,
+) -> torch.Tensor:
+    """Tokens [B] from processed logits (`process_logits`): the argmax for greedy rows, a draw from
+    `target_probs` for the others (each seeded row from its own generator: the same draws in any batch)."""
+    B = processed.shape[0]
     generators = generators or [None] * B
-    processed = apply_penalties(logits, params, prompt_counts, output_counts)
-    if allowed is not None:
-        processed = processed.masked_fill(~allowed.to(processed.device), float("-inf"))
     tokens = processed.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
-        rows = torch.tensor(sampled, device=logits.device)
-        probs = filter_logits_batch(processed[rows], [params[i] for i in sampled]).softmax(dim=-1)
+        rows = torch.tensor(sampled, device=processed.device)
+        probs = target_probs(processed[rows], [params[i] for i in sampled])
         noise = torch.empty_like(probs)
         unseeded = [j for j, i in enumerate(sampled) if generators[i] is None]
         if unseeded:
@@ -180,12 +256,4 @@ def sample_batch(
             if generators[i] is not None:  # its own stream: the same draws in any batch
                 noise[j].exponential_(generator=generators[i])
         tokens[rows] = (probs / noise).argmax(dim=-1)
-    out = SampleOutput(tokens)
-    wanted = [p.logprobs for p in params if p.logprobs is not None]
-    if wanted:
-        logp = logits.float().log_softmax(dim=-1)
-        out.logprobs = logp.gather(1, tokens[:, None]).squeeze(1)
-        n = max(wanted)
-        if n:
-            out.top_logprobs, out.top_ids = logp.topk(n, dim=-1)
-    return out
+    return tokens

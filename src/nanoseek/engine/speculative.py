@@ -6,10 +6,21 @@ the target's own argmax, then the target's token after it: 1..k+1 tokens per ste
 greedy decoding would give. Cache entries of rejected drafts stay behind `num_computed` and are
 overwritten by the next step (prefix caching only registers blocks wholly below `num_computed`).
 
-Only greedy requests speculate. Sampled requests decode one token per step: speculative sampling
-(Leviathan et al.) would need the per-request sampling pipeline (penalties, top-k/p, seeded streams) applied
-per draft position, and is not implemented. Nor do requests with a token constraint (engine/constraint.py):
-their drafts would need the grammar's mask at every draft position.
+Sampled requests (temperature > 0) speculate too: `sampling.accept_drafts` keeps draft x at position j with
+probability p_j(x), where p_j is the request's fully processed distribution there (temperature, top-k/p,
+min-p, penalties that count the drafts before j, logit bias), and on the first rejection draws from p_j
+without x: the tokens are distributed exactly as plain sampling's (both drafters propose deterministic
+tokens, a point-mass q). It does so by drawing the target's own token at each position from the request's
+generator, exactly as plain sampling would, and keeping the draft while they agree (the Gumbel-max coupling
+of rejection sampling): a seeded request is reproducible, independent of its batch mates and of how many
+drafts each step verified, and gives the same tokens as the same seed without speculation (up to the fp32
+noise of the logits, and bit for bit with int8 weights, see below).
+Requests with a token constraint (engine/constraint.py) take no drafts: they would need the grammar's mask
+at every draft position.
+
+Exactness: while speculating, decodes and verifications run row-wise (kv_cache.PagedView.query_spans), so
+a query's numbers do not depend on how many drafts share its forward; with int8 weights (row-invariant
+matmuls) greedy output and logprobs then equal plain decoding's bit for bit.
 
 Two drafters, picked by `EngineConfig.speculative`:
 - "ngram" (prompt lookup, every family): the last n tokens (n = ngram_max down to ngram_min) are looked up
@@ -71,9 +82,9 @@ def accept_greedy(drafts: Sequence[int], targets: Sequence[int]) -> list[int]:
 
 
 def draft_limit(req: Request, num_speculative_tokens: int, context_length: int) -> int:
-    """How many drafts the request may verify next step: 0 unless it is greedy, unconstrained and decoding;
-    never more than its remaining max_tokens (the bonus token always comes) or the context allows."""
-    if req.finished or not req.params.greedy or req.constraint is not None or req.num_computed != req.num_tokens - 1:
+    """How many drafts the request may verify next step: 0 unless it is unconstrained and decoding; never
+    more than its remaining max_tokens (the bonus token always comes) or the context allows."""
+    if req.finished or req.constraint is not None or req.num_computed != req.num_tokens - 1:
         return 0
     room = min(req.params.max_tokens - len(req.output_ids) - 1, context_length - req.num_tokens)
     return max(0, min(num_speculative_tokens, room))

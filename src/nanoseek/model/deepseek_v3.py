@@ -45,7 +45,17 @@ class DecoderLayer(nn.Module):
     def forward(self, h, cos, sin, mask, cache=None, aux=None, token_mask=None) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache)
         x = self.post_attention_layernorm(h)
-        return h + (self.mlp(x, aux, token_mask) if isinstance(self.mlp, DeepseekMoE) else self.mlp(x))
+        if not isinstance(self.mlp, DeepseekMoE):
+            return h + self.mlp(x)
+        if cache is not None and cache.query_spans is not None and x.shape[0] * x.shape[1] > 1:
+            # a decode-sized forward that must compute each token as if alone (PagedView.query_spans): the
+            # router's fp32 matmul and the experts' grouped matmul give a token different low bits with
+            # other tokens beside it, which can flip a near-tied expert choice or an int8 rounding downstream
+            out = torch.zeros_like(x)
+            for i, t, _ in cache.query_spans:
+                out[i, t] = self.mlp(x[i : i + 1, t : t + 1], aux, None)[0, 0]
+            return h + out
+        return h + self.mlp(x, aux, token_mask)
 
 
 class DeepseekV3Backbone(nn.Module):

@@ -279,6 +279,7 @@ class DenseAttention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.scale = cfg.softmax_scale
         self.softcap = cfg.attn_logit_softcapping
+        self.window = cfg.sliding_window if cfg.layer_types[layer_idx] == SLIDING else None
 
     def forward(self, x, cos, sin, mask, is_causal: bool, cache=None):
         B, T, _ = x.shape
@@ -295,13 +296,34 @@ class DenseAttention(nn.Module):
         q, k = apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin)
         if cache is not None:  # the engine's paged cache stores [B,T,K,D] rows, returns [B,S,K,D] histories
             k, v = (t.transpose(1, 2) for t in cache.update(self.layer_idx, k=k.transpose(1, 2), v=v.transpose(1, 2)))
-        if self.softcap is None:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
-            )
-        else:
-            out = self._softcapped_attention(q, k, v, mask, is_causal)
+            if cache.query_spans is not None:
+                spans, starts = cache.query_spans, cache.key_starts[self.window]
+                out = self._attend_row_wise(q, k, v, mask, spans, starts)
+                return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        out = self._attend(q, k, v, mask, is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend(self, q, k, v, mask, is_causal):
+        if self.softcap is not None:
+            return self._softcapped_attention(q, k, v, mask, is_causal)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, enable_gqa=self.n_kv != self.n_heads
+        )
+
+    def _attend_row_wise(self, q, k, v, mask, spans, key_starts) -> torch.Tensor:
+        """Each query over exactly the keys a one-token forward of its row alone reads, with that forward's
+        (all-true) mask: keys from its window's start (0 for full attention) to itself. The view's key axis
+        for row i begins at position key_starts[i] (see PagedView.query_spans)."""
+        S = k.shape[2]
+        out = q.new_zeros(q.shape)  # padding queries (rows shorter than T) stay 0; nothing reads them
+        for i, t, end in spans:
+            first = 0 if self.window is None else max(0, end - self.window)
+            lo, hi = first - key_starts[i], end - key_starts[i]
+            if len(spans) == 1 and q.shape[0] == q.shape[2] == 1 and (lo, hi) == (0, S):  # one query alone
+                return self._attend(q, k, v, mask, False)
+            query, keys, values = q[i : i + 1, :, t : t + 1], k[i : i + 1, :, lo:hi], v[i : i + 1, :, lo:hi]
+            out[i, :, t] = self._attend(query, keys, values, mask[i : i + 1, :, t : t + 1, lo:hi], False)[0, :, 0]
+        return out
 
     def _softcapped_attention(self, q, k, v, mask, is_causal):
         # SDPA has no hook between the scores and the softmax, so Gemma 2's tanh capping is spelled out.

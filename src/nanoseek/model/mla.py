@@ -84,7 +84,10 @@ class MultiHeadLatentAttention(nn.Module):
             out = self._attend_naive(q_nope, q_pe, c_kv, k_pe, mask)
         else:  # store this step's latents, attend over the row's whole history in the absorbed form
             c_kv, k_pe = cache.update(self.layer_idx, c_kv=c_kv, k_pe=k_pe)
-            out = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, cache.mask())
+            if cache.query_spans is None:
+                out = self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, cache.mask())
+            else:
+                out = self._attend_row_wise(q_nope, q_pe, c_kv, k_pe, cache.query_spans)
         B, H, T, dv = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * dv))
 
@@ -101,6 +104,22 @@ class MultiHeadLatentAttention(nn.Module):
             v = F.pad(v, (0, pad))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return out[..., : self.dv] if pad > 0 else out
+
+    def _attend_row_wise(self, q_nope, q_pe, c_kv, k_pe, spans) -> torch.Tensor:
+        """The absorbed attention one query at a time over exactly its own keys, unmasked (see the engine's
+        PagedView.query_spans): the einsums with kv_b_proj are fp32 matmuls whose results, like SDPA's, move
+        with the number of rows they are given."""
+        B, H, T, _ = q_nope.shape
+        if len(spans) == 1 and B == T == 1 and spans[0][2] == c_kv.shape[1]:
+            return self._attend_absorbed(q_nope, q_pe, c_kv, k_pe, None)
+        out = q_nope.new_zeros(B, H, T, self.dv)  # padding queries stay 0; nothing reads them
+        for i, t, end in spans:
+            row = self._attend_absorbed(
+                q_nope[i : i + 1, :, t : t + 1], q_pe[i : i + 1, :, t : t + 1], c_kv[i : i + 1, :end],
+                k_pe[i : i + 1, :end], None,
+            )  # fmt: skip
+            out[i, :, t] = row[0, :, 0]
+        return out
 
     def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> torch.Tensor:
         w = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.kv_lora_rank)
