@@ -287,3 +287,37 @@ def test_quantize_refuses_unknown_modes():
 
     with pytest.raises(ValueError, match="int4"):
         quantize_model(_model("llama"), "int4")
+
+
+def test_engine_returns_freed_memory_once_when_it_goes_idle():
+    """A burst's freed temporaries go back to the OS when the engine runs out of work, once per idle
+    transition, not on every step; the setting turns it off."""
+    from nanoseek.memory import return_freed_memory
+
+    if not return_freed_memory(collect=False):
+        pytest.skip("no glibc malloc_trim here")
+    model = _model("llama")
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    engine = Engine(model, EngineConfig(num_blocks=16, block_size=4), eos_ids=[])
+    engine.generate([[1, 2, 3], [4, 5]], params)
+    assert engine.num_memory_returns == 1
+    engine.add_request([6, 7], params)
+    engine.step()  # prefill and a first token: more work remains
+    assert engine.num_memory_returns == 1
+    while engine.has_work():
+        engine.step()
+    assert engine.num_memory_returns == 2
+    quiet = Engine(model, EngineConfig(num_blocks=16, block_size=4, return_memory_when_idle=False), eos_ids=[])
+    quiet.generate([[1, 2, 3]], params)
+    assert quiet.num_memory_returns == 0
+
+
+def test_heap_stats_see_an_allocation():
+    from nanoseek.memory import heap_stats
+
+    before = heap_stats()
+    if before is None:
+        pytest.skip("no glibc mallinfo2 here")
+    block = torch.ones(16 << 20, dtype=torch.uint8)  # 16 MiB, held
+    assert heap_stats().in_use - before.in_use >= 16 << 20
+    del block

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanoseek.memory import return_freed_memory
+
 MODES = ("int8", "fp16")
 
 
@@ -128,23 +130,8 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
         child = getattr(module, name)
         setattr(module, name, make(child.weight, child.bias))
     model.quantization = mode
-    return_freed_memory()
+    return_freed_memory()  # the replaced fp32 weights (measured: 1,294 MB -> 896 MB for SmolLM2 in fp16)
     return model
-
-
-def return_freed_memory() -> None:
-    """Hand the replaced fp32 weights' memory back to the OS. glibc keeps freed heap in the process, so
-    without this a quantized model's process stays as large as the fp32 one (measured: 1,294 MB after
-    quantizing SmolLM2 to fp16, 896 MB after malloc_trim)."""
-    import contextlib
-    import ctypes
-    import gc
-    import sys
-
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def linear_weight_bytes(model: nn.Module) -> int:
