@@ -321,3 +321,18 @@ def test_heap_stats_see_an_allocation():
     block = torch.ones(16 << 20, dtype=torch.uint8)  # 16 MiB, held
     assert heap_stats().in_use - before.in_use >= 16 << 20
     del block
+
+
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536)])
+def test_fp16_weight_bytes_are_what_fbgemm_holds(shape):
+    """The benchmark's run-format bytes for fp16 are fbgemm's padded size, checked against malloc's count."""
+    from nanoseek.engine.quant import Fp16Linear
+    from nanoseek.memory import heap_stats
+
+    if "fbgemm" not in torch.backends.quantized.supported_engines or heap_stats() is None:
+        pytest.skip("needs fbgemm and glibc's mallinfo2")
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    before = heap_stats().in_use
+    linear = Fp16Linear(weight)
+    held = heap_stats().in_use - before
+    assert linear.packed_bytes == pytest.approx(held, rel=0.02)
