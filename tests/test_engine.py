@@ -289,27 +289,35 @@ def test_quantize_refuses_unknown_modes():
         quantize_model(_model("llama"), "int4")
 
 
-def test_engine_returns_freed_memory_once_when_it_goes_idle():
+def test_engine_returns_freed_memory_once_when_a_burst_ends():
     """A burst's freed temporaries go back to the OS when the engine runs out of work, once per idle
-    transition, not on every step; the setting turns it off."""
+    transition, not on every step, and only after a step with at least `return_memory_after_rows`
+    requests (the trim costs milliseconds: single streams skip it); None turns it off."""
     from nanoseek.memory import return_freed_memory
 
     if not return_freed_memory(collect=False):
         pytest.skip("no glibc malloc_trim here")
     model = _model("llama")
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
-    engine = Engine(model, EngineConfig(num_blocks=16, block_size=4), eos_ids=[])
-    engine.generate([[1, 2, 3], [4, 5]], params)
-    assert engine.num_memory_returns == 1
-    engine.add_request([6, 7], params)
-    engine.step()  # prefill and a first token: more work remains
-    assert engine.num_memory_returns == 1
-    while engine.has_work():
-        engine.step()
-    assert engine.num_memory_returns == 2
-    quiet = Engine(model, EngineConfig(num_blocks=16, block_size=4, return_memory_when_idle=False), eos_ids=[])
-    quiet.generate([[1, 2, 3]], params)
-    assert quiet.num_memory_returns == 0
+
+    def engine(rows):
+        return Engine(model, EngineConfig(num_blocks=16, block_size=4, return_memory_after_rows=rows), eos_ids=[])
+
+    burst = engine(2)
+    burst.generate([[1, 2, 3], [4, 5]], params)
+    assert burst.num_memory_returns == 1
+    burst.generate([[6, 7]], params)  # one request: no burst since the last return
+    assert burst.num_memory_returns == 1
+    burst.add_request([1, 2, 3], params)
+    burst.add_request([4, 5], params)
+    burst.step()  # both requests in one step, more work remains
+    assert burst.num_memory_returns == 1
+    while burst.has_work():
+        burst.step()
+    assert burst.num_memory_returns == 2
+    never = engine(None)
+    never.generate([[1, 2, 3], [4, 5]], params)
+    assert never.num_memory_returns == 0
 
 
 def test_heap_stats_see_an_allocation():

@@ -72,10 +72,12 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # drafts per step and request (greedy requests only)
     ngram_max: int = 3  # prompt lookup matches the last ngram_max .. ngram_min tokens, longest first
     ngram_min: int = 1
-    # When a step leaves the engine with no work, hand the heap's free pages back to the OS (glibc
-    # malloc_trim; nanoseek/memory.py): the freed temporaries of a burst of streams otherwise keep the
-    # process at its peak size while idle (measured: SmolLM2 int8 after 64 streams, RSS 818 -> 655 MB)
-    return_memory_when_idle: bool = True
+    # When a step leaves the engine with no work after a burst (a step of at least this many requests since
+    # the last time), hand the heap's free pages back to the OS (glibc malloc_trim; nanoseek/memory.py): a
+    # burst's freed temporaries otherwise keep the process at its peak size while idle (measured, SmolLM2
+    # int8, engine alive after 64 streams x 32 tokens: RSS 822-835 -> 752 MB). The trim costs 15-22 ms, so
+    # single streams and small batches (below the threshold) skip it. None: never.
+    return_memory_after_rows: int | None = 8
 
     def __post_init__(self) -> None:
         if self.speculative not in (None, *METHODS):
@@ -118,6 +120,7 @@ class Engine:
         )
         self.num_drafted = self.num_accepted = 0  # speculative drafts proposed / accepted by the target
         self.num_memory_returns = 0  # times the engine went idle and returned freed memory to the OS
+        self._burst_rows = 0  # the most requests in one step since memory was last returned
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_step_tokens)
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
@@ -213,9 +216,12 @@ class Engine:
         outputs = self._sample(to_sample)
         if self.drafter is not None:
             self.drafter.after_step(passes)  # the drafts each request brings to the next step
-        if self.config.return_memory_when_idle and not self.scheduler.has_work():
+        self._burst_rows = max(self._burst_rows, len(scheduled))
+        threshold = self.config.return_memory_after_rows
+        if threshold is not None and self._burst_rows >= threshold and not self.scheduler.has_work():
             del passes, to_sample  # this step's logits are garbage now, not only after we return
             self.num_memory_returns += return_freed_memory(collect=False)
+            self._burst_rows = 0
         return outputs
 
     def _sample(self, items: list[tuple[Scheduled, torch.Tensor]]) -> list[StepOutput]:
