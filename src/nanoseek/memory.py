@@ -1,8 +1,8 @@
 """Handing freed heap memory back to the operating system (glibc), and reading what the heap holds.
 
-glibc's malloc keeps freed memory in the process: only the top of the main heap is ever returned on its
-own, so after a burst of temporaries (dequantizing a checkpoint, a batch of 64 streams' attention
-gathers, a freed KV cache) the process stays as large as at its peak. `malloc_trim(0)` returns every free
+glibc's malloc keeps freed heap memory in the process unless it lies at the top of a heap, so after a
+burst of temporaries (dequantizing a checkpoint, a batch of 64 streams' attention gathers, a freed KV
+cache) the process stays as large as at its peak. `malloc_trim(0)` returns every free
 page of every arena (MADV_DONTNEED), at the price of page faults when those pages are used again, so it
 belongs at the points where a burst has ended: after loading, and when the engine runs out of work.
 """
@@ -32,7 +32,7 @@ def _libc() -> ctypes.CDLL | None:
 def return_freed_memory(collect: bool = True) -> bool:
     """Hand the heap's free pages back to the OS (glibc only; elsewhere a no-op returning False).
     collect: run the garbage collector first, so that tensors held only by reference cycles are freed too
-    (tens of ms on a large Python heap: worth it after loading, not between requests)."""
+    (a full collection: worth it after loading, not on the engine's path)."""
     if collect:
         gc.collect()
     libc = _libc()

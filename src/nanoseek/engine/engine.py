@@ -84,6 +84,8 @@ class EngineConfig:
             raise ValueError(f"speculative must be None or one of {METHODS}, got {self.speculative!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if self.return_memory_after_rows is not None and self.return_memory_after_rows < 1:
+            raise ValueError(f"return_memory_after_rows must be None or >= 1, got {self.return_memory_after_rows}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
 
