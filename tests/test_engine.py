@@ -364,3 +364,60 @@ def test_int4_needs_its_kernel_and_a_group_sized_input(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     with pytest.raises(ValueError, match="AVX512"):
         quant.quantize_model(_model("llama"), "int4")
+
+
+def test_engine_returns_freed_memory_once_when_a_burst_ends():
+    """A burst's freed temporaries go back to the OS when the engine runs out of work, once per idle
+    transition, not on every step, and only after a step with at least `return_memory_after_rows`
+    requests (the trim costs milliseconds: single streams skip it); None turns it off."""
+    from nanoseek.memory import return_freed_memory
+
+    if not return_freed_memory(collect=False):
+        pytest.skip("no glibc malloc_trim here")
+    model = _model("llama")
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+    def engine(rows):
+        return Engine(model, EngineConfig(num_blocks=16, block_size=4, return_memory_after_rows=rows), eos_ids=[])
+
+    burst = engine(2)
+    burst.generate([[1, 2, 3], [4, 5]], params)
+    assert burst.num_memory_returns == 1
+    burst.generate([[6, 7]], params)  # one request: no burst since the last return
+    assert burst.num_memory_returns == 1
+    burst.add_request([1, 2, 3], params)
+    burst.add_request([4, 5], params)
+    burst.step()  # both requests in one step, more work remains
+    assert burst.num_memory_returns == 1
+    while burst.has_work():
+        burst.step()
+    assert burst.num_memory_returns == 2
+    never = engine(None)
+    never.generate([[1, 2, 3], [4, 5]], params)
+    assert never.num_memory_returns == 0
+
+
+def test_heap_stats_see_an_allocation():
+    from nanoseek.memory import heap_stats
+
+    before = heap_stats()
+    if before is None:
+        pytest.skip("no glibc mallinfo2 here")
+    block = torch.ones(16 << 20, dtype=torch.uint8)  # 16 MiB, held
+    assert heap_stats().in_use - before.in_use >= 16 << 20
+    del block
+
+
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536)])
+def test_fp16_weight_bytes_are_what_fbgemm_holds(shape):
+    """The benchmark's run-format bytes for fp16 are fbgemm's padded size, checked against malloc's count."""
+    from nanoseek.engine.quant import Fp16Linear
+    from nanoseek.memory import heap_stats
+
+    if "fbgemm" not in torch.backends.quantized.supported_engines or heap_stats() is None:
+        pytest.skip("needs fbgemm and glibc's mallinfo2")
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    before = heap_stats().in_use
+    linear = Fp16Linear(weight)
+    held = heap_stats().in_use - before
+    assert linear.packed_bytes == pytest.approx(held, rel=0.02)

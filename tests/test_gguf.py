@@ -4,6 +4,8 @@ norms, quantized weights), loaded with `nanoseek.load`, compared with the origin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -193,3 +195,31 @@ def test_unsupported_quant_type_is_named_with_the_supported_ones(tmp_path):
     path = write_gguf(tmp_path / "q81.gguf", _tiny("qwen2"), "qwen2", kquant={"blk.0.ffn_down.weight": "Q8_1"})
     with pytest.raises(WeightsError, match=r"'blk.0.ffn_down.weight' uses quantization Q8_1, .*supported: .*Q4_K"):
         nanoseek.load(path)
+
+
+def test_loading_unmaps_the_gguf_file(tmp_path):
+    """The file's pages count in RSS while it is mapped: once loaded, no mapping of it remains (and, with
+    quant, the same). /proc/self/maps lists every mapping of the process, so this is exact."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs Linux's /proc/self/maps")
+    model = _tiny("llama")
+    path = write_gguf(tmp_path / "tiny.gguf", model, "llama")
+    for quant in (None, "int8"):
+        loaded = nanoseek.load(path, quant=quant)
+        assert str(path.resolve()) not in maps.read_text(), quant
+        del loaded
+
+
+def test_gguf_file_close_unmaps_and_refuses_live_views(tmp_path):
+    from nanoseek.weights.gguf_file import GGUFFile
+
+    model = _tiny("llama")
+    gf = GGUFFile(write_gguf(tmp_path / "tiny.gguf", model, "llama"))
+    view = gf.raw(next(iter(gf.tensors.values())))  # aliases the mapping
+    with pytest.raises(BufferError):
+        gf.close()
+    del view
+    gf.close()
+    if Path("/proc/self/maps").exists():
+        assert str(gf.path.resolve()) not in Path("/proc/self/maps").read_text()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.memory import return_freed_memory
 from nanoseek.weights.safetensors_io import WeightsError, read_config_json
 
 # model_type -> "module:function" building the model from a HF folder (imported lazily).
@@ -60,13 +61,17 @@ def load(
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_file():
-        if path.suffix == ".gguf":
-            return _resolve("nanoseek.weights.gguf:load_gguf_model")(path, dtype=dtype, device=device, quant=quant)
-        raise WeightsError(f"{path}: not a model folder or a .gguf file")
-    config = read_config_json(path)
-    model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise WeightsError(f"{path / 'config.json'}: unsupported model_type {model_type!r}; supported: {known}")
-    model = _resolve(ARCHITECTURES[model_type])(path, config, dtype=dtype, device=device, quant=quant)
+        if path.suffix != ".gguf":
+            raise WeightsError(f"{path}: not a model folder or a .gguf file")
+        model = _resolve("nanoseek.weights.gguf:load_gguf_model")(path, dtype=dtype, device=device, quant=quant)
+    else:
+        config = read_config_json(path)
+        model_type = config.get("model_type")
+        if model_type not in ARCHITECTURES:
+            known = ", ".join(sorted(ARCHITECTURES))
+            raise WeightsError(f"{path / 'config.json'}: unsupported model_type {model_type!r}; supported: {known}")
+        model = _resolve(ARCHITECTURES[model_type])(path, config, dtype=dtype, device=device, quant=quant)
+    # the readers' buffers and the dequantization temporaries are freed by now but stay in the process
+    # (measured on SmolLM2 int8: RSS after loading ~605 -> 555 MB)
+    return_freed_memory()
     return model.eval()

@@ -377,9 +377,10 @@ def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, 
         print("| " + " | ".join(cells) + " |")
 
     print()
-    print("memory (peak RSS of each side's own process; generation peak = VmHWM reset after loading)")
-    mem_header = ["side", "weights MB (run format)", "KV MB", "RSS MB after imports", "peak MB loading",
-                  "peak MB generating", "gen peak / (weights+KV)", "(gen peak - imports) / (weights+KV)"]  # fmt: skip
+    print("memory (RSS of each side's own process; generation peak = VmHWM reset after loading)")
+    mem_header = ["side", "weights MB (run format)", "KV MB (allocated)", "RSS MB after imports", "peak MB loading",
+                  "RSS MB loaded", "peak MB generating", "RSS MB idle after", "gen peak / (weights+KV)",
+                  "(gen peak - imports) / (weights+KV)"]  # fmt: skip
     print("| " + " | ".join(mem_header) + " |")
     print("|" + "---|" * len(mem_header))
     mb = 1 / 2**20
@@ -390,12 +391,19 @@ def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, 
         above = f"{(m['peak_kb'] - m['baseline_kb']) * 1024 / budget:.2f}x" if f.kv_bytes else "—"
         kv = f"{f.kv_bytes * mb:.1f}" if f.kv_bytes else "—"
         cells = [label, f"{m['weights_bytes'] * mb:.1f}", kv, f"{m['baseline_kb'] / 1024:.0f}",
-                 f"{m['load_peak_kb'] / 1024:.0f}", f"{m['peak_kb'] / 1024:.0f}", whole, above]  # fmt: skip
+                 f"{m['load_peak_kb'] / 1024:.0f}", f"{m['loaded_kb'] / 1024:.0f}", f"{m['peak_kb'] / 1024:.0f}",
+                 f"{m['rss_kb'] / 1024:.0f}", whole, above]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
     print(
-        "(KV = the largest cache nanoseek allocated, sized to its task; 'imports' = RSS with torch and the "
-        "side's libraries imported, before the model is loaded)"
+        "(weights = the model's tensors in the format they run in (nanoseek int8/fp16: packed projections, the "
+        "embedding table in fp32); KV = the largest cache nanoseek allocated, sized to its task; 'imports' = RSS "
+        "with torch and the side's libraries imported, before the model is loaded; 'idle after' = RSS when "
+        "every task is done)"
     )
+    unreset = [label for label in labels if not memory[label].get("peak_resettable", True)]
+    if unreset:
+        print(f"NOTE: the kernel could not reset the peak for {', '.join(unreset)}: their generation peak "
+              "includes the loading peak")  # fmt: skip
 
     # greedy agreement
     print()

@@ -13,6 +13,7 @@ Two llama.cpp conventions are undone here (REFERENCE §3):
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -245,10 +246,18 @@ def load_gguf_model(path: str | os.PathLike, dtype=None, device=None, quant: str
     """`nanoseek.load` for a .gguf file: a dense model with dequantized weights (fp32 unless `dtype`), or with
     its projections repacked tensor by tensor into `quant`'s run format (int8 | int4 | fp16)."""
     gf = open_gguf(path)
-    cfg = config_from_gguf(gf.metadata, set(gf.tensors), gf.path)
-    if "rope_freqs.weight" in gf.tensors:  # llama 3.1+: per-frequency divisors in place of rope_scaling metadata
-        cfg.rope_freq_factors = dequantize_tensor(gf, gf.tensors["rope_freqs.weight"]).reshape(-1).tolist()
-    model = build_on_meta(cfg)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    tensors = _GGUFTensors(gf, cfg, gf.metadata["general.architecture"])
-    return load_dense_state(model, tensors, str(gf.path), dtype or torch.float32, device, quant)
+    try:
+        cfg = config_from_gguf(gf.metadata, set(gf.tensors), gf.path)
+        if "rope_freqs.weight" in gf.tensors:  # llama 3.1+: per-frequency divisors in place of rope_scaling
+            cfg.rope_freq_factors = dequantize_tensor(gf, gf.tensors["rope_freqs.weight"]).reshape(-1).tolist()
+        model = build_on_meta(cfg)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        tensors = _GGUFTensors(gf, cfg, gf.metadata["general.architecture"])
+        model = load_dense_state(model, tensors, str(gf.path), dtype or torch.float32, device, quant)
+    except BaseException:
+        with contextlib.suppress(BufferError):  # the error's frames may still hold views of the file
+            gf.close()
+        raise
+    del tensors
+    gf.close()  # every weight is a copy by now: the file's pages leave the process's RSS
+    return model

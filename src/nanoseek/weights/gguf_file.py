@@ -122,6 +122,13 @@ class GGUFFile:
             self.tensors[name] = TensorInfo(name, tuple(reversed(dims)), qtype, start, nbytes)
 
     # ---- data -------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Unmap the file. Its pages count in the process's RSS while mapped (a whole model's worth once
+        read), so a loader closes it as soon as every tensor is copied out. Raises BufferError if a tensor
+        still aliases the mapping (a loader bug: that tensor would read a closed file)."""
+        if isinstance(self._buf, mmap.mmap):
+            self._buf.close()
+
     def raw(self, info: TensorInfo) -> np.ndarray:
         """The tensor's bytes as uint8 [rows, bytes per row] (the layout `gguf.quants.dequantize` takes)."""
         data = np.frombuffer(self._buf, dtype=np.uint8, count=info.nbytes, offset=info.offset)

@@ -145,7 +145,8 @@ def load_dense_state(
 def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool) -> set[str]:
     """Replace the meta model's projections by packed ones built from `read(name)`, one at a time; return
     the parameter names consumed."""
-    from nanoseek.engine.quant import fuse_projections, packed_linear, quantizable_linears, return_freed_memory
+    from nanoseek.engine.quant import fuse_projections, packed_linear, quantizable_linears
+    from nanoseek.memory import return_freed_memory
 
     packed_linear(quant)  # an unknown mode or one this machine cannot run fails before anything is read
     fuse_projections(model)
