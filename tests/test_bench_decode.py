@@ -54,7 +54,7 @@ def test_decode_benchmark_smoke(tiny_gguf, tmp_path, capsys, monkeypatch):
     assert "llama.cpp column MISSING" in out and "pip install -e '.[bench]'" in out
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
     speed = {r[0]: r[1:] for r in rows if len(r) == 6 and r[0] != "side"}  # decode, prefill, TTFT, agg@1, agg@3
-    memory = {r[0]: r[1:] for r in rows if len(r) == 10 and r[0] != "side"}
+    memory = {r[0]: r[1:] for r in rows if len(r) == 11 and r[0] != "side"}
     assert set(speed) == set(memory) == {"transformers", "nanoseek-fp32", "nanoseek-int8"}
     for label, cells in speed.items():
         for cell in cells:
@@ -62,11 +62,12 @@ def test_decode_benchmark_smoke(tiny_gguf, tmp_path, capsys, monkeypatch):
             assert all(math.isfinite(x) and x > 0 for x in (median, low, high)), (label, cell)
             assert low <= median <= high
     for label, cells in memory.items():
-        weights_mb, imports_mb, loaded_mb, peak_mb, idle_mb = (_numbers(cells[i])[0] for i in (0, 2, 4, 5, 6))
-        assert weights_mb >= 0 and imports_mb > 0 and loaded_mb > 0 and idle_mb <= peak_mb, (label, cells)
+        weights_mb, imports_mb, loaded_mb, warmup_mb, peak_mb = (_numbers(cells[i])[0] for i in (0, 2, 4, 5, 6))
+        assert weights_mb >= 0 and imports_mb > 0 and loaded_mb > 0 and warmup_mb > 0, (label, cells)
+        assert _numbers(cells[7])[0] <= peak_mb, (label, cells)  # idle after <= the peak since the warm-up
     int8 = memory["nanoseek-int8"]
     assert _numbers(int8[1])[0] >= 0  # the KV cache it allocated, in MB (0.0 at this size)
-    whole, above = _numbers(int8[7])[0], _numbers(int8[8])[0]  # the peak over weights + KV, with and without imports
+    whole, above = _numbers(int8[8])[0], _numbers(int8[9])[0]  # the peak over weights + KV, with and without imports
     assert math.isfinite(whole) and 0 < above < whole
     assert re.search(r"outputs agree: nanoseek fp32 equals transformers greedy for (\d+) tokens", out)
     assert re.search(r"nanoseek-fp32\s+/ transformers\s*: decode \d+\.\d+x", out)

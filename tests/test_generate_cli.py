@@ -234,15 +234,11 @@ def test_chat_history_is_trimmed_oldest_first_to_fit_the_context(tiny):
 
 def test_quant_option_picks_the_run_format(tiny, capsys):
     """--quant auto leaves an F32 GGUF in fp32; int8 / fp16 swap the linears; all three give the greedy text."""
-    from nanoseek.commands._textgen import auto_format, run_format
+    from nanoseek.commands._textgen import run_format
     from nanoseek.engine.quant import Fp16Linear, Int8Linear
 
     gguf_path, _ = tiny
     assert run_format("auto", gguf_path, None) == "none"  # the test file's weights are F32
-    assert auto_format({"F32", "Q4_1"}, int4_kernel=True) == "int4"  # SmolLM2's file, on an AVX512 CPU
-    assert auto_format({"F32", "Q4_1"}, int4_kernel=False) == "int8"
-    assert auto_format({"F32", "Q4_K", "Q6_K"}, int4_kernel=True) == "int8"  # Q4_K_M: some tensors are 6-bit
-    assert auto_format({"F16", "BF16"}, int4_kernel=True) == "none"
     assert run_format("int8", gguf_path, "cpu") == "int8"
     with pytest.raises(ValueError, match="for the CPU"):
         run_format("int8", gguf_path, "cuda")

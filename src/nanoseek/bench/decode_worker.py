@@ -10,7 +10,8 @@ descriptor that was stdout when it started (fd 1 itself is pointed at stderr, so
 prints can corrupt the answers). Tasks:
     {"task": "single", "prompt": [ids], "max_tokens": N}   -> {"ttft", "decode_s", "tokens"}
     {"task": "batch", "prompts": [[ids]...], "max_tokens": M}  -> {"wall", "lengths", "kv_bytes"}
-    {"task": "memory"}                                        -> {"peak_kb", "rss_kb"}   (peak since load)
+    {"task": "memory"}                                        -> {"peak_kb", "rss_kb"}   (peak since reset)
+    {"task": "reset_peak"}                                    -> {"peak_kb", "reset"}  (peak so far; resets)
     {"task": "profile", "prompt": [ids], "steps": N}          -> {"table"} (nanoseek sides)
 Sides: "nanoseek" (settings "format": fp32 | fp16 | int8, each maybe "+compile"), "transformers", "llama.cpp",
 "deepseek" (a random nanoseek DeepSeek-V3 of a named config; "mtp": true asks for MTP speculation).
@@ -264,6 +265,8 @@ def serve(settings: dict, answers) -> None:
         try:
             if kind == "memory":
                 answer({"peak_kb": _status_kb("VmHWM"), "rss_kb": _status_kb("VmRSS")})
+            elif kind == "reset_peak":  # the peak so far (e.g. a warm-up's), then start a new one
+                answer({"peak_kb": _status_kb("VmHWM"), "reset": _reset_peak()})
             elif kind == "tokenize":
                 answer({"tokens": side.tokenize(task["text"])})
             else:

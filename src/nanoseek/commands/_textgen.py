@@ -15,8 +15,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quant", default="auto", choices=["auto", "none", "int8", "int4", "fp16"],
         help="weights' run format on the CPU: int8 or fp16 (packed, 2-3x faster decoding than fp32), int4 "
-        "(4-bit groups of 32 as GGUF Q4_1, AVX512 CPUs only), none (fp32); auto (default): int4 for 4-bit "
-        "GGUF files on AVX512 CPUs, int8 for other quantized GGUF files, none otherwise",
+        "(4-bit groups of 32 as GGUF Q4_1, AVX512 CPUs only), none (fp32); auto (default): int8 for quantized "
+        "GGUF files, none otherwise",
     )  # fmt: skip
     p.add_argument(
         "--compile", action="store_true",
@@ -56,8 +56,11 @@ def load_model_and_tokenizer(args: argparse.Namespace):
 
 
 def run_format(choice: str, path, device: str | None) -> str:
-    """The weights' run format for --quant. "auto" picks a packed format for a quantized GGUF file on the
-    CPU (`auto_format`), none otherwise."""
+    """The weights' run format for --quant. "auto" picks int8 for a quantized GGUF file on the CPU (its
+    weights are 4-8 bits already; int8 keeps them close and decodes ~3x faster than fp32), else none. Not
+    int4, even for a Q4 file on an AVX512 CPU: on SmolLM2 Q4_1 it decoded one stream 1.12x faster than int8
+    eager (1.00x compiled) but prefilled 2x slower and served 16-64 streams 1.2-1.4x slower
+    (benchmarks/RESULTS.md, Decode)."""
     import torch
 
     device_type = torch.device(device).type if device else "cpu"
@@ -67,26 +70,7 @@ def run_format(choice: str, path, device: str | None) -> str:
         return choice
     if device_type != "cpu" or not str(path).lower().endswith(".gguf"):
         return "none"
-    from nanoseek.engine.quant import int4_kernel_available
     from nanoseek.weights.gguf import open_gguf
 
-    # the embedding and output head do not count: int4 keeps the head in int8 and the embedding in fp32
-    # (SmolLM2's Q4_1 file stores its tied embedding as Q8_0)
-    tensors = open_gguf(path).tensors
-    qtypes = {info.qtype.name for name, info in tensors.items() if not name.startswith(("token_embd.", "output."))}
-    return auto_format(qtypes, int4_kernel_available())
-
-
-FOUR_BIT_GGUF = {"Q4_0", "Q4_1", "Q4_K"}
-
-
-def auto_format(gguf_qtypes: set[str], int4_kernel: bool) -> str:
-    """The run format for a GGUF file's tensor types (of its layers' weights). A file whose quantized
-    layer weights are all 4-bit runs as
-    int4 where the int4 kernel is fast (AVX512): its grid holds those weights almost exactly and it decodes
-    faster than int8. Any other quantized file runs as int8 (it is 4-8 bits already; int8 stays close and
-    decodes ~3x faster than fp32); an unquantized one as none (fp32)."""
-    quantized = gguf_qtypes - {"F32", "F16", "BF16"}
-    if not quantized:
-        return "none"
-    return "int4" if int4_kernel and quantized <= FOUR_BIT_GGUF else "int8"
+    qtypes = {info.qtype.name for info in open_gguf(path).tensors.values()}
+    return "int8" if qtypes - {"F32", "F16", "BF16"} else "none"
