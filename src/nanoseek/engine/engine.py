@@ -84,7 +84,8 @@ class EngineConfig:
     ngram_max: int = 3  # prompt lookup matches the last ngram_max .. ngram_min tokens, longest first
     ngram_min: int = 1
     # torch.compile the decode forward (runner.CompiledDecode): faster tokens once compiled, at the price of
-    # a compilation on the first decode step; prompt chunks and draft verification stay eager
+    # a compilation on the first decode step; prompt chunks and draft verification stay eager, and so does
+    # every forward of a speculating engine (its decodes are computed query by query)
     compile: bool = False
     # When a step leaves the engine with no work after a burst (a step of at least this many requests since
     # the last time), hand the heap's free pages back to the OS (glibc malloc_trim; nanoseek/memory.py): a

@@ -95,8 +95,8 @@ class ModelRunner:
         index = (torch.tensor(new_lens)[:, None] - n + torch.arange(n)[None, :]).clamp(min=0).to(self.device)
         ids = ids.to(self.device)
         # decode steps (one new token per row, no drafts) take the compiled model when there is one; prompt
-        # chunks and draft verification stay eager (their shapes vary more, and they are not per-token costs)
-        # (and row-wise views, whose per-query Python loop would be traced and guarded afresh every step)
+        # chunks and draft verification stay eager (their shapes vary more, and they are not per-token costs),
+        # and so do row-wise views, whose per-query Python loop would be traced and guarded afresh every step
         decoding = self.decode_model is not None and T == 1 and n == 1 and not hidden and not row_wise
         model = self.decode_model if decoding else self.model
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
