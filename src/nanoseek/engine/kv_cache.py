@@ -281,9 +281,10 @@ class PagedStorage:
         query_pos = past[:, None] + torch.arange(T)[None, :]  # [B, T]
         query_real = torch.arange(T)[None, :] < new[:, None]
         keys: dict[int | None, torch.Tensor] = {}  # window -> key positions [B, S_w]
+        starts: dict[int | None, torch.Tensor] = {}  # window -> each row's first key position [B]
         masks = {}
         for w in dict.fromkeys(layout.windows):
-            start = torch.zeros_like(past) if w is None else (past - w + 1).clamp(min=0)
+            starts[w] = start = torch.zeros_like(past) if w is None else (past - w + 1).clamp(min=0)
             keys[w] = start[:, None] + torch.arange(int((end - start).max()))[None, :]
             masks[w] = _mask(query_pos, keys[w], end, w).to(device)
         num_blocks = -(-int(end.max()) // bs)
@@ -298,11 +299,12 @@ class PagedStorage:
             read.append(_slots(block_ids, keys[w], bs).to(device))  # (keys past a row's end: masked)
             # padding queries write into block 0
             write.append(torch.where(query_real, _slots(block_ids, query_pos, bs), NULL_BLOCK).to(device))
-        spans = None
+        view = PagedView(self.tensors, layout.slot_of, read, write, query_pos.to(device), masks)
         if row_wise:
-            spans = [(i, t, p + t + 1) for i, (p, n) in enumerate(zip(past_lens, new_lens)) for t in range(n)]
-        key_starts = {w: k[:, 0].tolist() for w, k in keys.items()}
-        return PagedView(self.tensors, layout.slot_of, read, write, query_pos.to(device), masks, key_starts, spans)
+            rows = enumerate(zip(past_lens, new_lens))
+            view.query_spans = [(i, t, p + t + 1) for i, (p, n) in rows for t in range(n)]
+            view.key_starts = {w: s.tolist() for w, s in starts.items()}
+        return view
 
 
 def _slots(block_ids: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -334,16 +336,17 @@ class PagedView:
     write_slots: list[torch.Tensor]  # per group [B, T]
     positions: torch.Tensor  # [B, T]
     masks: dict[int | None, torch.Tensor]  # window -> [B, 1, T, S_w] bool
-    key_starts: dict[int | None, list[int]]  # window -> each row's first key position (its key axis' 0)
     # Row-wise forwards (speculative decoding's decodes and verifications): (row, query index, key count) of
-    # every real query. The models then compute attention one query at a time over exactly its own keys,
-    # unmasked, and DeepSeek's MoE one token at a time, so a query's numbers are the same whatever else is in
+    # every real query. The models then compute attention one query at a time over exactly the keys a lone
+    # decode of it reads (key_starts: where each row's key axis begins, per window), with that decode's
+    # all-true mask, and DeepSeek's MoE one token at a time, so a query's numbers are the same whatever else is in
     # the forward: alone, beside longer rows, or as position j of a verification (T = 1 + drafts). Batched,
     # they are not: on CPU, SDPA's result for a row moves by ~1e-7 with the number of query rows (its
     # matmuls change shape) and with the key padding (its reductions change blocking), and so do fp32 matmuls
     # (MLA's absorbed kv_b_proj, the router, the experts) with their row count; int8's activation rounding can
     # turn that into a different token. None: attend with the masks, all rows at once.
     query_spans: list[tuple[int, int, int]] | None = None
+    key_starts: dict[int | None, list[int]] | None = None  # window -> each row's first key position
     is_paged = True  # what the models look for (model/ does not import the engine)
 
     def update(self, layer: int, **new: torch.Tensor) -> tuple[torch.Tensor, ...]:
