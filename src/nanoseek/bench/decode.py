@@ -400,7 +400,8 @@ def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, 
     print(
         "(weights = the model's tensors in the format they run in (nanoseek int8/fp16: packed projections, the "
         "embedding table in fp32); KV = the largest cache nanoseek allocated, sized to its task; 'imports' = RSS "
-        "with torch and the side's libraries imported, before the model is loaded; 'idle after' = RSS when "
+        "with torch and the side's libraries imported, before the model is loaded (a +compile side's include "
+        "torch.compile's dynamo and inductor); 'idle after' = RSS when "
         "every task is done)"
     )
     unreset = [label for label in labels if not memory[label].get("peak_resettable", True)]

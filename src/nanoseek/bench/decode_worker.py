@@ -41,6 +41,22 @@ def _reset_peak() -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to send this worker SIGTERM when the benchmark that started it dies (killed, or ^C'd past its
+    cleanup), so no worker goes on compiling or decoding for nobody. Elsewhere it ends at its next task,
+    when it reads the closed pipe."""
+    try:
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:  # the parent died before prctl: nobody will read the answers
+            sys.exit(1)
+    except (OSError, AttributeError):
+        pass
+
+
 class NanoseekSide:
     def __init__(self, settings: dict):
         import torch
@@ -235,6 +251,16 @@ class LlamaCppSide:
 
 LIBRARIES = {"nanoseek": ("torch", "nanoseek.engine.engine"), "deepseek": ("torch", "nanoseek.engine.engine"),
              "transformers": ("torch", "transformers"), "llama.cpp": ("llama_cpp",)}  # fmt: skip
+# a compiled side's libraries include torch.compile's own (dynamo, inductor and what they import: ~115 MB of
+# RSS on the development machine), imported on first use otherwise; its compiled graphs and kernels are not
+COMPILER = ("torch._dynamo", "torch._inductor.compile_fx", "torch._inductor.codecache")
+
+
+def libraries(settings: dict) -> tuple[str, ...]:
+    compiled = settings.get("format", "").partition("+")[2] == "compile"
+    return LIBRARIES[settings["side"]] + (COMPILER if compiled else ())
+
+
 SIDES = {"nanoseek": NanoseekSide, "deepseek": NanoseekSide, "transformers": TransformersSide,
          "llama.cpp": LlamaCppSide}  # fmt: skip
 
@@ -246,7 +272,7 @@ def serve(settings: dict, answers) -> None:
 
     try:
         # the libraries first, so that the baseline separates their memory from the model's
-        for module in LIBRARIES[settings["side"]]:
+        for module in libraries(settings):
             __import__(module)
         baseline_kb = _status_kb("VmRSS")
         side = SIDES[settings["side"]](settings)
@@ -276,6 +302,7 @@ def serve(settings: dict, answers) -> None:
 
 
 if __name__ == "__main__":
+    _die_with_parent()
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever a library prints goes to stderr, never into the answers
     sys.stdout = sys.stderr
