@@ -17,6 +17,7 @@ import torch
 
 from nanoseek.engine.kv_cache import BlockPool, CacheSpec, KVLayout, PagedStorage, PagedView
 from nanoseek.engine.kv_groups import SequenceBlocks
+from nanoseek.memory import return_freed_memory
 
 
 @dataclass
@@ -139,12 +140,23 @@ class CompiledDecode:
         return self.model(ids, cache=cache, logits_index=logits_index)
 
     def __call__(self, ids, cache, logits_index):
+        graphs = _compiled_graphs()
         if self.guarded is None:
             try:
-                return self.one_graph(self.key, ids, cache, logits_index)
+                logits = self.one_graph(self.key, ids, cache, logits_index)
             except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError):  # a graph break; nothing ran
                 self.guarded = torch.compile(self.model, dynamic=True, options=self.options)  # full guards
-        return self.guarded(ids, cache=cache, logits_index=logits_index)
+        if self.guarded is not None:
+            logits = self.guarded(ids, cache=cache, logits_index=logits_index)
+        if _compiled_graphs() != graphs:
+            # compiling freed a lot of short-lived memory (traces, generated code) into holes of the heap, where
+            # it stayed resident: ~50 MB for SmolLM2's two graphs
+            return_freed_memory()
+        return logits
+
+
+def _compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def _wrapper_options(device: torch.device) -> dict:
