@@ -52,7 +52,12 @@ def test_decode_benchmark_smoke(tiny_gguf, tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
 
     assert "llama.cpp column MISSING" in out and "pip install -e '.[bench]'" in out
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    figures_text, targets_text = out.split("targets, every nanoseek format")
+
+    def table(text: str) -> list[list[str]]:
+        return [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ")]
+
+    rows = table(figures_text)
     speed = {r[0]: r[1:] for r in rows if len(r) == 6 and r[0] != "side"}  # decode, prefill, TTFT, agg@1, agg@3
     memory = {r[0]: r[1:] for r in rows if len(r) == 11 and r[0] != "side"}
     assert set(speed) == set(memory) == {"transformers", "nanoseek-fp32", "nanoseek-int8"}
@@ -69,6 +74,15 @@ def test_decode_benchmark_smoke(tiny_gguf, tmp_path, capsys, monkeypatch):
     assert _numbers(int8[1])[0] >= 0  # the KV cache it allocated, in MB (0.0 at this size)
     whole, above = _numbers(int8[8])[0], _numbers(int8[9])[0]  # the peak over weights + KV, with and without imports
     assert math.isfinite(whole) and 0 < above < whole
+    # the targets: every format, each target's value with its verdict, or "not measured" (no llama.cpp here,
+    # no 16-stream task)
+    targets = {r[0].split(" (")[0]: r[1:] for r in table(targets_text) if r[0] != "format"}
+    assert set(targets) == {"fp32", "int8"}
+    for label, (vs_llama, agg16, vs_hf, above_libs, whole) in targets.items():
+        assert vs_llama == agg16 == "not measured", label
+        for cell in (vs_hf, above_libs, whole):
+            assert re.fullmatch(r"\d+\.\d\dx (met|MISSED by \d+\.\d\dx)", cell), (label, cell)
+    assert _numbers(targets["int8"][3])[0] == _numbers(int8[9])[0]  # the same ratio as the memory table's
     assert re.search(r"outputs agree: nanoseek fp32 equals transformers greedy for (\d+) tokens", out)
     assert re.search(r"nanoseek-fp32\s+/ transformers\s*: decode \d+\.\d+x", out)
     assert re.search(r"plain: decode \d+\.\d+ \(", out)  # the DeepSeek-V3 run

@@ -483,33 +483,50 @@ def print_ratios(args, figures: dict[str, Figures]) -> tuple[dict, str]:
     return ratios, fastest
 
 
+# the issue's targets: (column, goal, whether larger is better)
+TARGETS = (
+    ("decode vs llama.cpp", 1.0, True),
+    ("agg @16 / own @1", 3.0, True),
+    ("decode vs transformers", 5.0, True),
+    ("peak above libraries / (W+KV)", 1.5, False),
+    ("peak whole process / (W+KV)", 1.5, False),
+)
+
+
+def target_values(figures: dict[str, Figures], memory: dict, label: str) -> dict[str, float]:
+    """The side's figure for each target (NaN where its task or peer was not run)."""
+    f, m, nan = figures[label], memory[label], math.nan
+
+    def vs(peer: str) -> float:
+        return median(f.decode) / median(figures[peer].decode) if peer in figures else nan
+
+    footprint = m["weights_bytes"] + f.kv_bytes
+    return dict(zip([t[0] for t in TARGETS], [
+        vs("llama.cpp"),
+        median(f.aggregate[16]) / median(f.aggregate[1]) if {1, 16} <= f.aggregate.keys() else nan,
+        vs("transformers"),
+        (m["peak_kb"] - m["baseline_kb"]) * 1024 / footprint if f.kv_bytes else nan,
+        m["peak_kb"] * 1024 / footprint if f.kv_bytes else nan,
+    ]))  # fmt: skip
+
+
 def print_targets(args, figures: dict[str, Figures], memory: dict, fastest: str) -> None:
-    f = figures[fastest]
-    print(f"targets ({fastest}):")
-
-    def verdict(name: str, value: float, goal: float) -> None:
-        if math.isnan(value):
-            print(f"  {name}: not measured")
-        else:
-            met = "met" if value >= goal else f"MISSED by {goal / value:.2f}x"
-            print(f"  {name}: {value:.2f}x (goal {goal:g}x) {met}")
-
-    if "llama.cpp" in figures:
-        verdict("single-stream decode vs llama.cpp", median(f.decode) / median(figures["llama.cpp"].decode), 1.0)
-    else:
+    """Every nanoseek format against every target: a table, met or missed and by how much."""
+    print("targets, every nanoseek format (value, then met or MISSED by the factor it is short):")
+    print("| format | " + " | ".join(f"{name} ({'≥' if up else '≤'} {goal:g}x)" for name, goal, up in TARGETS) + " |")
+    print("|---" * (len(TARGETS) + 1) + "|")
+    for label in (x for x in figures if x.startswith("nanoseek-")):
+        cells = []
+        for (_, goal, up), value in zip(TARGETS, target_values(figures, memory, label).values()):
+            if math.isnan(value):
+                cells.append("not measured")
+                continue
+            short = goal / value if up else value / goal
+            cells.append(f"{value:.2f}x " + ("met" if short <= 1 else f"MISSED by {short:.2f}x"))
+        star = " (fastest single stream)" if label == fastest else ""
+        print(f"| {label.removeprefix('nanoseek-')}{star} | " + " | ".join(cells) + " |")
+    if "llama.cpp" not in figures:
         print("  single-stream decode vs llama.cpp: not measured (llama.cpp missing: " + INSTALL_HINT + ")")
-    if 16 in f.aggregate and 1 in f.aggregate:
-        verdict("16 streams vs own single stream (aggregate @16 / @1)",
-                median(f.aggregate[16]) / median(f.aggregate[1]), 3.0)  # fmt: skip
-    if "transformers" in figures:
-        verdict("single-stream decode vs transformers",
-                median(f.decode) / median(figures["transformers"].decode), 5.0)  # fmt: skip
-    m = memory[fastest]
-    if f.kv_bytes:
-        budget = 1.5 * (m["weights_bytes"] + f.kv_bytes)
-        verdict("memory: 1.5 x (weights + KV) / generation peak RSS (whole process)", budget / (m["peak_kb"] * 1024), 1)
-        verdict("memory: 1.5 x (weights + KV) / generation peak RSS above the libraries",
-                budget / ((m["peak_kb"] - m["baseline_kb"]) * 1024), 1)  # fmt: skip
 
 
 def check_agreement(args, figures: dict[str, Figures]) -> None:
