@@ -70,3 +70,21 @@ def test_compiled_decode_with_graph_breaks_equals_eager():
         assert _batched_with_a_join(model, compile=True) == _batched_with_a_join(model, compile=False)
     finally:
         torch._dynamo.reset()
+
+
+def test_warm_up_compiles_before_the_first_request(llama):
+    """A server warms its engine up before it accepts requests: afterwards, requests of one row and of several
+    compile nothing more. Without compile, warm_up does nothing."""
+    plain = Engine(llama, EngineConfig(), eos_ids=[])
+    plain.warm_up()
+    assert not plain.requests and plain.pool.num_free == plain.pool.num_blocks - 1
+
+    torch._dynamo.reset()  # the other tests' graphs would hide a missing compilation
+    engine = Engine(llama, EngineConfig(block_size=4, compile=True), eos_ids=[])
+    engine.warm_up()
+    assert not engine.requests and engine.pool.num_free == engine.pool.num_blocks - 1  # every block back
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # one row, several rows
+    engine.generate([PROMPTS[0]], GREEDY)
+    engine.generate(PROMPTS[:3], GREEDY)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

@@ -376,6 +376,17 @@ class Engine:
         req.finish_reason = reason
         self.scheduler.remove(req)
 
+    def warm_up(self) -> None:
+        """Compile the decode step now, for one row and for several, rather than during the first requests (tens
+        of seconds on a 2-core CPU the first time): a server calls it before it accepts requests. Does nothing
+        without `compile`. Its blocks are freed (the prefix cache may keep its two-token prompt, evicted like
+        any other entry)."""
+        if self.runner.decode_model is None:
+            return
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        self.generate([[1, 2]], params)
+        self.generate([[1, 2], [2, 1]], params)
+
     # ---- offline batch ------------------------------------------------------------------------------
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None

@@ -115,7 +115,9 @@ class CompiledDecode:
     eager decode runs ~60 small ops per layer (on the 2-core CPU those ops, not the matmuls, were most of a
     SmolLM2 token). Shapes are dynamic (batch size and history length change every step), so it compiles
     once for one row and once for several, not per step. The first decode step pays the compilation (tens
-    of seconds on 2 cores; inductor caches its kernels on disk for the next process).
+    of seconds on 2 cores; inductor caches its kernels on disk for the next process), or `Engine.warm_up`
+    does, as the server does before it takes requests. On CPU the kernels are called from C++, not Python
+    (`_wrapper_options`).
 
     A model that traces as one graph (the dense families) runs without guards on its modules' attributes:
     checking ~300 parameters' metadata before every step cost ~1 ms of an 8 ms token. Compiled code is

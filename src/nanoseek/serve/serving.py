@@ -274,4 +274,5 @@ def make_server(model, tokenizer, name: str, engine_config=None) -> ModelServer:
     from nanoseek.engine.engine import Engine
 
     engine = Engine(model, engine_config, eos_ids=tokenizer.stop_token_ids, detokenize=tokenizer.decode)
+    engine.warm_up()  # a compiled decode step compiles now, not while the first clients wait
     return ModelServer(AsyncEngine(engine), tokenizer, name, Metrics())
