@@ -152,7 +152,7 @@ class CompiledDecode:
             logits = self.guarded(ids, cache=cache, logits_index=logits_index)
         if _compiled_graphs() != graphs:
             # compiling freed a lot of short-lived memory (traces, generated code) into holes of the heap, where
-            # it stayed resident: ~50 MB for SmolLM2's two graphs
+            # it stayed resident: ~40 MB for SmolLM2's two graphs (947 -> 905 MB RSS, measured)
             return_freed_memory()
         return logits
 
