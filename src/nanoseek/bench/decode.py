@@ -388,9 +388,7 @@ def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, 
     mb = 1 / 2**20
     for label in labels:
         m, f = memory[label], figures[label]
-        budget = m["weights_bytes"] + f.kv_bytes
-        whole = f"{m['peak_kb'] * 1024 / budget:.2f}x" if f.kv_bytes else "—"
-        above = f"{(m['peak_kb'] - m['baseline_kb']) * 1024 / budget:.2f}x" if f.kv_bytes else "—"
+        whole, above = (f"{r:.2f}x" if f.kv_bytes else "—" for r in memory_ratios(m, f))
         kv = f"{f.kv_bytes * mb:.1f}" if f.kv_bytes else "—"
         cells = [label, f"{m['weights_bytes'] * mb:.1f}", kv, f"{m['baseline_kb'] / 1024:.0f}",
                  f"{m['load_peak_kb'] / 1024:.0f}", f"{m['loaded_kb'] / 1024:.0f}",
@@ -500,14 +498,23 @@ def target_values(figures: dict[str, Figures], memory: dict, label: str) -> dict
     def vs(peer: str) -> float:
         return median(f.decode) / median(figures[peer].decode) if peer in figures else nan
 
-    footprint = m["weights_bytes"] + f.kv_bytes
+    whole, above = memory_ratios(m, f)
     return dict(zip([t[0] for t in TARGETS], [
         vs("llama.cpp"),
         median(f.aggregate[16]) / median(f.aggregate[1]) if {1, 16} <= f.aggregate.keys() else nan,
         vs("transformers"),
-        (m["peak_kb"] - m["baseline_kb"]) * 1024 / footprint if f.kv_bytes else nan,
-        m["peak_kb"] * 1024 / footprint if f.kv_bytes else nan,
+        above,
+        whole,
     ]))  # fmt: skip
+
+
+def memory_ratios(m: dict, f: Figures) -> tuple[float, float]:
+    """The generation peak over (weights + KV): of the whole process, and above the libraries' imports (NaN for
+    a side without a KV cache of nanoseek's)."""
+    if not f.kv_bytes:
+        return math.nan, math.nan
+    footprint = m["weights_bytes"] + f.kv_bytes
+    return m["peak_kb"] * 1024 / footprint, (m["peak_kb"] - m["baseline_kb"]) * 1024 / footprint
 
 
 def print_targets(args, figures: dict[str, Figures], memory: dict, fastest: str) -> None:

@@ -66,8 +66,8 @@ class NanoseekSide:
 
         self.torch = torch
         torch.set_num_threads(settings["threads"])
-        fmt, _, extra = settings.get("format", "fp32").partition("+")
-        self.compile = extra == "compile"  # decode steps through torch.compile (engine/runner.CompiledDecode)
+        fmt = settings.get("format", "fp32").partition("+")[0]
+        self.compile = compiled(settings)  # decode steps through torch.compile (engine/runner.CompiledDecode)
         if settings["side"] == "deepseek":
             from nanoseek.config import from_name
             from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
@@ -256,9 +256,13 @@ LIBRARIES = {"nanoseek": ("torch", "nanoseek.engine.engine"), "deepseek": ("torc
 COMPILER = ("torch._dynamo", "torch._inductor.compile_fx", "torch._inductor.codecache")
 
 
+def compiled(settings: dict) -> bool:
+    """Whether the side is a nanoseek run format with its decode compiled ("int8+compile")."""
+    return settings.get("format", "").partition("+")[2] == "compile"
+
+
 def libraries(settings: dict) -> tuple[str, ...]:
-    compiled = settings.get("format", "").partition("+")[2] == "compile"
-    return LIBRARIES[settings["side"]] + (COMPILER if compiled else ())
+    return LIBRARIES[settings["side"]] + (COMPILER if compiled(settings) else ())
 
 
 SIDES = {"nanoseek": NanoseekSide, "deepseek": NanoseekSide, "transformers": TransformersSide,
