@@ -295,15 +295,17 @@ def _int4_available() -> bool:
     return int4_kernel_available()
 
 
-needs_int4_kernel = pytest.mark.skipif(not _int4_available(), reason="torch's int4 CPU kernel needs AVX512")
+needs_int4_kernel = pytest.mark.skipif(not _int4_available(), reason="nanoseek's int4 kernel needs AVX512-VNNI")
 
 
 @needs_int4_kernel
 @pytest.mark.parametrize("family", ["llama", "deepseek_v3"])
 def test_int4_logits_match_the_dequantized_model_and_are_batch_invariant(family):
     """int4 against the same model with each 4-bit weight replaced by the fp32 weight its grid stands for
-    (lm_head stays int8 in both): what is left is bf16 rounding of activations and outputs, and lm_head's
-    int8 activations (up to ~1.2e-2 of the largest logit, measured)."""
+    (lm_head stays fp32 there): what is left is the int8 rounding of activations (per block of 32 inputs in
+    the 4-bit linears, per row in int8's lm_head), measured at 4.5e-2 (llama) and 1.4e-2 (DeepSeek) of the
+    largest logit. On SmolLM2's Q4_1 file, int4 is closer to the file's model than int8 (mean KL over 300
+    tokens 0.036 against 0.059)."""
     from nanoseek.engine import quant
 
     model, reference = _model(family), quant.fuse_projections(_model(family))
@@ -320,50 +322,103 @@ def test_int4_logits_match_the_dequantized_model_and_are_batch_invariant(family)
         alone = model(ids[1:])
     assert sum(isinstance(m, quant.Int4Linear) for m in model.modules()) == len(four_bit)
     assert isinstance(model.lm_head, quant.Int8Linear)
-    assert (got - ref).abs().max() <= 3e-2 * ref.abs().max()
+    assert (got - ref).abs().max() <= 6e-2 * ref.abs().max()
     # 4-bit weights themselves move these random models' logits by up to ~30% of the largest
     assert (got - fp32).abs().max() <= 0.5 * fp32.abs().max()
-    assert (got[1:] - alone).abs().max() <= 1e-5 * ref.abs().max()
-    engine = Engine(model, EngineConfig(block_size=4), eos_ids=[])
-    batch = engine.generate(PROMPTS, GREEDY)
-    assert [c.token_ids for c in batch] == [engine.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
+    assert (got[1:] - alone).abs().max() <= 1e-5 * ref.abs().max()  # attention's batched math, not int4's
+    # A fresh engine for each lone run: on a shared one the lone run would find its prompt in the prefix
+    # cache and compute its last prompt token alone, not in a prefill chunk, which rounds attention's sums
+    # differently in the last bit. Rounding activations to int8 in blocks of 32 turned such a bit into
+    # another token on this random llama (measured); that is attention's doing, not the int4 kernel's.
+    engine = lambda: Engine(model, EngineConfig(block_size=4), eos_ids=[])  # noqa: E731
+    batch = engine().generate(PROMPTS, GREEDY)
+    assert [c.token_ids for c in batch] == [engine().generate([p], GREEDY)[0].token_ids for p in PROMPTS]
 
 
+def test_int4_grid_keeps_q4_1_weights_exactly():
+    """A weight already on Q4_1's grid (fp16 d and m, q in 0..15, each block using 0 and 15, as llama.cpp's
+    quantizer makes them) comes back bit for bit; any other weight is within half a step of its block."""
+    from nanoseek.engine.quant import int4_dequantize, int4_grid
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (40, 96), generator=gen, dtype=torch.uint8)
+    q[:, ::32], q[:, 1::32] = 0, 15
+    d = (torch.rand(40, 3, generator=gen) * 0.1 + 1e-3).half()
+    m = (torch.randn(40, 3, generator=gen) * 0.1).half()
+    on_grid = int4_dequantize(q, d, m)
+    assert torch.equal(int4_dequantize(*int4_grid(on_grid)), on_grid)
+    weight = torch.randn(40, 96, generator=gen)
+    groups = weight.view(40, 3, 32)
+    half_step = (groups.amax(-1) - groups.amin(-1)) / 30
+    error = (int4_dequantize(*int4_grid(weight)).view(40, 3, 32) - groups).abs()
+    assert (error <= half_step[..., None] * 1.01 + 1e-3 * groups.abs().amax(-1, keepdim=True)).all()  # fp16 d, m
+
+
+def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernel sees it: rounded to int8 per block of 32 inputs (scale = the block's max |x| / 127)."""
+    blocks = x.view(x.shape[0], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / scale.clamp(min=1e-30)) * scale).view(x.shape)
+
+
+@needs_int4_kernel
 def test_int4_linear_rows_are_independent_and_match_the_grid():
-    """Any output size (padded to the kernel's multiple of 16 inside), a bias, 1 to 37 rows: each row equals
-    the bf16-rounded activations times the dequantized weight, and the same row alone or in any batch."""
+    """Any output size (padded to the kernel's panels of 16 inside), a bias, 1 to 37 rows: each row equals
+    its int8-rounded activations times the dequantized weight, except that the block minimums multiply the
+    exact sum of each block's activations; and the same row alone or in any batch, bit for bit."""
     from nanoseek.engine.quant import Int4Linear, int4_dequantize, int4_grid
 
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(40, 96, generator=gen), torch.randn(40, generator=gen)
     x = torch.randn(37, 96, generator=gen)
-    q, scales_zeros = int4_grid(weight)
-    groups = weight.view(40, 3, 32)
-    half_step = (groups.amax(-1) - groups.amin(-1)) / 30  # 16 levels across each group's range
-    error = (int4_dequantize(q, scales_zeros).view(40, 3, 32) - groups).abs()
-    assert (error <= half_step[..., None] + 1e-2 * groups.abs().amax(-1, keepdim=True)).all()  # + bf16 scales
+    x[3, 32:64] = 0  # an all-zero block
+    q, d, m = int4_grid(weight)
     linear = Int4Linear(weight, bias)
     full = linear(x)
-    expected = x.bfloat16().float() @ int4_dequantize(q, scales_zeros).T + bias
+    xq = _int8_blocks(x).double()
+    scaled = q.view(40, 3, 32).double() * d.double()[..., None]  # d * q: multiplies the rounded activations
+    sums = x.view(37, 3, 32).double().sum(-1)  # m: multiplies each block's exact sum
+    expected = xq @ scaled.view(40, 96).T + sums @ m.double().T + bias.double()
     assert full.shape == (37, 40) and full.dtype == torch.float32
-    assert (full - expected).abs().max() <= 1e-2 * expected.abs().max()  # bf16 output rounding
+    assert (full.double() - expected).abs().max() <= 1e-5 * expected.abs().max()  # fp32 accumulation
+    dequantized = x @ int4_dequantize(q, d, m).T + bias  # the rounding of activations costs ~1e-2
+    assert (full - dequantized).abs().max() <= 3e-2 * dequantized.abs().max()
     for start, rows in [(0, 1), (5, 1), (3, 4), (0, 16), (20, 17)]:
         assert torch.equal(linear(x[start : start + rows]), full[start : start + rows])
     assert torch.equal(linear(x.view(1, 37, 96))[0], full)
 
 
-def test_int4_needs_its_kernel_and_a_group_sized_input(monkeypatch):
-    from nanoseek.engine import quant
+@needs_int4_kernel
+def test_int4_linear_compiles():
+    """torch.compile calls the kernel as an opaque op (its Meta kernel gives the output shape)."""
+    from nanoseek.engine.quant import Int4Linear
 
-    with pytest.raises(ValueError, match="divisible by 32"):
-        quant.Int4Linear(torch.randn(64, 48))
-    assert isinstance(quant.int4_or_int8(torch.randn(64, 48)), quant.Int8Linear)  # left to int8
-    assert isinstance(quant.int4_or_int8(torch.randn(64, 64)), quant.Int4Linear)
-    linear = quant.Int4Linear(torch.randn(40, 64))  # 48 rows packed: 4 bits a weight, 2 bf16 per 32 weights
-    assert quant.linear_weight_bytes(linear) == 48 * 64 // 2 + 48 * 2 * 2 * 2
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    with pytest.raises(ValueError, match="AVX512"):
+    gen = torch.Generator().manual_seed(1)
+    linear = Int4Linear(torch.randn(24, 64, generator=gen))
+    x = torch.randn(3, 64, generator=gen)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda t: torch.relu(linear(t * 2)), fullgraph=True)
+        assert torch.equal(compiled(x), torch.relu(linear(x * 2)))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_int4_needs_its_kernel_and_a_group_sized_input(monkeypatch):
+    from nanoseek.engine import q4_kernel, quant
+
+    if quant.int4_kernel_available():
+        with pytest.raises(ValueError, match="divisible by 32"):
+            quant.Int4Linear(torch.randn(64, 48))
+        assert isinstance(quant.int4_or_int8(torch.randn(64, 48)), quant.Int8Linear)  # left to int8
+        assert isinstance(quant.int4_or_int8(torch.randn(64, 64)), quant.Int4Linear)
+        linear = quant.Int4Linear(torch.randn(40, 64))  # 48 rows packed: 4 bits a weight, 2 fp16 per 32 weights
+        assert quant.linear_weight_bytes(linear) == 48 * 64 // 2 + 48 * 2 * 2 * 2
+    monkeypatch.setattr(q4_kernel, "unavailable_reason", lambda: "this CPU lacks AVX512-VNNI")
+    with pytest.raises(ValueError, match="int4 weights cannot run here: this CPU lacks AVX512-VNNI; use int8"):
         quant.quantize_model(_model("llama"), "int4")
+    with pytest.raises(ValueError, match="AVX512-VNNI"):
+        quant.Int4Linear(torch.randn(64, 64))
 
 
 def test_engine_returns_freed_memory_once_when_a_burst_ends():

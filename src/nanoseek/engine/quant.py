@@ -88,60 +88,58 @@ class Int8Linear(nn.Module):
         return out.view(*shape[:-1], self.out_features)
 
 
-# GGUF Q4_0/Q4_1's block size; torch's kernel wants the input size divisible by it and the output by 16
+# GGUF Q4_0/Q4_1's block size: the kernel wants the input size divisible by it
 INT4_GROUP = 32
-INT4_ROWS_MULTIPLE = 16
 
 
-def int4_kernel_available() -> bool:
-    """torch's CPU int4 kernel is vectorized for AVX512 only; elsewhere it falls back to scalar code that is
-    ~100x slower than fp32 (measured: 8 ms for one 576->960 row with ATEN_CPU_CAPABILITY=avx2)."""
-    return "AVX512" in torch.backends.cpu.get_cpu_capability()
-
-
-def int4_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """GGUF Q4_1's grid: per group of 32 inputs, w ~ (q - 8) * scale + zero with q in 0..15 (zero = the
-    group's minimum + 8 * scale). Returns q [out, in] int32 and the (scale, zero) pairs [out, in / 32, 2] in
-    bf16, the dtype torch's int4 kernel takes them in."""
+def int4_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF Q4_1's grid: per group of 32 inputs, w ~ d * q + m with q in 0..15, d = (max - min) / 15 and
+    m = min, both fp16 as Q4_1 stores them. A Q4_1 file's dequantized weights come back exactly. Returns q
+    [out, in] uint8, d and m [out, in / 32] fp16; q is rounded against the fp16 d and m."""
     groups = weight.detach().float().view(weight.shape[0], -1, INT4_GROUP)
-    minimum = groups.amin(-1)
-    scale = (groups.amax(-1) - minimum) / 15
-    q = torch.round((groups - minimum[..., None]) / scale.clamp(min=1e-12)[..., None]).clamp(0, 15)
-    return q.view(weight.shape).to(torch.int32), torch.stack([scale, minimum + 8 * scale], -1).to(torch.bfloat16)
+    m = groups.amin(-1).half()
+    d = ((groups.amax(-1) - m.float()) / 15).half()
+    q = torch.round((groups - m.float()[..., None]) / d.float().clamp(min=1e-12)[..., None]).clamp(0, 15)
+    return q.view(weight.shape).to(torch.uint8), d, m
 
 
-def int4_dequantize(q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+def int4_dequantize(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """The fp32 weight that `int4_grid`'s output stands for: what Int4Linear multiplies by."""
-    sz = scales_zeros.float()
-    groups = (q.view(q.shape[0], -1, INT4_GROUP) - 8).float() * sz[..., :1] + sz[..., 1:]
+    groups = q.view(q.shape[0], -1, INT4_GROUP).float() * d.float()[..., None] + m.float()[..., None]
     return groups.view(q.shape)
 
 
+def int4_unavailable_reason() -> str | None:
+    """Why int4 cannot run on this machine (None when it can): it needs nanoseek's AVX512-VNNI kernel."""
+    from nanoseek.engine import q4_kernel
+
+    return q4_kernel.unavailable_reason()
+
+
+def int4_kernel_available() -> bool:
+    return int4_unavailable_reason() is None
+
+
 class Int4Linear(nn.Module):
-    """4-bit weights in groups of 32 inputs with a scale and a minimum each (`int4_grid`, GGUF Q4_1's
-    grid), packed for torch's CPU kernel `_weight_int4pack_mm_for_cpu` (AVX512). Activations are rounded
-    to bf16 and each row is computed on its own, so a row's result never depends on the other rows of the
-    batch. The kernel returns bf16: the output carries bf16 rounding (~2e-3 relative, measured)."""
+    """4-bit weights in GGUF Q4_1's grid (`int4_grid`) run by nanoseek's kernel (engine/q4_kernel.py):
+    activations rounded to int8 per block of 32 inputs, integer dot products, as llama.cpp runs Q4 files.
+    Each row is quantized and computed on its own: a row's result never depends on the rest of the batch."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
+        from nanoseek.engine import q4_kernel
+
         self.out_features, self.in_features = weight.shape
         if self.in_features % INT4_GROUP:
             raise ValueError(f"int4 weights need the input size divisible by {INT4_GROUP}, got {self.in_features}")
-        q, scales_zeros = int4_grid(weight)
-        pad = -self.out_features % INT4_ROWS_MULTIPLE  # zero rows that the kernel computes and forward drops
-        if pad:
-            q = torch.cat([q, q.new_full((pad, self.in_features), 8)])
-            scales_zeros = torch.cat([scales_zeros, scales_zeros.new_zeros(pad, *scales_zeros.shape[1:])])
-        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        self.register_buffer("scales_zeros", scales_zeros.transpose(0, 1).contiguous())  # [groups, out, 2]
+        if reason := q4_kernel.unavailable_reason():
+            raise ValueError(f"int4 weights cannot run here: {reason}; use int8")
+        self.register_buffer("packed", q4_kernel.pack(*int4_grid(weight)))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        rows = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.qweight, INT4_GROUP, self.scales_zeros)
-        out = out[:, : self.out_features].float()
+        out = torch.ops.nanoseek.q4_linear(x.reshape(-1, shape[-1]).float(), self.packed, self.out_features)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*shape[:-1], self.out_features)
@@ -216,8 +214,8 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     return model
 
 
-# Kept int8 in int4 mode: torch's int4 kernel returns bf16, which would round logits near 25 to steps of
-# 0.125 (close calls and logprobs move), and for one row it is no faster than int8 on lm_head (measured).
+# Kept int8 in int4 mode: the output matrix is where 4 bits cost the most accuracy, and llama.cpp's Q4
+# files keep it at 6-8 bits too (SmolLM2's Q4_1 file stores it as Q8_0).
 INT8_IN_INT4 = ("lm_head",)
 
 
@@ -228,11 +226,8 @@ def packed_linear(mode: str, name: str = ""):
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "fp16" and "fbgemm" not in torch.backends.quantized.supported_engines:
         raise ValueError("fp16 weights need fbgemm (x86 CPUs); use int8")
-    if mode == "int4" and not int4_kernel_available():
-        raise ValueError(
-            f"int4 weights need torch's AVX512 int4 kernel; this CPU runs torch's "
-            f"{torch.backends.cpu.get_cpu_capability()} kernels, where int4 is slower than fp32: use int8"
-        )
+    if mode == "int4" and (reason := int4_unavailable_reason()):
+        raise ValueError(f"int4 weights cannot run here: {reason}; use int8")
     if mode == "int4" and name in INT8_IN_INT4:
         return Int8Linear
     return {"int8": Int8Linear, "int4": int4_or_int8, "fp16": Fp16Linear}[mode]
@@ -271,7 +266,7 @@ def linear_weight_bytes(model: nn.Module) -> int:
         if isinstance(m, Int8Linear):
             total += m.in_features * m.out_features + 8 * m.out_features
         elif isinstance(m, Int4Linear):
-            total += m.qweight.numel() + 2 * m.scales_zeros.numel()
+            total += m.packed.numel() + (4 * m.out_features if m.bias is not None else 0)
         elif isinstance(m, Fp16Linear):
             total += m.packed_bytes
         else:
