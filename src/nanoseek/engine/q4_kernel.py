@@ -6,9 +6,10 @@ converts every nibble to bf16 and is bound by that arithmetic, so it reads half 
 0-5% faster than int8 (issue 11's profile); torchao's x86 int4 layout calls the same kernel. Here one
 vpdpbusd multiplies 64 nibbles by 64 int8 activations, and a token reads 5 bits per weight.
 
-The C++ file is compiled once per (source, torch version) into the cache (`$NANOSEEK_CACHE/kernels`, ~15 s
-with g++, which torch.compile on CPU needs as well) and loaded with `torch.ops.load_library`. Where it
-cannot be built or the CPU lacks AVX512-VNNI, `available()` says why and int4 falls back to torch's kernel.
+The C++ file is compiled once per (source, torch and Python version) into the cache
+(`$NANOSEEK_CACHE/kernels`; 5 s with g++, which torch.compile on CPU needs as well) and loaded with
+`torch.ops.load_library`. Where it cannot be built or the CPU lacks AVX512-VNNI, `unavailable_reason()`
+says why, and int4 is refused with that reason (int8 runs everywhere).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 in a compact run format, applied to a built model from outside, so the model code knows nothing of it.
 
     quantize_model(model, "int8")   # int8 weights (a scale per output row), int8 activations (a scale per row)
-    quantize_model(model, "int4")   # 4-bit weights in groups of 32 (GGUF Q4_1's grid), bf16 activations; AVX512
+    quantize_model(model, "int4")   # GGUF Q4_1's grid (groups of 32), int8 activations; AVX512-VNNI
     quantize_model(model, "fp16")   # fp16 weights packed for fbgemm, fp32 math
     nanoseek.load("x.gguf", quant="int8")  # the same, packed while loading: no fp32 copy of the whole model
 
@@ -11,43 +11,20 @@ fp32 `F.linear` 51-103 (lm_head 576->49152: 7,400); fbgemm fp16 26-39 (780); `to
 -> int32 6-14 (280), weights in cache. fbgemm's dynamic int8 picks one activation scale for the whole call,
 so a row's numbers would depend on the other rows of the batch: not used.
 
-4-bit (issue 11; benchmarks/int4_kernels.py). This CPU is an AMD EPYC with AVX512 (torch dispatches its
-AVX512 kernels), and torch's `_weight_int4pack_mm_for_cpu` is fast only with bf16 activations: fp32 or fp16
-activations take a scalar path (2,061 / 1,260 µs for one 576->960 row, against 11 with bf16): likely what
-an earlier table, which found it 5-10x slower than fp32, timed. With AVX2 only (ATEN_CPU_CAPABILITY=avx2) every dtype
-takes the scalar path: `int4_kernel_available` refuses int4 there. µs per call, median (min-max) of 31
-alternating rounds, weights read from memory (copies beyond the 32 MB L3), 1 thread, the machine shared
-with other jobs (load 5-9 on 2 cores); "alone" is the kernel on ready activations, "compiled" is
-torch.compile of 4 linears in a row with their activation conversion, as in a compiled decode step:
-
-| linear | rows | `_int_mm` alone | int4pack alone | ratio | `_int_mm` compiled | int4pack compiled | ratio |
-|---|---|---|---|---|---|---|---|
-| qkv | 1 | 33 (26–509) | 22 (18–322) | 0.68× | 72 (49–2072) | 43 (37–721) | 0.60× |
-| qkv | 4 | 66 (43–820) | 32 (29–510) | 0.49× | 150 (98–2160) | 81 (58–2121) | 0.54× |
-| o | 1 | 24 (19–268) | 14 (12–209) | 0.57× | 43 (33–550) | 33 (26–444) | 0.77× |
-| o | 4 | 44 (31–724) | 20 (18–694) | 0.45× | 74 (56–753) | 39 (34–729) | 0.53× |
-| gate_up | 1 | 89 (72–650) | 58 (50–510) | 0.65× | 179 (154–2204) | 134 (106–2151) | 0.75× |
-| gate_up | 4 | 169 (144–1567) | 92 (85–2113) | 0.54× | 302 (182–2366) | 161 (136–2207) | 0.53× |
-| down | 1 | 45 (40–450) | 28 (27–483) | 0.62× | 94 (86–1124) | 55 (51–736) | 0.59× |
-| down | 4 | 95 (72–1008) | 50 (47–8109) | 0.52× | 173 (136–3142) | 83 (69–1594) | 0.48× |
-| lm_head | 1 | 1082 (805–9269) | 1054 (867–9165) | 0.97× | 2331 (2029–4340) | 3141 (2071–5197) | 1.35× |
-| lm_head | 4 | 7290 (3155–11493) | 1456 (1337–9540) | 0.20× | 8295 (6313–11302) | 4586 (2536–5646) | 0.55× |
-
-With 2 threads (one row, same machine, later): qkv int4pack 0.58x alone and 0.49x compiled; lm_head's
-medians were swamped by stalls of several ms on the loaded machine, its minima 0.83x in both.
-Relative error against fp32 on random weights: int8 1.0e-2; int4 7.7e-2, of which the 4-bit grid is all but
-1.7e-3 (bf16). On SmolLM2's Q4_1 file the grid is the file's own: int4 keeps its weights to 2e-3 (bf16
-scales; max 0.04 of a grid step), int8 moves them by 1e-2. Not used, measured in the same runs:
-- inductor's code for the same grid as plain torch ops (compiled: one vectorized reduction that reads the
-  packed bytes once per row, fp32 activations): 0.60-0.63x of compiled `_int_mm` for one row on the layer
-  shapes, like int4pack, but 1.45x on lm_head and 0.93-1.59x for four rows (it unpacks per row);
-- `_dyn_quant_matmul_4bit` (KleidiAI's op; a reference fallback on x86): 11-68x slower than `_int_mm`;
-- `_weight_int8pack_mm` (int8 weights, bf16 activations): 0.75-1.22x for one row, 0.25-0.49x for four;
-- torchao 0.18 (pip, no torch change): no x86 kernel of its own in the wheel; its CPU int4 layout calls
-  `_weight_int4pack_mm_for_cpu`.
-End to end (SmolLM2-135M Q4_1, eager engine, 1 thread, 32 greedy tokens, 5 alternating runs, shared
-machine): int4 30.9 tok/s (29.9-33.9) against int8 27.0 (25.8-31.2), 1.14x. lm_head stays int8 in int4
-mode (INT8_IN_INT4): one row of it is no faster in int4, and the kernel's bf16 output would round logits.
+4-bit runs on nanoseek's own kernel (engine/q4_kernel.py, csrc/q4_linear.cpp): the Q4_1 grid times int8
+activations with AVX512-VNNI dot products, as llama.cpp runs Q4 files. This CPU (an AMD EPYC) has AVX512
+and VNNI although AVX2 was all the project guide promised. What torch offers was measured first
+(benchmarks/int4_kernels.py) and left: `_weight_int4pack_mm_for_cpu` is fast only with bf16 activations
+(fp32 takes a scalar path) and, even then, bound by converting nibbles to bf16, so a compiled SmolLM2 token
+decoded only 0-5% faster than int8 although it reads half the bytes; torchao's x86 int4 layout calls the
+same kernel; inductor's code for the grid as plain torch ops was no faster; `_dyn_quant_matmul_4bit` is a
+reference fallback on x86. SmolLM2's 120 layer linears for one token, eager, 2 threads, weights from memory
+(medians of 15 alternating rounds): int8 `_int_mm` 5.98 ms, torch's int4 kernel 4.33, nanoseek's 3.01; for
+16 rows 13.8 / 13.6 / 10.0. A large matrix streams at 33 GB/s with 2 threads (19 with one).
+A Q4_1 file's 4-bit weights run unchanged (their fp16 scales and minimums are recovered exactly; SmolLM2:
+max difference 0). Rounding activations to int8 per block of 32 costs ~1e-2 relative error per linear on
+random data; on SmolLM2 over 300 tokens of text, int4 stays closer to the fp32 model of the file's weights
+than int8 does (mean KL 0.036 against 0.059). lm_head stays int8 in int4 mode (INT8_IN_INT4).
 
 Every mode is batch invariant: a request gets the same tokens alone or in any batch.
 """

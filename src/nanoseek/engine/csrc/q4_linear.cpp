@@ -148,8 +148,10 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_
   return y;
 }
 
+// Symbolic sizes: torch.compile traces the decode step once for any number of rows (a concrete size(0)
+// here would specialize the graph on it, and each new batch size would compile again).
 at::Tensor q4_linear_meta(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
-  return at::empty({x.size(0), out_features}, x.options());
+  return at::empty_symint({x.sym_size(0), c10::SymInt(out_features)}, x.options());
 }
 
 bool q4_supported() { return cpu_has_vnni(); }
