@@ -3,6 +3,9 @@ prefix caching, seeds, abort, a full cache, preemption, stops and bad input."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -407,6 +410,19 @@ def test_int4_linear_compiles():
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
     finally:
         torch._dynamo.reset()
+
+
+def test_int4_kernel_without_a_compiler_says_why(monkeypatch, tmp_path):
+    from nanoseek.engine import q4_kernel
+
+    if not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"):
+        pytest.skip("the kernel is built on x86-64 Linux only")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    reason = q4_kernel.build_and_load(tmp_path / "q4.so")
+    assert reason.startswith("the 4-bit kernel could not be built or loaded") and "no-such-compiler" in reason
+    monkeypatch.setenv("CXX", "false")  # a compiler that fails
+    assert "could not be built" in q4_kernel.build_and_load(tmp_path / "q4.so")
+    assert list(tmp_path.iterdir()) == []  # no half-written library left behind
 
 
 def test_int4_needs_its_kernel_and_a_group_sized_input(monkeypatch):

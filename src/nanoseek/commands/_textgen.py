@@ -55,12 +55,17 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     return model, tokenizer
 
 
+FLOAT_TYPES = {"F32", "F16", "BF16"}
+FOUR_BIT_TYPES = {"Q4_0", "Q4_1", "Q4_K"}  # 4-bit blocks of 32 that int4's grid holds (Q4_1, Q4_K: exactly)
+
+
 def run_format(choice: str, path, device: str | None) -> str:
-    """The weights' run format for --quant. "auto" picks int8 for a quantized GGUF file on the CPU (its
-    weights are 4-8 bits already; int8 keeps them close and decodes ~3x faster than fp32), else none. Not
-    int4, even for a Q4 file on an AVX512 CPU: on SmolLM2 Q4_1 it decoded one stream 1.12x faster than int8
-    eager (1.00x compiled) but prefilled 2x slower and served 16-64 streams 1.2-1.4x slower
-    (benchmarks/RESULTS.md, Decode)."""
+    """The weights' run format for --quant. "auto", on the CPU, for a quantized GGUF file: int4 when every
+    quantized weight of its layers is 4-bit (Q4_0/Q4_1/Q4_K) and nanoseek's 4-bit kernel runs here, so the
+    file's own weights run; else int8 (4-8 bit weights kept close, ~3x faster than fp32). Anything else
+    runs unquantized. On SmolLM2 Q4_1 against int8 (eager and compiled; benchmarks/RESULTS.md, Decode), int4
+    decoded one stream 1.16-1.26x as fast, prefilled 0.82-1.01x, served 16 streams 0.98-1.04x, 64 streams
+    0.71-0.93x, and its logits stayed closer to the file's model."""
     import torch
 
     device_type = torch.device(device).type if device else "cpu"
@@ -70,7 +75,11 @@ def run_format(choice: str, path, device: str | None) -> str:
         return choice
     if device_type != "cpu" or not str(path).lower().endswith(".gguf"):
         return "none"
+    from nanoseek.engine.quant import int4_kernel_available
     from nanoseek.weights.gguf import open_gguf
 
-    qtypes = {info.qtype.name for info in open_gguf(path).tensors.values()}
-    return "int8" if qtypes - {"F32", "F16", "BF16"} else "none"
+    qtypes = {name: info.qtype.name for name, info in open_gguf(path).tensors.items()}
+    layer_types = {t for name, t in qtypes.items() if name.startswith("blk.") and t not in FLOAT_TYPES}
+    if layer_types and layer_types <= FOUR_BIT_TYPES and int4_kernel_available():
+        return "int4"
+    return "int8" if set(qtypes.values()) - FLOAT_TYPES else "none"

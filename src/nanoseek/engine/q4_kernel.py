@@ -64,12 +64,11 @@ def _compile(target: Path) -> None:
             os.unlink(tmp)
 
 
-@functools.cache
-def _load() -> str | None:
-    """None when the kernel is loaded and this CPU runs it, else the reason it is not available."""
+def build_and_load(target: Path) -> str | None:
+    """Compile the kernel into `target` unless it is there, and load it. None when the CPU can run it, else
+    the reason it cannot be used."""
     if not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"):
         return "the 4-bit kernel is built for x86-64 Linux"
-    target = _library_path()
     try:
         if not target.exists():
             _compile(target)
@@ -79,6 +78,11 @@ def _load() -> str | None:
     if not torch.ops.nanoseek.q4_supported():
         return "this CPU lacks AVX512-VNNI, which the 4-bit kernel needs"
     return None
+
+
+@functools.cache
+def _load() -> str | None:
+    return build_and_load(_library_path())
 
 
 def unavailable_reason() -> str | None:
