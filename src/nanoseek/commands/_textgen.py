@@ -15,8 +15,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quant", default="auto", choices=["auto", "none", "int8", "int4", "fp16"],
         help="weights' run format on the CPU: int8 or fp16 (packed, 2-3x faster decoding than fp32), int4 "
-        "(4-bit groups of 32 as GGUF Q4_1, AVX512 CPUs only), none (fp32); auto (default): int8 for quantized "
-        "GGUF files, none otherwise",
+        "(4-bit groups of 32 as GGUF Q4_1, CPUs with AVX512-VNNI), none (fp32); auto (default): int4 for a Q4_1 "
+        "GGUF file where int4 runs, int8 for other quantized GGUF files, none otherwise",
     )  # fmt: skip
     p.add_argument(
         "--compile", action="store_true",
@@ -56,13 +56,15 @@ def load_model_and_tokenizer(args: argparse.Namespace):
 
 
 FLOAT_TYPES = {"F32", "F16", "BF16"}
-FOUR_BIT_TYPES = {"Q4_0", "Q4_1", "Q4_K"}  # 4-bit blocks of 32 that int4's grid holds (Q4_1, Q4_K: exactly)
+# Files whose 4-bit weights int4's grid holds exactly. Q4_0 and Q4_K blocks need not span q = 0..15, and
+# the grid is recovered from each block's minimum and maximum, so int4 would round them once more.
+FOUR_BIT_TYPES = {"Q4_1"}
 
 
 def run_format(choice: str, path, device: str | None) -> str:
     """The weights' run format for --quant. "auto", on the CPU, for a quantized GGUF file: int4 when every
-    quantized weight of its layers is 4-bit (Q4_0/Q4_1/Q4_K) and nanoseek's 4-bit kernel runs here, so the
-    file's own weights run; else int8 (4-8 bit weights kept close, ~3x faster than fp32). Anything else
+    quantized weight of its layers is Q4_1 and nanoseek's 4-bit kernel runs here, so the file's own weights
+    run; else int8 (4-8 bit weights kept close, ~3x faster than fp32). Anything else
     runs unquantized. On SmolLM2 Q4_1 against int8 (eager and compiled; benchmarks/RESULTS.md, Decode), int4
     decoded one stream 1.16-1.26x as fast, prefilled 0.82-1.01x, served 16 streams 0.98-1.04x, 64 streams
     0.71-0.93x, and its logits stayed closer to the file's model."""
