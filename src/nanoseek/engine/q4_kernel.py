@@ -6,7 +6,7 @@ converts every nibble to bf16 and is bound by that arithmetic, so it reads half 
 0-5% faster than int8 (issue 11's profile); torchao's x86 int4 layout calls the same kernel. Here one
 vpdpbusd multiplies 64 nibbles by 64 int8 activations, and a token reads 5 bits per weight.
 
-The C++ file is compiled once per (source, torch and Python version) into the cache
+The C++ file is compiled once per (source, torch installation, Python version) into the cache
 (`$NANOSEEK_CACHE/kernels`; 5 s with g++, which torch.compile on CPU needs as well) and loaded with
 `torch.ops.load_library`. Where it cannot be built or the CPU lacks AVX512-VNNI, `unavailable_reason()`
 says why, and int4 is refused with that reason (int8 runs everywhere).
@@ -33,7 +33,9 @@ PANEL_BYTES = 320  # per (panel, block): 256 bytes of nibbles, 16 fp16 scales, 1
 
 
 def _library_path() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    # the torch it is built against: its version and where it lives (the library links to its libc10)
+    built_against = f"{torch.__version__} {Path(torch.__file__).parent} {sys.version}".encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + built_against).hexdigest()[:16]
     return default_cache_dir() / "kernels" / f"q4_linear-{key}.so"
 
 
