@@ -46,8 +46,8 @@ bool cpu_has_vnni() {
 #endif
 }
 
-// x [rows, k] fp32 -> q (int8, per block of 32: round(x / d) with d = max|x| / 127), d, and the block's
-// exact sum of x (which multiplies m: sum_k (d_w q_k + m) x_k = d_w sum_k q_k x_k + m sum_k x_k).
+// x [rows, k] fp32 -> q (int8, per block of 32: round(x * 127 / max|x|), ties to even), d = max|x| / 127,
+// and the block's exact sum of x, which multiplies m: sum_k (d_w q_k + m) x_k = d_w sum_k q_k x_k + m sum_k x_k.
 void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, float* d, float* sum) {
   const int64_t blocks = k / kBlock;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
