@@ -16,7 +16,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--quant", default="auto", choices=["auto", "none", "int8", "int4", "fp16"],
         help="weights' run format on the CPU: int8 or fp16 (packed, 2-3x faster decoding than fp32), int4 "
         "(4-bit groups of 32 as GGUF Q4_1, CPUs with AVX512-VNNI), none (fp32); auto (default): for a quantized "
-        "GGUF file int8, or int4 for a Q4_1 file in generate and chat where int4 runs; none otherwise",
+        "GGUF file int8, or int4 for a Q4_0/Q4_1 file in generate and chat where int4 runs; none otherwise",
     )  # fmt: skip
     p.add_argument(
         "--compile", action="store_true",
@@ -57,15 +57,15 @@ def load_model_and_tokenizer(args: argparse.Namespace, batched: bool = False):
 
 
 FLOAT_TYPES = {"F32", "F16", "BF16"}
-# Files whose 4-bit weights int4's grid holds exactly. Q4_0 and Q4_K blocks need not span q = 0..15, and
-# the grid is recovered from each block's minimum and maximum, so int4 would round them once more.
-FOUR_BIT_TYPES = {"Q4_1"}
+# Files whose 4-bit weights int4's grid holds exactly (engine/quant.int4_grid). Q4_K's scales are products
+# of a 6-bit integer and an fp16 value, which fp16 does not always hold: int4 would round them once more.
+FOUR_BIT_TYPES = {"Q4_0", "Q4_1"}
 
 
 def run_format(choice: str, path, device: str | None, batched: bool = False) -> str:
     """The weights' run format for --quant. "auto", on the CPU, for a quantized GGUF file: int4 for a
     command that decodes one stream (generate, chat) when every quantized weight of the file's layers is
-    Q4_1 and nanoseek's 4-bit kernel runs here, so the file's own weights run; else int8 (4-8 bit weights
+    Q4_0 or Q4_1 and nanoseek's 4-bit kernel runs here, so the file's own weights run; else int8 (4-8 bit weights
     kept close, ~3x faster than fp32). Anything else runs unquantized. On SmolLM2 Q4_1 against int8 (eager
     and compiled; benchmarks/RESULTS.md, Decode), int4 decoded one stream 1.16-1.26x as fast and its logits
     stayed closer to the file's model, but at 64 or more rows a step (64 streams, prefill chunks) its kernel

@@ -21,8 +21,8 @@ same kernel; inductor's code for the grid as plain torch ops was no faster; `_dy
 reference fallback on x86. SmolLM2's 120 layer linears for one token, eager, 2 threads, weights from memory
 (medians of 15 alternating rounds): int8 `_int_mm` 5.98 ms, torch's int4 kernel 4.33, nanoseek's 3.01; for
 16 rows 13.8 / 13.6 / 10.0. A large matrix streams at 33 GB/s with 2 threads (19 with one).
-A Q4_1 file's 4-bit weights run unchanged (their fp16 scales and minimums are recovered exactly; SmolLM2:
-max difference 0). Rounding activations to int8 per block of 32 costs ~1e-2 relative error per linear on
+A Q4_0 or Q4_1 file's 4-bit weights run unchanged (`int4_grid` recovers their fp16 scales exactly; SmolLM2's
+Q4_1: max difference 0). Rounding activations to int8 per block of 32 costs ~1e-2 relative error per linear on
 random data; on SmolLM2 over 300 tokens of text, int4 stays closer to the fp32 model of the file's weights
 than int8 does (mean KL 0.036 against 0.059). lm_head stays int8 in int4 mode (INT8_IN_INT4).
 
@@ -69,14 +69,32 @@ class Int8Linear(nn.Module):
 INT4_GROUP = 32
 
 
+def _fit_grid(groups: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+    """q for the fp16 grid (d, m) of each group, and the group's largest |d * q + m - w|."""
+    safe_d = torch.where(d == 0, torch.ones_like(d), d).float()[..., None]
+    q = torch.round((groups - m.float()[..., None]) / safe_d).clamp(0, 15)
+    error = (q * d.float()[..., None] + m.float()[..., None] - groups).abs().amax(-1)
+    return q, error
+
+
 def int4_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GGUF Q4_1's grid: per group of 32 inputs, w ~ d * q + m with q in 0..15, d = (max - min) / 15 and
-    m = min, both fp16 as Q4_1 stores them. A Q4_1 file's dequantized weights come back exactly. Returns q
-    [out, in] uint8, d and m [out, in / 32] fp16; q is rounded against the fp16 d and m."""
+    """4-bit weights in groups of 32 inputs: w ~ d * q + m with q in 0..15 and an fp16 d and m per group
+    (GGUF Q4_1's grid). Each group takes the better (by largest error) of two fits:
+    - Q4_1's own: m = min, d = (max - min) / 15 (a Q4_1 file's weights come back exactly);
+    - Q4_0's: w = d * (q - 8) with the largest-magnitude weight at q = 0, so d = -that weight / 8 and
+      m = -8 d (a Q4_0 file's weights come back exactly; its groups need not span q = 0..15).
+    Returns q [out, in] uint8, d and m [out, in / 32] fp16; q is rounded against the fp16 d and m."""
     groups = weight.detach().float().view(weight.shape[0], -1, INT4_GROUP)
-    m = groups.amin(-1).half()
-    d = ((groups.amax(-1) - m.float()) / 15).half()
-    q = torch.round((groups - m.float()[..., None]) / d.float().clamp(min=1e-12)[..., None]).clamp(0, 15)
+    m1 = groups.amin(-1).half()
+    d1 = ((groups.amax(-1) - m1.float()) / 15).half()
+    q1, error1 = _fit_grid(groups, d1, m1)
+    extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))[..., 0]
+    d0 = (-extreme / 8).half()
+    m0 = -8 * d0  # exact in fp16
+    q0, error0 = _fit_grid(groups, d0, m0)
+    q4_0 = error0 < error1
+    q = torch.where(q4_0[..., None], q0, q1)
+    d, m = torch.where(q4_0, d0, d1), torch.where(q4_0, m0, m1)
     return q.view(weight.shape).to(torch.uint8), d, m
 
 
