@@ -47,9 +47,12 @@ def test_serve_benchmark_quick(tmp_path, capsys, monkeypatch):
     for _server, c, completed, failed, *figures in table:
         done, sent = map(int, completed.split("/"))
         assert (done, sent) == (int(c), int(c)) and failed == "—", (completed, failed)
-        for cell in figures:
+        for column, cell in enumerate(figures):
             values = _numbers(cell)
-            assert len(values) == 3 and all(math.isfinite(v) and v > 0 for v in values), cell
+            # times (TTFT, its p90, TPOT) may print as 0.0 ms: on a busy machine the client can read a
+            # tiny model's remaining chunks in one go, so a stream's time per output token is ~0; rates may not
+            floor_ok = (lambda v: v >= 0) if column < 3 else (lambda v: v > 0)
+            assert len(values) == 3 and all(math.isfinite(v) and floor_ok(v) for v in values), cell
             median, lo, hi = values
             assert lo <= median <= hi
 

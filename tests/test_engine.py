@@ -332,13 +332,20 @@ def test_int4_logits_match_the_dequantized_model_and_are_batch_invariant(family)
     # 4-bit weights themselves move these random models' logits by up to ~30% of the largest
     assert (got - fp32).abs().max() <= 0.5 * fp32.abs().max()
     assert (got[1:] - alone).abs().max() <= 1e-5 * ref.abs().max()  # attention's batched math, not int4's
-    # A fresh engine for each lone run: on a shared one the lone run would find its prompt in the prefix
-    # cache and compute its last prompt token alone, not in a prefill chunk, which rounds attention's sums
-    # differently in the last bit. Rounding activations to int8 in blocks of 32 turned such a bit into
-    # another token on this random llama (measured); that is attention's doing, not the int4 kernel's.
+    # The engine: each batched request follows its lone run (a fresh engine each: no prefix-cache hits)
+    # until, if ever, a near tie. Batched decode attention reduces a padded history in another order than a
+    # lone row does (differences in the last bit), and rounding activations to int8 in blocks of 32 can
+    # turn such a bit into a different token where the top two are within hundredths of a nat (measured on
+    # this random llama: 0.011). A kernel whose rows depended on each other would diverge without a tie.
+    params = SamplingParams(temperature=0, max_tokens=10, logprobs=2)
     engine = lambda: Engine(model, EngineConfig(block_size=4), eos_ids=[])  # noqa: E731
-    batch = engine().generate(PROMPTS, GREEDY)
-    assert [c.token_ids for c in batch] == [engine().generate([p], GREEDY)[0].token_ids for p in PROMPTS]
+    for batched, prompt in zip(engine().generate(PROMPTS, params), PROMPTS):
+        alone = engine().generate([prompt], params)[0]
+        assert len(batched.token_ids) == len(alone.token_ids) == 10
+        diverged = [j for j, (a, b) in enumerate(zip(alone.token_ids, batched.token_ids)) if a != b]
+        if diverged:
+            top2 = sorted(alone.logprobs[diverged[0]]["top"].values(), reverse=True)
+            assert top2[0] - top2[1] < 0.05, (prompt, diverged[0], alone.logprobs[diverged[0]])
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])

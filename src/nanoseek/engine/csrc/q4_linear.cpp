@@ -21,7 +21,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -47,28 +46,33 @@ bool cpu_has_vnni() {
 }
 
 // x [rows, k] fp32 -> q (int8, per block of 32: round(x * 127 / max|x|), ties to even), d = max|x| / 127,
-// and the block's exact sum of x, which multiplies m: sum_k (d_w q_k + m) x_k = d_w sum_k q_k x_k + m sum_k x_k.
+// and the block's sum of x, which multiplies m: sum_k (d_w q_k + m) x_k = d_w sum_k q_k x_k + m sum_k x_k.
+// Vectorized: for one decoding row this runs on one thread while the others wait, in every linear.
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512bw"))) void quantize_row(const float* x, int64_t k, int8_t* q, float* d,
+                                                               float* sum) {
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    const float* xb = x + b * kBlock;
+    const __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    const __m512 scale = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    // the default rounding mode (MXCSR): to nearest, ties to even
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock),
+                     _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, scale))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock + 16),
+                     _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, scale))));
+    d[b] = amax / 127.f;
+    sum[b] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+  }
+}
+
 void quantize_rows(const float* x, int64_t rows, int64_t k, int8_t* q, float* d, float* sum) {
   const int64_t blocks = k / kBlock;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        const float* xb = x + i * k + b * kBlock;
-        float amax = 0.f, s = 0.f;
-        for (int64_t e = 0; e < kBlock; ++e) {
-          amax = std::max(amax, std::fabs(xb[e]));
-          s += xb[e];
-        }
-        const float scale = amax / 127.f;
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        int8_t* qb = q + i * k + b * kBlock;
-        for (int64_t e = 0; e < kBlock; ++e) qb[e] = static_cast<int8_t>(std::nearbyint(xb[e] * inv));
-        d[i * blocks + b] = scale;
-        sum[i * blocks + b] = s;
-      }
-    }
+    for (int64_t i = begin; i < end; ++i) quantize_row(x + i * k, k, q + i * k, d + i * blocks, sum + i * blocks);
   });
 }
+#endif
 
 #if defined(__x86_64__)
 // y[rows, n] for panels [p_begin, p_end): for each panel, tiles of up to 4 activation rows share each
@@ -131,15 +135,14 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_
   const at::Tensor pc = packed.contiguous();
   at::Tensor y = at::empty({rows, out_features}, x.options());
   if (rows == 0) return y;
-  at::Tensor xq = at::empty({rows, k}, x.options().dtype(at::kChar));
-  at::Tensor xd = at::empty({rows, blocks}, x.options());
-  at::Tensor xs = at::empty({rows, blocks}, x.options());
-  quantize_rows(xc.data_ptr<float>(), rows, k, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), xs.data_ptr<float>());
 #if defined(__x86_64__)
+  // one workspace for the quantized activations: their scales and sums (fp32), then the int8 values
+  at::Tensor work = at::empty({rows * blocks * 2 * 4 + rows * k}, x.options().dtype(at::kByte));
+  float* d = reinterpret_cast<float*>(work.data_ptr<uint8_t>());
+  float* s = d + rows * blocks;
+  int8_t* q = reinterpret_cast<int8_t*>(s + rows * blocks);
+  quantize_rows(xc.data_ptr<float>(), rows, k, q, d, s);
   const uint8_t* w = pc.data_ptr<uint8_t>();
-  const int8_t* q = xq.data_ptr<int8_t>();
-  const float* d = xd.data_ptr<float>();
-  const float* s = xs.data_ptr<float>();
   float* out = y.data_ptr<float>();
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     q4_panels(w, q, d, s, out, rows, k, out_features, begin, end);
