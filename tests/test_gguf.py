@@ -227,14 +227,13 @@ def test_gguf_file_close_unmaps_and_refuses_live_views(tmp_path):
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_1"])
 def test_auto_run_format_keeps_a_4_bit_file_in_4_bits(qtype, tmp_path, monkeypatch):
-    """--quant auto: a Q4_0 or Q4_1 file decodes one stream as int4 where the kernel runs (its own weights),
-    as int8 elsewhere and in batched commands; 5-8 bit files run as int8."""
+    """--quant auto: a Q4_0 or Q4_1 file runs as int4 where the kernel runs (its own weights), as int8
+    elsewhere; 5-8 bit files run as int8."""
     from nanoseek.commands._textgen import run_format
     from nanoseek.engine import quant
 
     path = write_gguf(tmp_path / f"tiny-{qtype}.gguf", _tiny("llama"), "llama", qtype=qtype)
     four_bit = qtype in ("Q4_0", "Q4_1")
     assert run_format("auto", path, None) == ("int4" if four_bit and quant.int4_kernel_available() else "int8")
-    assert run_format("auto", path, None, batched=True) == "int8"  # serve, eval: int8's kernel wins at 64+ rows
     monkeypatch.setattr(quant, "int4_kernel_available", lambda: False)
     assert run_format("auto", path, "cpu") == "int8"

@@ -28,9 +28,9 @@ server took 300-930 ms per token against 17-30 ms with one thread (measured here
 --threads 1 there. Peak RSS of each server process is printed.
 
 Agreement: at concurrency 1 both servers' greedy outputs for the same prompt are compared (longest common
-prefix, in tokens of the GGUF's tokenizer). Exact equality is not expected: nanoseek runs a quantized GGUF
-as int8 (`--quant auto`) while llama.cpp runs the GGUF's own Q4_1 kernels. Each server must give the same
-text in every round (determinism), or the report says so.
+prefix, in tokens of the GGUF's tokenizer). Exact equality is not expected: nanoseek runs a Q4_1 GGUF as
+int4 (`--quant auto`; int8 activations in blocks of 32 on its own kernel) while llama.cpp runs its own Q4_1
+kernels. Each server must give the same text in every round (determinism), or the report says so.
 
 llama.cpp is optional: `pip install -e '.[bench]'` (llama-cpp-python with its server extra).
 """
@@ -387,7 +387,7 @@ def parse_args(argv):
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens every stream generates")
     ap.add_argument("--prompt-words", type=int, default=40, help="words in each prompt (~1.2 tokens a word)")
     ap.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4", "fp16"],
-                    help="nanoseek serve --quant (auto: int8 for a quantized GGUF)")  # fmt: skip
+                    help="nanoseek serve --quant (auto: int4 for a Q4_0/Q4_1 GGUF, int8 for others)")  # fmt: skip
     ap.add_argument("--request-timeout", type=float, default=300.0, help="seconds one stream may take in all")
     ap.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to start")
     ap.add_argument("--quick", action="store_true",

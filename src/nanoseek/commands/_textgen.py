@@ -15,8 +15,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quant", default="auto", choices=["auto", "none", "int8", "int4", "fp16"],
         help="weights' run format on the CPU: int8 or fp16 (packed, 2-3x faster decoding than fp32), int4 "
-        "(4-bit groups of 32 as GGUF Q4_1, CPUs with AVX512-VNNI), none (fp32); auto (default): for a quantized "
-        "GGUF file int8, or int4 for a Q4_0/Q4_1 file in generate and chat where int4 runs; none otherwise",
+        "(4-bit groups of 32 as GGUF Q4_1, CPUs with AVX512-VNNI), none (fp32); auto (default): int4 for a Q4_0/Q4_1 "
+        "GGUF file where int4 runs, int8 for other quantized GGUF files, none otherwise",
     )  # fmt: skip
     p.add_argument(
         "--compile", action="store_true",
@@ -41,15 +41,14 @@ def sampling_params(args: argparse.Namespace):
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
 
 
-def load_model_and_tokenizer(args: argparse.Namespace, batched: bool = False):
-    """`batched`: the command runs many streams or prompts at once (serve, eval); see `run_format`."""
+def load_model_and_tokenizer(args: argparse.Namespace):
     import nanoseek
     from nanoseek.assets import resolve_model
 
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     path = resolve_model(args.model, args.cache_dir, log=log)
     tokenizer = nanoseek.load_tokenizer(path)  # first: a folder without a tokenizer fails before the weights load
-    quant = run_format(args.quant, path, args.device, batched)
+    quant = run_format(args.quant, path, args.device)
     model = nanoseek.load(path, dtype=args.dtype, device=args.device, quant=quant)
     if quant != "none":
         log(f"weights run as {quant}")
@@ -62,15 +61,13 @@ FLOAT_TYPES = {"F32", "F16", "BF16"}
 FOUR_BIT_TYPES = {"Q4_0", "Q4_1"}
 
 
-def run_format(choice: str, path, device: str | None, batched: bool = False) -> str:
-    """The weights' run format for --quant. "auto", on the CPU, for a quantized GGUF file: int4 for a
-    command that decodes one stream (generate, chat) when every quantized weight of the file's layers is
-    Q4_0 or Q4_1 and nanoseek's 4-bit kernel runs here, so the file's own weights run; else int8 (4-8 bit weights
-    kept close, ~3x faster than fp32). Anything else runs unquantized. On SmolLM2 Q4_1 against int8 (eager
-    and compiled; benchmarks/RESULTS.md, Decode), int4 decoded one stream 1.16-1.26x as fast and its logits
-    stayed closer to the file's model, but at 64 or more rows a step (64 streams, prefill chunks) its kernel
-    takes up to 1.5x int8's time (benchmarks/int4_kernels.py --rows 64 256), so batched commands (serve,
-    eval) keep int8: 64 streams ran 0.71-0.93x as fast in int4, prefill 0.82-1.01x."""
+def run_format(choice: str, path, device: str | None) -> str:
+    """The weights' run format for --quant. "auto", on the CPU, for a quantized GGUF file: int4 when every
+    quantized weight of the file's layers is Q4_0 or Q4_1 and nanoseek's 4-bit kernel runs here, so the
+    file's own weights run; else int8 (4-8 bit weights kept close, ~3x faster than fp32). Anything else
+    runs unquantized. On SmolLM2 Q4_1 (benchmarks/RESULTS.md, Decode, 07:55 run), int4 against int8:
+    one stream 1.20-1.38x as fast, prefill 0.98-1.16x, 64 streams 1.02-1.08x, eager and compiled; and its
+    logits stay closer to the file's model."""
     import torch
 
     device_type = torch.device(device).type if device else "cpu"
@@ -85,6 +82,6 @@ def run_format(choice: str, path, device: str | None, batched: bool = False) -> 
 
     qtypes = {name: info.qtype.name for name, info in open_gguf(path).tensors.items()}
     layer_types = {t for name, t in qtypes.items() if name.startswith("blk.") and t not in FLOAT_TYPES}
-    if not batched and layer_types and layer_types <= FOUR_BIT_TYPES and int4_kernel_available():
+    if layer_types and layer_types <= FOUR_BIT_TYPES and int4_kernel_available():
         return "int4"
     return "int8" if set(qtypes.values()) - FLOAT_TYPES else "none"

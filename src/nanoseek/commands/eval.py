@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     for spec in specs:  # bad specs fail before the model loads
         parse_spec(spec)
     ks = args.k or sorted({1, args.samples})
-    model, tok = load_model_and_tokenizer(args, batched=True)
+    model, tok = load_model_and_tokenizer(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EvalWarning)
         results = evaluate(

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.serve.app import create_app
     from nanoseek.serve.serving import make_server
 
-    model, tok = load_model_and_tokenizer(args, batched=True)
+    model, tok = load_model_and_tokenizer(args)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, compile=args.compile)
     server = make_server(model, tok, served_name(args), config)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
