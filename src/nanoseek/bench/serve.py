@@ -575,7 +575,8 @@ def report_agreement(model: Path, texts: dict[str, list[str]], labels: list[str]
         result[peer] = {"tokens": n, "of": min(len(ours), len(theirs)), "chars": chars}
         print(
             f"  nanoseek vs {peer}: first {n} of {min(len(ours), len(theirs))} tokens equal ({chars} characters); "
-            "not expected to be equal: nanoseek runs the weights as int8 (--quant auto), llama.cpp as Q4_1"
+            "not expected to be equal: nanoseek runs its --quant format (auto: int4 for a Q4_0/Q4_1 GGUF, with int8 "
+            "activations), llama.cpp its own Q4_1 kernels"
         )
     if all(result[f"{lab} stable"] for lab in labels):
         print("  every server gave the same output in every round")
