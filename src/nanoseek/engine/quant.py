@@ -107,15 +107,18 @@ def int4_dequantize(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.
     return groups.view(q.shape)
 
 
-def int4_unavailable_reason() -> str | None:
-    """Why int4 cannot run on this machine (None when it can): it needs nanoseek's AVX512-VNNI kernel."""
+def int4_kernel_available() -> bool:
     from nanoseek.engine import q4_kernel
 
-    return q4_kernel.unavailable_reason()
+    return q4_kernel.available()
 
 
-def int4_kernel_available() -> bool:
-    return int4_unavailable_reason() is None
+def require_int4_kernel() -> None:
+    """A ValueError saying why int4 cannot run on this machine: it needs nanoseek's AVX512-VNNI kernel."""
+    from nanoseek.engine import q4_kernel
+
+    if reason := q4_kernel.unavailable_reason():
+        raise ValueError(f"int4 weights cannot run here: {reason}; use int8")
 
 
 class Int4Linear(nn.Module):
@@ -130,8 +133,7 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
         if self.in_features % INT4_GROUP:
             raise ValueError(f"int4 weights need the input size divisible by {INT4_GROUP}, got {self.in_features}")
-        if reason := q4_kernel.unavailable_reason():
-            raise ValueError(f"int4 weights cannot run here: {reason}; use int8")
+        require_int4_kernel()
         self.register_buffer("packed", q4_kernel.pack(*int4_grid(weight)))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
@@ -224,8 +226,8 @@ def packed_linear(mode: str, name: str = ""):
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "fp16" and "fbgemm" not in torch.backends.quantized.supported_engines:
         raise ValueError("fp16 weights need fbgemm (x86 CPUs); use int8")
-    if mode == "int4" and (reason := int4_unavailable_reason()):
-        raise ValueError(f"int4 weights cannot run here: {reason}; use int8")
+    if mode == "int4":
+        require_int4_kernel()
     if mode == "int4" and name in INT8_IN_INT4:
         return Int8Linear
     return {"int8": Int8Linear, "int4": int4_or_int8, "fp16": Fp16Linear}[mode]
