@@ -59,3 +59,45 @@ def test_the_check_sees_lazy_relative_and_from_imports(tmp_path):
         "bad.py:4 imports nanoseek.train.data",
         "bad.py:5 imports nanoseek.engine",
     ]
+
+
+# Loading a model and generating with it, eagerly, in a fresh interpreter: which heavy modules come along
+_LOAD_AND_GENERATE = """
+import sys
+import torch
+import nanoseek
+from nanoseek.config import from_name
+from nanoseek.engine.engine import Engine, EngineConfig
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+from nanoseek.model.dense import DenseConfig, DenseForCausalLM
+from nanoseek.weights.hf_folder import save_pretrained
+
+folder = sys.argv[1]
+dense = DenseConfig("llama", num_hidden_layers=2, vocab_size=256, hidden_size=64, intermediate_size=96,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=96)
+save_pretrained(DenseForCausalLM(dense), folder + "/llama")
+save_pretrained(DeepseekV3ForCausalLM(from_name("test-tiny")), folder + "/deepseek")
+assert "torch._dynamo" not in sys.modules, "building and saving imported it"
+for name in ("llama", "deepseek"):
+    for quant in (None, "int8"):
+        model = nanoseek.load(folder + "/" + name, quant=quant)
+        engine = Engine(model, EngineConfig(num_blocks=32), eos_ids=[])
+        assert len(engine.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4))[0].token_ids) == 4
+        assert "torch._dynamo" not in sys.modules, f"{name} {quant} imported it"
+print("ok")
+"""
+
+
+def test_loading_and_eager_generation_leave_torch_compile_unimported(tmp_path):
+    """torch._dynamo (what torch.compile needs) costs ~70 MB of RSS and ~1.7 s to import: a process that never
+    compiles must not pay it (it came in through nn.Embedding's init on the meta device, torch.cat of meta
+    tensors and a `torch.compiler.disable` decorator)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _LOAD_AND_GENERATE, str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -188,6 +188,8 @@ def _concat_linears(linears: list[nn.Linear]) -> nn.Linear:
     out_features = sum(m.out_features for m in linears)
     w = first.weight  # on the meta device (packing while loading) nothing is allocated
     fused = nn.Linear(first.in_features, out_features, bias=first.bias is not None, device=w.device, dtype=w.dtype)
+    if w.is_meta:  # nothing to copy (and torch.cat on meta tensors imports torch._dynamo: ~70 MB of RSS)
+        return fused
     with torch.no_grad():
         fused.weight.copy_(torch.cat([m.weight for m in linears]))
         if first.bias is not None:

@@ -127,6 +127,9 @@ class CompiledDecode:
     guards keep apart (layer 0's dense MLP and layer 1's MoE share `forward`'s code): it keeps them."""
 
     def __init__(self, model, device: torch.device):
+        from nanoseek.model.moe import experts_outside_graph
+
+        experts_outside_graph()  # routed experts run eagerly, between graphs (built before tracing)
         self.model = model
         self.key = f"{_model_key(model)}:{getattr(model, 'quantization', None)}"
         self.options = _wrapper_options(device)

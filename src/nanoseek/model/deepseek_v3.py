@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import DeepseekV3Config
+from nanoseek.model.embedding import token_embedding
 from nanoseek.model.loss import IGNORE_INDEX, LossOutput, linear_cross_entropy
 from nanoseek.model.mla import MultiHeadLatentAttention
 from nanoseek.model.moe import DeepseekMoE, GroupedExperts, Router, SwiGLU
@@ -63,7 +64,7 @@ class DeepseekV3Backbone(nn.Module):
 
     def __init__(self, cfg: DeepseekV3Config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = token_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

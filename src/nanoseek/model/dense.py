@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.model.embedding import token_embedding
 from nanoseek.model.loss import IGNORE_INDEX, LossOutput, linear_cross_entropy
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.packing import document_causal_mask
@@ -382,7 +383,7 @@ class DenseDecoderLayer(nn.Module):
 class DenseModel(nn.Module):
     def __init__(self, cfg: DenseConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = token_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DenseDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.norm_offset)
 

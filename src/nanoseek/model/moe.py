@@ -90,11 +90,25 @@ class Router(nn.Module):
 EXPERTS_BACKENDS = ("auto", "grouped_mm", "padded_bmm")
 
 
+def experts_outside_graph():
+    """GroupedExperts' computation under `torch.compiler.disable`: always eager, also inside a compiled caller
+    (the token counts per expert are data-dependent and, on CPU, the fake-tensor check of torch._grouped_mm
+    demands bf16). Built on first use rather than by decorating the method, because `torch.compiler.disable`
+    imports torch._dynamo, and importing this module (every model load) would then cost ~70 MB of RSS and
+    ~1.7 s for processes that never compile. Call it before compiling a model with experts: built while
+    tracing, it costs an extra graph break once."""
+    if GroupedExperts.eager_forward is None:
+        GroupedExperts.eager_forward = torch.compiler.disable(GroupedExperts._forward)
+    return GroupedExperts.eager_forward
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as 3D tensors (transformers v5 layout: gate_up_proj [E, 2F, d],
     down_proj [E, d, F]); HF per-expert names are produced by the state-dict adapter.
 
     backend: one of EXPERTS_BACKENDS, per module (set_experts_backend changes it on a whole model)."""
+
+    eager_forward = None  # what a compiled caller runs: see experts_outside_graph
 
     def __init__(self, n_experts: int, d: int, f: int, backend: str = "auto"):
         super().__init__()
@@ -103,13 +117,15 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * f, d))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d, f))
 
-    # Always eager, also inside a compiled caller (the engine's compiled decode): the token counts per expert
-    # are data-dependent and, on CPU, the fake-tensor check of torch._grouped_mm demands bf16.
-    @torch.compiler.disable
     def forward(
         self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor, counts_E: torch.Tensor | None = None
     ) -> torch.Tensor:
         """counts_E: rows per expert, if the caller already has them (bincount of idx_NK)."""
+        if torch.compiler.is_compiling():  # traced by a compiled caller (the engine's compiled decode)
+            return experts_outside_graph()(self, x_ND, weights_NK, idx_NK, counts_E)
+        return self._forward(x_ND, weights_NK, idx_NK, counts_E)
+
+    def _forward(self, x_ND, weights_NK, idx_NK, counts_E):
         N, K = idx_NK.shape
         flat_idx = idx_NK.reshape(-1)
         order = flat_idx.argsort(stable=True)  # (token, k) rows sorted by expert

@@ -15,7 +15,14 @@ import torch
 def rope_inv_freq(
     dim: int, theta: float, scaling: dict[str, Any] | None = None, max_position_embeddings: int | None = None
 ) -> tuple[torch.Tensor, float]:
-    """Return (inv_freq [dim/2], attention_factor applied to cos/sin)."""
+    """Return (inv_freq [dim/2], attention_factor applied to cos/sin), on the CPU whatever the default device:
+    a model built on the meta device recomputes them once loaded, and this math on meta tensors would import
+    torch._dynamo (~70 MB of RSS) through torch's Python decompositions."""
+    with torch.device("cpu"):
+        return _rope_inv_freq(dim, theta, scaling, max_position_embeddings)
+
+
+def _rope_inv_freq(dim, theta, scaling, max_position_embeddings) -> tuple[torch.Tensor, float]:
     base_inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if not scaling or kind == "default":
