@@ -93,6 +93,10 @@ class EngineConfig:
     # int8, engine alive after 64 streams x 32 tokens: RSS 822-835 -> 752 MB). The trim costs 15-22 ms, so
     # single streams and small batches (below the threshold) skip it. None: never.
     return_memory_after_rows: int | None = 8
+    # Dense models on CPU: decodes and verifications attend in nanoseek's paged attention kernel, reading the
+    # cache in place (engine/paged_attention.py; ~6x faster than gathering the history for SDPA, and a row's
+    # result does not depend on its batch). False: gather + SDPA (for comparison).
+    fused_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.speculative not in (None, *METHODS):
@@ -132,7 +136,12 @@ class Engine:
             num_blocks = max(2, min(wanted, config.cache_bytes // (per_token * config.block_size)))
         self.pool = BlockPool(num_blocks, config.block_size)
         self.runner = ModelRunner(
-            model, self.pool, autocast_dtype=config.autocast_dtype, mtp=mtp, compile_decode=config.compile
+            model,
+            self.pool,
+            autocast_dtype=config.autocast_dtype,
+            mtp=mtp,
+            compile_decode=config.compile,
+            fused_attention=config.fused_attention,
         )
         # Speculating, a request's tokens must not depend on how many drafts a step verifies: decodes and
         # verifications compute every query as if alone (kv_cache.PagedView.query_spans).
@@ -254,8 +263,10 @@ class Engine:
         prompt chunk, so theirs run query by query (ModelRunner.row_wise) and the chunks' run batched."""
         if not self.runner.row_wise:
             return _forward_groups(scheduled)
-        decoding = [s for s in scheduled if s.samples and s.num_new == 1 + len(s.draft_ids)]
-        chunks = [s for s in scheduled if not (s.samples and s.num_new == 1 + len(s.draft_ids))]
+        decoding: list[Scheduled] = []
+        chunks: list[Scheduled] = []
+        for s in scheduled:
+            (decoding if s.samples and s.num_new == 1 + len(s.draft_ids) else chunks).append(s)
         return _forward_groups(decoding) + _forward_groups(chunks)
 
     def _sample(self, items: list[tuple[Scheduled, torch.Tensor]]) -> list[StepOutput]:

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from nanoseek.engine.paged_attention import paged_attention
+
 if TYPE_CHECKING:
     from nanoseek.engine.kv_groups import SequenceBlocks
 
@@ -347,19 +349,38 @@ class PagedView:
     # turn that into a different token. None: attend with the masks, all rows at once.
     query_spans: list[tuple[int, int, int]] | None = None
     key_starts: dict[int | None, list[int]] | None = None  # window -> each row's first key position
+    # Dense models attend with `attend` (the paged attention kernel, engine/paged_attention.py) instead of
+    # `update` + SDPA: set by the runner for forwards whose every query wants logits (decodes, verifications)
+    fused_attention: bool = False
     is_paged = True  # what the models look for (model/ does not import the engine)
+
+    def _store(self, layer: int, new: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Write each new tensor [B, T, *shape] at the layer's write slots; the layer's stores, in order."""
+        group, slot = self.slot_of[layer]
+        flat_write = self.write_slots[group].reshape(-1)
+        stores = []
+        for name, value in new.items():
+            store = self.tensors[name][slot]
+            store.index_copy_(0, flat_write, value.reshape(-1, *store.shape[1:]).to(store.dtype))
+            stores.append(store)
+        return stores
 
     def update(self, layer: int, **new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store each new tensor [B, T, *shape] at the layer's write slots; return the rows' histories
         [B, S_w, *shape] in the order the keywords were given."""
-        group, slot = self.slot_of[layer]
-        read, flat_write = self.read_slots[group], self.write_slots[group].reshape(-1)
-        out = []
-        for name, value in new.items():
-            store = self.tensors[name][slot]
-            store.index_copy_(0, flat_write, value.reshape(-1, *store.shape[1:]).to(store.dtype))
-            out.append(store[read])
-        return tuple(out)
+        read = self.read_slots[self.slot_of[layer][0]]
+        return tuple(store[read] for store in self._store(layer, new))
+
+    def attend(self, layer: int, q, k, v, *, scale: float, window: int | None) -> torch.Tensor:
+        """Store k, v [B, T, K, D]; return the attention of q [B, T, H, D] over the keys each query's mask
+        allows, read in place from the cache: [B, T, H, D]."""
+        k_store, v_store = self._store(layer, {"k": k, "v": v})
+        B, T, H, D = q.shape
+        read = self.read_slots[self.slot_of[layer][0]]
+        S = read.shape[1]
+        slots = read[:, None].expand(B, T, S).reshape(B * T, S)
+        mask = self.masks[window].reshape(B * T, S)
+        return paged_attention(q.reshape(B * T, H, D), k_store, v_store, slots, mask, scale).view(B, T, H, D)
 
     def mask(self, window: int | None = None) -> torch.Tensor:
         return self.masks[window]

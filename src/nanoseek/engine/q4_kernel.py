@@ -6,77 +6,30 @@ converts every nibble to bf16 and is bound by that arithmetic, so it reads half 
 0-5% faster than int8 (issue 11's profile); torchao's x86 int4 layout calls the same kernel. Here one
 vpdpbusd multiplies 64 nibbles by 64 int8 activations, and a token reads 5 bits per weight.
 
-The C++ file is compiled once per (source, torch installation, Python version) into the cache
-(`$NANOSEEK_CACHE/kernels`; 5 s with g++, which torch.compile on CPU needs as well) and loaded with
-`torch.ops.load_library`. Where it cannot be built or the CPU lacks AVX512-VNNI, `unavailable_reason()`
-says why, and int4 is refused with that reason (int8 runs everywhere).
+The C++ file is compiled on first use (engine/native.py; 5 s with g++). Where it cannot be built or the CPU
+lacks AVX512-VNNI, `unavailable_reason()` says why, and int4 is refused with that reason (int8 runs everywhere).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from nanoseek.assets import default_cache_dir
+from nanoseek.engine import native
 
-SOURCE = Path(__file__).with_name("csrc") / "q4_linear.cpp"
+SOURCE = native.CSRC / "q4_linear.cpp"
 BLOCK = 32  # inputs per block: Q4_1's
 PANEL = 16  # output rows per panel (one AVX512 register of fp32)
 PANEL_BYTES = 320  # per (panel, block): 256 bytes of nibbles, 16 fp16 scales, 16 fp16 minimums
 
 
-def _library_path() -> Path:
-    # the torch it is built against: its version and where it lives (the library links to its libc10)
-    built_against = f"{torch.__version__} {Path(torch.__file__).parent} {sys.version}".encode()
-    key = hashlib.sha256(SOURCE.read_bytes() + built_against).hexdigest()[:16]
-    return default_cache_dir() / "kernels" / f"q4_linear-{key}.so"
-
-
-def _compile(target: Path) -> None:
-    torch_dir = Path(torch.__file__).parent
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside the target and renamed into place: concurrent builders never load a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    cmd = [
-        os.environ.get("CXX", "g++"),
-        *("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"),
-        f"-I{torch_dir / 'include'}",
-        str(SOURCE),
-        "-o",
-        tmp,
-        f"-L{torch_dir / 'lib'}",
-        *("-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"),
-    ]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if done.returncode:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def build_and_load(target: Path) -> str | None:
     """Compile the kernel into `target` unless it is there, and load it. None when the CPU can run it, else
     the reason it cannot be used."""
-    if not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"):
-        return "the 4-bit kernel is built for x86-64 Linux"
-    try:
-        if not target.exists():
-            _compile(target)
-        torch.ops.load_library(str(target))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        return f"the 4-bit kernel could not be built or loaded ({str(exc).strip()[:300]})"
+    if reason := native.build_and_load(SOURCE, target, "the 4-bit kernel"):
+        return reason
     if not torch.ops.nanoseek.q4_supported():
         return "this CPU lacks AVX512-VNNI, which the 4-bit kernel needs"
     return None
@@ -84,7 +37,7 @@ def build_and_load(target: Path) -> str | None:
 
 @functools.cache
 def _load() -> str | None:
-    return build_and_load(_library_path())
+    return build_and_load(native.library_path(SOURCE))
 
 
 def unavailable_reason() -> str | None:

@@ -54,6 +54,16 @@ def cache_layout(model, *, mtp: bool = False) -> tuple[CacheSpec, list[int | Non
     return CacheSpec(cfg.num_hidden_layers, {"k": kv, "v": kv}), windows
 
 
+def paged_attention_applies(model, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the model's decode attention can run in the paged attention kernel: a dense model (DeepSeek's MLA
+    attends over its latent cache its own way) with an fp32 cache on a CPU where the kernel builds."""
+    if hasattr(model.config, "kv_lora_rank") or device.type != "cpu" or dtype != torch.float32:
+        return False
+    from nanoseek.engine import paged_attention
+
+    return paged_attention.available()
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -63,6 +73,7 @@ class ModelRunner:
         *,
         mtp: bool = False,
         compile_decode: bool = False,
+        fused_attention: bool = True,
     ):
         self.model = model.eval()  # eval: the router's balancing statistics never move at inference
         weight = next(model.parameters())  # the embedding (linears may be quantized modules without .weight)
@@ -75,6 +86,8 @@ class ModelRunner:
         # compute the forwards whose rows are all decodes or verifications (logits at every new token) query by
         # query (PagedView.query_spans); the engine turns it on for speculative decoding
         self.row_wise = False
+        # decodes and verifications of dense models attend in the paged attention kernel (engine/paged_attention.py)
+        self.fused_attention = fused_attention and paged_attention_applies(model, self.device, weight.dtype)
 
     @property
     def context_length(self) -> int:
@@ -91,6 +104,7 @@ class ModelRunner:
             ids[i, : new_lens[i]] = torch.as_tensor(list(r.token_ids), dtype=torch.long)
         row_wise = self.row_wise and all(r.num_logits == n for r, n in zip(rows, new_lens))
         view = self.storage.view([r.table for r in rows], [r.past_len for r in rows], new_lens, row_wise=row_wise)
+        view.fused_attention = self.fused_attention and (T == 1 or row_wise)
         n = max(r.num_logits for r in rows)
         # row i's last n positions (clamped at 0: a row with fewer wanted repeats its first, then ignores it)
         index = (torch.tensor(new_lens)[:, None] - n + torch.arange(n)[None, :]).clamp(min=0).to(self.device)

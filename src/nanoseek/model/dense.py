@@ -295,6 +295,10 @@ class DenseAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope_half(q, cos, sin), apply_rope_half(k, cos, sin)
+        if getattr(cache, "fused_attention", False) and self.softcap is None:  # reads the paged cache in place
+            q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B,T,heads,D]
+            out = cache.attend(self.layer_idx, q, k, v, scale=self.scale, window=self.window)
+            return self.o_proj(out.reshape(B, T, -1))
         if cache is not None:  # the engine's paged cache stores [B,T,K,D] rows, returns [B,S,K,D] histories
             k, v = (t.transpose(1, 2) for t in cache.update(self.layer_idx, k=k.transpose(1, 2), v=v.transpose(1, 2)))
             if cache.query_spans is not None:

@@ -1,0 +1,48 @@
+"""Attention that reads the paged KV cache in place (csrc/paged_attention.cpp), for decode steps on CPU.
+
+The unfused decode step gathers every row's keys and values out of the cache in every layer ([B, S, K, D]
+copies) and runs SDPA over them, one small matrix-vector product per head: on SmolLM2 (9 heads, 3 KV heads,
+264 keys, 30 layers, 2 threads) that was 3.2 ms a token, 0.49 ms in the kernel (`benchmarks/paged_attention.py`).
+The kernel also computes each query from exactly the keys its mask allows, in key order, so a request's
+tokens no longer depend on the rows it is batched with.
+
+Used for forwards whose every query wants logits (decodes, speculative verifications) of dense models with
+fp32 caches on CPU, without logit soft-capping (Gemma 2 keeps its explicit path). Prompt chunks keep SDPA,
+whose blocked matmuls are faster over many queries. Where the kernel cannot be built, everything keeps SDPA.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from nanoseek.engine import native
+
+SOURCE = native.CSRC / "paged_attention.cpp"
+# -ffast-math: vectorized reductions and glibc's vector expf (deterministic, not bitwise SDPA's); AVX2 + FMA:
+# every x86-64 CPU this runs on has them, and the build is cached per source, not per CPU
+FLAGS = ("-ffast-math", "-mavx2", "-mfma")
+
+
+@functools.cache
+def _load() -> str | None:
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "the paged attention kernel needs AVX2"
+    return native.build_and_load(SOURCE, native.library_path(SOURCE, FLAGS), "the paged attention kernel", FLAGS)
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot run here, or None when it can (builds it on first use)."""
+    return _load()
+
+
+def available() -> bool:
+    return _load() is None
+
+
+def paged_attention(
+    q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q [N, H, D] over the keys slots [N, S] of k_store/v_store [slots, K, D] that mask [N, S] allows -> [N, H, D]."""
+    return torch.ops.nanoseek.paged_attention(q, k_store, v_store, slots, mask, scale)
