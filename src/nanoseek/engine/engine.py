@@ -94,8 +94,8 @@ class EngineConfig:
     # single streams and small batches (below the threshold) skip it. None: never.
     return_memory_after_rows: int | None = 8
     # Dense models on CPU: decodes and verifications attend in nanoseek's paged attention kernel, reading the
-    # cache in place (engine/paged_attention.py; ~6x faster than gathering the history for SDPA, and a row's
-    # result does not depend on its batch). False: gather + SDPA (for comparison).
+    # cache in place (engine/paged_attention.py; 4-6.5x faster than gathering the history for SDPA, and a
+    # row's result does not depend on its batch). False: gather + SDPA (for comparison).
     fused_attention: bool = True
 
     def __post_init__(self) -> None:
