@@ -27,9 +27,10 @@ random data; on SmolLM2 over 300 tokens of text, int4 stays closer to the fp32 m
 than int8 does (mean KL 0.036 against 0.059). lm_head stays int8 in int4 mode (INT8_IN_INT4).
 
 Every mode quantizes each row's activations on its own, so a row's numbers do not depend on the rest of the
-batch beyond fp32 summation order (int4's kernel: bit for bit). The engine's batched attention still rounds
-differently from a lone row's in the last bit, and with int8 activations that can pick the other token at a
-near tie (tests/test_engine.py measures one at 0.011 nats on a random model).
+batch beyond fp32 summation order (int4's kernel: bit for bit). Attention over padded rows (prompt chunks;
+decodes of DeepSeek's MLA or wherever the paged attention kernel does not run) rounds differently from a lone
+row's in the last bit, and with int8 activations that can pick the other token at a near tie
+(tests/test_engine.py measured one at 0.011 nats on a random model).
 """
 
 from __future__ import annotations
