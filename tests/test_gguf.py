@@ -97,10 +97,12 @@ def test_quantized_gguf_matches_transformers_gguf_loader(qtype, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied embeddings (lm_head packed from them) and untied
 def test_packing_while_loading_equals_quantizing_after(arch, mode, tmp_path):
     """`load(quant=)` packs each projection as it is read (no fp32 model in between): same modules, same
-    logits, bit for bit, as loading in fp32 and quantizing afterwards."""
+    logits, bit for bit, as loading in fp32 and quantizing afterwards. (int4 reads an F16 file: from a
+    Q8_0 file it would keep the 8-bit projections in int8, see the mixed-file test below.)"""
     from nanoseek.engine.quant import KEEP, quantize_model
 
-    path = write_gguf(tmp_path / "tiny-Q8_0.gguf", _tiny(arch), arch, qtype="Q8_0")
+    qtype = "F16" if mode == "int4" else "Q8_0"
+    path = write_gguf(tmp_path / f"tiny-{qtype}.gguf", _tiny(arch), arch, qtype=qtype)
     packed = nanoseek.load(path, quant=mode)
     after = quantize_model(nanoseek.load(path), mode)
     assert [type(m) for m in packed.modules()] == [type(m) for m in after.modules()]
@@ -237,3 +239,58 @@ def test_auto_run_format_keeps_a_4_bit_file_in_4_bits(qtype, tmp_path, monkeypat
     assert run_format("auto", path, None) == ("int4" if four_bit and quant.int4_kernel_available() else "int8")
     monkeypatch.setattr(quant, "int4_kernel_available", lambda: False)
     assert run_format("auto", path, "cpu") == "int8"
+
+
+def test_int4_runs_4_bit_tensors_from_their_blocks_and_wider_ones_as_int8(tmp_path):
+    """int4 on a GGUF with mixed types: Q4_0 and Q4_K projections are packed from the file's own blocks (the
+    kernel's output for unit inputs is the file's weights: exact for Q4_0, within fp16 rounding of the
+    sub-block scales for Q4_K); a Q6_K projection runs as int8 rather than losing bits; auto picks int4."""
+    if not int4_kernel_available():
+        pytest.skip("nanoseek's 4-bit kernel cannot run here")
+    from nanoseek.commands._textgen import run_format
+    from nanoseek.engine.quant import Int4Linear, Int8Linear
+
+    kq = {"blk.0.ffn_down.weight": "Q4_K", "blk.1.ffn_down.weight": "Q6_K"}
+    path = write_gguf(tmp_path / "tiny-mixed.gguf", _tiny("llama"), "llama", qtype="Q4_0", kquant=kq)
+    assert run_format("auto", path, None) == "int4"
+    ref, packed = nanoseek.load(path), nanoseek.load(path, quant="int4")
+    assert type(packed.model.layers[1].mlp.down_proj) is Int8Linear
+    for i, layer in enumerate(packed.model.layers):
+        r = ref.model.layers[i]
+        cases = [
+            (layer.self_attn.qkv_proj, [r.self_attn.q_proj, r.self_attn.k_proj, r.self_attn.v_proj], 1e-6),
+            (layer.self_attn.o_proj, [r.self_attn.o_proj], 1e-6),
+            (layer.mlp.gate_up_proj, [r.mlp.gate_proj, r.mlp.up_proj], 1e-6),
+        ]
+        if i == 0:
+            cases.append((layer.mlp.down_proj, [r.mlp.down_proj], 2**-10))  # Q4_K: fp16 scales
+        for linear, parts, rel in cases:
+            assert type(linear) is Int4Linear
+            weight = torch.cat([p.weight for p in parts])
+            with torch.no_grad():
+                got = linear(torch.eye(linear.in_features)).T  # row j of the identity reads input j's weights
+            torch.testing.assert_close(got, weight, rtol=0, atol=rel * weight.abs().max().item())
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+def test_four_bit_grid_reads_the_files_weights_exactly(qtype):
+    """d * q + m over the decoded blocks equals gguf's own dequantization, bit for bit (fp32)."""
+    import gguf
+    import numpy as np
+    from gguf import quants
+
+    from nanoseek.weights.gguf_grid import four_bit_grid
+
+    rng = np.random.default_rng(0)
+    kind = gguf.GGMLQuantizationType[qtype]
+    if qtype == "Q4_K":  # numpy gguf cannot quantize K-quants: random blocks with small, finite fp16 d and dmin
+        raw = rng.integers(0, 256, (6, 2 * 144), dtype=np.uint8)
+        blocks = raw.reshape(6, 2, 144)
+        blocks[..., 0:2] = np.frombuffer(np.float16(0.002).tobytes(), dtype=np.uint8)
+        blocks[..., 2:4] = np.frombuffer(np.float16(0.003).tobytes(), dtype=np.uint8)
+    else:
+        raw = quants.quantize(rng.standard_normal((6, 512)).astype(np.float32), kind)
+    q, d, m = four_bit_grid(raw, qtype, 512)
+    assert q.shape == (6, 512) and d.shape == m.shape == (6, 16) and q.max() <= 15
+    mine = (d[..., None] * q.reshape(6, 16, 32).astype(np.float32) + m[..., None]).reshape(6, 512)
+    assert np.array_equal(mine, quants.dequantize(raw, kind))

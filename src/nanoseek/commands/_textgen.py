@@ -56,16 +56,14 @@ def load_model_and_tokenizer(args: argparse.Namespace):
 
 
 FLOAT_TYPES = {"F32", "F16", "BF16"}
-# Files whose 4-bit weights int4's grid holds exactly (engine/quant.int4_grid). Q4_K's scales are products
-# of a 6-bit integer and an fp16 value, which fp16 does not always hold: int4 would round them once more.
-FOUR_BIT_TYPES = {"Q4_0", "Q4_1"}
 
 
 def run_format(choice: str, path, device: str | None) -> str:
-    """The weights' run format for --quant. "auto", on the CPU, for a quantized GGUF file: int4 when every
-    quantized weight of the file's layers is Q4_0 or Q4_1 and nanoseek's 4-bit kernel runs here, so the
-    file's own weights run; else int8 (4-8 bit weights kept close, ~3x faster than fp32). Anything else
-    runs unquantized. On SmolLM2 Q4_1 (benchmarks/RESULTS.md, Decode, 07:55 run), int4 against int8:
+    """The weights' run format for --quant. "auto", on the CPU, for a quantized GGUF file: int4 when the
+    file's layers have 4-bit weights (Q4_0, Q4_1, Q4_K) and nanoseek's 4-bit kernel runs here: those run from
+    the file's own blocks, and weights the file keeps in more bits (a Q4_K_M file's Q6_K and Q8_0 tensors)
+    as int8 (weights/hf_folder._pack_linears). Else int8 (4-8 bit weights kept close, ~3x faster than fp32).
+    Anything else runs unquantized. On SmolLM2 Q4_1 (benchmarks/RESULTS.md, Decode, 07:55 run), int4 against int8:
     one stream 1.20-1.38x as fast, prefill 0.98-1.16x, 64 streams 1.02-1.08x, eager and compiled; and its
     logits stay closer to the file's model."""
     import torch
@@ -79,9 +77,10 @@ def run_format(choice: str, path, device: str | None) -> str:
         return "none"
     from nanoseek.engine.quant import int4_kernel_available
     from nanoseek.weights.gguf import open_gguf
+    from nanoseek.weights.gguf_grid import FOUR_BIT_TYPES
 
     qtypes = {name: info.qtype.name for name, info in open_gguf(path).tensors.items()}
     layer_types = {t for name, t in qtypes.items() if name.startswith("blk.") and t not in FLOAT_TYPES}
-    if layer_types and layer_types <= FOUR_BIT_TYPES and int4_kernel_available():
+    if layer_types & set(FOUR_BIT_TYPES) and int4_kernel_available():
         return "int4"
     return "int8" if set(qtypes.values()) - FLOAT_TYPES else "none"

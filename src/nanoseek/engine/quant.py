@@ -21,10 +21,12 @@ same kernel; inductor's code for the grid as plain torch ops was no faster; `_dy
 reference fallback on x86. SmolLM2's 120 layer linears for one token, eager, 2 threads, weights from memory
 (medians of 15 alternating rounds): int8 `_int_mm` 5.98 ms, torch's int4 kernel 4.33, nanoseek's 3.01; for
 16 rows 13.8 / 13.6 / 10.0. A large matrix streams at 33 GB/s with 2 threads (19 with one).
-A Q4_0 or Q4_1 file's 4-bit weights run unchanged (`int4_grid` recovers their fp16 scales exactly; SmolLM2's
-Q4_1: max difference 0). Rounding activations to int8 per block of 32 costs ~1e-2 relative error per linear on
-random data; on SmolLM2 over 300 tokens of text, int4 stays closer to the fp32 model of the file's weights
-than int8 does (mean KL 0.036 against 0.059). lm_head stays int8 in int4 mode (INT8_IN_INT4).
+A GGUF's 4-bit weights are packed from the file's own blocks (weights/gguf_grid.py; Q4_0 and Q4_1 exactly,
+Q4_K's sub-block scales rounded to fp16), and `int4_grid`, which fits the grid to other weights, also recovers
+a Q4_0 or Q4_1 tensor's fp16 scales exactly (SmolLM2's Q4_1: max difference 0). Rounding activations to int8
+per block of 32 costs ~1e-2 relative error per linear on random data; on SmolLM2 over 300 tokens of text,
+int4 stays closer to the fp32 model of the file's weights than int8 does (mean KL 0.036 against 0.059).
+lm_head stays int8 in int4 mode (INT8_IN_INT4).
 
 Every mode quantizes each row's activations on its own, so a row's numbers do not depend on the rest of the
 batch beyond fp32 summation order (int4's kernel: bit for bit). Attention over padded rows (prompt chunks;
@@ -127,15 +129,17 @@ class Int4Linear(nn.Module):
     activations rounded to int8 per block of 32 inputs, integer dot products, as llama.cpp runs Q4 files.
     Each row is quantized and computed on its own: a row's result never depends on the rest of the batch."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, grid=None):
+        """grid: (q, d, m) already on the grid (a GGUF file's 4-bit blocks, weights/gguf_grid.py), in place of
+        fitting one to `weight`, which may then be None."""
         super().__init__()
         from nanoseek.engine import q4_kernel
 
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = (weight if grid is None else grid[0]).shape
         if self.in_features % INT4_GROUP:
             raise ValueError(f"int4 weights need the input size divisible by {INT4_GROUP}, got {self.in_features}")
         require_int4_kernel()
-        self.register_buffer("packed", q4_kernel.pack(*int4_grid(weight)))
+        self.register_buffer("packed", q4_kernel.pack(*(int4_grid(weight) if grid is None else grid)))
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 
 from nanoseek.model.dense import FULL, SLIDING, DenseConfig, DenseForCausalLM, build_on_meta
 from nanoseek.weights.gguf_file import GGUFFile, TensorInfo
+from nanoseek.weights.gguf_grid import FOUR_BIT_TYPES, four_bit_grid
 from nanoseek.weights.gguf_tokenizer import gguf_stop_ids
 from nanoseek.weights.hf_folder import load_dense_state
 from nanoseek.weights.safetensors_io import WeightsError
@@ -230,6 +231,24 @@ class _GGUFTensors:
 
     def __contains__(self, name: object) -> bool:
         return name in self.by_hf
+
+    def qtype(self, name: str) -> str:
+        """The tensor's GGUF type name (F32, Q4_K, ...)."""
+        return self.by_hf[name].qtype.name
+
+    def four_bit_grid(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A 4-bit tensor (Q4_0/Q4_1/Q4_K) as int4's grid read from its blocks (weights/gguf_grid.py): q uint8
+        [out, in], d and m fp32 [out, in / 32]; None for other types."""
+        info = self.by_hf[name]
+        if info.qtype.name not in FOUR_BIT_TYPES:
+            return None
+        cols = int(info.shape[-1])
+        grid = four_bit_grid(self.gf.raw(info), info.qtype.name, cols)
+        heads = {".self_attn.q_proj.": self.cfg.num_attention_heads, ".self_attn.k_proj.": self.cfg.num_key_value_heads}
+        for part, n_head in heads.items():
+            if self.arch in _PERMUTED and part in name:
+                grid = tuple(unpermute_rope_rows(a, n_head) for a in grid)
+        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in grid)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         w = dequantize_tensor(self.gf, self.by_hf[name])

@@ -131,7 +131,7 @@ def load_dense_state(
     if quant is not None:
         if torch.device(device).type != "cpu":
             raise ValueError(f"quantized weights ({quant}) are for the CPU, not {device}")
-        packed = _pack_linears(model, read, quant, tied)
+        packed = _pack_linears(model, read, quant, tied, FileBits(tensors, read))
     state = {name: read(name).to(device=device, dtype=dtype) for name in expected if name not in packed}
     model.load_state_dict(state, strict=False, assign=True)
     if quant is None:
@@ -142,10 +142,45 @@ def load_dense_state(
     return model.eval()
 
 
-def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool) -> set[str]:
+class FileBits:
+    """What a checkpoint says about how its tensors are stored: a GGUF's 4-bit tensors as int4's grid read
+    from their blocks, and which tensors it quantized with more than 4 bits. Other checkpoints: nothing."""
+
+    def __init__(self, tensors, read):
+        self.tensors, self.read = tensors, read
+
+    def four_bit_grids(self, names: list[str]) -> list | None:
+        """Every tensor's grid (q, d, m) when all of them are stored in 4 bits, else None."""
+        if not hasattr(self.tensors, "four_bit_grid"):
+            return None
+        grids = []
+        for name in names:
+            if name not in self.tensors:
+                self.read(name)  # raises the missing-tensor error
+            grid = self.tensors.four_bit_grid(name)
+            if grid is None:
+                return None
+            grids.append(grid)
+        return grids
+
+    def more_than_four_bits(self, names: list[str]) -> bool:
+        """Whether any of them is stored quantized with more than 4 bits (Q5_0, Q6_K, Q8_0, ...)."""
+        if not hasattr(self.tensors, "qtype"):
+            return False
+        from nanoseek.weights.gguf_grid import FOUR_BIT_TYPES
+
+        return any(n in self.tensors and self.tensors.qtype(n) not in (*FOUR_BIT_TYPES, *FLOAT_TYPES) for n in names)
+
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool, bits: FileBits | None = None) -> set[str]:
     """Replace the meta model's projections by packed ones built from `read(name)`, one at a time; return
-    the parameter names consumed."""
-    from nanoseek.engine.quant import fuse_projections, packed_linear, quantizable_linears
+    the parameter names consumed. In int4, a GGUF's 4-bit projections are packed from their own blocks
+    (`bits`), and projections the file quantized with more bits run as int8: fitting them to a 4-bit grid
+    would throw away bits the file kept (a Q4_K_M file stores some as Q6_K or Q8_0)."""
+    from nanoseek.engine.quant import Int4Linear, Int8Linear, fuse_projections, packed_linear, quantizable_linears
     from nanoseek.memory import return_freed_memory
 
     packed_linear(quant)  # an unknown mode or one this machine cannot run fails before anything is read
@@ -154,13 +189,22 @@ def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool) -> set[s
     consumed: set[str] = set()
     for module, attr, parts in quantizable_linears(model):
         names = [prefix_of[id(module)] + part for part in parts]
-        if tied and names == ["lm_head"]:  # its own packed copy of the (fp32) embedding matrix
-            weight = read("model.embed_tokens.weight")
-        else:
-            weight = torch.cat([read(f"{n}.weight").float() for n in names])
+        weights = ["model.embed_tokens.weight"] if tied and names == ["lm_head"] else [f"{n}.weight" for n in names]
         has_bias = getattr(module, attr).bias is not None
         bias = torch.cat([read(f"{n}.bias").float() for n in names]) if has_bias else None
-        setattr(module, attr, packed_linear(quant, attr)(weight, bias))
+        make = packed_linear(quant, attr)
+        grids = bits.four_bit_grids(weights) if bits and quant == "int4" and make is not Int8Linear else None
+        if grids is not None:
+            grid = tuple(torch.cat(parts) for parts in zip(*grids))
+            check_shape(names[0], grid[0], (getattr(module, attr).out_features, getattr(module, attr).in_features),
+                        "the file's 4-bit blocks")  # fmt: skip
+            setattr(module, attr, Int4Linear(None, bias, grid=grid))
+        else:
+            if quant == "int4" and bits and bits.more_than_four_bits(weights):
+                make = Int8Linear
+            # the tied lm_head: its own packed copy of the (fp32) embedding matrix
+            weight = torch.cat([read(w).float() for w in weights]) if len(weights) > 1 else read(weights[0]).float()
+            setattr(module, attr, make(weight, bias))
         consumed |= {f"{n}.{kind}" for n in names for kind in ("weight", "bias")}
     return_freed_memory()
     return consumed
