@@ -294,3 +294,29 @@ def test_four_bit_grid_reads_the_files_weights_exactly(qtype):
     assert q.shape == (6, 512) and d.shape == m.shape == (6, 16) and q.max() <= 15
     mine = (d[..., None] * q.reshape(6, 16, 32).astype(np.float32) + m[..., None]).reshape(6, 512)
     assert np.array_equal(mine, quants.dequantize(raw, kind))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied: one int8 matrix for both; untied: its own
+def test_int8_formats_keep_the_embedding_as_int8_rows(arch, tmp_path):
+    from nanoseek.engine.quant import Int8Embedding, Int8Linear, linear_weight_bytes
+
+    path = write_gguf(tmp_path / "tiny-Q8_0.gguf", _tiny(arch), arch, qtype="Q8_0")
+    ref, packed = nanoseek.load(path), nanoseek.load(path, quant="int8")
+    embedding, head = packed.model.embed_tokens, packed.lm_head
+    assert type(embedding) is Int8Embedding and type(head) is Int8Linear
+    shared = embedding.qweight.data_ptr() == head.qweight_t.data_ptr()
+    assert shared == (arch == "llama")
+    vocab, hidden = ref.model.embed_tokens.weight.shape
+    held = linear_weight_bytes(packed) - linear_weight_bytes(packed.model.layers)
+    head_bytes = vocab * hidden + 8 * vocab
+    assert held == head_bytes + (0 if shared else vocab * hidden + 4 * vocab) + hidden * 4  # + the final norm
+    table = ref.model.embed_tokens.weight
+    # each row within half a step of its int8 grid
+    got = embedding(torch.arange(vocab))
+    assert ((got - table).abs() <= table.abs().amax(1, keepdim=True) / 254 + 1e-7).all()
+    with torch.no_grad():  # the int8 table adds little to the int8 format's own distance from fp32
+        expected = ref(IDS)
+        with_int8_table = (packed(IDS) - expected).abs().mean().item()
+        packed.model.embed_tokens = ref.model.embed_tokens
+        with_fp32_table = (packed(IDS) - expected).abs().mean().item()
+    assert with_int8_table < 1.25 * with_fp32_table, (with_int8_table, with_fp32_table)

@@ -396,8 +396,9 @@ def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, 
                  f"{m['rss_kb'] / 1024:.0f}", whole, above]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
     print(
-        "(weights = the model's tensors in the format they run in (nanoseek int8/fp16: packed projections, the "
-        "embedding table in fp32); KV = the largest cache nanoseek allocated, sized to its task; 'imports' = RSS "
+        "(weights = the model's tensors in the format they run in (nanoseek: packed projections; the embedding "
+        "table as int8 rows in int8/int4, shared with a tied lm_head, fp32 in fp16); KV = the largest cache "
+        "nanoseek allocated, sized to its task; 'imports' = RSS "
         "with torch and the side's libraries imported, before the model is loaded (a +compile side's include "
         "torch.compile's dynamo and inductor); 'idle after' = RSS when "
         "every task is done)"

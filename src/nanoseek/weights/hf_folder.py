@@ -180,7 +180,14 @@ def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool, bits: Fi
     the parameter names consumed. In int4, a GGUF's 4-bit projections are packed from their own blocks
     (`bits`), and projections the file quantized with more bits run as int8: fitting them to a 4-bit grid
     would throw away bits the file kept (a Q4_K_M file stores some as Q6_K or Q8_0)."""
-    from nanoseek.engine.quant import Int4Linear, Int8Linear, fuse_projections, packed_linear, quantizable_linears
+    from nanoseek.engine.quant import (
+        Int4Linear,
+        Int8Linear,
+        fuse_projections,
+        pack_embedding,
+        packed_linear,
+        quantizable_linears,
+    )
     from nanoseek.memory import return_freed_memory
 
     packed_linear(quant)  # an unknown mode or one this machine cannot run fails before anything is read
@@ -206,6 +213,10 @@ def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool, bits: Fi
             weight = torch.cat([read(w).float() for w in weights]) if len(weights) > 1 else read(weights[0]).float()
             setattr(module, attr, make(weight, bias))
         consumed |= {f"{n}.{kind}" for n in names for kind in ("weight", "bias")}
+    if quant in ("int8", "int4"):  # the embedding as int8 rows: a tied model's are its int8 lm_head's
+        shared = tied and isinstance(getattr(model, "lm_head", None), Int8Linear)
+        pack_embedding(model, quant, None if shared else read("model.embed_tokens.weight"))
+        consumed.add("model.embed_tokens.weight")
     return_freed_memory()
     return consumed
 
