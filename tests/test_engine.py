@@ -507,3 +507,23 @@ def test_fp16_weight_bytes_are_what_fbgemm_holds(shape):
     linear = Fp16Linear(weight)
     held = heap_stats().in_use - before
     assert linear.packed_bytes == pytest.approx(held, rel=0.02)
+
+
+def test_a_large_cache_is_resident_only_where_written():
+    """A server sizes its cache for its largest load; the memory is the OS's zero pages until written
+    (kv_cache._zeros), so a 64 MB cache adds almost nothing to RSS until used, and reads as zeros."""
+    from pathlib import Path
+
+    from nanoseek.engine.kv_cache import _zeros
+
+    statm = Path("/proc/self/statm")
+    if not statm.exists():
+        pytest.skip("needs Linux's /proc/self/statm")
+    page = os.sysconf("SC_PAGE_SIZE")
+    before = int(statm.read_text().split()[1]) * page
+    cache = _zeros(1024, 16, 1024, dtype=torch.float32, device="cpu")  # 64 MB
+    grew = int(statm.read_text().split()[1]) * page - before
+    assert cache.shape == (1024, 16, 1024) and grew < 8 << 20, grew
+    assert not cache[::97].any()  # reads as zeros (a sample of rows)
+    cache[5] = 1.0  # and is an ordinary writable tensor
+    assert cache[5].sum().item() == 16 * 1024 and not cache[4].any()
