@@ -421,8 +421,8 @@ def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, 
     ratios, fastest = print_ratios(args, figures)
     print()
     print(
-        f"nanoseek formats: nanoseek.load gives fp32; the CLI's --quant auto runs a Q4_0/Q4_1 GGUF as int4 "
-        f"where its kernel runs, other quantized GGUFs as int8; fastest single stream: {fastest}"
+        f"nanoseek formats: nanoseek.load gives fp32; the CLI's --quant auto runs a GGUF with 4-bit layers "
+        f"as int4 where its kernel runs, other quantized GGUFs as int8; fastest single stream: {fastest}"
     )
     print_targets(args, figures, memory, fastest)
 

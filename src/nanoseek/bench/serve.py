@@ -387,7 +387,7 @@ def parse_args(argv):
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens every stream generates")
     ap.add_argument("--prompt-words", type=int, default=40, help="words in each prompt (~1.2 tokens a word)")
     ap.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4", "fp16"],
-                    help="nanoseek serve --quant (auto: int4 for a Q4_0/Q4_1 GGUF, int8 for others)")  # fmt: skip
+                    help="nanoseek serve --quant (auto: int4 for 4-bit GGUF layers, int8 for others)")  # fmt: skip
     ap.add_argument("--request-timeout", type=float, default=300.0, help="seconds one stream may take in all")
     ap.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to start")
     ap.add_argument("--quick", action="store_true",
@@ -575,8 +575,8 @@ def report_agreement(model: Path, texts: dict[str, list[str]], labels: list[str]
         result[peer] = {"tokens": n, "of": min(len(ours), len(theirs)), "chars": chars}
         print(
             f"  nanoseek vs {peer}: first {n} of {min(len(ours), len(theirs))} tokens equal ({chars} characters); "
-            "not expected to be equal: nanoseek runs its --quant format (auto: int4 for a Q4_0/Q4_1 GGUF, with int8 "
-            "activations), llama.cpp its own Q4_1 kernels"
+            "not expected to be equal: nanoseek runs its --quant format (auto: int4 for a GGUF with 4-bit layers, with "
+            "int8 activations), llama.cpp its own Q4_1 kernels"
         )
     if all(result[f"{lab} stable"] for lab in labels):
         print("  every server gave the same output in every round")

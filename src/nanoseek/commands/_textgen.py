@@ -15,8 +15,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quant", default="auto", choices=["auto", "none", "int8", "int4", "fp16"],
         help="weights' run format on the CPU: int8 or fp16 (packed, 2-3x faster decoding than fp32), int4 "
-        "(4-bit groups of 32 as GGUF Q4_1, CPUs with AVX512-VNNI), none (fp32); auto (default): int4 for a Q4_0/Q4_1 "
-        "GGUF file where int4 runs, int8 for other quantized GGUF files, none otherwise",
+        "(4-bit groups of 32 as GGUF Q4_1, CPUs with AVX512-VNNI), none (fp32); auto (default): int4 for a GGUF file "
+        "with 4-bit layers (Q4_0/Q4_1/Q4_K) where int4 runs, int8 for other quantized GGUF files, none otherwise",
     )  # fmt: skip
     p.add_argument(
         "--compile", action="store_true",
@@ -55,9 +55,6 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     return model, tokenizer
 
 
-FLOAT_TYPES = {"F32", "F16", "BF16"}
-
-
 def run_format(choice: str, path, device: str | None) -> str:
     """The weights' run format for --quant. "auto", on the CPU, for a quantized GGUF file: int4 when the
     file's layers have 4-bit weights (Q4_0, Q4_1, Q4_K) and nanoseek's 4-bit kernel runs here: those run from
@@ -77,7 +74,7 @@ def run_format(choice: str, path, device: str | None) -> str:
         return "none"
     from nanoseek.engine.quant import int4_kernel_available
     from nanoseek.weights.gguf import open_gguf
-    from nanoseek.weights.gguf_grid import FOUR_BIT_TYPES
+    from nanoseek.weights.gguf_grid import FLOAT_TYPES, FOUR_BIT_TYPES
 
     qtypes = {name: info.qtype.name for name, info in open_gguf(path).tensors.items()}
     layer_types = {t for name, t in qtypes.items() if name.startswith("blk.") and t not in FLOAT_TYPES}

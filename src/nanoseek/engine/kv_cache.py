@@ -318,7 +318,7 @@ def _zeros(*shape: int, dtype: torch.dtype, device: torch.device | str) -> torch
     if torch.device(device).type != "cpu":
         return torch.zeros(*shape, dtype=dtype, device=device)
     count = prod(shape)
-    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    nbytes = count * dtype.itemsize
     if nbytes < 1 << 20:
         return torch.zeros(*shape, dtype=dtype)
     buffer = mmap.mmap(-1, nbytes)  # MAP_PRIVATE | MAP_ANONYMOUS: zero-filled by the kernel, page by page

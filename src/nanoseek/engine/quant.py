@@ -37,6 +37,8 @@ row's in the last bit, and with int8 activations that can pick the other token a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -77,17 +79,17 @@ class Int8Embedding(nn.Module):
         return self.qweight[ids].float() * self.scale[ids].unsqueeze(-1)
 
 
-def pack_embedding(model: nn.Module, mode: str, weight: torch.Tensor | None = None) -> bool:
+def pack_embedding(model: nn.Module, mode: str, read_weight: Callable[[], torch.Tensor] | None = None) -> bool:
     """int8/int4 (lm_head int8): replace the model's token embedding by an Int8Embedding, sharing a tied
-    lm_head's int8 rows. weight: the embedding matrix when the model holds none yet (packing while loading an
-    untied model). Returns whether it did."""
+    lm_head's int8 rows. read_weight: gives the embedding matrix when the model holds none yet (packing while
+    loading), called only for an untied model. Returns whether it did."""
     if mode not in ("int8", "int4"):
         return False
     inner, head = model.model, getattr(model, "lm_head", None)
     if getattr(model.config, "tie_word_embeddings", False) and isinstance(head, Int8Linear):
         inner.embed_tokens = Int8Embedding.sharing(head)
     else:
-        inner.embed_tokens = Int8Embedding.of(inner.embed_tokens.weight if weight is None else weight)
+        inner.embed_tokens = Int8Embedding.of(inner.embed_tokens.weight if read_weight is None else read_weight())
     return True
 
 

@@ -242,20 +242,19 @@ class _GGUFTensors:
         info = self.by_hf[name]
         if info.qtype.name not in FOUR_BIT_TYPES:
             return None
-        cols = int(info.shape[-1])
-        grid = four_bit_grid(self.gf.raw(info), info.qtype.name, cols)
-        heads = {".self_attn.q_proj.": self.cfg.num_attention_heads, ".self_attn.k_proj.": self.cfg.num_key_value_heads}
-        for part, n_head in heads.items():
-            if self.arch in _PERMUTED and part in name:
-                grid = tuple(unpermute_rope_rows(a, n_head) for a in grid)
-        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in grid)
+        grid = four_bit_grid(self.gf.raw(info), info.qtype.name, int(info.shape[-1]))
+        return tuple(torch.from_numpy(np.ascontiguousarray(self._unpermuted(name, a))) for a in grid)
+
+    def _unpermuted(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """A tensor's rows (or its grid's) with llama.cpp's q/k row permutation undone, where the file has it."""
+        if self.arch in _PERMUTED and ".self_attn.q_proj." in name:
+            return unpermute_rope_rows(rows, self.cfg.num_attention_heads)
+        if self.arch in _PERMUTED and ".self_attn.k_proj." in name:
+            return unpermute_rope_rows(rows, self.cfg.num_key_value_heads)
+        return rows
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        w = dequantize_tensor(self.gf, self.by_hf[name])
-        if self.arch in _PERMUTED and ".self_attn.q_proj." in name:
-            w = unpermute_rope_rows(w, self.cfg.num_attention_heads)
-        elif self.arch in _PERMUTED and ".self_attn.k_proj." in name:
-            w = unpermute_rope_rows(w, self.cfg.num_key_value_heads)
+        w = self._unpermuted(name, dequantize_tensor(self.gf, self.by_hf[name]))
         if self.cfg.norm_offset and "norm.weight" in name:
             w = w - self.cfg.norm_offset
         return torch.from_numpy(np.require(w, np.float32, "CW"))  # writable and contiguous (a copy only if not)

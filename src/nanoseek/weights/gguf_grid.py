@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 FOUR_BIT_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})  # unquantized GGUF tensor types
 GROUP = 32
 
 

@@ -24,6 +24,7 @@ from nanoseek.model.dense import DenseForCausalLM, build_on_meta, dense_config_f
 from nanoseek.model.moe import Router
 from nanoseek.weights.deepseek_v3_hf import has_mtp_weights, hf_to_native, native_to_hf
 from nanoseek.weights.fp8 import open_checkpoint
+from nanoseek.weights.gguf_grid import FLOAT_TYPES, FOUR_BIT_TYPES
 from nanoseek.weights.safetensors_io import WeightsError, check_shape, save_safetensors_folder
 
 # ---- DeepSeek-V3 ------------------------------------------------------------------------------------------
@@ -167,12 +168,7 @@ class FileBits:
         """Whether any of them is stored quantized with more than 4 bits (Q5_0, Q6_K, Q8_0, ...)."""
         if not hasattr(self.tensors, "qtype"):
             return False
-        from nanoseek.weights.gguf_grid import FOUR_BIT_TYPES
-
         return any(n in self.tensors and self.tensors.qtype(n) not in (*FOUR_BIT_TYPES, *FLOAT_TYPES) for n in names)
-
-
-FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool, bits: FileBits | None = None) -> set[str]:
@@ -209,13 +205,11 @@ def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool, bits: Fi
         else:
             if quant == "int4" and bits and bits.more_than_four_bits(weights):
                 make = Int8Linear
-            # the tied lm_head: its own packed copy of the (fp32) embedding matrix
+            # (a tied lm_head reads the embedding matrix: its one weight, not copied by a cat)
             weight = torch.cat([read(w).float() for w in weights]) if len(weights) > 1 else read(weights[0]).float()
             setattr(module, attr, make(weight, bias))
         consumed |= {f"{n}.{kind}" for n in names for kind in ("weight", "bias")}
-    if quant in ("int8", "int4"):  # the embedding as int8 rows: a tied model's are its int8 lm_head's
-        shared = tied and isinstance(getattr(model, "lm_head", None), Int8Linear)
-        pack_embedding(model, quant, None if shared else read("model.embed_tokens.weight"))
+    if pack_embedding(model, quant, lambda: read("model.embed_tokens.weight")):  # int8 rows (a tied lm_head's)
         consumed.add("model.embed_tokens.weight")
     return_freed_memory()
     return consumed
