@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from nanoseek.engine.fused_ops import rope_store
 from nanoseek.engine.paged_attention import paged_attention
 
 if TYPE_CHECKING:
@@ -368,6 +369,9 @@ class PagedView:
     # Dense models attend with `attend` (the paged attention kernel, engine/paged_attention.py) instead of
     # `update` + SDPA: set by the runner for forwards whose every query wants logits (decodes, verifications)
     fused_attention: bool = False
+    # ...and, where the engine's fused ops build, take q, k and v as one projection's output (`attend_qkv`): the
+    # rotary embedding and the cache write in one op (engine/fused_ops.py)
+    fused_qkv: bool = False
     is_paged = True  # what the models look for (model/ does not import the engine)
 
     def _store(self, layer: int, new: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -392,11 +396,28 @@ class PagedView:
         allows, read in place from the cache: [B, T, H, D]."""
         k_store, v_store = self._store(layer, {"k": k, "v": v})
         B, T, H, D = q.shape
+        return self._paged_attention(layer, q.reshape(B * T, H, D), k_store, v_store, scale, window).view(B, T, H, D)
+
+    def attend_qkv(self, layer: int, qkv, cos, sin, *, heads: int, kv_heads: int, scale: float, window: int | None):
+        """`attend` for q, k and v as one projection's output qkv [B, T, (heads + 2 kv_heads) * D] before their
+        rotary embedding (rotate-half; cos, sin [B, 1, T, D/2]): rotated and stored by one fused op, then
+        attended in the paged attention kernel. [B, T, heads, D]."""
+        B, T, _ = qkv.shape
+        group, slot = self.slot_of[layer]
+        k_store, v_store = self.tensors["k"][slot], self.tensors["v"][slot]
+        half = cos.shape[-1]
+        q = rope_store(qkv.reshape(B * T, -1), cos.reshape(B * T, half), sin.reshape(B * T, half), k_store, v_store,
+                       self.write_slots[group].reshape(-1), heads, kv_heads)  # fmt: skip
+        return self._paged_attention(layer, q, k_store, v_store, scale, window).view(B, T, heads, -1)
+
+    def _paged_attention(self, layer: int, q, k_store, v_store, scale: float, window: int | None) -> torch.Tensor:
+        """q [B*T, H, D] (row-major over the view's rows and new tokens) over the keys their masks allow."""
         read = self.read_slots[self.slot_of[layer][0]]
-        S = read.shape[1]
+        B, S = read.shape
+        T = q.shape[0] // B
         slots = read[:, None].expand(B, T, S).reshape(B * T, S)
         mask = self.masks[window].reshape(B * T, S)
-        return paged_attention(q.reshape(B * T, H, D), k_store, v_store, slots, mask, scale).view(B, T, H, D)
+        return paged_attention(q, k_store, v_store, slots, mask, scale)
 
     def mask(self, window: int | None = None) -> torch.Tensor:
         return self.masks[window]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoseek.engine import fused_ops
 from nanoseek.engine.kv_cache import BlockPool, CacheSpec, KVLayout, PagedStorage, PagedView
 from nanoseek.engine.kv_groups import SequenceBlocks
 from nanoseek.memory import return_freed_memory
@@ -88,6 +89,10 @@ class ModelRunner:
         self.row_wise = False
         # decodes and verifications of dense models attend in the paged attention kernel (engine/paged_attention.py)
         self.fused_attention = fused_attention and paged_attention_applies(model, self.device, weight.dtype)
+        # RMSNorm in one op, and with the paged attention kernel the rotary embedding and cache write fused too
+        # (engine/fused_ops.py): eager fp32 inference on CPU
+        fused = self.device.type == "cpu" and weight.dtype == torch.float32 and fused_ops.install(model)
+        self.fused_qkv = self.fused_attention and fused
 
     @property
     def context_length(self) -> int:
@@ -114,6 +119,9 @@ class ModelRunner:
         # and so do row-wise views, whose per-query Python loop would be traced and guarded afresh every step
         decoding = self.decode_model is not None and T == 1 and n == 1 and not hidden and not row_wise
         model = self.decode_model if decoding else self.model
+        # a compiled step keeps the unfused rotary embedding and cache write: inductor fuses them itself, and the
+        # fused op writes the cache in place, which the compiled graph would have to functionalize
+        view.fused_qkv = self.fused_qkv and view.fused_attention and not decoding
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):  # fmt: skip
             if hidden:

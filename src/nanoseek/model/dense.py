@@ -285,8 +285,14 @@ class DenseAttention(nn.Module):
     def forward(self, x, cos, sin, mask, is_causal: bool, cache=None):
         B, T, _ = x.shape
         if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)
+            if getattr(cache, "fused_qkv", False) and self.softcap is None and not self.qk_norm:
+                # the rotary embedding, the cache write and the attention in the engine's fused ops
+                out = cache.attend_qkv(self.layer_idx, qkv, cos, sin, heads=self.n_heads, kv_heads=self.n_kv,
+                                       scale=self.scale, window=self.window)  # fmt: skip
+                return self.o_proj(out.reshape(B, T, -1))
             sizes = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
-            q, k, v = self.qkv_proj(x).split(sizes, dim=-1)
+            q, k, v = qkv.split(sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B,H,T,D]

@@ -8,6 +8,11 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
+    # A fused kernel with rms_norm's signature (x, weight, eps, offset), set by the inference engine
+    # (engine/fused_ops.py; model/ does not import the engine) and used only where no gradient is wanted, on fp32
+    # CPU tensors, outside torch.compile (whose own fusion of the norm with its neighbours is better).
+    inference_kernel = None
+
     def __init__(self, dim: int, eps: float = 1e-6, *, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -16,6 +21,10 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.inference_kernel
+        inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if kernel is not None and inference and x.dtype == torch.float32 and x.device.type == "cpu":
+            return kernel(x, self.weight, self.eps, self.offset)
         if x.dtype == torch.float32 and self.offset == 0.0:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dtype = x.dtype

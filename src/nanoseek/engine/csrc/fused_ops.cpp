@@ -1,0 +1,140 @@
+// Small fused ops for eager inference on CPU (engine/fused_ops.py). A SmolLM2 decode step runs ~70 aten ops per
+// layer, most of them on a few hundred floats, where each op costs microseconds of dispatch: torch's RMSNorm
+// alone is ~10 ops (17 us for 576 floats), the rotary embedding of q and k 16, the cache write 6.
+//
+// nanoseek::rms_norm(x [..., d], weight [d], eps, offset) -> x * rsqrt(mean(x^2) + eps) * (offset + weight)
+//   (Llama's norm with offset 0, Gemma's with 1), every row on its own.
+// nanoseek::rope_store(qkv [N, (H + 2K) * D], cos [N, D/2], sin [N, D/2], k_store [slots, K, D],
+//                      v_store [slots, K, D], write_slots [N] int64, H, K) -> q [N, H, D]
+//   rotates q and k by the rotate-half rule (Llama/HF: pairs (i, i + D/2)), writes row n's k and v at cache
+//   slot write_slots[n], and returns the rotated queries. The rotation is apply_rope_half's own arithmetic
+//   (built with -ffp-contract=off, so no multiply-add is fused): the same bits as the unfused path.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+namespace {
+
+// sum of x[i]^2 over d floats: 8 lanes at a time, then the tail
+inline float sum_of_squares(const float* x, int64_t d) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  float total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+  for (; i < d; ++i) total += x[i] * x[i];
+  return total;
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, double offset) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "rms_norm runs in fp32");
+  const int64_t d = x.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == d, "rms_norm: weight must be [", d, "]");
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  at::Tensor out = at::empty(xc.sizes(), xc.options());
+  const int64_t rows = d ? xc.numel() / d : 0;
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float off = static_cast<float>(offset), e = static_cast<float>(eps);
+  // one thread below ~16k floats: a thread hand-off costs more than the work
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * d;
+      float* y = op + r * d;
+      const float inv = 1.f / std::sqrt(sum_of_squares(row, d) / static_cast<float>(d) + e);
+      for (int64_t i = 0; i < d; ++i) y[i] = row[i] * inv * (off + wp[i]);
+    }
+  });
+  return out;
+}
+
+at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor& weight, double eps, double offset) {
+  return at::empty_symint(x.sym_sizes(), x.options());
+}
+
+// out[i] = x[i] cos[i] - x[i + h] sin[i], out[i + h] = x[i + h] cos[i] + x[i] sin[i], h = D / 2
+inline void rotate_half(const float* x, const float* cos, const float* sin, int64_t D, float* out) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    out[i] = a * cos[i] - b * sin[i];
+    out[i + h] = b * cos[i] + a * sin[i];
+  }
+}
+
+at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_store,
+                      at::Tensor& v_store, const at::Tensor& write_slots, int64_t H, int64_t K) {
+  TORCH_CHECK(qkv.dim() == 2 && cos.dim() == 2 && sin.dim() == 2, "rope_store: qkv [N, (H+2K)*D], cos/sin [N, D/2]");
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
+                  k_store.scalar_type() == at::kFloat && v_store.scalar_type() == at::kFloat,
+              "rope_store runs on fp32 tensors and caches");
+  TORCH_CHECK(write_slots.scalar_type() == at::kLong && write_slots.dim() == 1, "rope_store: write_slots [N] int64");
+  TORCH_CHECK(k_store.dim() == 3 && k_store.sizes() == v_store.sizes() && k_store.size(1) == K,
+              "rope_store: stores [slots, K, D]");
+  TORCH_CHECK(k_store.is_contiguous() && v_store.is_contiguous(), "rope_store writes contiguous stores in place");
+  const int64_t N = qkv.size(0), D = k_store.size(2), slots = k_store.size(0);
+  TORCH_CHECK(D % 2 == 0 && qkv.size(1) == (H + 2 * K) * D, "rope_store: qkv width must be (H + 2K) * D");
+  TORCH_CHECK(cos.size(0) == N && sin.size(0) == N && cos.size(1) == D / 2 && sin.size(1) == D / 2,
+              "rope_store: cos and sin must be [N, D/2]");
+  TORCH_CHECK(write_slots.size(0) == N, "rope_store: one write slot per row");
+  const at::Tensor xc = qkv.contiguous(), cc = cos.contiguous(), sc = sin.contiguous(), wc = write_slots.contiguous();
+  at::Tensor q = at::empty({N, H, D}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* cp = cc.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  const int64_t* slot = wc.data_ptr<int64_t>();
+  float* qp = q.data_ptr<float>();
+  float* kp = k_store.data_ptr<float>();
+  float* vp = v_store.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {  // serial: rows may share the padding slot, and a decode step is small
+    TORCH_CHECK(slot[n] >= 0 && slot[n] < slots, "rope_store: write slot ", slot[n], " outside the cache");
+    const float* row = xp + n * (H + 2 * K) * D;
+    const float *c = cp + n * (D / 2), *s = sp + n * (D / 2);
+    for (int64_t h = 0; h < H; ++h) rotate_half(row + h * D, c, s, D, qp + (n * H + h) * D);
+    for (int64_t h = 0; h < K; ++h) {
+      rotate_half(row + (H + h) * D, c, s, D, kp + (slot[n] * K + h) * D);
+      const float* v = row + (H + K + h) * D;
+      float* dst = vp + (slot[n] * K + h) * D;
+      for (int64_t i = 0; i < D; ++i) dst[i] = v[i];
+    }
+  }
+  return q;
+}
+
+at::Tensor rope_store_meta(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_store,
+                           at::Tensor& v_store, const at::Tensor& write_slots, int64_t H, int64_t K) {
+  return at::empty_symint({qkv.sym_size(0), H, k_store.sym_size(2)}, qkv.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(nanoseek, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, float offset) -> Tensor");
+  m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_store, Tensor(b!) v_store, Tensor write_slots,"
+        " int H, int K) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
+  m.impl("rms_norm", rms_norm);
+  m.impl("rope_store", rope_store);
+}
+
+TORCH_LIBRARY_IMPL(nanoseek, Meta, m) {
+  m.impl("rms_norm", rms_norm_meta);
+  m.impl("rope_store", rope_store_meta);
+}

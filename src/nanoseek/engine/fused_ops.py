@@ -1,0 +1,77 @@
+"""Fused ops for eager inference on CPU (csrc/fused_ops.cpp): RMSNorm in one op, and the rotary embedding of
+q and k together with the cache write of k and v.
+
+An eager SmolLM2 decode step ran ~70 aten ops per layer, most on a few hundred floats, each costing
+microseconds of dispatch: torch's RMSNorm is ~10 of them (17 us for one 576-wide row, twice a layer), the
+rotary embedding of q and k 16, the cache write 6. The engine installs these where it runs a model eagerly on
+CPU in fp32 (`install`); training never sees them (the norm takes them only without gradients), and
+torch.compile traces the unfused ops, which inductor fuses with their neighbours itself.
+
+The rotary embedding is apply_rope_half's arithmetic in the same order, built without fused multiply-adds, so
+its bits equal the unfused path's: a token's key is the same whether a prompt chunk (unfused) or a decode step
+(fused) wrote it. The norm's sum of squares is reduced in another order than torch's (last-bit differences).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from nanoseek.engine import native
+
+SOURCE = native.CSRC / "fused_ops.cpp"
+# AVX2 + FMA for the norm's explicit vector sum; -ffp-contract=off keeps the rotation's a*c - b*s two rounded
+# products, as torch computes them (a fused multiply-add would change the last bit)
+FLAGS = ("-mavx2", "-mfma", "-ffp-contract=off")
+
+
+@functools.cache
+def _load() -> str | None:
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "the fused ops need AVX2"
+    return native.build_and_load(SOURCE, native.library_path(SOURCE, FLAGS), "the fused ops", FLAGS)
+
+
+def unavailable_reason() -> str | None:
+    """Why the fused ops cannot run here, or None when they can (builds them on first use)."""
+    return _load()
+
+
+def available() -> bool:
+    return _load() is None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * (offset + weight) over x's last dimension (fp32, CPU)."""
+    return torch.ops.nanoseek.rms_norm(x, weight, eps, offset)
+
+
+def rope_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_store: torch.Tensor,
+    v_store: torch.Tensor,
+    write_slots: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+) -> torch.Tensor:
+    """qkv [N, (heads + 2 kv_heads) * D] (a fused q/k/v projection's output), cos/sin [N, D/2]: rotates q and k
+    (rotate-half layout), writes row n's k and v into the stores [slots, kv_heads, D] at write_slots[n], and
+    returns the rotated q [N, heads, D]."""
+    return torch.ops.nanoseek.rope_store(qkv, cos, sin, k_store, v_store, write_slots, heads, kv_heads)
+
+
+def install(model: nn.Module) -> bool:
+    """Give the model's RMSNorms the fused kernel (used only in eager fp32 CPU inference, see model/norm.py).
+    False, changing nothing, where the ops cannot be built."""
+    from nanoseek.model.norm import RMSNorm
+
+    if not available():
+        return False
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.inference_kernel = rms_norm
+    return True
