@@ -27,6 +27,14 @@ def test_rms_norm_matches_torch(d):
     torch.testing.assert_close(fused_ops.rms_norm(strided, w, 1e-5), F.rms_norm(strided, (d,), w, 1e-5))
 
 
+def test_silu_mul_matches_torch():
+    gate_up = torch.randn(2, 3, 2 * 96, generator=torch.Generator().manual_seed(1)) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(fused_ops.silu_mul(gate_up), F.silu(gate) * up, rtol=2e-6, atol=2e-6)
+    with pytest.raises(RuntimeError, match="gate and up"):
+        fused_ops.silu_mul(torch.zeros(2, 5))
+
+
 def test_rope_store_gives_the_unfused_bits():
     gen = torch.Generator().manual_seed(0)
     N, H, K, D, slots = 5, 6, 2, 16, 40
@@ -74,6 +82,7 @@ def test_engine_decodes_with_them_as_without(monkeypatch):
     assert fused_engine.runner.fused_qkv
     norms = [m for m in fused_engine.runner.model.modules() if isinstance(m, RMSNorm)]
     assert norms and all(m.inference_kernel is fused_ops.rms_norm for m in norms)
+    assert fused_engine.runner.model.model.layers[0].mlp.inference_act_mul is fused_ops.silu_mul
     fused = fused_engine.generate(prompts, params)
 
     monkeypatch.setattr(fused_ops, "_load", lambda: "the fused ops could not be built (test)")

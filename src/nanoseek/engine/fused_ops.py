@@ -1,11 +1,11 @@
-"""Fused ops for eager inference on CPU (csrc/fused_ops.cpp): RMSNorm in one op, and the rotary embedding of
-q and k together with the cache write of k and v.
+"""Fused ops for eager inference on CPU (csrc/fused_ops.cpp): RMSNorm in one op, SiLU(gate) * up in one op, and
+the rotary embedding of q and k together with the cache write of k and v.
 
 An eager SmolLM2 decode step ran ~70 aten ops per layer, most on a few hundred floats, each costing
 microseconds of dispatch: torch's RMSNorm is ~10 of them (17 us for one 576-wide row, twice a layer), the
-rotary embedding of q and k 16, the cache write 6. The engine installs these where it runs a model eagerly on
-CPU in fp32 (`install`); training never sees them (the norm takes them only without gradients), and
-torch.compile traces the unfused ops, which inductor fuses with their neighbours itself.
+rotary embedding of q and k 16, the cache write 6, the MLP's activation 3. The engine installs these where it
+runs a model eagerly on CPU in fp32 (`install`); training never sees them (they are taken only without
+gradients), and torch.compile traces the unfused ops, which inductor fuses with their neighbours itself.
 
 The rotary embedding is apply_rope_half's arithmetic in the same order, built without fused multiply-adds, so
 its bits equal the unfused path's: a token's key is the same whether a prompt chunk (unfused) or a decode step
@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.engine import native
@@ -64,9 +65,16 @@ def rope_store(
     return torch.ops.nanoseek.rope_store(qkv, cos, sin, k_store, v_store, write_slots, heads, kv_heads)
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [..., 2I] = [gate | up] -> [..., I] (fp32, CPU)."""
+    return torch.ops.nanoseek.silu_mul(gate_up)
+
+
 def install(model: nn.Module) -> bool:
-    """Give the model's RMSNorms the fused kernel (used only in eager fp32 CPU inference, see model/norm.py).
-    False, changing nothing, where the ops cannot be built."""
+    """Give the model's RMSNorms, and its SiLU MLPs with fused gate/up projections, the fused kernels (used only
+    in eager fp32 CPU inference: model/norm.inference_kernel_applies). False, changing nothing, where the ops
+    cannot be built."""
+    from nanoseek.model.dense import DenseMLP
     from nanoseek.model.norm import RMSNorm
 
     if not available():
@@ -74,4 +82,6 @@ def install(model: nn.Module) -> bool:
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.inference_kernel = rms_norm
+        elif isinstance(module, DenseMLP) and module.act is F.silu:
+            module.inference_act_mul = silu_mul
     return True

@@ -30,7 +30,7 @@ from torch import nn
 
 from nanoseek.model.embedding import token_embedding
 from nanoseek.model.loss import IGNORE_INDEX, LossOutput, linear_cross_entropy
-from nanoseek.model.norm import RMSNorm
+from nanoseek.model.norm import RMSNorm, inference_kernel_applies
 from nanoseek.model.packing import document_causal_mask
 from nanoseek.model.rope import apply_rope_half, rope_cos_sin, rope_inv_freq
 
@@ -358,10 +358,15 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = _ACTIVATIONS[cfg.hidden_act]
         self.gate_up_proj: nn.Module | None = None  # gate and up as one projection (see DenseAttention.qkv_proj)
+        # act(gate) * up from [gate | up] in one op, where the engine sets one (see RMSNorm.inference_kernel)
+        self.inference_act_mul = None
 
     def forward(self, x):
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)
+            if self.inference_act_mul is not None and inference_kernel_applies(gate_up):
+                return self.down_proj(self.inference_act_mul(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
             return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 

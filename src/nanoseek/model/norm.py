@@ -7,6 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def inference_kernel_applies(x: torch.Tensor) -> bool:
+    """Whether a module's inference kernel (see RMSNorm.inference_kernel) may compute on x: fp32 on CPU, no
+    gradient wanted, not being traced by torch.compile."""
+    inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    return inference and x.dtype == torch.float32 and x.device.type == "cpu"
+
+
 class RMSNorm(nn.Module):
     # A fused kernel with rms_norm's signature (x, weight, eps, offset), set by the inference engine
     # (engine/fused_ops.py; model/ does not import the engine) and used only where no gradient is wanted, on fp32
@@ -21,10 +28,8 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.inference_kernel
-        inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if kernel is not None and inference and x.dtype == torch.float32 and x.device.type == "cpu":
-            return kernel(x, self.weight, self.eps, self.offset)
+        if self.inference_kernel is not None and inference_kernel_applies(x):
+            return self.inference_kernel(x, self.weight, self.eps, self.offset)
         if x.dtype == torch.float32 and self.offset == 0.0:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dtype = x.dtype

@@ -4,6 +4,7 @@
 //
 // nanoseek::rms_norm(x [..., d], weight [d], eps, offset) -> x * rsqrt(mean(x^2) + eps) * (offset + weight)
 //   (Llama's norm with offset 0, Gemma's with 1), every row on its own.
+// nanoseek::silu_mul(gate_up [..., 2I]) -> silu(gate) * up: a fused gate/up projection's activation (3 ops).
 // nanoseek::rope_store(qkv [N, (H + 2K) * D], cos [N, D/2], sin [N, D/2], k_store [slots, K, D],
 //                      v_store [slots, K, D], write_slots [N] int64, H, K) -> q [N, H, D]
 //   rotates q and k by the rotate-half rule (Llama/HF: pairs (i, i + D/2)), writes row n's k and v at cache
@@ -21,7 +22,7 @@
 
 #include <cmath>
 #include <cstdint>
-#include <tuple>
+#include <vector>
 
 namespace {
 
@@ -65,6 +66,34 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, d
 
 at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor& weight, double eps, double offset) {
   return at::empty_symint(x.sym_sizes(), x.options());
+}
+
+// silu(gate) * up for gate_up [..., 2I] = [gate | up] (a fused gate/up projection's output) -> [..., I]
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat, "silu_mul runs in fp32");
+  const int64_t width = gate_up.size(-1), I = width / 2;
+  TORCH_CHECK(width % 2 == 0, "silu_mul: the last dimension must hold gate and up, got ", width);
+  const at::Tensor xc = gate_up.contiguous();
+  std::vector<int64_t> sizes(xc.sizes().begin(), xc.sizes().end());
+  sizes.back() = I;
+  at::Tensor out = at::empty(sizes, xc.options());
+  const int64_t rows = I ? out.numel() / I : 0;
+  const float* xp = xc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *g = xp + r * width, *u = g + I;
+      float* y = op + r * I;
+      for (int64_t i = 0; i < I; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+  });
+  return out;
+}
+
+at::Tensor silu_mul_meta(const at::Tensor& gate_up) {
+  std::vector<c10::SymInt> sizes(gate_up.sym_sizes().begin(), gate_up.sym_sizes().end());
+  sizes.back() = sizes.back() / 2;
+  return at::empty_symint(sizes, gate_up.options());
 }
 
 // out[i] = x[i] cos[i] - x[i + h] sin[i], out[i + h] = x[i + h] cos[i] + x[i] sin[i], h = D / 2
@@ -125,16 +154,19 @@ at::Tensor rope_store_meta(const at::Tensor& qkv, const at::Tensor& cos, const a
 
 TORCH_LIBRARY_FRAGMENT(nanoseek, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, float offset) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_store, Tensor(b!) v_store, Tensor write_slots,"
         " int H, int K) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
   m.impl("rms_norm", rms_norm);
+  m.impl("silu_mul", silu_mul);
   m.impl("rope_store", rope_store);
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, Meta, m) {
   m.impl("rms_norm", rms_norm_meta);
+  m.impl("silu_mul", silu_mul_meta);
   m.impl("rope_store", rope_store_meta);
 }
