@@ -68,6 +68,23 @@ at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor& weight, double e
   return at::empty_symint(x.sym_sizes(), x.options());
 }
 
+// exp of 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for exp(r), times 2^n;
+// ~1 ulp). The scalar std::exp would leave a prompt chunk's activation (200 tokens x 1536 x 30 layers) 10x
+// slower than torch's vectorized one.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365f)), _mm256_set1_ps(88.3762f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(c));
+  y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, _mm256_mul_ps(r, r)), r), _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
 // silu(gate) * up for gate_up [..., 2I] = [gate | up] (a fused gate/up projection's output) -> [..., I]
 at::Tensor silu_mul(const at::Tensor& gate_up) {
   TORCH_CHECK(gate_up.scalar_type() == at::kFloat, "silu_mul runs in fp32");
@@ -84,7 +101,14 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     for (int64_t r = begin; r < end; ++r) {
       const float *g = xp + r * width, *u = g + I;
       float* y = op + r * I;
-      for (int64_t i = 0; i < I; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      int64_t i = 0;
+      for (; i + 8 <= I; i += 8) {
+        const __m256 gate = _mm256_loadu_ps(g + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate));
+        const __m256 silu = _mm256_div_ps(gate, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+      }
+      for (; i < I; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
     }
   });
   return out;
