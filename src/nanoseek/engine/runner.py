@@ -90,8 +90,9 @@ class ModelRunner:
         # decodes and verifications of dense models attend in the paged attention kernel (engine/paged_attention.py)
         self.fused_attention = fused_attention and paged_attention_applies(model, self.device, weight.dtype)
         # RMSNorm in one op, and with the paged attention kernel the rotary embedding and cache write fused too
-        # (engine/fused_ops.py): eager fp32 inference on CPU
-        fused = self.device.type == "cpu" and weight.dtype == torch.float32 and fused_ops.install(model)
+        # (engine/fused_ops.py): eager fp32 inference on CPU (not under autocast, whose activations are 16-bit)
+        fp32_cpu = self.device.type == "cpu" and weight.dtype == torch.float32 and autocast_dtype is None
+        fused = fp32_cpu and fused_ops.install(model)
         self.fused_qkv = self.fused_attention and fused
 
     @property
