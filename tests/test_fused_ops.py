@@ -85,7 +85,7 @@ def test_engine_decodes_with_them_as_without(monkeypatch):
     assert fused_engine.runner.model.model.layers[0].mlp.inference_act_mul is fused_ops.silu_mul
     fused = fused_engine.generate(prompts, params)
 
-    monkeypatch.setattr(fused_ops, "_load", lambda: "the fused ops could not be built (test)")
+    monkeypatch.setattr(fused_ops.KERNEL, "unavailable_reason", lambda: "could not be built (test)")
     plain_engine = Engine(_llama(), EngineConfig(num_blocks=32), eos_ids=[])
     assert not plain_engine.runner.fused_qkv
     assert all(m.inference_kernel is None for m in plain_engine.runner.model.modules() if isinstance(m, RMSNorm))

@@ -92,7 +92,7 @@ def test_models_it_does_not_cover_keep_sdpa(monkeypatch):
     torch.manual_seed(0)
     deepseek = DeepseekV3ForCausalLM(from_name("test-tiny")).eval()
     assert not Engine(deepseek, EngineConfig(num_blocks=16), eos_ids=[]).runner.fused_attention  # MLA
-    monkeypatch.setattr(paged_attention, "_load", lambda: "the paged attention kernel could not be built (test)")
+    monkeypatch.setattr(paged_attention.KERNEL, "unavailable_reason", lambda: "could not be built (test)")
     engine = Engine(_llama(), EngineConfig(num_blocks=16), eos_ids=[])
     assert not engine.runner.fused_attention
     assert len(engine.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4))[0].token_ids) == 4

@@ -14,34 +14,17 @@ its bits equal the unfused path's: a token's key is the same whether a prompt ch
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.engine import native
 
-SOURCE = native.CSRC / "fused_ops.cpp"
 # AVX2 + FMA for the norm's explicit vector sum; -ffp-contract=off keeps the rotation's a*c - b*s two rounded
 # products, as torch computes them (a fused multiply-add would change the last bit)
 FLAGS = ("-mavx2", "-mfma", "-ffp-contract=off")
-
-
-@functools.cache
-def _load() -> str | None:
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return "the fused ops need AVX2"
-    return native.build_and_load(SOURCE, native.library_path(SOURCE, FLAGS), "the fused ops", FLAGS)
-
-
-def unavailable_reason() -> str | None:
-    """Why the fused ops cannot run here, or None when they can (builds them on first use)."""
-    return _load()
-
-
-def available() -> bool:
-    return _load() is None
+KERNEL = native.Kernel("fused_ops.cpp", "the fused ops library", FLAGS)
+unavailable_reason, available = KERNEL.unavailable_reason, KERNEL.available
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:

@@ -79,3 +79,26 @@ def build_and_load(source: Path, target: Path, what: str, flags: tuple[str, ...]
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         return f"{what} could not be built or loaded ({str(exc).strip()[:300]})"
     return None
+
+
+class Kernel:
+    """A library of csrc/ for x86-64 CPUs with AVX2, built (once per source, flags and torch) and loaded into torch
+    on first use. `unavailable_reason()` says why it cannot run here, or None when it can."""
+
+    def __init__(self, source: str, what: str, flags: tuple[str, ...] = ()):
+        self.source, self.what, self.flags = CSRC / source, what, flags
+        self._reason: str | None = None
+        self._tried = False
+
+    def unavailable_reason(self) -> str | None:
+        if not self._tried:  # once per process: loading a library twice would register its ops twice
+            self._reason, self._tried = self._load(), True
+        return self._reason
+
+    def available(self) -> bool:
+        return self.unavailable_reason() is None
+
+    def _load(self) -> str | None:
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            return f"{self.what} needs AVX2"
+        return build_and_load(self.source, library_path(self.source, self.flags), self.what, self.flags)

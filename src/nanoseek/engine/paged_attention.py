@@ -15,32 +15,15 @@ whose blocked matmuls are faster over many queries. Where the kernel cannot be b
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from nanoseek.engine import native
 
-SOURCE = native.CSRC / "paged_attention.cpp"
 # -ffast-math: vectorized reductions and glibc's vector expf (deterministic, not bitwise SDPA's); AVX2 + FMA:
 # every x86-64 CPU this runs on has them, and the build is cached per source, not per CPU
 FLAGS = ("-ffast-math", "-mavx2", "-mfma")
-
-
-@functools.cache
-def _load() -> str | None:
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return "the paged attention kernel needs AVX2"
-    return native.build_and_load(SOURCE, native.library_path(SOURCE, FLAGS), "the paged attention kernel", FLAGS)
-
-
-def unavailable_reason() -> str | None:
-    """Why the kernel cannot run here, or None when it can (builds it on first use)."""
-    return _load()
-
-
-def available() -> bool:
-    return _load() is None
+KERNEL = native.Kernel("paged_attention.cpp", "the paged attention kernel", FLAGS)
+unavailable_reason, available = KERNEL.unavailable_reason, KERNEL.available
 
 
 def paged_attention(
