@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoseek.engine import fused_ops
+from nanoseek.engine import fused_ops, paged_attention
 from nanoseek.engine.kv_cache import BlockPool, CacheSpec, KVLayout, PagedStorage, PagedView
 from nanoseek.engine.kv_groups import SequenceBlocks
 from nanoseek.memory import return_freed_memory
@@ -55,14 +55,10 @@ def cache_layout(model, *, mtp: bool = False) -> tuple[CacheSpec, list[int | Non
     return CacheSpec(cfg.num_hidden_layers, {"k": kv, "v": kv}), windows
 
 
-def paged_attention_applies(model, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the model's decode attention can run in the paged attention kernel: a dense model (DeepSeek's MLA
-    attends over its latent cache its own way) with an fp32 cache on a CPU where the kernel builds."""
-    if hasattr(model.config, "kv_lora_rank") or device.type != "cpu" or dtype != torch.float32:
-        return False
-    from nanoseek.engine import paged_attention
-
-    return paged_attention.available()
+def paged_attention_applies(model) -> bool:
+    """Whether the model's decode attention can run in the paged attention kernel (given an fp32 cache on CPU): a
+    dense model (DeepSeek's MLA attends over its latent cache its own way), on a CPU where the kernel builds."""
+    return not hasattr(model.config, "kv_lora_rank") and paged_attention.available()
 
 
 class ModelRunner:
@@ -87,12 +83,12 @@ class ModelRunner:
         # compute the forwards whose rows are all decodes or verifications (logits at every new token) query by
         # query (PagedView.query_spans); the engine turns it on for speculative decoding
         self.row_wise = False
+        fp32_cpu = self.device.type == "cpu" and weight.dtype == torch.float32  # the cache has the weights' dtype
         # decodes and verifications of dense models attend in the paged attention kernel (engine/paged_attention.py)
-        self.fused_attention = fused_attention and paged_attention_applies(model, self.device, weight.dtype)
+        self.fused_attention = fused_attention and fp32_cpu and paged_attention_applies(model)
         # RMSNorm in one op, and with the paged attention kernel the rotary embedding and cache write fused too
         # (engine/fused_ops.py): eager fp32 inference on CPU (not under autocast, whose activations are 16-bit)
-        fp32_cpu = self.device.type == "cpu" and weight.dtype == torch.float32 and autocast_dtype is None
-        fused = fp32_cpu and fused_ops.install(model)
+        fused = fp32_cpu and autocast_dtype is None and fused_ops.install(model)
         self.fused_qkv = self.fused_attention and fused
 
     @property
