@@ -298,7 +298,7 @@ def _int4_available() -> bool:
     return int4_kernel_available()
 
 
-needs_int4_kernel = pytest.mark.skipif(not _int4_available(), reason="nanoseek's int4 kernel needs AVX512-VNNI")
+needs_int4_kernel = pytest.mark.skipif(not _int4_available(), reason="nanoseek's int4 kernel needs AVX2")
 
 
 @needs_int4_kernel
@@ -423,16 +423,46 @@ def test_int4_linear_compiles():
 
 
 def test_int4_kernel_without_a_compiler_says_why(monkeypatch, tmp_path):
-    from nanoseek.engine import q4_kernel
+    from nanoseek.engine import native, q4_kernel
 
     if not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"):
         pytest.skip("the kernel is built on x86-64 Linux only")
+    source, what = q4_kernel.KERNEL.source, q4_kernel.KERNEL.what
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    reason = q4_kernel.build_and_load(tmp_path / "q4.so")
+    reason = native.build_and_load(source, tmp_path / "q4.so", what)
     assert reason.startswith("the 4-bit kernel could not be built or loaded") and "no-such-compiler" in reason
     monkeypatch.setenv("CXX", "false")  # a compiler that fails
-    assert "could not be built" in q4_kernel.build_and_load(tmp_path / "q4.so")
+    assert "could not be built" in native.build_and_load(source, tmp_path / "q4.so", what)
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+
+
+@needs_int4_kernel
+def test_int4_kernels_avx2_path_gives_the_avx512_paths_bits():
+    """A CPU without AVX512 runs the kernel's AVX2 path: the same integer dot products and the same floating-point
+    operations in the same order, so the same bits, for every row count (tiles of 4 and the rest) and for output
+    sizes that end inside a panel's first or second half."""
+    from nanoseek.engine import q4_kernel
+    from nanoseek.engine.quant import Int4Linear, int4_dequantize, int4_grid
+
+    best = q4_kernel.isa()
+    gen = torch.Generator().manual_seed(3)
+    for out_features, in_features in [(40, 96), (13, 64), (8, 32), (9, 32), (48, 160)]:
+        weight = torch.randn(out_features, in_features, generator=gen)
+        linear = Int4Linear(weight)
+        for rows in (1, 2, 3, 4, 5, 7, 9):
+            x = torch.randn(rows, in_features, generator=gen) * 3
+            x[0, :32] = 0  # an all-zero block
+            with q4_kernel.use_isa("avx2"):
+                assert q4_kernel.isa() == "avx2"
+                avx2 = linear(x)
+            assert q4_kernel.isa() == best  # restored
+            if best == "avx512vnni":
+                assert torch.equal(avx2, linear(x)), (out_features, in_features, rows)
+            dequantized = x @ int4_dequantize(*int4_grid(weight)).T
+            assert (avx2 - dequantized).abs().max() <= 3e-2 * dequantized.abs().max()
+    with pytest.raises(ValueError, match="unknown code path 'sse'"), q4_kernel.use_isa("sse"):
+        pass
+    assert q4_kernel.isa() == best
 
 
 def test_int4_needs_its_kernel_and_a_group_sized_input(monkeypatch):
@@ -445,10 +475,10 @@ def test_int4_needs_its_kernel_and_a_group_sized_input(monkeypatch):
         assert isinstance(quant.int4_or_int8(torch.randn(64, 64)), quant.Int4Linear)
         linear = quant.Int4Linear(torch.randn(40, 64))  # 48 rows packed: 4 bits a weight, 2 fp16 per 32 weights
         assert quant.linear_weight_bytes(linear) == 48 * 64 // 2 + 48 * 2 * 2 * 2
-    monkeypatch.setattr(q4_kernel, "unavailable_reason", lambda: "this CPU lacks AVX512-VNNI")
-    with pytest.raises(ValueError, match="int4 weights cannot run here: this CPU lacks AVX512-VNNI; use int8"):
+    monkeypatch.setattr(q4_kernel, "unavailable_reason", lambda: "the 4-bit kernel needs AVX2")
+    with pytest.raises(ValueError, match="int4 weights cannot run here: the 4-bit kernel needs AVX2; use int8"):
         quant.quantize_model(_model("llama"), "int4")
-    with pytest.raises(ValueError, match="AVX512-VNNI"):
+    with pytest.raises(ValueError, match="needs AVX2"):
         quant.Int4Linear(torch.randn(64, 64))
 
 

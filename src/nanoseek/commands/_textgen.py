@@ -15,7 +15,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quant", default="auto", choices=["auto", "none", "int8", "int4", "fp16"],
         help="weights' run format on the CPU: int8 or fp16 (packed, 2-3x faster decoding than fp32), int4 "
-        "(4-bit groups of 32 as GGUF Q4_1, CPUs with AVX512-VNNI), none (fp32); auto (default): int4 for a GGUF file "
+        "(4-bit groups of 32 as GGUF Q4_1, CPUs with AVX2), none (fp32); auto (default): int4 for a GGUF file "
         "with 4-bit layers (Q4_0/Q4_1/Q4_K) where int4 runs, int8 for other quantized GGUF files, none otherwise",
     )  # fmt: skip
     p.add_argument(

@@ -1,52 +1,66 @@
-"""nanoseek's 4-bit CPU kernel (csrc/q4_linear.cpp): GGUF Q4_1's grid times int8 activations with AVX512-VNNI
-dot products, the scheme llama.cpp decodes Q4 files with.
+"""nanoseek's 4-bit CPU kernel (csrc/q4_linear.cpp): GGUF Q4_1's grid times int8 activations in integer dot
+products, the scheme llama.cpp decodes Q4 files with: AVX512-VNNI where the CPU has it, else AVX2 (the same
+bits, more instructions per weight).
 
 Why our own kernel: torch has no x86 4-bit kernel that stays bound by memory. `_weight_int4pack_mm_for_cpu`
 converts every nibble to bf16 and is bound by that arithmetic, so it reads half int8's bytes yet decoded only
 0-5% faster than int8 (issue 11's profile); torchao's x86 int4 layout calls the same kernel. Here one
-vpdpbusd multiplies 64 nibbles by 64 int8 activations, and a token reads 5 bits per weight.
+vpdpbusd multiplies 64 nibbles by 64 int8 activations (vpmaddubsw 32, on AVX2), and a token reads 5 bits per
+weight.
 
 The C++ file is compiled on first use (engine/native.py; 5 s with g++). Where it cannot be built or the CPU
-lacks AVX512-VNNI, `unavailable_reason()` says why, and int4 is refused with that reason (int8 runs everywhere).
+lacks AVX2, `unavailable_reason()` says why, and int4 is refused with that reason (int8 runs everywhere).
 """
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
 from nanoseek.engine import native
 
-SOURCE = native.CSRC / "q4_linear.cpp"
+KERNEL = native.Kernel("q4_linear.cpp", "the 4-bit kernel")
 BLOCK = 32  # inputs per block: Q4_1's
 PANEL = 16  # output rows per panel (one AVX512 register of fp32)
 PANEL_BYTES = 320  # per (panel, block): 256 bytes of nibbles, 16 fp16 scales, 16 fp16 minimums
 
 
-def build_and_load(target: Path) -> str | None:
-    """Compile the kernel into `target` unless it is there, and load it. None when the CPU can run it, else
-    the reason it cannot be used."""
-    if reason := native.build_and_load(SOURCE, target, "the 4-bit kernel"):
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot run here, or None when it can (builds it on first use)."""
+    if reason := KERNEL.unavailable_reason():
         return reason
-    if not torch.ops.nanoseek.q4_supported():
-        return "this CPU lacks AVX512-VNNI, which the 4-bit kernel needs"
+    if torch.ops.nanoseek.q4_isa() == "none":
+        return "this CPU lacks FMA or F16C, which the 4-bit kernel needs beside AVX2"
     return None
 
 
-@functools.cache
-def _load() -> str | None:
-    return build_and_load(native.library_path(SOURCE))
-
-
-def unavailable_reason() -> str | None:
-    """Why the kernel cannot run here, or None when it can (builds it on first use)."""
-    return _load()
-
-
 def available() -> bool:
-    return _load() is None
+    return unavailable_reason() is None
+
+
+def isa() -> str:
+    """The code path the kernel runs: "avx512vnni" or "avx2" (the best the CPU has unless `use_isa` chose)."""
+    return torch.ops.nanoseek.q4_isa()
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    """Run the kernel's `name` path ("avx512vnni" or "avx2") inside the block, for tests and benchmarks: the AVX2
+    path on a CPU that has AVX512. A ValueError when the CPU lacks it."""
+    if reason := unavailable_reason():
+        raise ValueError(reason)
+    if name not in ("avx512vnni", "avx2"):
+        raise ValueError(f"unknown code path {name!r}; choose avx512vnni or avx2")
+    try:
+        previous = torch.ops.nanoseek.q4_use_isa(name)
+    except RuntimeError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from None
+    try:
+        yield
+    finally:
+        torch.ops.nanoseek.q4_use_isa(previous)
 
 
 def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

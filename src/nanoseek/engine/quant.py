@@ -2,7 +2,7 @@
 in a compact run format, applied to a built model from outside, so the model code knows nothing of it.
 
     quantize_model(model, "int8")   # int8 weights (a scale per output row), int8 activations (a scale per row)
-    quantize_model(model, "int4")   # GGUF Q4_1's grid (groups of 32), int8 activations; AVX512-VNNI
+    quantize_model(model, "int4")   # GGUF Q4_1's grid (groups of 32), int8 activations; AVX2 or AVX512-VNNI
     quantize_model(model, "fp16")   # fp16 weights packed for fbgemm, fp32 math
     nanoseek.load("x.gguf", quant="int8")  # the same, packed while loading: no fp32 copy of the whole model
 
@@ -12,20 +12,20 @@ fp32 `F.linear` 51-103 (lm_head 576->49152: 7,400); fbgemm fp16 26-39 (780); `to
 so a row's numbers would depend on the other rows of the batch: not used.
 
 4-bit runs on nanoseek's own kernel (engine/q4_kernel.py, csrc/q4_linear.cpp): the Q4_1 grid times int8
-activations with AVX512-VNNI dot products, as llama.cpp runs Q4 files. This CPU (an AMD EPYC) has AVX512
-and VNNI although AVX2 was all the project guide promised. What torch offers was measured first
-(benchmarks/int4_kernels.py) and left: `_weight_int4pack_mm_for_cpu` is fast only with bf16 activations
-(fp32 takes a scalar path) and, even then, bound by converting nibbles to bf16, so a compiled SmolLM2 token
-decoded only 0-5% faster than int8 although it reads half the bytes; torchao's x86 int4 layout calls the
-same kernel; inductor's code for the grid as plain torch ops was no faster; `_dyn_quant_matmul_4bit` is a
-reference fallback on x86. SmolLM2's 120 layer linears for one token, eager, 2 threads, weights from memory
-(medians of 15 alternating rounds): int8 `_int_mm` 5.98 ms, torch's int4 kernel 4.33, nanoseek's 3.01; for
-16 rows 13.8 / 13.6 / 10.0. A large matrix streams at 33 GB/s with 2 threads (19 with one).
-A GGUF's 4-bit weights are packed from the file's own blocks (weights/gguf_grid.py; Q4_0 and Q4_1 exactly,
-Q4_K's sub-block scales rounded to fp16), and `int4_grid`, which fits the grid to other weights, also recovers
-a Q4_0 or Q4_1 tensor's fp16 scales exactly (SmolLM2's Q4_1: max difference 0). Rounding activations to int8
-per block of 32 costs ~1e-2 relative error per linear on random data; on SmolLM2 over 300 tokens of text,
-int4 stays closer to the fp32 model of the file's weights than int8 does (mean KL 0.036 against 0.059).
+activations in integer dot products, as llama.cpp runs Q4 files: AVX512-VNNI where the CPU has it (this one,
+an AMD EPYC, has, although AVX2 was all the project guide promised), else AVX2, with the same bits. What torch
+offers was measured first (benchmarks/int4_kernels.py) and left: `_weight_int4pack_mm_for_cpu` is fast only
+with bf16 activations (fp32 takes a scalar path) and, even then, bound by converting nibbles to bf16, so a
+compiled SmolLM2 token decoded only 0-5% faster than int8 although it reads half the bytes; torchao's x86 int4
+layout calls the same kernel; inductor's code for the grid as plain torch ops was no faster;
+`_dyn_quant_matmul_4bit` is a reference fallback on x86. SmolLM2's 120 layer linears for one token, eager, 2
+threads, weights from memory (medians of 15 alternating rounds): int8 `_int_mm` 5.98 ms, torch's int4 kernel
+4.33, nanoseek's 3.01; for 16 rows 13.8 / 13.6 / 10.0. A large matrix streams at 33 GB/s with 2 threads (19
+with one). A GGUF's 4-bit weights are packed from the file's own blocks (weights/gguf_grid.py; Q4_0 and Q4_1
+exactly, Q4_K's sub-block scales rounded to fp16), and `int4_grid`, which fits the grid to other weights, also
+recovers a Q4_0 or Q4_1 tensor's fp16 scales exactly (SmolLM2's Q4_1: max difference 0). Rounding activations
+to int8 per block of 32 costs ~1e-2 relative error per linear on random data; on SmolLM2 over 300 tokens of
+text, int4 stays closer to the fp32 model of the file's weights than int8 does (mean KL 0.036 against 0.059).
 lm_head stays int8 in int4 mode (INT8_IN_INT4).
 
 Every mode quantizes each row's activations on its own, so a row's numbers do not depend on the rest of the
@@ -166,7 +166,7 @@ def int4_kernel_available() -> bool:
 
 
 def require_int4_kernel() -> None:
-    """A ValueError saying why int4 cannot run on this machine: it needs nanoseek's AVX512-VNNI kernel."""
+    """A ValueError saying why int4 cannot run on this machine: it needs nanoseek's kernel (AVX2, a compiler)."""
     from nanoseek.engine import q4_kernel
 
     if reason := q4_kernel.unavailable_reason():
