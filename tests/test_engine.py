@@ -447,8 +447,8 @@ def test_int4_kernels_avx2_path_gives_the_avx512_paths_bits():
     best = q4_kernel.isa()
     gen = torch.Generator().manual_seed(3)
     for out_features, in_features in [(40, 96), (13, 64), (8, 32), (9, 32), (48, 160)]:
-        weight = torch.randn(out_features, in_features, generator=gen)
-        linear = Int4Linear(weight)
+        weight, bias = torch.randn(out_features, in_features, generator=gen), torch.randn(out_features, generator=gen)
+        linear = Int4Linear(weight, bias if out_features % 2 else None)
         for rows in (1, 2, 3, 4, 5, 7, 9):
             x = torch.randn(rows, in_features, generator=gen) * 3
             x[0, :32] = 0  # an all-zero block
@@ -458,7 +458,7 @@ def test_int4_kernels_avx2_path_gives_the_avx512_paths_bits():
             assert q4_kernel.isa() == best  # restored
             if best == "avx512vnni":
                 assert torch.equal(avx2, linear(x)), (out_features, in_features, rows)
-            dequantized = x @ int4_dequantize(*int4_grid(weight)).T
+            dequantized = x @ int4_dequantize(*int4_grid(weight)).T + (bias if out_features % 2 else 0)
             assert (avx2 - dequantized).abs().max() <= 3e-2 * dequantized.abs().max()
     with pytest.raises(ValueError, match="unknown code path 'sse'"), q4_kernel.use_isa("sse"):
         pass

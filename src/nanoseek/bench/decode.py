@@ -533,8 +533,9 @@ def print_targets(args, figures: dict[str, Figures], memory: dict, fastest: str)
             cells.append(f"{value:.2f}x " + ("met" if short <= 1 else f"MISSED by {short:.2f}x"))
         star = " (fastest single stream)" if label == fastest else ""
         print(f"| {label.removeprefix('nanoseek-')}{star} | " + " | ".join(cells) + " |")
-    if "llama.cpp" not in figures:
-        print("  single-stream decode vs llama.cpp: not measured (llama.cpp missing: " + INSTALL_HINT + ")")
+    if "llama.cpp" not in figures:  # a side that failed is in figures, with its error in the notes
+        why = f"llama.cpp missing: {INSTALL_HINT}" if "llama.cpp" in args.peers else "not among --peers"
+        print(f"  single-stream decode vs llama.cpp: not measured ({why})")
 
 
 def check_agreement(args, figures: dict[str, Figures]) -> None:

@@ -82,6 +82,6 @@ def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.cat([nibbles, d, m], dim=2).contiguous()
 
 
-def q4_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x [rows, in] fp32 @ the packed weight's transpose -> [rows, out_features] fp32."""
-    return torch.ops.nanoseek.q4_linear(x, packed, out_features)
+def q4_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None):
+    """x [..., in] @ the packed weight's transpose (+ bias [out_features]) -> [..., out_features] fp32."""
+    return torch.ops.nanoseek.q4_linear(x, packed, out_features, bias)

@@ -29,7 +29,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
+#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -146,14 +148,15 @@ void quantize_rows(Isa isa, const float* x, int64_t rows, int64_t k, int8_t* q, 
 // y[rows, n] for panels [p_begin, p_end): for each panel, tiles of up to 4 activation rows share each
 // block's unpacked nibbles (the weights are read from memory once per panel and from L1 per extra tile).
 __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma"))) void q4_panels_avx512(
-    const uint8_t* packed, const int8_t* xq, const float* xd, const float* xs, float* y, int64_t rows, int64_t k,
-    int64_t n, int64_t p_begin, int64_t p_end) {
+    const uint8_t* packed, const int8_t* xq, const float* xd, const float* xs, const float* bias, float* y,
+    int64_t rows, int64_t k, int64_t n, int64_t p_begin, int64_t p_end) {
   const int64_t blocks = k / kBlock;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int64_t p = p_begin; p < p_end; ++p) {
     const uint8_t* panel = packed + p * blocks * kPanelBytes;
     const int64_t valid = std::min<int64_t>(kPanel, n - p * kPanel);
     const __mmask16 store_mask = static_cast<__mmask16>((1u << valid) - 1u);
+    const __m512 b_out = bias ? _mm512_maskz_loadu_ps(store_mask, bias + p * kPanel) : _mm512_setzero_ps();
     for (int64_t i0 = 0; i0 < rows; i0 += kRowTile) {
       const int64_t tile = std::min<int64_t>(kRowTile, rows - i0);
       __m512 acc[kRowTile];
@@ -185,7 +188,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma"))) void q4_panels_a
           acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs[i * blocks + b]), acc[t]);
         }
       }
-      for (int64_t t = 0; t < tile; ++t) _mm512_mask_storeu_ps(y + (i0 + t) * n + p * kPanel, store_mask, acc[t]);
+      for (int64_t t = 0; t < tile; ++t) {
+        // + bias as a separate rounding, as `out + bias` after the matmul would add it
+        const __m512 out = bias ? _mm512_add_ps(acc[t], b_out) : acc[t];
+        _mm512_mask_storeu_ps(y + (i0 + t) * n + p * kPanel, store_mask, out);
+      }
     }
   }
 }
@@ -197,9 +204,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,f16c,fma"))) void q4_panels_a
 template <int T>
 __attribute__((target("avx2,fma,f16c"))) inline void q4_half_panel_avx2(const uint8_t* panel, int64_t half,
                                                                          const int8_t* xq, const float* xd,
-                                                                         const float* xs, float* y, int64_t i0,
-                                                                         int64_t blocks, int64_t n,
-                                                                         __m256i store_mask) {
+                                                                         const float* xs, const float* bias,
+                                                                         float* y, int64_t i0, int64_t blocks,
+                                                                         int64_t n, __m256i store_mask) {
   const int64_t k = blocks * kBlock;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
@@ -230,17 +237,21 @@ __attribute__((target("avx2,fma,f16c"))) inline void q4_half_panel_avx2(const ui
       acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[i * blocks + b]), acc[t]);
     }
   }
-  for (int t = 0; t < T; ++t) _mm256_maskstore_ps(y + (i0 + t) * n + 8 * half, store_mask, acc[t]);
+  const __m256 b_out = bias ? _mm256_maskload_ps(bias + 8 * half, store_mask) : _mm256_setzero_ps();
+  for (int t = 0; t < T; ++t) {
+    _mm256_maskstore_ps(y + (i0 + t) * n + 8 * half, store_mask, bias ? _mm256_add_ps(acc[t], b_out) : acc[t]);
+  }
 }
 
 __attribute__((target("avx2,fma,f16c"))) void q4_panels_avx2(const uint8_t* packed, const int8_t* xq,
-                                                              const float* xd, const float* xs, float* y,
-                                                              int64_t rows, int64_t k, int64_t n, int64_t p_begin,
-                                                              int64_t p_end) {
+                                                              const float* xd, const float* xs, const float* bias,
+                                                              float* y, int64_t rows, int64_t k, int64_t n,
+                                                              int64_t p_begin, int64_t p_end) {
   const int64_t blocks = k / kBlock;
   for (int64_t p = p_begin; p < p_end; ++p) {
     const uint8_t* panel = packed + p * blocks * kPanelBytes;
     float* yp = y + p * kPanel;
+    const float* bp = bias ? bias + p * kPanel : nullptr;
     for (int64_t half = 0; half < 2; ++half) {
       const int64_t valid = std::min<int64_t>(8, n - p * kPanel - 8 * half);
       if (valid <= 0) break;
@@ -248,12 +259,12 @@ __attribute__((target("avx2,fma,f16c"))) void q4_panels_avx2(const uint8_t* pack
                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
       int64_t i0 = 0;
       for (; i0 + kRowTile <= rows; i0 += kRowTile) {
-        q4_half_panel_avx2<kRowTile>(panel, half, xq, xd, xs, yp, i0, blocks, n, mask);
+        q4_half_panel_avx2<kRowTile>(panel, half, xq, xd, xs, bp, yp, i0, blocks, n, mask);
       }
       switch (rows - i0) {
-        case 3: q4_half_panel_avx2<3>(panel, half, xq, xd, xs, yp, i0, blocks, n, mask); break;
-        case 2: q4_half_panel_avx2<2>(panel, half, xq, xd, xs, yp, i0, blocks, n, mask); break;
-        case 1: q4_half_panel_avx2<1>(panel, half, xq, xd, xs, yp, i0, blocks, n, mask); break;
+        case 3: q4_half_panel_avx2<3>(panel, half, xq, xd, xs, bp, yp, i0, blocks, n, mask); break;
+        case 2: q4_half_panel_avx2<2>(panel, half, xq, xd, xs, bp, yp, i0, blocks, n, mask); break;
+        case 1: q4_half_panel_avx2<1>(panel, half, xq, xd, xs, bp, yp, i0, blocks, n, mask); break;
         default: break;
       }
     }
@@ -261,23 +272,36 @@ __attribute__((target("avx2,fma,f16c"))) void q4_panels_avx2(const uint8_t* pack
 }
 #endif
 
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
+// x [..., k] (fp32, or converted to it) -> [..., out_features] fp32, + bias [out_features] when given.
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                     const std::optional<at::Tensor>& bias) {
   const Isa isa = g_isa;
   TORCH_CHECK(isa != Isa::kNone, "nanoseek::q4_linear needs a CPU with AVX2, FMA and F16C");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "q4_linear: x must be a 2-d fp32 tensor");
+  TORCH_CHECK(x.dim() >= 1 && at::isFloatingType(x.scalar_type()), "q4_linear: x must be a floating-point tensor");
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == kPanelBytes,
               "q4_linear: packed must be [panels, blocks, 320] uint8");
-  const int64_t rows = x.size(0), k = x.size(1), blocks = packed.size(1), panels = packed.size(0);
+  const int64_t k = x.size(-1), blocks = packed.size(1), panels = packed.size(0);
   TORCH_CHECK(k == blocks * kBlock, "q4_linear: x has ", k, " inputs, the weight ", blocks * kBlock);
   TORCH_CHECK(out_features > (panels - 1) * kPanel && out_features <= panels * kPanel,
               "q4_linear: ", out_features, " outputs do not fit ", panels, " panels");
-  const at::Tensor xc = x.contiguous();
+  const float* bias_ptr = nullptr;
+  at::Tensor bias_c;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features && bias->scalar_type() == at::kFloat,
+                "q4_linear: bias must be [", out_features, "] fp32");
+    bias_c = bias->contiguous();
+    bias_ptr = bias_c.data_ptr<float>();
+  }
+  const at::Tensor xc = x.to(at::kFloat).contiguous();
+  const int64_t rows = xc.numel() / k;
+  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
+  out_sizes.back() = out_features;
   const at::Tensor pc = packed.contiguous();
-  at::Tensor y = at::empty({rows, out_features}, x.options());
+  at::Tensor y = at::empty(out_sizes, xc.options());
   if (rows == 0) return y;
 #if defined(__x86_64__)
   // one workspace for the quantized activations: their scales and sums (fp32), then the int8 values
-  at::Tensor work = at::empty({rows * blocks * 2 * 4 + rows * k}, x.options().dtype(at::kByte));
+  at::Tensor work = at::empty({rows * blocks * 2 * 4 + rows * k}, xc.options().dtype(at::kByte));
   float* d = reinterpret_cast<float*>(work.data_ptr<uint8_t>());
   float* s = d + rows * blocks;
   int8_t* q = reinterpret_cast<int8_t*>(s + rows * blocks);
@@ -286,9 +310,9 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_
   float* out = y.data_ptr<float>();
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     if (isa == Isa::kAvx512Vnni) {
-      q4_panels_avx512(w, q, d, s, out, rows, k, out_features, begin, end);
+      q4_panels_avx512(w, q, d, s, bias_ptr, out, rows, k, out_features, begin, end);
     } else {
-      q4_panels_avx2(w, q, d, s, out, rows, k, out_features, begin, end);
+      q4_panels_avx2(w, q, d, s, bias_ptr, out, rows, k, out_features, begin, end);
     }
   });
 #endif
@@ -297,8 +321,11 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_
 
 // Symbolic sizes: torch.compile traces the decode step once for any number of rows (a concrete size(0)
 // here would specialize the graph on it, and each new batch size would compile again).
-at::Tensor q4_linear_meta(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
-  return at::empty_symint({x.sym_size(0), c10::SymInt(out_features)}, x.options());
+at::Tensor q4_linear_meta(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                          const std::optional<at::Tensor>& bias) {
+  std::vector<c10::SymInt> sizes(x.sym_sizes().begin(), x.sym_sizes().end());
+  sizes.back() = c10::SymInt(out_features);
+  return at::empty_symint(sizes, x.options().dtype(at::kFloat));
 }
 
 std::string q4_isa() { return isa_name(g_isa); }
@@ -320,7 +347,7 @@ std::string q4_use_isa(const std::string& name) {
 }  // namespace
 
 TORCH_LIBRARY(nanoseek, m) {
-  m.def("q4_linear(Tensor x, Tensor packed, int out_features) -> Tensor");
+  m.def("q4_linear(Tensor x, Tensor packed, int out_features, Tensor? bias=None) -> Tensor");
   m.def("q4_isa() -> str", &q4_isa);
   m.def("q4_use_isa(str name) -> str", &q4_use_isa);
 }
