@@ -86,7 +86,8 @@ def test_decode_benchmark_smoke(tiny_gguf, tmp_path, capsys, monkeypatch):
     assert re.search(r"outputs agree: nanoseek fp32 equals transformers greedy for (\d+) tokens", out)
     assert re.search(r"nanoseek-fp32\s+/ transformers\s*: decode \d+\.\d+x", out)
     assert re.search(r"plain: decode \d+\.\d+ \(", out)  # the DeepSeek-V3 run
-    assert "with MTP speculation:" in out
+    assert re.search(r"with MTP speculation: decode \d+\.\d+ .*; MTP drafts accepted \d+ of [1-9]\d* \(\d+%\); "
+                     r"the same greedy tokens as plain", out)  # fmt: skip
     assert plot.stat().st_size > 10_000
     figures = json.loads(raw.read_text())["figures"]
     assert all(len(t) == 33 for t in figures["nanoseek-int8"]["tokens"])
@@ -99,3 +100,28 @@ def test_decode_benchmark_bad_input(tmp_path, capsys):
     assert "unknown nanoseek format 'int3'" in capsys.readouterr().err
     assert main(["bench", "decode", "smollm2", "--concurrency", "4,x"]) == 2
     assert "--concurrency takes integers" in capsys.readouterr().err
+    assert main(["bench", "decode", "smollm2", "--deepseek", str(tmp_path / "no-such-model")]) == 2
+    assert "neither a model folder nor a named config" in capsys.readouterr().err
+
+
+def test_decode_benchmark_runs_a_deepseek_model_folder(tmp_path, capsys):
+    """`--deepseek FOLDER` (e.g. the speedrun's final model) loads the folder, MTP layer included, and runs it with
+    and without MTP speculation; without a tokenizer in the folder the prompt is random ids of its vocabulary."""
+    from types import SimpleNamespace
+
+    from nanoseek.config import from_name
+    from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+    from nanoseek.weights.hf_folder import save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(DeepseekV3ForCausalLM(from_name("test-tiny", num_nextn_predict_layers=1)), tmp_path)
+    prompt = decode.deepseek_prompt(str(tmp_path))
+    assert len(prompt) == 32 and max(prompt) < from_name("test-tiny").vocab_size
+    args = SimpleNamespace(deepseek=str(tmp_path), threads=1, reps=1, decode_tokens=12)
+    results = decode.run_deepseek(args, decode.worker_env(1))
+    plain, mtp = results["plain"], results["with MTP speculation"]
+    assert plain["drafted"] == 0 and mtp["drafted"] > 0 and 0 <= mtp["accepted"] <= mtp["drafted"]
+    assert plain["tokens"] == mtp["tokens"] and len(plain["tokens"]) == 12
+    decode.print_deepseek(args, results)
+    out = capsys.readouterr().out
+    assert "weights of the folder" in out and "the same greedy tokens as plain" in out

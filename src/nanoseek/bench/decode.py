@@ -14,8 +14,10 @@ fp32 with its KV cache, the C prompts as one batch (equal lengths: no padding).
 
 Greedy outputs are compared (matching prefix lengths): nanoseek fp32 must equal transformers for the first
 32 tokens (the benchmark fails otherwise). Figures are medians of the repeats with their min-max spread;
-the ratios are the result. A DeepSeek-V3 model (random weights of a named config) is run through the engine
-with and without MTP speculation (the latter where the engine has it).
+the ratios are the result. A DeepSeek-V3 model is run through the engine with and without MTP speculation:
+random weights of a named config (`--deepseek bench-20m`, the default), or a trained model folder with its
+MTP layer (`--deepseek runs/NAME/model`, the speedrun's final model), whose MTP drafts are worth measuring.
+The speculative run reports its acceptance rate and must give the plain run's greedy tokens.
 
 llama.cpp is optional: `pip install -e .[bench]` (builds llama-cpp-python from source, ~10 min on 2 cores).
 """
@@ -184,7 +186,9 @@ def parse_args(argv):
     ap.add_argument("--peers", default="llama.cpp,transformers", help="peers to run (comma-separated; '' for none)")
     ap.add_argument("--transformers-max-concurrency", type=int, default=64,
                     help="largest concurrency transformers runs (its batched generate is slow)")  # fmt: skip
-    ap.add_argument("--deepseek", default="bench-20m", help="named DeepSeek-V3 config to run ('none' to skip)")
+    ap.add_argument("--deepseek", default="bench-20m",
+                    help="DeepSeek-V3 to run with and without MTP speculation: a named config (random weights) or a "
+                    "model folder such as a speedrun's runs/NAME/model ('none' to skip)")  # fmt: skip
     ap.add_argument("--check-tokens", type=int, default=32,
                     help="nanoseek fp32 must equal transformers greedy for this many tokens")  # fmt: skip
     ap.add_argument("--plot", help="write a PNG of the figures here")
@@ -210,6 +214,14 @@ def parse_args(argv):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if not args.concurrency or min(args.concurrency) < 1:
         raise ValueError("--concurrency needs counts >= 1")
+    if args.deepseek != "none" and not Path(args.deepseek).is_dir():
+        from nanoseek.config import ConfigError, from_name
+
+        try:
+            from_name(args.deepseek)
+        except ConfigError as exc:
+            why = f"neither a model folder nor a named config ({exc})"
+            raise ValueError(f"--deepseek {args.deepseek!r}: {why}") from None
     if args.profile and args.profile not in args.formats:
         raise ValueError(f"--profile {args.profile}: not among --formats {','.join(args.formats)}")
     return args
@@ -314,38 +326,72 @@ def main(argv: list[str] | None = None) -> None:
     report(args, model, figures, memory, notes, deepseek, profile)
 
 
+def deepseek_prompt(name_or_folder: str, length: int = 32) -> list[int]:
+    """The DeepSeek run's prompt: the benchmark's text in a model folder's own tokenizer, else random ids (a named
+    config has random weights, and a folder without a tokenizer has none to read text with)."""
+    folder = Path(name_or_folder)
+    if (folder / "tokenizer.json").is_file():
+        import nanoseek
+
+        return prompt_ids(nanoseek.load_tokenizer(folder), length)[:length]
+    if folder.is_dir():
+        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    else:
+        from nanoseek.config import from_name
+
+        vocab = from_name(name_or_folder).vocab_size
+    rng = random.Random(0)
+    return [rng.randrange(3, vocab) for _ in range(length)]
+
+
 def run_deepseek(args, env: dict) -> dict:
-    """Single-stream decode tok/s of a random DeepSeek-V3 (named config, one MTP layer) through the engine,
-    without and with MTP speculation; the latter is reported as unavailable until the engine has it."""
+    """Single-stream decode tok/s of a DeepSeek-V3 (a named config with one random MTP layer, or a model folder)
+    through the engine, without and with MTP speculation, and the drafts the latter proposed and had accepted."""
     from tqdm import tqdm
 
-    rng = random.Random(0)
+    prompt = deepseek_prompt(args.deepseek)
     results = {}
     for mtp in (False, True):
         label = "with MTP speculation" if mtp else "plain"
-        settings = {"side": "deepseek", "config": args.deepseek, "threads": args.threads, "mtp": mtp}
-        side = Side(label, settings, 1)
+        source = {"model": args.deepseek} if Path(args.deepseek).is_dir() else {"config": args.deepseek}
+        side = Side(label, {"side": "deepseek", **source, "threads": args.threads, "mtp": mtp}, 1)
         side.start(env)
         if side.error:
             results[label] = {"error": side.error.strip().splitlines()[-1]}
             continue
         try:
-            from nanoseek.config import from_name
-
-            vocab = from_name(args.deepseek).vocab_size
-            prompt = [rng.randrange(3, vocab) for _ in range(32)]
             side.call("single", prompt=prompt[:8], max_tokens=4)
-            rates, tokens = [], []
+            rates, tokens, drafted, accepted = [], [], 0, 0
             for _ in tqdm(range(args.reps), desc=f"deepseek {label}", file=sys.stderr, leave=False):
                 out = side.call("single", prompt=prompt, max_tokens=args.decode_tokens)
                 rates.append((args.decode_tokens - 1) / out["decode_s"])
                 tokens.append(out["tokens"])
-            results[label] = {"decode": rates, "tokens": tokens[0], "weights_bytes": side.info["weights_bytes"]}
+                drafted, accepted = drafted + out["drafted"], accepted + out["accepted"]
+            results[label] = {"decode": rates, "tokens": tokens[0], "weights_bytes": side.info["weights_bytes"],
+                              "drafted": drafted, "accepted": accepted}  # fmt: skip
         except RuntimeError as exc:
             results[label] = {"error": str(exc)}
         finally:
             side.close()
     return results
+
+
+def print_deepseek(args, deepseek: dict) -> None:
+    weights = "weights of the folder" if Path(args.deepseek).is_dir() else "random weights"
+    print(f"DeepSeek-V3 ({args.deepseek}, {weights}, fp32) through the engine, single stream:")
+    for label, r in deepseek.items():
+        if "error" in r:
+            print(f"  {label}: not run: {r['error']}")
+            continue
+        line = f"  {label}: decode {spread(r['decode'])} tok/s"
+        if r["drafted"]:
+            line += f"; MTP drafts accepted {r['accepted']} of {r['drafted']} ({r['accepted'] / r['drafted']:.0%})"
+        plain = deepseek.get("plain", {}).get("tokens")
+        if label != "plain" and plain is not None:
+            same = matching_prefix(r["tokens"], plain)
+            line += ("; the same greedy tokens as plain" if same == len(plain) == len(r["tokens"])
+                     else f"; DIFFERENT greedy tokens from plain after {same}")  # fmt: skip
+        print(line)
 
 
 def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, deepseek, profile) -> None:
@@ -428,12 +474,7 @@ def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, 
 
     if deepseek is not None:
         print()
-        print(f"DeepSeek-V3 ({args.deepseek}, random weights, fp32) through the engine, single stream:")
-        for label, r in deepseek.items():
-            if "error" in r:
-                print(f"  {label}: not run: {r['error']}")
-            else:
-                print(f"  {label}: decode {spread(r['decode'])} tok/s")
+        print_deepseek(args, deepseek)
     if profile is not None:
         print()
         print(

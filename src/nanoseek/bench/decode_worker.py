@@ -14,7 +14,8 @@ prints can corrupt the answers). Tasks:
     {"task": "reset_peak"}                                    -> {"peak_kb", "reset"}  (peak so far; resets)
     {"task": "profile", "prompt": [ids], "steps": N}          -> {"table"} (nanoseek sides)
 Sides: "nanoseek" (settings "format": fp32 | fp16 | int8, each maybe "+compile"), "transformers", "llama.cpp",
-"deepseek" (a random nanoseek DeepSeek-V3 of a named config; "mtp": true asks for MTP speculation).
+"deepseek" (a nanoseek DeepSeek-V3: "config", a named config with random weights and one MTP layer, or "model", a
+folder; "mtp": true asks for MTP speculation).
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ class NanoseekSide:
         torch.set_num_threads(settings["threads"])
         fmt = settings.get("format", "fp32").partition("+")[0]
         self.compile = compiled(settings)  # decode steps through torch.compile (engine/runner.CompiledDecode)
-        if settings["side"] == "deepseek":
+        if settings["side"] == "deepseek" and "model" in settings:
+            self.model = nanoseek.load(settings["model"]).eval()
+        elif settings["side"] == "deepseek":
             from nanoseek.config import from_name
             from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 
@@ -107,7 +110,9 @@ class NanoseekSide:
             if first is None and engine.get(rid).output_ids:  # a long prompt takes several steps
                 first = time.perf_counter()
         end = time.perf_counter()
-        return {"ttft": first - t0, "decode_s": end - first, "tokens": engine.get(rid).output_ids}
+        stats = engine.stats()
+        return {"ttft": first - t0, "decode_s": end - first, "tokens": engine.get(rid).output_ids,
+                "drafted": stats["num_drafted"], "accepted": stats["num_accepted"]}  # fmt: skip
 
     def batch(self, prompts: list[list[int]], max_tokens: int) -> dict:
         from nanoseek.engine.sampling import SamplingParams
@@ -142,23 +147,8 @@ class NanoseekSide:
 
 
 def speculation_options(mtp: bool) -> dict:
-    """EngineConfig keywords that turn on MTP speculation (hook for the speculative-decoding engine work).
-
-    Today's EngineConfig has no speculation field; when it gains one (a "speculative" or
-    "num_speculative_tokens" field), this is the one place that sets it. Asking for MTP on an engine without
-    it is an error, never a silent plain run."""
-    if not mtp:
-        return {}
-    import dataclasses
-
-    from nanoseek.engine.engine import EngineConfig
-
-    fields = {f.name for f in dataclasses.fields(EngineConfig)}
-    if "speculative" in fields:
-        return {"speculative": "mtp"}
-    if "num_speculative_tokens" in fields:
-        return {"num_speculative_tokens": 1}
-    raise ValueError("this engine has no MTP speculative decoding yet (EngineConfig has no speculation setting)")
+    """EngineConfig keywords for MTP speculation (the model's own MTP layers draft), or none."""
+    return {"speculative": "mtp"} if mtp else {}
 
 
 class TransformersSide:
