@@ -102,6 +102,8 @@ def test_decode_benchmark_bad_input(tmp_path, capsys):
     assert "--concurrency takes integers" in capsys.readouterr().err
     assert main(["bench", "decode", "smollm2", "--deepseek", str(tmp_path / "no-such-model")]) == 2
     assert "neither a model folder nor a named config" in capsys.readouterr().err
+    assert main(["bench", "decode", "smollm2", "--deepseek-prompt", "1+2="]) == 2
+    assert "--deepseek-prompt needs a --deepseek model folder" in capsys.readouterr().err
 
 
 def test_decode_benchmark_runs_a_deepseek_model_folder(tmp_path, capsys):
@@ -117,7 +119,7 @@ def test_decode_benchmark_runs_a_deepseek_model_folder(tmp_path, capsys):
     save_pretrained(DeepseekV3ForCausalLM(from_name("test-tiny", num_nextn_predict_layers=1)), tmp_path)
     prompt = decode.deepseek_prompt(str(tmp_path))
     assert len(prompt) == 32 and max(prompt) < from_name("test-tiny").vocab_size
-    args = SimpleNamespace(deepseek=str(tmp_path), threads=1, reps=1, decode_tokens=12)
+    args = SimpleNamespace(deepseek=str(tmp_path), deepseek_prompt=None, threads=1, reps=1, decode_tokens=12)
     results = decode.run_deepseek(args, decode.worker_env(1))
     plain, mtp = results["plain"], results["with MTP speculation"]
     assert plain["drafted"] == 0 and mtp["drafted"] > 0 and 0 <= mtp["accepted"] <= mtp["drafted"]

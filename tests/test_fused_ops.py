@@ -49,10 +49,16 @@ def test_rope_store_gives_the_unfused_bits():
     k_want.index_copy_(0, write, rot(k, K))
     v_want.index_copy_(0, write, v.reshape(N, K, D))
 
+    k_before, v_before = k_store.clone(), v_store.clone()
     q_got = fused_ops.rope_store(qkv, cos, sin, k_store, v_store, write, H, K)
     assert torch.equal(q_got, rot(q, H))
     assert torch.equal(k_store, k_want)  # written slots rotated, every other slot untouched
     assert torch.equal(v_store, v_want)
+    # the model's and the view's shapes ([B, T, X], [B, 1, T, D/2], [B, T]) are taken as they are
+    k_store.copy_(k_before), v_store.copy_(v_before)
+    q_nd = fused_ops.rope_store(qkv.view(1, N, -1), cos.view(1, 1, N, -1), sin.view(1, 1, N, -1), k_store, v_store,
+                                write.view(1, N), H, K)  # fmt: skip
+    assert torch.equal(q_nd, q_got) and torch.equal(k_store, k_want) and torch.equal(v_store, v_want)
 
 
 def test_rope_store_refuses_bad_input():
@@ -64,6 +70,10 @@ def test_rope_store_refuses_bad_input():
         fused_ops.rope_store(qkv, cos, cos, k_store, v_store, torch.tensor([4]), 3, 2)
     with pytest.raises(RuntimeError, match="fp32"):
         fused_ops.rope_store(qkv.double(), cos, cos, k_store, v_store, torch.tensor([0]), 3, 2)
+    with pytest.raises(RuntimeError, match="D/2 values for each of the N rows"):
+        fused_ops.rope_store(qkv, torch.zeros(2, 4), cos, k_store, v_store, torch.tensor([0]), 3, 2)
+    with pytest.raises(RuntimeError, match="one write slot per row"):
+        fused_ops.rope_store(qkv, cos, cos, k_store, v_store, torch.tensor([0, 1]), 3, 2)
 
 
 def _llama():

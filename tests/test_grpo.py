@@ -183,6 +183,16 @@ def test_config_errors():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A random tiny DeepSeek-V3 with the speedrun's kind of tokenizer (chat template, R1 markers)."""
+    return _tiny_deepseek(tmp_path_factory, mtp_layers=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_mtp_model_dir(tmp_path_factory):
+    """The same with one MTP module."""
+    return _tiny_deepseek(tmp_path_factory, mtp_layers=1)
+
+
+def _tiny_deepseek(tmp_path_factory, mtp_layers: int):
     from nanoseek.config import DeepseekV3Config
     from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
     from nanoseek.train.tasks import sample_texts
@@ -197,7 +207,7 @@ def tiny_model_dir(tmp_path_factory):
         num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2,
         q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
         n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1,
-        max_position_embeddings=64, num_nextn_predict_layers=0, bos_token_id=bos, eos_token_id=eos,
+        max_position_embeddings=64, num_nextn_predict_layers=mtp_layers, bos_token_id=bos, eos_token_id=eos,
         pad_token_id=pad,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -335,3 +345,50 @@ def test_cli(tiny_model_dir, tmp_path, capsys):
     assert main(["grpo", str(tiny_model_dir), "--tasks", "nope", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert main(["grpo", str(tmp_path / "missing"), "--tasks", "add2", "--out", str(tmp_path / "y")]) == 2
+
+
+def test_mtp_distillation_loss_is_compute_losss_mtp_loss_on_completion_targets_and_trains_only_the_module():
+    """The MTP module's GRPO loss is compute_loss's depth-1 loss with targets on the completion's tokens only,
+    and its gradient reaches the module alone (trunk, embedding and head detached)."""
+    from nanoseek.config import from_name
+    from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+    from nanoseek.model.loss import IGNORE_INDEX
+    from nanoseek.train.grpo import mtp_distillation_loss
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(from_name("test-tiny", num_nextn_predict_layers=1)).train()
+    prompt, completion = [5, 9, 14, 3, 7], [11, 2, 8, 6, 4, 13]
+    loss = mtp_distillation_loss(model, make_batch([prompt], [completion]))
+    ids = torch.tensor([prompt + completion])
+    targets = torch.full_like(ids, IGNORE_INDEX)  # next-token targets of the completion tokens only
+    targets[0, len(prompt) - 1 : -1] = torch.tensor(completion)
+    with torch.no_grad():
+        want = model.compute_loss(ids, targets, mtp_weight=1.0).mtp_losses[0]
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all(n.startswith("mtp.") for n in trained), sorted(trained)[:5]
+    assert mtp_distillation_loss(DeepseekV3ForCausalLM(from_name("test-tiny")), make_batch([prompt], [completion])) \
+        is None  # fmt: skip
+
+
+def test_grpo_trains_the_mtp_module_and_leaves_the_policy_as_without_it(tiny_mtp_model_dir, tmp_path):
+    """mtp_weight > 0 moves the MTP module and nothing else: every other weight ends the step as it would with
+    mtp_weight=0 (the same rollouts, the policy gradient clipped apart from the module's)."""
+    import nanoseek
+
+    runs = {}
+    for weight in (0.0, 0.3):
+        res = run_grpo(tiny_mtp_model_dir, ["add2"], tmp_path / f"w{weight}", [*SMALL, "max_steps=1",
+                       "eval_examples=0", f"mtp_weight={weight}"], show_progress=False,
+                       reward_fns=[length_reward])  # fmt: skip
+        assert not res.history[-1].get("skipped")
+        assert ("mtp_loss" in res.history[-1]) == (weight > 0)
+        runs[weight] = nanoseek.load(res.model_dir).state_dict()
+    start = nanoseek.load(tiny_mtp_model_dir).state_dict()
+    for name, value in runs[0.3].items():
+        if name.startswith("mtp."):
+            assert torch.equal(runs[0.0][name], start[name]), name  # mtp_weight=0: left as it was
+        else:
+            assert torch.equal(value, runs[0.0][name]), name
+    assert any(not torch.equal(runs[0.3][n], start[n]) for n in start if n.startswith("mtp."))

@@ -189,6 +189,9 @@ def parse_args(argv):
     ap.add_argument("--deepseek", default="bench-20m",
                     help="DeepSeek-V3 to run with and without MTP speculation: a named config (random weights) or a "
                     "model folder such as a speedrun's runs/NAME/model ('none' to skip)")  # fmt: skip
+    ap.add_argument("--deepseek-prompt", default=None,
+                    help="prompt text for a --deepseek model folder (default: the benchmark's text), e.g. a task "
+                    "it was trained on; a user turn where its tokenizer has a chat template")  # fmt: skip
     ap.add_argument("--check-tokens", type=int, default=32,
                     help="nanoseek fp32 must equal transformers greedy for this many tokens")  # fmt: skip
     ap.add_argument("--plot", help="write a PNG of the figures here")
@@ -214,6 +217,8 @@ def parse_args(argv):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if not args.concurrency or min(args.concurrency) < 1:
         raise ValueError("--concurrency needs counts >= 1")
+    if args.deepseek_prompt is not None and not (Path(args.deepseek) / "tokenizer.json").is_file():
+        raise ValueError("--deepseek-prompt needs a --deepseek model folder with its tokenizer")
     if args.deepseek != "none" and not Path(args.deepseek).is_dir():
         from nanoseek.config import ConfigError, from_name
 
@@ -326,14 +331,20 @@ def main(argv: list[str] | None = None) -> None:
     report(args, model, figures, memory, notes, deepseek, profile)
 
 
-def deepseek_prompt(name_or_folder: str, length: int = 32) -> list[int]:
-    """The DeepSeek run's prompt: the benchmark's text in a model folder's own tokenizer, else random ids (a named
-    config has random weights, and a folder without a tokenizer has none to read text with)."""
+def deepseek_prompt(name_or_folder: str, text: str | None = None, length: int = 32) -> list[int]:
+    """The DeepSeek run's prompt: `text` (or the first `length` tokens of the benchmark's text) in a model folder's
+    own tokenizer, else random ids (a named config has random weights, and a folder without a tokenizer has
+    none to read text with)."""
     folder = Path(name_or_folder)
     if (folder / "tokenizer.json").is_file():
         import nanoseek
 
-        return prompt_ids(nanoseek.load_tokenizer(folder), length)[:length]
+        tokenizer = nanoseek.load_tokenizer(folder)
+        if not text:
+            return prompt_ids(tokenizer, length)[:length]
+        if tokenizer.chat_template:  # a chat model (the speedrun's final one) gets the text as a user turn
+            return tokenizer.encode_chat([{"role": "user", "content": text}])
+        return tokenizer.encode(text)
     if folder.is_dir():
         vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
     else:
@@ -349,7 +360,9 @@ def run_deepseek(args, env: dict) -> dict:
     through the engine, without and with MTP speculation, and the drafts the latter proposed and had accepted."""
     from tqdm import tqdm
 
-    prompt = deepseek_prompt(args.deepseek)
+    prompt = deepseek_prompt(args.deepseek, args.deepseek_prompt)
+    if not prompt:
+        raise ValueError("--deepseek-prompt: the text gives no tokens")
     results = {}
     for mtp in (False, True):
         label = "with MTP speculation" if mtp else "plain"
@@ -360,7 +373,7 @@ def run_deepseek(args, env: dict) -> dict:
             results[label] = {"error": side.error.strip().splitlines()[-1]}
             continue
         try:
-            side.call("single", prompt=prompt[:8], max_tokens=4)
+            side.call("single", prompt=prompt, max_tokens=4)
             rates, tokens, drafted, accepted = [], [], 0, 0
             for _ in tqdm(range(args.reps), desc=f"deepseek {label}", file=sys.stderr, leave=False):
                 out = side.call("single", prompt=prompt, max_tokens=args.decode_tokens)

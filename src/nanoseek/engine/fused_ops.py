@@ -44,7 +44,8 @@ def rope_store(
 ) -> torch.Tensor:
     """qkv [N, (heads + 2 kv_heads) * D] (a fused q/k/v projection's output), cos/sin [N, D/2]: rotates q and k
     (rotate-half layout), writes row n's k and v into the stores [slots, kv_heads, D] at write_slots[n], and
-    returns the rotated q [N, heads, D]."""
+    returns the rotated q [N, heads, D]. Leading dimensions are flattened by count (qkv [B, T, X], cos/sin
+    [B, 1, T, D/2] and write_slots [B, T] as the model and the cache view hold them)."""
     return torch.ops.nanoseek.rope_store(qkv, cos, sin, k_store, v_store, write_slots, heads, kv_heads)
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import mmap
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 from typing import TYPE_CHECKING
 
@@ -372,6 +372,8 @@ class PagedView:
     # ...and, where the engine's fused ops build, take q, k and v as one projection's output (`attend_qkv`): the
     # rotary embedding and the cache write in one op (engine/fused_ops.py)
     fused_qkv: bool = False
+    # (group, window) -> the paged attention kernel's slots and mask [B*T, S]: the same for every layer of the group
+    _kernel_inputs: dict = field(default_factory=dict, repr=False)
     is_paged = True  # what the models look for (model/ does not import the engine)
 
     def _store(self, layer: int, new: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -405,18 +407,19 @@ class PagedView:
         B, T, _ = qkv.shape
         group, slot = self.slot_of[layer]
         k_store, v_store = self.tensors["k"][slot], self.tensors["v"][slot]
-        half = cos.shape[-1]
-        q = rope_store(qkv.reshape(B * T, -1), cos.reshape(B * T, half), sin.reshape(B * T, half), k_store, v_store,
-                       self.write_slots[group].reshape(-1), heads, kv_heads)  # fmt: skip
+        q = rope_store(qkv, cos, sin, k_store, v_store, self.write_slots[group], heads, kv_heads)
         return self._paged_attention(layer, q, k_store, v_store, scale, window).view(B, T, heads, -1)
 
     def _paged_attention(self, layer: int, q, k_store, v_store, scale: float, window: int | None) -> torch.Tensor:
         """q [B*T, H, D] (row-major over the view's rows and new tokens) over the keys their masks allow."""
-        read = self.read_slots[self.slot_of[layer][0]]
-        B, S = read.shape
-        T = q.shape[0] // B
-        slots = read[:, None].expand(B, T, S).reshape(B * T, S)
-        mask = self.masks[window].reshape(B * T, S)
+        key = (self.slot_of[layer][0], window)
+        if key not in self._kernel_inputs:  # made once a forward, not once a layer (each reshape is a dispatch)
+            read = self.read_slots[key[0]]
+            B, S = read.shape
+            T = q.shape[0] // B
+            slots = read[:, None].expand(B, T, S).reshape(B * T, S)
+            self._kernel_inputs[key] = slots, self.masks[window].reshape(B * T, S)
+        slots, mask = self._kernel_inputs[key]
         return paged_attention(q, k_store, v_store, slots, mask, scale)
 
     def mask(self, window: int | None = None) -> torch.Tensor:

@@ -17,6 +17,13 @@ One step:
      the starting model (none is kept when beta = 0);
   5. AdamW step, then the router-bias update (router_bias_gamma, 0 by default: routing stays as trained).
 
+A DeepSeek-V3 model's MTP module is trained along (`mtp_weight`, 0.3 by default; 0 leaves it as it was): on
+every step's rollouts it learns to predict token t+2 from the trunk's hidden state at t and token t+1, as in
+pretraining, with the trunk, embedding and head detached. The policy moves by the policy gradient alone, and
+the module stays the drafter of the policy it ships with (speculative decoding, engine/speculative.py):
+without it, the speedrun's final model had its MTP drafts accepted 1-2% of the time (its module was last
+trained in pretraining, on another format).
+
 Loss types (how token losses are summed, which advantages, which clip):
   grpo     mean over each completion's tokens, then over completions; std-normalised advantages; eps 0.2
   dr_grpo  sum over tokens / (completions x max_new_tokens), no std (Dr. GRPO: no length or std bias)
@@ -77,6 +84,7 @@ class GRPOConfig:
     system_prompt: str = R1_SYSTEM_PROMPT  # "" for none
     chat: bool = True  # the model's chat template when it has one (else <bos> + prompt)
     router_bias_gamma: float = 0.0
+    mtp_weight: float = 0.3  # the MTP module's loss on the rollouts (models with MTP modules; 0: left as is)
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant", weight_decay=0.0)
     )
@@ -103,6 +111,8 @@ class GRPOConfig:
             raise ValueError(f"temperature must be > 0 (rollouts sample), got {self.temperature}")
         if self.beta < 0 or self.epsilon_low < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
             raise ValueError("beta, epsilon_low and epsilon_high must be >= 0")
+        if not (self.mtp_weight >= 0 and math.isfinite(self.mtp_weight)):
+            raise ValueError(f"mtp_weight must be >= 0, got {self.mtp_weight}")
         if self.reward_weights and len(self.reward_weights) != len(self.rewards):
             raise ValueError(f"{len(self.rewards)} rewards but {len(self.reward_weights)} reward_weights")
         if self.optim.schedule not in ("constant", "cosine"):
@@ -254,6 +264,31 @@ def completion_logprobs(
         with torch.no_grad():
             entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
+
+
+def mtp_distillation_loss(model: nn.Module, batch: Batch) -> torch.Tensor | None:
+    """The MTP module's loss on rollouts: at each position t whose token t+2 is a completion token, predict it
+    from the trunk's final-normed hidden state at t and the embedding of token t+1 (compute_loss's depth 1).
+    The trunk, the embedding and the head are detached: only the module learns. None without MTP modules."""
+    from nanoseek.model.loss import IGNORE_INDEX, linear_cross_entropy
+    from nanoseek.model.mtp import shift_left
+
+    modules = getattr(model, "mtp", None)
+    if not modules:
+        return None
+    device = next(model.parameters()).device
+    ids, real = batch.input_ids.to(device), batch.attention_mask.to(device).bool()
+    rope_mask: list = []
+    with torch.no_grad():
+        h = model.forward_hidden(ids, real.long(), _rope_mask_out=rope_mask, token_mask=real)
+        emb = model.model.embed_tokens(shift_left(ids, 1, 0))
+    cos, sin, mask = rope_mask
+    positions = torch.arange(ids.shape[1], device=device)[None, :]
+    in_completion = (positions + 2 >= batch.prompt_lens.to(device)[:, None]) & shift_left(real, 2, False)
+    targets = shift_left(ids, 2, IGNORE_INDEX).masked_fill(~in_completion, IGNORE_INDEX)
+    module = modules[0]
+    out = module(h, emb, cos, sin, mask, None, real & shift_left(real, 1, False))
+    return linear_cross_entropy(module.norm(out), model.lm_head.weight.detach(), targets)
 
 
 # ---- prompts and rollouts ------------------------------------------------------------------------------
@@ -532,6 +567,7 @@ class GRPOTrainer:
             g["lr"] = lr
         self.model.train()
         stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
+        mtp_losses = []
         for _ in range(cfg.mu):
             for j, s in enumerate(slices):
                 part = batch.rows(s)
@@ -548,8 +584,16 @@ class GRPOTrainer:
                 stats["kl"] += out.kl * share / cfg.mu
                 stats["clip_frac"] += out.clip_fraction * share / cfg.mu
                 stats["entropy"] += float((entropy * w).sum() / w.sum().clamp(min=1e-12)) * share / cfg.mu
+                if cfg.mtp_weight > 0 and (mtp := mtp_distillation_loss(self.model, part)) is not None:
+                    (cfg.mtp_weight * mtp * part.input_ids.shape[0] / len(rows)).backward()  # a mean over the batch
+                    mtp_losses.append(float(mtp.detach()))
             grad_clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip, foreach=True)
+            # clipped apart: the MTP module's gradient must not scale the policy's down
+            mtp_params = {id(p) for p in getattr(self.model, "mtp", nn.ModuleList()).parameters()}
+            policy = [p for p in self.model.parameters() if id(p) not in mtp_params]
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy, grad_clip, foreach=True)
+            if mtp_losses:
+                torch.nn.utils.clip_grad_norm_(self.model.mtp.parameters(), grad_clip, foreach=True)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self._router_update()
@@ -558,6 +602,8 @@ class GRPOTrainer:
         # The meter's tokens (and so its tokens/s and MFU) are the positions trained on; the sampled tokens are
         # logged apart. Counted together at training FLOPs per token, the MFU read past 100%.
         record.update(stats, lr=lr, grad_norm=float(grad_norm), _tokens=trained, rollout_tokens=rolled)
+        if mtp_losses:
+            record["mtp_loss"] = sum(mtp_losses) / len(mtp_losses)
         return record
 
     def _router_update(self) -> None:

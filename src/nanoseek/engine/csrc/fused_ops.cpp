@@ -129,21 +129,26 @@ inline void rotate_half(const float* x, const float* cos, const float* sin, int6
   }
 }
 
+// Shapes are taken by element counts, so the engine passes its tensors as the model and the view hold them
+// (qkv [B, T, X], cos/sin [B, 1, T, D/2], write_slots [B, T]) without a reshape per layer: N rows = qkv's
+// elements / its last dimension.
 at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_store,
                       at::Tensor& v_store, const at::Tensor& write_slots, int64_t H, int64_t K) {
-  TORCH_CHECK(qkv.dim() == 2 && cos.dim() == 2 && sin.dim() == 2, "rope_store: qkv [N, (H+2K)*D], cos/sin [N, D/2]");
+  TORCH_CHECK(qkv.dim() >= 1, "rope_store: qkv [..., (H+2K)*D]");
   TORCH_CHECK(qkv.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
                   k_store.scalar_type() == at::kFloat && v_store.scalar_type() == at::kFloat,
               "rope_store runs on fp32 tensors and caches");
-  TORCH_CHECK(write_slots.scalar_type() == at::kLong && write_slots.dim() == 1, "rope_store: write_slots [N] int64");
+  TORCH_CHECK(write_slots.scalar_type() == at::kLong, "rope_store: write_slots must be int64");
   TORCH_CHECK(k_store.dim() == 3 && k_store.sizes() == v_store.sizes() && k_store.size(1) == K,
               "rope_store: stores [slots, K, D]");
   TORCH_CHECK(k_store.is_contiguous() && v_store.is_contiguous(), "rope_store writes contiguous stores in place");
-  const int64_t N = qkv.size(0), D = k_store.size(2), slots = k_store.size(0);
-  TORCH_CHECK(D % 2 == 0 && qkv.size(1) == (H + 2 * K) * D, "rope_store: qkv width must be (H + 2K) * D");
-  TORCH_CHECK(cos.size(0) == N && sin.size(0) == N && cos.size(1) == D / 2 && sin.size(1) == D / 2,
-              "rope_store: cos and sin must be [N, D/2]");
-  TORCH_CHECK(write_slots.size(0) == N, "rope_store: one write slot per row");
+  const int64_t D = k_store.size(2), slots = k_store.size(0);
+  TORCH_CHECK(D % 2 == 0 && qkv.size(-1) == (H + 2 * K) * D, "rope_store: qkv width must be (H + 2K) * D");
+  const int64_t N = qkv.numel() / qkv.size(-1);
+  TORCH_CHECK(cos.numel() == N * (D / 2) && sin.numel() == N * (D / 2) && cos.size(-1) == D / 2 &&
+                  sin.size(-1) == D / 2,
+              "rope_store: cos and sin must hold D/2 values for each of the N rows");
+  TORCH_CHECK(write_slots.numel() == N, "rope_store: one write slot per row");
   const at::Tensor xc = qkv.contiguous(), cc = cos.contiguous(), sc = sin.contiguous(), wc = write_slots.contiguous();
   at::Tensor q = at::empty({N, H, D}, xc.options());
   const float* xp = xc.data_ptr<float>();
@@ -170,7 +175,7 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
 
 at::Tensor rope_store_meta(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_store,
                            at::Tensor& v_store, const at::Tensor& write_slots, int64_t H, int64_t K) {
-  return at::empty_symint({qkv.sym_size(0), H, k_store.sym_size(2)}, qkv.options());
+  return at::empty_symint({qkv.sym_numel() / qkv.sym_size(-1), H, k_store.sym_size(2)}, qkv.options());
 }
 
 }  // namespace
