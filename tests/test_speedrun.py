@@ -69,6 +69,11 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
         assert sampled["metrics"]["pass@1"]["value"] <= sampled["metrics"]["pass@8"]["value"]
         for m in sampled["metrics"].values():
             assert m["ci_method"] == "bootstrap" and m["ci95"][0] <= m["value"] <= m["ci95"][1]
+    # the MTP module as the final model's drafter: measured, and speculation leaves the greedy tokens as they were
+    spec = final["speculation"]
+    assert spec["same_output"] and spec["drafted"] > 0 and 0 <= spec["accepted"] <= spec["drafted"]
+    assert len(spec["plain_tok_s"]) == len(spec["mtp_tok_s"]) == 3 and spec["speedup"] > 0
+    assert "Speculative decoding with the model's own MTP module" in (out / "report.md").read_text()
     # the stages' nanoseek.eval scores are those of GRPO's own evaluation (train.grpo.evaluate_r1)
     import nanoseek
     from nanoseek.train.grpo import evaluate_r1, load_grpo_config

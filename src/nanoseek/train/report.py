@@ -10,6 +10,7 @@ lists, so new stages appear without changes here.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,17 @@ def final_eval_lines(final: dict[str, Any] | None) -> list[str]:
                      f"{_with_ci(sampled['metrics']['pass@1'])} | {_with_ci(sampled['metrics'][f'pass@{k}'])} | "
                      f"{sampled['n']} |")  # fmt: skip
     lines.append("")
+    spec = final.get("speculation")
+    if spec:
+        mtp, plain = statistics.median(spec["mtp_tok_s"]), statistics.median(spec["plain_tok_s"])
+        same = "the same tokens as plain decoding." if spec["same_output"] else "**tokens differ from plain decoding**."
+        lines.append(
+            f"Speculative decoding with the model's own MTP module (one stream, greedy, {len(spec['plain_tok_s'])} "
+            f"alternating rounds of the same problems): {mtp:.0f} tokens/s against {plain:.0f} plain "
+            f"(**{spec['speedup']:.2f}x**); drafts accepted {spec['accepted']} of {spec['drafted']} "
+            f"({_pct(spec['acceptance'])}); {same}"
+        )
+        lines.append("")
     return lines
 
 

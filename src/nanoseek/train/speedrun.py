@@ -335,6 +335,10 @@ FINAL_EVAL_SAMPLES = 8
 FINAL_EVAL_TEMPERATURE = 1.0
 FINAL_EVAL_SAMPLED_PROBLEMS = 200
 FINAL_EVAL_BATCH = 512
+# The MTP drafter's figure (nanoseek.eval.speculation): this many held-out problems (split over the GRPO tasks),
+# each decoded alone, plain and with MTP speculation, in this many alternating rounds.
+SPECULATION_PROBLEMS = 16
+SPECULATION_ROUNDS = 3
 
 
 def final_evaluation(
@@ -359,13 +363,31 @@ def final_evaluation(
     sampled = evaluate(model, tok, specs, limit=min(n, FINAL_EVAL_SAMPLED_PROBLEMS), samples=samples,
                        k=sorted({1, samples}), temperature=FINAL_EVAL_TEMPERATURE, batch_size=FINAL_EVAL_BATCH,
                        **fmt)  # fmt: skip
+    speculation = speculation_figures(model, tok, plan, cfg, fmt)
     return {
         "stage": final.name,
         "wall_s": time.perf_counter() - start,
         "energy_j": float(energy.joules()),
         "greedy": {name: r.to_dict() for name, r in greedy.items()},
         "sampled": {name: r.to_dict() for name, r in sampled.items()},
+        "speculation": None if speculation is None else speculation.to_dict(),
     }
+
+
+def speculation_figures(model, tok, plan: StagePlan, cfg: TrainConfig, fmt: dict[str, Any]):
+    """The final model's MTP module as its own drafter (nanoseek.eval.speculation) on held-out problems of the GRPO
+    tasks in the evaluation's format, each decoded alone until its end token; None without an MTP module."""
+    from nanoseek.eval.runner import synthetic_problems
+    from nanoseek.eval.speculation import measure_mtp_speculation
+
+    per_task = max(1, SPECULATION_PROBLEMS // len(plan.grpo_tasks))
+    prompts = []
+    for name in plan.grpo_tasks:
+        task = get_task(name, cfg.data.heldout_fraction)
+        problems = synthetic_problems(tok, task, fmt["format"], task.eval_examples(per_task), fmt.get("system_prompt"))
+        prompts += [p.prompt for p in problems]
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    return measure_mtp_speculation(model, prompts, eos, fmt.get("max_new_tokens", 32), rounds=SPECULATION_ROUNDS)
 
 
 def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
