@@ -567,6 +567,10 @@ class GRPOTrainer:
             g["lr"] = lr
         self.model.train()
         stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
+        # the MTP module learns from every rollout, the groups DAPO drops included (all-correct ones, late on)
+        mtp_rows = [i for i in range(len(lengths)) if lengths[i] > 0] if cfg.mtp_weight > 0 else []
+        mtp_batch = make_batch([ro.prompt_ids[i] for i in mtp_rows], [ro.completion_ids[i] for i in mtp_rows],
+                               self.pad_id) if mtp_rows else None  # fmt: skip
         mtp_losses = []
         for _ in range(cfg.mu):
             for j, s in enumerate(slices):
@@ -584,9 +588,13 @@ class GRPOTrainer:
                 stats["kl"] += out.kl * share / cfg.mu
                 stats["clip_frac"] += out.clip_fraction * share / cfg.mu
                 stats["entropy"] += float((entropy * w).sum() / w.sum().clamp(min=1e-12)) * share / cfg.mu
-                if cfg.mtp_weight > 0 and (mtp := mtp_distillation_loss(self.model, part)) is not None:
-                    (cfg.mtp_weight * mtp * part.input_ids.shape[0] / len(rows)).backward()  # a mean over the batch
-                    mtp_losses.append(float(mtp.detach()))
+            mtp_micro = cfg.micro_batch_size or max(1, len(mtp_rows))
+            for start in range(0, len(mtp_rows), mtp_micro):
+                part = mtp_batch.rows(slice(start, start + mtp_micro))
+                if (mtp := mtp_distillation_loss(self.model, part)) is None:
+                    break
+                (cfg.mtp_weight * mtp * part.input_ids.shape[0] / len(mtp_rows)).backward()  # a mean over rollouts
+                mtp_losses.append(float(mtp.detach()))
             grad_clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
             # clipped apart: the MTP module's gradient must not scale the policy's down
             mtp_params = {id(p) for p in getattr(self.model, "mtp", nn.ModuleList()).parameters()}
