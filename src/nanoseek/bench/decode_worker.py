@@ -147,8 +147,9 @@ class NanoseekSide:
 
 
 def speculation_options(mtp: bool) -> dict:
-    """EngineConfig keywords for MTP speculation (the model's own MTP layers draft), or none."""
-    return {"speculative": "mtp"} if mtp else {}
+    """EngineConfig keywords for MTP speculation, or none: one draft a step, as many as the model has MTP depths
+    (more re-apply depth 1 to its own guesses; see nanoseek/eval/speculation.py)."""
+    return {"speculative": "mtp", "num_speculative_tokens": 1} if mtp else {}
 
 
 class TransformersSide:
