@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -463,6 +464,21 @@ def test_int4_kernels_avx2_path_gives_the_avx512_paths_bits():
     with pytest.raises(ValueError, match="unknown code path 'sse'"), q4_kernel.use_isa("sse"):
         pass
     assert q4_kernel.isa() == best
+
+
+@needs_int4_kernel
+def test_nanoseek_q4_isa_picks_the_kernels_path_for_a_process(tmp_path):
+    """NANOSEEK_Q4_ISA=avx2 runs a whole process on the AVX2 path (what benchmarks use to show a CPU without
+    AVX512); an unknown value makes int4 unavailable, saying why. In subprocesses: the setting is per process."""
+    import subprocess
+
+    code = "from nanoseek.engine import q4_kernel as k; print(k.unavailable_reason(), k.isa())"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    for value, want in [("avx2", "None avx2"), ("sse", "NANOSEEK_Q4_ISA='sse': choose avx512vnni or avx2")]:
+        done = subprocess.run([sys.executable, "-c", code], env={**env, "NANOSEEK_Q4_ISA": value},
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(want), done.stdout
 
 
 def test_int4_needs_its_kernel_and_a_group_sized_input(monkeypatch):

@@ -10,11 +10,15 @@ weight.
 
 The C++ file is compiled on first use (engine/native.py; 5 s with g++). Where it cannot be built or the CPU
 lacks AVX2, `unavailable_reason()` says why, and int4 is refused with that reason (int8 runs everywhere).
+`NANOSEEK_Q4_ISA=avx2` makes a process run the AVX2 path on a CPU with AVX512-VNNI (to measure what a CPU
+without it gets, e.g. `NANOSEEK_Q4_ISA=avx2 nanoseek bench decode smollm2 --formats int4`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from collections.abc import Iterator
 
 import torch
@@ -33,6 +37,21 @@ def unavailable_reason() -> str | None:
         return reason
     if torch.ops.nanoseek.q4_isa() == "none":
         return "this CPU lacks FMA or F16C, which the 4-bit kernel needs beside AVX2"
+    return _isa_from_environment()
+
+
+@functools.cache
+def _isa_from_environment() -> str | None:
+    """Once per process: the code path NANOSEEK_Q4_ISA asks for, or the reason it cannot be had."""
+    wanted = os.environ.get("NANOSEEK_Q4_ISA")
+    if not wanted:
+        return None
+    if wanted not in ("avx512vnni", "avx2"):
+        return f"NANOSEEK_Q4_ISA={wanted!r}: choose avx512vnni or avx2"
+    try:
+        torch.ops.nanoseek.q4_use_isa(wanted)
+    except RuntimeError as exc:
+        return f"NANOSEEK_Q4_ISA={wanted}: {str(exc).splitlines()[0]}"
     return None
 
 

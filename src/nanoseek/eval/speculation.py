@@ -4,9 +4,10 @@ The same prompts are decoded one at a time (a chat's single stream, where specul
 and by one whose MTP module drafts `num_speculative_tokens` tokens a step (engine/speculative.py), in
 alternating rounds in one process. One draft by default, as many as the model has MTP depths: further drafts
 re-apply depth 1 to its own guesses, and were accepted far less often (the speedrun's final model, 6 held-out
-problems: 60% of single drafts accepted, 42% with 2 a step, 23% with 4). Reported: each side's tokens per second (median over the rounds, with the
-spread), the drafts proposed and accepted, and whether the two gave the same tokens, which greedy speculation
-must (the target model verifies every draft). The clock is injected, so tests need not time anything.
+problems: 60% of single drafts accepted, 42% with 2 a step, 23% with 4). Reported: each side's tokens per second
+(median over the rounds, with the spread), the drafts proposed and accepted, and whether the two gave the same
+tokens, which greedy speculation must (the target model verifies every draft). The clock is injected, so tests
+need not time anything.
 """
 
 from __future__ import annotations
