@@ -96,3 +96,17 @@ def test_ddp_without_mtp_loss(tmp_path):
     import nanoseek
 
     assert len(nanoseek.load(out / "model").mtp) == 0
+
+
+def test_a_worker_that_left_its_group_ends_without_the_interpreters_finalization():
+    """end_of_worker: a process that joined a group and left it exits with the code at once, its output flushed
+    (torch's C++ teardown at finalization sometimes aborted such a worker); any other process gets the code
+    back. In a subprocess: it ends the process."""
+    from nanoseek.parallel.distributed import end_of_worker
+
+    assert end_of_worker(3) == 3  # this process never joined a group
+    code = ("import sys, nanoseek.parallel.distributed as d; d._joined_a_group = True; print('done', flush=False); "
+            "sys.stderr.write('bye'); d.end_of_worker(5); print('not reached')")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 5 and proc.stdout == "done\n" and proc.stderr == "bye"

@@ -59,13 +59,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
         print(f"nanoseek {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print(f"nanoseek {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    return _end(code)
+
+
+def _end(code: int) -> int:
+    """`code`, or, for a torchrun worker that has left its process group, the process's end (no interpreter
+    finalization: nanoseek/parallel/distributed.end_of_worker). Only a command that joined a group imports it."""
+    distributed = sys.modules.get("nanoseek.parallel.distributed")
+    return code if distributed is None else distributed.end_of_worker(code)
 
 
 if __name__ == "__main__":
