@@ -29,6 +29,7 @@ KERNEL = native.Kernel("q4_linear.cpp", "the 4-bit kernel")
 BLOCK = 32  # inputs per block: Q4_1's
 PANEL = 16  # output rows per panel (one AVX512 register of fp32)
 PANEL_BYTES = 320  # per (panel, block): 256 bytes of nibbles, 16 fp16 scales, 16 fp16 minimums
+ISAS = ("avx512vnni", "avx2")  # the kernel's code paths
 
 
 def unavailable_reason() -> str | None:
@@ -46,13 +47,21 @@ def _isa_from_environment() -> str | None:
     wanted = os.environ.get("NANOSEEK_Q4_ISA")
     if not wanted:
         return None
-    if wanted not in ("avx512vnni", "avx2"):
-        return f"NANOSEEK_Q4_ISA={wanted!r}: choose avx512vnni or avx2"
+    if wanted not in ISAS:
+        return f"NANOSEEK_Q4_ISA={wanted!r}: choose {' or '.join(ISAS)}"
     try:
-        torch.ops.nanoseek.q4_use_isa(wanted)
-    except RuntimeError as exc:
-        return f"NANOSEEK_Q4_ISA={wanted}: {str(exc).splitlines()[0]}"
+        _switch(wanted)
+    except ValueError as exc:
+        return f"NANOSEEK_Q4_ISA={wanted}: {exc}"
     return None
+
+
+def _switch(name: str) -> str:
+    """Make the kernel run `name`'s path; returns the path it ran. A ValueError when the CPU lacks it."""
+    try:
+        return torch.ops.nanoseek.q4_use_isa(name)
+    except RuntimeError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from None
 
 
 def available() -> bool:
@@ -70,16 +79,13 @@ def use_isa(name: str) -> Iterator[None]:
     path on a CPU that has AVX512. A ValueError when the CPU lacks it."""
     if reason := unavailable_reason():
         raise ValueError(reason)
-    if name not in ("avx512vnni", "avx2"):
-        raise ValueError(f"unknown code path {name!r}; choose avx512vnni or avx2")
-    try:
-        previous = torch.ops.nanoseek.q4_use_isa(name)
-    except RuntimeError as exc:
-        raise ValueError(str(exc).splitlines()[0]) from None
+    if name not in ISAS:
+        raise ValueError(f"unknown code path {name!r}; choose {' or '.join(ISAS)}")
+    previous = _switch(name)
     try:
         yield
     finally:
-        torch.ops.nanoseek.q4_use_isa(previous)
+        _switch(previous)
 
 
 def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

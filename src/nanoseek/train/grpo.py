@@ -464,6 +464,10 @@ class GRPOTrainer:
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         for p in self.model.parameters():
             p.requires_grad_(True)
+        # the MTP modules' parameters and the policy's (the rest): their gradients are clipped apart
+        self.mtp_params = list(getattr(self.model, "mtp", nn.ModuleList()).parameters())
+        in_mtp = {id(p) for p in self.mtp_params}
+        self.policy_params = [p for p in self.model.parameters() if id(p) not in in_mtp]
         o = cfg.optim
         kernel = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
         self.optimizer = torch.optim.AdamW(
@@ -599,11 +603,9 @@ class GRPOTrainer:
                 mtp_losses.append(float(mtp.detach()))
             grad_clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
             # clipped apart: the MTP module's gradient must not scale the policy's down
-            mtp_params = {id(p) for p in getattr(self.model, "mtp", nn.ModuleList()).parameters()}
-            policy = [p for p in self.model.parameters() if id(p) not in mtp_params]
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy, grad_clip, foreach=True)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy_params, grad_clip, foreach=True)
             if mtp_losses:
-                torch.nn.utils.clip_grad_norm_(self.model.mtp.parameters(), grad_clip, foreach=True)
+                torch.nn.utils.clip_grad_norm_(self.mtp_params, grad_clip, foreach=True)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self._router_update()

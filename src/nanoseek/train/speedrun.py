@@ -363,7 +363,7 @@ def final_evaluation(
     sampled = evaluate(model, tok, specs, limit=min(n, FINAL_EVAL_SAMPLED_PROBLEMS), samples=samples,
                        k=sorted({1, samples}), temperature=FINAL_EVAL_TEMPERATURE, batch_size=FINAL_EVAL_BATCH,
                        **fmt)  # fmt: skip
-    speculation = speculation_figures(model, tok, plan, cfg, fmt)
+    speculation = speculation_figures(model, tok, specs, fmt)
     return {
         "stage": final.name,
         "wall_s": time.perf_counter() - start,
@@ -374,17 +374,18 @@ def final_evaluation(
     }
 
 
-def speculation_figures(model, tok, plan: StagePlan, cfg: TrainConfig, fmt: dict[str, Any]):
-    """The final model's MTP module as its own drafter (nanoseek.eval.speculation) on held-out problems of the GRPO
-    tasks in the evaluation's format, each decoded alone until its end token; None without an MTP module."""
+def speculation_figures(model, tok, specs: list[Any], fmt: dict[str, Any]):
+    """The final model's MTP module as its own drafter (nanoseek.eval.speculation) on held-out problems of the
+    evaluation's tasks (`specs`) in its format, each decoded alone until its end token; None without an MTP
+    module."""
     from nanoseek.eval.runner import synthetic_problems
     from nanoseek.eval.speculation import measure_mtp_speculation
 
-    per_task = max(1, SPECULATION_PROBLEMS // len(plan.grpo_tasks))
+    per_task = max(1, SPECULATION_PROBLEMS // len(specs))
     prompts = []
-    for name in plan.grpo_tasks:
-        task = get_task(name, cfg.data.heldout_fraction)
-        problems = synthetic_problems(tok, task, fmt["format"], task.eval_examples(per_task), fmt.get("system_prompt"))
+    for spec in specs:
+        problems = synthetic_problems(tok, spec.task, fmt["format"], spec.task.eval_examples(per_task),
+                                      fmt.get("system_prompt"))  # fmt: skip
         prompts += [p.prompt for p in problems]
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     return measure_mtp_speculation(model, prompts, eos, fmt.get("max_new_tokens", 32), rounds=SPECULATION_ROUNDS)
