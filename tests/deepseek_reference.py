@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.config import DeepseekV3Config
+from nanoseek.model.config import DeepseekV3Config
 
 
 def hf_config(cfg: DeepseekV3Config):

@@ -111,7 +111,7 @@ def test_decode_benchmark_runs_a_deepseek_model_folder(tmp_path, capsys):
     and without MTP speculation; without a tokenizer in the folder the prompt is random ids of its vocabulary."""
     from types import SimpleNamespace
 
-    from nanoseek.config import from_name
+    from nanoseek.model.config import from_name
     from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
     from nanoseek.weights.hf_folder import save_pretrained
 

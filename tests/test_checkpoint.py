@@ -196,9 +196,9 @@ def test_exact_resume_of_losses_with_the_building_blocks(tmp_path, one_thread):
     uninterrupted run. Uses the real model, task batcher, lr schedule, RNG capture and checkpoint."""
     from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
     from nanoseek.model.moe import update_router_bias
+    from nanoseek.tasks import get_task
     from nanoseek.train.config import load_train_config, lr_at
     from nanoseek.train.data import TaskBatcher
-    from nanoseek.train.tasks import get_task
     from nanoseek.train.tokenizer import train_tokenizer
     from nanoseek.weights.hf_folder import save_pretrained
 

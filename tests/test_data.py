@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nanoseek.train.data import IGNORE_INDEX, PackedTextDataset, TaskBatcher, prompt_ids
-from nanoseek.train.tasks import get_task, is_heldout
+from nanoseek.tasks import get_task, is_heldout, prompt_ids
+from nanoseek.train.data import IGNORE_INDEX, PackedTextDataset, TaskBatcher
 from nanoseek.train.tokenizer import train_tokenizer
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]

@@ -9,7 +9,7 @@ import torch
 import nanoseek
 from deepseek_reference import random_hf_model, randomize_nanoseek
 from greedy_reference import paged_forward_in_chunks
-from nanoseek.config import from_name
+from nanoseek.model.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.model.rope import rope_inv_freq
 from nanoseek.weights.hf_folder import save_pretrained

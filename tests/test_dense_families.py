@@ -13,8 +13,8 @@ import torch
 
 import nanoseek
 from greedy_reference import paged_forward_in_chunks
-from nanoseek.engine.quant import int4_kernel_available
 from nanoseek.model.dense import DenseForCausalLM, dense_config_from_hf
+from nanoseek.quant import int4_kernel_available
 from nanoseek.weights.hf_folder import save_pretrained
 
 transformers = pytest.importorskip("transformers")
@@ -200,7 +200,7 @@ def test_gemma3_multimodal_folder_loads_its_text_model(tmp_path):
 
 @pytest.mark.parametrize("mode", ["int8", "fp16", INT4])
 def test_packing_while_loading_equals_quantizing_after(pair, mode, tmp_path):
-    from nanoseek.engine.quant import quantize_model
+    from nanoseek.quant import quantize_model
 
     _, ref, _ = pair
     ref.save_pretrained(tmp_path)

@@ -11,11 +11,11 @@ import torch
 
 import nanoseek
 from nanoseek.cli import main
-from nanoseek.config import from_name
 from nanoseek.eval.answers import extract_math_answer, math_equal
+from nanoseek.model.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+from nanoseek.tasks import R1_SYSTEM_PROMPT, get_task, is_heldout, sample_texts
 from nanoseek.train.distill import Trace, conversation, generate_traces, select_traces, write_conversations
-from nanoseek.train.tasks import R1_SYSTEM_PROMPT, get_task, is_heldout, sample_texts
 from nanoseek.train.tokenizer import train_tokenizer
 from nanoseek.weights.hf_folder import save_pretrained
 
@@ -84,6 +84,8 @@ def test_select_keeps_verified_distinct_traces_per_problem():
     ]}  # fmt: skip
     assert [m["role"] for m in conversation(t[0], "chat")["messages"]] == ["user", "assistant"]
     assert conversation(t[0], "plain") == conversation(t[0], "chat")  # a base teacher's answer, as a chat reply
+    assert [m["role"] for m in conversation(t[0], "r1", "")["messages"]] == ["user", "assistant"]
+    assert conversation(t[0], "chat", "Be brief.")["messages"][0] == {"role": "system", "content": "Be brief."}
 
 
 def test_teacher_traces_come_from_the_engine_and_the_training_split(models):
@@ -133,6 +135,69 @@ def test_no_verified_trace_is_a_clear_error_before_training(models, tmp_path, ca
     code = main(["distill", "--teacher", str(teacher), "--student", str(student), "--tasks", "mc:x.jsonl",
                  "--out", str(tmp_path / "o")])  # fmt: skip
     assert code == 2 and "no such file" in capsys.readouterr()[1]
+
+
+@pytest.mark.parametrize(
+    ("options", "system", "good"),
+    [
+        (["--format", "r1", "--system-prompt", ""], None, "r1"),  # a speedrun model: R1 replies, no system prompt
+        (["--format", "r1"], R1_SYSTEM_PROMPT, "r1"),
+        (["--format", "chat", "--system-prompt", "Be brief."], "Be brief.", "bare"),
+        (["--format", "chat"], None, "bare"),
+    ],
+)
+def test_cli_prompts_and_scores_the_teacher_as_eval_does(models, tmp_path, capsys, monkeypatch, options, system,
+                                                         good):  # fmt: skip
+    """--format/--system-prompt mean what they mean to nanoseek eval: the teacher's prompt has the system message
+    asked for (none with ''), r1 reads the answer from <answer> while chat checks the bare reply, and the
+    conversations written carry the same system message the teacher saw."""
+    import nanoseek.train.distill as distill_mod
+
+    teacher, student = models
+    seen = {}
+
+    def fake_completions(model, tok, problems, *, samples, fmt, **_):
+        seen["fmt"], seen["prompts"] = fmt, [p.prompt for p in problems]
+        tagged = [f"<think>t</think><answer>{p.shown['reference']}</answer>" for p in problems]
+        bare = [p.shown["reference"] for p in problems]
+        return [[a, b] for a, b in zip(tagged, bare)]  # one reply in each form: the format's checker picks one
+
+    monkeypatch.setattr(distill_mod, "generate_completions", fake_completions)
+    out = tmp_path / "out"
+    code = main(["distill", "--teacher", str(teacher), "--student", str(student), "--tasks", "add2", "--out",
+                 str(out), "--problems", "4", "--samples", "2", "--traces-only", *options])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    tok = nanoseek.load_tokenizer(teacher)
+    rows = [json.loads(line)["messages"] for line in (out / "traces.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and seen["fmt"] == options[1]
+    head = [{"role": "system", "content": system}] if system else []
+    for ids, messages in zip(seen["prompts"], rows):
+        assert messages[:-1] == [*head, {"role": "user", "content": messages[-2]["content"]}]
+        assert ids == tok.encode_chat(messages[:-1])  # the prompt the teacher saw is the conversation's
+        reply = messages[-1]
+        assert reply["role"] == "assistant" and reply["content"].startswith("<think>") == (good == "r1")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["generated"] == 8 and summary["correct"] == 4  # r1 rejects the bare reply, chat the tagged one
+    assert summary["format"] == options[1] and summary["system_prompt"] == (system or "")
+
+
+def test_a_system_prompt_with_the_plain_format_is_refused(models, tmp_path, capsys):
+    from nanoseek.train.distill import distill
+
+    teacher, student = models
+    code = main(["distill", "--teacher", str(teacher), "--student", str(student), "--tasks", "add2", "--out",
+                 str(tmp_path / "o"), "--format", "plain", "--system-prompt", "x"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--system-prompt needs --format chat or r1" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="needs the chat or r1 format"):  # before any model loads
+        distill(tmp_path / "no-such-model", student, ["add2"], tmp_path / "o", fmt="plain", system_prompt="x")
+    with pytest.raises(ValueError, match="needs the chat or r1 format"):
+        conversation(Trace("add2", "1+2=", "3", "3", True), "plain", "x")
+    # '' is no system prompt, which the plain format accepts (as nanoseek eval does)
+    assert conversation(Trace("add2", "1+2=", "3", "3", True), "plain", "") == conversation(
+        Trace("add2", "1+2=", "3", "3", True), "plain"
+    )
 
 
 def test_write_conversations_is_atomic(tmp_path):

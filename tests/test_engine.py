@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from greedy_reference import greedy_reference
-from nanoseek.config import from_name
 from nanoseek.engine.engine import Engine, EngineConfig
 from nanoseek.engine.sampling import SamplingParams
+from nanoseek.model.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.model.dense import FULL, SLIDING, DenseConfig, DenseForCausalLM
 
@@ -268,7 +268,7 @@ def test_async_streams_share_steps_and_cancel_frees_blocks():
 @pytest.mark.parametrize("family", ["llama", "deepseek_v3"])
 def test_quantized_logits_stay_close_and_batch_invariant(family, mode, tol):
     """Relative to the largest logit: fp16 weights ~1e-3, int8 weights and activations ~1e-2."""
-    from nanoseek.engine.quant import quantize_model
+    from nanoseek.quant import quantize_model
 
     model = _model(family)
     ids = torch.tensor([PROMPTS[2][:12], PROMPTS[4][:12]])
@@ -287,14 +287,14 @@ def test_quantized_logits_stay_close_and_batch_invariant(family, mode, tol):
 
 
 def test_quantize_refuses_unknown_modes():
-    from nanoseek.engine.quant import quantize_model
+    from nanoseek.quant import quantize_model
 
     with pytest.raises(ValueError, match="int3"):
         quantize_model(_model("llama"), "int3")
 
 
 def _int4_available() -> bool:
-    from nanoseek.engine.quant import int4_kernel_available
+    from nanoseek.quant import int4_kernel_available
 
     return int4_kernel_available()
 
@@ -312,7 +312,7 @@ def test_int4_logits_match_the_dequantized_model_and_are_batch_invariant(family)
     scores nearly tie, rounding can pick the other one, and that position moves by ~1e-1 (measured: 1 of
     the 24). On SmolLM2's Q4_1 file, int4 is closer to the file's model than int8 (mean KL over 300 tokens
     0.036 against 0.059)."""
-    from nanoseek.engine import quant
+    from nanoseek import quant
 
     model, reference = _model(family), quant.fuse_projections(_model(family))
     four_bit = [(m, name) for m, name, _ in quant.quantizable_linears(reference) if name not in quant.INT8_IN_INT4]
@@ -355,7 +355,7 @@ def test_int4_grid_keeps_gguf_4_bit_weights_exactly(qtype):
     bit; any other weight is within half a step of its group's min-max grid (or closer)."""
     from gguf import GGMLQuantizationType, quants
 
-    from nanoseek.engine.quant import int4_dequantize, int4_grid
+    from nanoseek.quant import int4_dequantize, int4_grid
 
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(40, 96, generator=gen)
@@ -380,7 +380,7 @@ def test_int4_linear_rows_are_independent_and_match_the_grid():
     """Any output size (padded to the kernel's panels of 16 inside), a bias, 1 to 37 rows: each row equals
     its int8-rounded activations times the dequantized weight, except that the block minimums multiply the
     exact sum of each block's activations; and the same row alone or in any batch, bit for bit."""
-    from nanoseek.engine.quant import Int4Linear, int4_dequantize, int4_grid
+    from nanoseek.quant import Int4Linear, int4_dequantize, int4_grid
 
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(40, 96, generator=gen), torch.randn(40, generator=gen)
@@ -405,7 +405,7 @@ def test_int4_linear_rows_are_independent_and_match_the_grid():
 @needs_int4_kernel
 def test_int4_linear_compiles():
     """torch.compile calls the kernel as an opaque op (its Meta kernel gives the output shape)."""
-    from nanoseek.engine.quant import Int4Linear
+    from nanoseek.quant import Int4Linear
 
     gen = torch.Generator().manual_seed(1)
     linear = Int4Linear(torch.randn(24, 64, generator=gen))
@@ -424,7 +424,8 @@ def test_int4_linear_compiles():
 
 
 def test_int4_kernel_without_a_compiler_says_why(monkeypatch, tmp_path):
-    from nanoseek.engine import native, q4_kernel
+    from nanoseek import native
+    from nanoseek.quant import q4_kernel
 
     if not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"):
         pytest.skip("the kernel is built on x86-64 Linux only")
@@ -442,8 +443,7 @@ def test_int4_kernels_avx2_path_gives_the_avx512_paths_bits():
     """A CPU without AVX512 runs the kernel's AVX2 path: the same integer dot products and the same floating-point
     operations in the same order, so the same bits, for every row count (tiles of 4 and the rest) and for output
     sizes that end inside a panel's first or second half."""
-    from nanoseek.engine import q4_kernel
-    from nanoseek.engine.quant import Int4Linear, int4_dequantize, int4_grid
+    from nanoseek.quant import Int4Linear, int4_dequantize, int4_grid, q4_kernel
 
     best = q4_kernel.isa()
     gen = torch.Generator().manual_seed(3)
@@ -472,7 +472,7 @@ def test_nanoseek_q4_isa_picks_the_kernels_path_for_a_process(tmp_path):
     AVX512); an unknown value makes int4 unavailable, saying why. In subprocesses: the setting is per process."""
     import subprocess
 
-    code = "from nanoseek.engine import q4_kernel as k; print(k.unavailable_reason(), k.isa())"
+    code = "from nanoseek.quant import q4_kernel as k; print(k.unavailable_reason(), k.isa())"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     for value, want in [("avx2", "None avx2"), ("sse", "NANOSEEK_Q4_ISA='sse': choose avx512vnni or avx2")]:
         done = subprocess.run([sys.executable, "-c", code], env={**env, "NANOSEEK_Q4_ISA": value},
@@ -482,7 +482,8 @@ def test_nanoseek_q4_isa_picks_the_kernels_path_for_a_process(tmp_path):
 
 
 def test_int4_needs_its_kernel_and_a_group_sized_input(monkeypatch):
-    from nanoseek.engine import q4_kernel, quant
+    from nanoseek import quant
+    from nanoseek.quant import q4_kernel
 
     if quant.int4_kernel_available():
         with pytest.raises(ValueError, match="divisible by 32"):
@@ -543,8 +544,8 @@ def test_heap_stats_see_an_allocation():
 @pytest.mark.parametrize("shape", [(960, 576), (576, 1536)])
 def test_fp16_weight_bytes_are_what_fbgemm_holds(shape):
     """The benchmark's run-format bytes for fp16 are fbgemm's padded size, checked against malloc's count."""
-    from nanoseek.engine.quant import Fp16Linear
     from nanoseek.memory import heap_stats
+    from nanoseek.quant import Fp16Linear
 
     if "fbgemm" not in torch.backends.quantized.supported_engines or heap_stats() is None:
         pytest.skip("needs fbgemm and glibc's mallinfo2")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nanoseek.engine.engine import Engine, EngineConfig
-from nanoseek.engine.quant import quantize_model
 from nanoseek.engine.sampling import SamplingParams
+from nanoseek.quant import quantize_model
 from test_engine import GREEDY, PROMPTS, _model
 
 

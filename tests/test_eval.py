@@ -13,16 +13,15 @@ import torch
 
 import nanoseek
 from nanoseek.cli import main
-from nanoseek.config import from_name
 from nanoseek.engine.generate import generate_batch
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.eval import DataError, EvalWarning, bootstrap_ci95, evaluate, parse_spec, pass_at_k, wilson_ci95
 from nanoseek.eval.answers import extract_math_answer, math_equal
 from nanoseek.eval.data import gsm8k_reference, load_choices
 from nanoseek.eval.runner import choice_loglikelihoods, encode_pair
+from nanoseek.model.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
-from nanoseek.train.data import prompt_ids
-from nanoseek.train.tasks import get_task, sample_texts
+from nanoseek.tasks import get_task, prompt_ids, sample_texts
 from nanoseek.train.tokenizer import train_tokenizer
 from nanoseek.weights.hf_folder import save_pretrained
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import nanoseek
-from nanoseek.config import from_name
 from nanoseek.engine.generate import generate_tokens
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.eval.runner import choice_loglikelihoods, encode_pair
+from nanoseek.model.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
-from nanoseek.train.tasks import get_task, sample_texts
+from nanoseek.tasks import get_task, sample_texts
 from nanoseek.train.tokenizer import train_tokenizer
 from nanoseek.weights.hf_folder import save_pretrained
 from serve_helpers import serve

@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from nanoseek.config import from_name
 from nanoseek.eval.speculation import measure_mtp_speculation
+from nanoseek.model.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 
 

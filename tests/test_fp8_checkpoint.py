@@ -12,7 +12,7 @@ import torch
 
 import nanoseek
 from deepseek_reference import randomize_nanoseek
-from nanoseek.config import from_name
+from nanoseek.model.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.weights.deepseek_v3_hf import native_to_hf
 from nanoseek.weights.fp8 import open_checkpoint

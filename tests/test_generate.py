@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from greedy_reference import greedy_reference
-from nanoseek.config import from_name
 from nanoseek.engine.generate import GenerationResult, generate_batch, generate_tokens
 from nanoseek.engine.sampling import SamplingParams
+from nanoseek.model.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.model.dense import DenseForCausalLM, dense_config_from_hf
 
@@ -100,9 +100,8 @@ def test_empty_and_zero_length_requests():
 def test_evaluation_decodes_through_the_engine_and_a_loss_module():
     """evaluate_examples scores what the engine's greedy batch decodes, also through parallelize()'s wrapper."""
     from nanoseek.parallel import parallelize
-    from nanoseek.train.data import prompt_ids
+    from nanoseek.tasks import get_task, prompt_ids
     from nanoseek.train.evaluate import evaluate_examples
-    from nanoseek.train.tasks import get_task
     from nanoseek.train.tokenizer import train_tokenizer
 
     task = get_task("add2")

@@ -235,7 +235,7 @@ def test_chat_history_is_trimmed_oldest_first_to_fit_the_context(tiny):
 def test_quant_option_picks_the_run_format(tiny, capsys):
     """--quant auto leaves an F32 GGUF in fp32; int8 / fp16 swap the linears; all three give the greedy text."""
     from nanoseek.commands._textgen import run_format
-    from nanoseek.engine.quant import Fp16Linear, Int8Linear
+    from nanoseek.quant import Fp16Linear, Int8Linear
 
     gguf_path, _ = tiny
     assert run_format("auto", gguf_path, None) == "none"  # the test file's weights are F32
@@ -251,7 +251,7 @@ def test_quant_option_picks_the_run_format(tiny, capsys):
         assert (f"weights run as {quant}" in captured.err) == (quant != "none")
     assert all(o.strip() for o in outs)
     quantized = nanoseek.load(gguf_path)
-    from nanoseek.engine.quant import quantize_model
+    from nanoseek.quant import quantize_model
 
     quantize_model(quantized, "int8")
     assert any(isinstance(m, Int8Linear) for m in quantized.modules())

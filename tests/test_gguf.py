@@ -11,7 +11,7 @@ import torch
 
 import nanoseek
 from gguf_writer import IM_END, IM_START, VOCAB_SIZE, write_gguf
-from nanoseek.engine.quant import int4_kernel_available
+from nanoseek.quant import int4_kernel_available
 from nanoseek.weights.safetensors_io import WeightsError
 
 transformers = pytest.importorskip("transformers")
@@ -99,7 +99,7 @@ def test_packing_while_loading_equals_quantizing_after(arch, mode, tmp_path):
     """`load(quant=)` packs each projection as it is read (no fp32 model in between): same modules, same
     logits, bit for bit, as loading in fp32 and quantizing afterwards. (int4 reads an F16 file: from a
     Q8_0 file it would keep the 8-bit projections in int8, see the mixed-file test below.)"""
-    from nanoseek.engine.quant import KEEP, quantize_model
+    from nanoseek.quant import KEEP, quantize_model
 
     qtype = "F16" if mode == "int4" else "Q8_0"
     path = write_gguf(tmp_path / f"tiny-{qtype}.gguf", _tiny(arch), arch, qtype=qtype)
@@ -231,8 +231,8 @@ def test_gguf_file_close_unmaps_and_refuses_live_views(tmp_path):
 def test_auto_run_format_keeps_a_4_bit_file_in_4_bits(qtype, tmp_path, monkeypatch):
     """--quant auto: a Q4_0 or Q4_1 file runs as int4 where the kernel runs (its own weights), as int8
     elsewhere; 5-8 bit files run as int8."""
+    from nanoseek import quant
     from nanoseek.commands._textgen import run_format
-    from nanoseek.engine import quant
 
     path = write_gguf(tmp_path / f"tiny-{qtype}.gguf", _tiny("llama"), "llama", qtype=qtype)
     four_bit = qtype in ("Q4_0", "Q4_1")
@@ -248,7 +248,7 @@ def test_int4_runs_4_bit_tensors_from_their_blocks_and_wider_ones_as_int8(tmp_pa
     if not int4_kernel_available():
         pytest.skip("nanoseek's 4-bit kernel cannot run here")
     from nanoseek.commands._textgen import run_format
-    from nanoseek.engine.quant import Int4Linear, Int8Linear
+    from nanoseek.quant import Int4Linear, Int8Linear
 
     kq = {"blk.0.ffn_down.weight": "Q4_K", "blk.1.ffn_down.weight": "Q6_K"}
     path = write_gguf(tmp_path / "tiny-mixed.gguf", _tiny("llama"), "llama", qtype="Q4_0", kquant=kq)
@@ -298,7 +298,7 @@ def test_four_bit_grid_reads_the_files_weights_exactly(qtype):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # tied: one int8 matrix for both; untied: its own
 def test_int8_formats_keep_the_embedding_as_int8_rows(arch, tmp_path):
-    from nanoseek.engine.quant import Int8Embedding, Int8Linear, linear_weight_bytes
+    from nanoseek.quant import Int8Embedding, Int8Linear, linear_weight_bytes
 
     path = write_gguf(tmp_path / "tiny-Q8_0.gguf", _tiny(arch), arch, qtype="Q8_0")
     ref, packed = nanoseek.load(path), nanoseek.load(path, quant="int8")

@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 
+from nanoseek.tasks import get_task
 from nanoseek.train.grpo import (
     GRPOConfig,
     clipped_loss,
@@ -26,7 +27,6 @@ from nanoseek.train.grpo import (
     token_weights,
 )
 from nanoseek.train.rewards import accuracy_reward, format_reward, score_completions
-from nanoseek.train.tasks import get_task
 
 # ---- the loss, by hand ---------------------------------------------------------------------------------
 # Two completions: row 0 has two tokens with ratios 1.5 and 0.5 and advantage +1; row 1 has one real token
@@ -156,8 +156,8 @@ def test_rewards_and_a_failing_reward_fn(caplog):
 
 
 def test_math_verify_reward():
+    from nanoseek.tasks import Example
     from nanoseek.train.rewards import math_verify_reward
-    from nanoseek.train.tasks import Example
 
     task = get_task("linear")
     ex = Example("q", "1/2", "linear")
@@ -193,9 +193,9 @@ def tiny_mtp_model_dir(tmp_path_factory):
 
 
 def _tiny_deepseek(tmp_path_factory, mtp_layers: int):
-    from nanoseek.config import DeepseekV3Config
+    from nanoseek.model.config import DeepseekV3Config
     from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
-    from nanoseek.train.tasks import sample_texts
+    from nanoseek.tasks import sample_texts
     from nanoseek.train.tokenizer import train_tokenizer
     from nanoseek.weights.hf_folder import save_pretrained
 
@@ -325,7 +325,7 @@ def test_resume_continues_from_the_checkpoint(tiny_model_dir, tmp_path):
 
 
 def test_long_prompts_are_skipped_with_a_warning(tiny_model_dir, tmp_path, caplog):
-    from nanoseek.train.tasks import Addition
+    from nanoseek.tasks import Addition
 
     with caplog.at_level(logging.WARNING, logger="nanoseek.grpo"):
         res = run_grpo(tiny_model_dir, [Addition(12)], tmp_path / "long",
@@ -347,10 +347,34 @@ def test_cli(tiny_model_dir, tmp_path, capsys):
     assert main(["grpo", str(tmp_path / "missing"), "--tasks", "add2", "--out", str(tmp_path / "y")]) == 2
 
 
+def test_cli_system_prompt_is_evals_option(tmp_path, monkeypatch):
+    """--system-prompt sets system_prompt as nanoseek eval's option does ('' for none), over --set; the R1 format
+    is the only --format."""
+    from types import SimpleNamespace
+
+    import nanoseek.train.grpo as grpo_mod
+    from nanoseek.cli import main
+
+    seen = []
+
+    def fake_run_grpo(model, tasks, out, overrides, **_):
+        seen.append(load_grpo_config(overrides).system_prompt)
+        return SimpleNamespace(steps=0, wall_s=0.0, model_dir=out, eval_after={}, eval_before={})
+
+    monkeypatch.setattr(grpo_mod, "run_grpo", fake_run_grpo)
+    base = ["grpo", "m", "--tasks", "add2", "--out", str(tmp_path), "--quiet"]
+    assert main(base) == 0
+    assert main([*base, "--format", "r1", "--system-prompt", ""]) == 0
+    assert main([*base, "--set", "system_prompt=x", "--system-prompt", "Be brief."]) == 0
+    assert seen == [GRPOConfig().system_prompt, "", "Be brief."] and seen[0]  # the default: the R1 prompt
+    with pytest.raises(SystemExit):
+        main([*base, "--format", "chat"])
+
+
 def test_mtp_distillation_loss_is_compute_losss_mtp_loss_on_completion_targets_and_trains_only_the_module():
     """The MTP module's GRPO loss is compute_loss's depth-1 loss with targets on the completion's tokens only,
     and its gradient reaches the module alone (trunk, embedding and head detached)."""
-    from nanoseek.config import from_name
+    from nanoseek.model.config import from_name
     from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
     from nanoseek.model.loss import IGNORE_INDEX
     from nanoseek.train.grpo import mtp_distillation_loss

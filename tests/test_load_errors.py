@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import nanoseek
 from nanoseek.cli import main as cli_main
-from nanoseek.config import from_name
+from nanoseek.model.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.weights.hf_folder import save_pretrained
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanoseek.config import from_name
 from nanoseek.model import moe
+from nanoseek.model.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 
 

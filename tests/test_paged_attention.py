@@ -86,7 +86,7 @@ def test_engine_decodes_dense_models_on_it_and_matches_sdpa():
 
 
 def test_models_it_does_not_cover_keep_sdpa(monkeypatch):
-    from nanoseek.config import from_name
+    from nanoseek.model.config import from_name
     from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 
     torch.manual_seed(0)
@@ -100,8 +100,8 @@ def test_models_it_does_not_cover_keep_sdpa(monkeypatch):
 
 def test_loading_the_kernels_leaves_the_processs_floating_point_alone():
     """A library linked with -ffast-math switches the process to flushing subnormals to zero when it loads
-    (g++ < 13 links crtfastmath.o): engine/native.py compiles with the flags and links without them."""
-    from nanoseek.engine import q4_kernel
+    (g++ < 13 links crtfastmath.o): nanoseek.native compiles with the flags and links without them."""
+    from nanoseek.quant import q4_kernel
 
     q4_kernel.available()
     assert paged_attention.available()

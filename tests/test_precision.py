@@ -9,7 +9,7 @@ import torch
 
 import nanoseek
 from deepseek_reference import randomize_nanoseek
-from nanoseek.config import from_name
+from nanoseek.model.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.model.loss import IGNORE_INDEX
 from nanoseek.model.moe import DeepseekMoE, Router, sequence_balance_loss

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nanoseek.config import DeepseekV3Config
+from nanoseek.model.config import DeepseekV3Config
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()

@@ -14,7 +14,7 @@ import torch
 
 import nanoseek
 import procs
-from nanoseek.config import NAMED_CONFIGS, DeepseekV3Config
+from nanoseek.model.config import NAMED_CONFIGS, DeepseekV3Config
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.model.loss import IGNORE_INDEX
 from nanoseek.train.chat_data import first_fit, pack, tokenize_conversation

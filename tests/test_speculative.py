@@ -12,10 +12,10 @@ import functools
 import pytest
 import torch
 
-from nanoseek.config import from_name
 from nanoseek.engine.engine import Engine, EngineConfig
 from nanoseek.engine.sampling import SamplingParams, accept_drafts, process_logits, target_probs
 from nanoseek.engine.speculative import accept_greedy, propose_ngram
+from nanoseek.model.config import from_name
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.model.rope import rope_cos_sin
 from test_engine import PROMPTS, _alone, _model
@@ -338,7 +338,7 @@ def test_streaming_carries_every_token_of_a_run():
 
 # ---- int8 and fp16: bit for bit ------------------------------------------------------------------------------------
 def _quantized(model, mode: str = "int8"):
-    from nanoseek.engine.quant import quantize_model
+    from nanoseek.quant import quantize_model
 
     return quantize_model(copy.deepcopy(model), mode)
 

@@ -35,10 +35,10 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     sets = [x for s in TINY if not s.startswith(("device=", "log_every=")) for x in ("--set", s)]
     # The step count, not the clock, ends the run (a 30-minute budget is never reached by 30 tiny steps), so a
     # busy machine runs the same steps and writes the same files as an idle one.
-    later = ["--set-sft", "max_steps=4", "--set-sft", "batch_size=16", "--set-grpo", "max_steps=3",
-             "--set-grpo", "prompts_per_step=4", "--set-grpo", "num_generations=4"]  # fmt: skip
+    later = ["sft.max_steps=4", "sft.batch_size=16", "grpo.max_steps=3", "grpo.prompts_per_step=4",
+             "grpo.num_generations=4", "seed=7"]  # fmt: skip
     rc = main(["speedrun", "--out", str(out), "--minutes", "30", "--quiet", *sets, "--set", "max_steps=30",
-               "--set", "eval_every=20", *later])  # fmt: skip
+               "--set", "eval_every=20", *[x for s in later for x in ("--set", s)], "--sft-control"])  # fmt: skip
     assert rc == 0
     for name in ("report.md", "metrics.jsonl", "summary.json", "loss.png", "accuracy.png", "throughput.png",
                  "energy.png", "grpo.png", "model/config.json", "model/tokenizer.json",
@@ -46,9 +46,32 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     check_summary_shape(summary)
-    assert [s["name"] for s in summary["stages"]] == ["pretrain", "sft", "grpo"] and not summary["skipped_stages"]
+    names = [s["name"] for s in summary["stages"]]
+    assert names == ["pretrain", "sft", "grpo", "sft-control"] and not summary["skipped_stages"]
+    # one scoring contract: every stage on the same tasks and problems, each in its named format
     assert all(set(s["eval"]) == {"add2", "sort"} for s in summary["stages"])
-    assert [s["steps"] for s in summary["stages"]] == [30, 4, 3]
+    assert [s["format"] for s in summary["stages"]] == ["plain", "r1", "r1", "r1"]
+    assert [s["parent"] for s in summary["stages"]] == [None, "pretrain", "sft", "sft"]
+    assert [s["steps"] for s in summary["stages"][:3]] == [30, 4, 3]
+    r1_command = "nanoseek eval MODEL --tasks add2 sort --format r1 --system-prompt '' --limit 20"
+    assert summary["scoring"]["commands"]["r1"] == r1_command
+    # the SFT control: more SFT from the SFT model, on the same data, for as long as GRPO trained
+    control = summary["stages"][3]
+    assert control["steps"] >= 1 and (out / "sft-control/model/config.json").is_file()
+    control_settings = json.loads((out / "sft-control/settings.json").read_text())
+    assert control_settings["grpo_train_s"] == summary["stages"][2]["train_s"]
+    assert f"time_budget_min={summary['stages'][2]['train_s'] / 60:.6g}" in control_settings["overrides"]
+    # the demonstrations and settings are in the run folder, and seed=7 reached every stage
+    demos = (out / "sft/data.jsonl").read_text().splitlines()
+    assert len(demos) == summary["demonstrations"] and json.loads(demos[0])["messages"][1]["role"] == "assistant"
+    sft_settings = json.loads((out / "sft/settings.json").read_text())
+    assert "seed=7" in sft_settings["overrides"] and "max_steps=4" in sft_settings["overrides"]
+    assert sft_settings["command"].startswith(f"nanoseek sft {out / 'pretrain'}")
+    assert "seed=7" in json.loads((out / "grpo/settings.json").read_text())["overrides"]
+    assert json.loads((out / "train_config.json").read_text())["seed"] == 7
+    pairs = {(c["stage"], c["against"]) for c in summary["comparisons"]}
+    assert pairs == {("sft", "pretrain"), ("grpo", "sft"), ("sft-control", "sft"), ("grpo", "pretrain"),
+                     ("grpo", "sft-control")}  # fmt: skip
     grpo = summary["stages"][2]
     assert [h["step"] for h in grpo["history"]] == [1, 2, 3]
     assert all(k in grpo["history"][0] for k in ("reward", "accuracy", "completion_len", "kl", "clip_frac", "entropy"))
@@ -74,27 +97,29 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     assert spec["same_output"] and spec["drafted"] > 0 and 0 <= spec["accepted"] <= spec["drafted"]
     assert len(spec["plain_tok_s"]) == len(spec["mtp_tok_s"]) == 3 and spec["speedup"] > 0
     assert "Speculative decoding with the model's own MTP module" in (out / "report.md").read_text()
-    # the stages' nanoseek.eval scores are those of GRPO's own evaluation (train.grpo.evaluate_r1)
-    import nanoseek
-    from nanoseek.train.grpo import evaluate_r1, load_grpo_config
-    from nanoseek.train.tasks import get_task
-
-    r1 = load_grpo_config(["system_prompt=", "max_new_tokens=24"])
-    reference = evaluate_r1(nanoseek.load(out / "model"), nanoseek.load_tokenizer(out / "model"),
-                            [get_task("add2"), get_task("sort")], 20, r1)  # fmt: skip
-    assert {task: s.to_dict() for task, s in reference.items()} == grpo["eval"]
+    # each stage's scores are what `nanoseek eval` says of its model with the summary's command (at the CLI's
+    # own batch size)
+    for stage in summary["stages"]:
+        command = summary["scoring"]["commands"][stage["format"]].split()
+        args = [str(out / stage["name"] / "model") if w == "MODEL" else w.strip("'") for w in command[1:]]
+        capsys.readouterr()
+        assert main([*args, "--json"]) == 0
+        scored = json.loads(capsys.readouterr().out)
+        for task, e in stage["eval"].items():
+            assert scored[task]["metrics"]["pass@1"]["value"] == e["accuracy"], (stage["name"], task)
     report = (out / "report.md").read_text()
     assert "## Final model" in report and "| task | pass@1 greedy | n | pass@1 sampled | pass@8 | n |" in report
-    assert "| pretrain | add2 |" in report and "| grpo | add2 |" in report and "95% CI" in report
+    assert "| task | pretrain (plain) | sft (r1) | grpo (r1) | sft-control (r1) | chance |" in report
+    assert "- **grpo** against **sft-control**:" in report
     assert "![Training loss](loss.png)" in report and "![GRPO rewards, lengths, KL](grpo.png)" in report
-    assert "energy per correct answer" in report and "| after stage |" in report
-    said = "Trained from scratch (random initial weights, seed 1337), on synthetic tasks: add2, sort, with a byte"
+    assert "energy per correct answer" in report and "| stage | format | correct / asked |" in report
+    said = "Trained from scratch (random initial weights, seed 7), on synthetic tasks: add2, sort, with a byte"
     assert said + "-level BPE trained in the run." in report
     events = {json.loads(x)["event"] for x in (out / "metrics.jsonl").read_text().splitlines()}
     assert {"stage", "step", "eval", "summary"} <= events
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     stages = [r["name"] for r in records if r["event"] == "stage"]
-    assert stages == ["pretrain", "sft", "grpo"]
+    assert stages == ["pretrain", "sft", "grpo", "sft-control"]
     assert "report:" in capsys.readouterr().out
     # the final model loads in nanoseek and in transformers, and both compute the same logits
     from transformers import AutoModelForCausalLM, AutoTokenizer

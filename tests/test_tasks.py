@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from nanoseek.train.tasks import (
+from nanoseek.tasks import (
     TASKS,
     Countdown,
     Example,
@@ -133,7 +133,7 @@ def test_unknown_task():
 
 
 def test_sample_texts_and_score():
-    from nanoseek.train.tasks import sample_texts, score
+    from nanoseek.tasks import sample_texts, score
 
     tasks = [get_task("add2"), get_task("sort")]
     texts = list(sample_texts(tasks, 20, seed=1))

@@ -184,7 +184,7 @@ def test_text_streamer_holds_back_split_utf8(tmp_path):
 def test_generate_loop_serves_deepseek_v3_the_same_way():
     """The loop uses only the shared interface: the KV-cached DeepSeek-V3 decode equals full re-forwards."""
     ds = pytest.importorskip("nanoseek.model.deepseek_v3")
-    from nanoseek.config import from_name
+    from nanoseek.model.config import from_name
 
     torch.manual_seed(0)
     model = ds.DeepseekV3ForCausalLM(from_name("test-tiny")).eval()

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nanoseek.config import ConfigError
+from nanoseek.model.config import ConfigError
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.model.moe import GroupedExperts
 from nanoseek.train.config import PRESETS, TrainConfig, load_train_config, lr_at
@@ -56,6 +56,10 @@ def test_toml_yaml_and_overrides(tmp_path):
     cfg = load_train_config(yaml, overrides=["time_budget_min=none"])
     assert cfg.batch_size == 8 and cfg.optim.warmup_steps == 5 and cfg.time_budget_min is None
     assert isinstance(load_train_config(yaml).time_budget_min, float)
+    # YAML numbers in exponent form are numbers, as in TOML (PyYAML alone reads `1e-08` as a string)
+    yaml.write_text("optim:\n  eps: 1e-08\n  lr: 3e-4\n  warmup_steps: 5\nseed: 12\n")
+    cfg = load_train_config(yaml)
+    assert (cfg.optim.eps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.seed) == (1e-08, 3e-4, 5, 12)
 
 
 def test_unknown_keys_name_the_key_and_suggest(tmp_path):

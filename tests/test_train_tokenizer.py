@@ -4,8 +4,8 @@ import random
 
 import pytest
 
+from nanoseek.tasks import get_task
 from nanoseek.tokenizer import load_tokenizer
-from nanoseek.train.tasks import get_task
 from nanoseek.train.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,7 +1,7 @@
 """nanoseek: an open, frugal LLM stack — train, align, run and serve open-weight models."""
 
-from nanoseek.config import ConfigError, DeepseekV3Config
 from nanoseek.loading import load
+from nanoseek.model.config import ConfigError, DeepseekV3Config
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.weights.safetensors_io import WeightsError
 

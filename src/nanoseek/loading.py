@@ -51,7 +51,7 @@ def load(
     """Load a model from a HF folder (config.json + safetensors) or a .gguf file, ready for inference.
 
     Calling the returned module on a LongTensor [B, T] gives logits [B, T, vocab].
-    `quant` ("int8" | "fp16", CPU inference): the projections run packed (engine/quant.py); dense models
+    `quant` ("int8" | "fp16", CPU inference): the projections run packed (nanoseek.quant); dense models
     and GGUF files are packed while loading, without an fp32 copy of the whole model.
     Raises FileNotFoundError / ValueError naming the file and the problem.
     """

@@ -220,7 +220,7 @@ def parse_args(argv):
     if args.deepseek_prompt is not None and not (Path(args.deepseek) / "tokenizer.json").is_file():
         raise ValueError("--deepseek-prompt needs a --deepseek model folder with its tokenizer")
     if args.deepseek != "none" and not Path(args.deepseek).is_dir():
-        from nanoseek.config import ConfigError, from_name
+        from nanoseek.model.config import ConfigError, from_name
 
         try:
             from_name(args.deepseek)
@@ -348,7 +348,7 @@ def deepseek_prompt(name_or_folder: str, text: str | None = None, length: int = 
     if folder.is_dir():
         vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
     else:
-        from nanoseek.config import from_name
+        from nanoseek.model.config import from_name
 
         vocab = from_name(name_or_folder).vocab_size
     rng = random.Random(0)

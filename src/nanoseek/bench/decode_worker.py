@@ -63,7 +63,7 @@ class NanoseekSide:
         import torch
 
         import nanoseek
-        from nanoseek.engine.quant import linear_weight_bytes, quantize_model
+        from nanoseek.quant import linear_weight_bytes, quantize_model
 
         self.torch = torch
         torch.set_num_threads(settings["threads"])
@@ -72,7 +72,7 @@ class NanoseekSide:
         if settings["side"] == "deepseek" and "model" in settings:
             self.model = nanoseek.load(settings["model"]).eval()
         elif settings["side"] == "deepseek":
-            from nanoseek.config import from_name
+            from nanoseek.model.config import from_name
             from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 
             torch.manual_seed(0)

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reps", type=int, default=9, help="timed rounds (each runs every row once)")
-    ap.add_argument("--config", default="bench-20m", help="named model size (see nanoseek.config)")
+    ap.add_argument("--config", default="bench-20m", help="named model size (see nanoseek.model.config)")
     ap.add_argument(
         "--threads",
         type=int,
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> None:
     import nanoseek
-    from nanoseek.config import from_name
+    from nanoseek.model.config import from_name
     from nanoseek.model.moe import set_experts_backend
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter

@@ -72,7 +72,7 @@ def run_format(choice: str, path, device: str | None) -> str:
         return choice
     if device_type != "cpu" or not str(path).lower().endswith(".gguf"):
         return "none"
-    from nanoseek.engine.quant import int4_kernel_available
+    from nanoseek.quant import int4_kernel_available
     from nanoseek.weights.gguf import open_gguf
     from nanoseek.weights.gguf_grid import FLOAT_TYPES, FOUR_BIT_TYPES
 

@@ -6,13 +6,17 @@ import argparse
 import sys
 import warnings
 
-EPILOG = """The teacher answers training-split problems in the R1 format (<think>…</think><answer>…</answer>), the
-task verifiers keep the correct replies, DIR/traces.jsonl holds them as chat conversations, and the student is
-fine-tuned on them (nanoseek sft) into DIR/sft/model. The student's held-out accuracy on the synthetic tasks is
-measured before and after; DIR/summary.json has the counts, the SFT run and both evaluations.
+EPILOG = """The teacher answers training-split problems in the R1 format (<think>…</think><answer>…</answer>) by
+default, prompted and scored exactly as nanoseek eval --format F --system-prompt S would; the task verifiers keep
+the correct replies, DIR/traces.jsonl holds them as chat conversations (with the system message the teacher was
+prompted with, or none, so the student learns the format it is scored in), and the student is fine-tuned on them
+(nanoseek sft) into DIR/sft/model. The student's held-out accuracy on the synthetic tasks is measured before and
+after, in the same format; DIR/summary.json has the counts, the SFT run and both evaluations.
 
 examples:
   nanoseek distill --teacher runs/big/model --student runs/small/model --tasks add3 --out runs/distill
+  nanoseek distill --teacher runs/x/model --student runs/x/sft/model --tasks add2 --format r1 --system-prompt '' \
+      --out runs/self-distill      # a speedrun model: R1 format without a system prompt, as it was trained
   nanoseek distill --teacher smollm2 --student runs/x/model --tasks gsm8k:train.jsonl --traces-only --out d
 """
 
@@ -31,8 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="the teacher's sampling temperature (default 0.8)")
     p.add_argument("--per-problem", type=int, default=1, help="verified traces kept per problem (default 1)")
     p.add_argument("--format", default="r1", choices=["r1", "chat", "plain"],
-                   help="how the teacher is prompted: r1 (default; R1 system prompt), chat (chat template only) or "
-                   "plain (the raw prompt, for base models); the traces are written as chat conversations")  # fmt: skip
+                   help="how the teacher is prompted and scored, as nanoseek eval --format: r1 (default; R1 system "
+                   "prompt, answer read from <answer>), chat (chat template) or plain (the raw prompt, for base "
+                   "models); the traces are written as chat conversations")  # fmt: skip
+    p.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="system message of the chat and r1 formats, as nanoseek eval --system-prompt (default: none "
+                   "for chat, the R1 prompt for r1; '' for none); the traces carry the same one")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens per teacher completion (default 256)")
     p.add_argument("--eval-limit", type=int, default=200, help="held-out problems per task for before/after")
     p.add_argument("--logit-kl-steps", type=int, default=0,
@@ -52,12 +60,15 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.eval import EvalWarning
     from nanoseek.train.distill import distill
 
+    if args.system_prompt and args.format == "plain":
+        raise ValueError("--system-prompt needs --format chat or r1 (the plain format sends the bare prompt)")
     specs = [s for item in args.tasks for s in item.split(",") if s]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EvalWarning)
         result = distill(
             args.teacher, args.student, specs, args.out, args.overrides, problems=args.problems,
-            samples=args.samples, temperature=args.temperature, fmt=args.format, per_problem=args.per_problem,
+            samples=args.samples, temperature=args.temperature, fmt=args.format, system_prompt=args.system_prompt,
+            per_problem=args.per_problem,
             max_new_tokens=args.max_tokens, eval_limit=args.eval_limit, traces_only=args.traces_only,
             logit_kl_steps=args.logit_kl_steps, logit_kl_lr=args.logit_kl_lr,
             device=args.device, show_progress=not args.no_progress, seed=args.seed,

@@ -10,7 +10,7 @@ import warnings
 from nanoseek.commands._textgen import add_model_args, load_model_and_tokenizer
 
 EPILOG = """task specs:
-  add2, sort, countdown, ...   a synthetic task (nanoseek.train.tasks), on its held-out split
+  add2, sort, countdown, ...   a synthetic task (nanoseek.tasks), on its held-out split
   gsm8k:PATH.jsonl             math problems {"question", "answer": "... #### 42"}, checked with math-verify
   mc:PATH.jsonl                multiple choice by log-likelihood: HellaSwag {ctx, endings, label} or
                                ARC {question, choices: {text, label}, answerKey}; reports acc and acc_norm

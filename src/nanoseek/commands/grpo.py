@@ -13,7 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "GRPO (the R1-Zero recipe): sample G completions per task prompt through the engine, reward them "
             "with rules (format <think>..</think><answer>..</answer>, the task's exact checker, math-verify), "
             "normalise the rewards per group and train the clipped surrogate, with an optional k3 KL to the "
-            "starting model. Writes DIR/model (HF folder), DIR/metrics.jsonl and DIR/checkpoints."
+            "starting model. Writes DIR/model (HF folder), DIR/metrics.jsonl and DIR/checkpoints. GRPO trains the "
+            "R1 format, and its held-out accuracy is what nanoseek eval --format r1 --system-prompt S measures "
+            "(the same prompt, the answer read from <answer>)."
         ),
     )
     p.add_argument("model", help="anything nanoseek.load reads: an HF folder, a .gguf file")
@@ -25,6 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "temperature, max_new_tokens, max_steps, time_budget_min, mu, beta, epsilon_low, epsilon_high, "
         "rewards=[format,accuracy,math,r1], reward_weights, system_prompt, optim.lr, ckpt_every, eval_examples",
     )  # fmt: skip
+    p.add_argument("--format", default="r1", choices=["r1"],
+                   help="prompt format, as nanoseek eval --format: r1 (the only one GRPO trains: the chat template "
+                   "with the system prompt, the answer read from <answer>)")  # fmt: skip
+    p.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="system message, as nanoseek eval --system-prompt (default: the R1 prompt; '' for none); "
+                   "the same as --set system_prompt=TEXT, and it wins over it")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -40,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ValueError("--tasks needs at least one task name")
+    overrides = list(args.overrides)
+    if args.system_prompt is not None:
+        overrides.append(f"system_prompt={args.system_prompt}")
     result = run_grpo(
-        args.model, tasks, args.out, args.overrides, show_progress=not args.quiet, device=args.device,
+        args.model, tasks, args.out, overrides, show_progress=not args.quiet, device=args.device,
         resume=args.resume,
     )  # fmt: skip
     print(f"grpo: {result.steps} steps in {result.wall_s:.0f} s -> {result.model_dir}")

@@ -1,4 +1,5 @@
-"""`nanoseek speedrun [--out DIR] [--minutes M] [--device cpu|cuda] [--preset P]` (what `make run` runs)."""
+"""`nanoseek speedrun [--out DIR] [--minutes M] [--device cpu|cuda] [--preset P] [--set K=V] [--sft-control]`
+(what `make run` runs)."""
 
 from __future__ import annotations
 
@@ -21,15 +22,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="tiny", help="model/training preset (tiny, small, gpt2-small-moe)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a training setting (repeatable), e.g. --set data.tasks=[add2,sort]",
+        help="a setting (repeatable): pretraining's as `nanoseek train` takes them (--set data.tasks=[add2,sort]), "
+        "the later stages' as sft.KEY and grpo.KEY (--set grpo.max_steps=20 --set sft.optim.lr=1e-3); "
+        "seed=N seeds every stage",
     )  # fmt: skip
     p.add_argument(
-        "--set-sft", dest="sft_overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override an SFT-stage setting (repeatable), e.g. --set-sft max_steps=50",
-    )  # fmt: skip
-    p.add_argument(
-        "--set-grpo", dest="grpo_overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a GRPO-stage setting (repeatable), e.g. --set-grpo max_steps=20 --set-grpo loss_type=grpo",
+        "--sft-control", action="store_true",
+        help="also run the stage sft-control: SFT continued from the SFT model on the same demonstrations with the "
+        "same settings for as long as GRPO trained, to compare RL with more SFT (may take the run past 15 min)",
     )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -44,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--minutes must be positive, got {args.minutes}")
     opts = SpeedrunOptions(
         out=Path(args.out) if args.out else None, minutes=args.minutes, device=args.device,
-        preset=args.preset, overrides=args.overrides, sft_overrides=args.sft_overrides,
-        grpo_overrides=args.grpo_overrides, show_progress=not args.quiet,
+        preset=args.preset, overrides=args.overrides, sft_control=args.sft_control, show_progress=not args.quiet,
     )  # fmt: skip
     summary = speedrun(opts)
     run_dir = Path(summary["model_dir"]).parent
@@ -54,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         for task, e in stage["eval"].items():
             lo, hi = e["ci95"]
             print(
-                f"  {stage['name']:>8} {task:>8}: {100 * e['accuracy']:.1f}% exact "
+                f"  {stage['name']:>11} ({stage['format']:>5}) {task:>6}: {100 * e['accuracy']:.1f}% exact "
                 f"(95% CI {100 * lo:.1f}-{100 * hi:.1f}%, n={e['n']})"
             )
     print(f"  report: {run_dir / 'report.md'}")

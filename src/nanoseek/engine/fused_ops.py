@@ -1,4 +1,4 @@
-"""Fused ops for eager inference on CPU (csrc/fused_ops.cpp): RMSNorm in one op, SiLU(gate) * up in one op, and
+"""Fused ops for eager inference on CPU (native/csrc/fused_ops.cpp): RMSNorm in one op, SiLU(gate) * up in one op, and
 the rotary embedding of q and k together with the cache write of k and v.
 
 An eager SmolLM2 decode step ran ~70 aten ops per layer, most on a few hundred floats, each costing
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.engine import native
+from nanoseek import native
 
 # AVX2 + FMA for the norm's explicit vector sum; -ffp-contract=off keeps the rotation's a*c - b*s two rounded
 # products, as torch computes them (a fused multiply-add would change the last bit)

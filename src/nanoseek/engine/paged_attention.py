@@ -1,4 +1,4 @@
-"""Attention that reads the paged KV cache in place (csrc/paged_attention.cpp), for decode steps on CPU.
+"""Attention that reads the paged KV cache in place (native/csrc/paged_attention.cpp), for decode steps on CPU.
 
 The unfused decode step gathers every row's keys and values out of the cache in every layer ([B, S, K, D]
 copies) and runs SDPA over them, one small matrix-vector product per head: on SmolLM2's shapes (9 heads, 3 KV
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from nanoseek.engine import native
+from nanoseek import native
 
 # -ffast-math: vectorized reductions and glibc's vector expf (deterministic, not bitwise SDPA's); AVX2 + FMA:
 # every x86-64 CPU this runs on has them, and the build is cached per source, not per CPU

@@ -9,7 +9,7 @@ See `nanoseek.eval.runner` for the task specs, formats and intervals.
 
 from nanoseek.eval.data import DataError
 from nanoseek.eval.runner import EvalResult, EvalWarning, Metric, TaskSpec, evaluate, format_table, parse_spec
-from nanoseek.eval.stats import bootstrap_ci95, pass_at_k, wilson_ci95
+from nanoseek.tasks import bootstrap_ci95, pass_at_k, wilson_ci95
 
 __all__ = [
     "DataError", "EvalResult", "EvalWarning", "Metric", "TaskSpec", "bootstrap_ci95", "evaluate", "format_table",

@@ -4,7 +4,7 @@
                        temperature=0.8)
     results["add2"].metrics["pass@1"].value, results["add2"].metrics["pass@1"].ci95
 
-Task specs: a synthetic task name (`nanoseek.train.tasks`: add2, sort, countdown, addN, …; its held-out
+Task specs: a synthetic task name (`nanoseek.tasks`: add2, sort, countdown, addN, …; its held-out
 split), `gsm8k:PATH.jsonl` (or `math:`), `mc:PATH.jsonl` (HellaSwag/ARC shapes, see `eval.data`).
 
 Generation tasks are answered through the inference engine (batched, continuous; `samples` completions per
@@ -38,9 +38,18 @@ from nanoseek.engine.generate import context_length, engine_for
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.eval.answers import extract_math_answer, math_equal
 from nanoseek.eval.data import ChoiceItem, MathProblem, load_choices, load_math
-from nanoseek.eval.stats import bootstrap_ci95, pass_at_k, wilson_ci95
-from nanoseek.train.data import prompt_ids
-from nanoseek.train.tasks import R1_SYSTEM_PROMPT, TASKS, Example, Task, extract_r1_answer, get_task
+from nanoseek.tasks import (
+    R1_SYSTEM_PROMPT,
+    TASKS,
+    Example,
+    Task,
+    bootstrap_ci95,
+    extract_r1_answer,
+    get_task,
+    pass_at_k,
+    prompt_ids,
+    wilson_ci95,
+)
 
 FORMATS = ("auto", "plain", "chat", "r1")
 FILE_KINDS = {"gsm8k": "math", "math": "math", "mc": "mc"}

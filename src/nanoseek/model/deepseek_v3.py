@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanoseek.config import DeepseekV3Config
+from nanoseek.model.config import DeepseekV3Config
 from nanoseek.model.embedding import token_embedding
 from nanoseek.model.loss import IGNORE_INDEX, LossOutput, linear_cross_entropy
 from nanoseek.model.mla import MultiHeadLatentAttention

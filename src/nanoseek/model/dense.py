@@ -271,7 +271,7 @@ class DenseAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
-        # q, k and v as one projection, set (in place of the three) by engine/quant.fuse_projections for
+        # q, k and v as one projection, set (in place of the three) by nanoseek.quant.fuse_projections for
         # inference: one matmul, and for quantized weights one activation quantization instead of three
         self.qkv_proj: nn.Module | None = None
         if cfg.qk_norm:

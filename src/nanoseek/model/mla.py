@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.config import DeepseekV3Config
+from nanoseek.model.config import DeepseekV3Config
 from nanoseek.model.fused import FusedWeight
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope_half, apply_rope_interleaved

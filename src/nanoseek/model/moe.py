@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.config import DeepseekV3Config
+from nanoseek.model.config import DeepseekV3Config
 from nanoseek.model.fused import FusedWeight
 
 
@@ -29,7 +29,7 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=False)
         self.down_proj = nn.Linear(f, d, bias=False)
         self._fused_gate_up = FusedWeight()
-        self.gate_up_proj: nn.Module | None = None  # set by engine/quant.fuse_projections (inference)
+        self.gate_up_proj: nn.Module | None = None  # set by nanoseek.quant.fuse_projections (inference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:  # one (possibly quantized) module in place of gate_proj and up_proj

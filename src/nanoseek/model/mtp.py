@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanoseek.config import DeepseekV3Config
+from nanoseek.model.config import DeepseekV3Config
 from nanoseek.model.norm import RMSNorm
 
 

@@ -11,7 +11,7 @@ sections as `TrainConfig` (top-level scalars plus `[model]`, `[data]`, `[optim]`
     preset = "tiny"            # optional; a `preset` argument to load_train_config wins over it
     batch_size = 128
     [model]
-    size = "test-tiny"          # a name in nanoseek.config.NAMED_CONFIGS
+    size = "test-tiny"          # a name in nanoseek.model.config.NAMED_CONFIGS
     hidden_size = 128           # any other key is a DeepseekV3Config field overriding that size
     [optim]
     lr = 2e-3
@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -36,18 +37,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.config import NAMED_CONFIGS, ConfigError, DeepseekV3Config
+from nanoseek.model.config import NAMED_CONFIGS, ConfigError, DeepseekV3Config
 
 
 @dataclass
 class ModelSpec:
-    size: str = "test-tiny"  # a name in nanoseek.config.NAMED_CONFIGS
+    size: str = "test-tiny"  # a name in nanoseek.model.config.NAMED_CONFIGS
     overrides: dict[str, Any] = field(default_factory=dict)  # DeepseekV3Config fields over that size
 
 
 @dataclass
 class DataSpec:
-    # Synthetic tasks (nanoseek.train.tasks): names and optional mixture weights (default: uniform).
+    # Synthetic tasks (nanoseek.tasks): names and optional mixture weights (default: uniform).
     tasks: list[str] = field(default_factory=lambda: ["add2"])
     task_weights: list[float] = field(default_factory=list)
     loss_on_answer_only: bool = True  # task rows: loss on the answer tokens (and the eos after them) only
@@ -190,7 +191,7 @@ class TrainConfig:
 
             expand_data_files(self.data.files)
         if self.data.tasks and not self.data.files:
-            from nanoseek.train.tasks import get_task  # a typo in a task name is a config error
+            from nanoseek.tasks import get_task  # a typo in a task name is a config error
 
             for name in self.data.tasks:
                 get_task(name)
@@ -340,6 +341,26 @@ class _RawString(str):
     """A command-line value: parsed according to the type of the field it lands in."""
 
 
+# YAML 1.1 (PyYAML's) reads `1e-08` and `3e-4` as strings (its floats need a dot); YAML 1.2, TOML and every
+# user read them as numbers. This resolver, YAML 1.2's float pattern, makes them floats.
+_YAML12_FLOAT = re.compile(
+    r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?(?:[eE][-+]?\d+)?|\.\d[\d_]*(?:[eE][-+]?\d+)?)$"
+    r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+)
+
+
+def yaml_load(text: str) -> Any:
+    """yaml.safe_load with YAML 1.2's numbers (`1e-08` is a float)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)
+
+
 def _read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config file not found")
@@ -348,9 +369,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+            data = yaml_load(text) or {}
         else:
             raise ValueError(f"{path}: config files must end in .toml, .yaml or .yml")
     except tomllib.TOMLDecodeError as exc:

@@ -8,7 +8,7 @@ Synthetic tasks, one example per row (the format REFERENCE §2 found learnable):
     batcher = TaskBatcher([get_task("add2")], tok, batch_size=256, seq_len=32, seed=1337)
     x, y = batcher.next_batch()               # row: <bos> prompt answer <eos> <pad>...
     state = batcher.state_dict()              # {"step": ...}; batches depend only on (seed, rank, step)
-    ids = prompt_ids(tok, example)            # what the model sees at evaluation: <bos> prompt
+    ids = prompt_ids(tok, example)            # what the model sees at evaluation (nanoseek.tasks): <bos> prompt
 
 With loss_on_answer_only the targets keep only the answer tokens and the <eos> that ends them.
 
@@ -39,14 +39,8 @@ from typing import Any
 import torch
 
 from nanoseek.model.loss import IGNORE_INDEX
+from nanoseek.tasks import Example, Task
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.tasks import Example, Task
-
-
-def prompt_ids(tok: Tokenizer, example: Example) -> list[int]:
-    """The ids a model is given to answer `example`: <bos> + prompt (as in training rows)."""
-    bos, _, _ = tok.special_ids()
-    return [bos, *tok.encode(example.prompt, add_special_tokens=False)]
 
 
 class TaskBatcher:

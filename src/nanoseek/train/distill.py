@@ -5,11 +5,15 @@
 
 1. The teacher answers training-split problems of each task (`samples` completions per problem at a
    temperature, batched through the engine), in the R1 format by default: the R1 system prompt, the reply
-   `<think>…</think><answer>…</answer>`. A `gsm8k:FILE.jsonl` task uses that file's problems.
+   `<think>…</think><answer>…</answer>`. A `gsm8k:FILE.jsonl` task uses that file's problems. The formats and
+   `system_prompt` mean what they mean to `nanoseek.eval.evaluate` (the prompts and checkers are eval's own):
+   r1 reads the answer inside `<answer>`, `system_prompt` replaces the chat and r1 formats' system message
+   (None: the format's default, "" for none, as the speedrun's models are trained).
 2. The task's verifier keeps the correct completions (the exact checkers of the synthetic tasks, math-verify for
    math), at most `per_problem` distinct ones per problem.
 3. They are written as chat conversations (`{"messages": [system, user, assistant]}`, OUT/traces.jsonl, what
-   `nanoseek sft` reads) and the student is fine-tuned on them with `nanoseek.train.sft.run_sft` into OUT/sft.
+   `nanoseek sft` reads; the system message is the one the teacher was prompted with, or none) and the student
+   is fine-tuned on them with `nanoseek.train.sft.run_sft` into OUT/sft.
 4. The student is evaluated on the held-out split of the synthetic tasks before and after (`nanoseek.eval`),
    and OUT/summary.json records the counts, the SFT run and both evaluations.
 
@@ -35,13 +39,14 @@ from nanoseek.eval.data import load_math
 from nanoseek.eval.runner import (
     EvalWarning,
     Problem,
+    default_system_prompt,
     evaluate,
     generate_completions,
     math_problems,
     parse_spec,
     synthetic_problems,
 )
-from nanoseek.train.tasks import R1_SYSTEM_PROMPT, Task
+from nanoseek.tasks import Task
 
 # How the teacher is prompted. The conversations written are chat in every case: "plain" (a base or speedrun
 # model answering the raw prompt) becomes user: prompt / assistant: answer.
@@ -69,6 +74,8 @@ class DistillResult:
     logit: LogitDistillResult | None = None  # the optional logit-distillation stage after SFT
     eval_before: dict[str, Any] = field(default_factory=dict)  # spec -> EvalResult
     eval_after: dict[str, Any] = field(default_factory=dict)
+    format: str = "r1"  # how the teacher was prompted (and the student evaluated)
+    system_prompt: str = ""  # the system message of the prompts and the conversations ("" for none)
 
     def to_summary(self) -> dict[str, Any]:
         sft = None
@@ -83,13 +90,27 @@ class DistillResult:
                      "kl_last": lg.losses[-1]}  # fmt: skip
         return {
             "traces_path": str(self.traces_path), "generated": self.generated, "correct": self.correct,
-            "kept": self.kept, "skipped": self.skipped, "per_task": self.per_task, "sft": sft, "logit": logit,
+            "kept": self.kept, "skipped": self.skipped, "per_task": self.per_task, "format": self.format,
+            "system_prompt": self.system_prompt, "sft": sft, "logit": logit,
             "eval_before": {k: r.to_dict() for k, r in self.eval_before.items()},
             "eval_after": {k: r.to_dict() for k, r in self.eval_after.items()},
         }  # fmt: skip
 
 
 # ---- 1. traces ---------------------------------------------------------------------------------------------
+
+
+def check_format(fmt: str, system_prompt: str | None = None) -> None:
+    """ValueError for a format distill does not know, or a system prompt with the plain format (as eval)."""
+    if fmt not in DISTILL_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(DISTILL_FORMATS)}")
+    if system_prompt and fmt == "plain":
+        raise ValueError("a system prompt needs the chat or r1 format (the plain format sends the bare prompt)")
+
+
+def system_message(fmt: str, system_prompt: str | None = None) -> str:
+    """The system message the teacher is prompted with, and the conversations carry ("" for none)."""
+    return default_system_prompt(fmt) if system_prompt is None else system_prompt
 
 
 def training_examples(task: Task, n: int, seed: int) -> list:
@@ -104,11 +125,11 @@ def training_examples(task: Task, n: int, seed: int) -> list:
     return list(seen.values())
 
 
-def _problems(tok, spec, fmt: str, n: int, seed: int) -> list[Problem]:
+def _problems(tok, spec, fmt: str, n: int, seed: int, system_prompt: str | None = None) -> list[Problem]:
     if spec.kind == "synthetic":
-        return synthetic_problems(tok, spec.task, fmt, training_examples(spec.task, n, seed))
+        return synthetic_problems(tok, spec.task, fmt, training_examples(spec.task, n, seed), system_prompt)
     if spec.kind == "math":
-        return math_problems(tok, load_math(spec.path, n), fmt)
+        return math_problems(tok, load_math(spec.path, n), fmt, system_prompt)
     raise ValueError(f"{spec.name}: multiple-choice data has no answers to distill; use synthetic or gsm8k: tasks")
 
 
@@ -122,14 +143,15 @@ def generate_traces(
     temperature: float = 0.8,
     top_p: float = 1.0,
     fmt: str = "r1",
+    system_prompt: str | None = None,
     max_new_tokens: int = 256,
     batch_size: int = 64,
     seed: int = 0,
 ) -> tuple[list[Trace], int]:
-    """The teacher's completions of `problems` training problems per task, each checked by the task's verifier.
+    """The teacher's completions of `problems` training problems per task, each checked by the task's verifier,
+    prompted and scored as `nanoseek.eval.evaluate(format=fmt, system_prompt=system_prompt)` would.
     Returns (traces, problems skipped because the prompt did not fit the teacher's context)."""
-    if fmt not in DISTILL_FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(DISTILL_FORMATS)}")
+    check_format(fmt, system_prompt)
     if samples < 1 or problems < 1:
         raise ValueError(f"problems and samples must be >= 1, got {problems} and {samples}")
     if temperature == 0 and samples > 1:
@@ -142,7 +164,7 @@ def generate_traces(
     teacher.eval()
     try:
         for spec in parsed:
-            todo = _problems(tokenizer, spec, fmt, problems, seed)
+            todo = _problems(tokenizer, spec, fmt, problems, seed, system_prompt)
             kept = [p for p in todo if window is None or len(p.prompt) < window]
             if len(kept) < len(todo):
                 skipped += len(todo) - len(kept)
@@ -177,20 +199,25 @@ def select_traces(traces: Sequence[Trace], per_problem: int = 1) -> list[Trace]:
     return kept
 
 
-def conversation(trace: Trace, fmt: str = "r1") -> dict[str, Any]:
-    """The chat conversation SFT trains on: (R1 system prompt,) the question, the teacher's verified reply."""
-    system = [{"role": "system", "content": R1_SYSTEM_PROMPT}] if fmt == "r1" else []
+def conversation(trace: Trace, fmt: str = "r1", system_prompt: str | None = None) -> dict[str, Any]:
+    """The chat conversation SFT trains on: (the system message the teacher saw,) the question, the teacher's
+    verified reply. `system_prompt` as in generate_traces (None: the R1 prompt for r1, none otherwise)."""
+    check_format(fmt, system_prompt)
+    text = system_message(fmt, system_prompt)
+    system = [{"role": "system", "content": text}] if text else []
     return {"messages": [*system, {"role": "user", "content": trace.question},
                          {"role": "assistant", "content": trace.completion.strip()}]}  # fmt: skip
 
 
-def write_conversations(path: str | os.PathLike, traces: Sequence[Trace], fmt: str = "r1") -> Path:
+def write_conversations(
+    path: str | os.PathLike, traces: Sequence[Trace], fmt: str = "r1", system_prompt: str | None = None
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for t in traces:
-            f.write(json.dumps(conversation(t, fmt), ensure_ascii=False) + "\n")
+            f.write(json.dumps(conversation(t, fmt, system_prompt), ensure_ascii=False) + "\n")
     tmp.replace(path)  # a crash never leaves half a file under the final name
     return path
 
@@ -234,6 +261,7 @@ def distill(
     samples: int = 4,
     temperature: float = 0.8,
     fmt: str = "r1",
+    system_prompt: str | None = None,
     per_problem: int = 1,
     max_new_tokens: int = 256,
     eval_limit: int = 200,
@@ -248,19 +276,22 @@ def distill(
     `nanoseek.load` reads, or (model, tokenizer) pairs. `overrides` go to `run_sft` ("max_steps=50", …).
     traces_only: stop after writing OUT/traces.jsonl. logit_kl_steps > 0: after SFT, that many steps of logit
     distillation (KL to the teacher's next-token distributions on the traces; same vocabulary needed) into
-    OUT/kl/model, which is then the model evaluated."""
+    OUT/kl/model, which is then the model evaluated. `fmt` and `system_prompt` mean what they mean to
+    `nanoseek.eval.evaluate`; the conversations carry the system message the teacher was prompted with."""
     out = Path(out)
+    check_format(fmt, system_prompt)
     parsed = [parse_spec(s) for s in specs]  # bad specs fail before any model loads
     t_model, t_tok, _ = _load(teacher, device)
     traces, skipped = generate_traces(
         t_model, t_tok, [s.name for s in parsed], problems=problems, samples=samples, temperature=temperature,
-        fmt=fmt, max_new_tokens=max_new_tokens, seed=seed,
+        fmt=fmt, system_prompt=system_prompt, max_new_tokens=max_new_tokens, seed=seed,
     )  # fmt: skip
     del t_model
     kept = select_traces(traces, per_problem)
-    path = write_conversations(out / "traces.jsonl", kept, fmt)
+    path = write_conversations(out / "traces.jsonl", kept, fmt, system_prompt)
     result = DistillResult(path, len(traces), sum(t.correct for t in traces), len(kept),
-                           per_task_counts(traces, kept), skipped)  # fmt: skip
+                           per_task_counts(traces, kept), skipped, format=fmt,
+                           system_prompt=system_message(fmt, system_prompt))  # fmt: skip
     if not traces_only:
         if not kept:
             raise ValueError(
@@ -268,14 +299,15 @@ def distill(
                 f"(wrote an empty {path})"
             )
         kl = dict(teacher=teacher, steps=logit_kl_steps, lr=logit_kl_lr, traces=kept)
-        _train_student(result, student, parsed, out, overrides, fmt=fmt, max_new_tokens=max_new_tokens,
-                       eval_limit=eval_limit, device=device, show_progress=show_progress, seed=seed, kl=kl)  # fmt: skip
+        _train_student(result, student, parsed, out, overrides, fmt=fmt, system_prompt=system_prompt,
+                       max_new_tokens=max_new_tokens, eval_limit=eval_limit, device=device,
+                       show_progress=show_progress, seed=seed, kl=kl)  # fmt: skip
     (out / "summary.json").write_text(json.dumps(result.to_summary(), indent=2) + "\n")
     return result
 
 
-def _train_student(result: DistillResult, student, parsed, out: Path, overrides, *, fmt, max_new_tokens, eval_limit,
-                   device, show_progress, seed, kl) -> None:  # fmt: skip
+def _train_student(result: DistillResult, student, parsed, out: Path, overrides, *, fmt, system_prompt,
+                   max_new_tokens, eval_limit, device, show_progress, seed, kl) -> None:  # fmt: skip
     try:
         from nanoseek.train.sft import run_sft
     except ModuleNotFoundError as exc:
@@ -290,10 +322,11 @@ def _train_student(result: DistillResult, student, parsed, out: Path, overrides,
         raise ValueError("logit distillation needs teacher and student with the same vocabulary (token table and "
                          "logit width); drop --logit-kl-steps to distill the traces alone")  # fmt: skip
     held_out = [s.name for s in parsed if s.kind == "synthetic"]  # a math file trained on is no test set
-    # the student is evaluated the way it is trained: chat conversations (with the R1 system prompt for r1)
+    # the student is evaluated the way it is trained: chat conversations with the system message the teacher
+    # saw (the plain format's conversations have none)
     eval_fmt = "r1" if fmt == "r1" else "chat"
-    settings = dict(limit=eval_limit, format=eval_fmt, max_new_tokens=max_new_tokens if fmt == "r1" else None,
-                    seed=seed)  # fmt: skip
+    settings = dict(limit=eval_limit, format=eval_fmt, system_prompt=result.system_prompt,
+                    max_new_tokens=max_new_tokens if fmt == "r1" else None, seed=seed)  # fmt: skip
     if held_out:
         result.eval_before = evaluate(s_model, s_tok, held_out, **settings)
     result.sft = run_sft(s_path or s_model, result.traces_path, out / "sft", overrides, tokenizer=s_tok,
@@ -302,8 +335,8 @@ def _train_student(result: DistillResult, student, parsed, out: Path, overrides,
     if kl["steps"]:
         result.logit = logit_distill(
             nanoseek.load(final_dir, dtype="float32", device=device), t_model, nanoseek.load_tokenizer(final_dir),
-            [conversation(t, fmt) for t in kl["traces"]], out / "kl", teacher_tokenizer=t_tok, steps=kl["steps"],
-            lr=kl["lr"], seed=seed,
+            [conversation(t, fmt, system_prompt) for t in kl["traces"]], out / "kl", teacher_tokenizer=t_tok,
+            steps=kl["steps"], lr=kl["lr"], seed=seed,
         )  # fmt: skip
         final_dir = result.logit.model_dir
     if held_out:

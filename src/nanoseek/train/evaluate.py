@@ -19,9 +19,8 @@ from torch import nn
 
 from nanoseek.engine.generate import generate_batch
 from nanoseek.engine.sampling import SamplingParams
+from nanoseek.tasks import Example, Task, prompt_ids, wilson_ci95
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.data import prompt_ids
-from nanoseek.train.tasks import Example, Task, wilson_ci95
 
 
 @dataclass

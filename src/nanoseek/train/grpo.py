@@ -52,10 +52,10 @@ from torch import nn
 
 from nanoseek.engine.generate import context_length, engine_for
 from nanoseek.engine.sampling import SamplingParams
+from nanoseek.tasks import R1_SYSTEM_PROMPT, Example, Task, extract_r1_answer, get_task
 from nanoseek.train.config import OptimConfig
 from nanoseek.train.evaluate import TaskScore
 from nanoseek.train.rewards import RewardFn, get_rewards, score_completions
-from nanoseek.train.tasks import R1_SYSTEM_PROMPT, Example, Task, extract_r1_answer, get_task
 
 log = logging.getLogger("nanoseek.grpo")
 

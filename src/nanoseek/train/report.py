@@ -103,7 +103,7 @@ def plot_accuracy(summary: dict[str, Any], records, path: Path) -> None:
                 ys.append(100 * e["accuracy"])
                 lo.append(100 * (e["accuracy"] - e["ci95"][0]))
                 hi.append(100 * (e["ci95"][1] - e["accuracy"]))
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=4, label=s["name"])
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=4, label=f"{s['name']} ({s.get('format', '?')})")
     for j, t in enumerate(tasks):
         c = chance_accuracy(t)
         if c is not None:
@@ -184,18 +184,28 @@ def plot_grpo(records, path: Path) -> None:
     plt.close(fig)
 
 
+def lineage(stages: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The stages that made stage `name`'s model, from the first (each stage's `parent`), `name` last."""
+    by_name = {s["name"]: s for s in stages}
+    chain, node = [], by_name.get(name)
+    while node is not None and node not in chain:
+        chain.insert(0, node)
+        node = by_name.get(node.get("parent"))
+    return chain
+
+
 def stage_costs(summary: dict[str, Any], price_per_hour: float) -> list[dict[str, Any]]:
-    """Per stage: correct held-out answers, energy and cost so far (the run up to and including the stage),
-    and energy per correct answer (J): what a correct answer of that stage's model cost to make."""
-    rows, energy, wall = [], 0.0, 0.0
+    """Per stage: correct held-out answers (all in that stage's one format), the energy and cost of the stages
+    that made its model (its lineage: the SFT control's excludes GRPO), and energy per correct answer (J)."""
+    rows = []
     for s in summary["stages"]:
-        energy += s["energy_j"]
-        wall += s["wall_s"]
+        chain = lineage(summary["stages"], s["name"])
+        energy, wall = sum(c["energy_j"] for c in chain), sum(c["wall_s"] for c in chain)
         correct = sum(round(e["accuracy"] * e["n"]) for e in s["eval"].values())
         n = sum(e["n"] for e in s["eval"].values())
         rows.append({
-            "name": s["name"], "correct": correct, "n": n, "energy_j": energy, "cost": wall / 3600 * price_per_hour,
-            "j_per_correct": energy / correct if correct else None,
+            "name": s["name"], "format": s.get("format", "?"), "correct": correct, "n": n, "energy_j": energy,
+            "cost": wall / 3600 * price_per_hour, "j_per_correct": energy / correct if correct else None,
         })  # fmt: skip
     return rows
 
@@ -263,6 +273,54 @@ def final_eval_lines(final: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+FORMAT_WORDS = {
+    "plain": "the bare problem (`47+85=`), the answer read as it comes",
+    "r1": "the chat template with no system prompt, answering `<think>…</think><answer>…</answer>`, the answer "
+    "read from `<answer>`",
+}
+VERDICT_WORDS = {"better": "better", "worse": "**worse**", "same": "no different"}
+
+
+def accuracy_lines(summary: dict[str, Any]) -> list[str]:
+    """One table of task x stage (each stage's format in its header) on the same held-out problems, the formats
+    and the commands that re-score them, then each comparison the run makes, in words."""
+    stages, scoring = summary["stages"], summary.get("scoring", {})
+    tasks = sorted({t for s in stages for t in s["eval"]})
+    lines = ["## Held-out accuracy", ""]
+    n = scoring.get("problems") or max((e["n"] for s in stages for e in s["eval"].values()), default=0)
+    lines.append(
+        f"Every stage's model answers the same {n} held-out problems per task (never drawn for training), greedy, "
+        f"exact match, with 95% Wilson intervals. Formats:"
+    )
+    lines.append("")
+    for fmt in dict.fromkeys(s.get("format", "?") for s in stages):
+        who = ", ".join(s["name"] for s in stages if s.get("format", "?") == fmt)
+        command = scoring.get("commands", {}).get(fmt)
+        lines.append(f"- `{fmt}` ({who}): {FORMAT_WORDS.get(fmt, fmt)}" + (f"; `{command}`" if command else "."))
+    lines.append("")
+    header = " | ".join(f"{s['name']} ({s.get('format', '?')})" for s in stages)
+    lines += [f"| task | {header} | chance |", "|---" * (len(stages) + 2) + "|"]
+    for task in tasks:
+        cells = []
+        for s in stages:
+            e = s["eval"].get(task)
+            cells.append(f"**{_pct(e['accuracy'])}** ({_pct(e['ci95'][0])} – {_pct(e['ci95'][1])})" if e else "–")
+        c = chance_accuracy(task)
+        lines.append(f"| {task} | {' | '.join(cells)} | {f'{100 * c:.2g}%' if c is not None else 'n/a'} |")
+    lines.append("")
+    comparisons = summary.get("comparisons") or []
+    if comparisons:
+        lines.append("Each comparison counts a difference only when the two 95% intervals do not overlap:")
+        lines.append("")
+        pairs = dict.fromkeys((c["stage"], c["against"]) for c in comparisons)
+        for a, b in pairs:
+            parts = [f"{VERDICT_WORDS[c['verdict']]} on {c['task']}" for c in comparisons
+                     if (c["stage"], c["against"]) == (a, b)]  # fmt: skip
+            lines.append(f"- **{a}** against **{b}**: {', '.join(parts)}.")
+        lines.append("")
+    return lines
+
+
 def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | None, plots: list[str]) -> str:
     m = summary.get("model", {})
     lines = ["# nanoseek speedrun report", ""]
@@ -282,24 +340,7 @@ def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | N
             f"{describe_training(summary)}"
         )
         lines.append("")
-    lines += ["## Held-out accuracy", ""]
-    lines.append(
-        "Exact match of greedy answers on problems never drawn for training (95% Wilson interval). Pretraining is "
-        "asked the bare problem (`47+85=`); SFT and GRPO are asked in the chat template (no system prompt) and must "
-        "answer `<think>…</think><answer>…</answer>`, the answer checked exactly."
-    )
-    lines.append("")
-    lines.append("| stage | task | accuracy | 95% CI | n | chance |")
-    lines.append("|---|---|---|---|---|---|")
-    for s in summary["stages"]:
-        for task, e in sorted(s["eval"].items()):
-            c = chance_accuracy(task)
-            lo, hi = e["ci95"]
-            chance = f"{100 * c:.2g}%" if c is not None else "n/a"
-            lines.append(
-                f"| {s['name']} | {task} | **{_pct(e['accuracy'])}** | {_pct(lo)} – {_pct(hi)} | {e['n']} | {chance} |"
-            )
-    lines.append("")
+    lines += accuracy_lines(summary)
     lines += final_eval_lines(summary.get("final_eval"))
     lines += ["## Stages", "", "| stage | wall time | steps | tokens | tokens/s | MFU | energy | final loss |"]
     lines.append("|---|---|---|---|---|---|---|---|")
@@ -314,13 +355,18 @@ def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | N
     lines.append("")
     price = cfg.price_per_device_hour if cfg else summary["cost"] * 3600 / max(summary["wall_s"], 1e-9)
     lines += ["## Energy per correct answer and cost", ""]
-    lines.append("Cumulative over the run up to each stage; correct answers are the held-out ones of the table above.")
+    lines.append(
+        "Energy and cost of the stages that made each model (the SFT control's exclude GRPO's); correct answers are "
+        "the held-out ones of the table above, each stage's in its own format (a bare answer and an R1 reply are "
+        "different measurements, so stages in different formats are not added up)."
+    )
     lines.append("")
-    lines += ["| after stage | correct / asked | energy | energy per correct answer | cost |", "|---|---|---|---|---|"]
+    lines += ["| stage | format | correct / asked | energy | energy per correct answer | cost |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for r in stage_costs(summary, price):
         per = f"{r['j_per_correct']:.1f} J" if r["j_per_correct"] is not None else "–"
-        lines.append(f"| {r['name']} | {r['correct']} / {r['n']} | {r['energy_j'] / 3600:.2f} Wh | {per} | "
-                     f"{r['cost']:.4f} {summary.get('currency', 'USD')} |")  # fmt: skip
+        lines.append(f"| {r['name']} | {r['format']} | {r['correct']} / {r['n']} | {r['energy_j'] / 3600:.2f} Wh | "
+                     f"{per} | {r['cost']:.4f} {summary.get('currency', 'USD')} |")  # fmt: skip
     lines.append("")
     grpo = next((s for s in summary["stages"] if s["name"] == "grpo"), None)
     if grpo and grpo.get("history"):

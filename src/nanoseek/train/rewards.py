@@ -21,7 +21,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 
-from nanoseek.train.tasks import Example, Task, extract_r1_answer, r1_reward
+from nanoseek.tasks import Example, Task, extract_r1_answer, r1_reward
 
 RewardFn = Callable[[str, Example, Task], float]
 

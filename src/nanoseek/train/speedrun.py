@@ -34,15 +34,16 @@ from __future__ import annotations
 import json
 import random
 import re
+import shlex
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from nanoseek.tasks import Example, Task, get_task
 from nanoseek.train.config import TrainConfig, load_train_config
 from nanoseek.train.evaluate import TaskScore
-from nanoseek.train.tasks import Example, Task, get_task
 
 STAGES = ["pretrain", "sft", "grpo"]
 
@@ -53,10 +54,28 @@ class SpeedrunOptions:
     minutes: float | None = None  # pretraining time budget; default: the preset's (8 min for tiny)
     device: str = "cpu"
     preset: str = "tiny"
-    overrides: list[str] = field(default_factory=list)  # extra TrainConfig key=value settings
-    sft_overrides: list[str] = field(default_factory=list)  # extra run_sft settings (after the plan's)
-    grpo_overrides: list[str] = field(default_factory=list)  # extra run_grpo settings (after the plan's)
+    # KEY=VALUE settings: pretraining's TrainConfig keys as they are, the later stages' as `sft.KEY` (SFT and the
+    # SFT control) and `grpo.KEY`; `seed=N` seeds every stage
+    overrides: list[str] = field(default_factory=list)
+    sft_control: bool = False  # also run the `sft-control` arm: more SFT for as long as GRPO ran
     show_progress: bool = True
+
+
+STAGE_PREFIXES = ("sft", "grpo")
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """`sft.KEY=V` and `grpo.KEY=V` go to those stages (as KEY=V), every other setting to pretraining."""
+    pretrain, stages = [], {name: [] for name in STAGE_PREFIXES}
+    for item in overrides:
+        head, dot, rest = item.partition(".")
+        if dot and head in stages:
+            if not rest.partition("=")[0].strip():
+                raise ValueError(f"override {item!r} must look like {head}.KEY=VALUE (e.g. {head}.max_steps=20)")
+            stages[head].append(rest)
+        else:
+            pretrain.append(item)
+    return pretrain, stages
 
 
 @dataclass
@@ -68,13 +87,17 @@ class StageResult:
     eval: dict[str, TaskScore]
     model_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # steps, losses, tok_s, mfu... (reported as given)
+    format: str = "r1"  # the prompt format `eval` was scored in (SCORING_FORMATS)
+    parent: str | None = None  # the stage whose model this one started from (None: from scratch)
 
     def to_summary(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "parent": self.parent,
             "wall_s": self.wall_s,
             "tokens": self.tokens,
             "energy_j": self.energy_j,
+            "format": self.format,
             "eval": {task: s.to_dict() for task, s in self.eval.items()},
             **self.extra,
         }
@@ -92,19 +115,22 @@ class StageContext:
     device: str
     show_progress: bool = True
     plan: StagePlan | None = None
+    stages: dict[str, StageResult] = field(default_factory=dict)  # every stage run so far, by name
 
 
 @dataclass
 class StagePlan:
-    """What the stages after pretraining do: SFT data (R1-format traces of `sft_tasks`) and settings, and the
-    tasks and settings of GRPO. `*_extra` are the user's overrides, applied last."""
+    """What the stages after pretraining do: the SFT stage's cold-start demonstrations (`sft_conversations`
+    R1-format traces of `sft_tasks`, mixed by `sft_task_weights`) and settings, and GRPO's tasks and settings.
+    Tasks left None are the run's (pretraining's data.tasks). `*_extra` are the user's `sft.*` / `grpo.*`
+    settings, applied last."""
 
-    sft_tasks: list[str]
-    sft_task_weights: list[float]
     sft_conversations: int
     sft: list[str]
-    grpo_tasks: list[str]
     grpo: list[str]
+    sft_tasks: list[str] | None = None
+    sft_task_weights: list[float] | None = None
+    grpo_tasks: list[str] | None = None
     sft_extra: list[str] = field(default_factory=list)
     grpo_extra: list[str] = field(default_factory=list)
 
@@ -186,11 +212,17 @@ STAGE_PLANS = {
 }  # fmt: skip
 
 
-def stage_plan(opts: SpeedrunOptions) -> StagePlan:
+def stage_plan(opts: SpeedrunOptions, cfg: TrainConfig) -> StagePlan:
+    """The preset's plan, the run's tasks where it names none, the user's `sft.*` / `grpo.*` settings."""
     import copy
 
     plan = copy.deepcopy(STAGE_PLANS.get(opts.preset, STAGE_PLANS["tiny"]))
-    plan.sft_extra, plan.grpo_extra = list(opts.sft_overrides), list(opts.grpo_overrides)
+    _, by_stage = split_overrides(opts.overrides)
+    plan.sft_extra, plan.grpo_extra = by_stage["sft"], by_stage["grpo"]
+    plan.sft_tasks = plan.sft_tasks or list(cfg.data.tasks)
+    plan.grpo_tasks = plan.grpo_tasks or list(cfg.data.tasks)
+    if plan.sft_task_weights is not None and len(plan.sft_task_weights) != len(plan.sft_tasks):
+        plan.sft_task_weights = None  # the preset's mixture was for other tasks: uniform
     return plan
 
 
@@ -200,7 +232,8 @@ def speedrun_config(opts: SpeedrunOptions, run_dir: Path) -> TrainConfig:
         overrides.append(f"time_budget_min={opts.minutes}")
     if opts.device.startswith("cuda") and opts.preset == "tiny":
         overrides.append("dtype=bfloat16")
-    return load_train_config(preset=opts.preset, overrides=[*overrides, *opts.overrides])
+    pretrain_overrides, _ = split_overrides(opts.overrides)
+    return load_train_config(preset=opts.preset, overrides=[*overrides, *pretrain_overrides])
 
 
 def mark_stage(metrics_path: Path, name: str) -> None:
@@ -209,11 +242,12 @@ def mark_stage(metrics_path: Path, name: str) -> None:
         f.write(json.dumps({"event": "stage", "name": name, "time": time.time()}) + "\n")
 
 
-def run_pretrain(cfg: TrainConfig, run_dir: Path, show_progress: bool) -> StageResult:
+def run_pretrain(ctx: StageContext) -> StageResult:
     from nanoseek.train.trainer import Trainer
 
+    cfg = ctx.train_config
     start = time.perf_counter()
-    result = Trainer(cfg, show_progress=show_progress, tune_threads=True).train()
+    result = Trainer(cfg, show_progress=ctx.show_progress, tune_threads=True).train()
     s = result.summary
     extra = {
         "steps": result.steps,
@@ -224,53 +258,117 @@ def run_pretrain(cfg: TrainConfig, run_dir: Path, show_progress: bool) -> StageR
         "energy_source": s.get("energy_source"),
         "eval_history": s.get("eval_history", []),
     }
+    scores = score_stage(result.model_dir, "plain", ctx)
     return StageResult(
-        "pretrain", time.perf_counter() - start, int(s["tokens"]), float(s["energy_j"]), result.eval,
-        result.model_dir, extra,
+        "pretrain", time.perf_counter() - start, int(s["tokens"]), float(s["energy_j"]), scores, result.model_dir,
+        extra, format="plain",
     )  # fmt: skip
 
 
-def sft_stage(ctx: StageContext) -> StageResult | None:
-    """SFT on R1-format traces of the tasks (nanoseek.train.sft.run_sft); None while that module is missing."""
-    try:
-        from nanoseek.train.sft import run_sft
-    except ModuleNotFoundError as exc:
-        if exc.name == "nanoseek.train.sft":
-            return None
-        raise
+def sft_settings(ctx: StageContext) -> list[str]:
+    """The SFT stage's `nanoseek sft --set` settings: the plan's, the run's seed, the user's `sft.*` last."""
+    return [*ctx.plan.sft, f"seed={ctx.train_config.seed}", *ctx.plan.sft_extra]
+
+
+def write_demonstrations(ctx: StageContext, folder: Path) -> Path:
+    """The cold-start demonstrations (sft_conversations R1-format traces of the plan's SFT tasks, drawn with the
+    run's seed) as chat JSONL in `folder`/data.jsonl, the file the SFT stage and its control train on."""
     plan = ctx.plan
     tasks = [get_task(t, ctx.train_config.data.heldout_fraction) for t in plan.sft_tasks]
     data = r1_conversations(tasks, plan.sft_conversations, ctx.train_config.seed, plan.sft_task_weights or None)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in data))
+    return path
+
+
+def write_settings(folder: Path, command: str, overrides: list[str], **facts: Any) -> None:
+    """`folder`/settings.json: the stage's resolved settings and the command that reruns it by hand."""
+    folder.mkdir(parents=True, exist_ok=True)
+    set_args = " ".join(f"--set {shlex.quote(o)}" for o in overrides)
+    record = {"command": f"{command} {set_args}".strip(), "overrides": overrides, **facts}
+    (folder / "settings.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def sft_stage(ctx: StageContext) -> StageResult:
+    """SFT from the pretrained model on the cold-start demonstrations (nanoseek.train.sft.run_sft)."""
+    folder = ctx.run_dir / "sft"
+    data = write_demonstrations(ctx, folder)
+    settings = sft_settings(ctx)
+    write_settings(
+        folder, f"nanoseek sft {ctx.previous.model_dir} {data} --out {folder}", settings,
+        demonstrations=ctx.plan.sft_conversations, tasks=ctx.plan.sft_tasks, task_weights=ctx.plan.sft_task_weights,
+    )  # fmt: skip
+    return run_sft_stage("sft", ctx.previous, data, folder, settings, ctx)
+
+
+def sft_control_stage(ctx: StageContext) -> StageResult | None:
+    """The control arm of GRPO: SFT continued from the SFT model on the same demonstrations with the same
+    settings, for as long as GRPO trained (its wall clock), so GRPO's gain is measured against what more
+    supervised training on the same data buys. None unless both SFT and GRPO ran."""
+    sft, grpo = ctx.stages.get("sft"), ctx.stages.get("grpo")
+    if sft is None or grpo is None or not grpo.extra.get("train_s"):
+        return None
+    folder = ctx.run_dir / "sft-control"
+    data = ctx.run_dir / "sft" / "data.jsonl"
+    minutes = grpo.extra["train_s"] / 60
+    # the time budget replaces the step count: the trainer plans its steps (and the schedule) from it
+    settings = [*sft_settings(ctx), f"time_budget_min={minutes:.6g}", f"max_steps={CONTROL_MAX_STEPS}"]
+    write_settings(
+        folder, f"nanoseek sft {sft.model_dir} {data} --out {folder}", settings, matched_to="grpo",
+        grpo_train_s=grpo.extra["train_s"],
+    )  # fmt: skip
+    return run_sft_stage("sft-control", sft, data, folder, settings, ctx)
+
+
+# The control's step count comes from its time budget; this cap is never reached in practice.
+CONTROL_MAX_STEPS = 1_000_000
+
+
+def run_sft_stage(
+    name: str, start_from: StageResult, data: Path, folder: Path, settings: list[str], ctx: StageContext
+) -> StageResult:
+    from nanoseek.train.sft import run_sft
+
     start = time.perf_counter()
     result = run_sft(
-        ctx.previous.model_dir, data, ctx.run_dir / "sft", [*plan.sft, *plan.sft_extra],
-        show_progress=ctx.show_progress, device=ctx.device, metrics_path=ctx.metrics_path,
+        start_from.model_dir, data, folder, settings, show_progress=ctx.show_progress, device=ctx.device,
+        metrics_path=ctx.metrics_path,
     )  # fmt: skip
-    scores = evaluate_r1_stage(result.model_dir, ctx)
+    scores = score_stage(result.model_dir, "r1", ctx)
     s = result.summary
     extra = {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
              "tok_s": s.get("tok_s"), "mfu": s.get("mfu"), "train_s": s.get("train_s"),
              "energy_source": s.get("energy_source")}  # fmt: skip
     return StageResult(
-        "sft", time.perf_counter() - start, int(result.tokens), float(result.energy_j), scores, result.model_dir, extra
-    )
+        name, time.perf_counter() - start, int(result.tokens), float(result.energy_j), scores, result.model_dir,
+        extra, parent=start_from.name,
+    )  # fmt: skip
+
+
+def grpo_settings(ctx: StageContext) -> list[str]:
+    """GRPO's `nanoseek grpo --set` settings: the plan's, the run's seed, no evaluation of its own (the run scores
+    every stage alike), no system prompt (the demonstrations have none), the user's `grpo.*` last."""
+    return [*ctx.plan.grpo, f"seed={ctx.train_config.seed}", "eval_examples=0", "system_prompt=", *ctx.plan.grpo_extra]
 
 
 def grpo_stage(ctx: StageContext) -> StageResult | None:
-    """GRPO on the tasks SFT left room on, from the SFT model (skipped when SFT did not run: the pretrained
-    model has never seen the R1 format, so every reward would be 0)."""
+    """GRPO from the SFT model (skipped when SFT did not run: the pretrained model has never seen the R1
+    format, so every reward would be 0)."""
     from nanoseek.train.grpo import run_grpo
 
     if ctx.previous.name != "sft":
         return None
-    plan = ctx.plan
+    plan, folder = ctx.plan, ctx.run_dir / "grpo"
+    settings = grpo_settings(ctx)
+    write_settings(folder, f"nanoseek grpo {ctx.previous.model_dir} --tasks {','.join(plan.grpo_tasks)} --out {folder}",
+                   settings)  # fmt: skip
     start = time.perf_counter()
     result = run_grpo(
-        ctx.previous.model_dir, plan.grpo_tasks, ctx.run_dir / "grpo",
-        [*plan.grpo, "eval_examples=0", "system_prompt=", *plan.grpo_extra],
-        show_progress=ctx.show_progress, device=ctx.device, metrics_path=ctx.metrics_path,
+        ctx.previous.model_dir, plan.grpo_tasks, folder, settings, show_progress=ctx.show_progress,
+        device=ctx.device, metrics_path=ctx.metrics_path,
     )  # fmt: skip
-    scores = evaluate_r1_stage(result.model_dir, ctx)
+    scores = score_stage(result.model_dir, "r1", ctx)
     s = result.summary
     keys = ("reward", "accuracy", "completion_len", "kl", "clip_frac", "entropy")
     # no MFU: GRPO's tokens mix sampling (inference) and training, whose FLOPs per token differ 3x; tokens/s
@@ -280,13 +378,30 @@ def grpo_stage(ctx: StageContext) -> StageResult | None:
              "train_s": s.get("train_s"), "energy_source": s.get("energy_source"), "tasks": list(plan.grpo_tasks),
              "history": [{k: h[k] for k in ("step", *keys) if k in h} for h in result.history]}  # fmt: skip
     return StageResult(
-        "grpo", time.perf_counter() - start, int(result.tokens), float(result.energy_j), scores, result.model_dir, extra
-    )
+        "grpo", time.perf_counter() - start, int(result.tokens), float(result.energy_j), scores, result.model_dir,
+        extra, parent="sft",
+    )  # fmt: skip
 
 
-# Greedy evaluations decode 256 problems at a time (as train.grpo.evaluate_r1 does: the same engine steps, so the
-# same answers to the bit).
+# ---- one scoring contract ----------------------------------------------------------------------------------
+# Every stage is scored on the same held-out problems (the first data.eval_examples of each task's held-out
+# split, the problems `nanoseek eval` draws with its default --seed 0) through nanoseek.eval, greedy, in its
+# format: the pretrained model on the bare prompt (`47+85=`), the later ones in the chat template with no system
+# prompt, answering `<think>…</think><answer>…</answer>` (the answer checked exactly). The same problems in two
+# formats are two measurements: the report names each stage's format and never adds answers across formats.
+SCORING_FORMATS: dict[str, dict[str, Any]] = {
+    "plain": {"format": "plain"},
+    "r1": {"format": "r1", "system_prompt": ""},
+}
+# 256 problems decoded together (greedy answers do not depend on the batch: tests/test_speedrun.py checks the
+# CLI's default batch gives the same scores)
 GREEDY_EVAL_BATCH = 256
+
+
+def scoring_command(fmt: str, tasks: list[str], n: int) -> str:
+    """The `nanoseek eval` command that scores a stage's model exactly as the run did."""
+    extra = " --system-prompt ''" if fmt == "r1" else ""
+    return f"nanoseek eval MODEL --tasks {' '.join(tasks)} --format {fmt}{extra} --limit {n}"
 
 
 def heldout_specs(tasks: list[str], cfg: TrainConfig) -> list[Any]:
@@ -296,18 +411,8 @@ def heldout_specs(tasks: list[str], cfg: TrainConfig) -> list[Any]:
     return [TaskSpec(t, "synthetic", task=get_task(t, cfg.data.heldout_fraction)) for t in tasks]
 
 
-def r1_eval_format(plan: StagePlan) -> dict[str, Any]:
-    """nanoseek.eval settings of the format SFT teaches and GRPO trains with: the chat template, no system prompt
-    (the R1 one would fill much of a small model's context), `<think>…</think><answer>…</answer>` with the
-    answer checked exactly, GRPO's completion budget."""
-    from nanoseek.train.grpo import load_grpo_config
-
-    r1 = load_grpo_config(["system_prompt=", *plan.grpo, *plan.grpo_extra])
-    return {"format": "r1", "system_prompt": r1.system_prompt, "max_new_tokens": r1.max_new_tokens}
-
-
-def evaluate_r1_stage(model_dir: Path, ctx: StageContext) -> dict[str, TaskScore]:
-    """Held-out accuracy of a chat-format stage's model (nanoseek.eval): greedy, in r1_eval_format."""
+def score_stage(model_dir: Path, fmt: str, ctx: StageContext) -> dict[str, TaskScore]:
+    """Held-out accuracy of a stage's model on every task of the run, greedy, in `fmt` (SCORING_FORMATS)."""
     import nanoseek
     from nanoseek.eval import evaluate
     from nanoseek.tokenizer import load_tokenizer
@@ -316,15 +421,16 @@ def evaluate_r1_stage(model_dir: Path, ctx: StageContext) -> dict[str, TaskScore
     model = nanoseek.load(model_dir, device=ctx.device)
     results = evaluate(
         model, load_tokenizer(model_dir), heldout_specs(cfg.data.tasks, cfg), limit=cfg.data.eval_examples,
-        batch_size=GREEDY_EVAL_BATCH, **r1_eval_format(ctx.plan),
+        batch_size=GREEDY_EVAL_BATCH, **SCORING_FORMATS[fmt],
     )  # fmt: skip
     scores = {name: TaskScore(sum(d["correct"][0] for d in r.details), r.n) for name, r in results.items()}
     with open(ctx.metrics_path, "a") as f:
-        f.write(json.dumps({"event": "eval", "final": True, **{n: s.to_dict() for n, s in scores.items()}}) + "\n")
+        record = {"event": "eval", "final": True, "format": fmt, **{n: s.to_dict() for n, s in scores.items()}}
+        f.write(json.dumps(record) + "\n")
     return scores
 
 
-LATER_STAGES = {"sft": sft_stage, "grpo": grpo_stage}
+LATER_STAGES = {"sft": sft_stage, "grpo": grpo_stage, "sft-control": sft_control_stage}
 
 # The final model's sampled evaluation: completions per problem, at the GRPO rollouts' temperature, on the first
 # FINAL_EVAL_SAMPLED_PROBLEMS of the greedy evaluation's problems, FINAL_EVAL_BATCH sequences decoded together.
@@ -339,26 +445,25 @@ FINAL_EVAL_BATCH = 512
 # each decoded alone, plain and with MTP speculation, in this many alternating rounds.
 SPECULATION_PROBLEMS = 16
 SPECULATION_ROUNDS = 3
+SPECULATION_MAX_TOKENS = 32
 
 
-def final_evaluation(
-    final: StageResult, cfg: TrainConfig, plan: StagePlan, device: str, *, samples: int = FINAL_EVAL_SAMPLES
-) -> dict[str, Any]:
-    """The final model on the GRPO tasks' held-out problems through nanoseek.eval, in the last stage's format
-    (chat + R1 with no system prompt after SFT or GRPO, as those stages evaluate; the bare prompt after
-    pretraining alone): greedy pass@1 with a Wilson interval on the stages' held-out problems, then `samples`
-    completions of each of the first FINAL_EVAL_SAMPLED_PROBLEMS at FINAL_EVAL_TEMPERATURE for pass@1 and
-    pass@`samples` with bootstrap intervals."""
+def final_evaluation(final: StageResult, ctx: StageContext, *, samples: int = FINAL_EVAL_SAMPLES) -> dict[str, Any]:
+    """The final model on every task's held-out problems through nanoseek.eval, in its stage's scoring format:
+    greedy pass@1 with a Wilson interval (the stage's own score, recomputed), then `samples` completions of each
+    of the first FINAL_EVAL_SAMPLED_PROBLEMS at FINAL_EVAL_TEMPERATURE for pass@1 and pass@`samples` with
+    bootstrap intervals, and the MTP module as the model's own drafter."""
     import nanoseek
     from nanoseek.eval import evaluate
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.meter import make_energy_counter
 
+    cfg, device = ctx.train_config, ctx.device
     start, energy = time.perf_counter(), make_energy_counter(device, cfg.watts_per_core)
     model = nanoseek.load(final.model_dir, device=device)
     tok = load_tokenizer(final.model_dir)
-    fmt = {"format": "plain"} if final.name == "pretrain" else r1_eval_format(plan)
-    specs, n = heldout_specs(plan.grpo_tasks, cfg), cfg.data.eval_examples
+    fmt = SCORING_FORMATS[final.format]
+    specs, n = heldout_specs(cfg.data.tasks, cfg), cfg.data.eval_examples
     greedy = evaluate(model, tok, specs, limit=n, batch_size=GREEDY_EVAL_BATCH, **fmt)
     sampled = evaluate(model, tok, specs, limit=min(n, FINAL_EVAL_SAMPLED_PROBLEMS), samples=samples,
                        k=sorted({1, samples}), temperature=FINAL_EVAL_TEMPERATURE, batch_size=FINAL_EVAL_BATCH,
@@ -388,7 +493,7 @@ def speculation_figures(model, tok, specs: list[Any], fmt: dict[str, Any]):
                                       fmt.get("system_prompt"))  # fmt: skip
         prompts += [p.prompt for p in problems]
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    return measure_mtp_speculation(model, prompts, eos, fmt.get("max_new_tokens", 32), rounds=SPECULATION_ROUNDS)
+    return measure_mtp_speculation(model, prompts, eos, SPECULATION_MAX_TOKENS, rounds=SPECULATION_ROUNDS)
 
 
 def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
@@ -401,30 +506,36 @@ def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
         raise ValueError(f"{run_dir} already holds a finished speedrun (summary.json); choose another --out")
     device = str(resolve_device(opts.device))
     cfg = speedrun_config(opts, run_dir)
-    plan = stage_plan(opts)
+    plan = stage_plan(opts, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     (run_dir / "train_config.json").write_text(cfg.to_json() + "\n")
 
     mark_stage(metrics_path, "pretrain")
     # The trainer writes its metrics next to its checkpoints; the run folder's metrics.jsonl gathers all stages.
-    stage = run_pretrain(cfg, run_dir, opts.show_progress)
+    start = StageResult("scratch", 0.0, 0, 0.0, {})
+    stage = run_pretrain(StageContext(run_dir, cfg, start, metrics_path, device, opts.show_progress, plan))
     _append_metrics(Path(cfg.out_dir) / "metrics.jsonl", metrics_path)
-    stages = [stage]
+    stages = {"pretrain": stage}
     skipped = []
-    for name in STAGES[1:]:
-        ctx = StageContext(run_dir, cfg, stages[-1], metrics_path, device, opts.show_progress, plan)
+    names = [*STAGES[1:], *(["sft-control"] if opts.sft_control else [])]
+    main_line = stage  # the stages the final model comes through (the control is a side arm)
+    for name in names:
+        ctx = StageContext(run_dir, cfg, main_line, metrics_path, device, opts.show_progress, plan, dict(stages))
         mark_stage(metrics_path, name)
         result = LATER_STAGES[name](ctx)
         if result is None:
             skipped.append(name)
             continue
-        stages.append(result)
+        stages[name] = result
+        if name in STAGES:
+            main_line = result
 
-    final = stages[-1]
+    final = main_line
     model_dir = run_dir / "model"
     _copy_model(final.model_dir, model_dir)
-    final_eval = final_evaluation(final, cfg, plan, device)
+    ctx = StageContext(run_dir, cfg, final, metrics_path, device, opts.show_progress, plan, dict(stages))
+    final_eval = final_evaluation(final, ctx)
     with open(metrics_path, "a") as f:
         f.write(json.dumps({"event": "final_eval", **final_eval}) + "\n")
     total_wall = time.perf_counter() - t0
@@ -432,25 +543,63 @@ def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
     from nanoseek.train.meter import make_energy_counter
 
     summary = {
-        "stages": [s.to_summary() for s in stages],
+        "stages": [s.to_summary() for s in stages.values()],
         "final_eval": final_eval,
+        "scoring": {
+            "problems": cfg.data.eval_examples,
+            "tasks": list(cfg.data.tasks),
+            "commands": {
+                fmt: scoring_command(fmt, list(cfg.data.tasks), cfg.data.eval_examples) for fmt in SCORING_FORMATS
+            },
+        },  # fmt: skip
+        "comparisons": stage_comparisons([s.to_summary() for s in stages.values()]),
         "energy_estimated": make_energy_counter(device, cfg.watts_per_core).estimated,
         "cost": total_wall / 3600 * price,
         "currency": cfg.currency,
         "device": device,
         "wall_s": total_wall,
-        "energy_j": sum(s.energy_j for s in stages) + final_eval["energy_j"],
-        "tokens": sum(s.tokens for s in stages),
+        "energy_j": sum(s.energy_j for s in stages.values()) + final_eval["energy_j"],
+        "tokens": sum(s.tokens for s in stages.values()),
         "skipped_stages": skipped,
         "model_dir": str(model_dir),
         "preset": opts.preset,
         "tasks": cfg.data.tasks if not cfg.data.files else [],
         "training": training_facts(cfg),
+        "demonstrations": plan.sft_conversations,
         "model": _model_facts(model_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_report(run_dir, summary, cfg)
     return summary
+
+
+# Which comparisons the report states (each stage against the stage it started from, the final model against
+# the pretrained one, GRPO against its SFT control), and how: a difference counts only beyond both 95% intervals.
+def verdict(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """'better' when score `a`'s interval lies wholly above `b`'s, 'worse' when wholly below, else 'same'."""
+    if a["ci95"][0] > b["ci95"][1]:
+        return "better"
+    if a["ci95"][1] < b["ci95"][0]:
+        return "worse"
+    return "same"
+
+
+def stage_comparisons(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task: each stage against its parent, the final main-line stage against pretraining, and GRPO against
+    the SFT control, each with its verdict (`verdict`). The pairs compare the same held-out problems."""
+    by_name = {s["name"]: s for s in stages}
+    pairs = [(s["name"], s["parent"]) for s in stages if s.get("parent") in by_name]
+    main = [s["name"] for s in stages if s["name"] in STAGES]
+    if len(main) > 2:
+        pairs.append((main[-1], "pretrain"))
+    if "grpo" in by_name and "sft-control" in by_name:
+        pairs.append(("grpo", "sft-control"))
+    out = []
+    for a, b in pairs:
+        for task in sorted(set(by_name[a]["eval"]) & set(by_name[b]["eval"])):
+            out.append({"stage": a, "against": b, "task": task,
+                        "verdict": verdict(by_name[a]["eval"][task], by_name[b]["eval"][task])})  # fmt: skip
+    return out
 
 
 def training_facts(cfg: TrainConfig) -> dict[str, Any]:
@@ -480,7 +629,7 @@ def _copy_model(src: Path | None, dst: Path) -> None:
 
 
 def _model_facts(model_dir: Path) -> dict[str, Any]:
-    from nanoseek.config import DeepseekV3Config
+    from nanoseek.model.config import DeepseekV3Config
 
     cfg = DeepseekV3Config.from_dict(json.loads((model_dir / "config.json").read_text()))
     counts = cfg.param_counts()

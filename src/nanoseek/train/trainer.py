@@ -49,13 +49,13 @@ from nanoseek.parallel import (
     parallelize,
     print0,
 )
+from nanoseek.tasks import Task, get_task
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
 from nanoseek.train import checkpoint as ckpt_io
 from nanoseek.train.config import TrainConfig, lr_at
 from nanoseek.train.data import PackedTextDataset, TaskBatcher
 from nanoseek.train.evaluate import TaskScore, evaluate_tasks
 from nanoseek.train.meter import Meter
-from nanoseek.train.tasks import Task, get_task
 from nanoseek.train.tokenizer import train_tokenizer
 from nanoseek.weights.hf_folder import save_pretrained
 

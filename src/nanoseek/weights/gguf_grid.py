@@ -1,6 +1,6 @@
 """GGUF 4-bit tensors (Q4_0, Q4_1, Q4_K) as the int4 run format's grid, read from the file's own blocks.
 
-The int4 format (engine/quant.Int4Linear) stores, per block of 32 inputs, 4-bit values q and a scale d and
+The int4 format (nanoseek.quant.Int4Linear) stores, per block of 32 inputs, 4-bit values q and a scale d and
 offset m (w = d * q + m). Every 4-bit GGUF type is such a grid:
 - Q4_0 (18 bytes / 32): an fp16 d; w = d * (q - 8), so m = -8 d;
 - Q4_1 (20 bytes / 32): fp16 d and m; w = d * q + m;

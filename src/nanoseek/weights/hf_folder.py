@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.config import ConfigError, DeepseekV3Config
+from nanoseek.model.config import ConfigError, DeepseekV3Config
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.model.dense import DenseForCausalLM, build_on_meta, dense_config_from_hf, dense_config_to_hf
 from nanoseek.model.moe import Router
@@ -58,7 +58,7 @@ def load_deepseek_v3(
     quant: str | None = None,
 ) -> DeepseekV3ForCausalLM:
     """Build a DeepSeek-V3 (or V2) model from a HF folder. dtype None keeps fp32 on CPU (bf16 is slow there)
-    and the checkpoint's dtype elsewhere. `quant` packs the projections after loading (engine/quant.py)."""
+    and the checkpoint's dtype elsewhere. `quant` packs the projections after loading (nanoseek.quant)."""
     folder = Path(folder)
     try:
         cfg = DeepseekV3Config.from_dict(config)
@@ -84,7 +84,7 @@ def load_deepseek_v3(
             m.e_score_correction_bias.data = m.e_score_correction_bias.data.float()
     model.init_buffers(device)
     if quant is not None:
-        from nanoseek.engine.quant import quantize_model
+        from nanoseek.quant import quantize_model
 
         quantize_model(model, quant)
     return model
@@ -114,7 +114,7 @@ def load_dense_state(
     """Fill a meta-device dense model from `tensors` (a mapping name -> tensor with HF names) without a second
     copy. Each tensor is checked against the shape the config implies; a missing one is an error naming it.
 
-    With `quant` ("int8" | "fp16", CPU only; engine/quant.py), each projection is packed as soon as it is
+    With `quant` ("int8" | "fp16", CPU only; nanoseek.quant), each projection is packed as soon as it is
     read, so the model never exists whole in fp32 (a quantized GGUF is not expanded first)."""
     expected = dict(model.state_dict(keep_vars=True))
     tied = model.config.tie_word_embeddings
@@ -176,7 +176,8 @@ def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool, bits: Fi
     the parameter names consumed. In int4, a GGUF's 4-bit projections are packed from their own blocks
     (`bits`), and projections the file quantized with more bits run as int8: fitting them to a 4-bit grid
     would throw away bits the file kept (a Q4_K_M file stores some as Q6_K or Q8_0)."""
-    from nanoseek.engine.quant import (
+    from nanoseek.memory import return_freed_memory
+    from nanoseek.quant import (
         Int4Linear,
         Int8Linear,
         fuse_projections,
@@ -184,7 +185,6 @@ def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool, bits: Fi
         packed_linear,
         quantizable_linears,
     )
-    from nanoseek.memory import return_freed_memory
 
     packed_linear(quant)  # an unknown mode or one this machine cannot run fails before anything is read
     fuse_projections(model)

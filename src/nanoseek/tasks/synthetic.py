@@ -1,10 +1,10 @@
-"""Verifiable synthetic tasks: generators, a held-out split disjoint from training, exact checkers, rewards.
+"""Verifiable synthetic tasks: generators, a held-out split disjoint from training, exact checkers (their
+R1-format reward is `nanoseek.tasks.formats.r1_reward`).
 
     task = get_task("add2")                       # names: see TASKS ("add3", "add4"... also work)
     ex = task.generate(random.Random(0))          # Example(prompt="47+85=", answer="231", task="add2")
     task.check("231", ex)                         # True: exact checker on the bare answer text
     heldout = task.eval_examples(200, seed=0)     # distinct held-out problems, never produced for training
-    r1_reward("<think>7+5=12</think><answer>231</answer>", ex)   # 1.0 / 0.1 well-formed wrong / 0.0
 
 Formats are short and character-level friendly so a ~1-5M-parameter model learns them in CPU minutes
 (REFERENCE §2): results are written least-significant digit first ("47+85=" -> "231" for 132), because
@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import math
 import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
+
+from nanoseek.tasks.stats import wilson_ci95
 
 
 @dataclass(frozen=True)
@@ -256,32 +257,6 @@ def get_task(name: str, heldout_fraction: float = 0.1) -> Task:
     raise ValueError(f"unknown task {name!r}{hint}; known: {', '.join(TASKS)} (or addN, mulN, sortN, countdownN)")
 
 
-# ---- R1-Zero format and rewards -----------------------------------------------------------------------
-R1_SYSTEM_PROMPT = (
-    "The assistant first thinks about the problem and then answers. The reasoning goes inside "
-    "<think> </think> and the answer inside <answer> </answer>."
-)
-_R1_RE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
-
-
-def extract_r1_answer(completion: str) -> str | None:
-    """The text inside <answer>…</answer> when the completion is exactly `<think>…</think><answer>…</answer>`
-    (whitespace around the blocks allowed), else None."""
-    m = _R1_RE.fullmatch(completion)
-    if m is None or "<answer>" in m.group(2) or "<think>" in m.group(1):
-        return None
-    return m.group(2).strip()
-
-
-def r1_reward(completion: str, example: Example, task: Task | None = None) -> float:
-    """TinyZero's rule reward: 0.0 unparsable, 0.1 well-formed but wrong, 1.0 correct."""
-    answer = extract_r1_answer(completion)
-    if answer is None:
-        return 0.0
-    task = task or get_task(example.task)
-    return 1.0 if task.check(answer, example) else 0.1
-
-
 # ---- helpers for the trainer ----------------------------------------------------------------------------
 def sample_texts(tasks: list[Task], n: int, seed: int = 0) -> Iterator[str]:
     """n training-split problems as `prompt + answer` strings (round-robin over tasks), e.g. to train a
@@ -304,19 +279,3 @@ def score(task: Task, examples: list[Example], predictions: list[str]) -> dict[s
     n = len(examples)
     lo, hi = wilson_ci95(k, n)
     return {"accuracy": k / n if n else 0.0, "ci95": [lo, hi], "n": n}
-
-
-# ---- statistics ---------------------------------------------------------------------------------------
-def wilson_ci95(k: int, n: int) -> tuple[float, float]:
-    """95% Wilson score interval for k successes out of n trials ((0, 1) when n == 0)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    if not 0 <= k <= n:
-        raise ValueError(f"wilson_ci95 needs 0 <= k <= n, got k={k}, n={n}")
-    z = 1.959963984540054
-    p = k / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    lo, hi = max(0.0, center - half), min(1.0, center + half)
-    return (0.0 if k == 0 else lo, 1.0 if k == n else hi)  # exact at the edges, no rounding residue

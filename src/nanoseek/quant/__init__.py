@@ -11,7 +11,7 @@ fp32 `F.linear` 51-103 (lm_head 576->49152: 7,400); fbgemm fp16 26-39 (780); `to
 -> int32 6-14 (280), weights in cache. fbgemm's dynamic int8 picks one activation scale for the whole call,
 so a row's numbers would depend on the other rows of the batch: not used.
 
-4-bit runs on nanoseek's own kernel (engine/q4_kernel.py, csrc/q4_linear.cpp): the Q4_1 grid times int8
+4-bit runs on nanoseek's own kernel (quant/q4_kernel.py, native/csrc/q4_linear.cpp): the Q4_1 grid times int8
 activations in integer dot products, as llama.cpp runs Q4 files: AVX512-VNNI where the CPU has it (this one,
 an AMD EPYC, has, although AVX2 was all the project guide promised), else AVX2, with the same bits. What torch
 offers was measured first (benchmarks/int4_kernels.py) and left: `_weight_int4pack_mm_for_cpu` is fast only
@@ -160,21 +160,21 @@ def int4_dequantize(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.
 
 
 def int4_kernel_available() -> bool:
-    from nanoseek.engine import q4_kernel
+    from nanoseek.quant import q4_kernel
 
     return q4_kernel.available()
 
 
 def require_int4_kernel() -> None:
     """A ValueError saying why int4 cannot run on this machine: it needs nanoseek's kernel (AVX2, a compiler)."""
-    from nanoseek.engine import q4_kernel
+    from nanoseek.quant import q4_kernel
 
     if reason := q4_kernel.unavailable_reason():
         raise ValueError(f"int4 weights cannot run here: {reason}; use int8")
 
 
 class Int4Linear(nn.Module):
-    """4-bit weights in GGUF Q4_1's grid (`int4_grid`) run by nanoseek's kernel (engine/q4_kernel.py):
+    """4-bit weights in GGUF Q4_1's grid (`int4_grid`) run by nanoseek's kernel (quant/q4_kernel.py):
     activations rounded to int8 per block of 32 inputs, integer dot products, as llama.cpp runs Q4 files.
     Each row is quantized and computed on its own: a row's result never depends on the rest of the batch."""
 
@@ -182,7 +182,7 @@ class Int4Linear(nn.Module):
         """grid: (q, d, m) already on the grid (a GGUF file's 4-bit blocks, weights/gguf_grid.py), in place of
         fitting one to `weight`, which may then be None."""
         super().__init__()
-        from nanoseek.engine import q4_kernel
+        from nanoseek.quant import q4_kernel
 
         self.out_features, self.in_features = (weight if grid is None else grid[0]).shape
         if self.in_features % INT4_GROUP:

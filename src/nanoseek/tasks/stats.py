@@ -9,16 +9,30 @@ Which interval a number carries is recorded beside it ("wilson" or "bootstrap"),
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from math import comb
 
 import numpy as np
 
-from nanoseek.train.tasks import wilson_ci95
-
 __all__ = ["BOOTSTRAP_RESAMPLES", "bootstrap_ci95", "pass_at_k", "wilson_ci95"]
 
 BOOTSTRAP_RESAMPLES = 2000
+
+
+def wilson_ci95(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval for k successes out of n trials ((0, 1) when n == 0)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    if not 0 <= k <= n:
+        raise ValueError(f"wilson_ci95 needs 0 <= k <= n, got k={k}, n={n}")
+    z = 1.959963984540054
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo, hi = max(0.0, center - half), min(1.0, center + half)
+    return (0.0 if k == 0 else lo, 1.0 if k == n else hi)  # exact at the edges, no rounding residue
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -1,9 +1,9 @@
-"""Building nanoseek's C++ kernels (engine/csrc/*.cpp) on first use, and loading them into torch.
+"""Building nanoseek's C++ kernels (native/csrc/*.cpp) on first use, and loading them into torch.
 
 Each source is compiled once per (source, flags, torch installation, Python version) into the cache
 (`$NANOSEEK_CACHE/kernels`; a few seconds with g++, which torch.compile on CPU needs as well) and loaded with
 `torch.ops.load_library`, which registers its ops under `torch.ops.nanoseek`. The callers say what happens
-where a kernel cannot be built (engine/q4_kernel.py: int4 is refused with the reason; engine/paged_attention.py:
+where a kernel cannot be built (quant/q4_kernel.py: int4 is refused with the reason; engine/paged_attention.py:
 decode attention runs unfused).
 """
 

@@ -1,4 +1,4 @@
-"""nanoseek's 4-bit CPU kernel (csrc/q4_linear.cpp): GGUF Q4_1's grid times int8 activations in integer dot
+"""nanoseek's 4-bit CPU kernel (native/csrc/q4_linear.cpp): GGUF Q4_1's grid times int8 activations in integer dot
 products, the scheme llama.cpp decodes Q4 files with: AVX512-VNNI where the CPU has it, else AVX2 (the same
 bits, more instructions per weight).
 
@@ -8,7 +8,7 @@ converts every nibble to bf16 and is bound by that arithmetic, so it reads half 
 vpdpbusd multiplies 64 nibbles by 64 int8 activations (vpmaddubsw 32, on AVX2), and a token reads 5 bits per
 weight.
 
-The C++ file is compiled on first use (engine/native.py; 5 s with g++). Where it cannot be built or the CPU
+The C++ file is compiled on first use (nanoseek.native; 5 s with g++). Where it cannot be built or the CPU
 lacks AVX2, `unavailable_reason()` says why, and int4 is refused with that reason (int8 runs everywhere).
 `NANOSEEK_Q4_ISA=avx2` makes a process run the AVX2 path on a CPU with AVX512-VNNI (to measure what a CPU
 without it gets, e.g. `NANOSEEK_Q4_ISA=avx2 nanoseek bench decode smollm2 --formats int4`).
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import torch
 
-from nanoseek.engine import native
+from nanoseek import native
 
 KERNEL = native.Kernel("q4_linear.cpp", "the 4-bit kernel")
 BLOCK = 32  # inputs per block: Q4_1's
@@ -91,7 +91,7 @@ def use_isa(name: str) -> Iterator[None]:
 def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Q4_1 blocks -> the kernel's layout. q [out, in] in 0..15, d and m [out, in / 32] (the weight is
     d * q + m per block), stored as fp16. Returns uint8 [panels, blocks, 320] (rows padded to 16 with zeros;
-    the layout is described in csrc/q4_linear.cpp)."""
+    the layout is described in native/csrc/q4_linear.cpp)."""
     rows, k = q.shape
     blocks = k // BLOCK
     pad = -rows % PANEL
