@@ -1,17 +1,22 @@
 """GRPO: each loss type against numbers worked out by hand, advantages, the k3 KL, rewards that fail, the
 log-probs training uses against the rollout policy's, and tiny end-to-end runs (metrics, checkpoints,
-resume, the CLI)."""
+resume, the CLI, two processes under torchrun)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import procs
+from grpo_worker import length_reward
 from nanoseek.tasks import get_task
 from nanoseek.train.grpo import (
     GRPOConfig,
@@ -26,7 +31,7 @@ from nanoseek.train.grpo import (
     run_grpo,
     token_weights,
 )
-from nanoseek.train.rewards import accuracy_reward, format_reward, score_completions
+from nanoseek.train.rewards import REWARDS, accuracy_reward, format_reward, score_completions
 
 # ---- the loss, by hand ---------------------------------------------------------------------------------
 # Two completions: row 0 has two tokens with ratios 1.5 and 0.5 and advantage +1; row 1 has one real token
@@ -252,11 +257,6 @@ def test_training_logprobs_equal_the_rollout_policy(tiny_model_dir, tiny_llama_f
     assert rollout(model.eval(), tok, prompts, 4, cfg, seed=7)[0] == completions
 
 
-def length_reward(completion, example, task):
-    """A reward a random model's completions differ in (the rule rewards give it all zeros)."""
-    return len(completion) / 10
-
-
 @pytest.mark.parametrize("loss_type,extra", [("grpo", ["beta=0.04"]), ("dapo", ["mu=2", "micro_batch_size=5"])])
 def test_tiny_grpo_run_writes_metrics_and_model(tiny_model_dir, tmp_path, loss_type, extra):
     import nanoseek
@@ -416,3 +416,108 @@ def test_grpo_trains_the_mtp_module_and_leaves_the_policy_as_without_it(tiny_mtp
         else:
             assert torch.equal(value, runs[0.0][name]), name
     assert any(not torch.equal(runs[0.3][n], start[n]) for n in start if n.startswith("mtp."))
+
+
+def test_a_prompts_completions_depend_on_its_index_not_on_its_batch(tiny_model_dir):
+    """Rollouts are seeded per (step seed, prompt index, completion): a rank that samples prompts 1 and 2 alone gets
+    the completions one process gets for them among all three."""
+    import nanoseek
+    from nanoseek.tokenizer import load_tokenizer
+
+    model, tok = nanoseek.load(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
+    cfg = load_grpo_config(SMALL)
+    prompts = [render_prompt(tok, get_task("add2").generate(random.Random(i)), cfg) for i in range(3)]
+    together = rollout(model, tok, prompts, 4, cfg, seed=11)[0]
+    assert rollout(model, tok, prompts[1:], 4, cfg, seed=11, prompt_indices=[1, 2])[0] == together[4:]
+    assert rollout(model, tok, prompts[1:], 4, cfg, seed=11)[0] != together[4:]  # (the index, not the position)
+
+
+# ---- exact resume ----------------------------------------------------------------------------------------
+DETERMINISTIC = ("loss", "reward", "reward_std", "kl", "clip_frac", "entropy", "mtp_loss", "grad_norm", "groups_kept")
+
+
+def test_a_run_stopped_and_resumed_is_the_uninterrupted_run_bit_for_bit(tiny_mtp_model_dir, tmp_path):
+    """Killed while saving step 2 of 3 (what is left: the checkpoint of step 1 and an unfinished save) and resumed:
+    steps 2-3 repeat the uninterrupted run's exactly, and so do the final weights (policy, MTP module), with the
+    KL to the reference model, the optimizer state and the rollouts (seeded per prompt) in play."""
+    import nanoseek
+
+    sets = [*SMALL, "max_steps=3", "ckpt_every=1", "eval_examples=0", "beta=0.04"]
+    kw = dict(show_progress=False, reward_fns=[length_reward])
+    full = run_grpo(tiny_mtp_model_dir, ["add2"], tmp_path / "full", sets, **kw)
+    out = tmp_path / "stopped"
+    first = run_grpo(tiny_mtp_model_dir, ["add2"], out, sets, stop_after=2, **kw)
+    assert first.steps == 2 and first.model_dir is None and not (out / "model").exists()
+    ckpts = out / "checkpoints"
+    (ckpts / "step-00000002").rename(ckpts / ".tmp-step-00000002")  # the save the kill cut short
+    resumed = run_grpo(tiny_mtp_model_dir, ["add2"], out, sets, resume=True, **kw)
+    assert [h["step"] for h in resumed.history] == [2, 3]
+    for h, want in zip([first.history[0], *resumed.history], full.history):
+        assert {k: h.get(k) for k in DETERMINISTIC} == {k: want.get(k) for k in DETERMINISTIC}, h["step"]
+    assert full.history[-1]["kl"] > 0 and "mtp_loss" in full.history[-1]
+    a, b = nanoseek.load(resumed.model_dir).state_dict(), nanoseek.load(full.model_dir).state_dict()
+    assert a.keys() == b.keys() and any(n.startswith("mtp.") for n in a)
+    assert all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])][:5]
+
+
+def test_resume_refuses_another_starting_model_when_the_kl_needs_it(tiny_model_dir, tmp_path):
+    """With beta > 0 the reference policy is rebuilt from the starting model: a resume from another is an error."""
+    import nanoseek
+    from nanoseek.tokenizer import load_tokenizer
+
+    sets = [*SMALL, "max_steps=1", "eval_examples=0", "beta=0.04"]
+    run_grpo(tiny_model_dir, ["add2"], tmp_path / "r", sets, show_progress=False, reward_fns=[length_reward])
+    other = nanoseek.load(tiny_model_dir)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(2)
+    with pytest.raises(ValueError, match="another starting model"):
+        run_grpo(other, ["add2"], tmp_path / "r", [*SMALL, "max_steps=2", "eval_examples=0", "beta=0.04"],
+                 tokenizer=load_tokenizer(tiny_model_dir), resume=True, show_progress=False)  # fmt: skip
+
+
+# ---- under torchrun: 2 CPU processes (gloo) ------------------------------------------------------------------
+# The same settings in one process and in two: prompts_per_step=3 splits 2 + 1 over the ranks. ddp: the KL to the
+# reference, micro-batches of 3 completions (3 on one rank, 2 on the other: a dummy fills the gap); fsdp: DAPO's
+# token-level loss and dropped groups, two inner iterations. Both train the MTP module.
+TORCHRUN_SETS = [*SMALL, "max_steps=3", "eval_examples=0", "ckpt_every=0", "rewards=[length]"]
+MODE_SETS = {"ddp": ["beta=0.04", "micro_batch_size=3"], "fsdp": ["loss_type=dapo", "mu=2"]}
+COMPARED = ("loss", "reward", "reward_std", "kl", "entropy", "mtp_loss", "grad_norm", "groups_kept")
+
+
+def grpo_torchrun(model_dir: Path, out: Path, mode: str, sets: list[str]):
+    """`nanoseek grpo --parallel MODE` in 2 processes (tests/grpo_worker.py: the CLI with the `length` reward)."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(Path(__file__).with_name("grpo_worker.py")), str(model_dir), "--tasks", "add2", "--out", str(out),
+        "--parallel", mode, "--quiet", *[x for s in sets for x in ("--set", s)],
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    return procs.run(cmd, env=env)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(tiny_mtp_model_dir, tmp_path, monkeypatch, mode):
+    import nanoseek
+    from test_distributed import step_losses
+
+    sets = [*TORCHRUN_SETS, *MODE_SETS[mode]]
+    monkeypatch.setitem(REWARDS, "length", length_reward)
+    one = run_grpo(tiny_mtp_model_dir, ["add2"], tmp_path / "one", sets, show_progress=False)
+    proc = grpo_torchrun(tiny_mtp_model_dir, tmp_path / mode, mode, sets)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("grpo: 3 steps") == 1  # rank 0 reports (and writes) alone
+    records = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    two = [r for r in records if r["event"] == "step"]
+    assert step_losses(tmp_path / mode) == [r["loss"] for r in two] and len(two) == 3
+    for key in COMPARED:
+        want = torch.tensor([h[key] for h in one.history], dtype=torch.float64)
+        got = torch.tensor([r[key] for r in two], dtype=torch.float64)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=key)
+    assert mode != "fsdp" or min(h["groups_kept"] for h in one.history) < 3  # DAPO dropped a group
+    assert abs(one.history[-1]["loss"]) > 1e-4 or one.history[-1]["kl"] > 0
+    # the exported model (gathered from the shards under FSDP2) is the single-process one, up to rounding
+    a, b = nanoseek.load(one.model_dir).state_dict(), nanoseek.load(tmp_path / mode / "model").state_dict()
+    start = nanoseek.load(tiny_mtp_model_dir).state_dict()
+    assert any(not torch.equal(a[n], start[n]) for n in a if n.startswith("mtp.")), "the MTP module trained"
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)

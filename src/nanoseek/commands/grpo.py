@@ -1,4 +1,9 @@
-"""`nanoseek grpo MODEL --tasks add3,sort --out DIR [--set key=value ...] [--resume]`: GRPO with rule rewards."""
+"""`nanoseek grpo MODEL --tasks add3,sort --out DIR [--set key=value ...] [--resume] [--parallel ddp|fsdp]`: GRPO
+with rule rewards.
+
+nanoseek grpo runs/sft/model --tasks add2 --out runs/grpo --set loss_type=dapo
+torchrun --nproc-per-node 8 -m nanoseek grpo runs/sft/model --tasks add2 --out runs/grpo --parallel fsdp
+"""
 
 from __future__ import annotations
 
@@ -35,6 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "the same as --set system_prompt=TEXT, and it wins over it")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR")
+    p.add_argument(
+        "--parallel", default="auto", choices=["auto", "none", "ddp", "fsdp"],
+        help="data parallelism under torchrun (each rank samples its share of the prompts): ddp (replicas) or "
+        "fsdp (FSDP2 sharding); auto = ddp",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -42,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
+    from nanoseek.parallel import is_main_process, leaving_process_group
     from nanoseek.train.grpo import run_grpo
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -51,10 +62,14 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.system_prompt is not None:
         overrides.append(f"system_prompt={args.system_prompt}")
-    result = run_grpo(
-        args.model, tasks, args.out, overrides, show_progress=not args.quiet, device=args.device,
-        resume=args.resume,
-    )  # fmt: skip
+    with leaving_process_group():
+        result = run_grpo(
+            args.model, tasks, args.out, overrides, show_progress=not args.quiet, device=args.device,
+            resume=args.resume, parallel=args.parallel,
+        )  # fmt: skip
+        main = is_main_process()  # (asked before the group is left)
+    if not main:  # rank 0 reports
+        return 0
     print(f"grpo: {result.steps} steps in {result.wall_s:.0f} s -> {result.model_dir}")
     for name, after in result.eval_after.items():
         before = result.eval_before.get(name)

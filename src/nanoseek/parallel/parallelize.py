@@ -4,13 +4,19 @@ compile blocks, then shard). Model code never sees any of it.
     step_module = parallelize(model, mode="ddp" | "fsdp" | "none", info=dist_info, compile=False)
     out = step_module(input_ids, targets, mtp_weight=0.3)     # dict of loss tensors (training)
     logits = step_module(input_ids, attention_mask=..., position_ids=..., cache=...)   # inference
+    out = step_module(call=lambda model: my_losses(model, batch))   # any other computation (GRPO's)
 
 Both DDP and FSDP2 hook a module's *forward*; `compute_loss` is a method of its own, so training goes
 through `LossModule`, whose forward dispatches to `compute_loss` (with targets) or to the plain forward
-(without). Under FSDP2 evaluation must go through this module too: that is what gathers the shards.
+(without), or runs `call(model)` for a computation of its own (GRPO: the policy's log-probs and the MTP
+module's loss in one forward, so DDP sees every trained parameter used once per backward). Under FSDP2
+evaluation must go through this module too: that is what gathers the shards.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +28,8 @@ MODES = ("none", "ddp", "fsdp")
 
 class LossModule(nn.Module):
     """forward(input_ids, targets) -> {"lm": mean CE, "mtp": [D] per-depth means | None, "balance": ...};
-    forward(input_ids, attention_mask=, position_ids=, cache=) without targets -> logits."""
+    forward(input_ids, attention_mask=, position_ids=, cache=) without targets -> logits;
+    forward(call=fn) -> fn(model), whatever it computes."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -30,7 +37,7 @@ class LossModule(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         *,
         attention_mask: torch.Tensor | None = None,
@@ -40,7 +47,10 @@ class LossModule(nn.Module):
         mtp_weight: float = 0.0,
         balance_alpha: float = 0.0,
         document_ids: torch.Tensor | None = None,
+        call: Callable[[nn.Module], Any] | None = None,
     ):
+        if call is not None:  # inside the wrapper's forward, so DDP/FSDP2 hooks run around it
+            return call(self.model)
         # Packed training rows pass document_ids (model/packing.py) and per-document position_ids.
         if targets is None:
             return self.model(

@@ -149,15 +149,29 @@ SPEEDRUN_DEFAULTS = {
 
 # ---- R1-format traces of the synthetic tasks (the SFT data, and what GRPO rewards) -------------------------
 def r1_thought(example: Example) -> str:
-    """A short scratchpad for `example`: for addition, the operands with their digits reversed and padded to
-    the same width, so digit i of the (least-significant-first) answer sits under digit i of both; for
-    other tasks, the problem restated."""
+    """The scratchpad of `example`'s demonstration: for addition, column addition written out (carry_steps);
+    for other tasks, the problem restated."""
     m = re.fullmatch(r"(\d+)\+(\d+)=", example.prompt)
     if m:
-        width = max(len(m.group(1)), len(m.group(2)))
-        a, b = (x.zfill(width)[::-1] for x in m.groups())
-        return f"{a}+{b}"
+        return carry_steps(m.group(1), m.group(2))
     return example.prompt.rstrip("=")
+
+
+def carry_steps(a: str, b: str) -> str:
+    """Column addition of the decimal strings a and b, least significant column first, one step per column:
+    the column's digit of a, of b, the carry in, the digit of the sum; then the carry out. 65+50 ->
+    '5005,6501,1' (5+0+0 = 5, 6+5+0 = 11), whose sum digits read '511', the answer (115 written least
+    significant digit first). Every token depends on a few tokens at fixed distances before it (the previous
+    column's step) or is a digit copied from the prompt: a scratchpad a small model learns from a few thousand
+    demonstrations, where computing the answer directly needs each answer digit to find its two operand
+    digits at distances that change with the operands' lengths."""
+    width = max(len(a), len(b))
+    carry, steps = 0, []
+    for da, db in zip(a.zfill(width)[::-1], b.zfill(width)[::-1]):
+        total = int(da) + int(db) + carry
+        steps.append(f"{da}{db}{carry}{total % 10}")
+        carry = total // 10
+    return ",".join([*steps, str(carry)])
 
 
 def r1_answer_text(example: Example) -> str:
