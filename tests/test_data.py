@@ -44,6 +44,29 @@ def test_task_rows_layout_and_answer_mask(tok):
     assert ((full[1] != IGNORE_INDEX).sum(1) == (x != tok.pad_token_id).sum(1)).all()
 
 
+def test_r1_task_rows_are_the_chat_prompt_and_a_direct_r1_answer(tok):
+    x, y = TaskBatcher([get_task("add2")], tok, batch_size=8, seq_len=32, seed=3, fmt="r1").batch_at(0)
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        text = tok.decode(row_x, skip_special_tokens=False)
+        question = text.split("<|user|>", 1)[1].split("<|assistant|>", 1)[0]
+        a, b = question.rstrip("=").split("+")
+        prompt = tok.encode_chat([{"role": "user", "content": question}])
+        reply = tok.encode(f"<think></think><answer>{str(int(a) + int(b))[::-1]}</answer>", add_special_tokens=False)
+        assert row_x[: len(prompt)] == prompt and not is_heldout(question, 0.1)
+        kept = [t for t in row_y if t != IGNORE_INDEX]
+        assert kept == [*reply, tok.eos_token_id]  # the loss falls on the reply and its eos only
+    with pytest.raises(ValueError, match="data.format=r1 needs a tokenizer with a chat template"):
+        TaskBatcher([get_task("add2")], _without_chat_template(tok), 8, 32, fmt="r1")
+
+
+def _without_chat_template(tok):
+    import copy
+
+    bare = copy.copy(tok)
+    bare.chat_template = None
+    return bare
+
+
 def test_task_batches_resume_exactly_and_shard(tok):
     a = TaskBatcher([get_task("add2"), get_task("linear")], tok, 8, 20, seed=5, weights=[3, 1])
     batches = [a.next_batch() for _ in range(5)]

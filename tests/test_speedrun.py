@@ -37,9 +37,11 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     # busy machine runs the same steps and writes the same files as an idle one.
     later = ["sft.max_steps=4", "sft.batch_size=16", "grpo.max_steps=3", "grpo.prompts_per_step=4",
              "grpo.num_generations=4", "seed=7"]  # fmt: skip
-    rc = main(["speedrun", "--out", str(out), "--minutes", "30", "--quiet", *sets, "--set", "max_steps=30",
+    # seq_len 32: a sort problem in the R1 format (chat turn, empty thought, answer) takes 21 tokens
+    rc = main(["speedrun", "--out", str(out), "--minutes", "30", "--quiet", *sets, "--set", "max_steps=30", "--set", "seq_len=32",
                "--set", "eval_every=20", *[x for s in later for x in ("--set", s)], "--sft-control"])  # fmt: skip
     assert rc == 0
+    printed = capsys.readouterr().out
     for name in ("report.md", "metrics.jsonl", "summary.json", "loss.png", "accuracy.png", "throughput.png",
                  "energy.png", "grpo.png", "model/config.json", "model/tokenizer.json",
                  "model/model.safetensors"):  # fmt: skip
@@ -49,11 +51,11 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     names = [s["name"] for s in summary["stages"]]
     assert names == ["pretrain", "sft", "grpo", "sft-control"] and not summary["skipped_stages"]
     # one scoring contract: every stage on the same tasks and problems, each in its named format
-    assert all(set(s["eval"]) == {"add2", "sort"} for s in summary["stages"])
-    assert [s["format"] for s in summary["stages"]] == ["plain", "r1", "r1", "r1"]
+    assert all(set(s["eval"]) == {"add2", "sort", "add3"} for s in summary["stages"])
+    assert [s["format"] for s in summary["stages"]] == ["r1", "r1", "r1", "r1"]
     assert [s["parent"] for s in summary["stages"]] == [None, "pretrain", "sft", "sft"]
     assert [s["steps"] for s in summary["stages"][:3]] == [30, 4, 3]
-    r1_command = "nanoseek eval MODEL --tasks add2 sort --format r1 --system-prompt '' --limit 20"
+    r1_command = "nanoseek eval MODEL --tasks add2 sort add3 --format r1 --system-prompt '' --limit 20"
     assert summary["scoring"]["commands"]["r1"] == r1_command
     # the SFT control: more SFT from the SFT model, on the same data, for as long as GRPO trained
     control = summary["stages"][3]
@@ -80,7 +82,7 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     # gives the stage's held-out accuracy; sampled pass@1 and pass@8 carry bootstrap intervals
     final = summary["final_eval"]
     assert final["stage"] == "grpo" and final["wall_s"] > 0 and final["energy_j"] >= 0
-    assert set(final["greedy"]) == set(final["sampled"]) == set(grpo["tasks"]) == {"add2", "sort"}
+    assert set(final["greedy"]) == set(final["sampled"]) == set(grpo["tasks"]) == {"add2", "sort", "add3"}
     for task, greedy in final["greedy"].items():
         stage_eval, pass1 = grpo["eval"][task], greedy["metrics"]["pass@1"]
         assert greedy["settings"]["format"] == "r1" and greedy["settings"]["system_prompt"] == ""
@@ -109,18 +111,18 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
             assert scored[task]["metrics"]["pass@1"]["value"] == e["accuracy"], (stage["name"], task)
     report = (out / "report.md").read_text()
     assert "## Final model" in report and "| task | pass@1 greedy | n | pass@1 sampled | pass@8 | n |" in report
-    assert "| task | pretrain (plain) | sft (r1) | grpo (r1) | sft-control (r1) | chance |" in report
+    assert "| task | pretrain (r1) | sft (r1) | grpo (r1) | sft-control (r1) | chance |" in report
     assert "- **grpo** against **sft-control**:" in report
     assert "![Training loss](loss.png)" in report and "![GRPO rewards, lengths, KL](grpo.png)" in report
     assert "energy per correct answer" in report and "| stage | format | correct / asked |" in report
-    said = "Trained from scratch (random initial weights, seed 7), on synthetic tasks: add2, sort, with a byte"
+    said = "Trained from scratch (random initial weights, seed 7), on synthetic tasks: add2, sort, add3, with a byte"
     assert said + "-level BPE trained in the run." in report
     events = {json.loads(x)["event"] for x in (out / "metrics.jsonl").read_text().splitlines()}
     assert {"stage", "step", "eval", "summary"} <= events
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     stages = [r["name"] for r in records if r["event"] == "stage"]
     assert stages == ["pretrain", "sft", "grpo", "sft-control"]
-    assert "report:" in capsys.readouterr().out
+    assert "report:" in printed and "sft-control (   r1)   add3:" in printed
     # the final model loads in nanoseek and in transformers, and both compute the same logits
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -46,6 +46,9 @@ class ModelSpec:
     overrides: dict[str, Any] = field(default_factory=dict)  # DeepseekV3Config fields over that size
 
 
+TASK_FORMATS = ("plain", "r1")
+
+
 @dataclass
 class DataSpec:
     # Synthetic tasks (nanoseek.tasks): names and optional mixture weights (default: uniform).
@@ -54,6 +57,10 @@ class DataSpec:
     loss_on_answer_only: bool = True  # task rows: loss on the answer tokens (and the eos after them) only
     heldout_fraction: float = 0.1  # share of each task's problem space kept out of training
     eval_examples: int = 200  # held-out examples per task at each evaluation
+    # How task rows are written (and evaluated): "plain", the bare problem and answer (`<bos>47+85=231<eos>`);
+    # "r1", the chat template's user turn and a direct answer in the R1 format with an empty thought
+    # (`<think></think><answer>231</answer>`), what `nanoseek eval --format r1 --system-prompt ''` asks.
+    format: str = "plain"
     # User text (nanoseek.train.data.PackedTextDataset): .txt / .jsonl / .parquet; used instead of tasks.
     files: list[str] = field(default_factory=list)
     text_field: str = "text"  # JSONL key / parquet column holding the text
@@ -175,6 +182,8 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.time_budget_min is not None and self.time_budget_min <= 0:
             raise ValueError(f"time_budget_min must be positive or null, got {self.time_budget_min}")
+        if self.data.format not in TASK_FORMATS:
+            raise ValueError(f"data.format must be one of {', '.join(TASK_FORMATS)}, got {self.data.format!r}")
         if not 0.0 < self.data.heldout_fraction < 1.0:
             raise ValueError(f"data.heldout_fraction must lie in (0, 1), got {self.data.heldout_fraction}")
         if not self.data.tasks and not self.data.files:

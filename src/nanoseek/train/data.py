@@ -59,9 +59,12 @@ class TaskBatcher:
         loss_on_answer_only: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        fmt: str = "plain",
     ):
         if not tasks:
             raise ValueError("TaskBatcher needs at least one task")
+        if fmt == "r1" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("data.format=r1 needs a tokenizer with a chat template (one trained in the run has one)")
         if weights is not None and (len(weights) != len(tasks) or sum(weights) <= 0 or min(weights) < 0):
             raise ValueError(f"task weights {list(weights)} must be {len(tasks)} non-negative numbers, sum > 0")
         if batch_size <= 0 or seq_len <= 0:
@@ -73,15 +76,23 @@ class TaskBatcher:
         self.weights = list(weights) if weights is not None else [1.0] * len(tasks)
         self.loss_on_answer_only = loss_on_answer_only
         self.rank, self.world_size = rank, world_size
+        self.fmt = fmt
         self.step = 0
         self.bos_id, self.eos_id, self.pad_id = tokenizer.special_ids()
         self._encode = lru_cache(maxsize=200_000)(lambda s: tuple(tokenizer.encode(s, add_special_tokens=False)))
+        self._chat = lru_cache(maxsize=200_000)(lambda q: tuple(tokenizer.encode_chat([{"role": "user", "content": q}])))
 
     def encode_example(self, ex: Example) -> tuple[list[int], int]:
-        """Token ids <bos> prompt answer <eos>, and the index where the answer starts."""
-        prompt = [self.bos_id, *self._encode(ex.prompt)]
-        ids = [*prompt, *self._encode(ex.answer), self.eos_id]
-        return ids, len(prompt)
+        """Token ids of the prompt, the answer and <eos>, and the index where the answer starts. plain:
+        <bos> prompt answer <eos>; r1: the chat template's user turn (with the assistant's header), then
+        <think></think><answer>answer</answer> <eos>, as `nanoseek eval --format r1 --system-prompt ''` asks."""
+        if self.fmt == "r1":
+            prompt = list(self._chat(ex.prompt))
+            answer = self._encode(f"<think></think><answer>{ex.answer}</answer>")
+        else:
+            prompt, answer = [self.bos_id, *self._encode(ex.prompt)], self._encode(ex.answer)
+        return [*prompt, *answer, self.eos_id], len(prompt)
+
 
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = random.Random(f"task-batch/{self.seed}/{self.rank}/{self.world_size}/{step}")

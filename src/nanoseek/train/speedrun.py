@@ -130,19 +130,20 @@ class StagePlan:
     grpo: list[str]
     sft_tasks: list[str] | None = None
     sft_task_weights: list[float] | None = None
+    thinking_tasks: list[str] | None = None  # whose demonstrations think (r1_thought); None: all
     grpo_tasks: list[str] | None = None
     sft_extra: list[str] = field(default_factory=list)
     grpo_extra: list[str] = field(default_factory=list)
 
 
-# Defaults of the speedrun on top of the preset: time-budgeted, evaluated along the way. Tasks and lr were
-# chosen by measurement on the 2-core CPU (batch 256, 300 steps): add2 + sort (3:1) at lr 4e-3 reached 96.5%
-# / 98% held-out; lr 2e-3 with 200 steps 19% / 99.5%; without MTP 8.5% / 100%. Sorting is learnt first, the
-# carries of addition later: the mixture keeps add2 at three quarters of the rows.
+# Defaults of the speedrun on top of the preset: pretraining in the R1 format with direct answers (an empty
+# thought) on 2-digit addition and sorting; 3-digit addition is one of the run's tasks (every stage is scored on
+# it) with weight 0 in pretraining: the longer additions pretraining leaves unsolved, the task the later stages'
+# reasoning is for. Time-budgeted; the lr and mixture are the measured ones of add2 + sort (3:1).
 SPEEDRUN_DEFAULTS = {
     "tiny": [
-        "time_budget_min=5", "max_steps=100000", "eval_every=100", "ckpt_every=500", "data.eval_examples=400",
-        "data.tasks=[add2,sort]", "data.task_weights=[0.75,0.25]", "optim.lr=3e-3",
+        "time_budget_min=4.5", "max_steps=100000", "eval_every=250", "ckpt_every=500", "data.eval_examples=400",
+        "data.tasks=[add2,sort,add3]", "data.task_weights=[0.75,0.25,0]", "data.format=r1", "optim.lr=3e-3",
     ],
 }  # fmt: skip
 
@@ -174,54 +175,48 @@ def carry_steps(a: str, b: str) -> str:
     return ",".join([*steps, str(carry)])
 
 
-def r1_answer_text(example: Example) -> str:
-    return f"<think>{r1_thought(example)}</think><answer>{example.answer}</answer>"
+def r1_answer_text(example: Example, think: bool = True) -> str:
+    """The demonstration's reply: the scratchpad (r1_thought) when `think`, else an empty thought (the direct
+    answer, as data.format=r1 pretraining writes it), then the answer."""
+    return f"<think>{r1_thought(example) if think else ''}</think><answer>{example.answer}</answer>"
 
 
-def r1_conversations(tasks: list[Task], n: int, seed: int, weights: list[float] | None = None) -> list[dict]:
-    """n training-split problems as chat conversations whose assistant turn is the R1-format trace."""
+def r1_conversations(
+    tasks: list[Task], n: int, seed: int, weights: list[float] | None = None, thinking: list[str] | None = None
+) -> list[dict]:
+    """n training-split problems as chat conversations whose assistant turn is the R1-format reply; the tasks
+    named in `thinking` (None: all) work the problem out in the thought, the others answer directly."""
     rng = random.Random(f"sft-data/{seed}")
     out = []
     for _ in range(n):
         ex = rng.choices(tasks, weights=weights)[0].generate(rng, "train")
+        think = thinking is None or ex.task in thinking
         out.append({"messages": [{"role": "user", "content": ex.prompt},
-                                 {"role": "assistant", "content": r1_answer_text(ex)}]})  # fmt: skip
+                                 {"role": "assistant", "content": r1_answer_text(ex, think)}]})  # fmt: skip
     return out
 
 
-# The time split (at most 5 + 2 + 4 min of training plus the evaluations: under 15 min on the 2-core CPU):
-#   pretrain  5 min: add2 + sort in the bare format (~1,400 steps; add2 was 98.8% after 600 steps, 100% after 1,500);
-#   SFT     <=200 steps: the chat template and the R1 format on traces of add2, sort and add3;
-#   GRPO    <=200 steps on add2 and sort (3:1), DAPO, 64 prompts x 8 samples.
-# Measured by step counts (the shared machine was ~10x slower than quiet during the measurements), starting
-# from a 2,235-step pretraining of this recipe (add2 100%, sort 99.8% bare):
-#   after 200 SFT steps (batch 128, lr 1e-3): R1-format add2 52.0% (95% CI 45.1-58.8%, n=200), sampled at T=1
-#   43.5% per sample but 79% of the problems solved within 8 samples; sort 86%; add3 1.5%. Formatting and the
-#   scratchpad are learnt first (96% of add2 scratchpads correct), the answer from it later: SFT leaves room
-#   on add2, and its pass@8 >> pass@1 is what GRPO sharpens.
-#   GRPO from there, DAPO, 64 prompts x 8 samples, lr 2e-4: held-out add2 59.0% after 30 steps, 75.5% after 60,
-#   87.5% after 90 and 90.0% (95% CI 85.1-93.4%, n=200) after 120, rollout accuracy 38% -> 83%, the
-#   completion length steady at 12.5 tokens. With 16 prompts per step at lr 3e-4 it drifted down instead
-#   (38% after 40 steps): too few samples per step for that rate; lr 1e-4 and 3e-4 at 64 prompts both gave
-#   55.5% after 30 steps.
-# A whole run of this recipe (busy machine, pretraining given 18 min for 850 steps; 200 SFT steps) gave add2
-# 99.8% bare after pretraining, 26.5% (22.4-31.0%, n=400) in the R1 format after SFT, and 89.0% (85.6-91.7%)
-# after 150 GRPO steps on add2 alone, but sort fell from 88.5% to 3.0%: GRPO on one task made the model forget
-# the other's format. With sort in a quarter of the GRPO prompts, from that SFT model: add2 46.8% after 50
-# steps, 62.7% after 100 and 76.0% (71.6-79.9%, n=400) after 150; sort 88.5% -> 90.0% (86.7-92.6%).
-# The default run with this plan (`nanoseek speedrun`, shared machine at load ~2.5, 8.5 min wall in all;
-# 488 pretraining steps, 200 SFT, 200 GRPO), n=400 each:
-#   pretrain add2 99.2% (97.8-99.7%), sort 98.8% (97.1-99.5%)
-#   SFT      add2 19.8% (16.1-23.9%), sort 79.2% (75.0-82.9%)
-#   GRPO     add2 80.0% (75.8-83.6%), sort 80.5% (76.3-84.1%)
+# The plan after pretraining (at most 4.5 + 2 + 3.5 min of training, plus the evaluations: under 15 min on the
+# 2-core CPU):
+#   SFT, the cold start: 2,000 demonstrations, half of them 3-digit additions worked out column by column in the
+#     thought (carry_steps), the rest direct answers to add2 and sort as pretraining wrote them; at most 600 steps
+#     of 64 conversations (~19 epochs), lr 1e-3.
+#   GRPO on all three tasks (add3 in 60% of the prompts), DAPO, 64 prompts x 8 samples, lr 2e-4.
+# Why this shape (measured on the 2-core CPU, see README "The speedrun"):
+#   - a model pretrained on bare prompts (`47+85=231`) lost most of its skill when SFT moved it to the chat + R1
+#     format (add2 99.8% bare -> 31-95% in R1 after 300-900 SFT steps): its circuits were tied to where the answer
+#     sat. Pretrained in the R1 format with an empty thought, nothing moves, and SFT keeps add2 and sort.
+#   - a scratchpad the model must learn new attention for (the operands reversed and aligned) stayed unlearnt in
+#     900 SFT steps (add3 4.5%); column steps, each token a few fixed places after what it depends on, reached
+#     20% and GRPO took them to 48.5% in 3 min, while SFT continued for the same 3 min on the same data gave 24%.
 STAGE_PLANS = {
     "tiny": StagePlan(
-        sft_tasks=["add2", "sort", "add3"], sft_task_weights=[0.25, 0.25, 0.5], sft_conversations=4000,
-        sft=["time_budget_min=2", "max_steps=200", "batch_size=128", "optim.lr=1e-3", "optim.warmup_steps=20",
+        sft_conversations=2000, sft_task_weights=[0.25, 0.25, 0.5], thinking_tasks=["add3"],
+        sft=["time_budget_min=2", "max_steps=600", "batch_size=64", "optim.lr=1e-3", "optim.warmup_steps=30",
              "mtp_weight=0", "ckpt_every=0"],
-        grpo_tasks=["add2", "sort"],
-        grpo=["time_budget_min=4", "max_steps=200", "num_generations=8", "prompts_per_step=64", "max_new_tokens=24",
-              "temperature=1.0", "loss_type=dapo", "optim.lr=2e-4", "task_weights=[0.75,0.25]", "ckpt_every=0"],
+        grpo=["time_budget_min=3.5", "max_steps=400", "num_generations=8", "prompts_per_step=64",
+              "max_new_tokens=40", "temperature=1.0", "loss_type=dapo", "optim.lr=2e-4", "task_weights=[0.2,0.2,0.6]",
+              "ckpt_every=0"],
     ),
 }  # fmt: skip
 
@@ -272,10 +267,10 @@ def run_pretrain(ctx: StageContext) -> StageResult:
         "energy_source": s.get("energy_source"),
         "eval_history": s.get("eval_history", []),
     }
-    scores = score_stage(result.model_dir, "plain", ctx)
+    scores = score_stage(result.model_dir, cfg.data.format, ctx)
     return StageResult(
         "pretrain", time.perf_counter() - start, int(s["tokens"]), float(s["energy_j"]), scores, result.model_dir,
-        extra, format="plain",
+        extra, format=cfg.data.format,
     )  # fmt: skip
 
 
@@ -289,7 +284,8 @@ def write_demonstrations(ctx: StageContext, folder: Path) -> Path:
     run's seed) as chat JSONL in `folder`/data.jsonl, the file the SFT stage and its control train on."""
     plan = ctx.plan
     tasks = [get_task(t, ctx.train_config.data.heldout_fraction) for t in plan.sft_tasks]
-    data = r1_conversations(tasks, plan.sft_conversations, ctx.train_config.seed, plan.sft_task_weights or None)
+    data = r1_conversations(tasks, plan.sft_conversations, ctx.train_config.seed, plan.sft_task_weights or None,
+                            plan.thinking_tasks)  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "data.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in data))
@@ -312,6 +308,7 @@ def sft_stage(ctx: StageContext) -> StageResult:
     write_settings(
         folder, f"nanoseek sft {ctx.previous.model_dir} {data} --out {folder}", settings,
         demonstrations=ctx.plan.sft_conversations, tasks=ctx.plan.sft_tasks, task_weights=ctx.plan.sft_task_weights,
+        thinking_tasks=ctx.plan.thinking_tasks,
     )  # fmt: skip
     return run_sft_stage("sft", ctx.previous, data, folder, settings, ctx)
 

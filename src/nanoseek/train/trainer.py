@@ -54,7 +54,7 @@ from nanoseek.tokenizer import Tokenizer, load_tokenizer
 from nanoseek.train import checkpoint as ckpt_io
 from nanoseek.train.config import TrainConfig, lr_at
 from nanoseek.train.data import PackedTextDataset, TaskBatcher
-from nanoseek.train.evaluate import TaskScore, evaluate_tasks
+from nanoseek.train.evaluate import TaskScore, evaluate_r1_tasks, evaluate_tasks
 from nanoseek.train.meter import Meter
 from nanoseek.train.tokenizer import train_tokenizer
 from nanoseek.weights.hf_folder import save_pretrained
@@ -177,7 +177,7 @@ class BatchSource:
             self.tasks = TaskBatcher(
                 build_tasks(cfg), tok, batch_size=self.rows * self.n_micro * info.world_size,
                 seq_len=cfg.seq_len, seed=cfg.seed, weights=weights,
-                loss_on_answer_only=cfg.data.loss_on_answer_only,
+                loss_on_answer_only=cfg.data.loss_on_answer_only, fmt=cfg.data.format,
             )  # fmt: skip
 
     def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -464,10 +464,11 @@ class Trainer:
             return {}
         # Sharded weights are gathered by the wrapper's forward, so every rank decodes; otherwise rank 0 alone.
         model = self.step_module if sharded else self.model
-        scores = evaluate_tasks(
-            model, self.tok, self.tasks, n if n is not None else self.cfg.data.eval_examples,
-            autocast_dtype=self.autocast_dtype,
-        )  # fmt: skip
+        n = n if n is not None else self.cfg.data.eval_examples
+        if self.cfg.data.format == "r1":
+            scores = evaluate_r1_tasks(model, self.tok, self.tasks, n, autocast_dtype=self.autocast_dtype)
+        else:
+            scores = evaluate_tasks(model, self.tok, self.tasks, n, autocast_dtype=self.autocast_dtype)
         if sharded:  # back to shards: the optimizer holds the sharded parameters
             clear_fused_weights(self.model)  # (they hold gathered weights)
             self.step_module.reshard()
