@@ -324,8 +324,10 @@ def accuracy_lines(summary: dict[str, Any]) -> list[str]:
 def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | None, plots: list[str]) -> str:
     m = summary.get("model", {})
     lines = ["# nanoseek speedrun report", ""]
+    control = next((s for s in summary["stages"] if s["name"] == "sft-control"), None)
+    without = f" ({(summary['wall_s'] - control['wall_s']) / 60:.1f} min without the SFT control)" if control else ""
     lines.append(
-        f"Device: **{summary['device']}** · wall time **{summary['wall_s'] / 60:.1f} min** · "
+        f"Device: **{summary['device']}** · wall time **{summary['wall_s'] / 60:.1f} min**{without} · "
         f"tokens {summary['tokens']:,} · energy {summary['energy_j'] / 3600:.2f} Wh"
         f"{' (estimated)' if summary['energy_estimated'] else ''} · cost {summary['cost']:.4f} "
         f"{summary.get('currency', 'USD')}"

@@ -1,34 +1,34 @@
-"""The speedrun: tokenizer -> pretraining -> SFT -> GRPO, each followed by a held-out evaluation -> a run
-folder with the model, metrics, summary.json and a report card.
+"""The speedrun: tokenizer -> pretraining -> SFT (cold start) -> GRPO [-> sft-control], every stage scored on
+the same held-out problems -> a run folder with the model, metrics, summary.json and a report card.
 
-    summary = speedrun(SpeedrunOptions(out=Path("runs/x"), minutes=8.0, device="cpu", preset="tiny"))
+    summary = speedrun(SpeedrunOptions(out=Path("runs/x"), minutes=4.5, sft_control=True))
 
 Run folder:
-    model/            final model: HF folder with tokenizer (nanoseek.load and transformers load it)
+    model/            final model (GRPO's): HF folder with tokenizer (nanoseek.load and transformers load it)
     metrics.jsonl     every step and evaluation of every stage ({"event": "stage", ...} lines separate stages)
-    summary.json      {"stages": [{"name", "wall_s", "tokens", "energy_j", "eval": {task: {accuracy, ci95, n}}}],
-                       "final_eval": {"stage", "wall_s", "energy_j", "greedy": {task: EvalResult.to_dict()},
-                                      "sampled": {task: EvalResult.to_dict()}},
+    summary.json      {"stages": [{"name", "parent", "format", "wall_s", "tokens", "energy_j",
+                                   "eval": {task: {accuracy, ci95, n, correct}}, ...}],
+                       "comparisons": [{"stage", "against", "task", "verdict"}], "scoring": {...},
+                       "final_eval": {"stage", "wall_s", "energy_j", "greedy": {...}, "sampled": {...}, ...},
                        "energy_estimated", "cost", "device", ...}
     report.md + *.png the report card
-    pretrain/         the pretraining stage's checkpoints and tokenizer
+    pretrain/         the pretraining stage's checkpoints, tokenizer and model/
+    sft/              data.jsonl (the demonstrations), settings.json (the command that reruns it), model/
+    grpo/, sft-control/   settings.json, metrics, model/
 
-    sft/, grpo/       the later stages' folders (each with model/ and metrics.jsonl)
+Stages (STAGES, then LATER_STAGES by name): pretraining writes each problem in the chat template with a direct
+answer in the R1 format (data.format=r1: `<think></think><answer>231</answer>`); SFT, the cold start, trains on
+demonstrations (r1_conversations) that work the thinking tasks out in the thought (carry_steps) and answer the
+others directly; GRPO (nanoseek.train.grpo) trains on all tasks with rule rewards; `sft-control` (with
+SpeedrunOptions.sft_control) continues SFT from the SFT model on the same demonstrations for as long as GRPO
+trained. Each stage gets a StageContext (the stage it starts from, the StagePlan, the stages so far) and
+returns a StageResult, or None when it cannot run (listed as skipped).
 
-Stages are a list (STAGES). Pretraining learns the tasks in their bare format (`47+85=` -> `231`); SFT
-(nanoseek.train.sft) teaches the chat template and the R1 format on traces of the tasks
-(`<think>74+58</think><answer>231</answer>`, r1_conversations); GRPO (nanoseek.train.grpo) trains on the task
-SFT left room on, with the format and accuracy rewards. Each stage gets a StageContext (the previous stage's
-model folder, the StagePlan) and returns a StageResult, or None when it cannot run (then it is listed as
-skipped). Pretraining is evaluated on the bare prompts (by the trainer), SFT and GRPO in the chat + R1 format
-with no system prompt (by nanoseek.eval, evaluate_r1_stage).
-
-After the last stage, the final model's report card comes from nanoseek.eval (final_evaluation): on the GRPO
-tasks in the last stage's format, greedy pass@1 (the same problems and format as the stage's own evaluation,
-so the same number) and FINAL_EVAL_SAMPLES sampled completions per problem for pass@1 and pass@k, each with
-its 95% interval.
+One scoring contract: score_stage scores every stage's model through nanoseek.eval on the same held-out
+problems, greedy, in its format (SCORING_FORMATS), exactly as the `nanoseek eval` command in
+summary["scoring"] does; stage_comparisons states which stage beats which beyond the 95% intervals. The final
+model's report card adds sampled pass@1 and pass@k and the MTP module as a drafter (final_evaluation).
 """
-
 from __future__ import annotations
 
 import json
