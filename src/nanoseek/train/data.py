@@ -80,7 +80,9 @@ class TaskBatcher:
         self.step = 0
         self.bos_id, self.eos_id, self.pad_id = tokenizer.special_ids()
         self._encode = lru_cache(maxsize=200_000)(lambda s: tuple(tokenizer.encode(s, add_special_tokens=False)))
-        self._chat = lru_cache(maxsize=200_000)(lambda q: tuple(tokenizer.encode_chat([{"role": "user", "content": q}])))
+        self._chat = lru_cache(maxsize=200_000)(
+            lambda q: tuple(tokenizer.encode_chat([{"role": "user", "content": q}]))
+        )
 
     def encode_example(self, ex: Example) -> tuple[list[int], int]:
         """Token ids of the prompt, the answer and <eos>, and the index where the answer starts. plain:
@@ -92,7 +94,6 @@ class TaskBatcher:
         else:
             prompt, answer = [self.bos_id, *self._encode(ex.prompt)], self._encode(ex.answer)
         return [*prompt, *answer, self.eos_id], len(prompt)
-
 
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = random.Random(f"task-batch/{self.seed}/{self.rank}/{self.world_size}/{step}")

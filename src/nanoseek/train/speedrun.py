@@ -29,6 +29,7 @@ problems, greedy, in its format (SCORING_FORMATS), exactly as the `nanoseek eval
 summary["scoring"] does; stage_comparisons states which stage beats which beyond the 95% intervals. The final
 model's report card adds sampled pass@1 and pass@k and the MTP module as a drafter (final_evaluation).
 """
+
 from __future__ import annotations
 
 import json
