@@ -96,20 +96,22 @@ def evaluate_tasks(
     return scores
 
 
-def evaluate_r1_tasks(
+def evaluate_in_format(
     model: nn.Module,
     tok: Tokenizer,
     tasks: Sequence[Task],
     n: int = 200,
+    fmt: str = "r1",
     *,
     batch_size: int = 256,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, TaskScore]:
-    """Greedy accuracy on up to n held-out problems per task in the R1 format with no system prompt, through
-    nanoseek.eval: the scores `nanoseek eval --format r1 --system-prompt ''` gives (data.format=r1 runs)."""
+    """Greedy accuracy on up to n held-out problems per task through nanoseek.eval in `fmt` ("plain", or "r1"
+    with no system prompt): the scores `nanoseek eval --format FMT [--system-prompt '']` gives (the speedrun's
+    stages, and data.format=r1 runs)."""
     from nanoseek.eval import TaskSpec, evaluate
 
     specs = [TaskSpec(t.name, "synthetic", task=t) for t in tasks]
-    results = evaluate(model, tok, specs, limit=n, format="r1", system_prompt="", batch_size=batch_size,
+    results = evaluate(model, tok, specs, limit=n, format=fmt, system_prompt="", batch_size=batch_size,
                        autocast_dtype=autocast_dtype)  # fmt: skip
     return {name: TaskScore(sum(d["correct"][0] for d in r.details), r.n) for name, r in results.items()}

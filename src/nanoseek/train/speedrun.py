@@ -426,16 +426,15 @@ def heldout_specs(tasks: list[str], cfg: TrainConfig) -> list[Any]:
 def score_stage(model_dir: Path, fmt: str, ctx: StageContext) -> dict[str, TaskScore]:
     """Held-out accuracy of a stage's model on every task of the run, greedy, in `fmt` (SCORING_FORMATS)."""
     import nanoseek
-    from nanoseek.eval import evaluate
     from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.evaluate import evaluate_in_format
 
     cfg = ctx.train_config
-    model = nanoseek.load(model_dir, device=ctx.device)
-    results = evaluate(
-        model, load_tokenizer(model_dir), heldout_specs(cfg.data.tasks, cfg), limit=cfg.data.eval_examples,
-        batch_size=GREEDY_EVAL_BATCH, **SCORING_FORMATS[fmt],
+    tasks = [spec.task for spec in heldout_specs(cfg.data.tasks, cfg)]
+    scores = evaluate_in_format(
+        nanoseek.load(model_dir, device=ctx.device), load_tokenizer(model_dir), tasks, cfg.data.eval_examples, fmt,
+        batch_size=GREEDY_EVAL_BATCH,
     )  # fmt: skip
-    scores = {name: TaskScore(sum(d["correct"][0] for d in r.details), r.n) for name, r in results.items()}
     with open(ctx.metrics_path, "a") as f:
         record = {"event": "eval", "final": True, "format": fmt, **{n: s.to_dict() for n, s in scores.items()}}
         f.write(json.dumps(record) + "\n")

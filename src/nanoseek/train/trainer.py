@@ -54,7 +54,7 @@ from nanoseek.tokenizer import Tokenizer, load_tokenizer
 from nanoseek.train import checkpoint as ckpt_io
 from nanoseek.train.config import TrainConfig, lr_at
 from nanoseek.train.data import PackedTextDataset, TaskBatcher
-from nanoseek.train.evaluate import TaskScore, evaluate_r1_tasks, evaluate_tasks
+from nanoseek.train.evaluate import TaskScore, evaluate_in_format, evaluate_tasks
 from nanoseek.train.meter import Meter
 from nanoseek.train.tokenizer import train_tokenizer
 from nanoseek.weights.hf_folder import save_pretrained
@@ -466,7 +466,7 @@ class Trainer:
         model = self.step_module if sharded else self.model
         n = n if n is not None else self.cfg.data.eval_examples
         if self.cfg.data.format == "r1":
-            scores = evaluate_r1_tasks(model, self.tok, self.tasks, n, autocast_dtype=self.autocast_dtype)
+            scores = evaluate_in_format(model, self.tok, self.tasks, n, "r1", autocast_dtype=self.autocast_dtype)
         else:
             scores = evaluate_tasks(model, self.tok, self.tasks, n, autocast_dtype=self.autocast_dtype)
         if sharded:  # back to shards: the optimizer holds the sharded parameters
