@@ -33,27 +33,30 @@ def serve(
     engine_config=None,
     model=None,
     wrap_model=None,
+    limits=None,
     **app_kwargs,
 ) -> Iterator[Running]:
     """The app on 127.0.0.1:<free port> under a real uvicorn, stopped (lifespan shutdown included) on exit.
     `model`: serve this model with the file's tokenizer instead of the file's own weights.
-    `wrap_model`: a function of the model that returns the model to serve (e.g. a scripted one)."""
+    `wrap_model`: a function of the model that returns the model to serve (e.g. a scripted one).
+    `limits`: the server's serve.limits.Limits (default: `nanoseek serve`'s defaults)."""
     import uvicorn
 
     from nanoseek.serve.app import create_app
+    from nanoseek.serve.connection import uvicorn_config
     from nanoseek.serve.serving import make_server
 
     tok = nanoseek.load_tokenizer(gguf_path)
     model = nanoseek.load(gguf_path) if model is None else model
     if wrap_model is not None:
         model = wrap_model(model)
-    server = make_server(model, tok, name, engine_config)
+    server = make_server(model, tok, name, engine_config, limits)
     app = create_app(server, api_key=api_key, **app_kwargs)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    uv = uvicorn.Server(uvicorn_config(app, log_level="warning", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

@@ -7,6 +7,9 @@
 Binds 127.0.0.1 unless --host says otherwise. On SIGTERM or Ctrl-C the server stops taking requests and those in
 flight get --shutdown-timeout seconds to finish; then the engine aborts them (their streams end normally, with
 finish_reason "abort") and stops.
+
+What one client may ask is bounded (serve/limits.py), so no client can slow or starve another: the flags below
+under "limits" set the bounds; a request over one gets a 400 (408, 413) naming it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,73 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together (default 32)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown (default 30)")  # fmt: skip
+    p.add_argument("--docs", action="store_true",
+                   help="serve Swagger's /docs page (off by default: it loads its assets from a CDN)")  # fmt: skip
+    add_limit_args(p.add_argument_group("limits (what one client may ask; past one: a 400, 408 or 413)"))
     p.set_defaults(func=run)
+
+
+def add_limit_args(group) -> None:
+    from nanoseek.serve.limits import Limits
+
+    d = Limits()
+    group.add_argument(
+        "--max-body-mib",
+        type=float,
+        default=d.max_body_bytes / (1 << 20),
+        help=f"largest request body in MiB (default {d.max_body_bytes >> 20}; more: 413)",
+    )
+    group.add_argument(
+        "--header-timeout",
+        type=float,
+        default=d.header_timeout,
+        help=f"seconds for a request's headers to arrive, else the connection is closed (default {d.header_timeout:g})",
+    )
+    group.add_argument(
+        "--body-timeout",
+        type=float,
+        default=d.body_timeout,
+        help=f"seconds for a request's body to arrive (default {d.body_timeout:g}; more: 408)",
+    )
+    group.add_argument(
+        "--max-sequences",
+        type=int,
+        default=d.max_sequences,
+        help=f"sequences one request may start: n, or prompts x n on /v1/completions (default {d.max_sequences})",
+    )
+    group.add_argument(
+        "--max-logit-bias",
+        type=int,
+        default=d.max_logit_bias,
+        help=f"logit_bias entries (default {d.max_logit_bias}, as OpenAI)",
+    )
+    group.add_argument(
+        "--max-stop",
+        type=int,
+        default=d.max_stop,
+        help=f"stop strings, and stop_token_ids, per request (default {d.max_stop})",
+    )
+    group.add_argument(
+        "--max-stop-chars",
+        type=int,
+        default=d.max_stop_chars,
+        help=f"characters in one stop string (default {d.max_stop_chars})",
+    )
+    group.add_argument("--max-echo-logprobs-tokens", type=int, default=d.max_echo_logprobs_tokens,
+                       help=f"prompt tokens one /v1/completions request may score with echo + logprobs (default "
+                       f"{d.max_echo_logprobs_tokens})")  # fmt: skip
+
+
+def limits_from_args(args: argparse.Namespace):
+    """The serve.limits.Limits the flags ask for (a bad value: ValueError naming its flag)."""
+    from nanoseek.serve.limits import Limits
+
+    return Limits(
+        max_body_bytes=int(args.max_body_mib * (1 << 20)), header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout, max_sequences=args.max_sequences, max_logit_bias=args.max_logit_bias,
+        max_stop=args.max_stop, max_stop_chars=args.max_stop_chars,
+        max_echo_logprobs_tokens=args.max_echo_logprobs_tokens,
+    )  # fmt: skip
 
 
 def served_name(args: argparse.Namespace) -> str:
@@ -47,21 +116,21 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
-    import uvicorn
-
+    limits = limits_from_args(args)  # before the model loads: a bad flag fails at once
     from nanoseek.engine.engine import EngineConfig
     from nanoseek.serve.app import create_app
+    from nanoseek.serve.connection import uvicorn_config
     from nanoseek.serve.serving import make_server
 
     model, tok = load_model_and_tokenizer(args)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, compile=args.compile)
-    server = make_server(model, tok, served_name(args), config)
+    server = make_server(model, tok, served_name(args), config, limits)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     print(f"serving {server.name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    app = create_app(server, api_key=args.api_key)
+    app = create_app(server, api_key=args.api_key, docs=args.docs)
     # uvicorn's own deadline is a backstop only: by then the engine has ended every stream
-    config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout + 10,
+    config = uvicorn_config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout + 10,
                             log_level="info")  # fmt: skip
     _draining_server(config, server.engine.shutdown, args.shutdown_timeout).run()
     return 0

@@ -4,8 +4,12 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Every route parses its body into a pydantic request model, calls one serving function and returns JSON or an
-SSE stream. Errors take the shape of the API the route belongs to (errors.py). Around the routes: a body size
-limit (413), request counting by status for /metrics, and auth when an API key is set. A streaming client
+SSE stream. Errors take the shape of the API the route belongs to (errors.py). Around the routes, outermost
+first: request counting by status for /metrics; the API key, checked from the headers before anything reads the
+body (a 401 costs the server no body); the body, read whole under a size limit (413) and a deadline (408). Each
+request's own limits (limits.py) are checked before any work; they and the HTTP limits come from the server's
+`Limits` (`nanoseek serve` flags). Trailing-slash redirects are off (a redirect's Location would be built from the
+client's Host header) and so is /docs unless asked for (Swagger's page loads its assets from a CDN). A streaming client
 that disconnects cancels its stream, and a non-streaming one its request: both abort the engine requests and
 free their cache blocks. Shutting down (uvicorn's lifespan, e.g. on SIGTERM) stops the engine's thread.
 `/` serves the web chat (static/, no build step), which talks to /v1/chat/completions like any client.
@@ -23,7 +27,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -36,11 +40,11 @@ from nanoseek.serve import protocol_openai as po
 from nanoseek.serve import serving_anthropic as sa
 from nanoseek.serve import serving_openai as so
 from nanoseek.serve.errors import APIError, error_body
+from nanoseek.serve.limits import Limits
 from nanoseek.serve.serving import ModelServer
 
 log = logging.getLogger("nanoseek.serve")
 
-MAX_BODY_BYTES = 4 << 20  # a long-context prompt is well under this; a 10 MB body is refused with a 413
 DISCONNECTED = 499  # nginx's status for "the client closed the request"
 STATIC = Path(__file__).parent / "static"  # the web chat (package data: the wheel ships it)
 # The chat page runs only its own scripts and styles, talks only to this server and shows no remote images: a
@@ -49,7 +53,10 @@ CHAT_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 's
             "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")  # fmt: skip
 
 
-def create_app(server: ModelServer, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def create_app(server: ModelServer, *, api_key: str | None = None, docs: bool = False) -> FastAPI:
+    """The app over `server`, with its limits (`server.limits`). `docs`: serve Swagger's /docs page (its scripts
+    and styles come from a CDN, so a browser offline shows a blank page); /openapi.json is always there."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
@@ -57,19 +64,23 @@ def create_app(server: ModelServer, *, api_key: str | None = None, max_body_byte
 
     # strict_content_type=False: a JSON body without a Content-Type header (a bare `curl --data-binary`) is JSON
     app = FastAPI(title="nanoseek", summary="OpenAI- and Anthropic-compatible server", lifespan=lifespan,
-                  strict_content_type=False)  # fmt: skip
-    app.state.server = server
-    auth = [Depends(_require_key(api_key))] if api_key else []
+                  strict_content_type=False, redirect_slashes=False, docs_url="/docs" if docs else None,
+                  redoc_url=None)  # fmt: skip
+    app.state.server, app.state.limits = server, server.limits
     routers = [_api_routes(server), _open_routes(server)]
-    app.include_router(routers[0], dependencies=auth)
+    app.include_router(routers[0])
     app.include_router(routers[1])
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _add_error_handlers(app)
     _document_400s(app)
-    app.add_middleware(_LimitBody, max_bytes=max_body_bytes)
+    limits: Limits = server.limits
+    app.add_middleware(_LimitBody, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)
+    if api_key:
+        open_paths = {r.path for r in routers[1].routes} | {"/openapi.json", "/docs", "/docs/oauth2-redirect"}
+        app.add_middleware(_RequireKey, api_key=api_key, open_paths=open_paths)
     app.add_middleware(
         _CountRequests, server=server, paths={r.path for rs in routers for r in rs.routes}
-    )  # outermost: sees 413s
+    )  # outermost: sees 401s, 408s and 413s
     return app
 
 
@@ -82,6 +93,7 @@ def _api_routes(server: ModelServer) -> APIRouter:
     @router.post("/v1/chat/completions", response_model=po.ChatCompletion)
     async def chat_completions(body: po.ChatCompletionRequest, request: Request):
         _log_unknown(body)
+        server.limits.check_chat(body)
         gen, in_reasoning = await so.start_chat(server, body)
         if body.stream:
             return EventStream(so.chat_stream(server, body, gen, in_reasoning), background=BackgroundTask(gen.close))
@@ -90,6 +102,7 @@ def _api_routes(server: ModelServer) -> APIRouter:
     @router.post("/v1/completions", response_model=po.Completion)
     async def completions(body: po.CompletionRequest, request: Request):
         _log_unknown(body)
+        server.limits.check_completion(body)
         gen, prompts = await so.start_completion(server, body)
         if body.stream:
             return EventStream(so.completion_stream(server, body, gen, prompts), background=BackgroundTask(gen.close))
@@ -98,6 +111,7 @@ def _api_routes(server: ModelServer) -> APIRouter:
     @router.post("/v1/messages", response_model=pa.MessageResponse)
     async def messages(body: pa.MessagesRequest, request: Request):
         _log_unknown(body)
+        server.limits.check_messages(body)
         gen, in_reasoning = await sa.start_message(server, body)
         if body.stream:
             return EventStream(sa.message_stream(server, body, gen, in_reasoning), background=BackgroundTask(gen.close))
@@ -166,19 +180,6 @@ def _log_unknown(body: BaseModel) -> None:
 
 
 # ---- auth, disconnects, streams -----------------------------------------------------------------------------
-
-
-def _require_key(api_key: str) -> Callable[[Request], Awaitable[None]]:
-    expected = api_key.encode()
-
-    async def check(request: Request) -> None:
-        bearer = request.headers.get("authorization", "")
-        given = bearer[7:] if bearer.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(given.strip().encode(), expected):
-            raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY or x-api-key: KEY)",
-                           code="invalid_api_key")  # fmt: skip
-
-    return check
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[BaseModel], on_cancel: Callable[[], None]):
@@ -287,42 +288,92 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(request.url.path, 500, f"internal error: {type(exc).__name__}")
 
 
-async def _send_json(send, status: int, body: dict) -> None:
-    content = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+LINGER_S = 1.0  # how long a refused request's unsent body is read and dropped before the connection closes
+
+
+async def _refuse(scope, receive, send, status: int, message: str, code: str | None = None, linger: float = LINGER_S):
+    """Answer an error before the app runs, and close the connection (the body is not wanted, and a client that
+    keeps sending it must not keep the socket). The reply goes out at once; then, for up to `linger` seconds, what
+    the client still sends is read and dropped, so that one which writes its whole body before reading gets the
+    reply rather than a connection reset by unread data."""
+    content = json.dumps(error_body(scope["path"], status, message, code=code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
+               (b"connection", b"close")]  # fmt: skip
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": content})
+    await send({"type": "http.response.body", "body": content, "more_body": True})
+    if linger > 0:
+        with anyio.move_on_after(linger):
+            while (await receive()).get("more_body", False):
+                pass
+    await send({"type": "http.response.body", "body": b""})
+
+
+class _RequireKey:
+    """Refuses a request without the API key (Authorization: Bearer KEY or x-api-key: KEY) with a 401, from its
+    headers alone: a keyless client's body is never read, parsed or buffered. Paths in `open_paths` (and the web
+    chat's /static files) need no key; every other path does, unknown ones included (no route discovery)."""
+
+    def __init__(self, app, api_key: str, open_paths: set[str]):
+        self.app, self.expected, self.open_paths = app, api_key.encode(), open_paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or self._open(scope["path"]) or self._has_key(scope["headers"]):
+            return await self.app(scope, receive, send)
+        await _refuse(scope, receive, send, 401, "invalid or missing API key (send Authorization: Bearer KEY or "
+                      "x-api-key: KEY)", code="invalid_api_key")  # fmt: skip
+
+    def _open(self, path: str) -> bool:
+        return path in self.open_paths or path.startswith("/static/")
+
+    def _has_key(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        found = dict(headers)
+        bearer = found.get(b"authorization", b"")
+        given = bearer[7:] if bearer[:7].lower() == b"bearer " else found.get(b"x-api-key", b"")
+        return hmac.compare_digest(given.strip(), self.expected)
 
 
 class _LimitBody:
-    """Refuses a body over `max_bytes` with a 413 before the app parses it (whether the size is announced in
-    Content-Length or only seen while reading a chunked body)."""
+    """Reads the whole body before the app parses it, refusing one over `max_bytes` (413: announced in
+    Content-Length, or seen while reading a chunked body) or one that takes more than `timeout` seconds to arrive
+    (408: a slow sender holds neither a handler nor a growing buffer for long)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout: float):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = error_body(scope["path"], 413, f"the request body is larger than {self.max_bytes} bytes")
+        too_big = f"the request body is larger than {self.max_bytes} bytes"
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await _send_json(send, 413, too_big)
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                return await _send_json(send, 413, too_big)
+            return await _refuse(scope, receive, send, 413, too_big)
+        try:
+            async with asyncio.timeout(self.timeout):
+                body = await self._read(receive)
+        except TimeoutError:
+            message = f"the request body did not arrive within {self.timeout:g} seconds"
+            return await _refuse(scope, receive, send, 408, message, linger=0)
+        if body is None:  # the client went away
+            return
+        if len(body) > self.max_bytes:
+            return await _refuse(scope, receive, send, 413, too_big)
         pending = [{"type": "http.request", "body": bytes(body), "more_body": False}]
 
         async def replay():
             return pending.pop() if pending else await receive()
 
         await self.app(scope, replay, send)
+
+    async def _read(self, receive) -> bytearray | None:
+        """The body, or as much of it as shows it is over the limit; None if the client disconnected."""
+        body, more = bytearray(), True
+        while more and len(body) <= self.max_bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        return body
 
 
 class _CountRequests:

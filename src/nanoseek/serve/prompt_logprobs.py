@@ -8,7 +8,10 @@ vLLM answer.
 The engine computes logprobs for the tokens it samples only, so the prompt goes through one plain forward of the
 served model, on a worker thread. The model is in eval mode (its forward changes no state), so this may run
 beside the engine's steps; a lock keeps these forwards one at a time, so a burst of scoring requests does not
-oversubscribe the cores the engine also uses.
+oversubscribe the cores the engine also uses. Logits are made from the final hidden states `CHUNK` positions at
+a time: a whole prompt's [T, vocab] logits and their log-softmax would be gigabytes (8k tokens x 49k vocabulary:
+two 1.6 GB tensors), where a chunk's are a few tens of MB. The request's prompt tokens are capped too
+(`Limits.max_echo_logprobs_tokens`).
 """
 
 from __future__ import annotations
@@ -21,23 +24,41 @@ import torch
 from nanoseek.serve.serving import TokenLogprob
 
 _ONE_AT_A_TIME = threading.Lock()
+CHUNK = 256  # positions whose logits exist at once
 
 
 def prompt_logprobs(
-    model: torch.nn.Module, ids: Sequence[int], top_n: int, token_text: Callable[[int], str]
+    model: torch.nn.Module, ids: Sequence[int], top_n: int, token_text: Callable[[int], str], chunk: int = CHUNK
 ) -> list[TokenLogprob]:
     """One entry per prompt token: log p(token i | tokens before it) and the top_n most likely tokens at i.
     The first entry's logprob is None."""
     ids = list(ids)
     device = next(model.parameters()).device
+    chosen, top_lp, top_ids = [], [], []
     with _ONE_AT_A_TIME, torch.inference_mode():
         tokens = torch.tensor([ids], dtype=torch.long, device=device)
-        logprobs = model(tokens)[0, :-1].float().log_softmax(-1)
-        chosen = logprobs.gather(-1, tokens[0, 1:, None]).squeeze(-1).tolist()
-        top_lp, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (logprobs[:, :0], logprobs[:, :0].long())
-        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        hidden, head = _hidden_and_head(model, tokens)
+        for start in range(0, len(ids) - 1, chunk):  # position t's logits predict token t + 1
+            logprobs = head(hidden[:, start : start + chunk])[0].float().log_softmax(-1)
+            targets = tokens[0, start + 1 : start + 1 + chunk]
+            chosen += logprobs.gather(-1, targets[:, None]).squeeze(-1).tolist()
+            if top_n:
+                lp, top = logprobs.topk(top_n, dim=-1)
+                top_lp, top_ids = top_lp + lp.tolist(), top_ids + top.tolist()
+            else:
+                top_lp, top_ids = top_lp + [[]] * len(targets), top_ids + [[]] * len(targets)
     items = [TokenLogprob(ids[0], token_text(ids[0]), None, [])]  # type: ignore[arg-type]
     for i, token in enumerate(ids[1:]):
         top = [(token_text(t), lp) for t, lp in zip(top_ids[i], top_lp[i])]
         items.append(TokenLogprob(token, token_text(token), chosen[i], top))
     return items
+
+
+def _hidden_and_head(model: torch.nn.Module, tokens: torch.Tensor):
+    """The final hidden states [1, T, d] and the function that makes logits of them. nanoseek's models split
+    their forward so (`forward_hidden`, then `logits` or `lm_head`); any other model gives its whole logits at once,
+    with the identity as its head."""
+    if hasattr(model, "forward_hidden"):
+        head = model.logits if hasattr(model, "logits") else model.lm_head
+        return model.forward_hidden(tokens), head
+    return model(tokens), lambda logits: logits

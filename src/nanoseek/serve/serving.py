@@ -24,6 +24,7 @@ from nanoseek.engine.engine import StepOutput
 from nanoseek.engine.generate import TextStreamer
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.serve.errors import APIError
+from nanoseek.serve.limits import Limits
 from nanoseek.serve.metrics import Metrics
 from nanoseek.serve.structured import StructuredOutput
 from nanoseek.serve.tool_calls import parser_for_template
@@ -184,12 +185,14 @@ class ModelServer:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.perf_counter,
+        limits: Limits | None = None,
     ):
         self.engine = engine
         self.tokenizer = tokenizer
         self.name = name
         self.metrics = metrics
         self.clock = clock
+        self.limits = limits or Limits()  # what one request may ask (limits.py); the app takes its HTTP limits too
         self.context_length: int = engine.engine.runner.context_length
         self.vocab_size: int = engine.engine.vocab_size
         self.created = int(time.time())
@@ -269,10 +272,11 @@ def seeded(params: SamplingParams, n: int) -> list[SamplingParams]:
     return [replace(params, seed=(params.seed + i) % 2**63) for i in range(n)]
 
 
-def make_server(model, tokenizer, name: str, engine_config=None) -> ModelServer:
-    """A ModelServer over a fresh engine thread for `model` (stop strings decoded with `tokenizer`)."""
+def make_server(model, tokenizer, name: str, engine_config=None, limits: Limits | None = None) -> ModelServer:
+    """A ModelServer over a fresh engine thread for `model` (stop strings decoded with `tokenizer`); `limits`:
+    what a client may ask (default `Limits()`)."""
     from nanoseek.engine.engine import Engine
 
     engine = Engine(model, engine_config, eos_ids=tokenizer.stop_token_ids, detokenize=tokenizer.decode)
     engine.warm_up()  # a compiled decode step compiles now, not while the first clients wait
-    return ModelServer(AsyncEngine(engine), tokenizer, name, Metrics())
+    return ModelServer(AsyncEngine(engine), tokenizer, name, Metrics(), limits=limits)

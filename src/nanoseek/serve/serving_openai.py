@@ -202,6 +202,7 @@ async def start_completion(server: ModelServer, req: p.CompletionRequest) -> tup
         prompts.append((ids, params))
         echoed.append(EchoedPrompt(text))
     if req.echo and req.logprobs is not None:  # log-likelihood scoring (lm-evaluation-harness): before submitting
+        server.limits.check_echo_logprobs(sum(len(ids) for ids, _ in prompts))
         model = server.engine.engine.runner.model
         for (ids, _), e in zip(prompts, echoed):
             e.logprobs = await asyncio.to_thread(prompt_logprobs, model, ids, req.logprobs, server.token_text)
