@@ -264,6 +264,23 @@ def test_defaults_are_the_documented_ones():
     assert d.max_echo_logprobs_tokens == 16384
 
 
+def test_readme_states_the_defaults():
+    """The README's table of limits gives each flag's default as the code has it."""
+    from pathlib import Path
+
+    from nanoseek.serve.connection import MAX_HEAD_BYTES
+    from nanoseek.serve.limits import Limits, flag
+    from nanoseek.serve.prompt_logprobs import CHUNK
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    d = Limits()
+    shown = {"max_body_bytes": f"{d.max_body_bytes >> 20} MiB", "header_timeout": f"{d.header_timeout:g} s",
+             "body_timeout": f"{d.body_timeout:g} s"}  # fmt: skip
+    for name, value in vars(d).items():
+        assert f"| {shown.get(name, value)} | `{flag(name)}` |" in readme, name
+    assert f"| {MAX_HEAD_BYTES >> 10} KiB | |" in readme and f"computed {CHUNK} positions at a time" in readme
+
+
 def test_serve_flags_set_the_limits():
     from nanoseek.cli import build_parser
     from nanoseek.commands.serve import limits_from_args
