@@ -44,7 +44,7 @@ def gguf(tmp_path_factory):
 def running(gguf):
     from nanoseek.serve.limits import Limits
 
-    limits = Limits(header_timeout=0.5, body_timeout=0.5, max_sequences=4, max_logit_bias=4, max_stop=3,
+    limits = Limits(header_timeout=0.8, body_timeout=0.8, max_sequences=4, max_logit_bias=4, max_stop=3,
                     max_stop_chars=8, max_echo_logprobs_tokens=12)  # fmt: skip
     with serve(gguf, api_key=KEY, limits=limits) as r:
         yield r
@@ -52,7 +52,10 @@ def running(gguf):
 
 @pytest.fixture(scope="module")
 def http(running):
-    with httpx.Client(base_url=running.url, timeout=30, headers=AUTH) as c:
+    # a connection per request: a kept-alive one idle past the test server's 0.8 s head deadline may close
+    # just as the next request goes out
+    no_reuse = httpx.Limits(max_keepalive_connections=0)
+    with httpx.Client(base_url=running.url, timeout=30, headers=AUTH, limits=no_reuse) as c:
         yield c
 
 
@@ -165,7 +168,7 @@ def test_slow_body_is_408(running):
         start = time.monotonic()
         status, _, body = _read_response(sock)
         assert time.monotonic() - start < 5
-    assert status == 408 and "0.5 seconds" in json.loads(body)["error"]["message"]
+    assert status == 408 and "0.8 seconds" in json.loads(body)["error"]["message"]
 
 
 def test_slow_request_head_is_closed(running):
@@ -187,6 +190,16 @@ def test_slow_request_head_is_closed(running):
             except TimeoutError:
                 pass
         assert closed and time.monotonic() - start < 5
+
+
+def test_oversize_request_head_is_400(running):
+    """A head still incomplete past 16 KiB is refused (h11 checks what it holds while waiting for the rest)."""
+    with _connect(running.url) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (20 << 10))  # and no end
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400 ")
 
 
 def test_idle_connections_are_closed(running, http):
