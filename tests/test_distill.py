@@ -4,12 +4,15 @@ for SFT, and the student trained on them when SFT is part of the build."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
 
 import pytest
 import torch
 
 import nanoseek
+import procs
 from nanoseek.cli import main
 from nanoseek.eval.answers import extract_math_answer, math_equal
 from nanoseek.model.config import from_name
@@ -225,7 +228,7 @@ def test_distill_trains_the_student_on_the_traces(models, tmp_path):
 
 
 def test_distillation_kl_is_the_forward_kl_at_the_masked_positions():
-    from nanoseek.train.distill import distillation_kl
+    from nanoseek.train.logit_distill import distillation_kl
 
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
@@ -248,14 +251,14 @@ def _conversations():
 
 def test_logit_distillation_moves_the_student_toward_the_teacher(models, tmp_path):
     from nanoseek.train.chat_data import tokenize_conversation
-    from nanoseek.train.distill import _padded, distillation_kl, logit_distill
+    from nanoseek.train.logit_distill import distillation_kl, logit_distill, padded
 
     teacher_dir, student_dir = models
     tok = nanoseek.load_tokenizer(student_dir)
     teacher, student = nanoseek.load(teacher_dir), nanoseek.load(student_dir)
     convs = _conversations()
     examples = [tokenize_conversation(tok, c) for c in convs]
-    ids, mask = _padded(examples, range(len(examples)), tok.pad_token_id)
+    ids, mask = padded(examples, range(len(examples)), tok.pad_token_id)
 
     def kl_to_teacher(model) -> float:
         with torch.no_grad():
@@ -270,7 +273,7 @@ def test_logit_distillation_moves_the_student_toward_the_teacher(models, tmp_pat
 
 
 def test_logit_distillation_refuses_different_vocabularies(models, tmp_path):
-    from nanoseek.train.distill import logit_distill
+    from nanoseek.train.logit_distill import logit_distill
 
     teacher_dir, student_dir = models
     other = train_tokenizer(list(sample_texts([get_task("sort")], 200)), vocab_size=300)
@@ -291,3 +294,69 @@ def test_distill_with_logit_kl_after_sft(models, tmp_path):
     assert result.logit is not None and result.logit.steps == 3 and len(result.logit.losses) == 3
     assert nanoseek.load(result.logit.model_dir) is not None
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["logit"]["steps"] == 3
+
+
+# ---- logit distillation on the training loop: torchrun (2 CPU gloo processes), resume after kill -9 ----------
+def _worker(spec: dict):
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    worker = str(Path(__file__).with_name("distill_worker.py"))
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if spec.get("parallel") else []
+    return procs.run([sys.executable, *launch, worker, json.dumps(spec)], env=env)
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-exact comparisons with a worker process need its thread count here too (reductions split by it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("mode", "sets"), [("ddp", []), ("fsdp", ["grad_accum=2"])])
+def test_logit_distillation_under_torchrun_matches_one_process(models, tmp_path, one_thread, mode, sets):
+    """Two processes (each two of a step's four conversations; under FSDP2 one per micro-batch) give the losses
+    and the weights of one: the KL is normalised by the whole step's assistant positions."""
+    from distill_worker import distill
+    from test_distributed import step_losses
+
+    teacher, student = models
+    spec = {"student": str(student), "teacher": str(teacher), "steps": 3, "overrides": sets}
+    one = distill({**spec, "out": str(tmp_path / "one")})
+    proc = _worker({**spec, "out": str(tmp_path / mode), "parallel": mode})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = step_losses(tmp_path / mode)
+    assert len(two) == 3 and one.losses[-1] < one.losses[0]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one.losses), rtol=1e-5, atol=0)
+    a, b = nanoseek.load(one.model_dir).state_dict(), nanoseek.load(tmp_path / mode / "model").state_dict()
+    start = nanoseek.load(student).state_dict()
+    assert any(not torch.equal(a[n], start[n]) for n in a)
+    # the exported model (gathered from the shards under FSDP2) is the single-process one, up to rounding: Adam
+    # divides a gradient by its running RMS, so an element whose gradient is near 0 moves by a good part of lr
+    # whatever its size, and a different summation order shows there (one element of 0.2M by 1e-5 under DDP)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_logit_distillation_resumes_bit_exactly_after_kill_9(models, tmp_path, one_thread):
+    """Killed with SIGKILL while saving the step-4 checkpoint, resumed from step 2: steps 3-5 and the final weights
+    are the uninterrupted run's bit for bit (the rows of each step, in the second epoch too, and the optimizer
+    state come back). A resume with another teacher is refused."""
+    from distill_worker import distill
+    from nanoseek.train.checkpoint import CheckpointError, list_checkpoints
+
+    teacher, student = models
+    spec = {"student": str(student), "teacher": str(teacher), "steps": 5, "overrides": ["ckpt_every=2"]}
+    full = distill({**spec, "out": str(tmp_path / "full")})
+    out = tmp_path / "killed"
+    proc = _worker({**spec, "out": str(out), "kill_at": 4})
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000002"]
+    with pytest.raises(CheckpointError, match="distill.teacher"):
+        distill({**spec, "out": str(out), "student": str(student), "teacher": str(student)}, resume=True)
+    resumed = distill({**spec, "out": str(out)}, resume=True)
+    assert resumed.steps == 5 and resumed.losses == full.losses[2:]
+    a, b = nanoseek.load(resumed.model_dir).state_dict(), nanoseek.load(full.model_dir).state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])][:5]

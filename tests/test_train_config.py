@@ -80,7 +80,7 @@ def test_type_errors_and_bad_values():
         load_train_config(overrides=["batch_size=abc"])
     with pytest.raises(ValueError, match="compile must be true or false"):
         load_train_config(overrides=["compile=maybe"])
-    with pytest.raises(ValueError, match="optim.schedule must be 'cosine' or 'wsd'"):
+    with pytest.raises(ValueError, match="optim.schedule must be one of cosine, wsd, constant"):
         load_train_config(overrides=["optim.schedule=linear"])
     with pytest.raises(ValueError, match="batch_size must be positive"):
         load_train_config(overrides=["batch_size=0"])

@@ -265,6 +265,30 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+# ---- the model as a HF folder ----------------------------------------------------------------------------
+def save_model(model: torch.nn.Module, tok: Any, folder: str | os.PathLike) -> Path:
+    """A model (DeepSeek-V3 or a dense family) as a HF folder with its tokenizer: what nanoseek.load and
+    transformers read. Every stage writes its final model, and every checkpoint its files, through this."""
+    from nanoseek.weights.hf_folder import save_pretrained
+
+    folder = Path(folder)
+    save_pretrained(model, folder)
+    tok.save(folder)
+    return folder
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A digest of a model's weights: a resume checks that a frozen model it rebuilds (GRPO's reference, a
+    distillation teacher) is the one the run started with."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 # ---- loading ------------------------------------------------------------------------------------------
 def verify_checkpoint(path: str | os.PathLike) -> str | None:
     """None when the folder's files match its manifest, else the reason it is unusable."""

@@ -47,6 +47,7 @@ class ModelSpec:
 
 
 TASK_FORMATS = ("plain", "r1")
+SCHEDULES = ("cosine", "wsd", "constant")
 
 
 @dataclass
@@ -78,7 +79,7 @@ class OptimConfig:
     lr: float = 2e-3
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant (after the warmup)
     decay_fraction: float = 0.2  # WSD: share of the steps spent decaying
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -167,8 +168,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if self.optim.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.optim.lr}")
-        if self.optim.schedule not in ("cosine", "wsd"):
-            raise ValueError(f"optim.schedule must be 'cosine' or 'wsd', got {self.optim.schedule!r}")
+        if self.optim.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {self.optim.schedule!r}")
         if not 0.0 <= self.optim.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must lie in [0, 1], got {self.optim.min_lr_ratio}")
         if not 0.0 < self.optim.decay_fraction <= 1.0:
@@ -524,13 +525,16 @@ def _type_name(tp: Any) -> str:
 def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup to optim.lr, then
     cosine:  cosine decay to lr*min_lr_ratio at total_steps;
-    wsd:     constant until the last decay_fraction of the steps, then linear decay to lr*min_lr_ratio.
+    wsd:     constant until the last decay_fraction of the steps, then linear decay to lr*min_lr_ratio;
+    constant: optim.lr (fine-tuning from trained weights: logit distillation).
     total_steps defaults to cfg.max_steps (a time-budgeted run can pass its own estimate)."""
     o = cfg.optim
     total = max(1, total_steps if total_steps is not None else cfg.max_steps)
     lo = o.lr * o.min_lr_ratio
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
     if step >= total:
         return lo
     if o.schedule == "cosine":

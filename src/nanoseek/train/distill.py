@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -47,6 +47,9 @@ from nanoseek.eval.runner import (
     synthetic_problems,
 )
 from nanoseek.tasks import Task
+
+if TYPE_CHECKING:
+    from nanoseek.train.logit_distill import LogitDistillResult
 
 # How the teacher is prompted. The conversations written are chat in every case: "plain" (a base or speedrun
 # model answering the raw prompt) becomes user: prompt / assistant: answer.
@@ -309,6 +312,7 @@ def distill(
 def _train_student(result: DistillResult, student, parsed, out: Path, overrides, *, fmt, system_prompt,
                    max_new_tokens, eval_limit, device, show_progress, seed, kl) -> None:  # fmt: skip
     try:
+        from nanoseek.train.logit_distill import logit_distill, same_vocabulary
         from nanoseek.train.sft import run_sft
     except ModuleNotFoundError as exc:
         if exc.name != "nanoseek.train.sft":
@@ -342,109 +346,3 @@ def _train_student(result: DistillResult, student, parsed, out: Path, overrides,
     if held_out:
         after = nanoseek.load(final_dir, device=device)
         result.eval_after = evaluate(after, nanoseek.load_tokenizer(final_dir), held_out, **settings)
-
-
-# ---- optional: logit distillation -------------------------------------------------------------------------
-
-
-@dataclass
-class LogitDistillResult:
-    model_dir: Path
-    steps: int
-    losses: list[float]  # the KL per step (mean over the assistant tokens of the batch)
-
-
-def same_vocabulary(teacher_tok, student_tok, teacher: nn.Module, student: nn.Module) -> bool:
-    """Whether teacher and student give logits over the same tokens: identical token tables and logit widths."""
-    widths = (teacher.config.vocab_size, student.config.vocab_size)
-    return widths[0] == widths[1] and teacher_tok.backend.get_vocab() == student_tok.backend.get_vocab()
-
-
-def _padded(examples, rows: Sequence[int], pad_id: int):
-    import torch
-
-    width = max(len(examples[i].ids) for i in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width - 1, dtype=torch.bool)  # position t predicts token t+1
-    for r, i in enumerate(rows):
-        ex = examples[i]
-        ids[r, : len(ex.ids)] = torch.tensor(ex.ids)
-        mask[r, : len(ex.ids) - 1] = torch.tensor(ex.assistant[1:])
-    return ids, mask
-
-
-def distillation_kl(student_logits, teacher_logits, mask, temperature: float = 1.0):
-    """Forward KL(teacher || student) of the next-token distributions at the masked positions, averaged over
-    them and scaled by temperature² (Hinton et al., 2015: keeps gradients comparable across temperatures)."""
-    t = (teacher_logits[:, :-1][mask].float() / temperature).log_softmax(-1)
-    s = (student_logits[:, :-1][mask].float() / temperature).log_softmax(-1)
-    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
-
-
-def logit_distill(
-    student: nn.Module,
-    teacher: nn.Module,
-    tokenizer,
-    conversations: Sequence[dict],
-    out: str | os.PathLike,
-    *,
-    teacher_tokenizer=None,
-    steps: int = 50,
-    batch_size: int = 4,
-    lr: float = 5e-5,
-    temperature: float = 1.0,
-    seed: int = 0,
-) -> LogitDistillResult:
-    """Train `student` (in place) to match the teacher's next-token distributions on the assistant tokens of
-    `conversations` (the verified traces); write it as a HF folder OUT/model. Needs the same vocabulary."""
-    import torch
-
-    from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
-    from nanoseek.train.chat_data import tokenize_conversation
-    from nanoseek.weights.hf_folder import save_dense, save_pretrained
-
-    if not same_vocabulary(teacher_tokenizer or tokenizer, tokenizer, teacher, student):
-        raise ValueError("logit distillation needs teacher and student with the same vocabulary (token table and "
-                         "logit width); use trace distillation (SFT) alone")  # fmt: skip
-    if steps < 1 or batch_size < 1 or temperature <= 0:
-        raise ValueError(f"steps and batch_size must be >= 1 and temperature > 0, got {steps}, {batch_size}, "
-                         f"{temperature}")  # fmt: skip
-    examples = [tokenize_conversation(tokenizer, c) for c in conversations]
-    examples = [e for e in examples if e.n_targets > 0]
-    if not examples:
-        raise ValueError("no conversation with assistant tokens to distill on")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(student.parameters()).device
-    order = random.Random(seed)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    was_training = (student.training, teacher.training)
-    student.eval()  # no dropout in these models; eval keeps the router's balancing statistics still
-    teacher.eval()
-    losses = []
-    try:
-        queue: list[int] = []
-        for _ in range(steps):
-            if len(queue) < batch_size:
-                more = list(range(len(examples)))
-                order.shuffle(more)
-                queue += more
-            rows, queue = queue[:batch_size], queue[batch_size:]
-            ids, mask = _padded(examples, rows, pad)
-            ids, mask = ids.to(device), mask.to(device)
-            with torch.no_grad():
-                teacher_logits = teacher(ids)
-            loss = distillation_kl(student(ids), teacher_logits, mask, temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            losses.append(float(loss.detach()))
-    finally:
-        student.train(was_training[0])
-        teacher.train(was_training[1])
-    folder = Path(out) / "model"
-    folder.mkdir(parents=True, exist_ok=True)
-    (save_pretrained if isinstance(student, DeepseekV3ForCausalLM) else save_dense)(student, folder)
-    tokenizer.save(folder)
-    return LogitDistillResult(folder, steps, losses)

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import logging
 import math
 import random
@@ -77,6 +76,7 @@ from nanoseek.engine.generate import context_length, engine_for
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.parallel.distributed import DistInfo, all_reduce_sum
 from nanoseek.tasks import R1_SYSTEM_PROMPT, Example, Task, extract_r1_answer, get_task
+from nanoseek.train.checkpoint import save_model, weights_digest
 from nanoseek.train.config import OptimConfig
 from nanoseek.train.evaluate import TaskScore
 from nanoseek.train.rewards import RewardFn, get_rewards, score_completions
@@ -441,18 +441,6 @@ def evaluate_r1(
     finally:
         model.train(was_training)
     return scores
-
-
-# ---- saving ----------------------------------------------------------------------------------------------
-def save_model(model: nn.Module, tok, folder: Path) -> Path:
-    """The policy as a HF folder with its tokenizer (what nanoseek.load and transformers read)."""
-    from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
-    from nanoseek.weights.hf_folder import save_dense, save_pretrained
-
-    folder = Path(folder)
-    (save_pretrained if isinstance(model, DeepseekV3ForCausalLM) else save_dense)(model, folder)
-    tok.save(folder)
-    return folder
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -1037,15 +1025,6 @@ def per_rank(values: list[float], info: DistInfo) -> list[list[float]]:
     table[info.rank * len(values) : (info.rank + 1) * len(values)] = values
     summed = all_reduce_sum(table, info.device)
     return [summed[r * len(values) : (r + 1) * len(values)] for r in range(info.world_size)]
-
-
-def weights_digest(model: nn.Module) -> str:
-    """A digest of a model's weights (the starting model a resume must start from again)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,6 @@ from nanoseek.train.data import PackedTextDataset, TaskBatcher
 from nanoseek.train.evaluate import TaskScore, evaluate_in_format, evaluate_tasks
 from nanoseek.train.meter import Meter
 from nanoseek.train.tokenizer import train_tokenizer
-from nanoseek.weights.hf_folder import save_pretrained
 
 CALIBRATION_STEPS = 20  # a time-budgeted run measures this many steps before fixing its step count
 
@@ -239,6 +238,41 @@ def target_counts(y: torch.Tensor, mtp_depth: int) -> list[int]:
     return counts
 
 
+class NextTokenLoss:
+    """The pretraining and SFT objective: next-token cross-entropy, plus each MTP depth's (weighted by
+    mtp_weight) and the MoE sequence-wise balance loss (balance_alpha), in one forward of the wrapped model.
+
+    An objective gives the loop two things: `counts(x, y)`, the micro-batch's normalisers (the loop sums them
+    over the step's micro-batches and ranks; the first must be > 0), and `loss(...)`, the micro-batch's share
+    of the step's loss with its logged parts and its named terms (what a non-finite loss is traced back to)."""
+
+    def __init__(self, mtp_weight: float, balance_alpha: float, depth: int):
+        self.mtp_weight, self.balance_alpha, self.depth = mtp_weight, balance_alpha, depth
+
+    def counts(self, x: torch.Tensor, y: torch.Tensor) -> list[int]:
+        return target_counts(y, self.depth)
+
+    def loss(self, module: nn.Module, x, y, extra: dict, counts: list[int], totals: list[float], rows: int,
+             total_rows: float):  # fmt: skip
+        """Token-weighted: each term's mean over this micro-batch's targets times its share of the step's."""
+        out = module(x, y, mtp_weight=self.mtp_weight, balance_alpha=self.balance_alpha, **extra)
+        lm = out["lm"] * (counts[0] / totals[0])
+        loss, parts, terms = lm, {"lm": lm.detach()}, {"lm": lm.detach()}
+        if out["mtp"] is not None and self.mtp_weight > 0:
+            shares = [out["mtp"][k] * (counts[k + 1] / max(totals[k + 1], 1)) for k in range(len(out["mtp"]))]
+            mtp = torch.stack(shares).mean()
+            loss = loss + self.mtp_weight * mtp
+            parts["mtp"] = mtp.detach()
+            terms.update({f"mtp depth {k}": share.detach() for k, share in enumerate(shares, start=1)})
+        if out["balance"] is not None:
+            bal = out["balance"] * (rows / total_rows)
+            loss = loss + self.balance_alpha * bal
+            parts["balance"] = bal.detach()
+            terms["balance"] = bal.detach()
+        parts["loss"] = loss.detach()
+        return loss, parts, terms
+
+
 class ThreadTuner:
     """Runs CPU training on the faster of 1 thread and all threads, re-measured every `every` steps.
 
@@ -350,6 +384,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, info.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
         self.source = self._make_source()
+        self.objective = self._make_objective()
         self.tasks = self._make_tasks()
         self.start_step = 0
         self.planned_steps = cfg.max_steps if cfg.time_budget_min is None else None
@@ -378,6 +413,11 @@ class Trainer:
     def _make_source(self):
         """This rank's batches: `.batches(step)` -> micro-batches (x, y) or (x, y, extra forward kwargs)."""
         return BatchSource(self.cfg, self.tok, self.info)
+
+    def _make_objective(self):
+        """The loss of a micro-batch (NextTokenLoss's interface)."""
+        depth = len(getattr(self.model, "mtp", ())) if self.cfg.mtp_weight > 0 else 0
+        return NextTokenLoss(self.cfg.mtp_weight, self.cfg.balance_alpha, depth)
 
     def _make_tasks(self) -> list[Task]:
         return build_tasks(self.cfg) if not self.cfg.data.files else []
@@ -437,10 +477,6 @@ class Trainer:
             return None
         export = self._export_model(model_state)
 
-        def write_files(folder: Path) -> None:  # each checkpoint is also a loadable HF model folder
-            save_pretrained(export, folder)
-            self.tok.save(folder)
-
         return ckpt_io.save_checkpoint(
             self.ckpt_dir,
             step,
@@ -451,7 +487,7 @@ class Trainer:
             rng_state=ckpt_io.capture_rng_state(),
             train_config=self._config_record(),
             extra={"train_s": train_s, "world_size": self.info.world_size, "parallel": self.parallel},
-            write_files=write_files,
+            write_files=lambda folder: ckpt_io.save_model(export, self.tok, folder),  # each is a HF folder too
             keep_last=self.cfg.keep_last,
         )
 
@@ -475,35 +511,14 @@ class Trainer:
         return scores
 
     # -- the loop ----------------------------------------------------------------------------------------
-    def _micro_step_loss(self, out: dict, counts: list[int], totals: list[float], rows: int, total_rows: int):
-        """This micro-batch's share of the step's loss (token-weighted), its parts for logging, and each loss
-        term's share by name ("lm", "mtp depth k", "balance": what a non-finite loss is traced back to)."""
-        cfg = self.cfg
-        lm = out["lm"] * (counts[0] / totals[0])
-        loss, parts, terms = lm, {"lm": lm.detach()}, {"lm": lm.detach()}
-        if out["mtp"] is not None and cfg.mtp_weight > 0:
-            shares = [out["mtp"][k] * (counts[k + 1] / max(totals[k + 1], 1)) for k in range(len(out["mtp"]))]
-            mtp = torch.stack(shares).mean()
-            loss = loss + cfg.mtp_weight * mtp
-            parts["mtp"] = mtp.detach()
-            terms.update({f"mtp depth {k}": share.detach() for k, share in enumerate(shares, start=1)})
-        if out["balance"] is not None:
-            bal = out["balance"] * (rows / total_rows)
-            loss = loss + cfg.balance_alpha * bal
-            parts["balance"] = bal.detach()
-            terms["balance"] = bal.detach()
-        parts["loss"] = loss.detach()
-        return loss, parts, terms
-
     def _train_step(self, step: int, lr: float) -> dict[str, float]:
         cfg, info = self.cfg, self.info
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro = [_on_device(batch, info.device) for batch in self.source.batches(step)]
-        depth = len(getattr(self.model, "mtp", ())) if cfg.mtp_weight > 0 else 0
-        local_counts = [target_counts(y, depth) for _, y, _ in micro]
+        local_counts = [self.objective.counts(x, y) for x, y, _ in micro]
         local_rows = sum(x.shape[0] for x, _, _ in micro)
-        summed = [sum(c[i] for c in local_counts) for i in range(depth + 1)]
+        summed = [sum(c[i] for c in local_counts) for i in range(len(local_counts[0]))]
         totals = all_reduce_sum([*summed, local_rows], info.device)
         total_rows = totals.pop()
         if totals[0] == 0:
@@ -516,8 +531,9 @@ class Trainer:
                 torch.autocast(info.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                enabled=self.autocast_dtype is not None),
             ):  # fmt: skip
-                out = self.step_module(x, y, mtp_weight=cfg.mtp_weight, balance_alpha=cfg.balance_alpha, **extra)
-                loss, parts, terms = self._micro_step_loss(out, counts, totals, x.shape[0], total_rows)
+                loss, parts, terms = self.objective.loss(
+                    self.step_module, x, y, extra, counts, totals, x.shape[0], total_rows
+                )  # fmt: skip
             # DDP and FSDP average gradients over ranks; the loss is already a share of the global sum.
             self.scaler.scale(loss * info.world_size).backward()
             for k, v in parts.items():
@@ -670,10 +686,7 @@ class Trainer:
             model_state, _ = self._full_states()
         if not self.info.is_main:
             return None
-        export = self._export_model(model_state)
-        save_pretrained(export, folder)
-        self.tok.save(folder)
-        return folder
+        return ckpt_io.save_model(self._export_model(model_state), self.tok, folder)
 
 
 def train(cfg: TrainConfig, **kwargs) -> TrainResult:
