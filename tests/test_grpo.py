@@ -23,7 +23,6 @@ from nanoseek.train.grpo import (
     clipped_loss,
     completion_logprobs,
     group_advantages,
-    k3_kl,
     load_grpo_config,
     make_batch,
     render_prompt,
@@ -31,6 +30,7 @@ from nanoseek.train.grpo import (
     run_grpo,
     token_weights,
 )
+from nanoseek.train.grpo_loss import k3_kl
 from nanoseek.train.rewards import REWARDS, accuracy_reward, format_reward, score_completions
 
 # ---- the loss, by hand ---------------------------------------------------------------------------------

@@ -289,6 +289,27 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+# ---- optimizer state --------------------------------------------------------------------------------------
+# Saved keyed by parameter name (torch.distributed.checkpoint's full state dict): the same layout for one
+# process, DDP and FSDP2, so a checkpoint of any of them resumes under any other.
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, sharded: bool) -> Any:
+    """The complete optimizer state (gathered from FSDP2's shards to the CPU when `sharded`: every rank calls)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
+    return get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: Any) -> None:
+    """Load what full_optimizer_state saved, or a state keyed by index (GRPO before the name-keyed layout)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if all(isinstance(i, int) for g in state["param_groups"] for i in g["params"]):
+        optimizer.load_state_dict(state)
+        return
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
 # ---- loading ------------------------------------------------------------------------------------------
 def verify_checkpoint(path: str | os.PathLike) -> str | None:
     """None when the folder's files match its manifest, else the reason it is unusable."""

@@ -4,6 +4,9 @@
     result.model_dir, result.steps, result.history          # history: one record per step (reward, kl, ...)
     torchrun --nproc-per-node 8 -m nanoseek grpo runs/x/model --tasks add3 --out runs/x/grpo --parallel fsdp
 
+The math (advantages, the KL, token weights, the clipped surrogate, log-probs) is in grpo_loss.py, the prompts,
+rollouts and held-out evaluation in grpo_rollouts.py; this file holds the settings and the run.
+
 One step:
   1. draw `prompts_per_step` training-split problems of the tasks (a pure function of seed and step);
   2. rollouts: `num_generations` (G) completions per prompt, sampled at `temperature` through the inference
@@ -62,7 +65,6 @@ import contextlib
 import copy
 import logging
 import math
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -72,18 +74,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from nanoseek.engine.generate import context_length, engine_for
-from nanoseek.engine.sampling import SamplingParams
+from nanoseek.engine.generate import context_length
 from nanoseek.parallel.distributed import DistInfo, all_reduce_sum
 from nanoseek.tasks import R1_SYSTEM_PROMPT, Example, Task, extract_r1_answer, get_task
+from nanoseek.train import checkpoint as ckpt_io
 from nanoseek.train.checkpoint import save_model, weights_digest
 from nanoseek.train.config import OptimConfig
 from nanoseek.train.evaluate import TaskScore
+from nanoseek.train.grpo_loss import (
+    LOSS_TYPES,
+    Batch,
+    clipped_loss,
+    completion_logprobs,
+    group_advantages,
+    make_batch,
+    mtp_distillation_loss,
+    mtp_target_count,
+    token_weights,
+)
+from nanoseek.train.grpo_rollouts import (
+    Rollouts,
+    decode_completion,
+    draw_examples,
+    evaluate_r1,
+    render_prompt,
+    rollout,
+)
 from nanoseek.train.rewards import RewardFn, get_rewards, score_completions
 
 log = logging.getLogger("nanoseek.grpo")
-
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
 # ---- configuration ----------------------------------------------------------------------------------------
@@ -163,286 +182,6 @@ def load_grpo_config(overrides: Sequence[str] = ()) -> GRPOConfig:
     return cfg
 
 
-# ---- the math: advantages, log-probs, the loss ------------------------------------------------------------
-def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """rewards [P, G] (G completions of each of P prompts) -> advantages [P, G]: r - mean(group), divided by
-    the group's standard deviation (unbiased, + eps) when `scale` (GRPO, DAPO; Dr. GRPO does not)."""
-    if rewards.dim() != 2 or rewards.shape[1] < 2:
-        raise ValueError(f"rewards must be [prompts, generations >= 2], got {tuple(rewards.shape)}")
-    centered = rewards - rewards.mean(dim=1, keepdim=True)
-    if not scale:
-        return centered
-    return centered / (rewards.std(dim=1, keepdim=True) + eps)
-
-
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimate, k3 = exp(ref - pi) - (ref - pi) - 1 (>= 0, unbiased)."""
-    delta = ref_logp - logp
-    return torch.exp(delta) - delta - 1
-
-
-def token_weights(
-    mask: torch.Tensor, loss_type: str, max_new_tokens: int, *, rows: float | None = None, tokens: float | None = None
-) -> torch.Tensor:
-    """Each token's weight in the batch loss [B, L], so the loss is sum(weights x per-token loss) and can be
-    split over micro-batches (weights computed on the whole batch). rows, tokens: the whole step's completion
-    and token counts when `mask` is only a part of it (one rank's rows under torchrun); default: mask's own."""
-    mask = mask.float()
-    B = mask.shape[0] if rows is None else rows
-    if loss_type == "grpo":  # mean over each sequence, then over sequences
-        return mask / mask.sum(1, keepdim=True).clamp(min=1) / B
-    if loss_type == "dr_grpo":  # a constant normaliser: no bias towards short or long answers
-        return mask / (B * max_new_tokens)
-    if loss_type == "dapo":  # token-level: every token of the batch counts the same
-        return mask / (mask.sum().clamp(min=1) if tokens is None else max(tokens, 1))
-    raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
-
-
-@dataclass
-class LossParts:
-    loss: torch.Tensor  # scalar, with gradient
-    kl: float  # weighted mean k3 KL (0 without a reference)
-    clip_fraction: float  # share of tokens whose clipped term was the active (smaller) one
-
-
-def clipped_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    eps_low: float,
-    eps_high: float,
-    beta: float = 0.0,
-    ref_logp: torch.Tensor | None = None,
-) -> LossParts:
-    """PPO-style clipped surrogate per token (+ beta x k3 KL), summed with `weights` (token_weights).
-    logp/old_logp/ref_logp/weights: [B, L]; advantages: [B] (one per completion)."""
-    A = advantages[:, None]
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * A
-    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A
-    per_token = -torch.min(unclipped, clipped)
-    kl_value = 0.0
-    if beta > 0:
-        if ref_logp is None:
-            raise ValueError("beta > 0 needs the reference log-probs")
-        kl = k3_kl(logp, ref_logp)
-        per_token = per_token + beta * kl
-        kl_value = float((kl.detach() * weights).sum() / weights.sum().clamp(min=1e-12))
-    real = weights > 0
-    is_clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
-    clip_fraction = float((is_clipped & real).sum() / real.sum().clamp(min=1))
-    return LossParts((per_token * weights).sum(), kl_value, clip_fraction)
-
-
-@dataclass
-class Batch:
-    """Prompt + completion rows, right-padded: input_ids [B, T], attention_mask [B, T]; completion token
-    j of row i sits at position prompt_lens[i] + j; targets [B, L] and mask [B, L] over completions."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    prompt_lens: torch.Tensor  # [B]
-    targets: torch.Tensor  # [B, L] completion tokens (0 where masked)
-    mask: torch.Tensor  # [B, L] real completion tokens
-
-    def rows(self, index: slice) -> Batch:
-        return Batch(*(t[index] for t in (self.input_ids, self.attention_mask, self.prompt_lens, self.targets,
-                                          self.mask)))  # fmt: skip
-
-
-def make_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int = 0) -> Batch:
-    if len(prompts) != len(completions) or not prompts:
-        raise ValueError(f"{len(prompts)} prompts and {len(completions)} completions: need equal, non-zero counts")
-    T = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    L = max(1, max(len(c) for c in completions))
-    B = len(prompts)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attn = torch.zeros(B, T, dtype=torch.long)
-    targets = torch.zeros(B, L, dtype=torch.long)
-    mask = torch.zeros(B, L, dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        row = [*p, *c]
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attn[i, : len(row)] = 1
-        if c:
-            targets[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
-            mask[i, : len(c)] = True
-    return Batch(ids, attn, torch.tensor([len(p) for p in prompts]), targets, mask)
-
-
-def completion_logprobs(
-    model: nn.Module, batch: Batch, temperature: float = 1.0, *, with_entropy: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(completion token | everything before it) [B, L] under logits / temperature (the distribution
-    the rollouts sampled from), and optionally the entropy of that distribution at each position [B, L].
-    Only the completion positions' logits are computed (logits_index), not the prompt's."""
-    device = next(model.parameters()).device
-    L = batch.targets.shape[1]
-    T = batch.input_ids.shape[1]
-    # the logits predicting completion token j are at position prompt_len - 1 + j
-    index = (batch.prompt_lens[:, None] - 1 + torch.arange(L)[None, :]).clamp(max=T - 1).to(device)
-    logits = model(batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), logits_index=index)
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
-    logp = logp_all.gather(-1, batch.targets.to(device)[..., None]).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
-
-
-def mtp_distillation_loss(model: nn.Module, batch: Batch) -> torch.Tensor | None:
-    """The MTP module's loss on rollouts: at each position t whose token t+2 is a completion token, predict it
-    from the trunk's final-normed hidden state at t and the embedding of token t+1 (compute_loss's depth 1).
-    The trunk, the embedding and the head are detached: only the module learns. None without MTP modules."""
-    from nanoseek.model.loss import linear_cross_entropy
-    from nanoseek.model.mtp import shift_left
-
-    modules = getattr(model, "mtp", None)
-    if not modules:
-        return None
-    device = next(model.parameters()).device
-    ids, real = batch.input_ids.to(device), batch.attention_mask.to(device).bool()
-    rope_mask: list = []
-    with torch.no_grad():
-        h = model.forward_hidden(ids, real.long(), _rope_mask_out=rope_mask, token_mask=real)
-        emb = model.model.embed_tokens(shift_left(ids, 1, 0))
-    cos, sin, mask = rope_mask
-    targets = mtp_targets(batch).to(device)
-    module = modules[0]
-    out = module(h, emb, cos, sin, mask, None, real & shift_left(real, 1, False))
-    return linear_cross_entropy(module.norm(out), model.lm_head.weight.detach(), targets)
-
-
-def mtp_targets(batch: Batch) -> torch.Tensor:
-    """[B, T]: at position t, token t+2 where that is a completion token, else IGNORE_INDEX (the MTP loss's)."""
-    from nanoseek.model.loss import IGNORE_INDEX
-    from nanoseek.model.mtp import shift_left
-
-    ids, real = batch.input_ids, batch.attention_mask.bool()
-    positions = torch.arange(ids.shape[1])[None, :]
-    in_completion = (positions + 2 >= batch.prompt_lens[:, None]) & shift_left(real, 2, False)
-    return shift_left(ids, 2, IGNORE_INDEX).masked_fill(~in_completion, IGNORE_INDEX)
-
-
-def mtp_target_count(batch: Batch) -> int:
-    from nanoseek.model.loss import IGNORE_INDEX
-
-    return int((mtp_targets(batch) != IGNORE_INDEX).sum())
-
-
-# ---- prompts and rollouts ------------------------------------------------------------------------------
-def render_prompt(tok, example: Example, cfg: GRPOConfig) -> list[int]:
-    """The ids a policy sees: the chat template (system prompt + the problem as a user turn) when the
-    tokenizer has one and cfg.chat, else <bos> + the problem."""
-    if cfg.chat and tok.chat_template:
-        messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-        messages.append({"role": "user", "content": example.prompt})
-        return tok.encode_chat(messages, add_generation_prompt=True)
-    bos = tok.bos_token_id
-    return [*([bos] if bos is not None else []), *tok.encode(example.prompt, add_special_tokens=False)]
-
-
-def decode_completion(tok, ids: Sequence[int]) -> str:
-    """Completion text with special tokens kept (a tokenizer may make <think>/<answer> special) except the
-    bos/eos/pad markers themselves."""
-    text = tok.decode(ids, skip_special_tokens=False)
-    for marker in (tok.bos_token, tok.eos_token, tok.pad_token):
-        if marker:
-            text = text.replace(marker, "")
-    return text
-
-
-@dataclass
-class Rollouts:
-    examples: list[Example]  # one per completion (each prompt's example repeated G times)
-    tasks: list[Task]
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]  # sampled tokens, plus the stop token when the completion stopped
-    texts: list[str]
-    finish_reasons: list[str]
-    rollout_logprobs: list[list[float]]  # the engine's log-probs of the sampled tokens (temperature 1)
-    n_prompts: int = 0  # the step's prompts on all ranks together
-
-
-def rollout_seed(seed: int, prompt_index: int, j: int, G: int) -> int:
-    """The sampling seed of completion j of the step's prompt `prompt_index` (seed: the step's): a pure
-    function of them, so a prompt's completions are the same whichever rank samples it in whatever batch."""
-    return (seed * 1_000_003 + prompt_index * G + j) % (1 << 62)
-
-
-def rollout(
-    model: nn.Module,
-    tok,
-    prompts: Sequence[list[int]],
-    G: int,
-    cfg: GRPOConfig,
-    seed: int,
-    *,
-    logprobs: bool = False,
-    prompt_indices: Sequence[int] | None = None,
-) -> tuple[list[list[int]], list[str], list[list[float]]]:
-    """G sampled completions of every prompt, all in one engine call. Returns (completion ids with the stop
-    token appended when one ended it, finish reasons, per-token log-probs when asked). prompt_indices: each
-    prompt's index among the step's prompts (default 0, 1, ...), which seeds its completions."""
-    flat = [p for p in prompts for _ in range(G)]
-    limit = context_length(model)
-    span = max(len(p) for p in flat) + cfg.max_new_tokens
-    engine = engine_for(
-        model, span if limit is None else min(span, limit), max_num_seqs=len(flat), stop_ids=tok.stop_token_ids
-    )
-    params = [
-        SamplingParams(
-            temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-            seed=rollout_seed(seed, k, j, G), logprobs=0 if logprobs else None,
-        )
-        for k in (prompt_indices if prompt_indices is not None else range(len(prompts)))
-        for j in range(G)
-    ]  # fmt: skip
-    done = engine.generate(flat, params)
-    completions, reasons, lps = [], [], []
-    for c in done:
-        ids = list(c.token_ids)
-        if c.finish_reason == "stop" and isinstance(c.stop_reason, int):
-            ids.append(c.stop_reason)  # the policy chose to stop: that choice is trained too
-        completions.append(ids)
-        reasons.append(c.finish_reason)
-        lps.append([e["logprob"] for e in c.logprobs])
-    return completions, reasons, lps
-
-
-# ---- evaluation in the R1 format ----------------------------------------------------------------------
-def evaluate_r1(
-    model: nn.Module, tok, tasks: Sequence[Task], n: int, cfg: GRPOConfig, *, seed: int = 0, batch_size: int = 256
-) -> dict[str, TaskScore]:
-    """Greedy answers to up to n held-out problems per task, in the prompt format GRPO trains with; correct
-    when the <answer> passes the task's exact checker (held-out problems never appear in training)."""
-    from nanoseek.engine.generate import generate_batch
-
-    scores = {}
-    was_training = model.training
-    model.eval()
-    try:
-        for task in tasks:
-            examples = task.eval_examples(n, seed=seed)
-            correct = 0
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start : start + batch_size]
-                prompts = [render_prompt(tok, ex, cfg) for ex in chunk]
-                outs = generate_batch(
-                    model, prompts, cfg.max_new_tokens, SamplingParams(temperature=0), tok.stop_token_ids
-                )
-                for ex, out in zip(chunk, outs):
-                    answer = extract_r1_answer(decode_completion(tok, out.token_ids))
-                    correct += answer is not None and task.check(answer, ex)
-            scores[task.name] = TaskScore(correct, len(examples))
-    finally:
-        model.train(was_training)
-    return scores
-
-
 # ---- the run ---------------------------------------------------------------------------------------------
 @dataclass
 class GRPOResult:
@@ -455,12 +194,6 @@ class GRPOResult:
     eval_before: dict[str, TaskScore] = field(default_factory=dict)
     eval_after: dict[str, TaskScore] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)  # the meter's summary
-
-
-def draw_examples(tasks: Sequence[Task], weights: Sequence[float], n: int, seed: int, step: int) -> list[Example]:
-    """n training-split problems for `step`: a pure function of (seed, step), so a resumed run draws the same."""
-    rng = random.Random(f"grpo/{seed}/{step}")
-    return [rng.choices(list(tasks), weights=list(weights))[0].generate(rng, "train") for _ in range(n)]
 
 
 def _lr(cfg: GRPOConfig, step: int) -> float:
@@ -557,8 +290,6 @@ class GRPOTrainer:
         return self.cfg.mtp_weight > 0 and len(mtp) > 0
 
     def _latest_checkpoint(self, resume: bool):
-        from nanoseek.train import checkpoint as ckpt_io
-
         existing = ckpt_io.list_checkpoints(self.ckpt_dir)
         if existing and not resume:
             raise ValueError(
@@ -572,15 +303,13 @@ class GRPOTrainer:
     def _restore(self, ckpt) -> None:
         """The optimizer, step and clock of a checkpoint (its weights are loaded before parallelize). Nothing of
         the sampling needs restoring: a step's prompts and rollouts are a pure function of (seed, step)."""
-        from nanoseek.train import checkpoint as ckpt_io
-
         saved = ckpt.extra.get("start_digest")
         if self.start_digest is not None and saved is not None and saved != self.start_digest:
             raise ValueError(
                 f"{ckpt.path} was trained from another starting model; with beta > 0 the KL's reference is the "
                 f"starting model, so resume with the MODEL the run started from"
             )
-        self._load_optimizer(ckpt.optimizer_state)
+        ckpt_io.load_optimizer_state(self.model, self.optimizer, ckpt.optimizer_state)
         if ckpt.rng_state is not None:
             ckpt_io.restore_rng_state(ckpt.rng_state)
         self.start_step = ckpt.step
@@ -588,26 +317,12 @@ class GRPOTrainer:
         if self.info.is_main:
             log.info("resumed from %s at step %d", ckpt.path, ckpt.step)
 
-    # Optimizer state is saved keyed by parameter name (torch.distributed.checkpoint's full state dict, as the
-    # Trainer does), the same layout for one process, DDP and FSDP2, so a checkpoint resumes under any of them.
-    def _load_optimizer(self, state: Any) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        if all(isinstance(i, int) for g in state["param_groups"] for i in g["params"]):
-            self.optimizer.load_state_dict(state)  # a checkpoint written before the name-keyed layout
-            return
-        opts = StateDictOptions(full_state_dict=True)
-        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state, options=opts)
-
     def _optimizer_state(self) -> Any:
         """The complete optimizer state on rank 0 (gathered from the shards under FSDP2; every rank calls)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         sharded = self.rollout_model is not self.model
         if sharded:  # FSDP2 keeps the root's parameters gathered after a forward without backward
             self.step_module.reshard()
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
-        return get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        return ckpt_io.full_optimizer_state(self.model, self.optimizer, sharded=sharded)
 
     def _sync_rollout_model(self) -> None:
         """Under FSDP2, copy the policy's current weights (gathered from the shards) and buffers (router biases)
@@ -892,8 +607,6 @@ class GRPOTrainer:
 
     def save(self, step: int, train_s: float) -> Path | None:
         """An atomic checkpoint (every rank calls: FSDP2 gathers; rank 0 writes)."""
-        from nanoseek.train import checkpoint as ckpt_io
-
         self._sync_rollout_model()
         optimizer_state = self._optimizer_state()
         if not self.info.is_main:

@@ -391,7 +391,7 @@ class Trainer:
         self.elapsed_before = 0.0
         if self.checkpoint is not None:
             c = self.checkpoint
-            self._load_optimizer(c.optimizer_state)
+            ckpt_io.load_optimizer_state(self.model, self.optimizer, c.optimizer_state)
             self.source.load_state_dict(c.data_state)
             if c.rng_state is not None:
                 ckpt_io.restore_rng_state(c.rng_state)
@@ -433,27 +433,15 @@ class Trainer:
         """What a checkpoint records as the run's config, and what a resume must match."""
         return self.cfg.to_dict()
 
-    # Optimizer state is saved keyed by parameter name (torch.distributed.checkpoint's full state dict), the
-    # same layout for one process, DDP and FSDP, so a checkpoint resumes under any of them.
-    def _load_optimizer(self, state: Any) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        opts = StateDictOptions(full_state_dict=True)
-        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state, options=opts)
-
     def _full_states(self) -> tuple[dict | None, Any]:
         """Complete model and optimizer states on rank 0 (gathered from the shards under FSDP)."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         sharded = self.parallel == "fsdp" and self.info.distributed
         if sharded:  # FSDP2 keeps the root's parameters gathered after a forward without backward (evaluation)
             self.step_module.reshard()
         opts = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
-        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        optim_state = ckpt_io.full_optimizer_state(self.model, self.optimizer, sharded=sharded)
         model_state = get_model_state_dict(self.model, options=opts) if sharded else self.model.state_dict()
         return model_state, optim_state
 

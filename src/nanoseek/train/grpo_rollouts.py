@@ -1,0 +1,138 @@
+"""GRPO's prompts and rollouts: the prompt a policy sees, G completions per prompt sampled through the engine
+with per-prompt seeds, a step's problems, and greedy held-out accuracy in the same prompt format.
+
+    prompts = [render_prompt(tok, ex, cfg) for ex in draw_examples(tasks, weights, 16, seed, step)]
+    completions, reasons, _ = rollout(model, tok, prompts, G, cfg, seed)
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from nanoseek.engine.generate import context_length, engine_for
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.tasks import Example, Task, extract_r1_answer
+from nanoseek.train.evaluate import TaskScore
+
+if TYPE_CHECKING:
+    from nanoseek.train.grpo import GRPOConfig
+
+
+def render_prompt(tok, example: Example, cfg: GRPOConfig) -> list[int]:
+    """The ids a policy sees: the chat template (system prompt + the problem as a user turn) when the
+    tokenizer has one and cfg.chat, else <bos> + the problem."""
+    if cfg.chat and tok.chat_template:
+        messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+        messages.append({"role": "user", "content": example.prompt})
+        return tok.encode_chat(messages, add_generation_prompt=True)
+    bos = tok.bos_token_id
+    return [*([bos] if bos is not None else []), *tok.encode(example.prompt, add_special_tokens=False)]
+
+
+def decode_completion(tok, ids: Sequence[int]) -> str:
+    """Completion text with special tokens kept (a tokenizer may make <think>/<answer> special) except the
+    bos/eos/pad markers themselves."""
+    text = tok.decode(ids, skip_special_tokens=False)
+    for marker in (tok.bos_token, tok.eos_token, tok.pad_token):
+        if marker:
+            text = text.replace(marker, "")
+    return text
+
+
+@dataclass
+class Rollouts:
+    examples: list[Example]  # one per completion (each prompt's example repeated G times)
+    tasks: list[Task]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]  # sampled tokens, plus the stop token when the completion stopped
+    texts: list[str]
+    finish_reasons: list[str]
+    rollout_logprobs: list[list[float]]  # the engine's log-probs of the sampled tokens (temperature 1)
+    n_prompts: int = 0  # the step's prompts on all ranks together
+
+
+def rollout_seed(seed: int, prompt_index: int, j: int, G: int) -> int:
+    """The sampling seed of completion j of the step's prompt `prompt_index` (seed: the step's): a pure
+    function of them, so a prompt's completions are the same whichever rank samples it in whatever batch."""
+    return (seed * 1_000_003 + prompt_index * G + j) % (1 << 62)
+
+
+def rollout(
+    model: nn.Module,
+    tok,
+    prompts: Sequence[list[int]],
+    G: int,
+    cfg: GRPOConfig,
+    seed: int,
+    *,
+    logprobs: bool = False,
+    prompt_indices: Sequence[int] | None = None,
+) -> tuple[list[list[int]], list[str], list[list[float]]]:
+    """G sampled completions of every prompt, all in one engine call. Returns (completion ids with the stop
+    token appended when one ended it, finish reasons, per-token log-probs when asked). prompt_indices: each
+    prompt's index among the step's prompts (default 0, 1, ...), which seeds its completions."""
+    flat = [p for p in prompts for _ in range(G)]
+    limit = context_length(model)
+    span = max(len(p) for p in flat) + cfg.max_new_tokens
+    engine = engine_for(
+        model, span if limit is None else min(span, limit), max_num_seqs=len(flat), stop_ids=tok.stop_token_ids
+    )
+    params = [
+        SamplingParams(
+            temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+            seed=rollout_seed(seed, k, j, G), logprobs=0 if logprobs else None,
+        )
+        for k in (prompt_indices if prompt_indices is not None else range(len(prompts)))
+        for j in range(G)
+    ]  # fmt: skip
+    done = engine.generate(flat, params)
+    completions, reasons, lps = [], [], []
+    for c in done:
+        ids = list(c.token_ids)
+        if c.finish_reason == "stop" and isinstance(c.stop_reason, int):
+            ids.append(c.stop_reason)  # the policy chose to stop: that choice is trained too
+        completions.append(ids)
+        reasons.append(c.finish_reason)
+        lps.append([e["logprob"] for e in c.logprobs])
+    return completions, reasons, lps
+
+
+# ---- evaluation in the R1 format ----------------------------------------------------------------------
+def evaluate_r1(
+    model: nn.Module, tok, tasks: Sequence[Task], n: int, cfg: GRPOConfig, *, seed: int = 0, batch_size: int = 256
+) -> dict[str, TaskScore]:
+    """Greedy answers to up to n held-out problems per task, in the prompt format GRPO trains with; correct
+    when the <answer> passes the task's exact checker (held-out problems never appear in training)."""
+    from nanoseek.engine.generate import generate_batch
+
+    scores = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for task in tasks:
+            examples = task.eval_examples(n, seed=seed)
+            correct = 0
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start : start + batch_size]
+                prompts = [render_prompt(tok, ex, cfg) for ex in chunk]
+                outs = generate_batch(
+                    model, prompts, cfg.max_new_tokens, SamplingParams(temperature=0), tok.stop_token_ids
+                )
+                for ex, out in zip(chunk, outs):
+                    answer = extract_r1_answer(decode_completion(tok, out.token_ids))
+                    correct += answer is not None and task.check(answer, ex)
+            scores[task.name] = TaskScore(correct, len(examples))
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def draw_examples(tasks: Sequence[Task], weights: Sequence[float], n: int, seed: int, step: int) -> list[Example]:
+    """n training-split problems for `step`: a pure function of (seed, step), so a resumed run draws the same."""
+    rng = random.Random(f"grpo/{seed}/{step}")
+    return [rng.choices(list(tasks), weights=list(weights))[0].generate(rng, "train") for _ in range(n)]
