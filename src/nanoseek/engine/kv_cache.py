@@ -414,11 +414,8 @@ class PagedView:
         """q [B*T, H, D] (row-major over the view's rows and new tokens) over the keys their masks allow."""
         key = (self.slot_of[layer][0], window)
         if key not in self._kernel_inputs:  # made once a forward, not once a layer (each reshape is a dispatch)
-            read = self.read_slots[key[0]]
-            B, S = read.shape
-            T = q.shape[0] // B
-            slots = read[:, None].expand(B, T, S).reshape(B * T, S)
-            self._kernel_inputs[key] = slots, self.masks[window].reshape(B * T, S)
+            read = self.read_slots[key[0]]  # [B, S]: a row's queries share its slots (the kernel tiles them)
+            self._kernel_inputs[key] = read, self.masks[window].reshape(q.shape[0], read.shape[1])
         slots, mask = self._kernel_inputs[key]
         return paged_attention(q, k_store, v_store, slots, mask, scale)
 

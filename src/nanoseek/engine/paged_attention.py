@@ -19,9 +19,10 @@ import torch
 
 from nanoseek import native
 
-# -ffast-math: vectorized reductions and glibc's vector expf (deterministic, not bitwise SDPA's); AVX2 + FMA:
-# every x86-64 CPU this runs on has them, and the build is cached per source, not per CPU
-FLAGS = ("-ffast-math", "-mavx2", "-mfma")
+# AVX2 + FMA: every x86-64 CPU this runs on has them, and the build is cached per source, not per CPU. No
+# -ffast-math and -ffp-contract=off: the compiler must not reorder or fuse the kernel's arithmetic, whose fixed
+# order is what makes a query's result independent of its batch and of its prompt chunk
+FLAGS = ("-mavx2", "-mfma", "-ffp-contract=off")
 KERNEL = native.Kernel("paged_attention.cpp", "the paged attention kernel", FLAGS)
 unavailable_reason, available = KERNEL.unavailable_reason, KERNEL.available
 

@@ -106,7 +106,7 @@ class ModelRunner:
             ids[i, : new_lens[i]] = torch.as_tensor(list(r.token_ids), dtype=torch.long)
         row_wise = self.row_wise and all(r.num_logits == n for r, n in zip(rows, new_lens))
         view = self.storage.view([r.table for r in rows], [r.past_len for r in rows], new_lens, row_wise=row_wise)
-        view.fused_attention = self.fused_attention and (T == 1 or row_wise)
+        view.fused_attention = self.fused_attention
         n = max(r.num_logits for r in rows)
         # row i's last n positions (clamped at 0: a row with fewer wanted repeats its first, then ignores it)
         index = (torch.tensor(new_lens)[:, None] - n + torch.arange(n)[None, :]).clamp(min=0).to(self.device)
