@@ -101,7 +101,8 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
     ) -> str:
-        """Render `messages` ([{"role", "content"}, …]) with the model's chat template, in the sandbox."""
+        """Render `messages` ([{"role", "content"}, …]) with the model's chat template, in the sandbox. `extra`:
+        more template variables (tools, enable_thinking, …), none of TEMPLATE_OWN_VARIABLES."""
         if not self.chat_template:
             raise ChatTemplateError(f"{self.source}: the model has no chat template; use a raw prompt instead")
         return render_chat_template(
@@ -143,6 +144,10 @@ class Tokenizer:
             config["chat_template"] = self.chat_template
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+
+
+# The variables apply_chat_template gives every template itself (`extra` may not set them).
+TEMPLATE_OWN_VARIABLES = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "pad_token"})
 
 
 # ---- the sandbox -----------------------------------------------------------------------------------------

@@ -6,11 +6,11 @@ from __future__ import annotations
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.serve.errors import APIError
-from nanoseek.serve.protocol_openai import Lenient, make_params
+from nanoseek.serve.protocol_openai import Lenient, RequestBody, make_params
 
 # ---- requests ---------------------------------------------------------------------------------------------
 
@@ -36,7 +36,19 @@ class ThinkingConfig(Lenient):
     budget_tokens: int | None = Field(None, ge=0)
 
 
-class MessagesRequest(Lenient):
+class ToolChoice(Lenient):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None  # the tool a "tool" choice forces
+    disable_parallel_tool_use: bool | None = None
+
+    @model_validator(mode="after")
+    def _tool_needs_a_name(self):
+        if self.type == "tool" and self.name is None:
+            raise ValueError('a tool_choice of type "tool" needs the tool\'s name')
+        return self
+
+
+class MessagesRequest(RequestBody):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int = Field(ge=1)
@@ -48,7 +60,7 @@ class MessagesRequest(Lenient):
     top_k: int | None = Field(None, ge=0)
     thinking: ThinkingConfig | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: dict[str, Any] | None = None
+    tool_choice: ToolChoice | None = None
     metadata: dict[str, Any] | None = None
 
     def template_messages(self) -> list[dict[str, Any]]:
@@ -57,7 +69,7 @@ class MessagesRequest(Lenient):
     @property
     def uses_tools(self) -> bool:
         """Tools are offered (and the reply is parsed for tool_use): tools given and tool_choice not "none"."""
-        return bool(self.tools) and (self.tool_choice or {}).get("type") != "none"
+        return bool(self.tools) and (self.tool_choice is None or self.tool_choice.type != "none")
 
     def template_kwargs(self) -> dict[str, Any]:
         extra = template_kwargs(self.thinking, self.tools if self.uses_tools else None)
@@ -75,7 +87,7 @@ class MessagesRequest(Lenient):
         )
 
 
-class CountTokensRequest(Lenient):
+class CountTokensRequest(RequestBody):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     system: str | list[ContentBlock] | None = None
@@ -104,13 +116,12 @@ def template_kwargs(thinking: ThinkingConfig | None, tools: list[dict] | None) -
     return extra
 
 
-def openai_tool_choice(choice: dict[str, Any]) -> str | dict[str, Any]:
+def openai_tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
     """Anthropic's tool_choice in the OpenAI layout templates know: auto, required (Anthropic's "any"), or one
     named function."""
-    kind = choice.get("type")
-    if kind == "tool":
-        return {"type": "function", "function": {"name": choice.get("name")}}
-    return {"any": "required"}.get(kind, kind or "auto")
+    if choice.type == "tool":
+        return {"type": "function", "function": {"name": choice.name}}
+    return {"any": "required"}.get(choice.type, choice.type)
 
 
 def _text_of(blocks: str | list[ContentBlock] | list[dict] | None, param: str) -> str:
@@ -202,15 +213,23 @@ class CountTokensResponse(BaseModel):
     input_tokens: int
 
 
+# A reply the server cut off (finish reason "abort": it is shutting down). Anthropic has no stop reason for that
+# (`end_turn` would tell the client the reply is whole), so it is an error, as Anthropic's own API reports a reply
+# it cannot finish: overloaded_error, which its SDKs retry (on another replica behind a load balancer).
+CUT_OFF_STATUS = 503
+CUT_OFF = "the server stopped before the reply was finished (it is shutting down); send the request again"
+
+
 def stop_reason(finish_reason: str | None, stop_string: str | int | None, tool_use: bool = False) -> str | None:
-    """The engine's finish reason in Anthropic's terms (`tool_use`: the reply called a tool)."""
-    if tool_use and finish_reason not in (None, "abort"):
+    """The engine's finish reason in Anthropic's terms (`tool_use`: the reply called a tool); None while it runs,
+    and for a reply cut off ("abort"), which has none: the caller reports CUT_OFF instead."""
+    if finish_reason in (None, "abort"):
+        return None
+    if tool_use:
         return "tool_use"
     if finish_reason == "length":
         return "max_tokens"
-    if finish_reason == "stop":
-        return "stop_sequence" if isinstance(stop_string, str) else "end_turn"
-    return None if finish_reason is None else "end_turn"
+    return "stop_sequence" if finish_reason == "stop" and isinstance(stop_string, str) else "end_turn"
 
 
 def new_message_id() -> str:

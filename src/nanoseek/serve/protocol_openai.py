@@ -8,17 +8,25 @@ fields are accepted (clients send newer ones) and logged by the app.
 
 from __future__ import annotations
 
+import math
+import re
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.tool_calls import template_tool_calls
+from nanoseek.tokenizer import TEMPLATE_OWN_VARIABLES
 
 SEED_RANGE = dict(ge=-(2**63), lt=2**63)
+# Names chat_template_kwargs may not set: the variables the renderer passes the template itself, the parameters
+# of the functions on the way (a clash is a TypeError there), and what the request's own fields set.
+RESERVED_TEMPLATE_KWARGS = TEMPLATE_OWN_VARIABLES | {"self", "template", "source", "tools", "tool_choice"}
 
 
 class Lenient(BaseModel):
@@ -27,17 +35,86 @@ class Lenient(BaseModel):
 
 # ---- requests ---------------------------------------------------------------------------------------------
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_json_values(body: Any) -> None:
+    """A 400 at the first string (key or value) that is not Unicode text, and at the first number that is not
+    finite, anywhere in a parsed JSON body, known fields or not.
+
+    JSON's `\\ud800` escape lets a body carry a lone surrogate, which no tokenizer, template or UTF-8 encoder
+    takes (each fails with its own TypeError or UnicodeEncodeError, deep in the request). Python's JSON parser
+    reads NaN and Infinity, which JSON does not have, and turns 1e400 into inf. Walked without recursion: a
+    deeply nested body cannot exhaust the stack."""
+    stack: list[tuple[Any, tuple]] = [(body, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise APIError(400, f"invalid unicode: lone surrogate in {_where(path)}", _where(path))
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise APIError(400, f"invalid number: {_where(path)} is {value} (JSON numbers are finite)",
+                               _where(path))  # fmt: skip
+        elif isinstance(value, dict):
+            if any(_SURROGATE.search(key) for key in value):  # the key is not shown: it is what cannot be written
+                raise APIError(400, f"invalid unicode: lone surrogate in a key of {_where(path)}", _where(path))
+            stack.extend(reversed([(item, (*path, key)) for key, item in value.items()]))  # popped in order
+        elif isinstance(value, list):  # (ints, the bulk of a token-id prompt, need no look)
+            stack.extend(reversed([(item, (*path, i)) for i, item in enumerate(value) if not isinstance(item, int)]))
+
+
+def _where(path: tuple) -> str:
+    """A position in a JSON body as clients write it: messages[0].content."""
+    out = ""
+    for key in path:
+        out += f"[{key}]" if isinstance(key, int) else f".{key}" if out else key
+    return out or "the request body"
+
+
+class RequestBody(Lenient):
+    """A request body: every string in it is Unicode text and every number finite (check_json_values), checked
+    once here for all routes and every field, before any field is looked at."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_json_values(cls, data: Any) -> Any:
+        check_json_values(data)
+        return data
+
+
+def check_token_ids(ids: Iterable[int], vocab_size: int, param: str) -> list[int]:
+    """`ids` as a list, or a 400 naming `param` at the first id outside [0, vocab_size)."""
+    ids = list(ids)
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(400, f"{param}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param)
+    return ids
+
 
 class ContentPart(Lenient):
     type: str
     text: str | None = None
 
 
+class FunctionCall(Lenient):
+    name: str
+    arguments: str | dict[str, Any] | None = None  # OpenAI sends a JSON string; some clients send the object
+
+
+class MessageToolCall(Lenient):
+    """A call an earlier assistant message made (sent back with the conversation)."""
+
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
 
@@ -58,8 +135,8 @@ class ChatMessage(Lenient):
         for key in ("name", "tool_call_id", "reasoning_content"):
             if getattr(self, key) is not None:
                 message[key] = getattr(self, key)
-        if self.tool_calls:
-            message["tool_calls"] = template_tool_calls(self.tool_calls)
+        if self.tool_calls:  # as sent (exclude_unset): templates test which keys a call has
+            message["tool_calls"] = template_tool_calls([c.model_dump(exclude_unset=True) for c in self.tool_calls])
         return message
 
 
@@ -72,7 +149,43 @@ class ResponseFormat(Lenient):
     json_schema: dict[str, Any] | None = None
 
 
-class SamplingFields(Lenient):
+class NamedFunction(Lenient):
+    name: str
+
+
+class FunctionDefinition(NamedFunction):
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+
+
+class Tool(Lenient):
+    """An offered tool: a function (other types, newer OpenAI ones, reach the template as they are)."""
+
+    type: str = "function"
+    function: FunctionDefinition | None = None
+
+    @model_validator(mode="after")
+    def _function_needs_its_definition(self):
+        if self.type == "function" and self.function is None:
+            raise ValueError('a tool of type "function" needs function: {"name": ...}')
+        return self
+
+
+class ToolChoice(Lenient):
+    """tool_choice as an object: {"type": "function", "function": {"name": ...}} forces that function; other
+    types (newer OpenAI ones) reach the template as they are."""
+
+    type: str
+    function: NamedFunction | None = None
+
+    @model_validator(mode="after")
+    def _function_needs_a_name(self):
+        if self.type == "function" and self.function is None:
+            raise ValueError('a tool_choice of type "function" needs function: {"name": ...}')
+        return self
+
+
+class SamplingFields(RequestBody):
     """The sampling fields both OpenAI endpoints share (with vLLM's extensions)."""
 
     model: str | None = None
@@ -108,13 +221,16 @@ class SamplingFields(Lenient):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return tuple(s for s in stops if s)  # an empty stop string would end every reply at once
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
+        """The engine's settings; token ids (logit_bias keys, stop_token_ids) must be in the model's vocabulary:
+        the engine would ignore one outside it without a word."""
         bias = {}
         for key, value in (self.logit_bias or {}).items():
             try:
                 bias[int(key)] = value
             except ValueError:
                 raise APIError(400, f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        check_token_ids(bias, vocab_size, "logit_bias")
         return make_params(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -127,7 +243,7 @@ class SamplingFields(Lenient):
             logit_bias=bias,
             max_tokens=max_tokens,
             stop=self.stop_strings(),
-            stop_token_ids=tuple(self.stop_token_ids or ()),
+            stop_token_ids=tuple(check_token_ids(self.stop_token_ids or (), vocab_size, "stop_token_ids")),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
         )
@@ -147,11 +263,20 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | ToolChoice | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     include_reasoning: bool = True
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _not_reserved(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        clash = sorted(set(kwargs or ()) & RESERVED_TEMPLATE_KWARGS)
+        if clash:
+            raise PydanticCustomError("reserved", "the key '{key}' is reserved: the server sets it itself (from the "
+                                      "request's own fields)", {"key": clash[0]})  # fmt: skip
+        return kwargs
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -175,12 +300,22 @@ class ChatCompletionRequest(SamplingFields):
         """Tools are offered (and the reply is parsed for calls): tools given and tool_choice not "none"."""
         return bool(self.tools) and self.tool_choice != "none"
 
+    def openai_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the client sent them (mappings), as templates and the tool parser read them."""
+        return None if self.tools is None else [t.model_dump(exclude_unset=True) for t in self.tools]
+
+    def openai_tool_choice(self) -> str | dict[str, Any] | None:
+        """tool_choice as the client sent it (a string or a mapping), as templates and the tool parser read it."""
+        if isinstance(self.tool_choice, ToolChoice):
+            return self.tool_choice.model_dump(exclude_unset=True)
+        return self.tool_choice
+
     def template_kwargs(self) -> dict[str, Any]:
         extra = dict(self.chat_template_kwargs or {})
         if self.uses_tools:
-            extra["tools"] = self.tools
+            extra["tools"] = self.openai_tools()
             if self.tool_choice is not None:
-                extra["tool_choice"] = self.tool_choice
+                extra["tool_choice"] = self.openai_tool_choice()
         return extra
 
 
@@ -212,7 +347,7 @@ class CompletionRequest(SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
 
-class TokenizeRequest(Lenient):
+class TokenizeRequest(RequestBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -226,7 +361,7 @@ class TokenizeRequest(Lenient):
         return self
 
 
-class DetokenizeRequest(Lenient):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]
 

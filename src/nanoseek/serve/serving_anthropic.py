@@ -48,6 +48,8 @@ async def message_response(
     async for d in gen:
         text.append(d.text)
         finish, stop = d.finish_reason or finish, d.stop_reason
+    if finish == "abort":
+        raise APIError(a.CUT_OFF_STATUS, a.CUT_OFF)
     parts = [parser.feed("".join(text)), parser.finish()]
     reasoning, content = "".join(r for r, _ in parts), "".join(c for _, c in parts)
     tool_parser, calls = _tool_parser(server, req), []
@@ -141,6 +143,8 @@ async def message_stream(
                 for line in lines:
                     yield line
             finish, stop = d.finish_reason or finish, d.stop_reason
+        if finish == "abort":  # no message_delta: its stop_reason would say the reply is whole
+            raise APIError(a.CUT_OFF_STATUS, a.CUT_OFF)
     except APIError as exc:
         yield event("error", {"error": {"type": ANTHROPIC_TYPES.get(exc.status, "api_error"), "message": exc.message}})
         return

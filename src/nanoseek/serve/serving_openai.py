@@ -37,12 +37,11 @@ def sse_error(exc: APIError) -> str:
 async def start_chat(server: ModelServer, req: p.ChatCompletionRequest) -> tuple[Generation, bool]:
     """Submit the request's choices; returns the generation and whether replies start inside reasoning."""
     server.check_model(req.model)
-    constraint = await server.structured.for_request(
-        req.response_format, server.tool_parser, req.tools if req.uses_tools else None, req.tool_choice
-    )
+    tools, choice = (req.openai_tools() if req.uses_tools else None), req.openai_tool_choice()
+    constraint = await server.structured.for_request(req.response_format, server.tool_parser, tools, choice)
     ids, text = await server.chat_prompt(req.template_messages(), req.add_generation_prompt, **req.template_kwargs())
     max_tokens = server.max_tokens(req.requested_max_tokens, len(ids))
-    params = replace(req.sampling_params(max_tokens, req.num_logprobs), constraint=constraint)
+    params = replace(req.sampling_params(max_tokens, req.num_logprobs, server.vocab_size), constraint=constraint)
     return server.generate([(ids, q) for q in seeded(params, req.n)]), starts_in_reasoning(text)
 
 
@@ -194,7 +193,7 @@ async def start_completion(server: ModelServer, req: p.CompletionRequest) -> tup
             ids = server.check_tokens(prompt, "prompt")
             text = server.tokenizer.decode(ids) if req.echo else ""
         max_tokens = server.max_tokens(req.max_tokens, len(ids), "prompt")
-        params = replace(req.sampling_params(max_tokens, req.logprobs), constraint=constraint)
+        params = replace(req.sampling_params(max_tokens, req.logprobs, server.vocab_size), constraint=constraint)
         if req.echo and req.logprobs is not None and max_tokens == 1:
             # a scoring request: its one reply token is listed even when it is end-of-sequence, so the logprobs
             # always hold prompt + 1 entries (lm-evaluation-harness drops the last one by position, as on vLLM)
