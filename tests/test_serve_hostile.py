@@ -174,6 +174,23 @@ def test_an_anthropic_tool_choice_of_the_wrong_shape_is_a_400(http, choice):
                                    400)  # fmt: skip
 
 
+CROSS_FIELD = {  # a check across fields names its field (pydantic's own error has none: "the body is not an object")
+    "stream_options": ("/v1/chat/completions", {**CHAT, "stream_options": {"include_usage": True}}),
+    "top_logprobs": ("/v1/chat/completions", {**CHAT, "logprobs": False, "top_logprobs": 2}),
+    "suffix": ("/v1/completions", {**COMPLETION, "suffix": "x"}),
+    "best_of": ("/v1/completions", {**COMPLETION, "best_of": 3}),
+    "prompt": ("/tokenize", {**TOKENIZE_TEXT, "messages": CHAT["messages"]}),
+}
+
+
+@pytest.mark.parametrize("param", CROSS_FIELD)
+def test_cross_field_errors_name_their_field(http, param):
+    path, body = CROSS_FIELD[param]
+    resp = _post(http, path, body)
+    message = _error(resp, path, 400)
+    assert resp.json()["error"]["param"] == param and "JSON object" not in message, message
+
+
 # ---- 4: chat_template_kwargs that shadow the template's own variables --------------------------------------
 
 

@@ -13,9 +13,9 @@ import re
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from nanoseek.engine.sampling import SamplingParams
@@ -70,6 +70,12 @@ def _where(path: tuple) -> str:
     for key in path:
         out += f"[{key}]" if isinstance(key, int) else f".{key}" if out else key
     return out or "the request body"
+
+
+def body_error(message: str, param: str) -> APIError:
+    """A 400 from a check across a body's fields. Raised as is from a model validator (pydantic passes it through):
+    pydantic's own error would have no field to name and read as if the body were not an object."""
+    return APIError(400, message, param)
 
 
 class RequestBody(Lenient):
@@ -185,6 +191,11 @@ class ToolChoice(Lenient):
         return self
 
 
+def _str_or_object(value: Any) -> str:
+    """Which form of a string-or-object field a value is meant as: its errors are that form's only."""
+    return "name" if isinstance(value, str) else "object"
+
+
 class SamplingFields(RequestBody):
     """The sampling fields both OpenAI endpoints share (with vLLM's extensions)."""
 
@@ -210,7 +221,7 @@ class SamplingFields(RequestBody):
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise body_error("stream_options is only allowed when stream is true", "stream_options")
         return self
 
     @property
@@ -264,7 +275,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
-    tool_choice: str | ToolChoice | None = None
+    tool_choice: Annotated[Annotated[str, Tag("name")] | Annotated[ToolChoice, Tag("object")],
+                           Discriminator(_str_or_object)] | None = None  # fmt: skip
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     include_reasoning: bool = True
@@ -281,7 +293,7 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs set to true")
+            raise body_error("top_logprobs needs logprobs set to true", "top_logprobs")
         return self
 
     @property
@@ -330,11 +342,11 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _unsupported(self):
         if self.suffix:
-            raise ValueError("suffix is not supported")
+            raise body_error("suffix is not supported", "suffix")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of is not supported (it must be unset or equal n)")
+            raise body_error("best_of is not supported (it must be unset or equal n)", "best_of")
         if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt must not be empty")
+            raise body_error("prompt must not be empty", "prompt")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -357,7 +369,7 @@ class TokenizeRequest(RequestBody):
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+            raise body_error("give exactly one of prompt or messages", "prompt")
         return self
 
 
