@@ -276,6 +276,15 @@ def test_an_anthropic_reply_cut_by_shutdown_is_a_503(gguf):
         "message"]}}  # fmt: skip
 
 
+@pytest.mark.parametrize("depth", [900, 100_000])  # under and far over the JSON parser's nesting limit
+def test_deeply_nested_json_is_no_5xx(http, depth):
+    nested = '{"x": ' * depth + "1" + "}" * depth
+    for field in ("unknown", "chat_template_kwargs", "tools"):
+        body = json.dumps(CHAT)[:-1] + f', "{field}": {nested if field != "tools" else "[" * depth + "]" * depth}}}'
+        resp = http.post("/v1/chat/completions", content=body.encode(), headers={"content-type": "application/json"})
+        assert resp.status_code < 500 and (resp.is_success or _error(resp, "/")), resp.text[:300]
+
+
 # ---- the fuzz ---------------------------------------------------------------------------------------------
 
 HOSTILE = [None, True, False, 0, -1, 10**30, -(10**30), 1e308, -1e308, float("nan"), float("inf"), "", LONE,
