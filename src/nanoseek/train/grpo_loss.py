@@ -1,6 +1,6 @@
 """GRPO's math: group advantages, the k3 KL, token weights per loss type, the clipped surrogate, the padded
-prompt + completion batches and their log-probs, and the MTP module's loss on rollouts (train/grpo.py runs
-them; the loss types are described there).
+prompt + completion batches and their log-probs, the MTP module's loss on rollouts, and the loop's objective
+(GRPOLoss: a step's micro-batches and their losses; train/grpo.py runs it, the loss types are described there).
 
     w = token_weights(batch.mask, "dapo", max_new_tokens)
     out = clipped_loss(logp, old_logp, advantages, w, eps_low=0.2, eps_high=0.28, beta=0.04, ref_logp=ref)
@@ -9,6 +9,7 @@ them; the loss types are described there).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -185,3 +186,141 @@ def mtp_target_count(batch: Batch) -> int:
     from nanoseek.model.loss import IGNORE_INDEX
 
     return int((mtp_targets(batch) != IGNORE_INDEX).sum())
+
+
+# ---- the objective of one optimizer step --------------------------------------------------------------------
+@dataclass
+class MicroStep:
+    """One forward and backward of an optimizer step: policy rows (`rows` of the step's batch; None: a dummy
+    or nothing) with their advantages [B], token weights, old and reference log-probs [B, L], and MTP rows
+    with their target count (0: a dummy or nothing)."""
+
+    policy: Batch | None = None
+    rows: slice | None = None
+    adv: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    old: torch.Tensor | None = None  # pi_old when mu > 1 (else the log-probs themselves, detached)
+    ref: torch.Tensor | None = None  # the reference policy's when beta > 0
+    mtp: Batch | None = None
+    mtp_targets: int = 0
+
+
+class GRPOLoss:
+    """The loop's objective for GRPO (cfg: a GRPOConfig): the clipped surrogate with beta x KL to the frozen
+    reference `ref` over a step's micro-batches, plus mtp_weight x the MTP module's loss, each normalised by the
+    whole step's counts (all ranks), so the summed gradient is the single-process one. `step_module`: the
+    wrapped model (parallel.LossModule), whose one forward computes both (DDP sees every trained parameter)."""
+
+    def __init__(self, cfg, step_module: nn.Module, ref: nn.Module | None, device: torch.device, pad_id: int,
+                 distributed: bool, trains_mtp: bool):  # fmt: skip
+        self.cfg, self.step_module, self.ref, self.device = cfg, step_module, ref, device
+        self.pad_id, self.distributed, self.trains_mtp = pad_id, distributed, trains_mtp
+
+    def plan(self, batch: Batch | None, adv: torch.Tensor, weights: torch.Tensor | None, mtp_batch: Batch | None,
+             counts: list[list[float]]) -> list[MicroStep]:  # fmt: skip
+        """The micro-batches of one optimizer step: policy rows (with their advantages and token weights) and
+        MTP rows side by side, each pair one forward and backward. Under torchrun every rank runs as many as the
+        rank with the most (counts: every rank's), filling its gaps with a dummy row whose loss is multiplied by
+        0: DDP and FSDP2 need the same forwards and backwards on every rank (FSDP2 gathers each block's weights
+        in them; DDP waits for every trained parameter's gradient)."""
+        micro = self.cfg.micro_batch_size
+
+        def slices(n: float) -> list[slice]:
+            size = micro or max(1, int(n))
+            return [slice(s, s + size) for s in range(0, int(n), size)]
+
+        policy = slices(batch.mask.shape[0]) if batch is not None else []
+        mtp = slices(mtp_batch.input_ids.shape[0]) if mtp_batch is not None else []
+        steps = max(len(policy), len(mtp))
+        if self.distributed:
+            steps = max(max(len(slices(rows)), len(slices(m_rows))) for rows, _, m_rows, _, _ in counts)
+        dummy = make_batch([[self.pad_id, self.pad_id]], [[self.pad_id]], self.pad_id) if self.distributed else None
+        plan = []
+        for j in range(steps):
+            part = MicroStep()
+            if j < len(policy):
+                part.policy, part.rows = batch.rows(policy[j]), policy[j]
+                part.adv, part.weights = adv[policy[j]], weights[policy[j]]
+            elif self.distributed:
+                part.policy = dummy
+            if j < len(mtp):
+                part.mtp = mtp_batch.rows(mtp[j])
+                part.mtp_targets = mtp_target_count(part.mtp)
+            elif self.distributed and self.trains_mtp:
+                part.mtp = dummy
+            plan.append(part)
+        with torch.no_grad():
+            for part in plan:
+                # pi_old: the rollout policy; recomputed once only when several inner iterations follow (for mu=1
+                # the first iteration's own log-probs, detached, are identical). Through the wrapper (FSDP2
+                # gathers), so dummies too.
+                if self.cfg.mu > 1 and part.policy is not None:
+                    part.old = self.forward(MicroStep(part.policy, part.rows))[0]
+                if self.ref is not None and part.rows is not None:
+                    part.ref = completion_logprobs(self.ref, part.policy, self.cfg.temperature)[0]
+        return plan
+
+    def forward(self, part: MicroStep):
+        """(log-probs [B, L], entropy [B, L]) of the part's policy rows and the MTP loss of its MTP rows, in one
+        forward of the wrapped model (None for what the part lacks)."""
+        temperature = self.cfg.temperature
+
+        def compute(model: nn.Module):
+            logp = entropy = mtp = None
+            if part.policy is not None:
+                with _not_counted(model, part.rows is None):
+                    logp, entropy = completion_logprobs(
+                        model, part.policy, temperature, with_entropy=torch.is_grad_enabled()
+                    )  # fmt: skip
+                logp = logp.clone()  # not a view: FSDP2 warns of views among a forward's outputs
+            if part.mtp is not None:
+                with _not_counted(model, part.mtp_targets == 0):
+                    mtp = mtp_distillation_loss(model, part.mtp)
+            return logp, entropy, mtp
+
+        return self.step_module(call=compute)
+
+    def loss(self, part: MicroStep, total: float, n_mtp: float, stats: dict) -> torch.Tensor:
+        """A micro-batch's loss (total: the sum of the step's token weights, n_mtp: its MTP targets, all ranks);
+        its logged shares are added to `stats` (a dummy's loss is 0 and adds nothing)."""
+        logp, entropy, mtp = self.forward(part)
+        loss = self._policy_loss(part, logp, entropy, total, stats)
+        if mtp is None:
+            return loss
+        if part.mtp_targets == 0:  # a dummy
+            return loss + mtp * 0.0
+        share = part.mtp_targets / n_mtp  # its mean over these rows' targets, weighted by their share of the step's
+        stats["mtp_loss"] += float(mtp.detach()) * share / self.cfg.mu
+        return loss + self.cfg.mtp_weight * mtp * share
+
+    def _policy_loss(self, part: MicroStep, logp, entropy, total: float, stats: dict) -> torch.Tensor:
+        cfg = self.cfg
+        if logp is None:
+            return torch.zeros((), device=self.device)
+        if part.rows is None:  # a dummy: its forward ran for the collectives, its loss must not count
+            return logp.sum() * 0.0
+        out = clipped_loss(
+            logp, part.old if part.old is not None else logp.detach(), part.adv, part.weights,
+            eps_low=cfg.epsilon_low, eps_high=cfg.eps_high, beta=cfg.beta, ref_logp=part.ref,
+        )  # fmt: skip
+        w = part.weights
+        share = float(w.sum()) / total  # this micro-batch's share of the whole step's weight
+        stats["loss"] += float(out.loss.detach()) / cfg.mu
+        stats["kl"] += out.kl * share / cfg.mu
+        stats["clip_frac"] += out.clip_fraction * share / cfg.mu
+        stats["entropy"] += float((entropy * w).sum() / w.sum().clamp(min=1e-12)) * share / cfg.mu
+        return out.loss
+
+
+@contextlib.contextmanager
+def _not_counted(model: nn.Module, dummy: bool):
+    """A dummy micro-batch runs in eval mode: the MoE counts expert loads (which move the router bias) in
+    training mode only, and a dummy's tokens must not count. Nothing else differs between the modes."""
+    if not dummy or not model.training:
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()

@@ -42,6 +42,7 @@ from nanoseek.model.loss import IGNORE_INDEX
 from nanoseek.model.moe import load_imbalance, update_router_bias
 from nanoseek.model.mtp import shift_left
 from nanoseek.parallel import (
+    MODES,
     DistInfo,
     all_reduce_sum,
     init_distributed,
@@ -315,10 +316,13 @@ class ThreadTuner:
 # ---- the trainer ----------------------------------------------------------------------------------------
 class Trainer:
     """Pretraining from a config. The set-up is split into hooks (`_prepare_tokenizer`, `_build_model`,
-    `_make_source`, `_make_tasks`, `_describe_model`, `_flops_per_token`, `_config_record`) that fine-tuning
-    (train/sft.py) overrides to start from a loaded model and its own batches."""
+    `_make_source`, `_make_objective`, `_make_tasks`, `_describe_model`, `_flops_per_token`, `_config_record`,
+    `_resume_may_change`, `_checkpoint_extra`) that fine-tuning (train/sft.py), logit distillation and GRPO
+    override to start from a loaded model with their own batches and loss; GRPO also replaces `_train_step`
+    (rollouts, then mu updates, each through `_backward` and `_update`) and `evaluate`."""
 
     builds_model = True  # the model comes from cfg.model (False: from elsewhere; cfg.model is not checked)
+    evaluates_first = False  # also evaluate before the first step (eval_before)
     metrics_mirror: Path | None = None  # also append the meter's records to this file
 
     def __init__(
@@ -342,6 +346,8 @@ class Trainer:
         self.info = info or init_distributed(cfg.device)
         if parallel == "auto":
             parallel = "ddp" if self.info.distributed else "none"
+        if parallel not in MODES:
+            raise ValueError(f"parallel must be auto or one of {', '.join(MODES)}, got {parallel!r}")
         self.parallel = parallel
         self.resume = resume
         self.show_progress = show_progress
@@ -368,7 +374,9 @@ class Trainer:
         self.checkpoint = None
         if self.resume:
             # Checked before anything is built: a checkpoint of another config is an error, not a surprise.
-            self.checkpoint = ckpt_io.load_latest(self.ckpt_dir, train_config=self._config_record())
+            self.checkpoint = ckpt_io.load_latest(
+                self.ckpt_dir, train_config=self._config_record(), may_change=self._resume_may_change()
+            )
             if self.checkpoint is None:
                 print0(f"no checkpoint in {self.ckpt_dir}: starting from scratch")
         if info.is_main:
@@ -433,6 +441,14 @@ class Trainer:
         """What a checkpoint records as the run's config, and what a resume must match."""
         return self.cfg.to_dict()
 
+    def _resume_may_change(self) -> frozenset[str]:
+        """The config fields a resume may change."""
+        return ckpt_io.RESUME_MAY_CHANGE
+
+    def _checkpoint_extra(self) -> dict[str, Any]:
+        """More for a checkpoint's extra record (what a resume checks besides the config)."""
+        return {}
+
     def _full_states(self) -> tuple[dict | None, Any]:
         """Complete model and optimizer states on rank 0 (gathered from the shards under FSDP)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -474,7 +490,12 @@ class Trainer:
             data_state=data_state,
             rng_state=ckpt_io.capture_rng_state(),
             train_config=self._config_record(),
-            extra={"train_s": train_s, "world_size": self.info.world_size, "parallel": self.parallel},
+            extra={
+                "train_s": train_s,
+                "world_size": self.info.world_size,
+                "parallel": self.parallel,
+                **self._checkpoint_extra(),
+            },
             write_files=lambda folder: ckpt_io.save_model(export, self.tok, folder),  # each is a HF folder too
             keep_last=self.cfg.keep_last,
         )
@@ -499,6 +520,29 @@ class Trainer:
         return scores
 
     # -- the loop ----------------------------------------------------------------------------------------
+    def _backward(self, n: int, loss_of) -> None:
+        """n micro-batches: loss_of(i)'s forward and backward each, the gradient all-reduce (or reduce-scatter)
+        on the last one only. The loss is a share of the step's global sum, and DDP and FSDP average gradients
+        over ranks: hence the factor world_size."""
+        info = self.info
+        for i in range(n):
+            with no_grad_sync(self.step_module, skip=i < n - 1):  # (FSDP2 reads it in the backward)
+                with torch.autocast(info.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                    enabled=self.autocast_dtype is not None):  # fmt: skip
+                    loss = loss_of(i)
+                self.scaler.scale(loss * info.world_size).backward()
+
+    def _update(self, groups: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Clip each group of parameters' gradient apart to optim.grad_clip, take the optimizer step, zero the
+        gradients. Returns the first group's gradient norm (before clipping)."""
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        norms = [torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True) for params in groups]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norms[0].full_tensor() if hasattr(norms[0], "full_tensor") else norms[0]  # a DTensor under FSDP
+
     def _train_step(self, step: int, lr: float) -> dict[str, float]:
         cfg, info = self.cfg, self.info
         for group in self.optimizer.param_groups:
@@ -513,30 +557,20 @@ class Trainer:
             raise ValueError(f"step {step}: the batch has no target tokens (empty rows?)")
         logged: dict[str, torch.Tensor] = {}
         term_sums: dict[str, torch.Tensor] = {}
-        for i, ((x, y, extra), counts) in enumerate(zip(micro, local_counts)):
-            with (
-                no_grad_sync(self.step_module, skip=i < len(micro) - 1),
-                torch.autocast(info.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                               enabled=self.autocast_dtype is not None),
-            ):  # fmt: skip
-                loss, parts, terms = self.objective.loss(
-                    self.step_module, x, y, extra, counts, totals, x.shape[0], total_rows
-                )  # fmt: skip
-            # DDP and FSDP average gradients over ranks; the loss is already a share of the global sum.
-            self.scaler.scale(loss * info.world_size).backward()
+
+        def loss_of(i: int) -> torch.Tensor:
+            x, y, extra = micro[i]
+            loss, parts, terms = self.objective.loss(
+                self.step_module, x, y, extra, local_counts[i], totals, x.shape[0], total_rows
+            )  # fmt: skip
             for k, v in parts.items():
                 logged[k] = logged.get(k, 0.0) + v
             for k, v in terms.items():
                 term_sums[k] = term_sums.get(k, 0.0) + v
-        self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-            grad_norm = grad_norm.full_tensor()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        self._backward(len(micro), loss_of)
+        grad_norm = self._update([[p for g in self.optimizer.param_groups for p in g["params"]]])
         loads = update_router_bias(self.model, gamma=cfg.router_bias_gamma)
         names, term_names = sorted(logged), list(term_sums)
         values = all_reduce_sum(
@@ -552,6 +586,12 @@ class Trainer:
         if not math.isfinite(record["loss"]):
             raise FloatingPointError(diverged_message(step, record["loss"], record["_terms"]))
         return record
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True when `flag` holds on any rank, so that every rank takes the same branch (a time budget's stop)."""
+        if not self.info.distributed:
+            return flag
+        return all_reduce_sum([float(flag)], self.info.device)[0] > 0
 
     def _replan_due(self, step: int) -> bool:
         """Plan once after calibration, then again every tenth of the plan: a shared machine's speed drifts,
@@ -591,6 +631,13 @@ class Trainer:
             log_every=cfg.log_every, show=self.show_progress and info.is_main,
         )  # fmt: skip
         losses: list[float] = []
+        self.history: list[dict[str, Any]] = []  # each step's logged record, with its step
+        self.eval_before: dict[str, TaskScore] = {}
+        if self.evaluates_first:
+            with meter.paused():
+                self.eval_before = self.evaluate()
+            if self.eval_before:
+                meter.log(event="eval", step=self.start_step, **{n: s.to_dict() for n, s in self.eval_before.items()})
         step = self.start_step
         loop_start = time.perf_counter()
         paused = 0.0  # seconds of evaluation and checkpointing inside the loop
@@ -614,7 +661,8 @@ class Trainer:
                 extra = {k: v for k, v in rec.items() if not k.startswith("_") and k != "loss"}
                 if self.tuner is not None:
                     extra["threads"] = torch.get_num_threads()
-                if cfg.log_every and step % cfg.log_every == 0:
+                self.history.append({"step": step, "loss": rec["loss"], "lr": lr, **extra})
+                if cfg.log_every and step % cfg.log_every == 0 and "_loads" in rec:
                     extra["expert_load"] = rec["_loads"]
                 meter.step(step, loss=rec["loss"], tokens=rec["_tokens"], lr=lr, **extra)
                 if cfg.time_budget_min is not None:  # measure a few steps, then plan the schedule's length
@@ -640,15 +688,17 @@ class Trainer:
                     if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                         self.save(step, self.elapsed_before + train_s)
                 paused += time.perf_counter() - t_pause
-                if cfg.time_budget_min is not None and self.elapsed_before + train_s >= cfg.time_budget_min * 60:
+                if cfg.time_budget_min is not None and self._any_rank(
+                    self.elapsed_before + train_s >= cfg.time_budget_min * 60
+                ):  # fmt: skip
                     break  # safety net when the machine slows down after the plan was made
             train_s = time.perf_counter() - loop_start - paused
             stopped_early = self.stop_after is not None and step >= self.stop_after and step < cfg.max_steps
             scores: dict[str, TaskScore] = {}
             model_dir = None
-            if not stopped_early and step > self.start_step:
+            if not stopped_early:
                 with meter.paused():
-                    if not (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                    if step > self.start_step and not (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                         self.save(step, self.elapsed_before + train_s)
                     scores = self.evaluate()
                     if scores:
