@@ -285,6 +285,23 @@ def test_r1_without_system_prompt_is_the_format_grpo_trains_with(tiny):
         evaluate(model, tok, ["add2"], format="plain", system_prompt="be brief")
 
 
+def test_r1_without_a_chat_template_is_grpos_bare_prompt(tiny):
+    # GRPO trains a model whose tokenizer has no chat template (or with chat=false) on <bos> + the problem: its
+    # held-out evaluation, nanoseek.eval's r1 format, sends the same prompt then
+    import copy
+
+    from nanoseek.eval.runner import synthetic_problems
+    from nanoseek.train.grpo import load_grpo_config, render_prompt
+
+    _, _, tok = tiny
+    bare = copy.copy(tok)
+    bare.chat_template = None
+    examples = get_task("add2").eval_examples(3)
+    want = [render_prompt(tok, ex, load_grpo_config(["chat=false"])) for ex in examples]
+    assert [p.prompt for p in synthetic_problems(bare, get_task("add2"), "r1", examples)] == want
+    assert want[0][0] == tok.bos_token_id and want != [render_prompt(tok, ex, load_grpo_config()) for ex in examples]
+
+
 def test_r1_without_system_prompt_scores_as_grpo_evaluates(tiny):
     # a scripted model answers a third of the add2 problems right, a third wrong, a third outside the R1 format:
     # nanoseek.eval (greedy, and sampled at T=1 from its one-hot policy) and GRPO's own evaluation agree exactly

@@ -134,6 +134,10 @@ def _bos(tok) -> list[int]:
     return [tok.bos_token_id] if tok.bos_token_id is not None else []
 
 
+def _bare_ids(tok, text: str) -> list[int]:
+    return _bos(tok) + tok.encode(text, add_special_tokens=False)
+
+
 def default_system_prompt(fmt: str) -> str:
     """The system message a format sends when none is given: the R1 prompt for r1, none for chat."""
     return R1_SYSTEM_PROMPT if fmt == "r1" else ""
@@ -170,8 +174,8 @@ def synthetic_problems(
             ids, check = prompt_ids(tok, ex), (lambda text, ex=ex: task.check(text, ex))
         elif fmt == "chat":
             ids, check = _chat_ids(tok, ex.prompt, system), (lambda text, ex=ex: task.check(text, ex))
-        else:
-            ids = _chat_ids(tok, ex.prompt, system)
+        else:  # r1; a tokenizer without a chat template gets <bos> + the problem (as GRPO trains such a model)
+            ids = _chat_ids(tok, ex.prompt, system) if tok.chat_template else _bare_ids(tok, ex.prompt)
 
             def check(text: str, ex=ex) -> bool:
                 answer = extract_r1_answer(text)

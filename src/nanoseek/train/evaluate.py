@@ -103,15 +103,17 @@ def evaluate_in_format(
     n: int = 200,
     fmt: str = "r1",
     *,
+    system_prompt: str = "",
+    max_new_tokens: int | None = None,
     batch_size: int = 256,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, TaskScore]:
     """Greedy accuracy on up to n held-out problems per task through nanoseek.eval in `fmt` ("plain", or "r1"
-    with no system prompt): the scores `nanoseek eval --format FMT [--system-prompt '']` gives (the speedrun's
-    stages, and data.format=r1 runs)."""
+    with `system_prompt`, none by default): the scores `nanoseek eval --format FMT [--system-prompt S]
+    [--max-tokens N]` gives (the speedrun's stages, data.format=r1 runs, GRPO's held-out accuracy)."""
     from nanoseek.eval import TaskSpec, evaluate
 
     specs = [TaskSpec(t.name, "synthetic", task=t) for t in tasks]
-    results = evaluate(model, tok, specs, limit=n, format=fmt, system_prompt="", batch_size=batch_size,
-                       autocast_dtype=autocast_dtype)  # fmt: skip
+    results = evaluate(model, tok, specs, limit=n, format=fmt, system_prompt=system_prompt if fmt != "plain" else "",
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, autocast_dtype=autocast_dtype)  # fmt: skip
     return {name: TaskScore(sum(d["correct"][0] for d in r.details), r.n) for name, r in results.items()}

@@ -81,7 +81,7 @@ from nanoseek.tasks import R1_SYSTEM_PROMPT, Task, get_task
 from nanoseek.train import checkpoint as ckpt_io
 from nanoseek.train.checkpoint import weights_digest
 from nanoseek.train.config import OptimConfig, TrainConfig
-from nanoseek.train.evaluate import TaskScore
+from nanoseek.train.evaluate import TaskScore, evaluate_in_format
 from nanoseek.train.grpo_loss import (  # noqa: F401 (clipped_loss ... mtp_distillation_loss: GRPO's API)
     LOSS_TYPES,
     Batch,
@@ -98,7 +98,6 @@ from nanoseek.train.grpo_rollouts import (  # noqa: F401 (decode_completion, ren
     Rollouts,
     RolloutSource,
     decode_completion,
-    evaluate_r1,
     per_rank,
     render_prompt,
     rollout,
@@ -182,6 +181,17 @@ def load_grpo_config(overrides: Sequence[str] = ()) -> GRPOConfig:
     apply_overrides(cfg, overrides, example="loss_type=dapo")
     cfg.validate()
     return cfg
+
+
+def evaluate_r1(model: nn.Module, tok, tasks: Sequence[Task], n: int, cfg: GRPOConfig) -> dict[str, TaskScore]:
+    """Greedy accuracy on up to n held-out problems per task in the prompt format GRPO trains with (the R1 format
+    with cfg.system_prompt; <bos> + the problem without a chat template or with chat=false), the <answer> checked
+    exactly: the shared evaluation (nanoseek.eval), as `nanoseek eval --format r1 --system-prompt S` scores."""
+    if tok.chat_template and not cfg.chat:
+        tok = copy.copy(tok)
+        tok.chat_template = None
+    return evaluate_in_format(model, tok, tasks, n, "r1", system_prompt=cfg.system_prompt,
+                              max_new_tokens=cfg.max_new_tokens)  # fmt: skip
 
 
 # ---- the run ---------------------------------------------------------------------------------------------

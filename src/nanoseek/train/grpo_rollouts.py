@@ -21,7 +21,6 @@ from nanoseek.engine.generate import context_length, engine_for
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.parallel.distributed import all_reduce_sum
 from nanoseek.tasks import Example, Task, extract_r1_answer
-from nanoseek.train.evaluate import TaskScore
 from nanoseek.train.grpo_loss import group_advantages
 from nanoseek.train.rewards import score_completions
 
@@ -108,36 +107,6 @@ def rollout(
         reasons.append(c.finish_reason)
         lps.append([e["logprob"] for e in c.logprobs])
     return completions, reasons, lps
-
-
-# ---- evaluation in the R1 format ----------------------------------------------------------------------
-def evaluate_r1(
-    model: nn.Module, tok, tasks: Sequence[Task], n: int, cfg: GRPOConfig, *, seed: int = 0, batch_size: int = 256
-) -> dict[str, TaskScore]:
-    """Greedy answers to up to n held-out problems per task, in the prompt format GRPO trains with; correct
-    when the <answer> passes the task's exact checker (held-out problems never appear in training)."""
-    from nanoseek.engine.generate import generate_batch
-
-    scores = {}
-    was_training = model.training
-    model.eval()
-    try:
-        for task in tasks:
-            examples = task.eval_examples(n, seed=seed)
-            correct = 0
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start : start + batch_size]
-                prompts = [render_prompt(tok, ex, cfg) for ex in chunk]
-                outs = generate_batch(
-                    model, prompts, cfg.max_new_tokens, SamplingParams(temperature=0), tok.stop_token_ids
-                )
-                for ex, out in zip(chunk, outs):
-                    answer = extract_r1_answer(decode_completion(tok, out.token_ids))
-                    correct += answer is not None and task.check(answer, ex)
-            scores[task.name] = TaskScore(correct, len(examples))
-    finally:
-        model.train(was_training)
-    return scores
 
 
 def draw_examples(tasks: Sequence[Task], weights: Sequence[float], n: int, seed: int, step: int) -> list[Example]:
