@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup chromium run test test-all lint bench clean
+.PHONY: setup chromium run test test-all lint bench peers clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -47,6 +47,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/nanoseek bench moe-step
+
+# llama.cpp's own llama-server and llama-bench (the serve and decode benchmarks' peers), built once into
+# ~/.cache/nanoseek/peers from the llama.cpp tree in llama-cpp-python's sdist (~6 min on 2 cores; then instant).
+peers: $(STAMP)
+	$(VENV)/bin/nanoseek bench peers
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .hypothesis

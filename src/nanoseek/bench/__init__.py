@@ -7,6 +7,7 @@ Peers such as transformers are dev dependencies (`pip install -e .[dev]`).
 BENCHMARKS = {
     "decode": "nanoseek.bench.decode",
     "moe-step": "nanoseek.bench.moe_step",
+    "peers": "nanoseek.bench.peers",
     "serve": "nanoseek.bench.serve",
     "sft": "nanoseek.bench.sft",
     "train-throughput": "nanoseek.bench.train_throughput",

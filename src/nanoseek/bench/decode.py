@@ -1,5 +1,5 @@
-"""Decode speed: nanoseek's engine vs llama.cpp (llama-cpp-python) vs transformers `generate`, same GGUF,
-same prompt token ids, greedy, on this machine, timed alternately in one run.
+"""Decode speed: nanoseek's engine vs llama.cpp's own `llama-bench`, llama.cpp in-process (llama-cpp-python) and
+transformers `generate`, same GGUF, same prompt token ids, greedy, on this machine, timed alternately in one run.
 
     nanoseek bench decode MODEL [--threads 2 --reps 3 --plot decode.png]   (or python benchmarks/decode.py)
 
@@ -10,7 +10,11 @@ and C distinct prompts at once for C in 1/4/16/64 (aggregate tok/s, every stream
 the prompts differ from their first block on, so the prefix cache cannot share them). nanoseek runs its
 engine in fp32 (what `nanoseek.load` gives), fp16 and int8 (`quantize_model`). llama.cpp runs the GGUF's
 own Q4_1 kernels, one sequence at a time (its Python API does not batch sequences); transformers runs
-fp32 with its KV cache, the C prompts as one batch (equal lengths: no padding).
+fp32 with its KV cache, the C prompts as one batch (equal lengths: no padding). llama-bench, llama.cpp's own
+C++ tool without Python's per-token work, runs `-p 0 -n DECODE -d PROMPT -t THREADS` (decode after a prompt of
+the same length, filled into its KV cache untimed) once per repeat in turn with the single-stream runs; the
+ratios to it are taken per repeat (median, min–max). It generates no text, so the agreement check rests on
+llama-cpp-python where installed. `make peers` builds it; the report names the build.
 
 Greedy outputs are compared (matching prefix lengths): nanoseek fp32 must equal transformers for the first
 32 tokens (the benchmark fails otherwise). Figures are medians of the repeats with their min-max spread;
@@ -19,7 +23,8 @@ random weights of a named config (`--deepseek bench-20m`, the default), or a tra
 MTP layer (`--deepseek runs/NAME/model`, the speedrun's final model), whose MTP drafts are worth measuring.
 The speculative run reports its acceptance rate and must give the plain run's greedy tokens.
 
-llama.cpp is optional: `pip install -e .[bench]` (builds llama-cpp-python from source, ~10 min on 2 cores).
+llama-bench: `make peers`. llama-cpp-python is optional: `pip install -e .[bench]` (builds from source, ~10 min
+on 2 cores).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanoseek.bench.peers import BUILD_HINT
 from nanoseek.bench.timing import matching_prefix
 
 WORKER = Path(__file__).with_name("decode_worker.py")
@@ -183,7 +189,10 @@ def parse_args(argv):
     ap.add_argument("--formats", default="fp32,fp16,int8,int8+compile",
                     help="nanoseek run formats (fp32, fp16, int8, int4); FORMAT+compile runs decode steps through "
                     "torch.compile")  # fmt: skip
-    ap.add_argument("--peers", default="llama.cpp,transformers", help="peers to run (comma-separated; '' for none)")
+    ap.add_argument("--peers", default="llama-bench,llama.cpp,transformers",
+                    help="peers to run (comma-separated; '' for none): llama-bench (llama.cpp's own tool, `make peers` "
+                    "builds it; single-stream decode at the prompt's depth), llama.cpp (llama-cpp-python in-process), "
+                    "transformers")  # fmt: skip
     ap.add_argument("--transformers-max-concurrency", type=int, default=64,
                     help="largest concurrency transformers runs (its batched generate is slow)")  # fmt: skip
     ap.add_argument("--deepseek", default="bench-20m",
@@ -209,8 +218,8 @@ def parse_args(argv):
         if base not in ("fp32", "fp16", "int8", "int4") or (plus and extra != "compile"):
             raise ValueError(f"unknown nanoseek format {f!r}; choose from fp32, fp16, int8, int4, each maybe +compile")
     for p in args.peers:
-        if p not in ("llama.cpp", "transformers"):
-            raise ValueError(f"unknown peer {p!r}; choose from llama.cpp, transformers")
+        if p not in ("llama-bench", "llama.cpp", "transformers"):
+            raise ValueError(f"unknown peer {p!r}; choose from llama-bench, llama.cpp, transformers")
     positive = ("threads", "reps", "prompt_tokens", "decode_tokens", "batch_prompt_tokens", "batch_tokens")
     for name in positive:
         if getattr(args, name) < 1:
@@ -249,7 +258,20 @@ def main(argv: list[str] | None = None) -> None:
 
     sides: list[Side] = []
     notes: list[str] = []
-    for peer in args.peers:
+    bench_peer = None
+    if "llama-bench" in args.peers:
+        from nanoseek.bench.peers import PeerMissing, describe, find_peer
+
+        try:
+            binary, record = find_peer("llama-bench")
+            bench_peer = LlamaBench(binary, model, args.threads, args.prompt_tokens, args.decode_tokens)
+            notes.append(
+                f"llama-bench: {describe(record)}; `{bench_peer.command()}` once per repeat, in turn with the "
+                "other sides (tg at the prompt's depth: decode only, it generates no text to compare)"
+            )
+        except PeerMissing as exc:
+            notes.append(f"llama-bench column MISSING: {exc}")
+    for peer in [p for p in args.peers if p != "llama-bench"]:
         module = "llama_cpp" if peer == "llama.cpp" else "transformers"
         if importlib.util.find_spec(module) is None:
             hint = INSTALL_HINT if peer == "llama.cpp" else "pip install -e '.[dev]'"
@@ -293,10 +315,17 @@ def main(argv: list[str] | None = None) -> None:
 
         jobs = [(rep, task) for rep in range(args.reps) for task in ["single", *args.concurrency]]
         total = sum(1 for _, t in jobs for s in sides if t == "single" or t <= s.max_concurrency)
-        bar = tqdm(total=total, desc="timing", file=sys.stderr)
+        bar = tqdm(total=total + (args.reps if bench_peer else 0), desc="timing", file=sys.stderr)
+        if bench_peer is not None:
+            bench_peer.run()  # untimed warm-up (page cache, first run)
         for rep, task in jobs:
-            order = sides if rep % 2 == 0 else sides[::-1]  # alternate who goes first
+            order = [*sides, *([bench_peer] if bench_peer and task == "single" else [])]
+            order = order if rep % 2 == 0 else order[::-1]  # alternate who goes first
             for side in order:
+                if side is bench_peer:
+                    bench_peer.decode.append(bench_peer.run())
+                    bar.update()
+                    continue
                 fig = figures[side.label]
                 if task == "single":
                     out = side.call("single", prompt=long_prompt, max_tokens=args.decode_tokens)
@@ -328,7 +357,51 @@ def main(argv: list[str] | None = None) -> None:
             side.close()
 
     deepseek = run_deepseek(args, env) if args.deepseek != "none" else None
-    report(args, model, figures, memory, notes, deepseek, profile)
+    report(args, model, figures, memory, notes, deepseek, profile, bench_peer)
+
+
+@dataclass
+class LlamaBench:
+    """llama.cpp's own `llama-bench`: single-stream decode (tg) at the prompt's depth, one process per repeat."""
+
+    binary: Path
+    model: Path
+    threads: int
+    depth: int
+    tokens: int
+    decode: list[float] = field(default_factory=list)  # tok/s, one per repeat
+
+    def argv(self) -> list[str]:
+        return llama_bench_argv(self.binary, self.model, self.threads, self.depth, self.tokens)
+
+    def command(self) -> str:
+        return " ".join([Path(self.binary).name, *self.argv()[1:]])
+
+    def run(self) -> float:
+        proc = subprocess.run(self.argv(), capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"llama-bench failed (exit code {proc.returncode}): {proc.stderr[-1500:]}")
+        return llama_bench_tok_s(proc.stdout)
+
+
+def llama_bench_argv(binary: Path, model: Path, threads: int, depth: int, tokens: int) -> list[str]:
+    """tg`tokens` at depth `depth` (-d fills the KV cache with a `depth`-token prompt first, untimed): the
+    decode that follows the benchmark's prompt; one timed repetition (the benchmark repeats the process)."""
+    return [str(binary), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(tokens), "-d", str(depth),
+            "-r", "1", "-o", "json"]  # fmt: skip
+
+
+def llama_bench_tok_s(stdout: str) -> float:
+    """The tok/s of llama-bench's (single) tg test in its JSON output."""
+    rows = [r for r in json.loads(stdout) if r.get("n_gen")]
+    if len(rows) != 1:
+        raise RuntimeError(f"llama-bench: expected one tg result, got {len(rows)}")
+    return float(rows[0]["avg_ts"])
+
+
+def per_round_ratios(ours: list[float], theirs: list[float]) -> list[float]:
+    """ours[r] / theirs[r] for each round r (the two ran in turn, under the same load)."""
+    return [a / b for a, b in zip(ours, theirs)]
 
 
 def deepseek_prompt(name_or_folder: str, text: str | None = None, length: int = 32) -> list[int]:
@@ -407,7 +480,8 @@ def print_deepseek(args, deepseek: dict) -> None:
         print(line)
 
 
-def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, deepseek, profile) -> None:
+def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, deepseek, profile,
+           bench_peer: LlamaBench | None = None) -> None:  # fmt: skip
     import torch
 
     labels = list(figures)
@@ -436,6 +510,9 @@ def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, 
         cells = [label, spread(f.decode), spread(f.prefill, "{:.0f}"), spread([t * 1000 for t in f.ttft], "{:.0f}")]
         cells += [spread(f.aggregate.get(c, [])) for c in args.concurrency]
         print("| " + " | ".join(cells) + " |")
+    if bench_peer is not None:
+        print("| " + " | ".join([f"llama-bench (tg at depth {args.prompt_tokens})", spread(bench_peer.decode),
+                                 "—", "—", *["—"] * len(args.concurrency)]) + " |")  # fmt: skip
 
     print()
     print("memory (RSS of each side's own process; generation peak = VmHWM reset after loading and warm-up)")
@@ -478,12 +555,14 @@ def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, 
         print(f"  {label:14s} " + ", ".join(parts) + ("" if stable else "  (NOT the same across repeats!)"))
 
     ratios, fastest = print_ratios(args, figures)
+    if bench_peer is not None:
+        ratios.update(print_bench_ratios(args, figures, bench_peer))
     print()
     print(
         f"nanoseek formats: nanoseek.load gives fp32; the CLI's --quant auto runs a GGUF with 4-bit layers "
         f"as int4 where its kernel runs, other quantized GGUFs as int8; fastest single stream: {fastest}"
     )
-    print_targets(args, figures, memory, fastest)
+    print_targets(args, figures, memory, fastest, bench_peer.decode if bench_peer else [])
 
     if deepseek is not None:
         print()
@@ -536,8 +615,23 @@ def print_ratios(args, figures: dict[str, Figures]) -> tuple[dict, str]:
     return ratios, fastest
 
 
+def print_bench_ratios(args, figures: dict[str, Figures], bench_peer: LlamaBench) -> dict:
+    """Every side's single-stream decode over llama-bench's, per repeat, median (min–max)."""
+    print()
+    print(f"single-stream decode / llama-bench tg{args.decode_tokens} at depth {args.prompt_tokens}, per repeat "
+          "(the two ran in turn), median (min–max):")  # fmt: skip
+    ratios = {}
+    for label, f in figures.items():
+        per = per_round_ratios(f.decode, bench_peer.decode)
+        if per:
+            ratios[f"{label}/llama-bench"] = {"decode per round": per}
+            print(f"  {label:22s}: {spread(per, '{:.2f}')}x  (rounds: {', '.join(f'{r:.2f}' for r in per)})")
+    return ratios
+
+
 # the issue's targets: (column, goal, whether larger is better)
 TARGETS = (
+    ("decode vs llama-bench", 1.3, True),  # per repeat, median; llama.cpp's own tool at the prompt's depth
     ("decode vs llama.cpp", 1.0, True),
     ("agg @16 / own @1", 3.0, True),
     ("decode vs transformers", 5.0, True),
@@ -546,15 +640,17 @@ TARGETS = (
 )
 
 
-def target_values(figures: dict[str, Figures], memory: dict, label: str) -> dict[str, float]:
+def target_values(figures: dict[str, Figures], memory: dict, label: str, bench: list[float] = ()) -> dict[str, float]:
     """The side's figure for each target (NaN where its task or peer was not run)."""
     f, m, nan = figures[label], memory[label], math.nan
+    per_round = per_round_ratios(f.decode, list(bench))
 
     def vs(peer: str) -> float:
         return median(f.decode) / median(figures[peer].decode) if peer in figures else nan
 
     whole, above = memory_ratios(m, f)
     return dict(zip([t[0] for t in TARGETS], [
+        median(per_round),
         vs("llama.cpp"),
         median(f.aggregate[16]) / median(f.aggregate[1]) if {1, 16} <= f.aggregate.keys() else nan,
         vs("transformers"),
@@ -572,14 +668,14 @@ def memory_ratios(m: dict, f: Figures) -> tuple[float, float]:
     return m["peak_kb"] * 1024 / footprint, (m["peak_kb"] - m["baseline_kb"]) * 1024 / footprint
 
 
-def print_targets(args, figures: dict[str, Figures], memory: dict, fastest: str) -> None:
+def print_targets(args, figures: dict[str, Figures], memory: dict, fastest: str, bench: list[float] = ()) -> None:
     """Every nanoseek format against every target: a table, met or missed and by how much."""
     print("targets, every nanoseek format (value, then met or MISSED by the factor it is short):")
     print("| format | " + " | ".join(f"{name} ({'≥' if up else '≤'} {goal:g}x)" for name, goal, up in TARGETS) + " |")
     print("|---" * (len(TARGETS) + 1) + "|")
     for label in (x for x in figures if x.startswith("nanoseek-")):
         cells = []
-        for (_, goal, up), value in zip(TARGETS, target_values(figures, memory, label).values()):
+        for (_, goal, up), value in zip(TARGETS, target_values(figures, memory, label, bench).values()):
             if math.isnan(value):
                 cells.append("not measured")
                 continue
@@ -587,6 +683,9 @@ def print_targets(args, figures: dict[str, Figures], memory: dict, fastest: str)
             cells.append(f"{value:.2f}x " + ("met" if short <= 1 else f"MISSED by {short:.2f}x"))
         star = " (fastest single stream)" if label == fastest else ""
         print(f"| {label.removeprefix('nanoseek-')}{star} | " + " | ".join(cells) + " |")
+    if not bench:
+        why = f"not built: {BUILD_HINT}" if "llama-bench" in args.peers else "not among --peers"
+        print(f"  single-stream decode vs llama-bench: not measured ({why})")
     if "llama.cpp" not in figures:  # a side that failed is in figures, with its error in the notes
         why = f"llama.cpp missing: {INSTALL_HINT}" if "llama.cpp" in args.peers else "not among --peers"
         print(f"  single-stream decode vs llama.cpp: not measured ({why})")

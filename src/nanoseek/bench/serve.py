@@ -1,15 +1,21 @@
-"""Serving speed: `nanoseek serve` vs llama.cpp's server (`python -m llama_cpp.server` from llama-cpp-python),
-the same GGUF on the same machine, in one run.
+"""Serving speed: `nanoseek serve` vs llama.cpp's own server (`llama-server`, continuous batching), the same
+GGUF on the same machine, in one run; llama-cpp-python's `llama_cpp.server` (one request at a time) can run
+beside them as a labelled queueing baseline.
 
     nanoseek bench serve [MODEL] [--rounds 3 --concurrency 1,4,16,64 --plot serve.png]   (MODEL: smollm2)
 
 MODEL is a .gguf file or an asset name (default `smollm2`: SmolLM2-135M-Instruct Q4_1 from PyPI). Each server
 runs in its own process, one at a time: every round starts a server, sends one untimed warm-up request,
 drives it at each concurrency C (C distinct text prompts sent at once to /v1/completions as streams), then
-stops it; the next server follows, and the order of the servers rotates every round. Both get the same
+stops it; the next server follows, and the order of the servers rotates every round. nanoseek is started once
+a round with --max-num-seqs the largest C; llama-server once per level with `-np C` slots (`-c` C x a slot's
+context, `--cont-batching`, `-t`/`-tb` the same threads), as a self-hoster sizes it for C streams.
+`make peers` builds llama-server (and llama-bench) once into the cache; without it the peer is a note that says
+so. The report names the llama.cpp build that ran (version, commit, CPU options). Both get the same
 prompts (each server's own tokenize endpoint is asked for their ids, and the report says whether they
 match), the same max_tokens and temperature 0; both are asked to run every stream to max_tokens
-(nanoseek: ignore_eos; llama.cpp has no ignore_eos, so min_tokens = max_tokens, which masks its EOS token).
+(nanoseek and llama-server: ignore_eos; llama_cpp.server has no ignore_eos, so min_tokens = max_tokens, which
+masks its EOS token).
 The warm-up and every level get prompts of their own, so no prefix cache carries work from one to the next.
 
 A stream is *completed* when it ends with finish_reason "length" and then [DONE] and has max_tokens tokens
@@ -20,7 +26,7 @@ to the running stream whenever another request arrives, unless started with --in
 `llama.cpp-queue` peer), or a stop before max_tokens. Figures cover completed streams only: TTFT (send to
 first text chunk), TPOT ((end of stream - first text chunk) / (tokens - 1)), per-request tok/s (tokens /
 request latency) and aggregate tok/s (tokens of completed streams / wall time of the whole level). Each
-figure is taken per round (median, or p90, over the level's requests) and reported as the median over the
+figure is taken per round (median, or p90/p99, over the level's requests) and reported as the median over the
 rounds with the min-max; the ratios nanoseek / peer are taken round by round (the two servers ran minutes
 apart at most) and summarised the same way. The machine load is printed: on a shared machine it matters,
 and more for llama.cpp, whose worker threads spin: with --threads 2 on a busy 2-core machine (load ~8) its
@@ -30,9 +36,12 @@ server took 300-930 ms per token against 17-30 ms with one thread (measured here
 Agreement: at concurrency 1 both servers' greedy outputs for the same prompt are compared (longest common
 prefix, in tokens of the GGUF's tokenizer). Exact equality is not expected: nanoseek runs a Q4_1 GGUF as
 int4 (`--quant auto`; int8 activations in blocks of 32 on its own kernel) while llama.cpp runs its own Q4_1
-kernels. Each server must give the same text in every round (determinism), or the report says so.
+kernels (activations as Q8_1 blocks of 32); the rounding differs, so the greedy texts agree for a prefix and
+may part where two candidates are close. Each server must give the same text in every round (determinism), or
+the report says so.
 
-llama.cpp is optional: `pip install -e '.[bench]'` (llama-cpp-python with its server extra).
+llama-server: `make peers`. The queueing baselines: `pip install -e '.[bench]'` (llama-cpp-python with its
+server extra).
 """
 
 from __future__ import annotations
@@ -70,14 +79,16 @@ class ServerSpec:
     """How to start one server on a port, and what its requests must add to ask for equal work."""
 
     label: str
-    argv: Callable[[int], list[str]]
+    argv: Callable[..., list[str]]  # (port, slots) -> the command line
     equal_work: Callable[[int], dict]  # max_tokens -> extra request fields that make it run to max_tokens
     tokenize_path: str  # the server's own tokenize endpoint: {"model", field: text} -> {"tokens": [...]}
     tokenize_field: str
+    per_level: bool = False  # started for each concurrency level with as many slots (llama-server's -np)
+    build: str = ""  # which build of it runs (llama-server: its build record), for the report
 
 
 def nanoseek_spec(model: Path, quant: str, max_num_seqs: int) -> ServerSpec:
-    def argv(port: int) -> list[str]:
+    def argv(port: int, slots: int = 0) -> list[str]:
         return [sys.executable, "-m", "nanoseek", "serve", str(model), "--port", str(port), "--quant", quant,
                 "--max-num-seqs", str(max_num_seqs), "--shutdown-timeout", "2"]  # fmt: skip
 
@@ -85,7 +96,7 @@ def nanoseek_spec(model: Path, quant: str, max_num_seqs: int) -> ServerSpec:
 
 
 def llama_spec(label: str, model: Path, threads: int, n_ctx: int, interrupt_requests: bool) -> ServerSpec:
-    def argv(port: int) -> list[str]:
+    def argv(port: int, slots: int = 0) -> list[str]:
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_threads", str(threads),
                 "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx), "--port", str(port),
                 "--interrupt_requests", str(interrupt_requests), "--verbose", "False"]  # fmt: skip
@@ -93,13 +104,56 @@ def llama_spec(label: str, model: Path, threads: int, n_ctx: int, interrupt_requ
     return ServerSpec(label, argv, lambda n: {"min_tokens": n}, "/extras/tokenize", "input")
 
 
-PEERS = ("llama.cpp", "llama.cpp-queue")
+def slot_context(prompt_words: int, max_tokens: int) -> int:
+    """llama-server's context per slot: a prompt (at most ~3 tokens a word) and its max_tokens, with room to
+    spare, in 256s."""
+    return -(-(3 * prompt_words + max_tokens + 16) // 256) * 256
 
 
-def peer_specs(peers: list[str], model: Path, threads: int, n_ctx: int) -> tuple[list[ServerSpec], list[str]]:
+def llama_server_argv(binary: Path, model: Path, port: int, threads: int, slots: int, slot_ctx: int) -> list[str]:
+    """llama.cpp's own server as a self-hoster runs it: continuous batching over `slots` slots (-np), a context
+    of slots x slot_ctx (each slot gets slot_ctx), the same threads for decode and prompt batches."""
+    return [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+            "-tb", str(threads), "-np", str(slots), "-c", str(slots * slot_ctx), "--cont-batching",
+            "--no-webui"]  # fmt: skip
+
+
+def llama_server_spec(binary: Path, record: dict, model: Path, threads: int, slot_ctx: int) -> ServerSpec:
+    from nanoseek.bench.peers import describe
+
+    def argv(port: int, slots: int = 1) -> list[str]:
+        return llama_server_argv(binary, model, port, threads, slots, slot_ctx)
+
+    return ServerSpec("llama-server", argv, lambda n: {"ignore_eos": True}, "/tokenize", "content", per_level=True,
+                      build=describe(record))  # fmt: skip
+
+
+# llama-server: llama.cpp's own C++ server (built by `make peers`), the peer. llama.cpp / llama.cpp-queue:
+# llama-cpp-python's `llama_cpp.server`, one request at a time, kept as labelled queueing baselines.
+PEERS = ("llama-server", "llama.cpp", "llama.cpp-queue")
+PEER_NOTES = {
+    "llama-server": "llama-server = llama.cpp's own C++ server (continuous batching, -np = the level's concurrency)",
+    "llama.cpp": "llama.cpp = llama-cpp-python's llama_cpp.server, a queueing baseline: one request at a time, and "
+    "a new request cuts the running stream short",
+    "llama.cpp-queue": "llama.cpp-queue = llama-cpp-python's llama_cpp.server, a queueing baseline: one request at "
+    "a time, the others wait their turn",
+}
+
+
+def peer_specs(peers: list[str], model: Path, threads: int, n_ctx: int, slot_ctx: int = 256):
     """The peers' servers that can run here, and a note for each one that cannot (and why)."""
     specs, notes = [], []
     for peer in peers:
+        if peer == "llama-server":
+            from nanoseek.bench.peers import PeerMissing, find_peer
+
+            try:
+                binary, record = find_peer("llama-server")
+            except PeerMissing as exc:
+                notes.append(f"llama-server MISSING: {exc}")
+                continue
+            specs.append(llama_server_spec(binary, record, model, threads, slot_ctx))
+            continue
         missing = [m for m in ("llama_cpp", "sse_starlette", "starlette_context", "pydantic_settings")
                    if importlib.util.find_spec(m) is None]  # fmt: skip
         if missing:
@@ -132,7 +186,9 @@ class ServerFailed(RuntimeError):
 
 
 @contextlib.contextmanager
-def running(spec: ServerSpec, env: dict, startup_timeout: float) -> Iterator[tuple[str, str, subprocess.Popen]]:
+def running(
+    spec: ServerSpec, env: dict, startup_timeout: float, slots: int = 1
+) -> Iterator[tuple[str, str, subprocess.Popen]]:
     """The server in its own process on a free loopback port, ready (GET /v1/models answers 200), with the
     name of the model it serves; stopped
     with SIGTERM (then SIGKILL after 30 s) on exit. Its output goes to a temporary log, quoted on failure."""
@@ -140,7 +196,9 @@ def running(spec: ServerSpec, env: dict, startup_timeout: float) -> Iterator[tup
 
     port = free_port()
     with tempfile.TemporaryFile(mode="w+") as log:
-        proc = subprocess.Popen(spec.argv(port), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            spec.argv(port, slots), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
 
         def tail() -> str:
             log.flush()
@@ -320,7 +378,7 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-METRICS = ("ttft_ms", "ttft_p90_ms", "tpot_ms", "request_tok_s", "aggregate_tok_s")
+METRICS = ("ttft_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_ms", "request_tok_s", "aggregate_tok_s")
 
 
 def level_figures(level: Level, max_tokens: int) -> dict:
@@ -333,6 +391,7 @@ def level_figures(level: Level, max_tokens: int) -> dict:
     return {
         "ttft_ms": percentile(ttft, 0.5),
         "ttft_p90_ms": percentile(ttft, 0.9),
+        "ttft_p99_ms": percentile(ttft, 0.99),
         "tpot_ms": percentile(tpot, 0.5),
         "request_tok_s": percentile([max_tokens / (s.end - s.sent) for s in done], 0.5),
         "aggregate_tok_s": len(done) * max_tokens / level.wall if done else math.nan,
@@ -369,7 +428,7 @@ def ratio_table(figures: dict, label: str, peer: str, concurrency: list[int]) ->
         sent = sum(f["sent"] for f in ours)
         cells.append(f"{done[0]}/{sent} vs {done[1]}/{sent}")
         rows.append(cells)
-    header = ["C", "TTFT", "TTFT p90", "TPOT", "per-request tok/s", "aggregate tok/s", "completed"]
+    header = ["C", "TTFT", "TTFT p90", "TTFT p99", "TPOT", "per-request tok/s", "aggregate tok/s", "completed"]
     return table(header, rows), ratios
 
 
@@ -379,8 +438,10 @@ def ratio_table(figures: dict, label: str, peer: str, concurrency: list[int]) ->
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="nanoseek bench serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", default="smollm2", help="a .gguf file or an asset name (default smollm2)")
-    ap.add_argument("--peers", default="llama.cpp,llama.cpp-queue",
-                    help=f"peer servers, comma-separated, from {', '.join(PEERS)}; 'none' for none")  # fmt: skip
+    ap.add_argument("--peers", default="llama-server,llama.cpp-queue",
+                    help=f"peer servers, comma-separated, from {', '.join(PEERS)}; 'none' for none. llama-server: "
+                    "llama.cpp's own server (`make peers` builds it); llama.cpp, llama.cpp-queue: llama-cpp-python's "
+                    "server, one request at a time (queueing baselines)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2, help="threads of every server (OMP_NUM_THREADS, --n_threads)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (each server once per round, alternating order)")
     ap.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrent-stream counts")
@@ -424,8 +485,9 @@ def main(argv: list[str] | None = None) -> None:
     model = resolve_model(args.model)
     n_ctx = 2048  # llama.cpp's default; prompts (~50 tokens) + max_tokens fit far below it
     specs = [nanoseek_spec(model, args.quant, max(args.concurrency))]
-    peers, notes = peer_specs(args.peers, model, args.threads, n_ctx)
+    peers, notes = peer_specs(args.peers, model, args.threads, n_ctx, slot_context(args.prompt_words, args.max_tokens))
     specs += peers
+    notes = [PEER_NOTES[p] for p in args.peers] + [f"{s.label} build: {s.build}" for s in peers if s.build] + notes
     env = worker_env(args.threads)
     prompts = level_prompts(args.concurrency, args.prompt_words)
     load_start = os.getloadavg()
@@ -474,22 +536,29 @@ def server_prompt_ids(spec: ServerSpec, url: str, model: str, prompts: list[str]
 
 
 def run_server(spec, args, env, prompts, figures, texts, rss, prompt_ids) -> None:
-    with running(spec, env, args.startup_timeout) as (url, model, proc):
-        body = request_body(spec, model, args.max_tokens)
-        # untimed: lazy initialisation, first allocations
-        warm = asyncio.run(drive(url, prompts["warmup"], request_body(spec, model, 2), args.request_timeout)).streams[0]
-        if warm.error:
-            raise ServerFailed(f"{spec.label}: the warm-up request failed: {warm.error} {warm.text}")
-        for c in args.concurrency:
-            level = asyncio.run(drive(url, prompts[c], body, args.request_timeout))
-            figures[spec.label][c].append(level_figures(level, args.max_tokens))
-            if c == 1:
-                texts[spec.label].append(level.streams[0].text)
-        rss[spec.label].append(peak_rss_mb(proc.pid))
-        if spec.label not in prompt_ids:
-            prompt_ids[spec.label] = server_prompt_ids(
-                spec, url, model, [p for c in args.concurrency for p in prompts[c]]
-            )
+    """One round of one server: started once for every level (nanoseek: --max-num-seqs the largest level), or
+    once per level with that level's slots (llama-server: -np C); a warm-up request after each start."""
+    starts = [[c] for c in args.concurrency] if spec.per_level else [args.concurrency]
+    peak = math.nan
+    for levels in starts:
+        with running(spec, env, args.startup_timeout, slots=max(levels)) as (url, model, proc):
+            body = request_body(spec, model, args.max_tokens)
+            # untimed: lazy initialisation, first allocations
+            warm = asyncio.run(drive(url, prompts["warmup"], request_body(spec, model, 2), args.request_timeout))
+            if warm.streams[0].error:
+                raise ServerFailed(f"{spec.label}: the warm-up request failed: {warm.streams[0].error} "
+                                   f"{warm.streams[0].text}")  # fmt: skip
+            for c in levels:
+                level = asyncio.run(drive(url, prompts[c], body, args.request_timeout))
+                figures[spec.label][c].append(level_figures(level, args.max_tokens))
+                if c == 1:
+                    texts[spec.label].append(level.streams[0].text)
+            peak = max(peak, peak_rss_mb(proc.pid)) if math.isfinite(peak) else peak_rss_mb(proc.pid)
+            if spec.label not in prompt_ids:
+                prompt_ids[spec.label] = server_prompt_ids(
+                    spec, url, model, [p for c in args.concurrency for p in prompts[c]]
+                )
+    rss[spec.label].append(peak)
 
 
 def same_prompt_tokens(prompt_ids: dict[str, list[list[int]]]) -> str:
@@ -528,8 +597,8 @@ def report(args, model: Path, figures, texts, rss, notes, load_start, prompt_tok
             cells = [label, str(c), f"{done}/{sent}", ", ".join(f"{n} {why}" for why, n in fails.items()) or "—"]
             cells += [spread([f[m] for f in per_round]) for m in METRICS]
             rows.append(cells)
-    header = ["server", "C", "completed", "failed (why)", "TTFT ms", "TTFT p90 ms", "TPOT ms", "per-request tok/s",
-              "aggregate tok/s"]  # fmt: skip
+    header = ["server", "C", "completed", "failed (why)", "TTFT ms", "TTFT p90 ms", "TTFT p99 ms", "TPOT ms",
+              "per-request tok/s", "aggregate tok/s"]  # fmt: skip
     print(table(header, rows))
     print()
     print("peak RSS of each server process (MB): " + ", ".join(f"{lab} {spread(rss[lab], 0)}" for lab in labels))
@@ -592,7 +661,12 @@ def plot(args, model: Path, figures: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     panels = [("ttft_ms", "time to first token, median (ms)", True), ("aggregate_tok_s", "aggregate tok/s", False),
               ("completed", "completed streams (fraction)", False)]  # fmt: skip
-    colors = {"nanoseek": "tab:blue", "llama.cpp": "tab:gray", "llama.cpp-queue": "tab:orange"}
+    colors = {
+        "nanoseek": "tab:blue",
+        "llama-server": "tab:red",
+        "llama.cpp": "tab:gray",
+        "llama.cpp-queue": "tab:orange",
+    }
     for ax, (metric, title, logy) in zip(axes, panels):
         for label, per_c in figures.items():
             cs, meds, lo, hi = [], [], [], []
