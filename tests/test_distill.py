@@ -360,3 +360,37 @@ def test_logit_distillation_resumes_bit_exactly_after_kill_9(models, tmp_path, o
     assert resumed.steps == 5 and resumed.losses == full.losses[2:]
     a, b = nanoseek.load(resumed.model_dir).state_dict(), nanoseek.load(full.model_dir).state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])][:5]
+
+
+def test_cli_resume_and_parallel_reach_the_sft_and_logit_runs(models, tmp_path, capsys, monkeypatch):
+    """`nanoseek distill --resume --parallel MODE`: both settings reach the SFT and logit-distillation runs; a rerun
+    into the same folder is refused without --resume and continues (nothing left to train) with it."""
+    pytest.importorskip("nanoseek.train.sft")
+    import nanoseek.train.logit_distill as logit_mod
+    import nanoseek.train.sft as sft_mod
+
+    teacher, student = models
+    path, _ = _math_file(tmp_path / "math.jsonl", teacher)
+    seen = []
+    for mod, name in ((sft_mod, "run_sft"), (logit_mod, "logit_distill")):
+        real = getattr(mod, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            seen.append((_name, kw["parallel"], kw["resume"]))
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(mod, name, spy)
+    out = tmp_path / "out"
+    argv = ["distill", "--teacher", str(teacher), "--student", str(student), "--tasks", f"gsm8k:{path}", "--out",
+            str(out), "--format", "chat", "--samples", "1", "--temperature", "0", "--max-tokens", "24",
+            "--set", "max_steps=1", "--set", "batch_size=2", "--logit-kl-steps", "2", "--no-progress",
+            "--parallel", "none"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert seen == [("run_sft", "none", False), ("logit_distill", "none", False)]
+    assert main(argv) == 2 and "already holds checkpoints" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    assert seen[-2:] == [("run_sft", "none", True), ("logit_distill", "none", True)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sft"]["steps"] == 1 and summary["logit"]["steps"] == 2
+    with pytest.raises(SystemExit):
+        main([*argv, "--parallel", "tp"])

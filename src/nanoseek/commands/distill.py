@@ -51,6 +51,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an SFT setting, as nanoseek sft --set (max_steps, epochs, optim.lr, …)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu (default) | cuda")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the SFT (and logit-distillation) runs from their newest checkpoints",
+    )
+    p.add_argument("--parallel", default="auto", choices=["auto", "none", "ddp", "fsdp"],
+                   help="data parallelism of the student's training under torchrun: ddp (replicas) or fsdp (FSDP2 "
+                   "sharding); auto = ddp. Every rank generates the same traces; rank 0 writes")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the problems and the teacher's sampling")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -58,12 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nanoseek.eval import EvalWarning
+    from nanoseek.parallel import is_main_process, leaving_process_group
     from nanoseek.train.distill import distill
 
     if args.system_prompt and args.format == "plain":
         raise ValueError("--system-prompt needs --format chat or r1 (the plain format sends the bare prompt)")
     specs = [s for item in args.tasks for s in item.split(",") if s]
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, leaving_process_group():
         warnings.simplefilter("always", EvalWarning)
         result = distill(
             args.teacher, args.student, specs, args.out, args.overrides, problems=args.problems,
@@ -71,8 +80,12 @@ def run(args: argparse.Namespace) -> int:
             per_problem=args.per_problem,
             max_new_tokens=args.max_tokens, eval_limit=args.eval_limit, traces_only=args.traces_only,
             logit_kl_steps=args.logit_kl_steps, logit_kl_lr=args.logit_kl_lr,
-            device=args.device, show_progress=not args.no_progress, seed=args.seed,
+            device=args.device, show_progress=not args.no_progress, seed=args.seed, parallel=args.parallel,
+            resume=args.resume,
         )  # fmt: skip
+        main = is_main_process()  # (asked before the group is left)
+    if not main:  # rank 0 reports
+        return 0
     for w in caught:
         if issubclass(w.category, EvalWarning):
             print(f"nanoseek distill: warning: {w.message}", file=sys.stderr)

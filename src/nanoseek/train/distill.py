@@ -89,8 +89,8 @@ class DistillResult:
         logit = None
         if self.logit is not None:
             lg = self.logit
-            logit = {"model_dir": str(lg.model_dir), "steps": lg.steps, "kl_first": lg.losses[0],
-                     "kl_last": lg.losses[-1]}  # fmt: skip
+            first, last = (lg.losses[0], lg.losses[-1]) if lg.losses else (None, None)  # none: resumed at the end
+            logit = {"model_dir": str(lg.model_dir), "steps": lg.steps, "kl_first": first, "kl_last": last}
         return {
             "traces_path": str(self.traces_path), "generated": self.generated, "correct": self.correct,
             "kept": self.kept, "skipped": self.skipped, "per_task": self.per_task, "format": self.format,
@@ -274,14 +274,21 @@ def distill(
     device: str = "cpu",
     show_progress: bool = True,
     seed: int = 0,
+    parallel: str = "auto",
+    resume: bool = False,
 ) -> DistillResult:
     """Teacher traces -> verifier -> student SFT (see the module docstring). `teacher` and `student`: anything
     `nanoseek.load` reads, or (model, tokenizer) pairs. `overrides` go to `run_sft` ("max_steps=50", …).
     traces_only: stop after writing OUT/traces.jsonl. logit_kl_steps > 0: after SFT, that many steps of logit
     distillation (KL to the teacher's next-token distributions on the traces; same vocabulary needed) into
     OUT/kl/model, which is then the model evaluated. `fmt` and `system_prompt` mean what they mean to
-    `nanoseek.eval.evaluate`; the conversations carry the system message the teacher was prompted with."""
+    `nanoseek.eval.evaluate`; the conversations carry the system message the teacher was prompted with.
+    parallel, resume: the SFT and logit-distillation runs' (as run_sft's). Under torchrun every rank generates
+    the same traces (seeded) and rank 0 writes the files."""
+    from nanoseek.parallel import init_distributed
+
     out = Path(out)
+    info = init_distributed(device)
     check_format(fmt, system_prompt)
     parsed = [parse_spec(s) for s in specs]  # bad specs fail before any model loads
     t_model, t_tok, _ = _load(teacher, device)
@@ -291,7 +298,13 @@ def distill(
     )  # fmt: skip
     del t_model
     kept = select_traces(traces, per_problem)
-    path = write_conversations(out / "traces.jsonl", kept, fmt, system_prompt)
+    path = out / "traces.jsonl"
+    if info.is_main:
+        write_conversations(path, kept, fmt, system_prompt)
+    if info.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()  # the other ranks read it
     result = DistillResult(path, len(traces), sum(t.correct for t in traces), len(kept),
                            per_task_counts(traces, kept), skipped, format=fmt,
                            system_prompt=system_message(fmt, system_prompt))  # fmt: skip
@@ -304,13 +317,14 @@ def distill(
         kl = dict(teacher=teacher, steps=logit_kl_steps, lr=logit_kl_lr, traces=kept)
         _train_student(result, student, parsed, out, overrides, fmt=fmt, system_prompt=system_prompt,
                        max_new_tokens=max_new_tokens, eval_limit=eval_limit, device=device,
-                       show_progress=show_progress, seed=seed, kl=kl)  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(result.to_summary(), indent=2) + "\n")
+                       show_progress=show_progress, seed=seed, kl=kl, parallel=parallel, resume=resume)  # fmt: skip
+    if info.is_main:
+        (out / "summary.json").write_text(json.dumps(result.to_summary(), indent=2) + "\n")
     return result
 
 
 def _train_student(result: DistillResult, student, parsed, out: Path, overrides, *, fmt, system_prompt,
-                   max_new_tokens, eval_limit, device, show_progress, seed, kl) -> None:  # fmt: skip
+                   max_new_tokens, eval_limit, device, show_progress, seed, kl, parallel, resume) -> None:  # fmt: skip
     try:
         from nanoseek.train.logit_distill import logit_distill, same_vocabulary
         from nanoseek.train.sft import run_sft
@@ -334,13 +348,13 @@ def _train_student(result: DistillResult, student, parsed, out: Path, overrides,
     if held_out:
         result.eval_before = evaluate(s_model, s_tok, held_out, **settings)
     result.sft = run_sft(s_path or s_model, result.traces_path, out / "sft", overrides, tokenizer=s_tok,
-                         show_progress=show_progress, device=device)  # fmt: skip
+                         show_progress=show_progress, device=device, parallel=parallel, resume=resume)  # fmt: skip
     final_dir = result.sft.model_dir
     if kl["steps"]:
         result.logit = logit_distill(
             nanoseek.load(final_dir, dtype="float32", device=device), t_model, nanoseek.load_tokenizer(final_dir),
             [conversation(t, fmt, system_prompt) for t in kl["traces"]], out / "kl", teacher_tokenizer=t_tok,
-            steps=kl["steps"], lr=kl["lr"], seed=seed,
+            steps=kl["steps"], lr=kl["lr"], seed=seed, parallel=parallel, resume=resume,
         )  # fmt: skip
         final_dir = result.logit.model_dir
     if held_out:
