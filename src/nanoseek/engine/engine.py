@@ -93,9 +93,10 @@ class EngineConfig:
     # int8, engine alive after 64 streams x 32 tokens: RSS 822-835 -> 752 MB). The trim costs 15-22 ms, so
     # single streams and small batches (below the threshold) skip it. None: never.
     return_memory_after_rows: int | None = 8
-    # Dense models on CPU: decodes and verifications attend in nanoseek's paged attention kernel, reading the
-    # cache in place (engine/paged_attention.py; 4-6.5x faster than gathering the history for SDPA, and a
-    # row's result does not depend on its batch). False: gather + SDPA (for comparison).
+    # Dense models on CPU: every forward (decodes, verifications, prompt chunks) attends in nanoseek's paged
+    # attention kernel, reading the cache in place (engine/paged_attention.py; decodes 4-6.5x faster than
+    # gathering the history for SDPA, and a query's result depends neither on its batch nor on its prompt
+    # chunk's start). False: gather + SDPA (for comparison).
     fused_attention: bool = True
 
     def __post_init__(self) -> None:

@@ -367,7 +367,8 @@ class PagedView:
     query_spans: list[tuple[int, int, int]] | None = None
     key_starts: dict[int | None, list[int]] | None = None  # window -> each row's first key position
     # Dense models attend with `attend` (the paged attention kernel, engine/paged_attention.py) instead of
-    # `update` + SDPA: set by the runner for forwards whose every query wants logits (decodes, verifications)
+    # `update` + SDPA: set by the runner for every forward where the kernel runs (decodes, verifications and
+    # prompt chunks: a query's numbers then depend on nothing else in the forward)
     fused_attention: bool = False
     # ...and, where the engine's fused ops build, take q, k and v as one projection's output (`attend_qkv`): the
     # rotary embedding and the cache write in one op (engine/fused_ops.py)

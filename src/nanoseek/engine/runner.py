@@ -84,7 +84,8 @@ class ModelRunner:
         # query (PagedView.query_spans); the engine turns it on for speculative decoding
         self.row_wise = False
         fp32_cpu = self.device.type == "cpu" and weight.dtype == torch.float32  # the cache has the weights' dtype
-        # decodes and verifications of dense models attend in the paged attention kernel (engine/paged_attention.py)
+        # dense models attend in the paged attention kernel (engine/paged_attention.py) in every forward: decodes,
+        # verifications and prompt chunks, each query from its own keys in one order (batch invariance)
         self.fused_attention = fused_attention and fp32_cpu and paged_attention_applies(model)
         # RMSNorm in one op, and with the paged attention kernel the rotary embedding and cache write fused too
         # (engine/fused_ops.py): eager fp32 inference on CPU (not under autocast, whose activations are 16-bit)

@@ -28,11 +28,16 @@ to int8 per block of 32 costs ~1e-2 relative error per linear on random data; on
 text, int4 stays closer to the fp32 model of the file's weights than int8 does (mean KL 0.036 against 0.059).
 lm_head stays int8 in int4 mode (INT8_IN_INT4).
 
-Every mode quantizes each row's activations on its own, so a row's numbers do not depend on the rest of the
-batch beyond fp32 summation order (int4's kernel: bit for bit). Attention over padded rows (prompt chunks;
-decodes of DeepSeek's MLA or wherever the paged attention kernel does not run) rounds differently from a lone
+Every mode quantizes each row's activations on its own, and computes each row in an order that does not depend
+on the number of rows (int8: exact integer products; int4's kernel: one fixed order; fbgemm's fp16: measured),
+so a row's numbers do not depend on the rest of the batch, bit for bit. With the paged attention kernel
+(engine/paged_attention.py, dense models on CPU), which computes every query, in decodes and prompt chunks
+alike, from its own keys in one fixed order, a greedy request's tokens are the same alone, in any batch and
+whatever its prompt chunks (tests/test_batch_invariance.py). Where attention runs SDPA over padded rows
+(DeepSeek's MLA, Gemma 2's soft-capping, or where the kernel cannot be built) it rounds differently from a lone
 row's in the last bit, and with int8 activations that can pick the other token at a near tie
-(tests/test_engine.py measured one at 0.011 nats on a random model).
+(tests/test_engine.py measured one at 0.011 nats on a random model). fp32 weights (MKL's sgemm) sum a row in
+an order that changes with the number of rows.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
+#include <memory>
 
 namespace {
 
@@ -57,6 +57,20 @@ inline void dot4(const float* q, const float* k0, const float* k1, const float* 
   const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
   const __m256 h = _mm256_hadd_ps(h01, h23);
   _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
+// dot4 over 8 keys at once (8 independent chains hide the multiply-add's latency): dot4's bits for each key.
+inline void dot8(const float* q, const float* const* k, int64_t D, float* out) {
+  __m256 a[8];
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 x = _mm256_loadu_ps(q + d);
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[i] + d), a[i]);
+  }
+  const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(lo), _mm256_extractf128_ps(lo, 1)));
+  _mm_storeu_ps(out + 4, _mm_add_ps(_mm256_castps256_ps128(hi), _mm256_extractf128_ps(hi, 1)));
 }
 
 // dot4 for two queries (two heads of one query) over the same 4 keys, each key row loaded once: every dot
@@ -86,29 +100,27 @@ inline void dot4x2(const float* qa, const float* qb, const float* k0, const floa
 
 // out[a][0, D) += sum over keys i in [i0, e) of p[a][i] * v_i, for A (1 or 2) outputs that share their keys, as
 // one multiply-add chain per output lane in key order (so the grouping of lanes into registers changes no bit).
-// 32 lanes of each output stay in registers across the keys; D % 8 == 0.
-template <int A>
+// C * 8 lanes of each output stay in registers across the keys (A * C = 8 independent chains hide the
+// multiply-add's latency); D % 8 == 0.
+template <int A, int C>
 inline void weighted_values(const float* const* p, float* const* out, const int64_t* st, const int64_t* offset,
                             const float* vbase, int64_t i0, int64_t e, int64_t D) {
   int64_t d = 0;
-  for (; d + 32 <= D; d += 32) {
-    __m256 acc[A][4];
+  for (; d + 8 * C <= D; d += 8 * C) {
+    __m256 acc[A][C];
     for (int a = 0; a < A; ++a)
-      for (int c = 0; c < 4; ++c) acc[a][c] = _mm256_loadu_ps(out[a] + d + 8 * c);
+      for (int c = 0; c < C; ++c) acc[a][c] = _mm256_loadu_ps(out[a] + d + 8 * c);
     for (int64_t i = i0; i < e; ++i) {
       const float* v = vbase + offset[st[i]] + d;
-      const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
-                   v3 = _mm256_loadu_ps(v + 24);
+      __m256 vc[C];
+      for (int c = 0; c < C; ++c) vc[c] = _mm256_loadu_ps(v + 8 * c);
       for (int a = 0; a < A; ++a) {
         const __m256 w = _mm256_broadcast_ss(p[a] + i);
-        acc[a][0] = _mm256_fmadd_ps(w, v0, acc[a][0]);
-        acc[a][1] = _mm256_fmadd_ps(w, v1, acc[a][1]);
-        acc[a][2] = _mm256_fmadd_ps(w, v2, acc[a][2]);
-        acc[a][3] = _mm256_fmadd_ps(w, v3, acc[a][3]);
+        for (int c = 0; c < C; ++c) acc[a][c] = _mm256_fmadd_ps(w, vc[c], acc[a][c]);
       }
     }
     for (int a = 0; a < A; ++a)
-      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out[a] + d + 8 * c, acc[a][c]);
+      for (int c = 0; c < C; ++c) _mm256_storeu_ps(out[a] + d + 8 * c, acc[a][c]);
   }
   for (; d < D; d += 8) {
     __m256 acc[A];
@@ -241,6 +253,12 @@ void attend_task(const float* q, const float* k_store, const float* v_store, con
         const float* qb = qa + D;
         float* sb = sa + S;
         int64_t i = cur[t];
+        if (!two)
+          for (; i + 8 <= e; i += 8) {
+            const float* k[8];
+            for (int m = 0; m < 8; ++m) k[m] = k_store + offset[st[i + m]];
+            dot8(qa, k, D, sa + i);
+          }
         for (; i + 4 <= e; i += 4) {
           const float *k0 = k_store + offset[st[i]], *k1 = k_store + offset[st[i + 1]],
                       *k2 = k_store + offset[st[i + 2]], *k3 = k_store + offset[st[i + 3]];
@@ -294,10 +312,10 @@ void attend_task(const float* q, const float* k_store, const float* v_store, con
           }
           ++h;
         } else if (h + 1 < nh) {
-          weighted_values<2>(sp, op, st, offset, v_store, cur[t], e, D);
+          weighted_values<2, 4>(sp, op, st, offset, v_store, cur[t], e, D);
           h += 2;
         } else {
-          weighted_values<1>(sp, op, st, offset, v_store, cur[t], e, D);
+          weighted_values<1, 8>(sp, op, st, offset, v_store, cur[t], e, D);
           ++h;
         }
       }
@@ -343,8 +361,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_store, const
   const int64_t heads_per_task = group / parts;
   const int64_t tasks = R * tiles * K * parts;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(kTile * heads_per_task * std::max<int64_t>(S, 1));
-    std::vector<int64_t> work((kTile + 1) * std::max<int64_t>(S, 1));
+    // uninitialized (a vector would clear them on every call): each task writes what it reads
+    const int64_t tile_rows = std::min(kTile, T), keys = std::max<int64_t>(S, 1);
+    std::unique_ptr<float[]> scores(new float[tile_rows * heads_per_task * keys]);
+    std::unique_ptr<int64_t[]> work(new int64_t[(tile_rows + 1) * keys]);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t part = task % parts, kv = task / parts % K, tile = task / parts / K % tiles;
       const int64_t r = task / parts / K / tiles;
@@ -352,7 +372,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_store, const
       const int64_t n0 = r * T + t0;  // the task's first query
       const int64_t h0 = kv * group + part * heads_per_task;
       attend_task(qp + n0 * H * D, kp, vp, sp + r * S, mp + n0 * S, nq, h0, h0 + heads_per_task, kv, H, S, stride, D,
-                  static_cast<float>(scale), scores.data(), work.data(), op + n0 * H * D);
+                  static_cast<float>(scale), scores.get(), work.get(), op + n0 * H * D);
     }
   });
   return out;
