@@ -33,14 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.model.fused import clear_fused_weights
-from nanoseek.model.loss import IGNORE_INDEX
 from nanoseek.model.moe import load_imbalance, update_router_bias
-from nanoseek.model.mtp import shift_left
 from nanoseek.parallel import (
     MODES,
     DistInfo,
@@ -50,16 +47,24 @@ from nanoseek.parallel import (
     parallelize,
     print0,
 )
-from nanoseek.tasks import Task, get_task
-from nanoseek.tokenizer import Tokenizer, load_tokenizer
+from nanoseek.tasks import Task
+from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import checkpoint as ckpt_io
+from nanoseek.train.batches import BatchSource, trim_shared_padding  # noqa: F401 (trim_shared_padding: API)
+from nanoseek.train.budget import StepBudget
+from nanoseek.train.build import (  # noqa: F401 (param_groups, tokenizer_texts: the trainer's API)
+    build_model,
+    build_optimizer,
+    build_tasks,
+    param_groups,
+    prepare_tokenizer,
+    tokenizer_texts,
+)
 from nanoseek.train.config import TrainConfig, lr_at
-from nanoseek.train.data import PackedTextDataset, TaskBatcher
 from nanoseek.train.evaluate import TaskScore, evaluate_in_format, evaluate_tasks
 from nanoseek.train.meter import Meter
-from nanoseek.train.tokenizer import train_tokenizer
-
-CALIBRATION_STEPS = 20  # a time-budgeted run measures this many steps before fixing its step count
+from nanoseek.train.objective import NextTokenLoss, diverged_message, target_counts  # noqa: F401
+from nanoseek.train.thread_tuner import ThreadTuner
 
 
 @dataclass
@@ -75,242 +80,11 @@ class TrainResult:
 
 
 # ---- building blocks ------------------------------------------------------------------------------------
-def build_tasks(cfg: TrainConfig) -> list[Task]:
-    return [get_task(name, heldout_fraction=cfg.data.heldout_fraction) for name in cfg.data.tasks]
-
-
-def tokenizer_texts(cfg: TrainConfig, n: int):
-    """Texts to train the tokenizer on: task samples (training split) or the first documents of the files."""
-    if cfg.data.files:
-        ds = PackedTextDataset(cfg.data.files, None, seq_len=1, text_field=cfg.data.text_field, loop=False)
-        count = 0
-        for i in range(len(ds.files)):
-            for _, text in ds._docs(i, 0):  # raw documents in corpus order, before any tokenizer exists
-                if count >= n:
-                    return
-                count += 1
-                yield text
-        return
-    import random
-
-    rng = random.Random(f"tokenizer/{cfg.seed}")
-    tasks = build_tasks(cfg)
-    for _ in range(n):
-        ex = rng.choice(tasks).generate(rng, "train")
-        yield ex.prompt + ex.answer
-
-
-def prepare_tokenizer(cfg: TrainConfig, out_dir: Path, info: DistInfo) -> Tokenizer:
-    """cfg.tokenizer.path, else the run's own tokenizer (out_dir/tokenizer), trained by rank 0 if missing."""
-    if cfg.tokenizer.path:
-        tok = load_tokenizer(cfg.tokenizer.path)
-        tok.special_ids()  # a clear error now if it lacks bos/eos/pad, not a failure in the first batch
-        return tok
-    folder = out_dir / "tokenizer"
-    if info.is_main and not (folder / "tokenizer.json").is_file():
-        tok = train_tokenizer(tokenizer_texts(cfg, cfg.tokenizer.train_texts), vocab_size=cfg.tokenizer.vocab_size)
-        tok.save(folder)
-    if info.distributed:
-        dist.barrier()
-    return load_tokenizer(folder)
-
-
-def build_model(cfg: TrainConfig, tok: Tokenizer) -> DeepseekV3ForCausalLM:
-    bos, eos, pad = tok.special_ids()
-    mc = cfg.model_config(vocab_size=tok.vocab_size).replace(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
-    if cfg.seq_len > mc.max_position_embeddings:
-        raise ValueError(f"seq_len={cfg.seq_len} exceeds max_position_embeddings={mc.max_position_embeddings}")
-    if cfg.mtp_weight == 0 and mc.num_nextn_predict_layers:
-        # No loss would reach the MTP modules: DDP fails on parameters that get no gradient, and the exported
-        # model would carry MTP weights that were never trained. So there are none.
-        print0(f"mtp_weight=0: training without the {mc.num_nextn_predict_layers} MTP module(s)")
-        mc = mc.replace(num_nextn_predict_layers=0)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run
-    return DeepseekV3ForCausalLM(mc)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: not on norms, biases or embeddings (nor a head tied to them)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():  # shared (tied) parameters appear once
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or "embed_tokens" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    o = cfg.optim
-    kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **kernel
-    )
-
-
-def trim_shared_padding(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut the positions after the last target of the whole batch (padding every row has). Exact: under
-    causal attention later positions cannot change earlier ones, and the cut positions have no target."""
-    has_target = (y != IGNORE_INDEX).any(0).nonzero()
-    length = int(has_target[-1]) + 1 if len(has_target) else y.shape[1]
-    return x[:, :length], y[:, :length]
-
-
-class BatchSource:
-    """This rank's micro-batches for optimizer step `step`: a list of grad_accum (input_ids, targets)."""
-
-    def __init__(self, cfg: TrainConfig, tok: Tokenizer, info: DistInfo):
-        self.cfg, self.info = cfg, info
-        self.rows = cfg.batch_size  # per micro-batch per rank
-        self.n_micro = cfg.grad_accum
-        if cfg.data.files:
-            self.kind = "text"
-            self.text = PackedTextDataset(
-                cfg.data.files, tok, cfg.seq_len, cfg.data.text_field, rank=info.rank, world_size=info.world_size
-            )
-        else:
-            self.kind = "tasks"
-            weights = cfg.data.task_weights or None
-            # The whole step's global batch, identical on every rank (rank 0 of 1): each rank slices it.
-            self.tasks = TaskBatcher(
-                build_tasks(cfg), tok, batch_size=self.rows * self.n_micro * info.world_size,
-                seq_len=cfg.seq_len, seed=cfg.seed, weights=weights,
-                loss_on_answer_only=cfg.data.loss_on_answer_only, fmt=cfg.data.format,
-            )  # fmt: skip
-
-    def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if self.kind == "text":
-            return [self.text.next_batch(self.rows) for _ in range(self.n_micro)]
-        x, y = self.tasks.batch_at(step)
-        self.tasks.step = step + 1
-        # The same cut on every rank keeps the MoE load counts equal to those of one process.
-        x, y = trim_shared_padding(x, y)
-        out = []
-        for m in range(self.n_micro):
-            start = (m * self.info.world_size + self.info.rank) * self.rows
-            out.append((x[start : start + self.rows], y[start : start + self.rows]))
-        return out
-
-    def state_dict(self) -> Any:
-        if self.kind == "tasks":
-            return self.tasks.state_dict()
-        state = self.text.state_dict()
-        if not self.info.distributed:
-            return [state]
-        states: list[Any] = [None] * self.info.world_size
-        dist.all_gather_object(states, state)
-        return states
-
-    def load_state_dict(self, state: Any) -> None:
-        if self.kind == "tasks":
-            self.tasks.load_state_dict(state)
-            return
-        if not isinstance(state, list) or len(state) != self.info.world_size:
-            n = len(state) if isinstance(state, list) else "?"
-            raise ValueError(
-                f"checkpoint holds data positions for {n} ranks; this run has {self.info.world_size} "
-                f"(resume text runs with the same number of processes)"
-            )
-        self.text.load_state_dict(state[self.info.rank])
-
-
 def _on_device(batch: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """A micro-batch (x, y) or (x, y, extra forward kwargs) on `device`, as (x, y, kwargs)."""
     x, y, *rest = batch
     extra = {k: v.to(device) for k, v in (rest[0] if rest else {}).items()}
     return x.to(device), y.to(device), extra
-
-
-def diverged_message(step: int, loss: float, terms: dict[str, float]) -> str:
-    """Which loss terms went non-finite, so a NaN points at its source (the main head, an MTP depth, the
-    balance loss) rather than at "the loss"."""
-    bad = [f"{name} = {value}" for name, value in terms.items() if not math.isfinite(value)]
-    source = f"from {', '.join(bad)}" if bad else "although every loss term is finite"
-    return f"step {step}: loss is {loss} ({source}); lower optim.lr or raise optim.warmup_steps"
-
-
-def target_counts(y: torch.Tensor, mtp_depth: int) -> list[int]:
-    """Target tokens of the next-token loss and of each MTP depth (which drops each row's last k)."""
-    counts = [int((y != IGNORE_INDEX).sum())]
-    for k in range(1, mtp_depth + 1):
-        counts.append(int((shift_left(y, k, IGNORE_INDEX) != IGNORE_INDEX).sum()))
-    return counts
-
-
-class NextTokenLoss:
-    """The pretraining and SFT objective: next-token cross-entropy, plus each MTP depth's (weighted by
-    mtp_weight) and the MoE sequence-wise balance loss (balance_alpha), in one forward of the wrapped model.
-
-    An objective gives the loop two things: `counts(x, y)`, the micro-batch's normalisers (the loop sums them
-    over the step's micro-batches and ranks; the first must be > 0), and `loss(...)`, the micro-batch's share
-    of the step's loss with its logged parts and its named terms (what a non-finite loss is traced back to)."""
-
-    def __init__(self, mtp_weight: float, balance_alpha: float, depth: int):
-        self.mtp_weight, self.balance_alpha, self.depth = mtp_weight, balance_alpha, depth
-
-    def counts(self, x: torch.Tensor, y: torch.Tensor) -> list[int]:
-        return target_counts(y, self.depth)
-
-    def loss(self, module: nn.Module, x, y, extra: dict, counts: list[int], totals: list[float], rows: int,
-             total_rows: float):  # fmt: skip
-        """Token-weighted: each term's mean over this micro-batch's targets times its share of the step's."""
-        out = module(x, y, mtp_weight=self.mtp_weight, balance_alpha=self.balance_alpha, **extra)
-        lm = out["lm"] * (counts[0] / totals[0])
-        loss, parts, terms = lm, {"lm": lm.detach()}, {"lm": lm.detach()}
-        if out["mtp"] is not None and self.mtp_weight > 0:
-            shares = [out["mtp"][k] * (counts[k + 1] / max(totals[k + 1], 1)) for k in range(len(out["mtp"]))]
-            mtp = torch.stack(shares).mean()
-            loss = loss + self.mtp_weight * mtp
-            parts["mtp"] = mtp.detach()
-            terms.update({f"mtp depth {k}": share.detach() for k, share in enumerate(shares, start=1)})
-        if out["balance"] is not None:
-            bal = out["balance"] * (rows / total_rows)
-            loss = loss + self.balance_alpha * bal
-            parts["balance"] = bal.detach()
-            terms["balance"] = bal.detach()
-        parts["loss"] = loss.detach()
-        return loss, parts, terms
-
-
-class ThreadTuner:
-    """Runs CPU training on the faster of 1 thread and all threads, re-measured every `every` steps.
-
-    On a machine shared with other busy processes, OpenMP threads spinning while they wait for each other
-    made the speedrun model's step ~6x slower with two threads than with one (measured on the 2-core box);
-    on an idle machine two threads win. The load changes during a run, so the choice is re-checked: every
-    `every` steps, `trial` steps run with the other count and the faster recent median is kept.
-    `restore()` puts back the caller's thread count (the trainer calls it when training ends).
-    """
-
-    def __init__(self, every: int = 50, trial: int = 3, start: int = 5):
-        self.most = torch.get_num_threads()  # the caller's setting, restored at the end
-        self.every, self.trial, self.start = every, trial, start
-        self.best = self.most
-        self.recent: dict[int, list[float]] = {1: [], self.most: []}
-
-    def _other(self) -> int:
-        return 1 if self.best == self.most else self.most
-
-    def before_step(self, step: int) -> None:
-        if self.most > 1:
-            trying = step >= self.start and (step - self.start) % self.every < self.trial
-            torch.set_num_threads(self._other() if trying else self.best)
-
-    def after_step(self, step: int, seconds: float) -> None:
-        if self.most <= 1:
-            return
-        n = torch.get_num_threads()
-        self.recent[n] = (self.recent[n] + [seconds])[-self.trial :]
-        decide = step >= self.start and (step - self.start) % self.every == self.trial - 1
-        if decide and all(self.recent.values()):
-            medians = {k: sorted(v)[len(v) // 2] for k, v in self.recent.items()}
-            self.best = min(medians, key=medians.get)
-            torch.set_num_threads(self.best)
-
-    def restore(self) -> None:
-        torch.set_num_threads(self.most)
 
 
 # ---- the trainer ----------------------------------------------------------------------------------------
@@ -593,27 +367,6 @@ class Trainer:
             return flag
         return all_reduce_sum([float(flag)], self.info.device)[0] > 0
 
-    def _replan_due(self, step: int) -> bool:
-        """Plan once after calibration, then again every tenth of the plan: a shared machine's speed drifts,
-        and a plan that is too long would be cut by the budget before the learning rate has decayed."""
-        if self.planned_steps is None:
-            return True
-        every = max(CALIBRATION_STEPS, self.planned_steps // 10)
-        return step % every == 0 and step < self.planned_steps - every
-
-    def _plan_steps(self, step: int, train_s: float, measured_s: float, measured_steps: int) -> int:
-        """Steps that fit the time budget, from the measured speed (the same number on every rank)."""
-        cfg = self.cfg
-        budget = cfg.time_budget_min * 60.0
-        per_step = measured_s / max(1, measured_steps)
-        fit = step + int(max(0.0, budget - self.elapsed_before - train_s) / per_step)
-        planned = min(cfg.max_steps, max(step + 1, fit))
-        if self.info.distributed:
-            t = torch.tensor([planned], dtype=torch.long, device=self.info.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-            planned = int(t)
-        return planned
-
     def train(self) -> TrainResult:
         self._setup()
         cfg, info = self.cfg, self.info
@@ -641,7 +394,7 @@ class Trainer:
         step = self.start_step
         loop_start = time.perf_counter()
         paused = 0.0  # seconds of evaluation and checkpointing inside the loop
-        measured_from: tuple[int, float] | None = None
+        budget = None if cfg.time_budget_min is None else StepBudget(cfg, step, self.elapsed_before, info)
         eval_history: list[dict[str, Any]] = []
         try:
             while step < (self.planned_steps or cfg.max_steps):
@@ -665,18 +418,14 @@ class Trainer:
                 if cfg.log_every and step % cfg.log_every == 0 and "_loads" in rec:
                     extra["expert_load"] = rec["_loads"]
                 meter.step(step, loss=rec["loss"], tokens=rec["_tokens"], lr=lr, **extra)
-                if cfg.time_budget_min is not None:  # measure a few steps, then plan the schedule's length
-                    if step - self.start_step == 2:
-                        measured_from = (step, train_s)
-                    elif measured_from and step - measured_from[0] >= CALIBRATION_STEPS and self._replan_due(step):
-                        first = self.planned_steps is None
-                        self.planned_steps = self._plan_steps(
-                            step, train_s, train_s - measured_from[1], step - measured_from[0]
-                        )
-                        if meter._bar is not None:
-                            meter._bar.total = self.planned_steps
-                        if first:
-                            print0(f"time budget {cfg.time_budget_min:g} min: {self.planned_steps} steps planned")
+                planned = budget.replan(step, train_s, self.planned_steps) if budget is not None else None
+                if planned is not None:  # measured a few steps: (re)plan the schedule's length
+                    first = self.planned_steps is None
+                    self.planned_steps = planned
+                    if meter._bar is not None:
+                        meter._bar.total = self.planned_steps
+                    if first:
+                        print0(f"time budget {cfg.time_budget_min:g} min: {self.planned_steps} steps planned")
                 t_pause = time.perf_counter()
                 with meter.paused():
                     if cfg.eval_every and step % cfg.eval_every == 0 and step < (self.planned_steps or 0):
