@@ -25,25 +25,50 @@ top-k above the expert count...) are reported before anything runs.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
-import re
-import tomllib
-import types
 import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nanoseek.model.config import NAMED_CONFIGS, ConfigError, DeepseekV3Config
+from nanoseek.train.overrides import (  # noqa: F401 (apply_overrides, yaml_load: this module's API)
+    apply_mapping,
+    apply_overrides,
+    coerce,
+    read_config_file,
+    suggest,
+    yaml_load,
+)
 
 
 @dataclass
 class ModelSpec:
     size: str = "test-tiny"  # a name in nanoseek.model.config.NAMED_CONFIGS
     overrides: dict[str, Any] = field(default_factory=dict)  # DeepseekV3Config fields over that size
+
+    def _apply_key(self, key: str, value: Any, dotted: str, where: str) -> bool:
+        """Settings reach a model's fields directly: `model.hidden_size=96` (or `overrides: {...}` in a file)."""
+        if key == "size":
+            return False
+        if key == "overrides":
+            apply_mapping(self, dict(value), where, dotted[: -len(key)])
+            return True
+        if key not in _MODEL_FIELDS:
+            raise ValueError(
+                f"{where}: unknown model field {dotted!r}{suggest(key, _MODEL_FIELDS)}; model keys are "
+                f"'size' and DeepseekV3Config fields"
+            )
+        self.overrides[key] = coerce(value, _model_hints()[key], dotted, where)
+        return True
+
+
+_MODEL_FIELDS = {f.name: f for f in dataclasses.fields(DeepseekV3Config) if f.init}
+
+
+def _model_hints() -> dict[str, Any]:
+    return typing.get_type_hints(DeepseekV3Config)
 
 
 TASK_FORMATS = ("plain", "r1")
@@ -306,219 +331,29 @@ def load_train_config(
 ) -> TrainConfig:
     """Build and validate a TrainConfig: defaults < base < preset < file (TOML/YAML) < `key=value` overrides.
     base: another layer of defaults (SFT's); check_model: see TrainConfig.validate."""
-    file_data: dict[str, Any] = _read_config_file(Path(path)) if path is not None else {}
+    file_data: dict[str, Any] = read_config_file(Path(path)) if path is not None else {}
     file_preset = file_data.pop("preset", None)
     preset = preset if preset is not None else file_preset
     cfg = TrainConfig()
     if base:
-        _apply(cfg, base, where="defaults")
+        apply_mapping(cfg, base, where="defaults")
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}{_suggest(preset, PRESETS)}")
-        _apply(cfg, PRESETS[preset], where=f"preset {preset!r}")
-    _apply(cfg, file_data, where=str(path))
+            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}{suggest(preset, PRESETS)}")
+        apply_mapping(cfg, PRESETS[preset], where=f"preset {preset!r}")
+    apply_mapping(cfg, file_data, where=str(path))
     apply_overrides(cfg, overrides or [])
     cfg.validate(check_model=check_model)
     return cfg
-
-
-def apply_overrides(cfg: Any, overrides: Sequence[str], example: str = "optim.lr=3e-4") -> None:
-    """Apply `key=value` strings (dotted keys reach nested sections) to the dataclass `cfg`, in place, each
-    value checked and coerced to its field's type."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"override {item!r} must look like key=value (e.g. {example})")
-        nested: dict[str, Any] = {}
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = _RawString(raw.strip())
-        _apply(cfg, nested, where=f"override {item!r}")
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Rebuild a TrainConfig from `to_dict()` output (e.g. a checkpoint's train_config.json), checked
     like a config file."""
     cfg = TrainConfig()
-    _apply(cfg, dict(data), where="config dict")
+    apply_mapping(cfg, dict(data), where="config dict")
     cfg.validate()
     return cfg
-
-
-class _RawString(str):
-    """A command-line value: parsed according to the type of the field it lands in."""
-
-
-# YAML 1.1 (PyYAML's) reads `1e-08` and `3e-4` as strings (its floats need a dot); YAML 1.2, TOML and every
-# user read them as numbers. This resolver, YAML 1.2's float pattern, makes them floats.
-_YAML12_FLOAT = re.compile(
-    r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?(?:[eE][-+]?\d+)?|\.\d[\d_]*(?:[eE][-+]?\d+)?)$"
-    r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
-)
-
-
-def yaml_load(text: str) -> Any:
-    """yaml.safe_load with YAML 1.2's numbers (`1e-08` is a float)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
-    return yaml.load(text, Loader=Loader)
-
-
-def _read_config_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: config file not found")
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = yaml_load(text) or {}
-        else:
-            raise ValueError(f"{path}: config files must end in .toml, .yaml or .yml")
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML ({exc})") from exc
-    except Exception as exc:  # yaml.YAMLError without importing yaml at module import
-        if type(exc).__module__.startswith("yaml"):
-            raise ValueError(f"{path}: not valid YAML ({exc})") from exc
-        raise
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of keys to values")
-    return data
-
-
-def _suggest(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-_MODEL_FIELDS = {f.name: f for f in dataclasses.fields(DeepseekV3Config) if f.init}
-
-
-def _apply(obj: Any, data: dict[str, Any], where: str, prefix: str = "") -> None:
-    """Merge `data` into the dataclass `obj` in place, checking keys and coercing values."""
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(obj, ModelSpec) and key not in ("size", "overrides"):
-            # any other [model] key is a DeepseekV3Config field
-            if key not in _MODEL_FIELDS:
-                raise ValueError(
-                    f"{where}: unknown model field {dotted!r}{_suggest(key, _MODEL_FIELDS)}; model keys are "
-                    f"'size' and DeepseekV3Config fields"
-                )
-            model_hints = typing.get_type_hints(DeepseekV3Config)
-            obj.overrides[key] = _coerce(value, model_hints[key], dotted, where)
-            continue
-        if key not in names:
-            raise ValueError(f"{where}: unknown config key {dotted!r}{_suggest(key, names)}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}: {dotted!r} is a section; give it a mapping, got {value!r}")
-            _apply(current, value, where, prefix=f"{dotted}.")
-        elif isinstance(obj, ModelSpec) and key == "overrides":
-            _apply(obj, dict(value), where, prefix)
-        else:
-            setattr(obj, key, _coerce(value, hints[key], dotted, where))
-
-
-def _coerce(value: Any, tp: Any, name: str, where: str) -> Any:
-    """Convert `value` to type `tp` (int, float, bool, str, X | None, list[X], dict) or raise ValueError."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        is_null = value is None or (isinstance(value, _RawString) and value.lower() in ("none", "null", ""))
-        if is_null and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, name, where)
-            except ValueError as exc:
-                errors.append(str(exc))
-        raise ValueError(errors[0] if errors else f"{where}: {name} cannot be {value!r}")
-    if isinstance(value, _RawString) and tp not in (str, Any):
-        value = _parse_cli_value(value, tp)
-    bad = ValueError(f"{where}: {name} must be {_type_name(tp)}, got {value!r}")
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad
-        return float(value)
-    if tp is str:
-        if isinstance(value, str):
-            return str(value)
-        raise bad
-    if origin is list:
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
-            raise bad
-        return [_coerce(v, item_tp, f"{name}[{i}]", where) for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    raise bad
-
-
-def _parse_cli_value(raw: str, tp: Any) -> Any:
-    if tp is bool:
-        low = raw.lower()
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
-        return raw
-    if tp is int:
-        try:
-            return int(raw.replace("_", ""))
-        except ValueError:
-            try:
-                return float(raw)  # "1e3" is fine for an int field if it is whole
-            except ValueError:
-                return raw
-    if tp is float:
-        try:
-            return float(raw)
-        except ValueError:
-            return raw
-    # lists and dicts: YAML flow syntax, e.g. data.tasks=[add2,sort],
-    # model.rope_scaling={type: yarn, factor: 4}
-    import yaml
-
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
-def _type_name(tp: Any) -> str:
-    if tp in (int, float, bool, str):
-        return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
-    return str(tp).replace("typing.", "")
 
 
 # ---- learning-rate schedule ---------------------------------------------------------------------------
