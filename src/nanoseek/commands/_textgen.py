@@ -56,28 +56,9 @@ def load_model_and_tokenizer(args: argparse.Namespace):
 
 
 def run_format(choice: str, path, device: str | None) -> str:
-    """The weights' run format for --quant. "auto", on the CPU, for a quantized GGUF file: int4 when the
-    file's layers have 4-bit weights (Q4_0, Q4_1, Q4_K) and nanoseek's 4-bit kernel runs here: those run from
-    the file's own blocks, and weights the file keeps in more bits (a Q4_K_M file's Q6_K and Q8_0 tensors)
-    as int8 (weights/hf_folder._pack_linears). Else int8 (4-8 bit weights kept close, ~3x faster than fp32).
-    Anything else runs unquantized. On SmolLM2 Q4_1 (benchmarks/RESULTS.md, Decode, 07:55 run), int4 against int8:
-    one stream 1.20-1.38x as fast, prefill 0.98-1.16x, 64 streams 1.02-1.08x, eager and compiled; and its
-    logits stay closer to the file's model."""
-    import torch
+    """The weights' run format for --quant: nanoseek.loading.resolve_quant, the one rule `nanoseek.load(...,
+    quant="auto")` follows too (auto: int4 for a GGUF file with 4-bit layers where int4 runs, int8 for other
+    quantized GGUF files, none otherwise)."""
+    from nanoseek.loading import resolve_quant
 
-    device_type = torch.device(device).type if device else "cpu"
-    if choice != "auto":
-        if choice != "none" and device_type != "cpu":
-            raise ValueError(f"--quant {choice} is for the CPU; the model is on {device}")
-        return choice
-    if device_type != "cpu" or not str(path).lower().endswith(".gguf"):
-        return "none"
-    from nanoseek.quant import int4_kernel_available
-    from nanoseek.weights.gguf import open_gguf
-    from nanoseek.weights.gguf_grid import FLOAT_TYPES, FOUR_BIT_TYPES
-
-    qtypes = {name: info.qtype.name for name, info in open_gguf(path).tensors.items()}
-    layer_types = {t for name, t in qtypes.items() if name.startswith("blk.") and t not in FLOAT_TYPES}
-    if layer_types & set(FOUR_BIT_TYPES) and int4_kernel_available():
-        return "int4"
-    return "int8" if set(qtypes.values()) - FLOAT_TYPES else "none"
+    return resolve_quant(choice, path, device)

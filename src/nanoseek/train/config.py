@@ -269,9 +269,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log_every": 10,
         "eval_every": 0,
     },  # fmt: skip
-    # A bigger CPU/GPU-friendly size (~20M params, the MoE benchmark's size) for longer runs.
+    # A bigger CPU/GPU-friendly size (~20M params, the MoE benchmark's size) for longer runs. From `small` up, the
+    # MLA sizes are DeepSeek-V3's kv_lora_rank 512 + qk_rope_head_dim 64: the one size every vLLM and SGLang MLA
+    # backend serves (weights/mla_serving.py), so the runs' exports serve there.
     "small": {
-        "model": {"size": "bench-20m", "max_position_embeddings": 512},
+        "model": {"size": "bench-20m", "max_position_embeddings": 512, "kv_lora_rank": 512, "qk_rope_head_dim": 64},
         "data": {"tasks": ["add2", "add3", "sort", "linear"]},
         "tokenizer": {"vocab_size": 1024},
         "optim": {"lr": 1e-3, "warmup_steps": 200},
@@ -293,9 +295,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "num_attention_heads": 12,
             "num_key_value_heads": 12,
             "q_lora_rank": 384,
-            "kv_lora_rank": 256,
+            "kv_lora_rank": 512,
             "qk_nope_head_dim": 64,
-            "qk_rope_head_dim": 32,
+            "qk_rope_head_dim": 64,
             "v_head_dim": 64,
             "n_routed_experts": 32,
             "num_experts_per_tok": 4,

@@ -25,6 +25,7 @@ from nanoseek.model.moe import Router
 from nanoseek.weights.deepseek_v3_hf import has_mtp_weights, hf_to_native, native_to_hf
 from nanoseek.weights.fp8 import open_checkpoint
 from nanoseek.weights.gguf_grid import FLOAT_TYPES, FOUR_BIT_TYPES
+from nanoseek.weights.mla_serving import warn_if_unservable
 from nanoseek.weights.safetensors_io import WeightsError, check_shape, save_safetensors_folder
 
 # ---- DeepSeek-V3 ------------------------------------------------------------------------------------------
@@ -33,10 +34,14 @@ from nanoseek.weights.safetensors_io import WeightsError, check_shape, save_safe
 def save_pretrained(
     model: DeepseekV3ForCausalLM | DenseForCausalLM, folder: str | os.PathLike, *, dtype: torch.dtype | None = None
 ) -> None:
-    """Write `model` as a HF folder (config.json, safetensors, generation_config.json)."""
+    """Write `model` as a HF folder (config.json, safetensors, generation_config.json).
+
+    A DeepSeek-V3 model whose MLA sizes vLLM and SGLang do not serve (kv_lora_rank + qk_rope_head_dim other
+    than 512 + 64) is still written, with an UnservableExportWarning naming the sizes (weights/mla_serving.py)."""
     if isinstance(model, DenseForCausalLM):
         save_dense(model, folder, dtype=dtype)
         return
+    warn_if_unservable(model.config, stacklevel=_caller_stacklevel())
     tensors = native_to_hf(model)
     if dtype is not None:  # the router's correction bias stays fp32: it is compared against tiny score gaps
         tensors = {
@@ -48,6 +53,17 @@ def save_pretrained(
     save_safetensors_folder(folder, tensors, cfg)
     gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
     (Path(folder) / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def _caller_stacklevel() -> int:
+    """The warning's stacklevel that points at the code that asked for the export: past save_pretrained and
+    `nanoseek.save` (which calls it)."""
+    import sys
+
+    frame, level = sys._getframe(2), 3  # 1: warn_if_unservable's warn, 2: save_pretrained, 3: its caller
+    while frame is not None and frame.f_globals.get("__name__") == "nanoseek.loading":
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def load_deepseek_v3(
