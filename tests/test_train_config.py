@@ -137,3 +137,32 @@ def test_to_dict_roundtrip():
     assert again == cfg
     with pytest.raises(ValueError, match="unknown config key 'bogus'"):
         train_config_from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_run_config_one_grammar_for_every_command():
+    """The run's tree (train/run_config.py): each command reads its section's keys bare or prefixed, and the
+    stages' keys are checked when the run's settings are read (a typo fails before pretraining)."""
+    from nanoseek.train.grpo import load_grpo_config
+    from nanoseek.train.run_config import load_run_config
+    from nanoseek.train.sft import sft_config
+
+    assert load_grpo_config(["grpo.max_steps=20", "grpo.optim.lr=1e-4"]) == load_grpo_config(
+        ["max_steps=20", "optim.lr=1e-4"]
+    )
+    bare, prefixed = (
+        sft_config(["optim.lr=1e-3", "epochs=2"], "o", "cpu", 128),
+        sft_config(["sft.optim.lr=1e-3", "sft.epochs=2"], "o", "cpu", 128),
+    )
+    assert bare[:2] == prefixed[:2]
+    run = load_run_config(preset="tiny", overrides=["seed=3", "sft.optim.lr=2e-3", "grpo.max_steps=20"])
+    assert run.train == load_train_config(preset="tiny", overrides=["seed=3"])
+    assert (run.sft, run.grpo) == (["optim.lr=2e-3"], ["max_steps=20"])
+    assert run.grpo_config().max_steps == 20
+    with pytest.raises(ValueError, match=r"unknown config key 'max_stepz' \(did you mean 'max_steps'\?\)"):
+        load_run_config(overrides=["grpo.max_stepz=20"])
+    with pytest.raises(ValueError, match=r"optim\.lr must be a number"):
+        load_run_config(overrides=["sft.optim.lr=fast"])
+    with pytest.raises(ValueError, match=r"model\.\* settings do not apply to fine-tuning"):
+        load_run_config(overrides=["sft.model.hidden_size=8"])
+    with pytest.raises(ValueError, match=r"unknown config key 'grpoo' \(did you mean 'grpo'\?\)"):
+        load_run_config(overrides=["grpoo.max_steps=20"])

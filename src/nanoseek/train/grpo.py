@@ -174,11 +174,12 @@ class GRPOConfig:
 
 
 def load_grpo_config(overrides: Sequence[str] = ()) -> GRPOConfig:
-    """GRPOConfig from `key=value` strings (as `nanoseek train --set`), checked and coerced per field."""
-    from nanoseek.train.config import apply_overrides
+    """GRPOConfig from `key=value` strings (as `nanoseek train --set`; `grpo.KEY` is KEY, as the run's settings
+    tree names it, train/run_config.py), checked and coerced per field."""
+    from nanoseek.train.overrides import apply_overrides, in_section
 
     cfg = GRPOConfig()
-    apply_overrides(cfg, overrides, example="loss_type=dapo")
+    apply_overrides(cfg, in_section(overrides, "grpo"), example="loss_type=dapo")
     cfg.validate()
     return cfg
 

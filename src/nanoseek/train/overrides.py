@@ -3,6 +3,7 @@
     apply_overrides(cfg, ["optim.lr=3e-4", "data.tasks=[add2,sort]"])     # in place, each value coerced
     root, sections = split_sections(["seed=3", "grpo.max_steps=20"], ("sft", "grpo"))
     # root == ["seed=3"], sections == {"sft": [], "grpo": ["max_steps=20"]}
+    in_section(["grpo.max_steps=20", "beta=0.1"], "grpo") == ["max_steps=20", "beta=0.1"]
     apply_mapping(cfg, read_config_file(Path("run.yaml")), where="run.yaml")
 
 The grammar: KEY is a dotted path into nested dataclasses (`optim.lr`, `grpo.optim.lr`); VALUE is read for the
@@ -55,6 +56,15 @@ def split_sections(overrides: Sequence[str], sections: Sequence[str]) -> tuple[l
         else:
             root.append(item)
     return root, by_section
+
+
+def in_section(overrides: Sequence[str], name: str) -> list[str]:
+    """A command's own settings: `NAME.KEY=V` read as `KEY=V` (`nanoseek grpo --set grpo.max_steps=20` is
+    `--set max_steps=20`, as the speedrun takes it), every other item as it is; order is kept."""
+    out: list[str] = []
+    for item in overrides:
+        out.extend(split_sections([item], (name,))[1][name] or [item])
+    return out
 
 
 def apply_overrides(cfg: Any, overrides: Sequence[str], example: str = "optim.lr=3e-4") -> None:

@@ -14,9 +14,10 @@ conversations (all ranks and micro-batches together), packed without padding (ch
 the mean over the step's assistant tokens. Epoch e visits the conversations in a seeded shuffled order; the
 step's conversations are a pure function of (seed, step), so resuming reproduces the uninterrupted run.
 
-`--set` takes the `nanoseek train` keys (max_steps, optim.lr, ckpt_every, seq_len, …) plus `epochs`; the
-model's own architecture is fixed, so `model.*`, `data.*` and `tokenizer.*` keys are refused. seq_len is
-the longest conversation kept (default: the model's context, at most 2048 tokens); a longer one is skipped
+`--set` takes the `nanoseek train` keys (max_steps, optim.lr, ckpt_every, seq_len, …) plus `epochs`, bare or
+as the run's settings tree names them (`sft.optim.lr`, train/run_config.py); the model's own architecture is
+fixed, so `model.*`, `data.*` and `tokenizer.*` keys are refused. seq_len is the longest conversation kept
+(default: the model's context, at most 2048 tokens); a longer one is skipped
 with a warning, never truncated (a cut reply would teach the model to stop mid-sentence).
 """
 
@@ -41,6 +42,7 @@ from nanoseek.parallel import DistInfo, init_distributed, print0
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
 from nanoseek.train.chat_data import Example, pack, read_conversations, tokenize_conversation
 from nanoseek.train.config import TrainConfig, load_train_config
+from nanoseek.train.run_config import sft_split
 from nanoseek.train.trainer import Trainer
 
 DEFAULT_EPOCHS = 3
@@ -54,7 +56,6 @@ SFT_DEFAULTS: dict[str, Any] = {
     "log_every": 1,
     "mtp_weight": 0.3,  # only for DeepSeek-V3 models that have MTP modules
 }
-REFUSED_SECTIONS = ("model.", "data.", "tokenizer.")
 
 
 @dataclass
@@ -80,29 +81,9 @@ class SFTPlan:
 
 # ---- configuration ------------------------------------------------------------------------------------
 def split_overrides(overrides: Sequence[str]) -> tuple[list[str], int | None, set[str]]:
-    """(the TrainConfig overrides, epochs or None, the keys given). `epochs` is SFT's own key."""
-    rest, epochs, keys = [], None, set()
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. optim.lr=3e-5)")
-        if key.startswith(REFUSED_SECTIONS):
-            raise ValueError(
-                f"override {item!r}: {key.split('.')[0]}.* settings do not apply to fine-tuning (the model, its "
-                f"tokenizer and the data come from the MODEL and DATA arguments)"
-            )
-        keys.add(key)
-        if key == "epochs":
-            try:
-                epochs = int(raw)
-            except ValueError:
-                raise ValueError(f"override {item!r}: epochs must be an integer") from None
-            if epochs < 1:
-                raise ValueError(f"override {item!r}: epochs must be >= 1")
-        else:
-            rest.append(item)
-    return rest, epochs, keys
+    """(the TrainConfig overrides, epochs or None, the keys given). `epochs` is SFT's own key; `sft.KEY` is KEY
+    (the run's settings tree, train/run_config.py)."""
+    return sft_split(overrides)
 
 
 def sft_config(overrides: Sequence[str], out: str | os.PathLike, device: str, model_max_len: int) -> tuple[

@@ -43,8 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.tasks import Example, Task, get_task
-from nanoseek.train.config import TrainConfig, load_train_config
+from nanoseek.train.config import TrainConfig
 from nanoseek.train.evaluate import TaskScore
+from nanoseek.train.overrides import split_sections
+from nanoseek.train.run_config import SECTIONS, load_run_config
 
 STAGES = ["pretrain", "sft", "grpo"]
 
@@ -62,21 +64,12 @@ class SpeedrunOptions:
     show_progress: bool = True
 
 
-STAGE_PREFIXES = ("sft", "grpo")
+STAGE_PREFIXES = SECTIONS  # the run's settings tree (train/run_config.py): ("sft", "grpo")
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """`sft.KEY=V` and `grpo.KEY=V` go to those stages (as KEY=V), every other setting to pretraining."""
-    pretrain, stages = [], {name: [] for name in STAGE_PREFIXES}
-    for item in overrides:
-        head, dot, rest = item.partition(".")
-        if dot and head in stages:
-            if not rest.partition("=")[0].strip():
-                raise ValueError(f"override {item!r} must look like {head}.KEY=VALUE (e.g. {head}.max_steps=20)")
-            stages[head].append(rest)
-        else:
-            pretrain.append(item)
-    return pretrain, stages
+    return split_sections(overrides, STAGE_PREFIXES)
 
 
 @dataclass
@@ -245,8 +238,8 @@ def speedrun_config(opts: SpeedrunOptions, run_dir: Path) -> TrainConfig:
         overrides.append(f"time_budget_min={opts.minutes}")
     if opts.device.startswith("cuda") and opts.preset == "tiny":
         overrides.append("dtype=bfloat16")
-    pretrain_overrides, _ = split_overrides(opts.overrides)
-    return load_train_config(preset=opts.preset, overrides=[*overrides, *pretrain_overrides])
+    # the run's tree: pretraining's TrainConfig; the stages' `sft.*` / `grpo.*` keys are checked now, used later
+    return load_run_config(preset=opts.preset, overrides=[*overrides, *opts.overrides]).train
 
 
 def mark_stage(metrics_path: Path, name: str) -> None:
