@@ -10,7 +10,8 @@ from nanoseek.model.config import DeepseekV3Config
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
 MLA_DOC = (ROOT / "src/nanoseek/model/mla.py").read_text()
-TRAIN_CONFIG = (ROOT / "src/nanoseek/train/config.py").read_text()
+# the tiny preset (presets/tiny.yaml) states its parameter counts
+TRAIN_CONFIG = (ROOT / "src/nanoseek/train/presets/tiny.yaml").read_text()
 
 
 def mla_cache_values_per_token_layer(cfg: DeepseekV3Config) -> tuple[int, int]:

@@ -166,3 +166,17 @@ def test_run_config_one_grammar_for_every_command():
         load_run_config(overrides=["sft.model.hidden_size=8"])
     with pytest.raises(ValueError, match=r"unknown config key 'grpoo' \(did you mean 'grpo'\?\)"):
         load_run_config(overrides=["grpoo.max_steps=20"])
+
+
+def test_presets_are_package_files():
+    """Presets ship as YAML files in the package (pyproject's package-data takes train/presets/*.yaml)."""
+    import tomllib
+    from pathlib import Path
+
+    import nanoseek.train
+
+    folder = Path(nanoseek.train.__file__).parent / "presets"
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(PRESETS)
+    root = Path(__file__).parents[1]
+    package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "presets/*.yaml" in package_data["nanoseek.train"]

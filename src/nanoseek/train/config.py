@@ -5,8 +5,11 @@
     lr = lr_at(step, cfg)                                            # warmup + cosine | WSD
     cfg2 = train_config_from_dict(cfg.to_dict())                    # e.g. from a checkpoint's train_config.json
 
-Layers, later ones win: dataclass defaults < preset < file < overrides. A file is a mapping with the same
-sections as `TrainConfig` (top-level scalars plus `[model]`, `[data]`, `[optim]`, `[tokenizer]`), e.g.
+Layers, later ones win: dataclass defaults < preset < file < overrides. Presets are files in the package
+(train/presets/NAME.yaml, in a config file's format); the override grammar is train/overrides.py's, and the
+whole run's tree (pretraining + the sft and grpo sections) is train/run_config.py's RunConfig. A file is a
+mapping with the same sections as `TrainConfig` (top-level scalars plus `[model]`, `[data]`, `[optim]`,
+`[tokenizer]`), e.g.
 
     preset = "tiny"            # optional; a `preset` argument to load_train_config wins over it
     batch_size = 128
@@ -24,10 +27,12 @@ top-k above the expert count...) are reported before anything runs.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,86 +245,37 @@ class TrainConfig:
 
 
 # ---- presets ------------------------------------------------------------------------------------------
-# The tiny model is REFERENCE §2's calibrated one (1.40M params with a 384-token vocab; the speedrun's tokenizer
-# stops at 266 tokens, giving 1.37M; tests/test_prose_numbers.py holds these figures to the code: hidden 128,
-# 4 layers, MLA kv_lora_rank 32, 8 experts top-2 + 1 shared), trained like the calibration: one example
-# per row, batch 256, AdamW lr 2e-3 with 100 warmup steps, loss on answer tokens only.
-_TINY_MODEL = dict(
-    hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=4,
-    first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
-    kv_lora_rank=32, qk_nope_head_dim=32,
-    qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
-    n_shared_experts=1, max_position_embeddings=128, num_nextn_predict_layers=1,
-)  # fmt: skip
+# Presets are files in the package, train/presets/NAME.yaml (pyproject's package-data ships them): a layer of
+# settings in a config file's format, read as one. tiny.yaml is the speedrun's model, with its calibration.
+PRESET_DIR = Path(__file__).with_name("presets")
+PRESET_ORDER = ("tiny", "small", "gpt2-small-moe")  # listed first, in this order; any other file after, by name
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # CPU speedrun size: minutes on 2 cores.
-    "tiny": {
-        "model": {"size": "test-tiny", **_TINY_MODEL},
-        "data": {"tasks": ["add2"], "loss_on_answer_only": True},
-        "tokenizer": {"vocab_size": 384},
-        "optim": {"lr": 2e-3, "warmup_steps": 100, "schedule": "cosine", "weight_decay": 0.0},
-        "batch_size": 256,
-        "seq_len": 32,
-        "max_steps": 2000,
-        "time_budget_min": 5.0,
-        "device": "cpu",
-        "dtype": "float32",
-        "ckpt_every": 200,
-        "log_every": 10,
-        "eval_every": 0,
-    },  # fmt: skip
-    # A bigger CPU/GPU-friendly size (~20M params, the MoE benchmark's size) for longer runs. From `small` up, the
-    # MLA sizes are DeepSeek-V3's kv_lora_rank 512 + qk_rope_head_dim 64: the one size every vLLM and SGLang MLA
-    # backend serves (weights/mla_serving.py), so the runs' exports serve there.
-    "small": {
-        "model": {"size": "bench-20m", "max_position_embeddings": 512, "kv_lora_rank": 512, "qk_rope_head_dim": 64},
-        "data": {"tasks": ["add2", "add3", "sort", "linear"]},
-        "tokenizer": {"vocab_size": 1024},
-        "optim": {"lr": 1e-3, "warmup_steps": 200},
-        "batch_size": 64,
-        "seq_len": 64,
-        "max_steps": 5000,
-        "device": "auto",
-        "ckpt_every": 500,
-    },  # fmt: skip
-    # One GPU, bf16: GPT-2-small-like width/depth with DeepSeek-V3 MLA + fine-grained MoE + MTP.
-    "gpt2-small-moe": {
-        "model": {
-            "size": "bench-20m",
-            "hidden_size": 768,
-            "num_hidden_layers": 12,
-            "first_k_dense_replace": 1,
-            "intermediate_size": 3072,
-            "moe_intermediate_size": 384,
-            "num_attention_heads": 12,
-            "num_key_value_heads": 12,
-            "q_lora_rank": 384,
-            "kv_lora_rank": 512,
-            "qk_nope_head_dim": 64,
-            "qk_rope_head_dim": 64,
-            "v_head_dim": 64,
-            "n_routed_experts": 32,
-            "num_experts_per_tok": 4,
-            "n_group": 4,
-            "topk_group": 2,
-            "n_shared_experts": 1,
-            "max_position_embeddings": 1024,
-            "num_nextn_predict_layers": 1,
-        },
-        "tokenizer": {"vocab_size": 32768},
-        "optim": {"lr": 6e-4, "warmup_steps": 500, "schedule": "wsd", "weight_decay": 0.1},
-        "batch_size": 32,
-        "seq_len": 1024,
-        "grad_accum": 4,
-        "max_steps": 20000,
-        "device": "cuda",
-        "dtype": "bfloat16",
-        "compile": True,
-        "ckpt_every": 1000,
-        "price_per_device_hour": 2.50,  # typical on-demand H100 rental
-    },  # fmt: skip
-}
+
+class PresetFiles(Mapping[str, dict[str, Any]]):
+    """The preset files by name (`PRESETS["tiny"]`: a fresh dict of its settings, the file read once)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self._read = folder, {}
+
+    def _names(self) -> list[str]:
+        found = sorted(p.stem for p in self.folder.glob("*.yaml"))
+        return [n for n in PRESET_ORDER if n in found] + [n for n in found if n not in PRESET_ORDER]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        if name not in self._read:
+            if name not in self._names():
+                raise KeyError(name)
+            self._read[name] = read_config_file(self.folder / f"{name}.yaml")
+        return copy.deepcopy(self._read[name])
+
+
+PRESETS = PresetFiles(PRESET_DIR)
 
 
 # ---- loading ------------------------------------------------------------------------------------------
