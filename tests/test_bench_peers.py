@@ -201,3 +201,16 @@ def test_llama_bench_command_line_and_output(tmp_path):
 def test_decode_ratios_are_per_round():
     assert decode.per_round_ratios([100.0, 90.0, 120.0], [50.0, 90.0, 60.0]) == [2.0, 1.0, 2.0]
     assert decode.parse_args(["smollm2"]).peers == ["llama-bench", "llama.cpp", "transformers"]
+
+
+def test_llama_bench_runs_as_a_process(tmp_path):
+    """A stand-in binary that prints llama-bench's JSON; one that dies says so (no crash of the benchmark's own)."""
+    fake = tmp_path / "llama-bench"
+    fake.write_text('#!/bin/sh\necho \'[{"n_prompt": 0, "n_gen": 128, "n_depth": 200, "avg_ts": 99.5}]\'\n')
+    fake.chmod(0o755)
+    peer = decode.LlamaBench(fake, tmp_path / "m.gguf", 2, 200, 128)
+    assert peer.run() == pytest.approx(99.5)
+    assert peer.command().startswith("llama-bench -m ") and "-d 200" in peer.command()
+    fake.write_text("#!/bin/sh\necho boom >&2\nexit 3\n")
+    with pytest.raises(RuntimeError, match="llama-bench failed .exit code 3.: boom"):
+        peer.run()

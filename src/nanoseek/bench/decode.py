@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
 
         try:
             binary, record = find_peer("llama-bench")
-            bench_peer = LlamaBench(binary, model, args.threads, args.prompt_tokens, args.decode_tokens)
+            bench_peer = LlamaBench(binary, model, args.threads, args.prompt_tokens, args.decode_tokens,
+                                    build=record)  # fmt: skip
             notes.append(
                 f"llama-bench: {describe(record)}; `{bench_peer.command()}` once per repeat, in turn with the "
                 "other sides (tg at the prompt's depth: decode only, it generates no text to compare)"
@@ -370,6 +371,7 @@ class LlamaBench:
     depth: int
     tokens: int
     decode: list[float] = field(default_factory=list)  # tok/s, one per repeat
+    build: dict = field(default_factory=dict)  # the build record (build.json) of the binary
 
     def argv(self) -> list[str]:
         return llama_bench_argv(self.binary, self.model, self.threads, self.depth, self.tokens)
@@ -583,8 +585,21 @@ def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, 
         print(f"plot: {args.plot}")
     if args.json:
         raw = {label: vars(f) for label, f in figures.items()}
+        bench = None
+        if bench_peer is not None:
+            bench = {"decode": bench_peer.decode, "command": bench_peer.command(), "build": bench_peer.build}
         Path(args.json).write_text(
-            json.dumps({"figures": raw, "memory": memory, "ratios": ratios, "deepseek": deepseek}, indent=1)
+            json.dumps(
+                {
+                    "figures": raw,
+                    "memory": memory,
+                    "ratios": ratios,
+                    "deepseek": deepseek,
+                    "llama-bench": bench,
+                    "notes": notes,
+                },
+                indent=1,
+            )  # fmt: skip
         )
 
 
