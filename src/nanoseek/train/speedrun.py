@@ -28,13 +28,13 @@ One scoring contract: score_stage scores every stage's model through nanoseek.ev
 problems, greedy, in its format (SCORING_FORMATS), exactly as the `nanoseek eval` command in
 summary["scoring"] does; stage_comparisons states which stage beats which beyond the 95% intervals. The final
 model's report card adds sampled pass@1 and pass@k and the MTP module as a drafter (final_evaluation).
+The demonstrations live in train/demonstrations.py, the scoring contract in train/scoring.py, the final
+model's figures in train/final_eval.py; this file runs the stages.
 """
 
 from __future__ import annotations
 
 import json
-import random
-import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -42,13 +42,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from nanoseek.tasks import Example, Task, get_task
+from nanoseek.tasks import get_task
 from nanoseek.train.config import TrainConfig
+from nanoseek.train.demonstrations import r1_conversations
 from nanoseek.train.evaluate import TaskScore
+from nanoseek.train.final_eval import final_evaluation
 from nanoseek.train.overrides import split_sections
 from nanoseek.train.run_config import SECTIONS, load_run_config
+from nanoseek.train.scoring import (  # noqa: F401  (verdict, stage_comparisons: imported from here by tests)
+    GREEDY_EVAL_BATCH,
+    MAIN_LINE,
+    SCORING_FORMATS,
+    heldout_specs,
+    scoring_command,
+    stage_comparisons,
+    verdict,
+)
 
-STAGES = ["pretrain", "sft", "grpo"]
+STAGES = list(MAIN_LINE)
 
 
 @dataclass
@@ -140,54 +151,6 @@ SPEEDRUN_DEFAULTS = {
         "data.tasks=[add2,sort,add3]", "data.task_weights=[0.75,0.25,0]", "data.format=r1", "optim.lr=3e-3",
     ],
 }  # fmt: skip
-
-
-# ---- R1-format traces of the synthetic tasks (the SFT data, and what GRPO rewards) -------------------------
-def r1_thought(example: Example) -> str:
-    """The scratchpad of `example`'s demonstration: for addition, column addition written out (carry_steps);
-    for other tasks, the problem restated."""
-    m = re.fullmatch(r"(\d+)\+(\d+)=", example.prompt)
-    if m:
-        return carry_steps(m.group(1), m.group(2))
-    return example.prompt.rstrip("=")
-
-
-def carry_steps(a: str, b: str) -> str:
-    """Column addition of the decimal strings a and b, least significant column first, one step per column:
-    the column's digit of a, of b, the carry in, the digit of the sum; then the carry out. 65+50 ->
-    '5005,6501,1' (5+0+0 = 5, 6+5+0 = 11), whose sum digits read '511', the answer (115 written least
-    significant digit first). Every token depends on a few tokens at fixed distances before it (the previous
-    column's step) or is a digit copied from the prompt: a scratchpad a small model learns from a few thousand
-    demonstrations, where computing the answer directly needs each answer digit to find its two operand
-    digits at distances that change with the operands' lengths."""
-    width = max(len(a), len(b))
-    carry, steps = 0, []
-    for da, db in zip(a.zfill(width)[::-1], b.zfill(width)[::-1]):
-        total = int(da) + int(db) + carry
-        steps.append(f"{da}{db}{carry}{total % 10}")
-        carry = total // 10
-    return ",".join([*steps, str(carry)])
-
-
-def r1_answer_text(example: Example, think: bool = True) -> str:
-    """The demonstration's reply: the scratchpad (r1_thought) when `think`, else an empty thought (the direct
-    answer, as data.format=r1 pretraining writes it), then the answer."""
-    return f"<think>{r1_thought(example) if think else ''}</think><answer>{example.answer}</answer>"
-
-
-def r1_conversations(
-    tasks: list[Task], n: int, seed: int, weights: list[float] | None = None, thinking: list[str] | None = None
-) -> list[dict]:
-    """n training-split problems as chat conversations whose assistant turn is the R1-format reply; the tasks
-    named in `thinking` (None: all) work the problem out in the thought, the others answer directly."""
-    rng = random.Random(f"sft-data/{seed}")
-    out = []
-    for _ in range(n):
-        ex = rng.choices(tasks, weights=weights)[0].generate(rng, "train")
-        think = thinking is None or ex.task in thinking
-        out.append({"messages": [{"role": "user", "content": ex.prompt},
-                                 {"role": "assistant", "content": r1_answer_text(ex, think)}]})  # fmt: skip
-    return out
 
 
 # The plan after pretraining (at most 4.5 + 2 + 3.5 min of training, plus the evaluations: under 15 min on the
@@ -391,34 +354,6 @@ def grpo_stage(ctx: StageContext) -> StageResult | None:
     )  # fmt: skip
 
 
-# ---- one scoring contract ----------------------------------------------------------------------------------
-# Every stage is scored on the same held-out problems (the first data.eval_examples of each task's held-out
-# split, the problems `nanoseek eval` draws with its default --seed 0) through nanoseek.eval, greedy, in its
-# format: the pretrained model on the bare prompt (`47+85=`), the later ones in the chat template with no system
-# prompt, answering `<think>…</think><answer>…</answer>` (the answer checked exactly). The same problems in two
-# formats are two measurements: the report names each stage's format and never adds answers across formats.
-SCORING_FORMATS: dict[str, dict[str, Any]] = {
-    "plain": {"format": "plain"},
-    "r1": {"format": "r1", "system_prompt": ""},
-}
-# 256 problems decoded together (greedy answers do not depend on the batch: tests/test_speedrun.py checks the
-# CLI's default batch gives the same scores)
-GREEDY_EVAL_BATCH = 256
-
-
-def scoring_command(fmt: str, tasks: list[str], n: int) -> str:
-    """The `nanoseek eval` command that scores a stage's model exactly as the run did."""
-    extra = " --system-prompt ''" if fmt == "r1" else ""
-    return f"nanoseek eval MODEL --tasks {' '.join(tasks)} --format {fmt}{extra} --limit {n}"
-
-
-def heldout_specs(tasks: list[str], cfg: TrainConfig) -> list[Any]:
-    """nanoseek.eval task specs of `tasks` on the pretraining config's held-out split."""
-    from nanoseek.eval import TaskSpec
-
-    return [TaskSpec(t, "synthetic", task=get_task(t, cfg.data.heldout_fraction)) for t in tasks]
-
-
 def score_stage(model_dir: Path, fmt: str, ctx: StageContext) -> dict[str, TaskScore]:
     """Held-out accuracy of a stage's model on every task of the run, greedy, in `fmt` (SCORING_FORMATS)."""
     import nanoseek
@@ -438,69 +373,6 @@ def score_stage(model_dir: Path, fmt: str, ctx: StageContext) -> dict[str, TaskS
 
 
 LATER_STAGES = {"sft": sft_stage, "grpo": grpo_stage, "sft-control": sft_control_stage}
-
-# The final model's sampled evaluation: completions per problem, at the GRPO rollouts' temperature, on the first
-# FINAL_EVAL_SAMPLED_PROBLEMS of the greedy evaluation's problems, FINAL_EVAL_BATCH sequences decoded together.
-# Measured on the 2-core CPU (shared with other jobs, load ~4) with a default run's GRPO model, add2 + sort: 400
-# problems x 8 samples took 36-52 s at batch 512 and 80-88 s at 3,200 (the decode steps are compute-bound); with
-# 200 problems sampled, the whole final_evaluation (model load, greedy on 400, sampled on 200) took 45-57 s.
-FINAL_EVAL_SAMPLES = 8
-FINAL_EVAL_TEMPERATURE = 1.0
-FINAL_EVAL_SAMPLED_PROBLEMS = 200
-FINAL_EVAL_BATCH = 512
-# The MTP drafter's figure (nanoseek.eval.speculation): this many held-out problems (split over the GRPO tasks),
-# each decoded alone, plain and with MTP speculation, in this many alternating rounds.
-SPECULATION_PROBLEMS = 16
-SPECULATION_ROUNDS = 3
-SPECULATION_MAX_TOKENS = 32
-
-
-def final_evaluation(final: StageResult, ctx: StageContext, *, samples: int = FINAL_EVAL_SAMPLES) -> dict[str, Any]:
-    """The final model on every task's held-out problems through nanoseek.eval, in its stage's scoring format:
-    greedy pass@1 with a Wilson interval (the stage's own score, recomputed), then `samples` completions of each
-    of the first FINAL_EVAL_SAMPLED_PROBLEMS at FINAL_EVAL_TEMPERATURE for pass@1 and pass@`samples` with
-    bootstrap intervals, and the MTP module as the model's own drafter."""
-    import nanoseek
-    from nanoseek.eval import evaluate
-    from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train.meter import make_energy_counter
-
-    cfg, device = ctx.train_config, ctx.device
-    start, energy = time.perf_counter(), make_energy_counter(device, cfg.watts_per_core)
-    model = nanoseek.load(final.model_dir, device=device)
-    tok = load_tokenizer(final.model_dir)
-    fmt = SCORING_FORMATS[final.format]
-    specs, n = heldout_specs(cfg.data.tasks, cfg), cfg.data.eval_examples
-    greedy = evaluate(model, tok, specs, limit=n, batch_size=GREEDY_EVAL_BATCH, **fmt)
-    sampled = evaluate(model, tok, specs, limit=min(n, FINAL_EVAL_SAMPLED_PROBLEMS), samples=samples,
-                       k=sorted({1, samples}), temperature=FINAL_EVAL_TEMPERATURE, batch_size=FINAL_EVAL_BATCH,
-                       **fmt)  # fmt: skip
-    speculation = speculation_figures(model, tok, specs, fmt)
-    return {
-        "stage": final.name,
-        "wall_s": time.perf_counter() - start,
-        "energy_j": float(energy.joules()),
-        "greedy": {name: r.to_dict() for name, r in greedy.items()},
-        "sampled": {name: r.to_dict() for name, r in sampled.items()},
-        "speculation": None if speculation is None else speculation.to_dict(),
-    }
-
-
-def speculation_figures(model, tok, specs: list[Any], fmt: dict[str, Any]):
-    """The final model's MTP module as its own drafter (nanoseek.eval.speculation) on held-out problems of the
-    evaluation's tasks (`specs`) in its format, each decoded alone until its end token; None without an MTP
-    module."""
-    from nanoseek.eval.runner import synthetic_problems
-    from nanoseek.eval.speculation import measure_mtp_speculation
-
-    per_task = max(1, SPECULATION_PROBLEMS // len(specs))
-    prompts = []
-    for spec in specs:
-        problems = synthetic_problems(tok, spec.task, fmt["format"], spec.task.eval_examples(per_task),
-                                      fmt.get("system_prompt"))  # fmt: skip
-        prompts += [p.prompt for p in problems]
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    return measure_mtp_speculation(model, prompts, eos, SPECULATION_MAX_TOKENS, rounds=SPECULATION_ROUNDS)
 
 
 def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
@@ -578,35 +450,6 @@ def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_report(run_dir, summary, cfg)
     return summary
-
-
-# Which comparisons the report states (each stage against the stage it started from, the final model against
-# the pretrained one, GRPO against its SFT control), and how: a difference counts only beyond both 95% intervals.
-def verdict(a: dict[str, Any], b: dict[str, Any]) -> str:
-    """'better' when score `a`'s interval lies wholly above `b`'s, 'worse' when wholly below, else 'same'."""
-    if a["ci95"][0] > b["ci95"][1]:
-        return "better"
-    if a["ci95"][1] < b["ci95"][0]:
-        return "worse"
-    return "same"
-
-
-def stage_comparisons(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per task: each stage against its parent, the final main-line stage against pretraining, and GRPO against
-    the SFT control, each with its verdict (`verdict`). The pairs compare the same held-out problems."""
-    by_name = {s["name"]: s for s in stages}
-    pairs = [(s["name"], s["parent"]) for s in stages if s.get("parent") in by_name]
-    main = [s["name"] for s in stages if s["name"] in STAGES]
-    if len(main) > 2:
-        pairs.append((main[-1], "pretrain"))
-    if "grpo" in by_name and "sft-control" in by_name:
-        pairs.append(("grpo", "sft-control"))
-    out = []
-    for a, b in pairs:
-        for task in sorted(set(by_name[a]["eval"]) & set(by_name[b]["eval"])):
-            out.append({"stage": a, "against": b, "task": task,
-                        "verdict": verdict(by_name[a]["eval"][task], by_name[b]["eval"][task])})  # fmt: skip
-    return out
 
 
 def training_facts(cfg: TrainConfig) -> dict[str, Any]:
