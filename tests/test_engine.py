@@ -264,6 +264,62 @@ def test_async_streams_share_steps_and_cancel_frees_blocks():
         server.submit(PROMPTS[0], GREEDY, print)
 
 
+def test_async_outputs_reach_an_event_loop_once_per_step_in_order():
+    """A step's outputs for every request of one event loop cross over in one call_soon_threadsafe, each request's
+    tokens in order and the same as alone; a sink without a loop is called on the engine thread per output."""
+    import asyncio
+    import threading
+
+    from nanoseek.engine.async_engine import AsyncEngine
+
+    model = _model("deepseek_v3")
+    engine = Engine(model, EngineConfig(block_size=4), eos_ids=[])
+    steps = []
+    real_step = engine.step
+    engine.step = lambda: steps.append(1) or real_step()
+    server = AsyncEngine(engine)
+    prompts, lengths = [PROMPTS[0], PROMPTS[2], PROMPTS[4]], [6, 9, 4]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        calls = []
+        real_call = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a, **k: calls.append(len(a[1])) or real_call(*a, **k)  # items per call
+        got: dict[int, list] = {}
+        done = asyncio.Event()
+        loop_thread = threading.get_ident()
+
+        def sink_for(i):
+            def sink(out):
+                assert threading.get_ident() == loop_thread  # run on the loop, not the engine thread
+                got.setdefault(i, []).append(out)
+                if sum(1 for outs in got.values() if outs[-1].finished) == len(prompts):
+                    done.set()
+
+            return sink
+
+        for i, (prompt, n) in enumerate(zip(prompts, lengths)):
+            server.submit(prompt, SamplingParams(temperature=0, max_tokens=n), sink_for(i), loop)
+        await done.wait()
+        return got, calls
+
+    try:
+        steps.clear()
+        got, calls = asyncio.run(main())
+        on_engine = []
+        server.submit(PROMPTS[1], SamplingParams(temperature=0, max_tokens=5), on_engine.append)  # no loop
+        while not (on_engine and on_engine[-1].finished):
+            threading.Event().wait(0.01)
+    finally:
+        server.shutdown()
+    for i, (prompt, n) in enumerate(zip(prompts, lengths)):
+        assert [o.token_id for o in got[i]] == _alone(model, prompt, n)
+        assert [o.finished for o in got[i]] == [False] * (n - 1) + [True] and got[i][-1].finish_reason == "length"
+    # one crossing per step with outputs, carrying every request's token of that step
+    assert sum(calls) == sum(lengths) and len(calls) <= len(steps) and max(calls) == len(prompts)
+    assert [o.token_id for o in on_engine] == _alone(model, PROMPTS[1], 5)
+
+
 @pytest.mark.parametrize("mode, tol", [("fp16", 2e-3), ("int8", 5e-2)])
 @pytest.mark.parametrize("family", ["llama", "deepseek_v3"])
 def test_quantized_logits_stay_close_and_batch_invariant(family, mode, tol):

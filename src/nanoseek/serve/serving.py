@@ -14,7 +14,6 @@ concurrent requests share the engine's batched steps and no handler ever waits f
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -97,12 +96,6 @@ class Generation:
         self.engine = server.engine
         self._queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-
-        def sink(out: StepOutput) -> None:  # on the engine thread
-            # RuntimeError: the loop is closed (server stopping) and nobody is listening any more
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._queue.put_nowait, out)
-
         self.choices: dict[int, tuple[int, ChoiceText, SamplingParams]] = {}
         self.unfinished: set[int] = set()
         self.prompt_tokens = sum(len(ids) for ids, _ in requests)
@@ -110,7 +103,8 @@ class Generation:
         self._last_token = {}
         try:
             for index, (ids, params) in enumerate(requests):
-                rid = self.engine.submit(ids, params, sink)
+                # put on this loop: one call_soon_threadsafe per engine step for all of this loop's requests
+                rid = self.engine.submit(ids, params, self._queue.put_nowait, loop)
                 self.choices[rid] = (index, ChoiceText(server.tokenizer, params.stop), params)
                 self.unfinished.add(rid)
                 self._last_token[rid] = start
