@@ -181,7 +181,8 @@ def test_default_speedrun_every_stage_earns_its_place(tmp_path):
 
 
 def test_stage_settings_and_verdicts_are_pure_functions():
-    from nanoseek.train.speedrun import split_overrides, stage_comparisons, verdict
+    from nanoseek.train.scoring import stage_comparisons, verdict
+    from nanoseek.train.speedrun import split_overrides
 
     pretrain, stages = split_overrides(["optim.lr=2e-3", "sft.max_steps=3", "grpo.optim.lr=1e-4", "seed=5"])
     assert pretrain == ["optim.lr=2e-3", "seed=5"]

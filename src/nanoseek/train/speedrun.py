@@ -49,14 +49,13 @@ from nanoseek.train.evaluate import TaskScore
 from nanoseek.train.final_eval import final_evaluation
 from nanoseek.train.overrides import split_sections
 from nanoseek.train.run_config import SECTIONS, load_run_config
-from nanoseek.train.scoring import (  # noqa: F401  (verdict, stage_comparisons: imported from here by tests)
+from nanoseek.train.scoring import (
     GREEDY_EVAL_BATCH,
     MAIN_LINE,
     SCORING_FORMATS,
     heldout_specs,
     scoring_command,
     stage_comparisons,
-    verdict,
 )
 
 STAGES = list(MAIN_LINE)
