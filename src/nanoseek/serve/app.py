@@ -37,8 +37,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.serve import protocol_anthropic as pa
 from nanoseek.serve import protocol_openai as po
+from nanoseek.serve import protocol_responses as pr
 from nanoseek.serve import serving_anthropic as sa
 from nanoseek.serve import serving_openai as so
+from nanoseek.serve import serving_responses as sr
 from nanoseek.serve.errors import APIError, error_body
 from nanoseek.serve.limits import Limits
 from nanoseek.serve.serving import ModelServer
@@ -107,6 +109,14 @@ def _api_routes(server: ModelServer) -> APIRouter:
         if body.stream:
             return EventStream(so.completion_stream(server, body, gen, prompts), background=BackgroundTask(gen.close))
         return await _unless_disconnected(request, so.completion_response(server, body, gen, prompts), gen.close)
+
+    @router.post("/v1/responses", response_model=pr.Response)
+    async def responses(body: pr.ResponsesRequest, request: Request):
+        _log_unknown(body)
+        gen, in_reasoning = await sr.start_response(server, body)
+        if body.stream:
+            return EventStream(sr.response_stream(server, body, gen, in_reasoning), background=BackgroundTask(gen.close))
+        return await _unless_disconnected(request, sr.response_whole(server, body, gen, in_reasoning), gen.close)
 
     @router.post("/v1/messages", response_model=pa.MessageResponse)
     async def messages(body: pa.MessagesRequest, request: Request):
