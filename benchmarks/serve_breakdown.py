@@ -1,9 +1,11 @@
 """Where a lone user's time per token goes between nanoseek's engine and the socket.
 
-    python benchmarks/serve_breakdown.py [MODEL] [--tokens 64 --rounds 3 --variants default,omp1,passive]
+    python benchmarks/serve_breakdown.py [MODEL] [--tokens 64 --rounds 3 --variants default,fixed,omp1]
 
-For each variant (environment of the server process: `default`, `omp1`, `passive`, `active`, `spin0`, or
-VAR=VALUE+VAR=VALUE) and round, in alternating order, a fresh process loads MODEL (default smollm2, run format
+For each variant (the server process's environment and engine threads: `default` as `nanoseek serve` runs, each
+step on 1 thread or the cap as its calibration measured; `fixed`, every step on the cap, as before issue 23's
+thread plan; `omp1`, `passive`, `active`, `spin0`, or VAR=VALUE+VAR=VALUE, environments with fixed threads) and
+round, in alternating order, a fresh process loads MODEL (default smollm2, run format
 --quant auto), times the engine alone on one stream (its own thread, the tokens read from a plain queue: the
 same prompt and max_tokens, no server), then serves it the way `nanoseek serve` does (make_server, create_app,
 uvicorn_config, uvicorn in the main thread) and streams one /v1/completions request to a client in its own
@@ -31,6 +33,7 @@ from pathlib import Path
 
 VARIANTS = {
     "default": {},
+    "fixed": {},
     "omp1": {"OMP_NUM_THREADS": "1"},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "active": {"OMP_WAIT_POLICY": "ACTIVE"},
@@ -91,7 +94,11 @@ def serve_once(args) -> dict:
     path = resolve_model(args.model)
     tok = nanoseek.load_tokenizer(path)
     model = nanoseek.load(path, quant=resolve_quant("auto", path, None))
-    server = serving.make_server(model, tok, "m")
+    from nanoseek.engine.engine import EngineConfig
+
+    config = EngineConfig(max_num_seqs=32, adaptive_threads=args.variant == "default")  # as `nanoseek serve`
+    server = serving.make_server(model, tok, "m", config)
+    plan = server.engine.engine.thread_plan
     engine = server.engine.engine
     prompt = make_prompts(4, args.prompt_words)[args.round % 4]
     ids = tok.encode(prompt)
@@ -184,6 +191,7 @@ def serve_once(args) -> dict:
     ms = 1000
     return {
         "threads": torch.get_num_threads(),
+        "plan": plan.describe() if plan is not None else "every step on the cap",
         "alone_step_ms": median(alone) * ms,
         "served_step_ms": median([b - a for a, b in steps[1:n]]) * ms,
         "engine_gap_ms": median([steps[i + 1][0] - steps[i][1] for i in range(1, n - 1)]) * ms,
@@ -206,9 +214,10 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-words", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--variants", default="default,omp1")
+    ap.add_argument("--variants", default="default,fixed,omp1")
     ap.add_argument("--port", type=int, default=8971)
     ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--variant", default="fixed", help=argparse.SUPPRESS)
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="write every round's figures here")
     args = ap.parse_args(argv)
@@ -225,7 +234,7 @@ def main(argv=None) -> None:
         for v in order:
             extra = VARIANTS[v] if v in VARIANTS else dict(kv.split("=", 1) for kv in v.split("+"))
             cmd = [sys.executable, __file__, args.model, "--one", "--round", str(r), "--tokens", str(args.tokens),
-                   "--prompt-words", str(args.prompt_words), "--port", str(args.port)]  # fmt: skip
+                   "--prompt-words", str(args.prompt_words), "--port", str(args.port), "--variant", v]  # fmt: skip
             run = subprocess.run(cmd, env={**env0, **extra}, capture_output=True, text=True)
             line = next((x for x in run.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
@@ -233,8 +242,8 @@ def main(argv=None) -> None:
             res = json.loads(line[7:])
             results[v].append(res)
             shown = f"{res['client_tok_s']:.1f} tok/s, step alone {res['alone_step_ms']:.2f} ms"
-            print(f"round {r + 1} {v}: {shown}, served {res['served_step_ms']:.2f} ms, load {res['load']:.1f}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(f"round {r + 1} {v}: {shown}, served {res['served_step_ms']:.2f} ms, load {res['load']:.1f}; "
+                  f"{res['plan']}", file=sys.stderr, flush=True)  # fmt: skip
     keys = ["alone_step_ms", "served_step_ms", "engine_gap_ms", "step_to_loop_ms", "loop_to_socket_ms",
             "socket_to_client_ms", "client_itl_ms", "client_tok_s", "ttft_ms"]  # fmt: skip
     cpu_keys = ["engine thread", "omp workers", "event loop", "other"]

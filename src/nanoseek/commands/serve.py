@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL's name)")
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together (default 32)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="most intra-op threads a step uses (default: torch's: OMP_NUM_THREADS or the cores); each "
+                   "step runs on 1 thread or all of them by its size, as a calibration at start measured")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown (default 30)")  # fmt: skip
     p.add_argument("--docs", action="store_true",
@@ -116,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     limits = limits_from_args(args)  # before the model loads: a bad flag fails at once
     from nanoseek.engine.engine import EngineConfig
     from nanoseek.serve.app import create_app
@@ -123,8 +128,10 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.serve.serving import make_server
 
     model, tok = load_model_and_tokenizer(args)
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, compile=args.compile)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, compile=args.compile, threads=args.threads,
+                          adaptive_threads=True)  # fmt: skip
     server = make_server(model, tok, served_name(args), config, limits)
+    print(server.engine.engine.thread_plan.describe(), file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     print(f"serving {server.name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -27,6 +28,9 @@ from typing import NamedTuple
 
 from nanoseek.engine.engine import Engine, StepOutput
 from nanoseek.engine.sampling import SamplingParams
+from nanoseek.engine.threads import ThreadPlan, calibrate
+
+log = logging.getLogger("nanoseek.engine")
 
 
 class AsyncEngine:
@@ -42,6 +46,9 @@ class AsyncEngine:
         self.num_loop_calls = 0  # call_soon_threadsafe calls made (one per step and event loop with outputs)
         self._stopping = False
         self.error: BaseException | None = None
+        # set once the engine thread is ready for requests: after measuring its thread plan when the engine's
+        # config asks for adaptive threads (threads.calibrate, on the thread that runs the steps)
+        self.ready = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
         self._thread.start()
 
@@ -119,6 +126,14 @@ class AsyncEngine:
     # ---- the engine thread --------------------------------------------------------------------------
     def _loop(self) -> None:
         engine = self.engine
+        if engine.config.adaptive_threads:
+            try:
+                engine.thread_plan = calibrate(engine)
+            except Exception as exc:  # a plan is an optimisation: serve on the cap rather than not at all
+                engine.thread_plan = ThreadPlan(engine.thread_cap)
+                log.warning("thread calibration failed (%r): every step runs on %d threads", exc, engine.thread_cap)
+            log.info("%s", engine.thread_plan.describe())
+        self.ready.set()
         while True:
             with self._lock:
                 while not (self._inbox or self._aborts or self._stopping or engine.has_work()):

@@ -45,6 +45,7 @@ from nanoseek.engine.sampling import (
 )
 from nanoseek.engine.scheduler import Request, Scheduled, Scheduler, Status
 from nanoseek.engine.speculative import METHODS, accept_greedy, make_drafter
+from nanoseek.engine.threads import ThreadPlan, cap_threads
 from nanoseek.memory import return_freed_memory
 
 
@@ -98,6 +99,13 @@ class EngineConfig:
     # gathering the history for SDPA, and a query's result depends neither on its batch nor on its prompt
     # chunk's start). False: gather + SDPA (for comparison).
     fused_attention: bool = True
+    # Intra-op threads (engine/threads.py): `threads` is the most a step may use (None: torch's count on the
+    # thread that builds the engine). With `adaptive_threads`, AsyncEngine measures where a second thread starts to
+    # pay (threads.calibrate, on its own thread) and each step then runs on 1 thread or the cap by its work: a
+    # lone stream's decode step on 2 cores is ~2x faster on one thread; without it, steps run on the cap when
+    # `threads` is given and are left alone otherwise.
+    threads: int | None = None
+    adaptive_threads: bool = False
 
     def __post_init__(self) -> None:
         if self.speculative not in (None, *METHODS):
@@ -106,6 +114,8 @@ class EngineConfig:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
         if self.return_memory_after_rows is not None and self.return_memory_after_rows < 1:
             raise ValueError(f"return_memory_after_rows must be None or >= 1, got {self.return_memory_after_rows}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be None or >= 1, got {self.threads}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
 
@@ -157,6 +167,10 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self.vocab_size = model.config.vocab_size
+        self.thread_cap = cap_threads(config.threads)
+        # None: steps leave the calling thread's count alone; AsyncEngine sets a calibrated plan when asked
+        self.thread_plan: ThreadPlan | None = None if config.threads is None else ThreadPlan(self.thread_cap)
+        self.step_threads = 0  # torch's intra-op threads in effect during the last step's forwards
 
     # ---- requests -----------------------------------------------------------------------------------
     def add_request(
@@ -236,6 +250,11 @@ class Engine:
         if not scheduled:
             return []
         # rows of similar length share a forward (decodes, with their drafts if any, always do)
+        if self.thread_plan is not None:
+            wanted = self.thread_plan.threads(sum(s.num_new for s in scheduled))
+            if torch.get_num_threads() != wanted:
+                torch.set_num_threads(wanted)  # this thread's count only (OpenMP's is per thread)
+        self.step_threads = torch.get_num_threads()
         passes: list[tuple[list[Scheduled], ForwardResult]] = []
         to_sample: list[tuple[Scheduled, torch.Tensor]] = []
         for group in self._groups(scheduled):

@@ -273,4 +273,6 @@ def make_server(model, tokenizer, name: str, engine_config=None, limits: Limits 
 
     engine = Engine(model, engine_config, eos_ids=tokenizer.stop_token_ids, detokenize=tokenizer.decode)
     engine.warm_up()  # a compiled decode step compiles now, not while the first clients wait
-    return ModelServer(AsyncEngine(engine), tokenizer, name, Metrics(), limits=limits)
+    async_engine = AsyncEngine(engine)
+    async_engine.ready.wait()  # its thread plan measured (adaptive threads) before the first client is taken
+    return ModelServer(async_engine, tokenizer, name, Metrics(), limits=limits)

@@ -1,0 +1,139 @@
+"""How many intra-op (OpenMP) threads an engine step runs on, chosen per step from the step's work.
+
+    plan = calibrate(engine)                 # on the thread that will run the steps (AsyncEngine does this)
+    engine.thread_plan = plan                # each step then runs on plan.threads(tokens in the step)
+
+Why: on a 2-core machine a one-row decode step of SmolLM2-135M (int4) took 24 ms on the engine's thread with two
+OpenMP threads and 13 ms with one (benchmarks/RESULTS.md, "On an idle machine"): a small step's parallel regions
+are too short to pay for waking and joining a second thread. Sixteen rows, or a long prompt chunk, do pay. Where
+the crossover lies depends on the model, the weights' format and the machine, so it is measured, not guessed:
+`calibrate` times decode steps at growing batch sizes with 1 thread and with the cap, alternating, on the calling
+thread, and `crossover` turns the timings into the smallest step work (tokens computed in the step: rows x
+tokens) from which the cap is faster (`ThreadPlan`). Steps below it run on 1 thread.
+
+Only the step's thread is affected: torch.set_num_threads sets the calling thread's OpenMP thread count
+(omp_set_num_threads is per thread), so the server's engine thread switching does not change the main thread's
+count, and `calibrate` restores the calling thread's count when it is done. A switch itself costs nothing
+measurable (torch.set_num_threads between 1 and 2: 0.2 us a call, benchmarks/thread_switch.py), so the plan needs
+no hysteresis: a batch that hovers at the crossover switches every step for free, and at the crossover both counts
+are equally fast by definition.
+
+The cap (`EngineConfig.threads`, `nanoseek serve --threads`) is the most threads a step may use; None: torch's
+count on the thread that builds the engine (OMP_NUM_THREADS, or torch.set_num_threads, or the cores).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)  # decode rows timed by calibrate (up to max_num_seqs)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """Steps computing at least `all_from` tokens run on `cap` threads, smaller ones on 1."""
+
+    cap: int
+    all_from: int = 1
+    timings: tuple[tuple[int, float, float], ...] = ()  # (rows, seconds on 1 thread, on cap) as measured
+
+    def __post_init__(self) -> None:
+        if self.cap < 1 or self.all_from < 1:
+            raise ValueError(f"need cap >= 1 and all_from >= 1, got {self.cap}, {self.all_from}")
+
+    def threads(self, work: int) -> int:
+        return threads_for(work, self.cap, self.all_from)
+
+    def describe(self) -> str:
+        if self.cap == 1:
+            return "1 intra-op thread (the cap)"
+        measured = ", ".join(f"{rows} rows {one * 1e3:.1f}/{cap * 1e3:.1f} ms" for rows, one, cap in self.timings)
+        return (f"intra-op threads: 1 below {self.all_from} tokens a step, {self.cap} from there"
+                + (f" (decode step on 1/{self.cap} threads: {measured})" if measured else ""))  # fmt: skip
+
+
+def threads_for(work: int, cap: int, all_from: int) -> int:
+    """The threads of a step computing `work` tokens (rows x tokens): 1 below `all_from`, else `cap`."""
+    if cap < 1:
+        raise ValueError(f"the thread cap must be >= 1, got {cap}")
+    return cap if work >= all_from else 1
+
+
+def crossover(timings: list[tuple[int, float, float]]) -> int:
+    """The smallest measured work (rows) from which `cap` threads are faster than 1 at it and at every larger
+    measured size: a plan that never switches back and forth with the batch size. When 1 thread wins even at the
+    largest size measured, twice that size (bigger steps, such as long prompt chunks, are assumed to pay, as
+    they do wherever measured; see benchmarks/RESULTS.md). `timings`: (rows, seconds on 1, seconds on cap)."""
+    if not timings:
+        return 1
+    ordered = sorted(timings)
+    start = 2 * ordered[-1][0]
+    for rows, one, cap in reversed(ordered):
+        if cap >= one:
+            break
+        start = rows
+    return start
+
+
+def cap_threads(threads: int | None) -> int:
+    """The cap a config asks for: `threads`, or the calling thread's torch count when None."""
+    cap = torch.get_num_threads() if threads is None else threads
+    if cap < 1:
+        raise ValueError(f"threads must be >= 1, got {cap}")
+    return cap
+
+
+def calibrate(engine, cap: int | None = None, reps: int = 3, sizes=BATCH_SIZES) -> ThreadPlan:
+    """Time decode steps of `engine` at growing batch sizes (up to its max_num_seqs) with 1 thread and with `cap`
+    (default: the engine's cap), alternating, on the calling thread; the plan from their medians. Stops once the
+    cap has won at two sizes in a row. Its requests are aborted afterwards (the prefix cache may keep their short
+    prompts); the calling thread's thread count is restored."""
+    from nanoseek.engine.sampling import SamplingParams
+
+    cap = engine.thread_cap if cap is None else cap
+    if cap == 1:
+        return ThreadPlan(1)
+    before = torch.get_num_threads()
+    plan, engine.thread_plan = engine.thread_plan, None  # the steps below choose their own threads
+    timings: list[tuple[int, float, float]] = []
+    prompt_len = 4
+    steps = 2 + 2 * reps  # one warm-up step per count, then reps each
+    try:
+        for rows in (r for r in sizes if r <= engine.config.max_num_seqs):
+            max_tokens = min(steps + 2, engine.runner.context_length - prompt_len - 1)
+            if max_tokens < steps + 1:
+                break
+            params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+            vocab = engine.vocab_size
+            try:
+                ids = [engine.add_request([(7 * r + 3 * j + 1) % vocab for j in range(prompt_len)], params)
+                       for r in range(rows)]  # fmt: skip
+            except ValueError:
+                break  # the cache cannot hold this many: the sizes measured so far decide
+            try:
+                while any(not engine.get(i).output_ids for i in ids):  # prefill: every row decoding
+                    engine.step()
+                times: dict[int, list[float]] = {1: [], cap: []}
+                for k in range(steps):
+                    n = (1, cap)[(k + rows) % 2]
+                    torch.set_num_threads(n)
+                    t = time.perf_counter()
+                    engine.step()
+                    if k >= 2:
+                        times[n].append(time.perf_counter() - t)
+            finally:
+                for i in ids:
+                    engine.abort(i)
+                    engine.release(i)
+            timings.append((rows, statistics.median(times[1]), statistics.median(times[cap])))
+            if len(timings) >= 2 and all(c < o for _, o, c in timings[-2:]):
+                break
+    finally:
+        torch.set_num_threads(before)
+        engine.thread_plan = plan
+        engine._burst_rows = 0  # calibration is not a burst of traffic worth returning memory after
+    return ThreadPlan(cap, crossover(timings), tuple(timings))
