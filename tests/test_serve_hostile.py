@@ -57,6 +57,20 @@ MESSAGES = {
     "tools": [{"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {"type": "tool", "name": "f"},
     "thinking": {"type": "disabled"}, "metadata": {"user_id": "u"},
 }  # fmt: skip
+RESPONSES = {
+    "model": "tiny",
+    "instructions": "be brief",
+    "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "hm"}]},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"a": 1}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "ok"},
+        {"role": "developer", "content": "go on"},
+    ],
+    "max_output_tokens": 1, "temperature": 0, "top_p": 0.9,
+    "tools": [{"type": "function", "name": "f", "parameters": PARAMETERS}], "tool_choice": {"type": "function", "name": "f"},
+    "text": {"format": {"type": "text"}}, "reasoning": {"effort": "none"}, "store": False, "metadata": {"k": "v"},
+}  # fmt: skip
 TOKENIZE_CHAT = {"model": "tiny", "messages": CHAT["messages"], "add_generation_prompt": True}
 TOKENIZE_TEXT = {"model": "tiny", "prompt": "the", "add_special_tokens": True}
 COUNT_TOKENS = {k: MESSAGES[k] for k in ("model", "system", "messages", "tools", "thinking")}
@@ -128,6 +142,12 @@ SURROGATE_CASES = {
     "messages tool input": ("/v1/messages", MESSAGES, ("messages", 1, "content", 1, "input", "a"),
                             "messages[1].content[1].input.a"),
     "count_tokens": ("/v1/messages/count_tokens", COUNT_TOKENS, ("messages", 0, "content"), "messages[0].content"),
+    "responses input": ("/v1/responses", {**RESPONSES, "input": "hi"}, ("input",), "input"),
+    "responses content part": ("/v1/responses", RESPONSES, ("input", 0, "content", 0, "text"),
+                               "input[0].content[0].text"),
+    "responses call arguments": ("/v1/responses", RESPONSES, ("input", 2, "arguments"), "input[2].arguments"),
+    "responses stream": ("/v1/responses", {**RESPONSES, "stream": True}, ("input", 3, "output"), "input[3].output"),
+    "responses instructions": ("/v1/responses", RESPONSES, ("instructions",), "instructions"),
     "tokenize prompt": ("/tokenize", TOKENIZE_TEXT, ("prompt",), "prompt"),
     "tokenize messages": ("/tokenize", TOKENIZE_CHAT, ("messages", 0, "content"), "messages[0].content"),
     "a field the server ignores": ("/v1/chat/completions", CHAT, ("user",), "user"),
@@ -297,6 +317,8 @@ BODIES = {
     "/v1/completions": [COMPLETION, {**COMPLETION, "prompt": [[1, 2], [3]], "stream": True, "n": 2}],
     "/v1/messages": [MESSAGES, {**MESSAGES, "stream": True, "tool_choice": {"type": "auto"}}],
     "/v1/messages/count_tokens": [COUNT_TOKENS],
+    "/v1/responses": [RESPONSES, {**RESPONSES, "stream": True, "tool_choice": "auto", "text": {"format": {
+        "type": "json_schema", "name": "x", "schema": {"type": "object"}}}}],
     "/tokenize": [TOKENIZE_CHAT, TOKENIZE_TEXT],
     "/detokenize": [{"model": "tiny", "tokens": [1, 2]}],
 }  # fmt: skip
