@@ -67,6 +67,9 @@ def test_serve_benchmark_quick(tmp_path, capsys, monkeypatch):
         assert f["ttft_p99_ms"] >= f["ttft_p90_ms"] >= f["ttft_ms"] > 0
     assert re.search(r"prompts: 3 prompts of \d+–\d+ tokens", out)  # C=1 and C=2, tokenized by the server
     assert "every server gave the same output in every round" in out
+    # the agreement check before timing asked the server for its greedy pick at every position (no peer here)
+    assert "agreement, checked before timing" in out and "no peer to compare with" in out
+    assert len(data["checked_before_timing"]["picks"]["nanoseek"]) == data["args"]["agreement_positions"] == 64
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

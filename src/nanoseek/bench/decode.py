@@ -16,8 +16,12 @@ the same length, filled into its KV cache untimed) once per repeat in turn with 
 ratios to it are taken per repeat (median, min–max). It generates no text, so the agreement check rests on
 llama-cpp-python where installed. `make peers` builds it; the report names the build.
 
-Greedy outputs are compared (matching prefix lengths): nanoseek fp32 must equal transformers for the first
-32 tokens (the benchmark fails otherwise). Figures are medians of the repeats with their min-max spread;
+Agreement is checked BEFORE timing, and the benchmark stops when it fails: nanoseek fp32 must equal
+transformers' greedy tokens for the first 32 (--check-tokens), and every nanoseek format must pick llama.cpp's
+greedy next token at --agreement-threshold of --agreement-positions teacher-forced positions of the text
+(bench/agreement.py; llama.cpp = llama-server of llama-bench's build, or llama-cpp-python). After timing the
+greedy outputs are compared too (matching prefix lengths), for the record.
+Figures are medians of the repeats with their min-max spread;
 the ratios are the result. A DeepSeek-V3 model is run through the engine with and without MTP speculation:
 random weights of a named config (`--deepseek bench-20m`, the default), or a trained model folder with its
 MTP layer (`--deepseek runs/NAME/model`, the speedrun's final model), whose MTP drafts are worth measuring.
@@ -43,8 +47,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanoseek.bench.agreement import (
+    DEFAULT_POSITIONS,
+    DEFAULT_THRESHOLD,
+    Agreement,
+    check_threshold,
+    picks,
+    teacher_forced_prefixes,
+)
 from nanoseek.bench.peers import BUILD_HINT
-from nanoseek.bench.timing import matching_prefix
+from nanoseek.bench.timing import OutputsDisagree, matching_prefix
 
 WORKER = Path(__file__).with_name("decode_worker.py")
 INSTALL_HINT = "pip install -e '.[bench]' (builds llama-cpp-python from source, ~10 min on 2 cores)"
@@ -203,6 +215,15 @@ def parse_args(argv):
                     "it was trained on; a user turn where its tokenizer has a chat template")  # fmt: skip
     ap.add_argument("--check-tokens", type=int, default=32,
                     help="nanoseek fp32 must equal transformers greedy for this many tokens")  # fmt: skip
+    ap.add_argument("--agreement-positions", type=int, default=DEFAULT_POSITIONS,
+                    help="teacher-forced positions of the text at which every format's greedy next token is "
+                    "compared with llama.cpp's before timing")  # fmt: skip
+    ap.add_argument(
+        "--agreement-threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="fraction of those positions that must agree, or the benchmark stops before timing",
+    )
     ap.add_argument("--plot", help="write a PNG of the figures here")
     ap.add_argument("--json", help="write the raw figures here")
     ap.add_argument("--profile", metavar="FORMAT", help="also profile nanoseek's decode step in this format")
@@ -220,7 +241,9 @@ def parse_args(argv):
     for p in args.peers:
         if p not in ("llama-bench", "llama.cpp", "transformers"):
             raise ValueError(f"unknown peer {p!r}; choose from llama-bench, llama.cpp, transformers")
-    positive = ("threads", "reps", "prompt_tokens", "decode_tokens", "batch_prompt_tokens", "batch_tokens")
+    check_threshold(args.agreement_threshold)
+    positive = ("threads", "reps", "prompt_tokens", "decode_tokens", "batch_prompt_tokens", "batch_tokens",
+                "agreement_positions")  # fmt: skip
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -313,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"llama.cpp tokenizes the prompt text {'identically' if same else 'DIFFERENTLY'} "
                 "(every side is fed the same token ids either way)"
             )
+
+        notes += check_before_timing(args, sides, long_prompt, text_ids, bench_peer, model, env, tokenizer)
 
         jobs = [(rep, task) for rep in range(args.reps) for task in ["single", *args.concurrency]]
         total = sum(1 for _, t in jobs for s in sides if t == "single" or t <= s.max_concurrency)
@@ -432,34 +457,54 @@ def deepseek_prompt(name_or_folder: str, text: str | None = None, length: int = 
 
 def run_deepseek(args, env: dict) -> dict:
     """Single-stream decode tok/s of a DeepSeek-V3 (a named config with one random MTP layer, or a model folder)
-    through the engine, without and with MTP speculation, and the drafts the latter proposed and had accepted."""
+    through the engine, without and with MTP speculation, and the drafts the latter proposed and had accepted.
+    Before timing, the speculative run's greedy tokens must equal the plain run's (OutputsDisagree otherwise);
+    then the two alternate, repeat by repeat."""
     from tqdm import tqdm
 
     prompt = deepseek_prompt(args.deepseek, args.deepseek_prompt)
     if not prompt:
         raise ValueError("--deepseek-prompt: the text gives no tokens")
-    results = {}
-    for mtp in (False, True):
-        label = "with MTP speculation" if mtp else "plain"
-        source = {"model": args.deepseek} if Path(args.deepseek).is_dir() else {"config": args.deepseek}
-        side = Side(label, {"side": "deepseek", **source, "threads": args.threads, "mtp": mtp}, 1)
-        side.start(env)
-        if side.error:
-            results[label] = {"error": side.error.strip().splitlines()[-1]}
-            continue
-        try:
-            side.call("single", prompt=prompt, max_tokens=4)
-            rates, tokens, drafted, accepted = [], [], 0, 0
-            for _ in tqdm(range(args.reps), desc=f"deepseek {label}", file=sys.stderr, leave=False):
-                out = side.call("single", prompt=prompt, max_tokens=args.decode_tokens)
-                rates.append((args.decode_tokens - 1) / out["decode_s"])
-                tokens.append(out["tokens"])
-                drafted, accepted = drafted + out["drafted"], accepted + out["accepted"]
-            results[label] = {"decode": rates, "tokens": tokens[0], "weights_bytes": side.info["weights_bytes"],
-                              "drafted": drafted, "accepted": accepted}  # fmt: skip
-        except RuntimeError as exc:
-            results[label] = {"error": str(exc)}
-        finally:
+    results: dict[str, dict] = {}
+    sides: dict[str, Side] = {}
+    try:
+        for mtp in (False, True):
+            label = "with MTP speculation" if mtp else "plain"
+            source = {"model": args.deepseek} if Path(args.deepseek).is_dir() else {"config": args.deepseek}
+            side = Side(label, {"side": "deepseek", **source, "threads": args.threads, "mtp": mtp}, 1)
+            side.start(env)
+            if side.error:
+                results[label] = {"error": side.error.strip().splitlines()[-1]}
+                continue
+            sides[label] = side
+            side.call("single", prompt=prompt, max_tokens=4)  # warm-up
+            # untimed, before timing: the tokens the timed repeats must give again
+            out = side.call("single", prompt=prompt, max_tokens=args.decode_tokens)
+            results[label] = {"decode": [], "tokens": out["tokens"], "weights_bytes": side.info["weights_bytes"],
+                              "drafted": 0, "accepted": 0}  # fmt: skip
+        if len(sides) == 2:
+            plain, spec = results["plain"]["tokens"], results["with MTP speculation"]["tokens"]
+            if plain != spec:
+                raise OutputsDisagree(
+                    f"DeepSeek-V3 with MTP speculation gives different greedy tokens from plain decoding after "
+                    f"{matching_prefix(plain, spec)} of {len(plain)}: stopped before timing"
+                )
+        for rep in tqdm(range(args.reps), desc="deepseek", file=sys.stderr, leave=False):
+            order = list(sides.items()) if rep % 2 == 0 else list(sides.items())[::-1]
+            for label, side in order:
+                r = results[label]
+                try:
+                    out = side.call("single", prompt=prompt, max_tokens=args.decode_tokens)
+                except RuntimeError as exc:
+                    results[label] = {"error": str(exc)}
+                    sides.pop(label)
+                    continue
+                r["decode"].append((args.decode_tokens - 1) / out["decode_s"])
+                r["drafted"], r["accepted"] = r["drafted"] + out["drafted"], r["accepted"] + out["accepted"]
+                if out["tokens"] != r["tokens"]:
+                    r["changed"] = True  # not the tokens of the check: reported
+    finally:
+        for side in sides.values():
             side.close()
     return results
 
@@ -477,8 +522,11 @@ def print_deepseek(args, deepseek: dict) -> None:
         plain = deepseek.get("plain", {}).get("tokens")
         if label != "plain" and plain is not None:
             same = matching_prefix(r["tokens"], plain)
-            line += ("; the same greedy tokens as plain" if same == len(plain) == len(r["tokens"])
+            equal = same == len(plain) == len(r["tokens"])
+            line += ("; the same greedy tokens as plain (checked before timing)" if equal
                      else f"; DIFFERENT greedy tokens from plain after {same}")  # fmt: skip
+        if r.get("changed"):
+            line += "; a timed repeat gave OTHER tokens than the check before timing"
         print(line)
 
 
@@ -579,7 +627,6 @@ def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, 
         )
         print(profile["table"])
 
-    check_agreement(args, figures)
     if args.plot:
         plot(args, figures, Path(args.plot))
         print(f"plot: {args.plot}")
@@ -706,16 +753,65 @@ def print_targets(args, figures: dict[str, Figures], memory: dict, fastest: str,
         print(f"  single-stream decode vs llama.cpp: not measured ({why})")
 
 
-def check_agreement(args, figures: dict[str, Figures]) -> None:
-    if "transformers" not in figures or "nanoseek-fp32" not in figures:
-        return
-    need = min(args.check_tokens, args.decode_tokens)
-    got = matching_prefix(figures["nanoseek-fp32"].tokens[0], figures["transformers"].tokens[0])
+def check_exact(ours: list[int], theirs: list[int], need: int) -> str:
+    """nanoseek fp32 and transformers run the same fp32 model: their greedy tokens must be equal for `need`
+    tokens (OutputsDisagree otherwise); the line that says so."""
+    got = matching_prefix(ours, theirs)
     if got < need:
-        raise AssertionError(
-            f"nanoseek fp32 and transformers greedy outputs differ at token {got} (must agree on the first {need})"
+        raise OutputsDisagree(
+            f"nanoseek fp32 and transformers greedy outputs differ at token {got} (must agree on the first {need}): "
+            "stopped before timing"
         )
-    print(f"outputs agree: nanoseek fp32 equals transformers greedy for {got} tokens (required {need})")
+    return f"outputs agree: nanoseek fp32 equals transformers greedy for {got} tokens (required {need})"
+
+
+def check_before_timing(args, sides: list[Side], long_prompt, text_ids, bench_peer, model: Path, env: dict,
+                        tokenizer) -> list[str]:  # fmt: skip
+    """Before any timing: nanoseek fp32 must equal transformers' greedy tokens (--check-tokens), and every
+    nanoseek format must pick llama.cpp's greedy next token at --agreement-threshold of the teacher-forced
+    positions of the text (bench/agreement.py): llama.cpp is llama-server of the same build as llama-bench, or
+    llama-cpp-python in-process. Stops with OutputsDisagree otherwise; returns the lines for the report."""
+    by_label = {s.label: s for s in sides}
+    lines = []
+    if "transformers" in by_label and "nanoseek-fp32" in by_label:
+        need = min(args.check_tokens, args.decode_tokens)
+        ours, theirs = (by_label[label].call("single", prompt=long_prompt, max_tokens=need)["tokens"]
+                        for label in ("nanoseek-fp32", "transformers"))  # fmt: skip
+        lines.append(check_exact(ours, theirs, need))
+    prefixes = teacher_forced_prefixes(text_ids, args.agreement_positions)
+    reference, peer = None, None
+    if bench_peer is not None:
+        reference, peer = (
+            llama_server_picks(model, args, env, prefixes),
+            "llama.cpp (llama-server, llama-bench's build)",
+        )
+    elif "llama.cpp" in by_label:
+        side = by_label["llama.cpp"]
+        reference = picks(lambda p: tokenizer.decode(side.call("single", prompt=p, max_tokens=1)["tokens"]), prefixes)
+        peer = "llama.cpp (llama-cpp-python)"
+    if reference is None:
+        return lines + ["agreement with llama.cpp: not checked (no llama.cpp peer runs here)"]
+    checks = []
+    for side in (s for s in sides if s.label.startswith("nanoseek-")):
+        ours = picks(lambda p, side=side: tokenizer.decode(side.call("single", prompt=p, max_tokens=1)["tokens"]),
+                     prefixes)  # fmt: skip
+        checks.append(Agreement.of(side.label, peer, ours, reference, args.agreement_threshold))
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise OutputsDisagree("stopped before timing: " + "; ".join(c.refusal() for c in failed))
+    return lines + [f"agreement (before timing): {c.line()}" for c in checks]
+
+
+def llama_server_picks(model: Path, args, env: dict, prefixes: list[list[int]]) -> list[str]:
+    """llama.cpp's greedy next tokens after each prefix, from llama-server of the same build as llama-bench
+    (which generates no text), started once with one slot."""
+    from nanoseek.bench.peers import find_peer
+    from nanoseek.bench.serve import llama_server_spec, running, server_next_token
+
+    binary, record = find_peer("llama-server")
+    spec = llama_server_spec(binary, record, model, args.threads, -(-(len(prefixes[-1]) + 64) // 256) * 256)
+    with running(spec, env, 600, slots=1) as (url, name, _proc):
+        return picks(server_next_token(url, name, 300), prefixes)
 
 
 def plot(args, figures: dict[str, Figures], path: Path) -> None:

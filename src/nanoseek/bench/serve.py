@@ -33,8 +33,12 @@ and more for llama.cpp, whose worker threads spin: with --threads 2 on a busy 2-
 server took 300-930 ms per token against 17-30 ms with one thread (measured here), so compare at
 --threads 1 there. Peak RSS of each server process is printed.
 
-Agreement: at concurrency 1 both servers' greedy outputs for the same prompt are compared (longest common
-prefix, in tokens of the GGUF's tokenizer). Exact equality is not expected: nanoseek runs a Q4_1 GGUF as
+Agreement, checked BEFORE any timing (bench/agreement.py): every server is started once with one slot and
+given the same token ids of a fixed text at --agreement-positions positions, teacher-forced (the text up to
+the position, one greedy token at temperature 0); nanoseek's picks and each peer's must be equal at
+--agreement-threshold of the positions, or the benchmark stops with the two figures and no ratio is reported.
+After timing, the concurrency-1 greedy outputs are compared too (longest common
+prefix, in tokens of the GGUF's tokenizer), for the record. Exact equality is not expected: nanoseek runs a Q4_1 GGUF as
 int4 (`--quant auto`; int8 activations in blocks of 32 on its own kernel) while llama.cpp runs its own Q4_1
 kernels (activations as Q8_1 blocks of 32); the rounding differs, so the greedy texts agree for a prefix and
 may part where two candidates are close. Each server must give the same text in every round (determinism), or
@@ -64,6 +68,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanoseek.bench.agreement import (
+    DEFAULT_POSITIONS,
+    DEFAULT_THRESHOLD,
+    Agreement,
+    check_threshold,
+    picks,
+    teacher_forced_prefixes,
+)
 from nanoseek.bench.decode import TEXT, resolve_model, worker_env
 from nanoseek.bench.timing import Spread, matching_prefix, table
 
@@ -453,6 +465,15 @@ def parse_args(argv):
     ap.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to start")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 1 round, concurrency 1,2, 8 tokens, 6-word prompts (for tests)")  # fmt: skip
+    ap.add_argument(
+        "--agreement-positions",
+        type=int,
+        default=DEFAULT_POSITIONS,
+        help="teacher-forced positions of the agreement check before timing (one greedy token each)",
+    )
+    ap.add_argument("--agreement-threshold", type=float, default=DEFAULT_THRESHOLD,
+                    help="fraction of those positions at which nanoseek and each peer must pick the same token, "
+                    "or the benchmark stops before timing")  # fmt: skip
     ap.add_argument("--plot", help="write a PNG (TTFT and aggregate throughput vs concurrency) here")
     ap.add_argument("--json", help="write the raw figures here")
     args = ap.parse_args(argv)
@@ -469,7 +490,8 @@ def parse_args(argv):
     for p in args.peers:
         if p not in PEERS:
             raise ValueError(f"unknown peer {p!r}; choose from {', '.join(PEERS)} (or 'none')")
-    for name in ("threads", "rounds", "max_tokens", "prompt_words"):
+    check_threshold(args.agreement_threshold)
+    for name in ("threads", "rounds", "max_tokens", "prompt_words", "agreement_positions"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("request_timeout", "startup_timeout"):
@@ -491,6 +513,9 @@ def main(argv: list[str] | None = None) -> None:
     env = worker_env(args.threads)
     prompts = level_prompts(args.concurrency, args.prompt_words)
     load_start = os.getloadavg()
+
+    agreement = check_servers_agree(specs, args, env, model, notes)
+    specs = [s for s in specs if s.label in agreement["picks"]]  # a peer whose server failed to start is a note
 
     # figures[label][C] = one dict per round; texts[label] = the concurrency-1 output of each round
     figures: dict[str, dict[int, list[dict]]] = {s.label: {c: [] for c in args.concurrency} for s in specs}
@@ -515,7 +540,50 @@ def main(argv: list[str] | None = None) -> None:
         for d in (figures, texts, rss, prompt_ids):
             d.pop(label, None)
 
-    report(args, model, figures, texts, rss, notes, load_start, same_prompt_tokens(prompt_ids))
+    report(args, model, figures, texts, rss, notes, load_start, same_prompt_tokens(prompt_ids), agreement)
+
+
+def server_next_token(url: str, model: str, timeout: float) -> Callable[[list[int]], str]:
+    """Ask a server for its greedy next token after a token-id prompt (/v1/completions, one token, temperature
+    0); the token's text is the pick."""
+    import httpx
+
+    def next_token(prefix: list[int]) -> str:
+        body = {"model": model, "prompt": prefix, "max_tokens": 1, "temperature": 0, "top_p": 1}
+        try:
+            answer = httpx.post(f"{url}/v1/completions", json=body, timeout=timeout)
+            answer.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise ServerFailed(f"its /v1/completions failed on a token-id prompt: {exc}") from exc
+        return answer.json()["choices"][0]["text"]
+
+    return next_token
+
+
+def check_servers_agree(specs: list[ServerSpec], args, env: dict, model: Path, notes: list[str]) -> dict:
+    """Before timing: every server's teacher-forced greedy picks on the same token ids of the text (one start
+    each, one slot); each peer must agree with nanoseek at --agreement-threshold of the positions, or the
+    benchmark stops (SystemExit naming both figures). A peer whose server fails to start becomes a note."""
+    import nanoseek
+
+    ids = nanoseek.load_tokenizer(model).encode(TEXT)
+    prefixes = teacher_forced_prefixes(ids, args.agreement_positions)
+    chosen: dict[str, list[str]] = {}
+    for spec in specs:
+        print(f"agreement check: {spec.label} ...", file=sys.stderr, flush=True)
+        try:
+            with running(spec, env, args.startup_timeout, slots=1) as (url, name, _proc):
+                chosen[spec.label] = picks(server_next_token(url, name, args.request_timeout), prefixes)
+        except ServerFailed as exc:
+            if spec.label == "nanoseek":
+                raise SystemExit(f"nanoseek bench serve: error: {exc}") from exc
+            notes.append(f"{spec.label} MISSING: its server failed: {str(exc).strip()}")
+    checks = [Agreement.of("nanoseek", label, chosen["nanoseek"], chosen[label], args.agreement_threshold)
+              for label in chosen if label != "nanoseek"]  # fmt: skip
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise SystemExit("nanoseek bench serve: stopped before timing: " + "; ".join(c.refusal() for c in failed))
+    return {"picks": chosen, "checks": [c.line() for c in checks], "positions": len(prefixes)}
 
 
 def server_prompt_ids(spec: ServerSpec, url: str, model: str, prompts: list[str]) -> list[list[int]]:
@@ -573,7 +641,8 @@ def same_prompt_tokens(prompt_ids: dict[str, list[list[int]]]) -> str:
     return shown + ": DIFFERENT token ids on " + ", ".join(f"{p} for {n}" for p, n in differ.items() if n)
 
 
-def report(args, model: Path, figures, texts, rss, notes, load_start, prompt_tokens_line: str) -> None:
+def report(args, model: Path, figures, texts, rss, notes, load_start, prompt_tokens_line: str,
+           checked: dict) -> None:  # fmt: skip
     load_end = os.getloadavg()
     labels = list(figures)
     print(
@@ -584,6 +653,10 @@ def report(args, model: Path, figures, texts, rss, notes, load_start, prompt_tok
     for note in notes:
         print(f"NOTE: {note}")
     print(f"prompts: {prompt_tokens_line}")
+    print(f"agreement, checked before timing (teacher-forced greedy next tokens at {checked['positions']} positions "
+          "of the benchmark's text, the same token ids on every server):")  # fmt: skip
+    for line in checked["checks"] or ["no peer to compare with"]:
+        print(f"  {line}")
     print()
     rows = []
     for label in labels:
@@ -617,7 +690,8 @@ def report(args, model: Path, figures, texts, rss, notes, load_start, prompt_tok
         print(f"plot: {args.plot}")
     if args.json:
         raw = {"args": {k: v for k, v in vars(args).items()}, "figures": figures, "texts": texts, "rss_mb": rss,
-               "ratios": ratios, "agreement": agreement, "notes": notes, "load": [load_start, load_end],
+               "ratios": ratios, "agreement": agreement, "checked_before_timing": checked,
+               "notes": notes, "load": [load_start, load_end],
                "prompts": prompt_tokens_line}  # fmt: skip
         Path(args.json).write_text(json.dumps(raw, indent=1, default=str))
 

@@ -17,8 +17,9 @@ template; loss on the assistant's tokens).
 Both: the same learning rate (constant), betas, eps, no weight decay, gradient clipping at 1.0, a loss that is
 the mean over the step's assistant tokens. The two loss curves must agree on the first steps (step 0
 within LOSS_RTOL: identical weights and batch; then within CURVE_RTOL as float rounding compounds through
-AdamW), or the benchmark stops. Then the sides alternate, --reps rounds after a warm-up round, and the
-result is conversations per second, median (min–max), and the per-round time ratio.
+AdamW), checked on --check-steps untimed steps BEFORE timing (they are the warm-up too), or the benchmark
+stops. Then the sides alternate, --reps timed rounds going on from there, and the result is conversations per
+second, median (min–max), and the per-round time ratio.
 """
 
 from __future__ import annotations
@@ -182,13 +183,22 @@ def run(args: argparse.Namespace, out: Path) -> None:
         hf_opt.zero_grad(set_to_none=True)
         return loss.item()
 
+    # before timing: the first --check-steps steps of both sides, untimed (they are the warm-up too); the
+    # benchmark stops here unless their losses agree
+    checked = {NANOSEEK: [], PLAIN: []}
+    for i in range(args.check_steps):
+        checked[NANOSEEK].append(ours(i))
+        checked[PLAIN].append(plain(i))
+    check_curves(checked[NANOSEEK], checked[PLAIN], args.check_steps)
+
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     load_before = os.getloadavg()[0]
-    times, losses = alternate({NANOSEEK: ours, PLAIN: plain}, rounds=args.reps, warmup=1, clock=clock)
+    first = args.check_steps  # the timed rounds go on from the checked steps' weights
+    times, losses = alternate({NANOSEEK: lambda i: ours(first + i), PLAIN: lambda i: plain(first + i)},
+                              rounds=args.reps, warmup=0, clock=clock)  # fmt: skip
     load_after = os.getloadavg()[0]
-    check_curves(losses[NANOSEEK], losses[PLAIN], args.check_steps)
 
-    steps = 1 + args.reps
+    steps = args.check_steps + args.reps
     batches = [[examples[j] for j in source.step_indices(i)] for i in range(steps)]
     real = sum(e.length for b in batches for e in b)
     padded = sum(len(b) * max(e.length for e in b) for b in batches)
@@ -204,8 +214,10 @@ def run(args: argparse.Namespace, out: Path) -> None:
         f"token positions per step: padded batch {padded / steps:.0f}, packed rows {packed / steps:.0f}, "
         f"real {real / steps:.0f}; assistant tokens are {100 * trainer_targets(batches) / real:.0f}% of them"
     )
+    curve = " ".join(f"{a:.4f}/{b:.4f}" for a, b in zip(checked[NANOSEEK], checked[PLAIN]))
+    print(f"loss curves agree, checked before timing (nanoseek/transformers, steps 0-{args.check_steps - 1}): {curve}")
     curve = " ".join(f"{a:.4f}/{b:.4f}" for a, b in zip(losses[NANOSEEK], losses[PLAIN]))
-    print(f"loss curves agree (nanoseek/transformers per step): {curve}")
+    print(f"timed steps' losses (nanoseek/transformers): {curve}")
     rows = []
     for name, ts in times.items():
         spread = Spread.of(ts)

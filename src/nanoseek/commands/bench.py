@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,5 +28,11 @@ def run(args: argparse.Namespace) -> int:
         module = importlib.import_module(BENCHMARKS[args.name])
     except ModuleNotFoundError as exc:
         raise ValueError(f"benchmark {args.name!r} is not available ({exc})") from exc
-    module.main(args.args)
+    from nanoseek.bench.timing import OutputsDisagree
+
+    try:
+        module.main(args.args)
+    except OutputsDisagree as exc:  # the sides would time different work: a plain message, no traceback
+        print(f"nanoseek bench {args.name}: the sides disagree: {exc}", file=sys.stderr)
+        return 1
     return 0
