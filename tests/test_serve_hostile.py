@@ -249,11 +249,11 @@ def test_token_ids_outside_the_vocabulary_are_a_400_naming_the_field(http, path,
 # ---- 8: a reply cut off by shutdown ------------------------------------------------------------------------
 
 
-def _cut_by_shutdown(gguf, body: dict) -> httpx.Response | list[str]:
-    """`body` sent to /v1/messages on a fresh server whose engine shuts down once the reply has started: the
+def _cut_by_shutdown(gguf, body: dict, path: str = "/v1/messages") -> httpx.Response | list[str]:
+    """`body` sent to `path` on a fresh server whose engine shuts down once the reply has started: the
     response (not streaming) or the SSE lines (streaming)."""
     endless = ScriptedModel(ScriptedConfig(VOCAB, eos_token_id=VOCAB - 3), lambda ids: ord("a"))  # never stops
-    body = {**body, "max_tokens": 4000}
+    body = {**body, "max_output_tokens" if path == "/v1/responses" else "max_tokens": 4000}
     with serve(gguf, model=endless) as r, httpx.Client(base_url=r.url, timeout=60) as c:
         engine = r.server.engine.engine
         started = threading.Event()
@@ -268,8 +268,8 @@ def _cut_by_shutdown(gguf, body: dict) -> httpx.Response | list[str]:
         stopper.start()
         try:
             if not body.get("stream"):
-                return c.post("/v1/messages", json=body)
-            with c.stream("POST", "/v1/messages", json=body) as resp:
+                return c.post(path, json=body)
+            with c.stream("POST", path, json=body) as resp:
                 assert resp.status_code == 200
                 return [line for line in resp.iter_lines() if line]
         finally:
@@ -286,6 +286,22 @@ def test_an_anthropic_stream_cut_by_shutdown_ends_with_an_error_event(gguf):
     error = json.loads(lines[-1].removeprefix("data: "))
     assert error["type"] == "error" and error["error"]["type"] == "overloaded_error", error
     assert "end_turn" not in "".join(lines)
+
+
+def test_a_responses_stream_cut_by_shutdown_ends_with_response_failed(gguf):
+    lines = _cut_by_shutdown(gguf, {"model": "tiny", "input": "hi", "stream": True}, "/v1/responses")
+    events = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+    kinds = [e["type"] for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and "response.output_text.delta" in kinds
+    assert kinds[-1] == "response.failed" and "response.completed" not in kinds, kinds
+    response = events[-1]["response"]
+    assert response["status"] == "failed" and response["error"]["code"] == "server_error", response
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
+
+def test_a_responses_reply_cut_by_shutdown_is_a_503(gguf):
+    resp = _cut_by_shutdown(gguf, {"model": "tiny", "input": "hi"}, "/v1/responses")
+    assert resp.status_code == 503 and resp.json()["error"]["type"] == "server_error", resp.text
 
 
 def test_an_anthropic_reply_cut_by_shutdown_is_a_503(gguf):

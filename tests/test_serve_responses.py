@@ -281,6 +281,7 @@ BAD = {
     "previous_response_id": ({"input": "hi", "previous_response_id": "resp_123"}, "previous_response_id"),
     "background": ({"input": "hi", "background": True}, "background"),
     "an input longer than the context": ({"input": "word " * 5000}, "input"),
+    "max_output_tokens past the context": ({"input": "hi", "max_output_tokens": 5000}, "max_output_tokens"),
 }  # fmt: skip
 
 
@@ -309,3 +310,11 @@ def test_the_api_key_guards_the_route(tmp_path):
         ok = httpx.post(r.url + "/v1/responses", json={"input": "hi", "max_output_tokens": 2},
                         headers={"authorization": "Bearer secret"}, timeout=60)  # fmt: skip
         assert ok.status_code == 200 and ok.json()["usage"]["output_tokens"] <= 2
+
+
+def test_reasoning_effort_switches_a_templates_thinking():
+    """reasoning.effort "none" turns thinking off in templates that read enable_thinking (Qwen 3); any other
+    effort turns it on; without one the template decides."""
+    kwargs = [ResponsesRequest.model_validate({"input": "hi", **extra}).template_kwargs()
+              for extra in ({"reasoning": {"effort": "none"}}, {"reasoning": {"effort": "low"}}, {})]  # fmt: skip
+    assert kwargs == [{"enable_thinking": False}, {"enable_thinking": True}, {}]

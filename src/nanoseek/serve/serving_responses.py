@@ -39,6 +39,11 @@ async def start_response(server: ModelServer, req: r.ResponsesRequest) -> tuple[
     constraint = await server.structured.for_request(req.response_format(), server.tool_parser, tools,
                                                      req.chat_tool_choice())  # fmt: skip
     ids, text = await server.chat_prompt(req.template_messages(), **req.template_kwargs())
+    room = server.context_length - len(ids)
+    if req.max_output_tokens is not None and 0 < room < req.max_output_tokens:  # (room < 1: max_tokens says so)
+        raise APIError(400, f"the input ({len(ids)} tokens) plus max_output_tokens ({req.max_output_tokens}) exceed "
+                       f"the model's context of {server.context_length} tokens", "max_output_tokens",
+                       "context_length_exceeded")  # fmt: skip
     max_tokens = server.max_tokens(req.max_output_tokens, len(ids), "input")
     params = replace(req.sampling_params(max_tokens), constraint=constraint)
     return server.generate([(ids, params)]), starts_in_reasoning(text)
