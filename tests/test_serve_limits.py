@@ -288,7 +288,8 @@ def test_readme_states_the_defaults():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     d = Limits()
     shown = {"max_body_bytes": f"{d.max_body_bytes >> 20} MiB", "header_timeout": f"{d.header_timeout:g} s",
-             "body_timeout": f"{d.body_timeout:g} s"}  # fmt: skip
+             "body_timeout": f"{d.body_timeout:g} s",
+             "stream_stall_timeout": f"{d.stream_stall_timeout:g} s"}  # fmt: skip
     for name, value in vars(d).items():
         assert f"| {shown.get(name, value)} | `{flag(name)}` |" in readme, name
     assert f"| {MAX_HEAD_BYTES >> 10} KiB | |" in readme and f"computed {CHUNK} positions at a time" in readme

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="most intra-op threads a step uses (default: torch's: OMP_NUM_THREADS or the cores); each "
                    "step runs on 1 thread or all of them by its size, as a calibration at start measured")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None,
+                   help="most intra-op threads a step uses (default: torch's: OMP_NUM_THREADS or the cores); each "
+                   "step runs on 1 thread or all of them by its size, as a calibration at start measured")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown (default 30)")  # fmt: skip
     p.add_argument("--docs", action="store_true",
@@ -66,6 +69,15 @@ def add_limit_args(group) -> None:
         default=d.body_timeout,
         help=f"seconds for a request's body to arrive (default {d.body_timeout:g}; more: 408)",
     )
+    group.add_argument("--max-connections", type=int, default=d.max_connections,
+                       help=f"open connections (default {d.max_connections}); a request on one more gets a 503 with "
+                       "Retry-After and the connection is closed")  # fmt: skip
+    group.add_argument("--max-stream-buffer", type=int, default=d.max_stream_buffer,
+                       help=f"tokens a stream may have waiting for a slow reader before its generation pauses "
+                       f"(default {d.max_stream_buffer})")  # fmt: skip
+    group.add_argument("--stream-stall-timeout", type=float, default=d.stream_stall_timeout,
+                       help=f"seconds a reply's write may wait for its client to read, else the request is aborted "
+                       f"and the connection closed (default {d.stream_stall_timeout:g})")  # fmt: skip
     group.add_argument(
         "--max-sequences",
         type=int,
@@ -101,6 +113,8 @@ def limits_from_args(args: argparse.Namespace):
 
     return Limits(
         max_body_bytes=int(args.max_body_mib * (1 << 20)), header_timeout=args.header_timeout,
+        max_connections=args.max_connections, max_stream_buffer=args.max_stream_buffer,
+        stream_stall_timeout=args.stream_stall_timeout,
         body_timeout=args.body_timeout, max_sequences=args.max_sequences, max_logit_bias=args.max_logit_bias,
         max_stop=args.max_stop, max_stop_chars=args.max_stop_chars,
         max_echo_logprobs_tokens=args.max_echo_logprobs_tokens,
@@ -119,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     limits = limits_from_args(args)  # before the model loads: a bad flag fails at once

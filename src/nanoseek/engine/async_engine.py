@@ -31,6 +31,9 @@ from nanoseek.engine.sampling import SamplingParams
 from nanoseek.engine.threads import ThreadPlan, calibrate
 
 log = logging.getLogger("nanoseek.engine")
+from nanoseek.engine.threads import ThreadPlan, calibrate
+
+log = logging.getLogger("nanoseek.engine")
 
 
 class AsyncEngine:
@@ -41,6 +44,7 @@ class AsyncEngine:
         self._inbox: list[tuple[int, list[int], SamplingParams, Sink]] = []
         self._aborts: list[int] = []
         self._sinks: dict[int, Sink] = {}
+        self._unread: dict[int, list[int]] = {}  # request id -> [outputs not taken by its reader, max_unread]
         # outputs emitted since the last flush, per event loop: [(callback, output), ...] in emission order
         self._pending: dict[asyncio.AbstractEventLoop, list[tuple[Callable[[StepOutput], None], StepOutput]]] = {}
         self.num_loop_calls = 0  # call_soon_threadsafe calls made (one per step and event loop with outputs)
@@ -59,12 +63,20 @@ class AsyncEngine:
         params: SamplingParams,
         sink: Callable[[StepOutput], None],
         loop: asyncio.AbstractEventLoop | None = None,
+        max_unread: int | None = None,
     ) -> int:
         """Queue a request whose outputs go to `sink`: called on the engine thread, or with `loop` on that event
         loop (a step's outputs for all of the loop's requests in one call_soon_threadsafe, in order; a closed
-        loop gets nothing). ValueError on bad input."""
+        loop gets nothing). ValueError on bad input.
+
+        `max_unread`: a bound on the outputs sent to `sink` that its reader has not yet `taken`. When a step leaves
+        that many unread, the request is paused (not scheduled; it keeps its cache blocks) until `taken` brings it
+        below the bound. So a reader slower than the tokens holds at most max_unread + one step's tokens (1, or
+        1 + drafts when speculating) in its buffer, and costs the other requests no compute while paused."""
+        if max_unread is not None and max_unread < 1:
+            raise ValueError(f"max_unread must be None or >= 1, got {max_unread}")
         prompt = self.engine.validate(prompt_ids, params)
-        sink = Sink(sink, loop)
+        sink = Sink(sink, loop, max_unread)
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the engine is shut down")
@@ -79,6 +91,25 @@ class AsyncEngine:
         with self._lock:
             self._aborts.append(request_id)
             self._wake.notify()
+
+    def taken(self, request_id: int, n: int = 1) -> None:
+        """The reader of a request submitted with max_unread has taken `n` of its outputs (any thread): a paused
+        request below its bound again is resumed. Unknown or finished requests are ignored."""
+        with self._lock:
+            unread = self._unread.get(request_id)
+            if unread is None:
+                return
+            unread[0] -= n
+            req = self.engine.requests.get(request_id)
+            if req is not None and req.paused and unread[0] < unread[1]:
+                req.paused = False  # under the lock the engine thread waits with: it sees the work at once
+                self._wake.notify()
+
+    def unread(self, request_id: int) -> int | None:
+        """Outputs of a request submitted with max_unread that its reader has not taken (None: not tracked)."""
+        with self._lock:
+            unread = self._unread.get(request_id)
+            return None if unread is None else unread[0]
 
     async def generate(
         self, prompt_ids: Sequence[int], params: SamplingParams | None = None
@@ -167,6 +198,8 @@ class AsyncEngine:
 
     def _emit(self, out: StepOutput) -> None:
         sink = self._sinks.get(out.request_id)
+        if sink is not None and sink.max_unread is not None:
+            self._count_unread(out, sink.max_unread)
         if sink is not None:
             if sink.loop is None:
                 sink.callback(out)
@@ -175,6 +208,18 @@ class AsyncEngine:
         if out.finished:
             self._sinks.pop(out.request_id, None)
             self.engine.release(out.request_id)
+
+    def _count_unread(self, out: StepOutput, bound: int) -> None:
+        """One more output its reader has not taken; at the bound, pause the request (before the next step)."""
+        with self._lock:
+            if out.finished:
+                self._unread.pop(out.request_id, None)
+                return
+            unread = self._unread.setdefault(out.request_id, [0, bound])
+            unread[0] += 1
+            req = self.engine.requests.get(out.request_id)
+            if unread[0] >= bound and req is not None:
+                req.paused = True
 
     def _flush(self) -> None:
         """Hand each event loop the outputs gathered for it, in one call."""
@@ -189,6 +234,7 @@ class AsyncEngine:
 class Sink(NamedTuple):
     callback: Callable[[StepOutput], None]
     loop: asyncio.AbstractEventLoop | None  # None: called on the engine thread
+    max_unread: int | None = None  # pause the request while its reader has this many outputs not taken
 
 
 def _deliver(items: list[tuple[Callable[[StepOutput], None], StepOutput]]) -> None:

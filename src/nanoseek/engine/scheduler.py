@@ -11,6 +11,10 @@ waits again, to be recomputed from its prompt and the tokens it already produced
 kept). Nothing is corrupted and nothing crashes; a request that alone does not fit in the whole cache is
 refused when it is added.
 
+A paused request (`Request.paused`, set while its reader is behind: AsyncEngine's max_unread) keeps its place and
+its blocks but is not scheduled, so it costs the others no compute; it is not counted as work (an engine with only
+paused requests sleeps until one is resumed), and it may still be preempted like any running request.
+
 Speculative decoding: a decoding request may carry draft tokens (`Request.draft_ids`, proposed at the end
 of the previous step). It then takes 1 + len(drafts) tokens, so the target model scores them all in one
 forward; when the budget or the free blocks are short, the drafts are cut (down to none) before anything
@@ -54,6 +58,7 @@ class Request:
     num_preemptions: int = 0
     draft_ids: list[int] = field(default_factory=list)  # speculative tokens to verify in the next step
     constraint: ConstraintState | None = None  # its own state of params.constraint, advanced token by token
+    paused: bool = False  # not scheduled while set (its reader is behind); keeps its blocks and place
 
     @property
     def all_ids(self) -> list[int]:
@@ -99,7 +104,8 @@ class Scheduler:
         self.waiting.append(request)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Whether a step would compute anything: a request that is not paused."""
+        return any(not r.paused for r in self.running) or any(not r.paused for r in self.waiting)
 
     def remove(self, request: Request) -> None:
         """Take a request out of the queues and give its blocks back (finished or aborted)."""
@@ -115,6 +121,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.paused:
+                i += 1
+                continue
             take = min(req.num_tokens - req.num_computed, budget)
             drafts, req.draft_ids = req.draft_ids[: budget - take], []  # (drafts only come with take == 1)
             if drafts and not req.table.reserve(req.num_computed + take + len(drafts), req.num_computed):
@@ -128,8 +137,9 @@ class Scheduler:
             out.append(Scheduled(req, take + len(drafts), drafts))
             budget -= take + len(drafts)
             i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+        ready = [r for r in self.waiting if not r.paused]  # in order; paused ones keep their place
+        while ready and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = ready[0]
             if req.num_computed == 0 and req.table.empty:
                 cached = req.table.match_prefix(req.all_ids)
                 req.num_computed = cached
@@ -140,7 +150,7 @@ class Scheduler:
                 req.table.release()  # wait for blocks without holding any
                 req.num_computed = 0
                 break
-            self.waiting.popleft()
+            self.waiting.remove(ready.pop(0))
             req.status = Status.RUNNING
             self.running.append(req)
             out.append(Scheduled(req, take))

@@ -215,7 +215,9 @@ async def _unless_disconnected(request: Request, work: Awaitable[BaseModel], on_
 
 class EventStream(StreamingResponse):
     """An SSE response that stops as soon as the client disconnects, also while no token is coming (Starlette's
-    own, under ASGI 2.4, only notices on its next write)."""
+    own, under ASGI 2.4, only notices on its next write). A client that stops reading fills the socket's buffers,
+    then the stream's (Generation pauses its requests); a write that waits `Limits.stream_stall_timeout` seconds
+    ends the stream: its requests are aborted (the background task) and uvicorn closes the connection."""
 
     media_type = "text/event-stream"
 
@@ -228,7 +230,7 @@ class EventStream(StreamingResponse):
 
             async def stream() -> None:
                 with contextlib.suppress(OSError):  # the client went away mid-write
-                    await self.stream_response(send)
+                    await self.stream_response(_within(send, scope))
                 group.cancel_scope.cancel()
 
             group.start_soon(stream)
@@ -236,6 +238,25 @@ class EventStream(StreamingResponse):
             group.cancel_scope.cancel()
         if self.background is not None:
             await self.background()
+
+
+def _within(send, scope):
+    """`send`, ending the stream (logged; the caller's task group then cancels it) when one write waits longer
+    than the app's stream_stall_timeout for the client to read."""
+    limits = getattr(scope.get("app"), "state", None) and scope["app"].state.limits
+    seconds = limits.stream_stall_timeout if limits is not None else None
+
+    async def send_within(message) -> None:
+        if seconds is None:
+            return await send(message)
+        with anyio.move_on_after(seconds) as deadline:
+            await send(message)
+        if deadline.cancelled_caught:
+            log.warning("a stream's client read nothing for %g s: the stream is aborted (--stream-stall-timeout)",
+                        seconds)  # fmt: skip
+            raise OSError("the client stopped reading")
+
+    return send_within
 
 
 # ---- errors and middleware ----------------------------------------------------------------------------------

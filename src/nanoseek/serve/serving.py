@@ -89,7 +89,11 @@ class ChoiceText:
 
 
 class Generation:
-    """Requests submitted together (the n choices of one or more prompts); iterate for their ChoiceDeltas."""
+    """Requests submitted together (the n choices of one or more prompts); iterate for their ChoiceDeltas.
+
+    Its buffer is bounded: a choice whose outputs wait untaken (`Limits.max_stream_buffer` of them: the stream's
+    client reads slower than the tokens come, so its SSE writes block and nothing iterates here) is paused in the
+    engine until they are taken, so a slow reader holds a bounded buffer and costs the other streams nothing."""
 
     def __init__(self, server: ModelServer, requests: Sequence[tuple[list[int], SamplingParams]]):
         self.server = server
@@ -103,8 +107,9 @@ class Generation:
         self._last_token = {}
         try:
             for index, (ids, params) in enumerate(requests):
-                # put on this loop: one call_soon_threadsafe per engine step for all of this loop's requests
-                rid = self.engine.submit(ids, params, self._queue.put_nowait, loop)
+                # put on this loop: one call_soon_threadsafe per engine step for all of this loop's requests;
+                # a reader that falls behind pauses its request (limits.max_stream_buffer outputs not taken)
+                rid = self.engine.submit(ids, params, self._queue.put_nowait, loop, server.limits.max_stream_buffer)
                 self.choices[rid] = (index, ChoiceText(server.tokenizer, params.stop), params)
                 self.unfinished.add(rid)
                 self._last_token[rid] = start
@@ -130,6 +135,7 @@ class Generation:
         try:
             while self.unfinished:
                 out = await self._queue.get()
+                self.engine.taken(out.request_id)
                 if out.request_id not in self.unfinished:
                     continue  # an abort's echo after the server stopped the choice itself
                 delta = self._consume(out)
