@@ -36,9 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="most intra-op threads a step uses (default: torch's: OMP_NUM_THREADS or the cores); each "
                    "step runs on 1 thread or all of them by its size, as a calibration at start measured")  # fmt: skip
-    p.add_argument("--threads", type=int, default=None,
-                   help="most intra-op threads a step uses (default: torch's: OMP_NUM_THREADS or the cores); each "
-                   "step runs on 1 thread or all of them by its size, as a calibration at start measured")  # fmt: skip
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown (default 30)")  # fmt: skip
     p.add_argument("--docs", action="store_true",
@@ -133,8 +130,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if args.max_num_seqs < 1:
         raise ValueError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     limits = limits_from_args(args)  # before the model loads: a bad flag fails at once

@@ -31,9 +31,6 @@ from nanoseek.engine.sampling import SamplingParams
 from nanoseek.engine.threads import ThreadPlan, calibrate
 
 log = logging.getLogger("nanoseek.engine")
-from nanoseek.engine.threads import ThreadPlan, calibrate
-
-log = logging.getLogger("nanoseek.engine")
 
 
 class AsyncEngine:

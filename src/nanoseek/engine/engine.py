@@ -46,7 +46,6 @@ from nanoseek.engine.sampling import (
 from nanoseek.engine.scheduler import Request, Scheduled, Scheduler, Status
 from nanoseek.engine.speculative import METHODS, accept_greedy, make_drafter
 from nanoseek.engine.threads import ThreadPlan, cap_threads
-from nanoseek.engine.threads import ThreadPlan, cap_threads
 from nanoseek.memory import return_freed_memory
 
 
@@ -117,8 +116,6 @@ class EngineConfig:
             raise ValueError(f"return_memory_after_rows must be None or >= 1, got {self.return_memory_after_rows}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be None or >= 1, got {self.threads}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be None or >= 1, got {self.threads}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
 
@@ -170,10 +167,6 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self.vocab_size = model.config.vocab_size
-        self.thread_cap = cap_threads(config.threads)
-        # None: steps leave the calling thread's count alone; AsyncEngine sets a calibrated plan when asked
-        self.thread_plan: ThreadPlan | None = None if config.threads is None else ThreadPlan(self.thread_cap)
-        self.step_threads = 0  # torch's intra-op threads in effect during the last step's forwards
         self.thread_cap = cap_threads(config.threads)
         # None: steps leave the calling thread's count alone; AsyncEngine sets a calibrated plan when asked
         self.thread_plan: ThreadPlan | None = None if config.threads is None else ThreadPlan(self.thread_cap)
@@ -257,11 +250,6 @@ class Engine:
         if not scheduled:
             return []
         # rows of similar length share a forward (decodes, with their drafts if any, always do)
-        if self.thread_plan is not None:
-            wanted = self.thread_plan.threads(sum(s.num_new for s in scheduled))
-            if torch.get_num_threads() != wanted:
-                torch.set_num_threads(wanted)  # this thread's count only (OpenMP's is per thread)
-        self.step_threads = torch.get_num_threads()
         if self.thread_plan is not None:
             wanted = self.thread_plan.threads(sum(s.num_new for s in scheduled))
             if torch.get_num_threads() != wanted:
