@@ -69,7 +69,7 @@ def test_serve_benchmark_quick(tmp_path, capsys, monkeypatch):
     assert "every server gave the same output in every round" in out
     # the agreement check before timing asked the server for its greedy pick at every position (no peer here)
     assert "agreement, checked before timing" in out and "no peer to compare with" in out
-    assert len(data["checked_before_timing"]["picks"]["nanoseek"]) == data["args"]["agreement_positions"] == 64
+    assert len(data["checked_before_timing"]["picks"]["nanoseek"]) == data["args"]["agreement_positions"] == 16
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

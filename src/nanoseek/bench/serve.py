@@ -80,7 +80,7 @@ from nanoseek.bench.decode import TEXT, resolve_model, worker_env
 from nanoseek.bench.timing import Spread, matching_prefix, table
 
 INSTALL_HINT = "pip install -e '.[bench]' (llama-cpp-python with its server extra; builds from source, ~10 min)"
-QUICK = {"rounds": 1, "concurrency": "1,2", "max_tokens": 8, "prompt_words": 6}
+QUICK = {"rounds": 1, "concurrency": "1,2", "max_tokens": 8, "prompt_words": 6, "agreement_positions": 16}
 
 
 # ---- the servers -------------------------------------------------------------------------------------------
@@ -464,7 +464,8 @@ def parse_args(argv):
     ap.add_argument("--request-timeout", type=float, default=300.0, help="seconds one stream may take in all")
     ap.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to start")
     ap.add_argument("--quick", action="store_true",
-                    help="a smoke run: 1 round, concurrency 1,2, 8 tokens, 6-word prompts (for tests)")  # fmt: skip
+                    help="a smoke run: 1 round, concurrency 1,2, 8 tokens, 6-word prompts, 16 agreement positions "
+                    "(for tests)")  # fmt: skip
     ap.add_argument(
         "--agreement-positions",
         type=int,
@@ -552,9 +553,11 @@ def server_next_token(url: str, model: str, timeout: float) -> Callable[[list[in
         body = {"model": model, "prompt": prefix, "max_tokens": 1, "temperature": 0, "top_p": 1}
         try:
             answer = httpx.post(f"{url}/v1/completions", json=body, timeout=timeout)
-            answer.raise_for_status()
         except httpx.HTTPError as exc:
             raise ServerFailed(f"its /v1/completions failed on a token-id prompt: {exc}") from exc
+        if answer.status_code != 200:
+            raise ServerFailed(f"its /v1/completions answered {answer.status_code} to a token-id prompt of "
+                               f"{len(prefix)} tokens: {answer.text[:300]}")  # fmt: skip
         return answer.json()["choices"][0]["text"]
 
     return next_token
