@@ -82,6 +82,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     quant: str | None = None,
+    lora: dict[str, str | os.PathLike] | None = None,
 ) -> torch.nn.Module:
     """Load a model from a HF folder (config.json + safetensors) or a .gguf file, ready for inference.
 
@@ -90,6 +91,8 @@ def load(
     and GGUF files are packed while loading, without an fp32 copy of the whole model. quant="auto" picks what
     the command line's `--quant auto` picks (resolve_quant: int4 or int8 for a quantized GGUF file on the CPU,
     unquantized otherwise); None or "none" (the default) loads unquantized.
+    `lora` {name: PEFT adapter folder}: LoRA adapters attached by name (load_lora), which engine requests pick
+    with SamplingParams(lora=name) and plain forwards with `model.lora_adapters.rows([name, None, ...])`.
     Raises FileNotFoundError / ValueError naming the file and the problem.
     """
     path = Path(path)
@@ -112,7 +115,22 @@ def load(
     # the readers' buffers and the dequantization temporaries are freed by now but stay in the process
     # (measured on SmolLM2 int8: RSS after loading ~605 -> 555 MB)
     return_freed_memory()
+    if lora:
+        load_lora(model, lora)
     return model.eval()
+
+
+def load_lora(model: torch.nn.Module, adapters: dict[str, str | os.PathLike]):
+    """Attach PEFT LoRA adapter folders ({name: folder}, as peft's save_pretrained writes them) to a loaded dense
+    model (after quantizing, if at all): engine/lora.py serves them, each row of a batch with its own. An adapter
+    whose modules or shapes do not fit the model is refused (ValueError naming it) before any is attached.
+    Returns the model's LoraAdapters."""
+    from nanoseek.engine.lora import attach_lora
+    from nanoseek.weights.peft_lora import read_peft_adapter
+
+    read = {name: read_peft_adapter(path) for name, path in adapters.items()}
+    updates = {name: {m: (u.a, u.b, u.scale) for m, u in w.modules.items()} for name, w in read.items()}
+    return attach_lora(model, updates, {name: str(path) for name, path in adapters.items()})
 
 
 def save(model: torch.nn.Module, path: str | os.PathLike, *, dtype: str | torch.dtype | None = None) -> None:
@@ -125,6 +143,8 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, dtype: str | torch.
     Models with packed (quantized) weights are refused: their fp32 weights are gone."""
     from nanoseek.weights.hf_folder import save_pretrained
 
+    if getattr(model, "lora_adapters", None) is not None:
+        raise ValueError("a model with LoRA adapters attached cannot be saved; load it without lora= to save it")
     if getattr(model, "quantization", None) or any(
         type(m).__module__.startswith("nanoseek.quant") for m in model.modules()
     ):

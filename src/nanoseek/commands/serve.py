@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="require this key (Authorization: Bearer KEY or x-api-key: KEY); default $NANOSEEK_API_KEY",
     )  # fmt: skip
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: MODEL's name)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a PEFT LoRA adapter folder beside the base model, under NAME (a request's \"model\"); "
+                   "repeatable")  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together (default 32)")
     p.add_argument("--threads", type=int, default=None,
                    help="most intra-op threads a step uses (default: torch's: OMP_NUM_THREADS or the cores); each "
@@ -114,8 +117,23 @@ def limits_from_args(args: argparse.Namespace):
         stream_stall_timeout=args.stream_stall_timeout,
         body_timeout=args.body_timeout, max_sequences=args.max_sequences, max_logit_bias=args.max_logit_bias,
         max_stop=args.max_stop, max_stop_chars=args.max_stop_chars,
-        max_echo_logprobs_tokens=args.max_echo_logprobs_tokens,
+        max_echo_logprobs_tokens=args.max_echo_logprobs_tokens, max_embedding_inputs=args.max_embedding_inputs,
+        max_embedding_tokens=args.max_embedding_tokens,
     )  # fmt: skip
+
+
+def lora_args(specs: list[str], base_name: str) -> dict[str, str]:
+    """--lora NAME=PATH flags as {name: path}; ValueError for a malformed one, a repeated name or the base's name."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"--lora takes NAME=PATH (an adapter name and a PEFT adapter folder), got {spec!r}")
+        if name == base_name or name in adapters:
+            raise ValueError(f"--lora {spec}: the name {name!r} is taken (by the base model or another adapter)")
+        adapters[name] = path
+    return adapters
 
 
 def served_name(args: argparse.Namespace) -> str:
@@ -138,7 +156,12 @@ def run(args: argparse.Namespace) -> int:
     from nanoseek.serve.connection import uvicorn_config
     from nanoseek.serve.serving import make_server
 
+    adapters = lora_args(args.lora, served_name(args))  # before the model loads: a bad flag fails at once
     model, tok = load_model_and_tokenizer(args)
+    if adapters:
+        from nanoseek.loading import load_lora
+
+        load_lora(model, adapters)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, compile=args.compile, threads=args.threads,
                           adaptive_threads=True)  # fmt: skip
     server = make_server(model, tok, served_name(args), config, limits)

@@ -213,7 +213,18 @@ class Engine:
             )
         if params.stop and self.detokenize is None:
             raise ValueError("stop strings need an engine built with a detokenize function")
+        self.adapter_id(params.lora)
         return prompt
+
+    def adapter_id(self, name: str | None) -> int:
+        """The id of the LoRA adapter `name` attached to the model (engine/lora.py); 0 for None, the base model.
+        ValueError for a name the model does not have."""
+        if name is None:
+            return 0
+        adapters = getattr(self.runner.model, "lora_adapters", None)
+        if adapters is None:
+            raise ValueError(f"unknown LoRA adapter {name!r}: the model has no adapters attached")
+        return adapters.id_of(name)
 
     def abort(self, request_id: int) -> bool:
         """Stop a request and free its blocks; False when it is unknown or already finished."""
@@ -258,7 +269,8 @@ class Engine:
         passes: list[tuple[list[Scheduled], ForwardResult]] = []
         to_sample: list[tuple[Scheduled, torch.Tensor]] = []
         for group in self._groups(scheduled):
-            rows = [Row(s.request.table, s.request.num_computed, s.token_ids, 1 + len(s.draft_ids)) for s in group]
+            rows = [Row(s.request.table, s.request.num_computed, s.token_ids, 1 + len(s.draft_ids),
+                        self.adapter_id(s.request.params.lora)) for s in group]  # fmt: skip
             result = self.runner.forward(rows, hidden=self.drafter is not None and self.drafter.needs_hidden)
             passes.append((group, result))
             to_sample.extend((s, result.row_logits(i, 1 + len(s.draft_ids))) for i, s in enumerate(group) if s.samples)

@@ -131,8 +131,9 @@ class BlockTable:
     blocks[p // block_size]. A sliding group (window w) needs only the positions a future query can see,
     those >= num_computed - w + 1; the blocks wholly before that are given back and read as NULL_BLOCK."""
 
-    def __init__(self, pool: BlockPool, group: int = 0, window: int | None = None):
+    def __init__(self, pool: BlockPool, group: int = 0, window: int | None = None, root: int | None = None):
         self.pool, self.group, self.window = pool, group, window
+        self.root = root  # the prefix hash chain's start: tables with other roots (LoRA adapters) share nothing
         self.blocks: list[int] = []
         self.hashes: list[int] = []  # prefix hashes of the leading full blocks registered so far
         self.num_dropped = 0  # leading entries that are NULL_BLOCK: out of the window (or never taken)
@@ -171,7 +172,7 @@ class BlockTable:
         bs = self.pool.block_size
         while len(self.hashes) < min(num_computed // bs, len(self.blocks)):
             i = len(self.hashes)
-            h = chain_hash(self.hashes[-1] if self.hashes else None, tokens[i * bs : (i + 1) * bs])
+            h = chain_hash(self.hashes[-1] if self.hashes else self.root, tokens[i * bs : (i + 1) * bs])
             if self.blocks[i] != NULL_BLOCK:
                 self.pool.register(self.blocks[i], (self.group, h))
             self.hashes.append(h)

@@ -25,9 +25,11 @@ from nanoseek.engine.kv_cache import NULL_BLOCK, BlockPool, BlockTable, KVLayout
 
 
 class SequenceBlocks:
-    def __init__(self, pool: BlockPool, layout: KVLayout):
-        self.pool, self.layout = pool, layout
-        self.tables = [BlockTable(pool, g, w) for g, w in enumerate(layout.windows)]
+    def __init__(self, pool: BlockPool, layout: KVLayout, root: int | None = None):
+        """root: where the prefix hashes start; sequences whose keys and values differ for the same tokens (other
+        LoRA adapters) take different roots, so they never share a block."""
+        self.pool, self.layout, self.root = pool, layout, root
+        self.tables = [BlockTable(pool, g, w, root) for g, w in enumerate(layout.windows)]
 
     @property
     def empty(self) -> bool:
@@ -68,7 +70,7 @@ class SequenceBlocks:
         bs = self.pool.block_size
         hashes: list[int] = []
         for start in range(0, (len(tokens) - 1) // bs * bs, bs):
-            hashes.append(chain_hash(hashes[-1] if hashes else None, tokens[start : start + bs]))
+            hashes.append(chain_hash(hashes[-1] if hashes else self.root, tokens[start : start + bs]))
         hit = len(hashes)
         for t in self.tables:  # full groups: the leading run of cached blocks
             if t.window is None:

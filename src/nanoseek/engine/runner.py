@@ -9,6 +9,7 @@ compressed c_kv and k_pe (kv_lora_rank + qk_rope_head_dim values per token and l
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ class Row:
     past_len: int  # tokens already in the cache
     token_ids: Sequence[int]  # the new tokens, at positions past_len..
     num_logits: int = 1  # logits wanted at this many last new tokens (1 + drafts when verifying)
+    adapter: int = 0  # the LoRA adapter the row runs (engine/lora.py; 0: the base model)
 
 
 @dataclass
@@ -115,18 +117,28 @@ class ModelRunner:
         # decode steps (one new token per row, no drafts) take the compiled model when there is one; prompt
         # chunks and draft verification stay eager (their shapes vary more, and they are not per-token costs),
         # and so do row-wise views, whose per-query Python loop would be traced and guarded afresh every step
-        decoding = self.decode_model is not None and T == 1 and n == 1 and not hidden and not row_wise
+        # rows with LoRA adapters run eagerly (engine/lora.py): the compiled graph is the base model's
+        lora = _lora_rows(self.model, rows)
+        decoding = self.decode_model is not None and T == 1 and n == 1 and not hidden and not row_wise and lora is None
         model = self.decode_model if decoding else self.model
         # a compiled step keeps the unfused rotary embedding and cache write: inductor fuses them itself, and the
         # fused op writes the cache in place, which the compiled graph would have to functionalize
         view.fused_qkv = self.fused_qkv and view.fused_attention and not decoding
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):  # fmt: skip
+                            enabled=self.autocast_dtype is not None), lora or contextlib.nullcontext():  # fmt: skip
             if hidden:
                 logits, h = model(ids, cache=view, logits_index=index, return_hidden=True)
             else:
                 logits, h = model(ids, cache=view, logits_index=index), None
         return ForwardResult(logits.float(), h, view, [r.past_len for r in rows])
+
+
+def _lora_rows(model, rows: Sequence[Row]):
+    """The context that gives each row its LoRA adapter for the forward, or None when every row runs the base
+    (then the forward does no LoRA work at all)."""
+    if not any(r.adapter for r in rows):
+        return None
+    return model.lora_adapters.rows([r.adapter for r in rows], next(model.parameters()).device)
 
 
 class CompiledDecode:

@@ -46,6 +46,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; n >= 0: the sampled token's and the top-n alternatives
     constraint: Constraint | None = None  # which tokens may come next (e.g. a JSON schema's grammar); per request
+    lora: str | None = None  # the LoRA adapter the request runs (its name; engine/lora.py); None: the base model
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:

@@ -133,16 +133,15 @@ def _api_routes(server: ModelServer) -> APIRouter:
 
     @router.get("/v1/models", response_model=po.ModelList)
     async def models():
-        return po.ModelList(data=[_model_card(server)])
+        return po.ModelList(data=[_model_card(server, name) for name in [server.name, *server.adapters]])
 
     @router.get("/v1/models/{model_id}", response_model=po.ModelCard, responses={404: {"description": "Unknown model"}})
     async def model(model_id: str):
-        server.check_model(model_id)
-        return _model_card(server)
+        return _model_card(server, server.model_name(server.resolve_model(model_id)))
 
     @router.post("/tokenize", response_model=po.TokenizeResponse)
     async def tokenize(body: po.TokenizeRequest):
-        server.check_model(body.model)
+        server.resolve_model(body.model)  # an adapter tokenizes as its base
         if body.messages is not None:
             ids, _ = await server.chat_prompt([m.for_template() for m in body.messages], body.add_generation_prompt)
         else:
@@ -151,7 +150,7 @@ def _api_routes(server: ModelServer) -> APIRouter:
 
     @router.post("/detokenize", response_model=po.DetokenizeResponse)
     async def detokenize(body: po.DetokenizeRequest):
-        server.check_model(body.model)
+        server.resolve_model(body.model)
         ids = server.check_tokens(body.tokens, "tokens")
         return po.DetokenizeResponse(prompt=await asyncio.to_thread(server.tokenizer.decode, ids))
 
@@ -180,8 +179,12 @@ def _open_routes(server: ModelServer) -> APIRouter:
     return router
 
 
-def _model_card(server: ModelServer) -> po.ModelCard:
-    return po.ModelCard(id=server.name, created=server.created, max_model_len=server.context_length)
+def _model_card(server: ModelServer, name: str) -> po.ModelCard:
+    """The base model's card, or a LoRA adapter's (its parent the base, its root its folder, as vLLM lists them)."""
+    card = po.ModelCard(id=name, created=server.created, max_model_len=server.context_length, root=name)
+    if name != server.name:
+        card.parent, card.root = server.name, server.adapter_paths.get(name, name)
+    return card
 
 
 def _log_unknown(body: BaseModel) -> None:

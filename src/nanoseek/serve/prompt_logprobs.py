@@ -16,6 +16,7 @@ two 1.6 GB tensors), where a chunk's are a few tens of MB. The request's prompt 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 
@@ -28,14 +29,16 @@ CHUNK = 256  # positions whose logits exist at once
 
 
 def prompt_logprobs(
-    model: torch.nn.Module, ids: Sequence[int], top_n: int, token_text: Callable[[int], str], chunk: int = CHUNK
+    model: torch.nn.Module, ids: Sequence[int], top_n: int, token_text: Callable[[int], str], chunk: int = CHUNK,
+    lora: str | None = None,
 ) -> list[TokenLogprob]:
     """One entry per prompt token: log p(token i | tokens before it) and the top_n most likely tokens at i.
-    The first entry's logprob is None."""
+    The first entry's logprob is None. `lora`: the LoRA adapter to score with (engine/lora.py), None: the base."""
     ids = list(ids)
     device = next(model.parameters()).device
     chosen, top_lp, top_ids = [], [], []
-    with _ONE_AT_A_TIME, torch.inference_mode():
+    adapter = model.lora_adapters.rows([lora], device) if lora is not None else contextlib.nullcontext()
+    with _ONE_AT_A_TIME, torch.inference_mode(), adapter:
         tokens = torch.tensor([ids], dtype=torch.long, device=device)
         hidden, head = _hidden_and_head(model, tokens)
         for start in range(0, len(ids) - 1, chunk):  # position t's logits predict token t + 1

@@ -495,6 +495,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "nanoseek"
     max_model_len: int
+    root: str | None = None  # as vLLM: the base model's name, or a LoRA adapter's folder
+    parent: str | None = None  # a LoRA adapter's base model (None for the base itself)
 
 
 class ModelList(BaseModel):

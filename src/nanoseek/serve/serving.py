@@ -200,10 +200,39 @@ class ModelServer:
         self.tool_parser = parser_for_template(tokenizer.chat_template)  # a class, or None: no tool-call format
         metrics.watch_engine(engine.engine)
 
+    @property
+    def adapters(self) -> list[str]:
+        """The LoRA adapters served beside the base model, by name (engine/lora.py; `nanoseek serve --lora`)."""
+        adapters = getattr(self.engine.engine.runner.model, "lora_adapters", None)
+        return list(adapters.names) if adapters is not None else []
+
+    @property
+    def adapter_paths(self) -> dict[str, str]:
+        adapters = getattr(self.engine.engine.runner.model, "lora_adapters", None)
+        return dict(adapters.paths) if adapters is not None else {}
+
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.name!r}", "model",
-                           "model_not_found")  # fmt: skip
+        """The request names the base model (or none). A LoRA adapter's name is refused here: an endpoint that
+        runs adapters calls resolve_model."""
+        if model is not None and model != self.name and model in self.adapters:
+            raise APIError(400, f"{model!r} is a LoRA adapter, which this endpoint does not run; it runs the base "
+                           f"model {self.name!r}", "model")  # fmt: skip
+        self.resolve_model(model)
+
+    def resolve_model(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names, or None for the base model (its name, or no name); an
+        unknown name is a 404 model_not_found."""
+        if model is None or model == self.name:
+            return None
+        if model in self.adapters:
+            return model
+        served = ", ".join(map(repr, [self.name, *self.adapters]))
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {served}", "model",
+                       "model_not_found")  # fmt: skip
+
+    def model_name(self, model: str | None) -> str:
+        """The name a reply carries: the adapter's the request named, else the base model's."""
+        return model if model is not None and model in self.adapters else self.name
 
     async def chat_prompt(
         self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs

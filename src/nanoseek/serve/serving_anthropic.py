@@ -20,18 +20,18 @@ def event(kind: str, data: dict) -> str:
 
 
 async def start_message(server: ModelServer, req: a.MessagesRequest) -> tuple[Generation, bool]:
-    server.check_model(req.model)
+    adapter = server.resolve_model(req.model)
     tools = req.template_kwargs().get("tools") if req.uses_tools else None
     choice = a.openai_tool_choice(req.tool_choice) if req.tool_choice else None
     constraint = await server.structured.for_request(None, server.tool_parser, tools, choice)
     ids, text = await server.chat_prompt(req.template_messages(), **req.template_kwargs())
     max_tokens = server.max_tokens(req.max_tokens, len(ids))
-    params = replace(req.sampling_params(max_tokens), constraint=constraint)
+    params = replace(req.sampling_params(max_tokens), constraint=constraint, lora=adapter)
     return server.generate([(ids, params)]), starts_in_reasoning(text)
 
 
 async def count_tokens(server: ModelServer, req: a.CountTokensRequest) -> a.CountTokensResponse:
-    server.check_model(req.model)
+    server.resolve_model(req.model)  # an adapter counts as its base: the same tokenizer
     ids, _ = await server.chat_prompt(req.template_messages(), **req.template_kwargs())
     return a.CountTokensResponse(input_tokens=len(ids))
 
@@ -60,7 +60,7 @@ async def message_response(
         blocks.append(a.TextBlock(text=content))
     blocks += [a.tool_use_block(c) for c in calls]
     return a.MessageResponse(
-        id=a.new_message_id(), model=server.name, content=blocks,
+        id=a.new_message_id(), model=server.model_name(req.model), content=blocks,
         stop_reason=a.stop_reason(finish, stop, bool(calls)), stop_sequence=stop if isinstance(stop, str) else None,
         usage=a.Usage(input_tokens=gen.prompt_tokens, output_tokens=gen.completion_tokens),
     )  # fmt: skip
@@ -118,7 +118,7 @@ async def message_stream(
     server: ModelServer, req: a.MessagesRequest, gen: Generation, in_reasoning: bool
 ) -> AsyncIterator[str]:
     message = a.MessageResponse(
-        id=a.new_message_id(), model=server.name, content=[], stop_reason=None, stop_sequence=None,
+        id=a.new_message_id(), model=server.model_name(req.model), content=[], stop_reason=None, stop_sequence=None,
         usage=a.Usage(input_tokens=gen.prompt_tokens, output_tokens=0),
     )  # fmt: skip
     yield event("message_start", {"message": message.model_dump()})

@@ -36,12 +36,13 @@ def sse_error(exc: APIError) -> str:
 
 async def start_chat(server: ModelServer, req: p.ChatCompletionRequest) -> tuple[Generation, bool]:
     """Submit the request's choices; returns the generation and whether replies start inside reasoning."""
-    server.check_model(req.model)
+    adapter = server.resolve_model(req.model)
     tools, choice = (req.openai_tools() if req.uses_tools else None), req.openai_tool_choice()
     constraint = await server.structured.for_request(req.response_format, server.tool_parser, tools, choice)
     ids, text = await server.chat_prompt(req.template_messages(), req.add_generation_prompt, **req.template_kwargs())
     max_tokens = server.max_tokens(req.requested_max_tokens, len(ids))
-    params = replace(req.sampling_params(max_tokens, req.num_logprobs, server.vocab_size), constraint=constraint)
+    params = replace(req.sampling_params(max_tokens, req.num_logprobs, server.vocab_size), constraint=constraint,
+                     lora=adapter)  # fmt: skip
     return server.generate([(ids, q) for q in seeded(params, req.n)]), starts_in_reasoning(text)
 
 
@@ -83,7 +84,7 @@ async def chat_response(
         reason = "tool_calls" if calls and finish[i] != "abort" else finish[i]
         choices.append(p.ChatChoice(index=i, message=message, logprobs=lp, finish_reason=reason))
     return p.ChatCompletion(
-        id=p.new_id("chatcmpl"), created=p.now(), model=server.name, choices=choices,
+        id=p.new_id("chatcmpl"), created=p.now(), model=server.model_name(req.model), choices=choices,
         usage=p.usage(gen.prompt_tokens, gen.completion_tokens),
     )  # fmt: skip
 
@@ -91,11 +92,11 @@ async def chat_response(
 async def chat_stream(
     server: ModelServer, req: p.ChatCompletionRequest, gen: Generation, in_reasoning: bool
 ) -> AsyncIterator[str]:
-    cid, created = p.new_id("chatcmpl"), p.now()
+    cid, created, model = p.new_id("chatcmpl"), p.now(), server.model_name(req.model)
 
     def chunk(index: int, delta: p.ChatDelta, logprobs=None, finish_reason=None) -> str:
         choice = p.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)
-        body = p.ChatCompletionChunk(id=cid, created=created, model=server.name, choices=[choice]).model_dump()
+        body = p.ChatCompletionChunk(id=cid, created=created, model=model, choices=[choice]).model_dump()
         body["choices"][0]["delta"] = delta.model_dump(exclude_unset=True)  # only the fields this chunk carries
         return sse(_with_usage_field(body, req.include_usage))
 
@@ -140,7 +141,7 @@ async def chat_stream(
                 yield chunk(d.index, p.ChatDelta(), None, reason)
 
     def usage_chunk(usage: p.Usage) -> p.ChatCompletionChunk:
-        return p.ChatCompletionChunk(id=cid, created=created, model=server.name, choices=[], usage=usage)
+        return p.ChatCompletionChunk(id=cid, created=created, model=model, choices=[], usage=usage)
 
     async for event in _framed(events(), gen, usage_chunk if req.include_usage else None):
         yield event
@@ -183,7 +184,7 @@ class EchoedPrompt:
 
 async def start_completion(server: ModelServer, req: p.CompletionRequest) -> tuple[Generation, list[EchoedPrompt]]:
     """Submit n choices per prompt; returns the generation and the prompts (for echo)."""
-    server.check_model(req.model)
+    adapter = server.resolve_model(req.model)
     constraint = await server.structured.constraint(req.response_format)
     prompts, echoed = [], []
     for prompt in req.prompts():
@@ -193,7 +194,8 @@ async def start_completion(server: ModelServer, req: p.CompletionRequest) -> tup
             ids = server.check_tokens(prompt, "prompt")
             text = server.tokenizer.decode(ids) if req.echo else ""
         max_tokens = server.max_tokens(req.max_tokens, len(ids), "prompt")
-        params = replace(req.sampling_params(max_tokens, req.logprobs, server.vocab_size), constraint=constraint)
+        params = replace(req.sampling_params(max_tokens, req.logprobs, server.vocab_size), constraint=constraint,
+                         lora=adapter)  # fmt: skip
         if req.echo and req.logprobs is not None and max_tokens == 1:
             # a scoring request: its one reply token is listed even when it is end-of-sequence, so the logprobs
             # always hold prompt + 1 entries (lm-evaluation-harness drops the last one by position, as on vLLM)
@@ -204,7 +206,8 @@ async def start_completion(server: ModelServer, req: p.CompletionRequest) -> tup
         server.limits.check_echo_logprobs(sum(len(ids) for ids, _ in prompts))
         model = server.engine.engine.runner.model
         for (ids, _), e in zip(prompts, echoed):
-            e.logprobs = await asyncio.to_thread(prompt_logprobs, model, ids, req.logprobs, server.token_text)
+            e.logprobs = await asyncio.to_thread(prompt_logprobs, model, ids, req.logprobs, server.token_text,
+                                                 lora=adapter)  # fmt: skip
     requests = [(ids, q) for ids, params in prompts for q in seeded(params, req.n)]
     return server.generate(requests), echoed
 
@@ -248,7 +251,7 @@ async def completion_response(
         text = prefix.text + "".join(d.text for d in ds)
         choices.append(p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish))
     return p.Completion(
-        id=p.new_id("cmpl"), created=p.now(), model=server.name, choices=choices,
+        id=p.new_id("cmpl"), created=p.now(), model=server.model_name(req.model), choices=choices,
         usage=p.usage(gen.prompt_tokens, gen.completion_tokens),
     )  # fmt: skip
 
@@ -262,7 +265,7 @@ async def completion_stream(
 
     def chunk(index: int, text: str, logprobs=None, finish_reason=None) -> str:
         choice = p.CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)
-        body = p.Completion(id=cid, created=created, model=server.name, choices=[choice]).model_dump()
+        body = p.Completion(id=cid, created=created, model=server.model_name(req.model), choices=[choice]).model_dump()
         return sse(_with_usage_field(body, req.include_usage))
 
     async def events() -> AsyncIterator[str]:
@@ -277,7 +280,7 @@ async def completion_stream(
             yield chunk(d.index, d.text, lp, d.finish_reason)
 
     def usage_chunk(usage: p.Usage) -> p.Completion:
-        return p.Completion(id=cid, created=created, model=server.name, choices=[], usage=usage)
+        return p.Completion(id=cid, created=created, model=server.model_name(req.model), choices=[], usage=usage)
 
     async for event in _framed(events(), gen, usage_chunk if req.include_usage else None):
         yield event
