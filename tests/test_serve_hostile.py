@@ -71,6 +71,7 @@ RESPONSES = {
     "tools": [{"type": "function", "name": "f", "parameters": PARAMETERS}], "tool_choice": {"type": "function", "name": "f"},
     "text": {"format": {"type": "text"}}, "reasoning": {"effort": "none"}, "store": False, "metadata": {"k": "v"},
 }  # fmt: skip
+EMBEDDINGS = {"model": "tiny", "input": ["the", "cat"], "encoding_format": "float", "user": "u"}
 TOKENIZE_CHAT = {"model": "tiny", "messages": CHAT["messages"], "add_generation_prompt": True}
 TOKENIZE_TEXT = {"model": "tiny", "prompt": "the", "add_special_tokens": True}
 COUNT_TOKENS = {k: MESSAGES[k] for k in ("model", "system", "messages", "tools", "thinking")}
@@ -337,6 +338,7 @@ BODIES = {
         "type": "json_schema", "name": "x", "schema": {"type": "object"}}}}],
     "/tokenize": [TOKENIZE_CHAT, TOKENIZE_TEXT],
     "/detokenize": [{"model": "tiny", "tokens": [1, 2]}],
+    "/v1/embeddings": [EMBEDDINGS, {**EMBEDDINGS, "input": [[1, 2], [3]], "encoding_format": "base64"}],
 }  # fmt: skip
 
 

@@ -105,6 +105,12 @@ def add_limit_args(group) -> None:
     group.add_argument("--max-echo-logprobs-tokens", type=int, default=d.max_echo_logprobs_tokens,
                        help=f"prompt tokens one /v1/completions request may score with echo + logprobs (default "
                        f"{d.max_echo_logprobs_tokens})")  # fmt: skip
+    group.add_argument("--max-embedding-inputs", type=int, default=d.max_embedding_inputs,
+                       help=f"inputs in one /v1/embeddings request (default {d.max_embedding_inputs}, "
+                       "as OpenAI)")  # fmt: skip
+    group.add_argument("--max-embedding-tokens", type=int, default=d.max_embedding_tokens,
+                       help=f"tokens of all the inputs of one /v1/embeddings request (default "
+                       f"{d.max_embedding_tokens}; each input also at most the model's context)")  # fmt: skip
 
 
 def limits_from_args(args: argparse.Namespace):

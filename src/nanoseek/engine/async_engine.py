@@ -5,6 +5,7 @@
         ...                                   # leaving the loop early (client gone) aborts the request
     for out in engine.stream(prompt_ids, params):   # plain threads (the CLI)
         ...
+    vectors = await engine.embed([ids1, ids2])   # embeddings: each forward a job on the engine thread
     engine.shutdown()                         # aborts what is in flight, stops the thread
 
 One thread owns the engine and runs `step()` while there is work; every other thread only drops requests
@@ -14,18 +15,27 @@ thread), or for asyncio code a callback run on its event loop. A step's outputs 
 event loop cross over in ONE call_soon_threadsafe (in order), not one per token: each crossing wakes the
 loop (a self-pipe write) and makes it take the GIL from the engine thread, so with 64 streams a step cost 64
 wake-ups and GIL hand-offs where it now costs one. Concurrent requests share each batched step.
+
+Work that is not a request (embeddings' forwards) goes in as a job (`call`): a function of the engine, run on the
+engine thread between two steps, one job per step. So only this thread ever runs the model: a job's forward never
+overlaps a step's (no two forwards fight for the same cores, and no module is entered by two threads at once),
+and between a long embedding request's forwards the running streams still get their tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import torch
+
+from nanoseek.engine.embeddings import embedding_batches, gather
 from nanoseek.engine.engine import Engine, StepOutput
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.engine.threads import ThreadPlan, calibrate
@@ -40,6 +50,7 @@ class AsyncEngine:
         self._wake = threading.Condition(self._lock)
         self._inbox: list[tuple[int, list[int], SamplingParams, Sink]] = []
         self._aborts: list[int] = []
+        self._jobs: list[tuple[concurrent.futures.Future, Callable[[Engine], Any]]] = []  # run one per step
         self._sinks: dict[int, Sink] = {}
         self._unread: dict[int, list[int]] = {}  # request id -> [outputs not taken by its reader, max_unread]
         # outputs emitted since the last flush, per event loop: [(callback, output), ...] in emission order
@@ -75,14 +86,35 @@ class AsyncEngine:
         prompt = self.engine.validate(prompt_ids, params)
         sink = Sink(sink, loop, max_unread)
         with self._lock:
-            if self._stopping:
-                raise RuntimeError("the engine is shut down")
-            if self.error is not None:
-                raise RuntimeError(f"the engine stopped after an error: {self.error!r}")
+            self._check_running()
             rid = self.engine.new_request_id()
             self._inbox.append((rid, prompt, params, sink))
             self._wake.notify()
         return rid
+
+    def call(self, job: Callable[[Engine], Any]) -> concurrent.futures.Future:
+        """Run `job(engine)` on the engine thread, between two steps; its result (or exception) in the future.
+        A future cancelled before the job starts skips it; a shut-down or failed engine fails it (RuntimeError)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._check_running()
+            self._jobs.append((future, job))
+            self._wake.notify()
+        return future
+
+    async def embed(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Engine.embed from asyncio: each forward of the plan is its own job, so steps run between them.
+        ValueError on bad input, before anything runs; cancelling skips the forwards not yet started."""
+        engine = self.engine
+        inputs = [engine.check_embedding_input(p) for p in prompts]
+        if not inputs:
+            raise ValueError("no inputs to embed")
+        groups = embedding_batches([len(ids) for ids in inputs], engine.config.max_step_tokens)
+        parts = []
+        for group in groups:
+            rows = [inputs[i] for i in group]
+            parts.append(await asyncio.wrap_future(self.call(lambda e, rows=rows: e.embed_forward(rows))))
+        return gather(groups, parts)
 
     def abort(self, request_id: int) -> None:
         with self._lock:
@@ -139,6 +171,13 @@ class AsyncEngine:
             if not finished:
                 self.abort(rid)
 
+    def _check_running(self) -> None:
+        """(Called under the lock.)"""
+        if self._stopping:
+            raise RuntimeError("the engine is shut down")
+        if self.error is not None:
+            raise RuntimeError(f"the engine stopped after an error: {self.error!r}")
+
     @property
     def healthy(self) -> bool:
         """The engine thread is running and has not stopped on an error."""
@@ -164,10 +203,11 @@ class AsyncEngine:
         self.ready.set()
         while True:
             with self._lock:
-                while not (self._inbox or self._aborts or self._stopping or engine.has_work()):
+                while not (self._inbox or self._aborts or self._jobs or self._stopping or engine.has_work()):
                     self._wake.wait()
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
+                jobs, self._jobs = (self._jobs, []) if self._stopping else (self._jobs[:1], self._jobs[1:])
                 stopping = self._stopping
             for rid, prompt, params, sink in inbox:
                 self._sinks[rid] = sink
@@ -178,12 +218,18 @@ class AsyncEngine:
                 if engine.abort(rid):
                     self._emit(StepOutput(rid, None, True, "abort"))
             if stopping:
+                self._fail_jobs(jobs, RuntimeError("the engine is shut down"))
                 self._flush()
                 return
+            for future, job in jobs:
+                _run_job(future, job, engine)
             try:
                 outputs = engine.step()
             except BaseException as exc:  # a broken model: end every stream instead of hanging them
-                self.error = exc
+                with self._lock:
+                    self.error = exc  # under the lock: no job is queued after this one's check
+                    jobs, self._jobs = self._jobs, []
+                self._fail_jobs(jobs, RuntimeError(f"the engine stopped after an error: {exc!r}"))
                 for rid in list(self._sinks):
                     engine.abort(rid)
                     self._emit(StepOutput(rid, None, True, "error"))
@@ -192,6 +238,12 @@ class AsyncEngine:
             for out in outputs:
                 self._emit(out)
             self._flush()
+
+    @staticmethod
+    def _fail_jobs(jobs, exc: BaseException) -> None:
+        for future, _ in jobs:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(exc)
 
     def _emit(self, out: StepOutput) -> None:
         sink = self._sinks.get(out.request_id)
@@ -226,6 +278,15 @@ class AsyncEngine:
             # RuntimeError: the loop is closed (its server stopped) and nobody is listening any more
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_deliver, items)
+
+
+def _run_job(future: concurrent.futures.Future, job: Callable[[Engine], Any], engine: Engine) -> None:
+    if not future.set_running_or_notify_cancel():
+        return  # cancelled before it started
+    try:
+        future.set_result(job(engine))
+    except Exception as exc:  # the job's own failure goes to its caller; the engine goes on
+        future.set_exception(exc)
 
 
 class Sink(NamedTuple):

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanoseek.engine.embeddings import check_embedding_input, embedding_batches, gather, pooled_embeddings
 from nanoseek.engine.kv_cache import BlockPool, KVLayout
 from nanoseek.engine.kv_groups import SequenceBlocks
 from nanoseek.engine.runner import ForwardResult, ModelRunner, Row, cache_layout
@@ -429,6 +430,31 @@ class Engine:
         params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
         self.generate([[1, 2]], params)
         self.generate([[1, 2], [2, 1]], params)
+
+    # ---- embeddings -----------------------------------------------------------------------------------
+    def embed(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Each prompt's embedding, [len(prompts), hidden_size] fp32 unit vectors in the prompts' order: mean-pooled
+        final hidden states of one prefill forward, no decode (engine/embeddings.py). Forwards hold at most
+        max_step_tokens padded tokens (a longer prompt goes alone). Runs on the calling thread; with an
+        AsyncEngine, call its `embed`, which runs each forward on the engine's thread between steps."""
+        inputs = [self.check_embedding_input(p) for p in prompts]
+        if not inputs:
+            raise ValueError("no inputs to embed")
+        groups = embedding_batches([len(ids) for ids in inputs], self.config.max_step_tokens)
+        return gather(groups, [self.embed_forward([inputs[i] for i in group]) for group in groups])
+
+    def embed_forward(self, inputs: list[list[int]]) -> torch.Tensor:
+        """The vectors of checked inputs from one forward, on the intra-op threads the thread plan gives a step of
+        as many tokens (AsyncEngine.embed runs each forward so, as a job between steps)."""
+        if self.thread_plan is not None:
+            wanted = self.thread_plan.threads(len(inputs) * max(len(ids) for ids in inputs))
+            if torch.get_num_threads() != wanted:
+                torch.set_num_threads(wanted)  # this thread's count only, as in step()
+        return pooled_embeddings(self.runner, inputs, self.config.block_size)
+
+    def check_embedding_input(self, prompt_ids: Sequence[int]) -> list[int]:
+        """The prompt as a list of ints, or ValueError naming what is wrong. Reads no mutable state."""
+        return check_embedding_input(prompt_ids, self.vocab_size, self.runner.context_length)
 
     # ---- offline batch ------------------------------------------------------------------------------
     def generate(

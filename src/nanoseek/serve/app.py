@@ -36,9 +36,11 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.serve import protocol_anthropic as pa
+from nanoseek.serve import protocol_embeddings as pe
 from nanoseek.serve import protocol_openai as po
 from nanoseek.serve import protocol_responses as pr
 from nanoseek.serve import serving_anthropic as sa
+from nanoseek.serve import serving_embeddings as se
 from nanoseek.serve import serving_openai as so
 from nanoseek.serve import serving_responses as sr
 from nanoseek.serve.errors import APIError, error_body
@@ -117,6 +119,11 @@ def _api_routes(server: ModelServer) -> APIRouter:
         if body.stream:
             return EventStream(sr.response_stream(server, body, gen, in_reasoning), background=BackgroundTask(gen.close))
         return await _unless_disconnected(request, sr.response_whole(server, body, gen, in_reasoning), gen.close)
+
+    @router.post("/v1/embeddings", response_model=pe.EmbeddingResponse)
+    async def embeddings(body: pe.EmbeddingRequest, request: Request):
+        _log_unknown(body)
+        return await _unless_disconnected(request, se.create_embeddings(server, body), lambda: None)
 
     @router.post("/v1/messages", response_model=pa.MessageResponse)
     async def messages(body: pa.MessagesRequest, request: Request):

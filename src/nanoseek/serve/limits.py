@@ -8,7 +8,7 @@ protocol (app.py, connection.py); the per-request ones here, on the parsed reque
 anything reaches the engine. Each bounds a cost that one request would otherwise put on every other request's
 tokens: the engine's step runs all sequences together, and per step it walks each sequence's logit_bias in Python,
 decodes a tail as long as its longest stop string and scans its stop ids; echo+logprobs runs a plain forward of the
-whole prompt beside the engine.
+whole prompt beside the engine; an embeddings request's forwards take the engine's thread between its steps.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class Limits:
     max_stop: int = 16  # stop strings, and stop_token_ids, each
     max_stop_chars: int = 256  # characters in one stop string
     max_echo_logprobs_tokens: int = 16384  # prompt tokens one /v1/completions request scores with echo + logprobs
+    max_embedding_inputs: int = 2048  # inputs in one /v1/embeddings request (OpenAI's own cap)
+    max_embedding_tokens: int = 65536  # their tokens in all (each input is also capped at the model's context)
     # connections and slow readers (connection.py; serving.Generation and app.EventStream)
     max_connections: int = 512  # open connections; a request on one past it: 503 + Retry-After, closed
     max_stream_buffer: int = 64  # outputs a choice may have waiting for its reader before its generation pauses
@@ -56,6 +58,14 @@ class Limits:
         """The prompt tokens a completion request would score (echo + logprobs), before any is scored."""
         self._at_most("max_echo_logprobs_tokens", prompt_tokens, "prompt",
                       f"echo with logprobs would score {prompt_tokens} prompt tokens")  # fmt: skip
+
+    def check_embedding_inputs(self, inputs: int) -> None:
+        """The inputs of one /v1/embeddings request, before they are tokenized."""
+        self._at_most("max_embedding_inputs", inputs, "input", f"input has {inputs} entries")
+
+    def check_embedding_tokens(self, tokens: int) -> None:
+        """The tokens of all the inputs of one /v1/embeddings request, before any forward."""
+        self._at_most("max_embedding_tokens", tokens, "input", f"the inputs have {tokens} tokens in all")
 
     def _check_sampling(self, req, prompts: int) -> None:
         sequences = req.n * prompts
