@@ -1,6 +1,7 @@
 """`nanoseek sft MODEL DATA --out DIR [--set key=value ...] [--resume] [--parallel ddp|fsdp]`
 
 nanoseek sft smollm2 chats.jsonl --out runs/sft --set max_steps=100 --set optim.lr=5e-5
+nanoseek sft smollm2 chats.jsonl --out runs/lora --lora --set lora.rank=8 --merge
 torchrun --nproc-per-node 8 -m nanoseek sft ./my-model data/ --out runs/sft --parallel fsdp
 """
 
@@ -32,6 +33,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--parallel", default="auto", choices=["auto", "none", "ddp", "fsdp"],
         help="data parallelism under torchrun: ddp (replicas) or fsdp (FSDP2 sharding); auto = ddp",
     )  # fmt: skip
+    p.add_argument(
+        "--lora", action="store_true",
+        help="train a LoRA adapter on the frozen model instead of every weight: DIR/adapter, a PEFT folder "
+        "(defaults rank 16, alpha 32, dropout 0.05, lr 10x the full fine-tuning default; --set lora.rank=8, "
+        "lora.alpha, lora.dropout, lora.target_modules=[q_proj,v_proj])",
+    )  # fmt: skip
+    p.add_argument("--merge", action="store_true",
+                   help="with --lora: also write DIR/model, a full HF folder with the adapter folded in")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -43,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
     with leaving_process_group():
         result = run_sft(
             args.model, args.data, args.out, args.overrides, show_progress=not args.quiet, device=args.device,
-            resume=args.resume, parallel=args.parallel,
+            resume=args.resume, parallel=args.parallel, lora=args.lora, merge=args.merge,
         )  # fmt: skip
-    print(f"fine-tuned model: {result.model_dir}")
+    if result.adapter_dir is not None:
+        print(f"LoRA adapter (PEFT folder): {result.adapter_dir}")
+    if result.adapter_dir != result.model_dir:
+        print(f"fine-tuned model: {result.model_dir}")
     return 0

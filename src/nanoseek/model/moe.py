@@ -35,6 +35,8 @@ class SwiGLU(nn.Module):
         if self.gate_up_proj is not None:  # one (possibly quantized) module in place of gate_proj and up_proj
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
+        if type(self.gate_proj) is not nn.Linear or type(self.up_proj) is not nn.Linear:  # e.g. LoRA layers
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         # One matmul for gate and up (a bigger GEMM is more efficient than two); names stay HF's.
         gate, up = F.linear(x, self._fused_gate_up(self.gate_proj, self.up_proj)).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

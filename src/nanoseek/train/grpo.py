@@ -428,16 +428,24 @@ def run_grpo(
     resume: bool = False,
     parallel: str = "auto",
     stop_after: int | None = None,
+    lora: bool = False,
+    merge: bool = False,
 ) -> GRPOResult:
     """GRPO on `tasks` starting from `model` (anything nanoseek.load reads, a known name such as smollm2, or a
     module with its `tokenizer`); writes <out>/model (HF folder + tokenizer), <out>/metrics.jsonl and
     <out>/checkpoints. Settings and task names are checked before the model is loaded.
 
     parallel: auto | none | ddp | fsdp under torchrun (auto: ddp there, none in one process). stop_after: end
-    after that many steps without the final checkpoint, evaluation and export, as an interrupted run would."""
+    after that many steps without the final checkpoint, evaluation and export, as an interrupted run would.
+    lora: train a LoRA adapter on the frozen model (train/lora_training.py; `lora.*` settings) into <out>/adapter,
+    a PEFT folder (model_dir); merge: also write <out>/model with the adapter folded in (model_dir then)."""
     import nanoseek
     from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.lora_training import GRPO_DEFAULTS, lora_settings, with_lora
 
+    overrides, lora_cfg = lora_settings(overrides, "grpo", lora, GRPO_DEFAULTS)
+    if merge and not lora:
+        raise ValueError("--merge folds a LoRA adapter into the model: it needs --lora")
     cfg = load_grpo_config([f"device={device}", *overrides])
     task_objs = [t if isinstance(t, Task) else get_task(t, cfg.heldout_fraction) for t in tasks]
     if parallel != "auto" and parallel not in MODES:  # fails before the model is loaded
@@ -453,9 +461,15 @@ def run_grpo(
         path = resolve_model(str(model))  # a known name such as smollm2, or a path
         module = nanoseek.load(path, dtype="float32", device=str(info.device))  # GGUF weights come back dequantized
         tok = tokenizer or load_tokenizer(path)
-    trainer = GRPOTrainer(
-        module, tok, task_objs, cfg, Path(out), reward_fns=reward_fns, show_progress=show_progress, resume=resume,
-        parallel=parallel, info=info, stop_after=stop_after,
-    )  # fmt: skip
+    kw = dict(reward_fns=reward_fns, show_progress=show_progress, resume=resume, parallel=parallel, info=info,
+              stop_after=stop_after)  # fmt: skip
+    if lora_cfg is None:
+        trainer = GRPOTrainer(module, tok, task_objs, cfg, Path(out), **kw)
+    else:
+        base = str(Path(model).resolve()) if isinstance(model, str | Path) and Path(model).exists() else str(model)
+        if isinstance(model, nn.Module):
+            base = type(model).__name__
+        trainer = with_lora(GRPOTrainer)(module, tok, task_objs, cfg, Path(out), lora=lora_cfg, merge=merge,
+                                         base_name=base, **kw)  # fmt: skip
     trainer.metrics_mirror = Path(metrics_path) if metrics_path is not None else None
     return trainer.train()

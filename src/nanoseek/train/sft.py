@@ -42,6 +42,8 @@ from nanoseek.parallel import DistInfo, init_distributed, print0
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
 from nanoseek.train.chat_data import Example, pack, read_conversations, tokenize_conversation
 from nanoseek.train.config import TrainConfig, load_train_config
+from nanoseek.train.lora_training import SFT_DEFAULTS as LORA_DEFAULTS
+from nanoseek.train.lora_training import lora_settings, with_lora
 from nanoseek.train.run_config import sft_split
 from nanoseek.train.trainer import Trainer
 
@@ -67,6 +69,7 @@ class SFTResult:
     wall_s: float
     losses: list[float]  # per optimizer step
     summary: dict  # the meter's summary (tok_s, mfu, energy_source, ...)
+    adapter_dir: Path | None = None  # lora=True: <out>/adapter, the PEFT folder (model_dir is it unless merged)
 
 
 @dataclass
@@ -285,9 +288,14 @@ def prepare_sft(
     parallel: str = "auto",
     stop_after: int | None = None,
     tune_threads: bool = False,
+    lora: bool = False,
+    merge: bool = False,
 ) -> SFTTrainer:
     """Everything run_sft does before training: load and check the model, the settings and all the data
     (every error is raised here), and build the trainer. `.train()` runs it."""
+    overrides, lora_cfg = lora_settings(overrides, "sft", lora, LORA_DEFAULTS)
+    if merge and not lora:
+        raise ValueError("--merge folds a LoRA adapter into the model: it needs --lora")
     net, tok, name = load_for_training(model, tokenizer)
     context = check_trainable(net, tok)
     cfg, epochs, keys = sft_config(overrides, out, device, context)
@@ -300,10 +308,12 @@ def prepare_sft(
         f"sft: {len(examples)} conversations ({skipped} skipped), {n_targets} assistant tokens, "
         f"{cfg.max_steps} steps of {cfg.batch_size} conversations, lr {cfg.optim.lr:g}"
     )
-    return SFTTrainer(
-        cfg, net, tok, plan, name, parallel=parallel, resume=resume, show_progress=show_progress, info=info,
-        stop_after=stop_after, tune_threads=tune_threads,
-    )  # fmt: skip
+    kw = dict(parallel=parallel, resume=resume, show_progress=show_progress, info=info, stop_after=stop_after,
+              tune_threads=tune_threads)  # fmt: skip
+    if lora_cfg is None:
+        return SFTTrainer(cfg, net, tok, plan, name, **kw)
+    base = str(Path(name).resolve()) if Path(name).exists() else name
+    return with_lora(SFTTrainer)(cfg, net, tok, plan, name, lora=lora_cfg, merge=merge, base_name=base, **kw)
 
 
 def run_sft(
@@ -320,6 +330,8 @@ def run_sft(
     parallel: str = "auto",
     stop_after: int | None = None,
     tune_threads: bool = False,
+    lora: bool = False,
+    merge: bool = False,
 ) -> SFTResult:
     """Fine-tune `model` on `data` into `out` (see the module docstring). A model object is trained in place.
 
@@ -327,10 +339,13 @@ def run_sft(
     parallel: auto | none | ddp | fsdp, as `nanoseek train`. stop_after: end after that many steps without
     the final checkpoint and export, as an interrupted run would (for resume tests). tune_threads: on CPU,
     keep switching to the faster of 1 thread and all threads (the Trainer's ThreadTuner, as the speedrun does).
+    lora: train a LoRA adapter on the frozen model (train/lora_training.py; `lora.*` settings) into
+    <out>/adapter, a PEFT folder (model_dir is that folder); merge: also write <out>/model, the model with the
+    adapter folded in (model_dir then).
     Bad input (data, --set keys, a model that cannot be fine-tuned) raises ValueError before training."""
     trainer = prepare_sft(
         model, data, out, overrides, tokenizer=tokenizer, show_progress=show_progress, device=device,
-        resume=resume, parallel=parallel, stop_after=stop_after, tune_threads=tune_threads,
+        resume=resume, parallel=parallel, stop_after=stop_after, tune_threads=tune_threads, lora=lora, merge=merge,
     )  # fmt: skip
     trainer.metrics_mirror = Path(metrics_path) if metrics_path is not None else None
     result = trainer.train()
@@ -343,4 +358,5 @@ def run_sft(
         wall_s=float(s.get("wall_s", 0.0)),
         losses=result.losses,
         summary=s,
+        adapter_dir=getattr(trainer, "adapter_dir", None),
     )

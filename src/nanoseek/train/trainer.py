@@ -91,9 +91,10 @@ def _on_device(batch: tuple, device: torch.device) -> tuple[torch.Tensor, torch.
 class Trainer:
     """Pretraining from a config. The set-up is split into hooks (`_prepare_tokenizer`, `_build_model`,
     `_make_source`, `_make_objective`, `_make_tasks`, `_describe_model`, `_flops_per_token`, `_config_record`,
-    `_resume_may_change`, `_checkpoint_extra`) that fine-tuning (train/sft.py), logit distillation and GRPO
-    override to start from a loaded model with their own batches and loss; GRPO also replaces `_train_step`
-    (rollouts, then mu updates, each through `_backward` and `_update`) and `evaluate`."""
+    `_resume_may_change`, `_checkpoint_extra`, `_load_model_state`, `_write_model_files`) that fine-tuning
+    (train/sft.py), logit distillation, GRPO and LoRA (train/lora_training.py) override to start from a loaded
+    model with their own batches and loss; GRPO also replaces `_train_step` (rollouts, then mu updates, each
+    through `_backward` and `_update`) and `evaluate`."""
 
     builds_model = True  # the model comes from cfg.model (False: from elsewhere; cfg.model is not checked)
     evaluates_first = False  # also evaluate before the first step (eval_before)
@@ -158,7 +159,7 @@ class Trainer:
         self.tok = self._prepare_tokenizer()
         model = self._build_model()
         if self.checkpoint is not None:
-            model.load_state_dict(self.checkpoint.model_state, strict=True)
+            self._load_model_state(model, self.checkpoint.model_state)
         self.model = model.to(info.device)
         if hasattr(self.model, "init_buffers"):
             self.model.init_buffers(info.device)
@@ -223,6 +224,14 @@ class Trainer:
         """More for a checkpoint's extra record (what a resume checks besides the config)."""
         return {}
 
+    def _load_model_state(self, model: nn.Module, state: dict) -> None:
+        """Put a checkpoint's model state into the freshly built model (LoRA: the adapter's tensors only)."""
+        model.load_state_dict(state, strict=True)
+
+    def _write_model_files(self, model: nn.Module, folder: Path) -> None:
+        """What makes a checkpoint folder usable on its own: the model as a HF folder (LoRA: the adapter)."""
+        ckpt_io.save_model(model, self.tok, folder)
+
     def _full_states(self) -> tuple[dict | None, Any]:
         """Complete model and optimizer states on rank 0 (gathered from the shards under FSDP)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -270,7 +279,7 @@ class Trainer:
                 "parallel": self.parallel,
                 **self._checkpoint_extra(),
             },
-            write_files=lambda folder: ckpt_io.save_model(export, self.tok, folder),  # each is a HF folder too
+            write_files=lambda folder: self._write_model_files(export, folder),  # each is a HF folder too
             keep_last=self.cfg.keep_last,
         )
 

@@ -1,0 +1,173 @@
+"""LoRA SFT vs full SFT: conversations per second and peak memory, on the same model and data, in one run.
+
+    nanoseek bench sft --lora [--model smollm2|tiny|PATH] [--batch 8 --reps 6 --threads 1 --clock cpu]
+
+Both sides are nanoseek's SFT trainer step (train/sft.py) from the same weights on the same conversations
+(bench/sft.py's generated chat set; step i takes the same `--batch` conversations on both sides): full SFT
+trains every weight (AdamW over all of them), LoRA SFT (train/lora_training.py, its defaults: rank 16 on the
+attention and MLP projections) trains the adapter alone on the frozen model, so its backward computes no
+weight gradient for the base and its optimizer state is the adapter's. Each side keeps its own default
+learning rate (2e-5 full, 2e-4 LoRA; the rate does not change the work). The sides alternate, --reps rounds
+after a warm-up round; the result is conversations per second, median (min–max), and the per-round ratio.
+
+Peak memory: a process's peak RSS only grows, so each side's is measured in a child process of its own
+(load the model, set up the trainer, run --memory-steps steps), beside the bytes of the training state
+(weights, gradients, AdamW's two moments) that the sides keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nanoseek.bench.timing import Spread, alternate, paired_ratio, table
+
+FULL, LORA = "full SFT (every weight)", "LoRA SFT (adapter only)"
+
+
+def build(args: argparse.Namespace, out: Path, lora: bool):
+    """A set-up SFT trainer of one side, on its own copy of the model."""
+    from nanoseek.bench.sft import generated_chats, load_model
+    from nanoseek.train.sft import prepare_sft
+
+    model, tok, label = load_model(args.model)
+    sets = [f"batch_size={args.batch}", "optim.warmup_steps=0", "optim.min_lr_ratio=1", "ckpt_every=0",
+            "max_steps=100000", "log_every=100000", "peak_flops=1e11", *args.set]  # fmt: skip
+    trainer = prepare_sft(model, generated_chats(args.conversations), out / ("lora" if lora else "full"), sets,
+                          tokenizer=tok, show_progress=False, lora=lora)  # fmt: skip
+    trainer._setup()
+    return trainer, label
+
+
+def state_bytes(trainer) -> int:
+    """Trained weights' gradients and AdamW moments (2 per trained weight) plus every weight, in bytes."""
+    params = {id(p): p for p in trainer.model.parameters()}.values()
+    trained = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    return sum(p.numel() * p.element_size() for p in params) + 3 * trained
+
+
+def child(args: argparse.Namespace) -> None:
+    """One side in this process: print the peak RSS (MB) after loading and after --memory-steps steps."""
+    out = Path(tempfile.mkdtemp())
+    try:
+        trainer, _ = build(args, out, args.child == "lora")
+        loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        for i in range(args.memory_steps):
+            trainer._train_step(i, trainer.cfg.optim.lr)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"PEAK {loaded:.0f} {peak:.0f} {state_bytes(trainer)}")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def measure_memory(args: argparse.Namespace, argv: list[str]) -> dict[str, tuple[float, float, int]]:
+    out = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(args.threads, 1))}
+    for name, side in ((FULL, "full"), (LORA, "lora")):
+        proc = subprocess.run([sys.executable, "-m", "nanoseek.bench.sft_lora", *argv, "--child", side],
+                              capture_output=True, text=True, env=env)  # fmt: skip
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("PEAK ")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"the {side} memory run failed:\n{proc.stderr[-2000:]}")
+        loaded, peak, state = lines[-1].split()[1:]
+        out[name] = (float(loaded), float(peak), int(state))
+    return out
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="nanoseek bench sft --lora", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2", help="smollm2 (default, from PyPI), tiny (random), or a path")
+    ap.add_argument("--batch", type=int, default=8, help="conversations per optimizer step (default 8)")
+    ap.add_argument("--conversations", type=int, default=64, help="size of the generated chat data set")
+    ap.add_argument("--reps", type=int, default=6, help="timed rounds after one warm-up round")
+    ap.add_argument("--memory-steps", type=int, default=2, help="steps each memory child runs (0: no memory runs)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's default)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="cpu: this process's CPU seconds (robust to other load when single-threaded); wall: elapsed")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an SFT setting for both sides (lora.* for the LoRA side only), e.g. --set lora.rank=8")
+    ap.add_argument("--child", choices=["full", "lora"], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if min(args.batch, args.reps, args.conversations) < 1 or args.memory_steps < 0:
+        raise ValueError("--batch, --reps and --conversations must be >= 1, --memory-steps >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.child:
+            if args.child == "full":
+                args.set = [s for s in args.set if not s.startswith("lora.")]
+            return child(args)
+        out = Path(tempfile.mkdtemp())
+        try:
+            run(args, argv, out)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+    finally:  # the caller's thread setting is not ours to keep
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace, argv: list[str], out: Path) -> None:
+    lora_sets = list(args.set)
+    args.set = [s for s in lora_sets if not s.startswith("lora.")]
+    full, label = build(args, out, lora=False)
+    args.set = lora_sets
+    lora, _ = build(args, out, lora=True)
+    assert full.source.step_indices(0) == lora.source.step_indices(0)  # the same conversations at each step
+
+    def step(trainer):
+        return lambda i: trainer._train_step(i, trainer.cfg.optim.lr)["loss"]
+
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    load_before = os.getloadavg()[0]
+    times, losses = alternate({FULL: step(full), LORA: step(lora)}, rounds=args.reps, warmup=1, clock=clock)
+    load_after = os.getloadavg()[0]
+    # step 0 starts from the same weights (the adapter's B is 0): the same loss on both sides
+    if abs(losses[FULL][0] - losses[LORA][0]) > 1e-4 * abs(losses[FULL][0]):
+        raise RuntimeError(f"step 0 losses differ: full {losses[FULL][0]:.6g}, LoRA {losses[LORA][0]:.6g}")
+    memory = measure_memory(args, argv) if args.memory_steps else {}
+
+    trained = {n: sum(p.numel() for p in {id(p): p for p in t.model.parameters()}.values() if p.requires_grad)
+               for n, t in ((FULL, full), (LORA, lora))}  # fmt: skip
+    print(
+        f"{label}; {len(full.plan.examples)} generated chats, {args.batch} per step; {torch.get_num_threads()} "
+        f"thread(s), {args.clock} clock, torch {torch.__version__}; {args.reps} alternating rounds after 1 warm-up; "
+        f"load average {load_before:.1f} -> {load_after:.1f} (shared machine); LoRA: rank {lora.lora.rank}, "
+        f"alpha {lora.lora.alpha:g}, dropout {lora.lora.dropout:g}, {len(lora.lora_paths)} linears"
+    )
+    print(f"losses per step (full / LoRA): " + " ".join(
+        f"{a:.4f}/{b:.4f}" for a, b in zip(losses[FULL], losses[LORA])))  # fmt: skip
+    rows = []
+    for name, ts in times.items():
+        spread = Spread.of(ts)
+        row = [name, f"{trained[name] / 1e6:.2f}M", f"{spread.median:.2f}", f"{spread.lo:.2f}–{spread.hi:.2f}",
+               f"{args.batch / spread.median:.2f}"]  # fmt: skip
+        if memory:
+            loaded, peak, state = memory[name]
+            row += [f"{state / 2**20:.0f}", f"{loaded:.0f}", f"{peak:.0f}"]
+        rows.append(row)
+    header = ["SFT step", "trained params", "median (s)", "min–max (s)", "conversations/s"]
+    if memory:
+        header += ["weights+grads+AdamW (MiB)", "RSS after set-up (MiB)", f"peak RSS, {args.memory_steps} steps (MiB)"]
+    print(table(header, rows))
+    speedup = paired_ratio(times, FULL, LORA)
+    print(f"\nconversations/s, LoRA / full SFT (per-round time ratio): {speedup.format(unit='×')}")
+
+
+if __name__ == "__main__":
+    main()

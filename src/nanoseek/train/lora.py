@@ -1,0 +1,319 @@
+"""LoRA adapters: low-rank updates on a frozen model's linear layers, saved in PEFT's folder format.
+
+    cfg = LoRAConfig(rank=16, alpha=32, dropout=0.05)                 # target_modules [] = the family's defaults
+    wrapped = apply_lora(model, cfg, seed=0)     # in place: targets become LoRALinear, everything else frozen
+    save_adapter(model, cfg, "runs/x/adapter", base="HuggingFaceTB/SmolLM2-135M-Instruct")
+    attach_adapter(nanoseek.load(base), "runs/x/adapter")             # the same model again, from the folder
+    merge_lora(model)                             # in place: each LoRALinear back to a plain nn.Linear, W + s*BA
+
+A LoRALinear computes base(x) + lora_B(lora_A(dropout(x))) * alpha/rank, as PEFT's lora.Linear does, with
+PEFT's initialisation (lora_A kaiming-uniform with a=sqrt(5), lora_B zeros: the adapter starts as a no-op)
+and PEFT's module names (base_layer, lora_A, lora_B), so the adapter's tensors are PEFT's without renaming.
+
+The folder is what `peft` writes (checked against peft 0.21.2 in tests/test_lora.py): adapter_config.json
+(LoraConfig's fields: peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, lora_dropout, target_modules,
+base_model_name_or_path, ...) and adapter_model.safetensors, whose keys are
+`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (PEFT drops the adapter's name on save).
+`PeftModel.from_pretrained(transformers_model, folder)` loads it; nanoseek's module paths are transformers'.
+
+Targets by default: the attention and MLP projections (q/k/v/o, gate/up/down) of the dense families; for
+DeepSeek-V3 all of MLA's projections, its low-rank ones included (q_a_proj, q_b_proj or q_proj,
+kv_a_proj_with_mqa, kv_b_proj, o_proj). DeepSeek-V3's dense-layer and shared-expert MLPs are wrapped when
+asked for (lora.target_modules=[...,gate_proj,up_proj,down_proj]), not by default: peft (0.21.2 with
+transformers 5) reads gate_proj/up_proj/down_proj of a deepseek_v3 model as its routed experts (its v4 -> v5
+MoE conversion moves those names to the experts' fused parameters), so it would drop those parts of the
+adapter with a warning and give other logits (measured: 0.07 apart on the tiny test model); nanoseek's own
+loading and --merge apply them. Never wrapped: the routed experts (fused 3-D parameters, not linear layers),
+the router, embeddings, head, and the MTP modules (transformers drops those, so an adapter for them would
+load nowhere).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+PEFT_PREFIX = "base_model.model."
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+DENSE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MLA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+EXCLUDED_PREFIXES = ("mtp.",)  # DeepSeek-V3's MTP modules: transformers does not build them
+
+
+@dataclass
+class LoRAConfig:
+    """`--set lora.KEY=VALUE` keys. Defaults: rank 16 with alpha 32 (scale 2, the common PEFT/TRL setting),
+    dropout 0.05 (PEFT's usual value; a few hundred steps on a small chat set overfit without it)."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=list)  # module names (last path part); []: the defaults
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        bad = [t for t in self.target_modules if not t or "." in t]
+        if bad:
+            raise ValueError(f"lora.target_modules takes module names such as q_proj (no dots), got {bad}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trained low-rank update: base(x) + B(A(dropout(x))) * alpha/rank."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base_layer = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.scaling = rank, alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **kw)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **kw)
+
+    def reset_lora(self, generator: torch.Generator | None = None) -> None:
+        """PEFT's init_lora_weights=True: A kaiming-uniform (a = sqrt(5)), B zeros."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
+            nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """(B @ A) * scaling, as PEFT's get_delta_weight computes it (so a merge gives PEFT's merged numbers)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight W + s*BA, for code that reads a projection's matrix instead of calling it (MLA's
+        absorbed decoding reads kv_b_proj.weight): it then sees the adapter too."""
+        return self.base_layer.weight + self.delta_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}"
+
+
+# ---- wrapping ---------------------------------------------------------------------------------------------
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+
+    return MLA_TARGETS if isinstance(model, DeepseekV3ForCausalLM) else DENSE_TARGETS
+
+
+def peft_would_drop(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """The targets peft would not apply on the transformers model (see the module docstring): DeepSeek-V3's MLP
+    names, which peft maps to the routed experts under transformers 5."""
+    from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+
+    return [t for t in targets if t in MLP_TARGETS] if isinstance(model, DeepseekV3ForCausalLM) else []
+
+
+def find_targets(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Paths of the nn.Linear modules whose last path part is one of `names` (PEFT's match for plain names),
+    outside the MTP modules. Raises ValueError for a name that matches no linear layer."""
+    paths, seen = [], set()
+    for path, module in model.named_modules():
+        last = path.rsplit(".", 1)[-1]
+        if last in names and not path.startswith(EXCLUDED_PREFIXES):
+            if type(module) is not nn.Linear:
+                raise ValueError(
+                    f"lora.target_modules: {path} is a {type(module).__name__}, not a linear layer "
+                    f"(LoRA wraps nn.Linear only)"
+                )
+            paths.append(path)
+            seen.add(last)
+    missing = [n for n in names if n not in seen]
+    if missing:
+        linear = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if type(m) is nn.Linear})
+        raise ValueError(
+            f"lora.target_modules: {', '.join(map(repr, missing))} match(es) no linear layer of this "
+            f"{type(model).__name__}; its linear layers are named {', '.join(linear)}"
+        )
+    return paths
+
+
+def resolved_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """The target names this model has: cfg.target_modules, or those of the defaults that it has."""
+    if cfg.target_modules:
+        return list(cfg.target_modules)
+    names = {p.rsplit(".", 1)[-1] for p, m in model.named_modules() if type(m) is nn.Linear and not p.startswith(
+        EXCLUDED_PREFIXES)}  # fmt: skip
+    return [n for n in default_targets(model) if n in names]
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[str]:
+    """Wrap the target linears in place with LoRALinear (A seeded, in module order), freeze every other
+    parameter; returns the wrapped modules' paths."""
+    cfg.validate()
+    paths = find_targets(model, resolved_targets(model, cfg))
+    model.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    for path in paths:
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        layer = LoRALinear(getattr(parent, name), cfg.rank, cfg.alpha, cfg.dropout)
+        layer.reset_lora(gen)
+        setattr(parent, name, layer)
+    return paths
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under nanoseek's (= transformers') module paths: `<path>.lora_A.weight`, ..."""
+    out = {}
+    for path, m in lora_modules(model).items():
+        out[f"{path}.lora_A.weight"] = m.lora_A.weight.detach()
+        out[f"{path}.lora_B.weight"] = m.lora_B.weight.detach()
+    return out
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
+    """Copy `state` (adapter_state_dict's keys) into the model's LoRALinear modules; every key must match."""
+    own = adapter_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: the adapter does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    with torch.no_grad():
+        for path, m in lora_modules(model).items():
+            for part in ("lora_A", "lora_B"):
+                t = state[f"{path}.{part}.weight"]
+                w = getattr(m, part).weight
+                if t.shape != w.shape:
+                    raise ValueError(f"{source}: {path}.{part}.weight has shape {tuple(t.shape)}, the model "
+                                     f"needs {tuple(w.shape)}")  # fmt: skip
+                w.copy_(t)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """In place: every LoRALinear becomes its base nn.Linear with weight W + (B @ A) * scaling (PEFT's merge);
+    returns the model, a plain one again (save_pretrained writes it as a full HF folder)."""
+    for path, m in lora_modules(model).items():
+        parent_path, _, name = path.rpartition(".")
+        base = m.base_layer
+        with torch.no_grad():
+            base.weight.add_(m.delta_weight().to(base.weight.dtype))
+        setattr(model.get_submodule(parent_path), name, base)
+    return model
+
+
+# ---- the PEFT folder ------------------------------------------------------------------------------------
+def peft_config(cfg: LoRAConfig, targets: Sequence[str], base: str | None) -> dict[str, Any]:
+    """adapter_config.json as peft 0.21.2's LoraConfig(...).save_pretrained writes it (every field, in its key
+    order), with this run's rank, alpha, dropout, targets and base."""
+    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+    fields = {
+        "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+        "base_model_name_or_path": base, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
+        "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+        "layers_to_transform": None, "loftq_config": {}, "lora_alpha": alpha, "lora_bias": False,
+        "lora_dropout": cfg.dropout, "lora_ga_config": None, "megatron_config": None,
+        "megatron_core": "megatron.core", "modules_to_save": None, "monteclora_config": None, "peft_type": "LORA",
+        "peft_version": "0.21.2", "qalora_group_size": 16, "r": cfg.rank, "rank_pattern": {}, "revision": None,
+        "target_modules": sorted(targets), "target_parameters": None, "task_type": "CAUSAL_LM",
+        "trainable_token_indices": None, "use_bdlora": None, "use_dora": False, "use_qalora": False,
+        "use_rslora": False, "velora_config": None,
+    }  # fmt: skip
+    return fields
+
+
+def save_adapter(model: nn.Module, cfg: LoRAConfig, folder: str | os.PathLike, base: str | None = None,
+                 tok=None) -> Path:  # fmt: skip
+    """Write the model's adapter as a PEFT folder (and the tokenizer with its chat template, when given)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("the model has no LoRA layers to save")
+    targets = sorted({p.rsplit(".", 1)[-1] for p in modules})
+    tensors = {PEFT_PREFIX + k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(peft_config(cfg, targets, base), indent=2) + "\n")
+    if tok is not None:
+        tok.save(folder)
+    return folder
+
+
+def read_adapter(folder: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """(its LoRAConfig, its tensors under nanoseek's module paths, the raw adapter_config.json) of a PEFT LoRA
+    folder; a clear ValueError for anything this loader cannot apply exactly."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{folder}: not a PEFT adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        raw = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{folder / CONFIG_FILE}: not valid JSON ({exc})") from exc
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"{folder}: peft_type {raw.get('peft_type')!r}; only LORA adapters are supported")
+    unsupported = {k: raw.get(k) for k in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias") if raw.get(k)}
+    unsupported.update({k: raw[k] for k in ("rank_pattern", "alpha_pattern") if raw.get(k)})
+    if raw.get("bias", "none") != "none":
+        unsupported["bias"] = raw["bias"]
+    if raw.get("modules_to_save"):
+        unsupported["modules_to_save"] = raw["modules_to_save"]
+    if unsupported:
+        raise ValueError(f"{folder}: adapter settings not supported here: {unsupported}")
+    targets = raw.get("target_modules") or []
+    if isinstance(targets, str):
+        raise ValueError(f"{folder}: target_modules as a regular expression ({targets!r}) is not supported")
+    cfg = LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
+                     target_modules=list(targets))  # fmt: skip
+    tensors = {}
+    for key, t in load_file(str(folder / WEIGHTS_FILE)).items():
+        if not key.startswith(PEFT_PREFIX):
+            raise ValueError(f"{folder / WEIGHTS_FILE}: key {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix")
+        tensors[key[len(PEFT_PREFIX) :].replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")] = t
+    return cfg, tensors, raw
+
+
+def attach_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Wrap `model` (in place) with the adapter of a PEFT folder, in eval mode (no dropout); returns it."""
+    cfg, tensors, _ = read_adapter(folder)
+    paths = sorted({k.rsplit(".", 2)[0] for k in tensors})
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    cfg.target_modules = names
+    wrapped = apply_lora(model, cfg)
+    if sorted(wrapped) != paths:
+        raise ValueError(f"{folder}: the adapter's modules do not match this model's (e.g. "
+                         f"{sorted(set(paths) ^ set(wrapped))[:3]})")  # fmt: skip
+    load_adapter_state(model, {k: v.to(next(model.parameters()).dtype) for k, v in tensors.items()}, str(folder))
+    return model.eval()
+
+
+def adapter_param_count(model: nn.Module) -> int:
+    return sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in lora_modules(model).values())
