@@ -204,7 +204,8 @@ def test_unknown_adapter_in_a_request_is_refused(llama):
 def test_adapter_for_another_base_is_refused_naming_the_module(llama, tmp_path):
     root, _, _ = llama
     _adapter(lambda: _hf_model("llama", hidden=32), tmp_path / "narrow", 4, r=2)
-    with pytest.raises(ValueError, match=r"'narrow'.*model\.layers\.0\.mlp\.down_proj maps 64 -> 32 features, the base model's 128 -> 64: the adapter was trained for another base model"):
+    wrong = r"'narrow'.*layers\.0\.mlp\.down_proj maps 64 -> 32 features, the base model's 128 -> 64: .*another base"
+    with pytest.raises(ValueError, match=wrong):
         nanoseek.load(root / "base", lora={"narrow": tmp_path / "narrow"})
     _adapter(lambda: _hf_model("llama", layers=3), tmp_path / "deep", 5, r=2)
     with pytest.raises(ValueError, match=r"'deep'.*model.layers.2.*does not have"):

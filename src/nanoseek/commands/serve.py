@@ -138,6 +138,8 @@ def lora_args(specs: list[str], base_name: str) -> dict[str, str]:
             raise ValueError(f"--lora takes NAME=PATH (an adapter name and a PEFT adapter folder), got {spec!r}")
         if name == base_name or name in adapters:
             raise ValueError(f"--lora {spec}: the name {name!r} is taken (by the base model or another adapter)")
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"--lora {spec}: {path}: no such adapter folder")
         adapters[name] = path
     return adapters
 
