@@ -129,7 +129,8 @@ def limits_from_args(args: argparse.Namespace):
 
 
 def lora_args(specs: list[str], base_name: str) -> dict[str, str]:
-    """--lora NAME=PATH flags as {name: path}; ValueError for a malformed one, a repeated name or the base's name."""
+    """--lora NAME=PATH flags as {name: path}; ValueError for a malformed one, a repeated name or the base's name,
+    FileNotFoundError for a folder that is not there (each before the model loads)."""
     adapters: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
