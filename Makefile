@@ -48,8 +48,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/nanoseek bench moe-step
 
-# llama.cpp's own llama-server and llama-bench (the serve and decode benchmarks' peers), built once into
-# ~/.cache/nanoseek/peers from the llama.cpp tree in llama-cpp-python's sdist (~6 min on 2 cores; then instant).
+# llama.cpp's own llama-server, llama-bench and llama-perplexity (the serve, decode and quality benchmarks'
+# peers), built once into ~/.cache/nanoseek/peers from the llama.cpp tree in llama-cpp-python's sdist (~6 min
+# on 2 cores; then instant; a build made before llama-perplexity was listed builds just that).
 peers: $(STAMP)
 	$(VENV)/bin/nanoseek bench peers
 

@@ -88,7 +88,7 @@ def test_cmake_command_lines(tmp_path):
     assert configure[:5] == ["cmake", "-S", str(tmp_path / "src"), "-B", str(tmp_path / "build")]
     assert "-DGGML_NATIVE=OFF" in configure
     assert peers.cmake_build_argv(tmp_path, 2) == ["cmake", "--build", str(tmp_path), "-j", "2", "--target",
-                                                   "llama-server", "llama-bench"]  # fmt: skip
+                                                   "llama-server", "llama-bench", "llama-perplexity"]  # fmt: skip
 
 
 def test_the_vendored_commit_is_read_from_the_changelog():

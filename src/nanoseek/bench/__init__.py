@@ -8,7 +8,9 @@ BENCHMARKS = {
     "decode": "nanoseek.bench.decode",
     "moe-step": "nanoseek.bench.moe_step",
     "peers": "nanoseek.bench.peers",
+    "quality": "nanoseek.bench.quality",
     "serve": "nanoseek.bench.serve",
+    "speculation": "nanoseek.bench.speculation",
     "sft": "nanoseek.bench.sft",
     "train-throughput": "nanoseek.bench.train_throughput",
 }

@@ -1,4 +1,5 @@
-"""The real peers: llama.cpp's own `llama-server` and `llama-bench`, built once from source into a cache.
+"""The real peers: llama.cpp's own `llama-server`, `llama-bench` and `llama-perplexity`, built once from source into
+a cache.
 
     make peers        (or: nanoseek bench peers [--jobs 2] [--threads 2] [--rebuild])
 
@@ -38,7 +39,8 @@ from pathlib import Path
 
 # llama-cpp-python whose vendored llama.cpp is built: the version pinned in pyproject.toml's `bench` extra
 LLAMA_CPP_PYTHON = "0.3.36"
-BINARIES = ("llama-server", "llama-bench")
+# llama-perplexity: llama.cpp's run of a file for `bench quality` (its --kl-divergence-base log-probs)
+BINARIES = ("llama-server", "llama-bench", "llama-perplexity")
 BUILD_HINT = "run `make peers` (or `nanoseek bench peers`) to build them once (~6 min on 2 cores)"
 
 # GGML CMake option -> the /proc/cpuinfo flags it needs (all of them) on a GGML_NATIVE=OFF build. GGML_AVX512
@@ -270,7 +272,8 @@ def verify(bench: Path, model: Path, threads: int) -> dict:
 
 
 def build(jobs: int = 2, threads: int = 2, rebuild: bool = False, root: Path | None = None) -> Build:
-    """Build llama-server and llama-bench for this CPU into the cache (nothing to do where they are built)."""
+    """Build llama-server, llama-bench and llama-perplexity for this CPU into the cache (nothing to do where they
+    are built; a build of an older list of binaries builds the missing ones in its build folder)."""
     target = Build.for_this_cpu(root)
     if target.ready() and not rebuild:
         print(f"llama.cpp peers already built: {target.bin}")
