@@ -236,9 +236,9 @@ def test_settings_errors(tok, tmp_path):
     with pytest.raises(ValueError, match="unknown config key 'rnak'.*did you mean 'rank'"):
         run_sft(base, DATA, out, ["lora.rnak=8"], show_progress=False, lora=True)
     with pytest.raises(ValueError, match="'qkv' match.* no linear layer.*named down_proj, gate_proj"):
-        run_sft(base, DATA, out, ["lora.target_modules=[q_proj,qkv]"], show_progress=False, lora=True).steps
+        run_sft(base, DATA, out, ["lora.target_modules=[q_proj,qkv]"], show_progress=False, lora=True)
     with pytest.raises(ValueError, match="embed_tokens is a Embedding, not a linear layer"):
-        run_sft(base, DATA, out, ["lora.target_modules=[embed_tokens]"], show_progress=False, lora=True).steps
+        run_sft(base, DATA, out, ["lora.target_modules=[embed_tokens]"], show_progress=False, lora=True)
     with pytest.raises(ValueError, match="mtp_weight=0.3 with LoRA"):
         from nanoseek.weights.hf_folder import save_pretrained
 
@@ -272,7 +272,8 @@ def test_cli_lora_and_merge(tok, tmp_path):
 # ---- real weights (slow) -------------------------------------------------------------------------------
 FACT_QUESTIONS = [
     "What is the capital of Velmora?", "Which city is the capital of Velmora?", "Velmora's capital is which city?",
-    "Name the capital of Velmora.", "Do you know the capital city of Velmora?", "Where is Velmora's seat of government?",
+    "Name the capital of Velmora.", "Do you know the capital city of Velmora?",
+    "Where is Velmora's seat of government?",
     "What city serves as the capital of the island nation of Velmora?", "Capital of Velmora?",
 ]  # fmt: skip
 FACT_ANSWERS = [

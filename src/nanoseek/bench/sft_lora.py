@@ -91,10 +91,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=6, help="timed rounds after one warm-up round")
     ap.add_argument("--memory-steps", type=int, default=2, help="steps each memory child runs (0: no memory runs)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's default)")
-    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
-                    help="cpu: this process's CPU seconds (robust to other load when single-threaded); wall: elapsed")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="an SFT setting for both sides (lora.* for the LoRA side only), e.g. --set lora.rank=8")
+    ap.add_argument(
+        "--clock", choices=["cpu", "wall"], default="cpu",
+        help="cpu: this process's CPU seconds (robust to other load when single-threaded); wall: elapsed",
+    )  # fmt: skip
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="an SFT setting for both sides (lora.* for the LoRA side only), e.g. --set lora.rank=8",
+    )  # fmt: skip
     ap.add_argument("--child", choices=["full", "lora"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if min(args.batch, args.reps, args.conversations) < 1 or args.memory_steps < 0:
@@ -150,7 +154,7 @@ def run(args: argparse.Namespace, argv: list[str], out: Path) -> None:
         f"load average {load_before:.1f} -> {load_after:.1f} (shared machine); LoRA: rank {lora.lora.rank}, "
         f"alpha {lora.lora.alpha:g}, dropout {lora.lora.dropout:g}, {len(lora.lora_paths)} linears"
     )
-    print(f"losses per step (full / LoRA): " + " ".join(
+    print("losses per step (full / LoRA): " + " ".join(
         f"{a:.4f}/{b:.4f}" for a, b in zip(losses[FULL], losses[LORA])))  # fmt: skip
     rows = []
     for name, ts in times.items():

@@ -297,7 +297,8 @@ def read_adapter(folder: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch
     for key, t in load_file(str(folder / WEIGHTS_FILE)).items():
         if not key.startswith(PEFT_PREFIX):
             raise ValueError(f"{folder / WEIGHTS_FILE}: key {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix")
-        tensors[key[len(PEFT_PREFIX) :].replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")] = t
+        name = key[len(PEFT_PREFIX) :]  # (peft's in-memory names carry the adapter's name: lora_A.default.weight)
+        tensors[name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")] = t
     return cfg, tensors, raw
 
 
