@@ -257,10 +257,12 @@ def served(tmp_path_factory):
         yield running, gguf, model, adapters
 
 
-def _alone(model, gguf, messages, adapter, max_tokens=8) -> list[int]:
+def _alone(model, gguf, messages, adapter, max_tokens=8, ids=None) -> list[int]:
+    """The engine's greedy tokens for the conversation (or the prompt `ids`) with `adapter`, alone."""
     tok = nanoseek.load_tokenizer(gguf)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, lora=adapter)
-    return Engine(model, eos_ids=tok.stop_token_ids).generate([tok.encode_chat(messages)], params)[0].token_ids
+    ids = tok.encode_chat(messages) if ids is None else ids
+    return Engine(model, eos_ids=tok.stop_token_ids).generate([ids], params)[0].token_ids
 
 
 def test_models_list_the_base_and_its_adapters(served):
@@ -284,8 +286,11 @@ def test_requests_pick_adapters_by_name_and_mixed_concurrent_ones_equal_alone(se
     running, gguf, model, _ = served
     tok = nanoseek.load_tokenizer(gguf)
     messages = [{"role": "user", "content": "the theme"}]
-    want = {name: tok.decode(_alone(model, gguf, messages, None if name == "tiny" else name))
-            for name in ("tiny", "ad-a", "ad-b")}  # fmt: skip
+    prompt = tok.decode(tok.encode_chat(messages))  # /v1/completions tokenizes it as a text prompt
+    names = {"tiny": None, "ad-a": "ad-a", "ad-b": "ad-b"}
+    want = {name: tok.decode(_alone(model, gguf, messages, a)) for name, a in names.items()}
+    ids = tok.encode(prompt)
+    want_completion = {name: tok.decode(_alone(model, gguf, None, a, ids=ids)) for name, a in names.items()}
     assert len(set(want.values())) == 3  # each adapter answers differently
 
     def chat(name):
@@ -299,15 +304,15 @@ def test_requests_pick_adapters_by_name_and_mixed_concurrent_ones_equal_alone(se
         return reply["model"], reply["content"][0]["text"]
 
     def completion(name):
-        body = {"model": name, "prompt": tok.decode(tok.encode_chat(messages)), "max_tokens": 8, "temperature": 0}
+        body = {"model": name, "prompt": prompt, "max_tokens": 8, "temperature": 0}
         reply = httpx.post(running.url + "/v1/completions", json=body, timeout=60).json()
         return reply["model"], reply["choices"][0]["text"]
 
     jobs = [(f, name) for name in ("tiny", "ad-a", "ad-b") for f in (chat, anthropic, completion)] * 2
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(lambda job: job[0](job[1]), jobs))
-    for (_, name), (model_name, text) in zip(jobs, results):
-        assert model_name == name and text == want[name], name
+    for (f, name), (model_name, text) in zip(jobs, results):
+        assert model_name == name and text == (want_completion if f is completion else want)[name], (f.__name__, name)
 
 
 def test_streamed_chat_with_an_adapter_carries_its_name(served):
