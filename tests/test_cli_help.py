@@ -24,3 +24,15 @@ def test_help_prints_and_exits_0(argv, capsys):
         main([*argv, "--help"])
     assert exc.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("command", "says"), [("sft", ["sft.KEY"]), ("grpo", ["grpo.KEY", "eval.examples"]),
+                                               ("speedrun", ["sft.KEY", "grpo.KEY", "eval.examples"]),
+                                               ("distill", ["sft.KEY"]), ("train", ["eval"])])  # fmt: skip
+def test_set_help_names_the_sections(command, says, capsys):
+    """Each command's --set help says which section prefixes it takes (the speedrun's sft.KEY / grpo.KEY are the
+    sft and grpo commands' KEY), as the run's settings tree (train/run_config.py) reads them."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(s in text for s in says), (says, text)

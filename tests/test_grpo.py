@@ -229,7 +229,7 @@ def tiny_llama_file(tmp_path_factory):
     return tiny_llama_gguf(tmp_path_factory.mktemp("llama") / "tiny.gguf")
 
 
-SMALL = ["num_generations=4", "prompts_per_step=3", "max_new_tokens=8", "eval_examples=6", "optim.lr=1e-3",
+SMALL = ["num_generations=4", "prompts_per_step=3", "max_new_tokens=8", "eval.examples=6", "optim.lr=1e-3",
          "system_prompt=", "log_every=1"]  # fmt: skip
 
 
@@ -285,7 +285,7 @@ def test_tiny_grpo_run_writes_metrics_and_model(tiny_model_dir, tmp_path, loss_t
 def test_grpo_on_a_dense_gguf_model_writes_a_loadable_folder(tiny_llama_file, tmp_path):
     import nanoseek
 
-    res = run_grpo(tiny_llama_file, ["add2"], tmp_path / "llama", [*SMALL, "max_steps=2", "eval_examples=0"],
+    res = run_grpo(tiny_llama_file, ["add2"], tmp_path / "llama", [*SMALL, "max_steps=2", "eval.examples=0"],
                    show_progress=False, reward_fns=[length_reward])  # fmt: skip
     assert res.steps == 2 and not res.history[-1].get("skipped")
     before, after = nanoseek.load(tiny_llama_file), nanoseek.load(res.model_dir)
@@ -299,7 +299,7 @@ def test_dapo_drops_groups_with_equal_rewards(tiny_model_dir, tmp_path):
     import nanoseek
 
     res = run_grpo(tiny_model_dir, ["add2"], tmp_path / "d", [*SMALL, "loss_type=dapo", "max_steps=1",
-                   "eval_examples=0"], show_progress=False)  # fmt: skip
+                   "eval.examples=0"], show_progress=False)  # fmt: skip
     assert res.history[0]["groups_kept"] == 0 and res.history[0]["skipped"]
     before, after = nanoseek.load(tiny_model_dir), nanoseek.load(res.model_dir)
     assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
@@ -309,14 +309,14 @@ def test_resume_continues_from_the_checkpoint(tiny_model_dir, tmp_path):
     import nanoseek
 
     out = tmp_path / "r"
-    sets = [*SMALL, "max_steps=2", "ckpt_every=1", "eval_examples=0"]
+    sets = [*SMALL, "max_steps=2", "ckpt_every=1", "eval.examples=0"]
     kw = dict(show_progress=False, reward_fns=[length_reward])
     run_grpo(tiny_model_dir, ["add2"], out, sets, **kw)
     with pytest.raises(ValueError, match="already holds checkpoints"):
         run_grpo(tiny_model_dir, ["add2"], out, sets, **kw)
-    more = run_grpo(tiny_model_dir, ["add2"], out, [*SMALL, "max_steps=3", "eval_examples=0"], resume=True, **kw)
+    more = run_grpo(tiny_model_dir, ["add2"], out, [*SMALL, "max_steps=3", "eval.examples=0"], resume=True, **kw)
     assert more.steps == 3 and [h["step"] for h in more.history] == [3]
-    full = run_grpo(tiny_model_dir, ["add2"], tmp_path / "full", [*SMALL, "max_steps=3", "eval_examples=0"], **kw)
+    full = run_grpo(tiny_model_dir, ["add2"], tmp_path / "full", [*SMALL, "max_steps=3", "eval.examples=0"], **kw)
     # the same rollouts (seeded per step and request) and the same optimizer state: the same run
     assert more.history[0]["reward"] == full.history[2]["reward"]
     a, b = nanoseek.load(more.model_dir).state_dict(), nanoseek.load(full.model_dir).state_dict()
@@ -329,7 +329,7 @@ def test_long_prompts_are_skipped_with_a_warning(tiny_model_dir, tmp_path, caplo
 
     with caplog.at_level(logging.WARNING, logger="nanoseek.grpo"):
         res = run_grpo(tiny_model_dir, [Addition(12)], tmp_path / "long",
-                       [*SMALL, "max_steps=1", "eval_examples=0", f"system_prompt={'x' * 80}"],
+                       [*SMALL, "max_steps=1", "eval.examples=0", f"system_prompt={'x' * 80}"],
                        show_progress=False)  # fmt: skip
     assert res.steps == 1 and res.history[0]["skipped"]
     assert any("skipping a prompt" in r.getMessage() for r in caplog.records)
@@ -339,7 +339,7 @@ def test_cli(tiny_model_dir, tmp_path, capsys):
     from nanoseek.cli import main
 
     out = tmp_path / "cli"
-    sets = [x for s in [*SMALL, "max_steps=1", "eval_examples=0"] for x in ("--set", s)]
+    sets = [x for s in [*SMALL, "max_steps=1", "eval.examples=0"] for x in ("--set", s)]
     assert main(["grpo", str(tiny_model_dir), "--tasks", "add2", "--out", str(out), "--quiet", *sets]) == 0
     assert (out / "model" / "config.json").is_file()
     assert main(["grpo", str(tiny_model_dir), "--tasks", "nope", "--out", str(tmp_path / "x"), "--quiet"]) == 2
@@ -404,7 +404,7 @@ def test_grpo_trains_the_mtp_module_and_leaves_the_policy_as_without_it(tiny_mtp
     runs = {}
     for weight in (0.0, 0.3):
         res = run_grpo(tiny_mtp_model_dir, ["add2"], tmp_path / f"w{weight}", [*SMALL, "max_steps=1",
-                       "eval_examples=0", f"mtp_weight={weight}"], show_progress=False,
+                       "eval.examples=0", f"mtp_weight={weight}"], show_progress=False,
                        reward_fns=[length_reward])  # fmt: skip
         assert not res.history[-1].get("skipped")
         assert ("mtp_loss" in res.history[-1]) == (weight > 0)
@@ -442,7 +442,7 @@ def test_a_run_stopped_and_resumed_is_the_uninterrupted_run_bit_for_bit(tiny_mtp
     KL to the reference model, the optimizer state and the rollouts (seeded per prompt) in play."""
     import nanoseek
 
-    sets = [*SMALL, "max_steps=3", "ckpt_every=1", "eval_examples=0", "beta=0.04"]
+    sets = [*SMALL, "max_steps=3", "ckpt_every=1", "eval.examples=0", "beta=0.04"]
     kw = dict(show_progress=False, reward_fns=[length_reward])
     full = run_grpo(tiny_mtp_model_dir, ["add2"], tmp_path / "full", sets, **kw)
     out = tmp_path / "stopped"
@@ -465,13 +465,13 @@ def test_resume_refuses_another_starting_model_when_the_kl_needs_it(tiny_model_d
     import nanoseek
     from nanoseek.tokenizer import load_tokenizer
 
-    sets = [*SMALL, "max_steps=1", "eval_examples=0", "beta=0.04"]
+    sets = [*SMALL, "max_steps=1", "eval.examples=0", "beta=0.04"]
     run_grpo(tiny_model_dir, ["add2"], tmp_path / "r", sets, show_progress=False, reward_fns=[length_reward])
     other = nanoseek.load(tiny_model_dir)
     with torch.no_grad():
         other.lm_head.weight.mul_(2)
     with pytest.raises(ValueError, match="another starting model"):
-        run_grpo(other, ["add2"], tmp_path / "r", [*SMALL, "max_steps=2", "eval_examples=0", "beta=0.04"],
+        run_grpo(other, ["add2"], tmp_path / "r", [*SMALL, "max_steps=2", "eval.examples=0", "beta=0.04"],
                  tokenizer=load_tokenizer(tiny_model_dir), resume=True, show_progress=False)  # fmt: skip
 
 
@@ -479,7 +479,7 @@ def test_resume_refuses_another_starting_model_when_the_kl_needs_it(tiny_model_d
 # The same settings in one process and in two: prompts_per_step=3 splits 2 + 1 over the ranks. ddp: the KL to the
 # reference, micro-batches of 3 completions (3 on one rank, 2 on the other: a dummy fills the gap); fsdp: DAPO's
 # token-level loss and dropped groups, two inner iterations. Both train the MTP module.
-TORCHRUN_SETS = [*SMALL, "max_steps=3", "eval_examples=0", "ckpt_every=0", "rewards=[length]"]
+TORCHRUN_SETS = [*SMALL, "max_steps=3", "eval.examples=0", "ckpt_every=0", "rewards=[length]"]
 MODE_SETS = {"ddp": ["beta=0.04", "micro_batch_size=3"], "fsdp": ["loss_type=dapo", "mu=2"]}
 COMPARED = ("loss", "reward", "reward_std", "kl", "entropy", "mtp_loss", "grad_norm", "groups_kept")
 

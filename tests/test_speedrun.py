@@ -38,7 +38,7 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
              "grpo.num_generations=4", "seed=7"]  # fmt: skip
     # seq_len 32: a sort problem in the R1 format (chat turn, empty thought, answer) takes 21 tokens
     rc = main(["speedrun", "--out", str(out), "--minutes", "30", "--quiet", *sets, "--set", "max_steps=30",
-               "--set", "seq_len=32", "--set", "eval_every=20", *[x for s in later for x in ("--set", s)],
+               "--set", "seq_len=32", "--set", "eval.every=20", *[x for s in later for x in ("--set", s)],
                "--sft-control"])  # fmt: skip
     assert rc == 0
     printed = capsys.readouterr().out

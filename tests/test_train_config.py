@@ -180,3 +180,53 @@ def test_presets_are_package_files():
     root = Path(__file__).parents[1]
     package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert "presets/*.yaml" in package_data["nanoseek.train"]
+
+
+def test_eval_section_and_its_old_spellings(tmp_path):
+    """`eval.*` is one typed section of the tree (pretraining's and GRPO's), checked when the settings are read;
+    the old keys (data.eval_examples and eval_every; GRPO's eval_examples and eval_every) are aliases of it, on the
+    command line and in files, and an old checkpoint's config record still loads."""
+    from nanoseek.train.config import train_config_from_dict
+    from nanoseek.train.grpo import load_grpo_config
+    from nanoseek.train.run_config import load_run_config
+
+    new = load_train_config(preset="tiny", overrides=["eval.examples=50", "eval.every=20"])
+    assert (new.eval.examples, new.eval.every) == (50, 20)
+    old = load_train_config(preset="tiny", overrides=["data.eval_examples=50", "eval_every=20"])
+    assert old == new and "eval_examples" not in old.to_dict()["data"] and "eval_every" not in old.to_dict()
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  tasks: [add2, sort]\n  eval_examples: 50\neval_every: 20\n")
+    from_file = load_train_config(path, preset="tiny")
+    assert (from_file.eval.examples, from_file.eval.every, from_file.data.tasks) == (50, 20, ["add2", "sort"])
+    record = new.to_dict()
+    record["data"]["eval_examples"], record["eval_every"] = record.pop("eval")["examples"], 20
+    assert train_config_from_dict(record) == new
+    run = load_run_config(preset="tiny", overrides=["eval.examples=7", "eval_every=5", "grpo.eval.examples=0"])
+    assert (run.train.eval.examples, run.train.eval.every, run.grpo_config().eval.examples) == (7, 5, 0)
+    old_grpo = load_grpo_config(["eval_examples=3", "eval_every=2"])
+    assert old_grpo == load_grpo_config(["eval.examples=3", "eval.every=2"])
+    with pytest.raises(ValueError, match=r"unknown config key 'eval\.exampels' \(did you mean 'examples'\?\)"):
+        load_run_config(overrides=["eval.exampels=3"])
+    with pytest.raises(ValueError, match=r"eval\.every must be >= 0"):
+        load_train_config(overrides=["eval_every=-1"])
+    with pytest.raises(ValueError, match=r"eval\.temperature must be > 0"):
+        load_grpo_config(["grpo.eval.temperature=0"])
+    with pytest.raises(ValueError, match=r"unknown config key 'eval_examples'"):  # GRPO's alias, not pretraining's
+        load_train_config(overrides=["eval_examples=3"])
+
+
+def test_stage_defaults_are_package_files():
+    """SFT's defaults are a preset file (train/presets/stages/sft.yaml, package data), not a preset of its own."""
+    import tomllib
+    from pathlib import Path
+
+    from nanoseek.train.sft import SFT_PRESET, sft_config
+
+    assert SFT_PRESET.is_file() and "sft" not in PRESETS
+    root = Path(__file__).parents[1]
+    package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "presets/stages/*.yaml" in package_data["nanoseek.train"]
+    cfg, epochs, _ = sft_config([], "out", "cpu", 128)
+    o = cfg.optim
+    assert (cfg.batch_size, o.lr, o.weight_decay, o.min_lr_ratio, o.schedule) == (8, 2e-5, 0.0, 0.1, "cosine")
+    assert (cfg.ckpt_every, cfg.log_every, cfg.mtp_weight, epochs) == (100, 1, 0.3, 3)

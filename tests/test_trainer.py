@@ -23,7 +23,7 @@ TINY = [
     "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8",
     "model.num_nextn_predict_layers=1", "tokenizer.vocab_size=300", "tokenizer.train_texts=300",
     "batch_size=16", "seq_len=16", "optim.warmup_steps=2", "optim.lr=3e-3", "log_every=1",
-    "data.eval_examples=20", "device=cpu", "peak_flops=1e11",
+    "eval.examples=20", "device=cpu", "peak_flops=1e11",
 ]  # fmt: skip
 
 

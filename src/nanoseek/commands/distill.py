@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--logit-kl-lr", type=float, default=5e-5, help="learning rate of logit distillation")
     p.add_argument("--traces-only", action="store_true", help="stop after writing DIR/traces.jsonl")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="an SFT setting, as nanoseek sft --set (max_steps, epochs, optim.lr, …)")  # fmt: skip
+                   help="an SFT setting, as nanoseek sft --set (max_steps, epochs, optim.lr, …; bare or "
+                   "sft.KEY)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu (default) | cuda")
     p.add_argument(
         "--resume",

@@ -30,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="a GRPO setting (repeatable): loss_type=grpo|dr_grpo|dapo, num_generations, prompts_per_step, "
         "temperature, max_new_tokens, max_steps, time_budget_min, mu, beta, epsilon_low, epsilon_high, "
-        "rewards=[format,accuracy,math,r1], reward_weights, system_prompt, optim.lr, ckpt_every, eval_examples",
+        "rewards=[format,accuracy,math,r1], reward_weights, system_prompt, optim.lr, ckpt_every, eval.examples, "
+        "eval.every; bare or prefixed grpo.KEY as `nanoseek speedrun --set` takes them (grpo.max_steps=20 is "
+        "max_steps=20)",
     )  # fmt: skip
     p.add_argument("--format", default="r1", choices=["r1"],
                    help="prompt format, as nanoseek eval --format: r1 (the only one GRPO trains: the chat template "

@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="a `nanoseek train` setting or epochs/batch_size, e.g. --set epochs=2 --set optim.lr=5e-5 "
-        "(defaults: 3 epochs, 8 conversations per step, lr 2e-5 with 5%% warmup)",
+        "(defaults: 3 epochs, 8 conversations per step, lr 2e-5 with 5%% warmup); bare or prefixed sft.KEY as "
+        "`nanoseek speedrun --set` takes them (sft.optim.lr=5e-5 is optim.lr=5e-5)",
     )  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N | auto")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")

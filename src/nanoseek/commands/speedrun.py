@@ -23,8 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="a setting (repeatable): pretraining's as `nanoseek train` takes them (--set data.tasks=[add2,sort]), "
-        "the later stages' as sft.KEY and grpo.KEY (--set grpo.max_steps=20 --set sft.optim.lr=1e-3); "
-        "seed=N seeds every stage",
+        "the later stages' as sft.KEY and grpo.KEY (--set grpo.max_steps=20 --set sft.optim.lr=1e-3), as "
+        "nanoseek sft / grpo --set take them bare; eval.examples=N: the problems per task every stage is scored "
+        "on; seed=N seeds every stage",
     )  # fmt: skip
     p.add_argument(
         "--sft-control", action="store_true",

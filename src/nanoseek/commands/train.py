@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", help="a named preset (tiny, small, gpt2-small-moe)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a setting, e.g. --set optim.lr=3e-4 --set model.hidden_size=96 (repeatable)",
+        help="override a setting, e.g. --set optim.lr=3e-4 --set model.hidden_size=96 --set eval.examples=50 "
+        "(repeatable; sections model, data, tokenizer, optim, eval)",
     )  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     p.add_argument(

@@ -57,8 +57,8 @@ STEP_RE = re.compile(r"step-(\d{8,})")
 RESUME_MAY_CHANGE = frozenset(
     {
         "max_steps", "time_budget_min", "out_dir", "device", "compile", "ckpt_every", "keep_last", "log_every",
-        "eval_every", "price_per_device_hour", "currency", "watts_per_core", "peak_flops", "data.eval_examples",
-        "tokenizer.path",
+        "eval", "price_per_device_hour", "currency", "watts_per_core", "peak_flops", "tokenizer.path",
+        "eval_every", "data.eval_examples",  # (the eval section's old keys, in older checkpoints)
     }
 )  # fmt: skip
 

@@ -9,7 +9,7 @@ Layers, later ones win: dataclass defaults < preset < file < overrides. Presets 
 (train/presets/NAME.yaml, in a config file's format); the override grammar is train/overrides.py's, and the
 whole run's tree (pretraining + the sft and grpo sections) is train/run_config.py's RunConfig. A file is a
 mapping with the same sections as `TrainConfig` (top-level scalars plus `[model]`, `[data]`, `[optim]`,
-`[tokenizer]`), e.g.
+`[tokenizer]`, `[eval]`), e.g.
 
     preset = "tiny"            # optional; a `preset` argument to load_train_config wins over it
     batch_size = 128
@@ -87,14 +87,57 @@ class DataSpec:
     task_weights: list[float] = field(default_factory=list)
     loss_on_answer_only: bool = True  # task rows: loss on the answer tokens (and the eos after them) only
     heldout_fraction: float = 0.1  # share of each task's problem space kept out of training
-    eval_examples: int = 200  # held-out examples per task at each evaluation
     # How task rows are written (and evaluated): "plain", the bare problem and answer (`<bos>47+85=231<eos>`);
     # "r1", the chat template's user turn and a direct answer in the R1 format with an empty thought
     # (`<think></think><answer>231</answer>`), what `nanoseek eval --format r1 --system-prompt ''` asks.
     format: str = "plain"
+    # r1 only: tasks whose rows work the problem out in the thought instead of an empty one (additions column by
+    # column, demonstrations.r1_thought), e.g. the speedrun's add2, so SFT's longer additions extend a procedure
+    # pretraining taught instead of replacing its direct answers.
+    thinking_tasks: list[str] = field(default_factory=list)
     # User text (nanoseek.train.data.PackedTextDataset): .txt / .jsonl / .parquet; used instead of tasks.
     files: list[str] = field(default_factory=list)
     text_field: str = "text"  # JSONL key / parquet column holding the text
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation, the `eval` section (GRPO's section has its own: `grpo.eval.*`). Answers are greedy
+    and scored in the stage's prompt format (data.format; GRPO: R1 with its system prompt; the speedrun:
+    scoring.SCORING_FORMATS): the format is the stage's, not a setting. The sampled figures are the speedrun's
+    final model's (final_eval.py). Old spellings, kept as aliases: `data.eval_examples` and `eval_every` (GRPO:
+    `eval_examples`, `eval_every`) are `eval.examples` and `eval.every`."""
+
+    examples: int = 200  # held-out problems per task at each evaluation (0: none)
+    every: int = 0  # steps between evaluations inside the loop; 0: at the end only (GRPO: before and after)
+    samples: int = 8  # sampled completions per problem (pass@1 and pass@samples with bootstrap intervals)
+    temperature: float = 1.0  # their temperature (the speedrun's GRPO rollouts')
+    sampled_examples: int = 200  # sampled on the first this-many of the greedy evaluation's problems
+
+    def validate(self, where: str = "eval") -> None:
+        for name in ("examples", "every", "sampled_examples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{where}.{name} must be >= 0, got {getattr(self, name)}")
+        if self.samples < 1:
+            raise ValueError(f"{where}.samples must be >= 1, got {self.samples}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"{where}.temperature must be > 0 (the sampled figures sample), got {self.temperature}")
+
+
+# The eval section's old spellings (documented aliases, README "Settings"): key -> the `eval` key it sets.
+TRAIN_EVAL_ALIASES = {"eval_every": "every", "data.eval_examples": "examples"}
+
+
+def apply_eval_alias(cfg: Any, key: str, value: Any, where: str, aliases: dict[str, str]) -> bool:
+    """`_apply_key` hook of a dataclass with an `eval` section: an old spelling of one of its keys (`aliases`)
+    lands there; so does `data: {eval_examples: ...}`, the rest of `data` as given. True when handled."""
+    if key == "data" and isinstance(value, dict) and "eval_examples" in value and "data.eval_examples" in aliases:
+        apply_mapping(cfg.data, {k: v for k, v in value.items() if k != "eval_examples"}, where, "data.")
+        key, value = "data.eval_examples", value["eval_examples"]
+    elif key not in aliases or "." in key:
+        return False
+    apply_mapping(cfg.eval, {aliases[key]: value}, where, "eval.")
+    return True
 
 
 @dataclass
@@ -140,13 +183,16 @@ class TrainConfig:
     ckpt_every: int = 500  # steps; 0 disables periodic checkpoints (a final one is still written)
     keep_last: int = 3
     log_every: int = 10
-    eval_every: int = 0  # steps; 0: only at the end
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Money per device-hour for the meter's cost line. Default: an on-demand 2-vCPU cloud VM (~0.10 USD/h);
     # the GPU preset uses a typical H100 rental price. Set your own (`--set price_per_device_hour=...`).
     price_per_device_hour: float = 0.10
     currency: str = "USD"
     watts_per_core: float = 10.0  # CPU energy estimate when no RAPL/NVML counter exists (an assumption)
     peak_flops: float | None = None  # device peak FLOP/s for MFU; None: from the spec table or a CPU probe
+
+    def _apply_key(self, key: str, value: Any, dotted: str, where: str) -> bool:
+        return apply_eval_alias(self, key, value, where, TRAIN_EVAL_ALIASES)  # `eval_every`, `data.eval_examples`
 
     # ---- derived ---------------------------------------------------------------------------------------
     def model_config(self, vocab_size: int | None = None) -> DeepseekV3Config:
@@ -186,16 +232,17 @@ class TrainConfig:
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         non_negative = {
-            "ckpt_every": self.ckpt_every, "eval_every": self.eval_every,
+            "ckpt_every": self.ckpt_every,
             "optim.warmup_steps": self.optim.warmup_steps,
             "optim.weight_decay": self.optim.weight_decay, "optim.grad_clip": self.optim.grad_clip,
             "mtp_weight": self.mtp_weight, "router_bias_gamma": self.router_bias_gamma,
             "balance_alpha": self.balance_alpha, "price_per_device_hour": self.price_per_device_hour,
-            "watts_per_core": self.watts_per_core, "data.eval_examples": self.data.eval_examples,
+            "watts_per_core": self.watts_per_core,
         }  # fmt: skip
         for name, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        self.eval.validate()
         if self.optim.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.optim.lr}")
         if self.optim.schedule not in SCHEDULES:
@@ -235,6 +282,11 @@ class TrainConfig:
 
             for name in self.data.tasks:
                 get_task(name)
+        unknown = [t for t in self.data.thinking_tasks if t not in self.data.tasks]
+        if unknown:
+            raise ValueError(f"data.thinking_tasks {unknown} are not among data.tasks {self.data.tasks}")
+        if self.data.thinking_tasks and self.data.format != "r1":
+            raise ValueError("data.thinking_tasks needs data.format=r1: plain rows have no thought")
         if not check_model:
             return
         mc = self.model_config(vocab_size=self.tokenizer.vocab_size if self.tokenizer.path is None else None)

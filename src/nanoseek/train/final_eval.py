@@ -11,14 +11,12 @@ from nanoseek.train.scoring import GREEDY_EVAL_BATCH, SCORING_FORMATS, heldout_s
 if TYPE_CHECKING:
     from nanoseek.train.speedrun import StageContext, StageResult
 
-# The final model's sampled evaluation: completions per problem, at the GRPO rollouts' temperature, on the first
-# FINAL_EVAL_SAMPLED_PROBLEMS of the greedy evaluation's problems, FINAL_EVAL_BATCH sequences decoded together.
-# Measured on the 2-core CPU (shared with other jobs, load ~4) with a default run's GRPO model, add2 + sort: 400
-# problems x 8 samples took 36-52 s at batch 512 and 80-88 s at 3,200 (the decode steps are compute-bound); with
-# 200 problems sampled, the whole final_evaluation (model load, greedy on 400, sampled on 200) took 45-57 s.
-FINAL_EVAL_SAMPLES = 8
-FINAL_EVAL_TEMPERATURE = 1.0
-FINAL_EVAL_SAMPLED_PROBLEMS = 200
+# The final model's sampled evaluation: the run's eval.samples completions per problem at eval.temperature, on the
+# first eval.sampled_examples of the greedy evaluation's problems (train/config.py EvalConfig), FINAL_EVAL_BATCH
+# sequences decoded together. Measured on the 2-core CPU (shared with other jobs, load ~4) with a default run's
+# GRPO model, add2 + sort: 400 problems x 8 samples took 36-52 s at batch 512 and 80-88 s at 3,200 (the decode
+# steps are compute-bound); with 200 problems sampled, the whole final_evaluation (model load, greedy on 400,
+# sampled on 200) took 45-57 s.
 FINAL_EVAL_BATCH = 512
 # The MTP drafter's figure (nanoseek.eval.speculation): this many held-out problems (split over the GRPO tasks),
 # each decoded alone, plain and with MTP speculation, in this many alternating rounds.
@@ -27,11 +25,11 @@ SPECULATION_ROUNDS = 3
 SPECULATION_MAX_TOKENS = 32
 
 
-def final_evaluation(final: StageResult, ctx: StageContext, *, samples: int = FINAL_EVAL_SAMPLES) -> dict[str, Any]:
+def final_evaluation(final: StageResult, ctx: StageContext) -> dict[str, Any]:
     """The final model on every task's held-out problems through nanoseek.eval, in its stage's scoring format:
-    greedy pass@1 with a Wilson interval (the stage's own score, recomputed), then `samples` completions of each
-    of the first FINAL_EVAL_SAMPLED_PROBLEMS at FINAL_EVAL_TEMPERATURE for pass@1 and pass@`samples` with
-    bootstrap intervals, and the MTP module as the model's own drafter."""
+    greedy pass@1 with a Wilson interval (the stage's own score, recomputed), then eval.samples completions of
+    each of the first eval.sampled_examples at eval.temperature for pass@1 and pass@samples with bootstrap
+    intervals, and the MTP module as the model's own drafter."""
     import nanoseek
     from nanoseek.eval import evaluate
     from nanoseek.tokenizer import load_tokenizer
@@ -42,10 +40,10 @@ def final_evaluation(final: StageResult, ctx: StageContext, *, samples: int = FI
     model = nanoseek.load(final.model_dir, device=device)
     tok = load_tokenizer(final.model_dir)
     fmt = SCORING_FORMATS[final.format]
-    specs, n = heldout_specs(cfg.data.tasks, cfg), cfg.data.eval_examples
-    greedy = evaluate(model, tok, specs, limit=n, batch_size=GREEDY_EVAL_BATCH, **fmt)
-    sampled = evaluate(model, tok, specs, limit=min(n, FINAL_EVAL_SAMPLED_PROBLEMS), samples=samples,
-                       k=sorted({1, samples}), temperature=FINAL_EVAL_TEMPERATURE, batch_size=FINAL_EVAL_BATCH,
+    specs, ev = heldout_specs(cfg.data.tasks, cfg), cfg.eval
+    greedy = evaluate(model, tok, specs, limit=ev.examples, batch_size=GREEDY_EVAL_BATCH, **fmt)
+    sampled = evaluate(model, tok, specs, limit=min(ev.examples, ev.sampled_examples), samples=ev.samples,
+                       k=sorted({1, ev.samples}), temperature=ev.temperature, batch_size=FINAL_EVAL_BATCH,
                        **fmt)  # fmt: skip
     speculation = speculation_figures(model, tok, specs, fmt)
     return {

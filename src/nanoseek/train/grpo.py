@@ -38,7 +38,7 @@ Loss types (how token losses are summed, which advantages, which clip):
            rewards are all equal are dropped (they carry no signal)
 
 Each step logs reward (and each reward function), accuracy, completion length, KL, clip fraction and
-entropy into the meter (metrics.jsonl). Held-out accuracy (before, every eval_every steps, after) is the shared
+entropy into the meter (metrics.jsonl). Held-out accuracy (before, every eval.every steps, after) is the shared
 evaluation's (train.evaluate.evaluate_in_format, nanoseek.eval in the R1 format with GRPO's system prompt).
 Checkpoints every `ckpt_every` steps; `resume=True` continues from the newest one with the same weights (MTP
 module included), optimizer state and step, and rebuilds the reference model from the starting model (a digest
@@ -80,7 +80,7 @@ from nanoseek.parallel import MODES, all_reduce_sum, init_distributed
 from nanoseek.tasks import R1_SYSTEM_PROMPT, Task, get_task
 from nanoseek.train import checkpoint as ckpt_io
 from nanoseek.train.checkpoint import weights_digest
-from nanoseek.train.config import OptimConfig, TrainConfig
+from nanoseek.train.config import EvalConfig, OptimConfig, TrainConfig, apply_eval_alias
 from nanoseek.train.evaluate import TaskScore, evaluate_in_format
 from nanoseek.train.grpo_loss import (  # noqa: F401 (clipped_loss ... mtp_distillation_loss: GRPO's API)
     LOSS_TYPES,
@@ -105,8 +105,10 @@ from nanoseek.train.grpo_rollouts import (  # noqa: F401 (decode_completion, ren
 from nanoseek.train.rewards import RewardFn, get_rewards
 from nanoseek.train.trainer import Trainer
 
-
 # ---- configuration ----------------------------------------------------------------------------------------
+GRPO_EVAL_ALIASES = {"eval_examples": "examples", "eval_every": "every"}  # the eval section's old keys
+
+
 @dataclass
 class GRPOConfig:
     loss_type: str = "grpo"  # grpo | dr_grpo | dapo
@@ -132,8 +134,8 @@ class GRPOConfig:
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant", weight_decay=0.0)
     )
-    eval_examples: int = 200  # held-out problems per task, evaluated before and after (0: none)
-    eval_every: int = 0  # steps; also evaluate along the way (0: before and after only)
+    # held-out problems per task (eval.examples; 0: none), evaluated before and after, and every eval.every steps
+    eval: EvalConfig = field(default_factory=EvalConfig)
     heldout_fraction: float = 0.1
     seed: int = 0
     device: str = "cpu"
@@ -149,8 +151,9 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_generations < 2:
             raise ValueError("num_generations must be >= 2: advantages compare completions of the same prompt")
-        if min(self.max_steps, self.micro_batch_size, self.ckpt_every, self.eval_examples, self.eval_every) < 0:
-            raise ValueError("max_steps, micro_batch_size, ckpt_every, eval_examples and eval_every must be >= 0")
+        if min(self.max_steps, self.micro_batch_size, self.ckpt_every) < 0:
+            raise ValueError("max_steps, micro_batch_size and ckpt_every must be >= 0")
+        self.eval.validate()
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be > 0 (rollouts sample), got {self.temperature}")
         if self.beta < 0 or self.epsilon_low < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
@@ -162,6 +165,9 @@ class GRPOConfig:
         if self.optim.schedule not in ("constant", "cosine"):
             raise ValueError(f"optim.schedule for GRPO must be constant or cosine, got {self.optim.schedule!r}")
         get_rewards(self.rewards)
+
+    def _apply_key(self, key: str, value: Any, dotted: str, where: str) -> bool:
+        return apply_eval_alias(self, key, value, where, GRPO_EVAL_ALIASES)  # `eval_examples`, `eval_every`
 
     @property
     def eps_high(self) -> float:
@@ -215,7 +221,7 @@ def loop_config(cfg: GRPOConfig, out: Path) -> TrainConfig:
         optim=cfg.optim, max_steps=cfg.max_steps, time_budget_min=cfg.time_budget_min, mtp_weight=cfg.mtp_weight,
         router_bias_gamma=cfg.router_bias_gamma, device=cfg.device, dtype="float32", seed=cfg.seed,
         out_dir=str(out), ckpt_every=cfg.ckpt_every, keep_last=cfg.keep_last, log_every=cfg.log_every,
-        eval_every=cfg.eval_every, price_per_device_hour=0.0,
+        eval=cfg.eval, price_per_device_hour=0.0,
     )  # fmt: skip
 
 
@@ -321,12 +327,12 @@ class GRPOTrainer(Trainer):
 
     def evaluate(self, n: int | None = None) -> dict[str, TaskScore]:
         """Held-out accuracy (greedy), on rank 0; the others only help gather the weights under FSDP2."""
-        if not self.grpo.eval_examples:
+        if not self.grpo.eval.examples:
             return {}
         self._sync_rollout_model()
         if not self.info.is_main:
             return {}
-        return evaluate_r1(self.rollout_model, self.tok, self.tasks, n or self.grpo.eval_examples, self.grpo)
+        return evaluate_r1(self.rollout_model, self.tok, self.tasks, n or self.grpo.eval.examples, self.grpo)
 
     def _sync_rollout_model(self) -> None:
         """Under FSDP2, copy the policy's current weights (gathered from the shards) and buffers (router biases)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.train.config import TrainConfig, load_train_config
+from nanoseek.train.config import TRAIN_EVAL_ALIASES, TrainConfig, load_train_config
 from nanoseek.train.overrides import apply_overrides, in_section, parse_override, split_sections, suggest
 
 SECTIONS = ("sft", "grpo")  # the stages' sections under the root (pretraining's TrainConfig)
@@ -114,5 +114,5 @@ def _check_root_keys(root: Sequence[str]) -> None:
     for item in root:
         key, _ = parse_override(item)
         head = key.split(".")[0]
-        if head not in names:
+        if head not in names and key not in TRAIN_EVAL_ALIASES:
             raise ValueError(f"override {item!r}: unknown config key {head!r}{suggest(head, [*names, *SECTIONS])}")

@@ -14,7 +14,7 @@ from nanoseek.train.config import TrainConfig
 # The stages the final model comes through, in order (the SFT control is a side arm).
 MAIN_LINE = ("pretrain", "sft", "grpo")
 
-# Every stage is scored on the same held-out problems (the first data.eval_examples of each task's held-out
+# Every stage is scored on the same held-out problems (the first eval.examples of each task's held-out
 # split, the problems `nanoseek eval` draws with its default --seed 0) through nanoseek.eval, greedy, in its
 # format: the pretrained model on the bare prompt (`47+85=`), the later ones in the chat template with no system
 # prompt, answering `<think>…</think><answer>…</answer>` (the answer checked exactly). The same problems in two

@@ -41,23 +41,16 @@ from nanoseek.model.dense import DenseForCausalLM, dense_config_to_hf
 from nanoseek.parallel import DistInfo, init_distributed, print0
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
 from nanoseek.train.chat_data import Example, pack, read_conversations, tokenize_conversation
-from nanoseek.train.config import TrainConfig, load_train_config
+from nanoseek.train.config import PRESET_DIR, TrainConfig, load_train_config
 from nanoseek.train.lora_training import SFT_DEFAULTS as LORA_DEFAULTS
 from nanoseek.train.lora_training import lora_settings, with_lora
+from nanoseek.train.overrides import read_config_file
 from nanoseek.train.run_config import sft_split
 from nanoseek.train.trainer import Trainer
 
 DEFAULT_EPOCHS = 3
 DEFAULT_MAX_CONTEXT = 2048
-# Fine-tuning defaults (a layer under --set): a small learning rate for pretrained weights, no weight decay
-# (a few hundred steps should move the weights little, not shrink them), a log line per step.
-SFT_DEFAULTS: dict[str, Any] = {
-    "batch_size": 8,
-    "optim": {"lr": 2e-5, "weight_decay": 0.0, "min_lr_ratio": 0.1, "schedule": "cosine"},
-    "ckpt_every": 100,
-    "log_every": 1,
-    "mtp_weight": 0.3,  # only for DeepSeek-V3 models that have MTP modules
-}
+SFT_PRESET = PRESET_DIR / "stages" / "sft.yaml"  # fine-tuning's defaults, a layer under --set (package data)
 
 
 @dataclass
@@ -95,7 +88,7 @@ def sft_config(overrides: Sequence[str], out: str | os.PathLike, device: str, mo
     """The TrainConfig of a fine-tuning run (SFT defaults < --set), its epochs, and the keys set by hand."""
     rest, epochs, keys = split_overrides(overrides)
     base = {
-        **SFT_DEFAULTS,
+        **read_config_file(SFT_PRESET),
         "out_dir": str(out),
         "device": device,
         "seq_len": min(model_max_len, DEFAULT_MAX_CONTEXT),

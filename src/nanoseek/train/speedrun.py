@@ -215,7 +215,8 @@ def run_pretrain(ctx: StageContext) -> StageResult:
 
     cfg = ctx.train_config
     start = time.perf_counter()
-    result = Trainer(cfg, show_progress=ctx.show_progress, tune_threads=True).train()
+    # scored once, by score_stage (the scoring contract), not also by the trainer's own final evaluation
+    result = Trainer(cfg, show_progress=ctx.show_progress, tune_threads=True, evaluate_at_end=False).train()
     s = result.summary
     extra = {
         "steps": result.steps,
@@ -319,7 +320,7 @@ def run_sft_stage(
 def grpo_settings(ctx: StageContext) -> list[str]:
     """GRPO's `nanoseek grpo --set` settings: the plan's, the run's seed, no evaluation of its own (the run scores
     every stage alike), no system prompt (the demonstrations have none), the user's `grpo.*` last."""
-    return [*ctx.plan.grpo, f"seed={ctx.train_config.seed}", "eval_examples=0", "system_prompt=", *ctx.plan.grpo_extra]
+    return [*ctx.plan.grpo, f"seed={ctx.train_config.seed}", "eval.examples=0", "system_prompt=", *ctx.plan.grpo_extra]
 
 
 def grpo_stage(ctx: StageContext) -> StageResult | None:
@@ -362,7 +363,7 @@ def score_stage(model_dir: Path, fmt: str, ctx: StageContext) -> dict[str, TaskS
     cfg = ctx.train_config
     tasks = [spec.task for spec in heldout_specs(cfg.data.tasks, cfg)]
     scores = evaluate_in_format(
-        nanoseek.load(model_dir, device=ctx.device), load_tokenizer(model_dir), tasks, cfg.data.eval_examples, fmt,
+        nanoseek.load(model_dir, device=ctx.device), load_tokenizer(model_dir), tasks, cfg.eval.examples, fmt,
         batch_size=GREEDY_EVAL_BATCH,
     )  # fmt: skip
     with open(ctx.metrics_path, "a") as f:
@@ -424,10 +425,10 @@ def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
         "stages": [s.to_summary() for s in stages.values()],
         "final_eval": final_eval,
         "scoring": {
-            "problems": cfg.data.eval_examples,
+            "problems": cfg.eval.examples,
             "tasks": list(cfg.data.tasks),
             "commands": {
-                fmt: scoring_command(fmt, list(cfg.data.tasks), cfg.data.eval_examples) for fmt in SCORING_FORMATS
+                fmt: scoring_command(fmt, list(cfg.data.tasks), cfg.eval.examples) for fmt in SCORING_FORMATS
             },
         },  # fmt: skip
         "comparisons": stage_comparisons([s.to_summary() for s in stages.values()]),

@@ -110,12 +110,15 @@ class Trainer:
         info: DistInfo | None = None,
         stop_after: int | None = None,
         tune_threads: bool = False,
+        evaluate_at_end: bool = True,
     ):
         """parallel: auto (ddp under torchrun, none otherwise) | none | ddp | fsdp.
         stop_after: end the run after this many steps in total without the end-of-run work (final checkpoint,
         evaluation, export), as if the process were stopped there (for resume tests).
         tune_threads: on CPU, keep switching to the faster of 1 thread and all threads (ThreadTuner); float
-        results then depend on timing, so it is off unless asked for (the speedrun asks)."""
+        results then depend on timing, so it is off unless asked for (the speedrun asks).
+        evaluate_at_end=False: no held-out evaluation after the last step (the speedrun scores the exported model
+        itself, as `nanoseek eval` does: train/scoring.py)."""
         cfg.validate(check_model=self.builds_model)
         self.cfg = cfg
         self.info = info or init_distributed(cfg.device)
@@ -127,6 +130,7 @@ class Trainer:
         self.resume = resume
         self.show_progress = show_progress
         self.stop_after = stop_after
+        self.evaluate_at_end = evaluate_at_end
         self.tuner = ThreadTuner() if tune_threads and self.info.device.type == "cpu" else None
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -292,7 +296,7 @@ class Trainer:
             return {}
         # Sharded weights are gathered by the wrapper's forward, so every rank decodes; otherwise rank 0 alone.
         model = self.step_module if sharded else self.model
-        n = n if n is not None else self.cfg.data.eval_examples
+        n = n if n is not None else self.cfg.eval.examples
         if self.cfg.data.format == "r1":
             scores = evaluate_in_format(model, self.tok, self.tasks, n, "r1", autocast_dtype=self.autocast_dtype)
         else:
@@ -437,7 +441,7 @@ class Trainer:
                         print0(f"time budget {cfg.time_budget_min:g} min: {self.planned_steps} steps planned")
                 t_pause = time.perf_counter()
                 with meter.paused():
-                    if cfg.eval_every and step % cfg.eval_every == 0 and step < (self.planned_steps or 0):
+                    if cfg.eval.every and step % cfg.eval.every == 0 and step < (self.planned_steps or 0):
                         scores = self.evaluate()
                         if scores:
                             row = {name: s.to_dict() for name, s in scores.items()}
@@ -458,7 +462,7 @@ class Trainer:
                 with meter.paused():
                     if step > self.start_step and not (cfg.ckpt_every and step % cfg.ckpt_every == 0):
                         self.save(step, self.elapsed_before + train_s)
-                    scores = self.evaluate()
+                    scores = self.evaluate() if self.evaluate_at_end else {}
                     if scores:
                         meter.log(event="eval", step=step, final=True, **{n: s.to_dict() for n, s in scores.items()})
                     model_dir = self.export(self.out_dir / "model")
