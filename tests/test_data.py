@@ -59,6 +59,31 @@ def test_r1_task_rows_are_the_chat_prompt_and_a_direct_r1_answer(tok):
         TaskBatcher([get_task("add2")], _without_chat_template(tok), 8, 32, fmt="r1")
 
 
+def test_r1_thinking_tasks_work_the_problem_out_in_the_thought(tok):
+    from nanoseek.train.demonstrations import carry_steps
+
+    tasks = [get_task("add2"), get_task("sort")]
+    x, y = TaskBatcher(tasks, tok, batch_size=16, seq_len=48, seed=3, fmt="r1", thinking=["add2"]).batch_at(0)
+    seen = set()
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        question = tok.decode(row_x, skip_special_tokens=False).split("<|user|>", 1)[1].split("<|assistant|>", 1)[0]
+        if question.startswith("s:"):
+            thought, answer = "", "".join(sorted(question[2:-1]))  # sort stays a direct answer
+        else:
+            a, b = question.rstrip("=").split("+")
+            thought, answer = carry_steps(a, b), str(int(a) + int(b))[::-1]
+        seen.add(bool(thought))
+        reply = tok.encode(f"<think>{thought}</think><answer>{answer}</answer>", add_special_tokens=False)
+        assert [t for t in row_y if t != IGNORE_INDEX] == [*reply, tok.eos_token_id]
+    assert seen == {True, False}
+    with pytest.raises(ValueError, match="r1 format"):
+        TaskBatcher(tasks, tok, 8, 48, thinking=["add2"])  # plain rows have no thought
+    from nanoseek.train.config import load_train_config
+
+    with pytest.raises(ValueError, match=r"data.thinking_tasks \['add3'\] are not among data.tasks"):
+        load_train_config(overrides=["data.tasks=[add2]", "data.format=r1", "data.thinking_tasks=[add3]"])
+
+
 def _without_chat_template(tok):
     import copy
 

@@ -48,6 +48,7 @@ class BatchSource:
                 build_tasks(cfg), tok, batch_size=self.rows * self.n_micro * info.world_size,
                 seq_len=cfg.seq_len, seed=cfg.seed, weights=weights,
                 loss_on_answer_only=cfg.data.loss_on_answer_only, fmt=cfg.data.format,
+                thinking=cfg.data.thinking_tasks,
             )  # fmt: skip
 
     def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -41,6 +41,7 @@ import torch
 from nanoseek.model.loss import IGNORE_INDEX
 from nanoseek.tasks import Example, Task
 from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.demonstrations import r1_answer_text
 
 
 class TaskBatcher:
@@ -60,6 +61,7 @@ class TaskBatcher:
         rank: int = 0,
         world_size: int = 1,
         fmt: str = "plain",
+        thinking: Sequence[str] = (),
     ):
         if not tasks:
             raise ValueError("TaskBatcher needs at least one task")
@@ -77,6 +79,9 @@ class TaskBatcher:
         self.loss_on_answer_only = loss_on_answer_only
         self.rank, self.world_size = rank, world_size
         self.fmt = fmt
+        if thinking and fmt != "r1":
+            raise ValueError(f"thinking tasks {list(thinking)} need the r1 format (a {fmt!r} row has no thought)")
+        self.thinking = frozenset(thinking)  # r1: these tasks' rows work the problem out in the thought
         self.step = 0
         self.bos_id, self.eos_id, self.pad_id = tokenizer.special_ids()
         self._encode = lru_cache(maxsize=200_000)(lambda s: tuple(tokenizer.encode(s, add_special_tokens=False)))
@@ -87,10 +92,11 @@ class TaskBatcher:
     def encode_example(self, ex: Example) -> tuple[list[int], int]:
         """Token ids of the prompt, the answer and <eos>, and the index where the answer starts. plain:
         <bos> prompt answer <eos>; r1: the chat template's user turn (with the assistant's header), then
-        <think></think><answer>answer</answer> <eos>, as `nanoseek eval --format r1 --system-prompt ''` asks."""
+        <think></think><answer>answer</answer> <eos>, as `nanoseek eval --format r1 --system-prompt ''` asks, or
+        for a task in `thinking` the worked thought (demonstrations.r1_thought: column addition step by step)."""
         if self.fmt == "r1":
             prompt = list(self._chat(ex.prompt))
-            answer = self._encode(f"<think></think><answer>{ex.answer}</answer>")
+            answer = self._encode(r1_answer_text(ex, think=ex.task in self.thinking))
         else:
             prompt, answer = [self.bos_id, *self._encode(ex.prompt)], self._encode(ex.answer)
         return [*prompt, *answer, self.eos_id], len(prompt)
