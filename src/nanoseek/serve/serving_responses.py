@@ -93,7 +93,8 @@ class OutputWriter:
         events += [self.event("response.output_item.added", output_index=self.index, item=added.model_dump()),
                    self.event("response.function_call_arguments.delta", **at, delta=item.arguments),
                    self.event("response.function_call_arguments.done", **at, arguments=item.arguments),
-                   self.event("response.output_item.done", output_index=self.index, item=item.model_dump())]  # fmt: skip
+                   self.event("response.output_item.done", output_index=self.index,
+                              item=item.model_dump())]  # fmt: skip
         self.items.append(item)
         return events
 
@@ -110,7 +111,8 @@ class OutputWriter:
         else:
             events = [self.event("response.output_text.done", **at, text=part.text, logprobs=[])]
         events += [self.event("response.content_part.done", **at, part=part.model_dump()),
-                   self.event("response.output_item.done", output_index=self.index, item=item.model_dump())]  # fmt: skip
+                   self.event("response.output_item.done", output_index=self.index,
+                              item=item.model_dump())]  # fmt: skip
         self.items.append(item)
         return events
 
@@ -153,13 +155,14 @@ class Reply:
         async for d in self.gen:
             final = d.finish_reason is not None
             pieces = [self.reasoning.feed(d.text)] + ([self.reasoning.finish()] if final else [])
-            for reasoning, content in pieces:
+            for i, (reasoning, content) in enumerate(pieces):
                 if reasoning:
                     self.reasoning_tokens = d.num_tokens
                 for event in self.writer.reasoning(reasoning):
                     yield event
+                last = final and i == len(pieces) - 1  # the tool parser finishes once, after the reply's last text
                 found = [content] if self.tools is None else self.tools.feed(content) + (
-                    self.tools.finish() if final else [])  # fmt: skip
+                    self.tools.finish() if last else [])  # fmt: skip
                 for e in found:
                     for event in self.writer.text(e) if isinstance(e, str) else self.writer.call(e):
                         yield event
