@@ -68,7 +68,8 @@ RESPONSES = {
         {"role": "developer", "content": "go on"},
     ],
     "max_output_tokens": 1, "temperature": 0, "top_p": 0.9,
-    "tools": [{"type": "function", "name": "f", "parameters": PARAMETERS}], "tool_choice": {"type": "function", "name": "f"},
+    "tools": [{"type": "function", "name": "f", "parameters": PARAMETERS}],
+    "tool_choice": {"type": "function", "name": "f"},
     "text": {"format": {"type": "text"}}, "reasoning": {"effort": "none"}, "store": False, "metadata": {"k": "v"},
 }  # fmt: skip
 EMBEDDINGS = {"model": "tiny", "input": ["the", "cat"], "encoding_format": "float", "user": "u"}

@@ -23,8 +23,8 @@ openai = pytest.importorskip("openai")
 
 TERSE, THINK = "Be terse.", "Think first: what is 2+2?"
 REASONING, ANSWER = "Two and two make four.", "The answer is 4."
-WEATHER = {"type": "function", "name": "get_weather", "description": "the weather in a city",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}  # fmt: skip
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+WEATHER = {"type": "function", "name": "get_weather", "description": "the weather in a city", "parameters": CITY}
 
 
 def reply(prompt: str) -> str:
@@ -113,12 +113,12 @@ def test_reasoning_is_a_reasoning_item(client, running):
 
 # ---- streaming ----------------------------------------------------------------------------------------------
 
-TEXT_ITEM = ["response.output_item.added", "response.content_part.added", "response.output_text.delta",
-             "response.output_text.done", "response.content_part.done", "response.output_item.done"]  # fmt: skip
-REASONING_ITEM = ["response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
-                  "response.reasoning_text.done", "response.content_part.done", "response.output_item.done"]  # fmt: skip
-CALL_ITEM = ["response.output_item.added", "response.function_call_arguments.delta",
-             "response.function_call_arguments.done", "response.output_item.done"]  # fmt: skip
+ADDED, DONE = "response.output_item.added", "response.output_item.done"
+TEXT_ITEM = [ADDED, "response.content_part.added", "response.output_text.delta", "response.output_text.done",
+             "response.content_part.done", DONE]  # fmt: skip
+REASONING_ITEM = [ADDED, "response.content_part.added", "response.reasoning_text.delta",
+                  "response.reasoning_text.done", "response.content_part.done", DONE]  # fmt: skip
+CALL_ITEM = [ADDED, "response.function_call_arguments.delta", "response.function_call_arguments.done", DONE]
 
 
 def _squeezed(kinds: list[str]) -> list[str]:
@@ -152,7 +152,7 @@ def test_stream_events_in_order(client, running, prompt, items):
     whole = client.responses.create(model="tiny", input=prompt)
     assert final.status == "completed" and final.output_text == whole.output_text
     assert [i.type for i in final.output] == [i.type for i in whole.output]
-    assert final.usage.output_tokens == whole.usage.output_tokens and final.usage.input_tokens == whole.usage.input_tokens
+    assert final.usage == whole.usage
     assert events[-1].response.usage == final.usage and events[0].response.status == "in_progress"
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == whole.output_text == next(e.text for e in events if e.type == "response.output_text.done")

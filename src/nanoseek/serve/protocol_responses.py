@@ -296,7 +296,8 @@ def template_messages(instructions: str | None, items: str | list) -> list[dict[
                 out.append({"role": "system" if item.role == "developer" else item.role,
                             "content": text_of(item.content, param)})  # fmt: skip
         elif isinstance(item, FunctionCallItem):
-            call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+            function = {"name": item.name, "arguments": item.arguments}
+            call = {"id": item.call_id, "type": "function", "function": function}
             assistant(new=False).setdefault("tool_calls", []).extend(template_tool_calls([call]))
         elif isinstance(item, FunctionCallOutputItem):
             out.append({"role": "tool", "tool_call_id": item.call_id, "content": text_of(item.output, param)})
