@@ -36,9 +36,9 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     # busy machine runs the same steps and writes the same files as an idle one.
     later = ["sft.max_steps=4", "sft.batch_size=16", "grpo.max_steps=3", "grpo.prompts_per_step=4",
              "grpo.num_generations=4", "seed=7"]  # fmt: skip
-    # seq_len 32: a sort problem in the R1 format (chat turn, empty thought, answer) takes 21 tokens
+    # seq_len 48: an add2 problem worked out in the thought (pretraining's data.thinking_tasks) takes ~40 tokens
     rc = main(["speedrun", "--out", str(out), "--minutes", "30", "--quiet", *sets, "--set", "max_steps=30",
-               "--set", "seq_len=32", "--set", "eval.every=20", *[x for s in later for x in ("--set", s)],
+               "--set", "seq_len=48", "--set", "eval.every=20", *[x for s in later for x in ("--set", s)],
                "--sft-control"])  # fmt: skip
     assert rc == 0
     printed = capsys.readouterr().out
@@ -51,11 +51,11 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     names = [s["name"] for s in summary["stages"]]
     assert names == ["pretrain", "sft", "grpo", "sft-control"] and not summary["skipped_stages"]
     # one scoring contract: every stage on the same tasks and problems, each in its named format
-    assert all(set(s["eval"]) == {"add2", "sort", "add3"} for s in summary["stages"])
+    assert all(set(s["eval"]) == {"add2", "sort", "add3", "countdown"} for s in summary["stages"])
     assert [s["format"] for s in summary["stages"]] == ["r1", "r1", "r1", "r1"]
     assert [s["parent"] for s in summary["stages"]] == [None, "pretrain", "sft", "sft"]
     assert [s["steps"] for s in summary["stages"][:3]] == [30, 4, 3]
-    r1_command = "nanoseek eval MODEL --tasks add2 sort add3 --format r1 --system-prompt '' --limit 20"
+    r1_command = "nanoseek eval MODEL --tasks add2 sort add3 countdown --format r1 --system-prompt '' --limit 20"
     assert summary["scoring"]["commands"]["r1"] == r1_command
     # the SFT control: more SFT from the SFT model, on the same data, for as long as GRPO trained
     control = summary["stages"][3]
@@ -82,7 +82,7 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     # gives the stage's held-out accuracy; sampled pass@1 and pass@8 carry bootstrap intervals
     final = summary["final_eval"]
     assert final["stage"] == "grpo" and final["wall_s"] > 0 and final["energy_j"] >= 0
-    assert set(final["greedy"]) == set(final["sampled"]) == set(grpo["tasks"]) == {"add2", "sort", "add3"}
+    assert set(final["greedy"]) == set(final["sampled"]) == set(grpo["tasks"]) == {"add2", "sort", "add3", "countdown"}
     for task, greedy in final["greedy"].items():
         stage_eval, pass1 = grpo["eval"][task], greedy["metrics"]["pass@1"]
         assert greedy["settings"]["format"] == "r1" and greedy["settings"]["system_prompt"] == ""
@@ -115,7 +115,7 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     assert "- **grpo** against **sft-control**:" in report
     assert "![Training loss](loss.png)" in report and "![GRPO rewards, lengths, KL](grpo.png)" in report
     assert "energy per correct answer" in report and "| stage | format | correct / asked |" in report
-    said = "Trained from scratch (random initial weights, seed 7), on synthetic tasks: add2, sort, add3, with a byte"
+    said = "Trained from scratch (random initial weights, seed 7), on synthetic tasks: add2, sort, add3, countdown, with a byte"
     assert said + "-level BPE trained in the run." in report
     events = {json.loads(x)["event"] for x in (out / "metrics.jsonl").read_text().splitlines()}
     assert {"stage", "step", "eval", "summary"} <= events
