@@ -76,17 +76,11 @@ class SFTPlan:
 
 
 # ---- configuration ------------------------------------------------------------------------------------
-def split_overrides(overrides: Sequence[str]) -> tuple[list[str], int | None, set[str]]:
-    """(the TrainConfig overrides, epochs or None, the keys given). `epochs` is SFT's own key; `sft.KEY` is KEY
-    (the run's settings tree, train/run_config.py)."""
-    return sft_split(overrides)
-
-
 def sft_config(overrides: Sequence[str], out: str | os.PathLike, device: str, model_max_len: int) -> tuple[
     TrainConfig, int, set[str]
 ]:  # fmt: skip
     """The TrainConfig of a fine-tuning run (SFT defaults < --set), its epochs, and the keys set by hand."""
-    rest, epochs, keys = split_overrides(overrides)
+    rest, epochs, keys = sft_split(overrides)  # `epochs` is SFT's own key; `sft.KEY` is KEY
     base = {
         **read_config_file(SFT_PRESET),
         "out_dir": str(out),

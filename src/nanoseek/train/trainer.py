@@ -488,17 +488,3 @@ class Trainer:
             return None
         return ckpt_io.save_model(self._export_model(model_state), self.tok, folder)
 
-
-def train(cfg: TrainConfig, **kwargs) -> TrainResult:
-    """Convenience: Trainer(cfg, **kwargs).train()."""
-    return Trainer(cfg, **kwargs).train()
-
-
-def config_with(cfg: TrainConfig, **changes: Any) -> TrainConfig:
-    """A copy of cfg with top-level fields replaced (sections are deep-copied)."""
-    import copy
-
-    new = copy.deepcopy(cfg)
-    for k, v in changes.items():
-        setattr(new, k, v)
-    return new
