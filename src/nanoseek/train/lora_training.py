@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from nanoseek.parallel import print0
@@ -86,6 +87,9 @@ class LoRATraining:
                              f"(set mtp_weight=0)")  # fmt: skip
         model = super()._build_model()
         self.lora_paths = apply_lora(model, self.lora, seed=self.cfg.seed)
+        # the adapter's dropout draws from torch's RNG: seeded here, as pretraining's build_model seeds it, so that a
+        # run repeats another of the same settings (a resume then restores the checkpoint's RNG state over this)
+        torch.manual_seed(self.cfg.seed)
         dropped = peft_would_drop(model, resolved_targets(model, self.lora))
         if dropped:
             warnings.warn(
