@@ -183,7 +183,9 @@ class Engine:
         rid = next(self._ids) if request_id is None else request_id
         if rid in self.requests:
             raise ValueError(f"request id {rid} is in use")
-        blocks = SequenceBlocks(self.pool, self.runner.layout)
+        # an adapter's keys and values differ from the base's for the same tokens: its prefixes are its own
+        root = None if params.lora is None else hash(("lora", params.lora))
+        blocks = SequenceBlocks(self.pool, self.runner.layout, root=root)
         req = Request(rid, prompt, params, blocks, generator=make_generator(params, self.runner.device))
         if params.constraint is not None:
             req.constraint = params.constraint.start()

@@ -30,12 +30,12 @@ class Limits:
     max_stop: int = 16  # stop strings, and stop_token_ids, each
     max_stop_chars: int = 256  # characters in one stop string
     max_echo_logprobs_tokens: int = 16384  # prompt tokens one /v1/completions request scores with echo + logprobs
-    max_embedding_inputs: int = 2048  # inputs in one /v1/embeddings request (OpenAI's own cap)
-    max_embedding_tokens: int = 65536  # their tokens in all (each input is also capped at the model's context)
     # connections and slow readers (connection.py; serving.Generation and app.EventStream)
     max_connections: int = 512  # open connections; a request on one past it: 503 + Retry-After, closed
     max_stream_buffer: int = 64  # outputs a choice may have waiting for its reader before its generation pauses
     stream_stall_timeout: float = 60.0  # seconds one write of a reply may wait for its client to read: else ended
+    max_embedding_inputs: int = 2048  # inputs in one /v1/embeddings request (OpenAI's own cap)
+    max_embedding_tokens: int = 65536  # their tokens in all (each input is also capped at the model's context)
 
     def __post_init__(self):
         for name, value in vars(self).items():
