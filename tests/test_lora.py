@@ -154,10 +154,12 @@ def test_deepseek_v3_adapter_covers_mla_and_loads_in_peft(tok, tmp_path):
     assert gap <= TOL, gap
     # MLA's absorbed decoding reads kv_b_proj.weight: with the adapter it decodes as the forward computes
     from nanoseek.engine.generate import generate_tokens
+    from nanoseek.engine.sampling import SamplingParams
 
     prompt = X[0, :6].tolist()
     merged = merge_lora(attach_adapter(nanoseek.load(base), res.adapter_dir))
-    assert list(generate_tokens(ours, prompt, 6)) == list(generate_tokens(merged, prompt, 6))
+    greedy = SamplingParams(temperature=0)  # generate_tokens samples at temperature 1 unless told
+    assert list(generate_tokens(ours, prompt, 6, greedy)) == list(generate_tokens(merged, prompt, 6, greedy))
     # the dense and shared-expert MLPs when asked for, with a warning that peft would not apply them
     with pytest.warns(UserWarning, match="peft .* reads these names as the routed experts"):
         targets = "lora.target_modules=[" + ",".join([*sorted(mla), "gate_proj", "up_proj", "down_proj"]) + "]"

@@ -23,7 +23,10 @@ class FusedWeight:
         weights = [m.weight for m in linears]
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             return torch.cat(weights)
-        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        # a concatenation made under inference_mode (e.g. a frozen base's weights during GRPO's rollouts) cannot
+        # be saved for a later backward through other parameters (LoRA adapters): not reused outside that mode
+        inference = torch.is_inference_mode_enabled()
+        key = (inference, *((w.data_ptr(), w._version, w.dtype, w.device) for w in weights))
         if key != self._key:
             self._weight, self._key = torch.cat(weights).detach(), key
         return self._weight
