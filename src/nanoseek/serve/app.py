@@ -117,7 +117,9 @@ def _api_routes(server: ModelServer) -> APIRouter:
         _log_unknown(body)
         gen, in_reasoning = await sr.start_response(server, body)
         if body.stream:
-            return EventStream(sr.response_stream(server, body, gen, in_reasoning), background=BackgroundTask(gen.close))
+            return EventStream(
+                sr.response_stream(server, body, gen, in_reasoning), background=BackgroundTask(gen.close)
+            )
         return await _unless_disconnected(request, sr.response_whole(server, body, gen, in_reasoning), gen.close)
 
     @router.post("/v1/embeddings", response_model=pe.EmbeddingResponse)

@@ -29,7 +29,11 @@ CHUNK = 256  # positions whose logits exist at once
 
 
 def prompt_logprobs(
-    model: torch.nn.Module, ids: Sequence[int], top_n: int, token_text: Callable[[int], str], chunk: int = CHUNK,
+    model: torch.nn.Module,
+    ids: Sequence[int],
+    top_n: int,
+    token_text: Callable[[int], str],
+    chunk: int = CHUNK,
     lora: str | None = None,
 ) -> list[TokenLogprob]:
     """One entry per prompt token: log p(token i | tokens before it) and the top_n most likely tokens at i.

@@ -433,9 +433,7 @@ def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
         "scoring": {
             "problems": cfg.eval.examples,
             "tasks": list(cfg.data.tasks),
-            "commands": {
-                fmt: scoring_command(fmt, list(cfg.data.tasks), cfg.eval.examples) for fmt in SCORING_FORMATS
-            },
+            "commands": {fmt: scoring_command(fmt, list(cfg.data.tasks), cfg.eval.examples) for fmt in SCORING_FORMATS},
         },  # fmt: skip
         "comparisons": stage_comparisons([s.to_summary() for s in stages.values()]),
         "energy_estimated": make_energy_counter(device, cfg.watts_per_core).estimated,

@@ -487,4 +487,3 @@ class Trainer:
         if not self.info.is_main:
             return None
         return ckpt_io.save_model(self._export_model(model_state), self.tok, folder)
-
