@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from nanoseek.commands.sft import add_lora_arguments
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -47,14 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="data parallelism under torchrun (each rank samples its share of the prompts): ddp (replicas) or "
         "fsdp (FSDP2 sharding); auto = ddp",
     )  # fmt: skip
-    p.add_argument(
-        "--lora", action="store_true",
-        help="train a LoRA adapter on the frozen model instead of every weight: DIR/adapter, a PEFT folder "
-        "(defaults rank 16, alpha 32, dropout 0.05, lr 10x the full fine-tuning default; --set lora.rank=8, "
-        "lora.alpha, lora.dropout, lora.target_modules=[q_proj,v_proj])",
-    )  # fmt: skip
-    p.add_argument("--merge", action="store_true",
-                   help="with --lora: also write DIR/model, a full HF folder with the adapter folded in")  # fmt: skip
+    add_lora_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -34,6 +34,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--parallel", default="auto", choices=["auto", "none", "ddp", "fsdp"],
         help="data parallelism under torchrun: ddp (replicas) or fsdp (FSDP2 sharding); auto = ddp",
     )  # fmt: skip
+    add_lora_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def add_lora_arguments(p: argparse.ArgumentParser) -> None:
+    """--lora and --merge, as `nanoseek sft` and `nanoseek grpo` both take them."""
     p.add_argument(
         "--lora", action="store_true",
         help="train a LoRA adapter on the frozen model instead of every weight: DIR/adapter, a PEFT folder "
@@ -42,8 +49,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--merge", action="store_true",
                    help="with --lora: also write DIR/model, a full HF folder with the adapter folded in")  # fmt: skip
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
