@@ -143,6 +143,19 @@ def test_sft_benchmark_prints_agreeing_curves_both_sides_and_the_ratio(capsys):
     spread(out.strip().splitlines()[-1].split(": ")[-1])
 
 
+def test_sft_lora_benchmark_prints_both_sides_their_memory_and_the_ratio(capsys):
+    argv = ["bench", "sft", "--lora", "--model", "tiny", "--conversations", "16", "--reps", "1", "--memory-steps", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    (rows,) = tables(out)
+    assert [r[0] for r in rows] == ["full SFT (every weight)", "LoRA SFT (adapter only)"]
+    for r in rows:  # trained params, median, min–max, conversations/s, training state, RSS after set-up, peak RSS
+        assert positive(r[1].rstrip("M")) and all(positive(x) for x in r[2:3] + r[4:])
+    assert float(rows[1][1].rstrip("M")) < float(rows[0][1].rstrip("M"))
+    assert positive(rows[1][5]) < positive(rows[0][5])  # the adapter's training state is the smaller
+    spread(out.strip().splitlines()[-1].split(": ")[-1])
+
+
 def test_sft_benchmark_stops_when_the_loss_curves_part():
     from nanoseek.bench.sft import check_curves
 

@@ -121,6 +121,19 @@ def padded_batch(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 # ---- the benchmark -----------------------------------------------------------------------------------------
+def add_common_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments both SFT benchmarks take (this one and bench/sft_lora.py's LoRA vs full SFT)."""
+    ap.add_argument("--model", default="smollm2", help="smollm2 (default, from PyPI), tiny (random), or a path")
+    ap.add_argument("--batch", type=int, default=8, help="conversations per optimizer step (default 8)")
+    ap.add_argument("--conversations", type=int, default=64, help="size of the generated chat data set")
+    ap.add_argument("--reps", type=int, default=6, help="timed rounds after one warm-up round")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's default)")
+    ap.add_argument(
+        "--clock", choices=["cpu", "wall"], default="cpu",
+        help="cpu: this process's CPU seconds (robust to other load when single-threaded); wall: elapsed time",
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--lora" in argv:  # LoRA SFT vs full SFT: bench/sft_lora.py
@@ -128,18 +141,10 @@ def main(argv: list[str] | None = None) -> None:
 
         return lora_main([a for a in argv if a != "--lora"])
     ap = argparse.ArgumentParser(prog="nanoseek bench sft", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2", help="smollm2 (default, from PyPI), tiny (random), or a path")
-    ap.add_argument("--batch", type=int, default=8, help="conversations per optimizer step (default 8)")
-    ap.add_argument("--conversations", type=int, default=64, help="size of the generated chat data set")
-    ap.add_argument("--reps", type=int, default=6, help="timed rounds after one warm-up round")
+    add_common_arguments(ap)
     ap.add_argument("--check-steps", type=int, default=3, help="first steps whose losses must agree")
     ap.add_argument("--lr", type=float, default=5e-5, help="constant learning rate of both sides")
     ap.add_argument("--lora", action="store_true", help="instead: LoRA SFT vs full SFT (bench/sft_lora.py)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's default)")
-    ap.add_argument(
-        "--clock", choices=["cpu", "wall"], default="cpu",
-        help="cpu: this process's CPU seconds (robust to other load when single-threaded); wall: elapsed time",
-    )  # fmt: skip
     args = ap.parse_args(argv)
     if min(args.batch, args.reps, args.conversations, args.check_steps) < 1:
         raise ValueError("--batch, --reps, --conversations and --check-steps must be >= 1")

@@ -84,17 +84,11 @@ def measure_memory(args: argparse.Namespace, argv: list[str]) -> dict[str, tuple
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    from nanoseek.bench.sft import add_common_arguments
+
     ap = argparse.ArgumentParser(prog="nanoseek bench sft --lora", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2", help="smollm2 (default, from PyPI), tiny (random), or a path")
-    ap.add_argument("--batch", type=int, default=8, help="conversations per optimizer step (default 8)")
-    ap.add_argument("--conversations", type=int, default=64, help="size of the generated chat data set")
-    ap.add_argument("--reps", type=int, default=6, help="timed rounds after one warm-up round")
+    add_common_arguments(ap)
     ap.add_argument("--memory-steps", type=int, default=2, help="steps each memory child runs (0: no memory runs)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: torch's default)")
-    ap.add_argument(
-        "--clock", choices=["cpu", "wall"], default="cpu",
-        help="cpu: this process's CPU seconds (robust to other load when single-threaded); wall: elapsed",
-    )  # fmt: skip
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="an SFT setting for both sides (lora.* for the LoRA side only), e.g. --set lora.rank=8",
