@@ -7,6 +7,7 @@ import json
 import os
 import random
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,8 +299,6 @@ def test_distill_with_logit_kl_after_sft(models, tmp_path):
 
 # ---- logit distillation on the training loop: torchrun (2 CPU gloo processes), resume after kill -9 ----------
 def _worker(spec: dict):
-    from pathlib import Path
-
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     worker = str(Path(__file__).with_name("distill_worker.py"))
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if spec.get("parallel") else []
@@ -360,6 +359,28 @@ def test_logit_distillation_resumes_bit_exactly_after_kill_9(models, tmp_path, o
     assert resumed.steps == 5 and resumed.losses == full.losses[2:]
     a, b = nanoseek.load(resumed.model_dir).state_dict(), nanoseek.load(full.model_dir).state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])][:5]
+
+
+@pytest.mark.slow  # ~30 s on a loaded 2-core machine: two processes load, generate, train and evaluate
+def test_cli_under_torchrun_waits_for_the_models_rank_0_writes(models, tmp_path):
+    """`nanoseek distill --parallel ddp` in two processes (gloo): rank 1 reads OUT/sft/model (for the logit
+    distillation) and OUT/kl/model (the evaluation after) only once rank 0 has written them, and rank 0 writes
+    the summary of the whole recipe."""
+    pytest.importorskip("nanoseek.train.sft")
+    teacher, student = models
+    path, answerable = _math_file(tmp_path / "math.jsonl", teacher)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "nanoseek",
+           "distill", "--teacher", str(teacher), "--student", str(student), "--tasks", f"gsm8k:{path},add2",
+           "--problems", "6", "--out", str(out), "--format", "chat", "--samples", "1", "--temperature", "0",
+           "--max-tokens", "24", "--eval-limit", "4", "--set", "max_steps=1", "--set", "batch_size=2",
+           "--logit-kl-steps", "1", "--no-progress", "--parallel", "ddp"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = procs.run(cmd, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kept"] == answerable and summary["sft"]["steps"] == 1 and summary["logit"]["steps"] == 1
+    assert summary["eval_after"]["add2"]["n"] == 4 and (out / "kl/model/config.json").is_file()
 
 
 def test_cli_resume_and_parallel_reach_the_sft_and_logit_runs(models, tmp_path, capsys, monkeypatch):

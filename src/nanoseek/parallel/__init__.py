@@ -4,6 +4,7 @@ DDP, FSDP2 and torch.compile."""
 from nanoseek.parallel.distributed import (
     DistInfo,
     all_reduce_sum,
+    barrier,
     destroy_distributed,
     init_distributed,
     is_main_process,
@@ -14,6 +15,6 @@ from nanoseek.parallel.distributed import (
 from nanoseek.parallel.parallelize import MODES, LossModule, no_grad_sync, parallelize, unwrap
 
 __all__ = [
-    "MODES", "DistInfo", "LossModule", "all_reduce_sum", "destroy_distributed", "init_distributed",
+    "MODES", "DistInfo", "LossModule", "all_reduce_sum", "barrier", "destroy_distributed", "init_distributed",
     "is_main_process", "leaving_process_group", "no_grad_sync", "parallelize", "print0", "resolve_device", "unwrap",
 ]  # fmt: skip

@@ -111,6 +111,12 @@ def leaving_process_group() -> Iterator[None]:
     destroy_distributed()
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (nothing in a single process): after rank 0 writes a file the others read."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 

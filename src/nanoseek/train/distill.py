@@ -285,7 +285,7 @@ def distill(
     `nanoseek.eval.evaluate`; the conversations carry the system message the teacher was prompted with.
     parallel, resume: the SFT and logit-distillation runs' (as run_sft's). Under torchrun every rank generates
     the same traces (seeded) and rank 0 writes the files."""
-    from nanoseek.parallel import init_distributed
+    from nanoseek.parallel import barrier, init_distributed
 
     out = Path(out)
     info = init_distributed(device)
@@ -301,10 +301,7 @@ def distill(
     path = out / "traces.jsonl"
     if info.is_main:
         write_conversations(path, kept, fmt, system_prompt)
-    if info.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()  # the other ranks read it
+    barrier()  # the other ranks read it
     result = DistillResult(path, len(traces), sum(t.correct for t in traces), len(kept),
                            per_task_counts(traces, kept), skipped, format=fmt,
                            system_prompt=system_message(fmt, system_prompt))  # fmt: skip
@@ -333,6 +330,7 @@ def _train_student(result: DistillResult, student, parsed, out: Path, overrides,
             raise
         raise ValueError(f"SFT is not part of this build; the traces are in {result.traces_path}") from None
     import nanoseek
+    from nanoseek.parallel import barrier
 
     s_model, s_tok, s_path = _load(student, device)
     t_model, t_tok, _ = _load(kl["teacher"], device) if kl["steps"] else (None, None, None)
@@ -349,6 +347,7 @@ def _train_student(result: DistillResult, student, parsed, out: Path, overrides,
         result.eval_before = evaluate(s_model, s_tok, held_out, **settings)
     result.sft = run_sft(s_path or s_model, result.traces_path, out / "sft", overrides, tokenizer=s_tok,
                          show_progress=show_progress, device=device, parallel=parallel, resume=resume)  # fmt: skip
+    barrier()  # under torchrun rank 0 writes the model the ranks read next
     final_dir = result.sft.model_dir
     if kl["steps"]:
         result.logit = logit_distill(
@@ -356,7 +355,8 @@ def _train_student(result: DistillResult, student, parsed, out: Path, overrides,
             [conversation(t, fmt, system_prompt) for t in kl["traces"]], out / "kl", teacher_tokenizer=t_tok,
             steps=kl["steps"], lr=kl["lr"], seed=seed, parallel=parallel, resume=resume,
         )  # fmt: skip
-        final_dir = result.logit.model_dir
+        barrier()
+        final_dir = result.logit.model_dir or out / "kl" / "model"  # (None on the ranks that did not write it)
     if held_out:
         after = nanoseek.load(final_dir, device=device)
         result.eval_after = evaluate(after, nanoseek.load_tokenizer(final_dir), held_out, **settings)
