@@ -78,15 +78,34 @@ class LoRAConfig:
         return asdict(self)
 
 
+DROP_BITS = 15  # a dropout mask element compares 15 random bits with p's threshold (p quantized to 1/32768)
+
+
+def keep_mask(like: torch.Tensor, drop_threshold: int) -> torch.Tensor:
+    """A bool tensor shaped like `like`, each element True with probability 1 - drop_threshold / 2**15: four
+    elements from each 64-bit draw of torch's generator (torch's bernoulli_ draws one a float, and on CPU it
+    took 17% of a SmolLM2-135M LoRA SFT step; this mask costs about a third of it)."""
+    n = like.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_()  # [0, 2**63)
+    lanes = words.view(torch.int16)[:n].view(like.shape)
+    return (lanes & (2**DROP_BITS - 1)) >= drop_threshold
+
+
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trained low-rank update: base(x) + B(A(dropout(x))) * alpha/rank."""
+    """A frozen nn.Linear plus a trained low-rank update: base(x) + B(A(dropout(x))) * alpha/rank.
+
+    Computed as base(x) + B(A(where(keep, x, 0)) * alpha/rank/(1-p)): the dropout's 1/(1-p) and the scaling
+    are applied on the rank-r activations instead of the layer's input and output (the same numbers up to
+    float rounding, two elementwise passes over wide tensors fewer), with keep_mask's cheaper mask (p is
+    quantized to a multiple of 1/32768: 0.05 -> 0.049988)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
         super().__init__()
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.scaling = rank, alpha / rank
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
+        self.drop_threshold = round(dropout * 2**DROP_BITS)
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, **kw)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, **kw)
@@ -98,7 +117,12 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        if self.training and self.drop_threshold > 0:
+            keep = keep_mask(x, self.drop_threshold)
+            h = self.lora_A(torch.where(keep, x, 0.0)) * (self.scaling / (1 - self.drop_threshold / 2**DROP_BITS))
+        else:
+            h = self.lora_A(x) * self.scaling
+        return self.base_layer(x) + self.lora_B(h)
 
     def delta_weight(self) -> torch.Tensor:
         """(B @ A) * scaling, as PEFT's get_delta_weight computes it (so a merge gives PEFT's merged numbers)."""
