@@ -10,15 +10,19 @@ weight gradient for the base and its optimizer state is the adapter's. Each side
 learning rate (2e-5 full, 2e-4 LoRA; the rate does not change the work). The sides alternate, --reps rounds
 after a warm-up round; the result is conversations per second, median (min–max), and the per-round ratio.
 
-Peak memory: a process's peak RSS only grows, so each side's is measured in a child process of its own
-(load the model, set up the trainer, run --memory-steps steps), beside the bytes of the training state
+Peak memory: each side's is measured in a child process of its own (load the model, set up the trainer, hand
+freed heap back, reset the peak RSS, run --memory-steps steps: the peak of the training steps, not of
+loading, which dequantizing a GGUF makes higher than either), beside the bytes of the training state
 (weights, gradients, AdamW's two moments) that the sides keep.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -55,15 +59,35 @@ def state_bytes(trainer) -> int:
     return sum(p.numel() * p.element_size() for p in params) + 3 * trained
 
 
+def status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) / 1024
+
+
+def release_and_reset_peak() -> bool:
+    """Hand freed heap back to the OS (glibc's malloc_trim) and reset VmHWM to the current RSS (Linux >= 4.0), so
+    that the next peak is the training steps' own: loading a GGUF (dequantizing it) peaks higher than training
+    and would otherwise be the peak of both sides. False where it cannot (then the peak includes the loading)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def child(args: argparse.Namespace) -> None:
-    """One side in this process: print the peak RSS (MB) after loading and after --memory-steps steps."""
+    """One side in this process: print its RSS (MiB) after set-up and its peak RSS over --memory-steps steps."""
     out = Path(tempfile.mkdtemp())
     try:
         trainer, _ = build(args, out, args.child == "lora")
-        loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        reset = release_and_reset_peak()
+        loaded = status_mib("VmRSS")
         for i in range(args.memory_steps):
             trainer._train_step(i, trainer.cfg.optim.lr)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"PEAK {loaded:.0f} {peak:.0f} {state_bytes(trainer)}")
     finally:
         shutil.rmtree(out, ignore_errors=True)
