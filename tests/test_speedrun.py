@@ -29,7 +29,32 @@ def check_summary_shape(summary: dict) -> None:
     assert isinstance(summary["device"], str)
 
 
-def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
+def final_evaluations(monkeypatch) -> list[int]:
+    """The samples per problem of each nanoseek.eval call that final_evaluation makes (filled as the run goes)."""
+    import nanoseek.eval
+    import nanoseek.train.speedrun as speedrun_module
+
+    calls, inside = [], []
+    real_evaluate, real_final = nanoseek.eval.evaluate, speedrun_module.final_evaluation
+
+    def evaluate(model, tok, specs, **kw):
+        if inside:
+            calls.append(kw.get("samples", 1))
+        return real_evaluate(model, tok, specs, **kw)
+
+    def final_evaluation(*args, **kw):
+        inside.append(True)
+        try:
+            return real_final(*args, **kw)
+        finally:
+            inside.clear()
+
+    monkeypatch.setattr(nanoseek.eval, "evaluate", evaluate)
+    monkeypatch.setattr(speedrun_module, "final_evaluation", final_evaluation)
+    return calls
+
+
+def test_smoke_speedrun_writes_run_folder(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     sets = [x for s in TINY if not s.startswith(("device=", "log_every=")) for x in ("--set", s)]
     # The step count, not the clock, ends the run (a 30-minute budget is never reached by 30 tiny steps), so a
@@ -37,10 +62,12 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     later = ["sft.max_steps=4", "sft.batch_size=16", "grpo.max_steps=3", "grpo.prompts_per_step=4",
              "grpo.num_generations=4", "seed=7"]  # fmt: skip
     # seq_len 48: an add2 problem worked out in the thought (pretraining's data.thinking_tasks) takes ~40 tokens
+    final_calls = final_evaluations(monkeypatch)
     rc = main(["speedrun", "--out", str(out), "--minutes", "30", "--quiet", *sets, "--set", "max_steps=30",
                "--set", "seq_len=48", "--set", "eval.every=20", *[x for s in later for x in ("--set", s)],
                "--sft-control"])  # fmt: skip
     assert rc == 0
+    assert final_calls == [8]  # sampled only: the final model's greedy answers are the GRPO stage's, not redone
     printed = capsys.readouterr().out
     for name in ("report.md", "metrics.jsonl", "summary.json", "loss.png", "accuracy.png", "throughput.png",
                  "energy.png", "grpo.png", "model/config.json", "model/tokenizer.json",
@@ -78,8 +105,8 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys):
     assert [h["step"] for h in grpo["history"]] == [1, 2, 3]
     assert all(k in grpo["history"][0] for k in ("reward", "accuracy", "completion_len", "kl", "clip_frac", "entropy"))
     assert summary["device"] == "cpu" and summary["energy_estimated"] is True
-    # the final model's report card (nanoseek.eval): greedy pass@1 on the GRPO stage's own problems and format
-    # gives the stage's held-out accuracy; sampled pass@1 and pass@8 carry bootstrap intervals
+    # the final model's report card (nanoseek.eval): greedy pass@1 is the GRPO stage's held-out accuracy, on its own
+    # problems and format; sampled pass@1 and pass@8 carry bootstrap intervals
     final = summary["final_eval"]
     assert final["stage"] == "grpo" and final["wall_s"] > 0 and final["energy_j"] >= 0
     assert set(final["greedy"]) == set(final["sampled"]) == set(grpo["tasks"]) == {"add2", "sort", "add3", "countdown"}

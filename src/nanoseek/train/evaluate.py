@@ -12,7 +12,8 @@ the same arguments: the engine's steps are then identical everywhere, which the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +28,8 @@ from nanoseek.tokenizer import Tokenizer
 class TaskScore:
     correct: int
     n: int
+    # the nanoseek.eval EvalResult the score was read from (evaluate_in_format), for a caller that reports it whole
+    result: Any = field(default=None, compare=False, repr=False)
 
     @property
     def accuracy(self) -> float:
@@ -116,4 +119,4 @@ def evaluate_in_format(
     specs = [TaskSpec(t.name, "synthetic", task=t) for t in tasks]
     results = evaluate(model, tok, specs, limit=n, format=fmt, system_prompt=system_prompt if fmt != "plain" else "",
                        max_new_tokens=max_new_tokens, batch_size=batch_size, autocast_dtype=autocast_dtype)  # fmt: skip
-    return {name: TaskScore(sum(d["correct"][0] for d in r.details), r.n) for name, r in results.items()}
+    return {name: TaskScore(sum(d["correct"][0] for d in r.details), r.n, r) for name, r in results.items()}

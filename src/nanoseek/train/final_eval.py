@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 # sequences decoded together. Measured on the 2-core CPU (shared with other jobs, load ~4) with a default run's
 # GRPO model, add2 + sort: 400 problems x 8 samples took 36-52 s at batch 512 and 80-88 s at 3,200 (the decode
 # steps are compute-bound); with 200 problems sampled, the whole final_evaluation (model load, greedy on 400,
-# sampled on 200) took 45-57 s.
+# sampled on 200) took 45-57 s, when it still scored the greedy answers again (it now reuses the stage's).
 FINAL_EVAL_BATCH = 512
 # The MTP drafter's figure (nanoseek.eval.speculation): this many held-out problems (split over the GRPO tasks),
 # each decoded alone, plain and with MTP speculation, in this many alternating rounds.
@@ -27,9 +27,10 @@ SPECULATION_MAX_TOKENS = 32
 
 def final_evaluation(final: StageResult, ctx: StageContext) -> dict[str, Any]:
     """The final model on every task's held-out problems through nanoseek.eval, in its stage's scoring format:
-    greedy pass@1 with a Wilson interval (the stage's own score, recomputed), then eval.samples completions of
-    each of the first eval.sampled_examples at eval.temperature for pass@1 and pass@samples with bootstrap
-    intervals, and the MTP module as the model's own drafter."""
+    greedy pass@1 with a Wilson interval (the stage's own score, as score_stage's evaluation found it; scored
+    again only when the stage holds no such evaluation), then eval.samples completions of each of the first
+    eval.sampled_examples at eval.temperature for pass@1 and pass@samples with bootstrap intervals, and the MTP
+    module as the model's own drafter."""
     import nanoseek
     from nanoseek.eval import evaluate
     from nanoseek.tokenizer import load_tokenizer
@@ -41,7 +42,9 @@ def final_evaluation(final: StageResult, ctx: StageContext) -> dict[str, Any]:
     tok = load_tokenizer(final.model_dir)
     fmt = SCORING_FORMATS[final.format]
     specs, ev = heldout_specs(cfg.data.tasks, cfg), cfg.eval
-    greedy = evaluate(model, tok, specs, limit=ev.examples, batch_size=GREEDY_EVAL_BATCH, **fmt)
+    greedy = stage_greedy_results(final, [spec.name for spec in specs], fmt)
+    if greedy is None:
+        greedy = evaluate(model, tok, specs, limit=ev.examples, batch_size=GREEDY_EVAL_BATCH, **fmt)
     sampled = evaluate(model, tok, specs, limit=min(ev.examples, ev.sampled_examples), samples=ev.samples,
                        k=sorted({1, ev.samples}), temperature=ev.temperature, batch_size=FINAL_EVAL_BATCH,
                        **fmt)  # fmt: skip
@@ -54,6 +57,18 @@ def final_evaluation(final: StageResult, ctx: StageContext) -> dict[str, Any]:
         "sampled": {name: r.to_dict() for name, r in sampled.items()},
         "speculation": None if speculation is None else speculation.to_dict(),
     }
+
+
+def stage_greedy_results(final: StageResult, names: list[str], fmt: dict[str, Any]) -> dict[str, Any] | None:
+    """The nanoseek.eval results behind the stage's own scores (score_stage: the same held-out problems, greedy, in
+    the same format and batch), by task; None unless every task has one in `fmt`."""
+    results = {name: getattr(final.eval.get(name), "result", None) for name in names}
+    for r in results.values():
+        if r is None or r.samples != 1 or r.settings.get("temperature") != 0:
+            return None
+        if r.settings.get("format") != fmt["format"] or r.settings.get("system_prompt") != fmt.get("system_prompt"):
+            return None
+    return results
 
 
 def speculation_figures(model, tok, specs: list[Any], fmt: dict[str, Any]):
