@@ -11,15 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
-from nanoseek.parallel import DistInfo, print0
+from nanoseek.parallel import DistInfo, barrier, print0
 from nanoseek.tasks import Task, get_task
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.data import PackedTextDataset
+from nanoseek.train.data import iter_texts
 from nanoseek.train.tokenizer import train_tokenizer
 
 
@@ -30,14 +29,7 @@ def build_tasks(cfg: TrainConfig) -> list[Task]:
 def tokenizer_texts(cfg: TrainConfig, n: int):
     """Texts to train the tokenizer on: task samples (training split) or the first documents of the files."""
     if cfg.data.files:
-        ds = PackedTextDataset(cfg.data.files, None, seq_len=1, text_field=cfg.data.text_field, loop=False)
-        count = 0
-        for i in range(len(ds.files)):
-            for _, text in ds._docs(i, 0):  # raw documents in corpus order, before any tokenizer exists
-                if count >= n:
-                    return
-                count += 1
-                yield text
+        yield from iter_texts(cfg.data.files, cfg.data.text_field, limit=n)  # in corpus order
         return
     import random
 
@@ -58,8 +50,7 @@ def prepare_tokenizer(cfg: TrainConfig, out_dir: Path, info: DistInfo) -> Tokeni
     if info.is_main and not (folder / "tokenizer.json").is_file():
         tok = train_tokenizer(tokenizer_texts(cfg, cfg.tokenizer.train_texts), vocab_size=cfg.tokenizer.vocab_size)
         tok.save(folder)
-    if info.distributed:
-        dist.barrier()
+    barrier()
     return load_tokenizer(folder)
 
 

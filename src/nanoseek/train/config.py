@@ -209,11 +209,6 @@ class TrainConfig:
         except ConfigError as exc:
             raise ConfigError(f"model config (size {self.model.size!r} + overrides): {exc}") from exc
 
-    @property
-    def tokens_per_step(self) -> int:
-        """Token positions per optimizer step on one device (rows x seq_len x accumulation)."""
-        return self.batch_size * self.seq_len * self.grad_accum
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -27,6 +27,7 @@ A row is T+1 consecutive tokens; consecutive rows overlap by one token so every 
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import random
@@ -225,22 +226,21 @@ def _iter_parquet(path: Path, start: int, field: str) -> Iterator[tuple[int, str
         first_row += n
 
 
+def read_docs(path: Path, start: int, field: str) -> Iterator[tuple[int, str]]:
+    """(index, text) of a data file's documents from document `start` on, by the file's type."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: data file not found (removed during the run?)")
+    if path.suffix == ".txt":
+        return _iter_txt(path, start)
+    if path.suffix == ".jsonl":
+        return _iter_jsonl(path, start, field)
+    return _iter_parquet(path, start, field)
+
+
 def iter_texts(files: Sequence[str | os.PathLike], text_field: str = "text", limit: int | None = None) -> Iterator[str]:
     """Documents of the given files in order (streamed), at most `limit`, e.g. to train a tokenizer."""
-    paths = expand_data_files(files)
-    count = 0
-    for path in paths:
-        if path.suffix == ".txt":
-            docs = _iter_txt(path, 0)
-        elif path.suffix == ".jsonl":
-            docs = _iter_jsonl(path, 0, text_field)
-        else:
-            docs = _iter_parquet(path, 0, text_field)
-        for _, text in docs:
-            if limit is not None and count >= limit:
-                return
-            count += 1
-            yield text
+    docs = (text for path in expand_data_files(files) for _, text in read_docs(path, 0, text_field))
+    return itertools.islice(docs, limit)
 
 
 @dataclass
@@ -297,14 +297,7 @@ class PackedTextDataset:
 
     # reading -------------------------------------------------------------------------------------------
     def _docs(self, file_idx: int, start_doc: int) -> Iterator[tuple[int, str]]:
-        path = self.files[file_idx]
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: data file not found (removed during the run?)")
-        if path.suffix == ".txt":
-            return _iter_txt(path, start_doc)
-        if path.suffix == ".jsonl":
-            return _iter_jsonl(path, start_doc, self.text_field)
-        return _iter_parquet(path, start_doc, self.text_field)
+        return read_docs(self.files[file_idx], start_doc, self.text_field)
 
     def _segments(self) -> Iterator[_Segment]:
         """This rank's documents from the saved position on, tokenized, across files and epochs."""
