@@ -122,7 +122,8 @@ class LoRALinear(nn.Module):
             h = self.lora_A(torch.where(keep, x, 0.0)) * (self.scaling / (1 - self.drop_threshold / 2**DROP_BITS))
         else:
             h = self.lora_A(x) * self.scaling
-        return self.base_layer(x) + self.lora_B(h)
+        y = self.base_layer(x)  # + h @ B^T in one addmm: no pass of its own over the wide output
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.weight.t()).view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """(B @ A) * scaling, as PEFT's get_delta_weight computes it (so a merge gives PEFT's merged numbers)."""
