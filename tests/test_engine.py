@@ -363,11 +363,11 @@ needs_int4_kernel = pytest.mark.skipif(not _int4_available(), reason="nanoseek's
 def test_int4_logits_match_the_dequantized_model_and_are_batch_invariant(family):
     """int4 against the same model with each 4-bit weight replaced by the fp32 weight its grid stands for
     (lm_head stays fp32 there): what is left is the int8 rounding of activations (per block of 32 inputs in
-    the 4-bit linears, per row in int8's lm_head), measured at up to 4.8e-2 (llama) and 1.5e-2 (DeepSeek)
-    of the largest logit at a position. DeepSeek's routed experts are picked by top-k: where two experts'
-    scores nearly tie, rounding can pick the other one, and that position moves by ~1e-1 (measured: 1 of
-    the 24). On SmolLM2's Q4_1 file, int4 is closer to the file's model than int8 (mean KL over 300 tokens
-    0.036 against 0.059)."""
+    the 4-bit linears and in the Q8_0-block lm_head; before that, per row in an int8 lm_head), measured at
+    up to 4.8e-2 (llama) and 1.5e-2 (DeepSeek) of the largest logit at a position. DeepSeek's routed experts
+    are picked by top-k: where two experts' scores nearly tie, rounding can pick the other one, and that
+    position moves by ~1e-1 (measured: 1 of the 24). On SmolLM2's Q4_1 file, int4 is closer to the file's
+    model than int8 (mean KL 0.0025 against 0.0334 over one 512-token chunk, benchmarks/RESULTS.md)."""
     from nanoseek import quant
 
     model, reference = _model(family), quant.fuse_projections(_model(family))
@@ -383,7 +383,7 @@ def test_int4_logits_match_the_dequantized_model_and_are_batch_invariant(family)
         got = model(ids)
         alone = model(ids[1:])
     assert sum(isinstance(m, quant.Int4Linear) for m in model.modules()) == len(four_bit)
-    assert isinstance(model.lm_head, quant.Int8Linear)
+    assert isinstance(model.lm_head, quant.Int8BlockLinear)
     off = (got - ref).abs().amax(-1) / ref.abs().max()  # per position
     assert (off > 6e-2).sum() <= (1 if family == "deepseek_v3" else 0), off
     # 4-bit weights themselves move these random models' logits by up to ~30% of the largest
@@ -434,8 +434,10 @@ def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
 @needs_int4_kernel
 def test_int4_linear_rows_are_independent_and_match_the_grid():
     """Any output size (padded to the kernel's panels of 16 inside), a bias, 1 to 37 rows: each row equals
-    its int8-rounded activations times the dequantized weight, except that the block minimums multiply the
-    exact sum of each block's activations; and the same row alone or in any batch, bit for bit."""
+    its int8-rounded activations times the dequantized weight (the block minimums multiply the sum of each
+    block's ROUNDED activations, as llama.cpp's Q8_1 blocks do: with the exact sum, the rounding error was
+    left multiplied by d * q alone, not centred, and SmolLM2 Q4_1's KL to the file's model was 2.5x); and the
+    same row alone or in any batch, bit for bit."""
     from nanoseek.quant import Int4Linear, int4_dequantize, int4_grid
 
     gen = torch.Generator().manual_seed(0)
@@ -447,15 +449,48 @@ def test_int4_linear_rows_are_independent_and_match_the_grid():
     full = linear(x)
     xq = _int8_blocks(x).double()
     scaled = q.view(40, 3, 32).double() * d.double()[..., None]  # d * q: multiplies the rounded activations
-    sums = x.view(37, 3, 32).double().sum(-1)  # m: multiplies each block's exact sum
+    sums = xq.view(37, 3, 32).sum(-1)  # m: multiplies each block's sum of rounded activations
     expected = xq @ scaled.view(40, 96).T + sums @ m.double().T + bias.double()
     assert full.shape == (37, 40) and full.dtype == torch.float32
     assert (full.double() - expected).abs().max() <= 1e-5 * expected.abs().max()  # fp32 accumulation
-    dequantized = x @ int4_dequantize(q, d, m).T + bias  # the rounding of activations costs ~1e-2
+    dequantized = x @ int4_dequantize(q, d, m).T + bias  # the rounding of activations costs ~5e-3
     assert (full - dequantized).abs().max() <= 3e-2 * dequantized.abs().max()
+    # the weight times the rounded activations, to fp32 rounding: the kernel adds no error of its own
+    weight_times_rounded = xq @ int4_dequantize(q, d, m).double().T + bias
+    assert (full.double() - weight_times_rounded).abs().max() <= 1e-5 * expected.abs().max()
     for start, rows in [(0, 1), (5, 1), (3, 4), (0, 16), (20, 17)]:
         assert torch.equal(linear(x[start : start + rows]), full[start : start + rows])
     assert torch.equal(linear(x.view(1, 37, 96))[0], full)
+
+
+@needs_int4_kernel
+def test_int8_block_linear_keeps_q8_0_weights_exactly_and_rounds_activations_per_block():
+    """The int4 format's lm_head (Int8BlockLinear): a Q8_0 file's weights (gguf's own quantizer) come back
+    exactly from `int8_blocks`, the two 4-bit planes the kernel runs sum to them, and each output row is those
+    weights times the row's activations rounded to int8 per block of 32 (as llama.cpp's Q8_0 x Q8_0), not per
+    row: a row with one large channel keeps its small ones (Int8Linear's per-row scale loses them)."""
+    from gguf import GGMLQuantizationType, quants
+
+    from nanoseek.quant import Int8BlockLinear, Int8Linear, int4_dequantize, int8_blocks, int8_blocks_as_planes
+
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(40, 256, generator=gen)
+    kind = GGMLQuantizationType.Q8_0
+    from_file = torch.from_numpy(quants.dequantize(quants.quantize(weight.numpy(), kind), kind))
+    q, d = int8_blocks(from_file)
+    assert torch.equal((q.view(40, 8, 32).float() * d.float()[..., None]).view(40, 256), from_file)
+    planes = int4_dequantize(*int8_blocks_as_planes(q, d))
+    assert torch.equal(planes[:, :256] + planes[:, 256:], from_file)
+    x = torch.randn(9, 256, generator=gen)
+    x[:, 5] = 300.0  # one large channel, as a final hidden state has
+    head = Int8BlockLinear(from_file)
+    got = head(x).double()
+    expected = _int8_blocks(x).double() @ from_file.double().T
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    exact = x.double() @ from_file.double().T
+    per_row = Int8Linear(from_file)(x).double()
+    assert (got - exact).norm() < 0.5 * (per_row - exact).norm()
+    assert torch.equal(head(x[4:5]), head(x)[4:5])  # a row alone or in a batch, bit for bit
 
 
 @needs_int4_kernel

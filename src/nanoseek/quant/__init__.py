@@ -24,9 +24,11 @@ threads, weights from memory (medians of 15 alternating rounds): int8 `_int_mm` 
 with one). A GGUF's 4-bit weights are packed from the file's own blocks (weights/gguf_grid.py; Q4_0 and Q4_1
 exactly, Q4_K's sub-block scales rounded to fp16), and `int4_grid`, which fits the grid to other weights, also
 recovers a Q4_0 or Q4_1 tensor's fp16 scales exactly (SmolLM2's Q4_1: max difference 0). Rounding activations
-to int8 per block of 32 costs ~1e-2 relative error per linear on random data; on SmolLM2 over 300 tokens of
-text, int4 stays closer to the fp32 model of the file's weights than int8 does (mean KL 0.036 against 0.059).
-lm_head stays int8 in int4 mode (INT8_IN_INT4).
+to int8 per block of 32 costs ~5e-3 relative error per linear on random data (the block offsets multiply the
+sum of the rounded activations, as llama.cpp's Q8_1 blocks do; the unrounded sum had doubled it); on
+SmolLM2 Q4_1 (`nanoseek bench quality`, one 512-token chunk) int4 is 0.0025 nats of mean KL from the fp32 model
+of the file's weights, llama.cpp's run of the file 0.0026, int8 0.0334.
+lm_head stays 8-bit in int4 mode, in Q8_0's blocks of 32 (INT8_IN_INT4, Int8BlockLinear).
 
 Every mode quantizes each row's activations on its own, and computes each row in an order that does not depend
 on the number of rows (int8: exact integer products; int4's kernel: one fixed order; fbgemm's fp16: measured),
@@ -202,6 +204,59 @@ class Int4Linear(nn.Module):
         return torch.ops.nanoseek.q4_linear.default(x, self.packed, self.out_features, self.bias)
 
 
+def int8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit weights in groups of 32 inputs, GGUF Q8_0's grid: w ~ d * q with q in -127..127 and an fp16 d per
+    group (the largest |w| / 127, as Q8_0 rounds it), q rounded against the fp16 d: a Q8_0 file's weights come
+    back exactly (SmolLM2's token embedding: max difference 0). Returns q [out, in] int8, d [out, in / 32]
+    fp16."""
+    groups = weight.detach().float().view(weight.shape[0], -1, INT4_GROUP)
+    d = (groups.abs().amax(-1) / 127).half()
+    safe = torch.where(d == 0, torch.ones_like(d), d).float()[..., None]
+    q = torch.round(groups / safe).clamp(-127, 127)
+    return q.view(weight.shape).to(torch.int8), d
+
+
+def int8_blocks_as_planes(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Q8_0 grid (q int8 [out, in], d [out, in / 32]) as one 4-bit grid of twice the inputs: with u = q + 128
+    in 1..255, w = d q = (16 d) (u >> 4) - 128 d + d (u & 15), so the first `in` inputs carry the high nibbles
+    (scale 16 d, offset -128 d) and the next `in` the low ones (scale d, offset 0). 16 d and -128 d are exact
+    in fp16, so the planes' sum is the Q8_0 weight exactly."""
+    u = q.to(torch.int16) + 128
+    d = d.float()
+    planes = torch.cat([(u >> 4).to(torch.uint8), (u & 15).to(torch.uint8)], dim=1)
+    return planes, torch.cat([16 * d, d], dim=1), torch.cat([-128 * d, torch.zeros_like(d)], dim=1)
+
+
+class Int8BlockLinear(nn.Module):
+    """8-bit weights in GGUF Q8_0's grid (`int8_blocks`: one fp16 scale per 32 inputs), run by the 4-bit kernel
+    as two 4-bit planes over the input given twice (`int8_blocks_as_planes`): activations rounded to int8 per
+    block of 32, as llama.cpp's Q8_0 x Q8_0 dot products. For the output matrix in int4 mode: Int8Linear's one
+    activation scale per row cost SmolLM2 Q4_1 most of its distance to the file's model (the final hidden
+    state has a few large channels; mean KL 0.0074 with it, 0.0025 with blocks of 32; benchmarks/RESULTS.md).
+    Reads 10 bits per weight (int8 rows: 8)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        from nanoseek.quant import q4_kernel
+
+        self.out_features, self.in_features = weight.shape
+        if self.in_features % INT4_GROUP:
+            raise ValueError(f"Q8_0 blocks need the input size divisible by {INT4_GROUP}, got {self.in_features}")
+        require_int4_kernel()
+        self.register_buffer("packed", q4_kernel.pack(*int8_blocks_as_planes(*int8_blocks(weight))))
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.nanoseek.q4_linear.default(torch.cat([x, x], -1), self.packed, self.out_features, self.bias)
+
+
+def int8_blocks_or_rows(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+    """Int8BlockLinear where the kernel takes the shape (input size divisible by 32), Int8Linear elsewhere."""
+    if weight.shape[1] % INT4_GROUP:
+        return Int8Linear(weight, bias)
+    return Int8BlockLinear(weight, bias)
+
+
 def int4_or_int8(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
     """Int4Linear where the kernel takes the shape (input size divisible by 32), Int8Linear elsewhere."""
     if weight.shape[1] % INT4_GROUP:
@@ -273,8 +328,8 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     return model
 
 
-# Kept int8 in int4 mode: the output matrix is where 4 bits cost the most accuracy, and llama.cpp's Q4
-# files keep it at 6-8 bits too (SmolLM2's Q4_1 file stores it as Q8_0).
+# Kept in 8 bits in int4 mode, in Q8_0's blocks (Int8BlockLinear): the output matrix is where 4 bits cost the
+# most accuracy, and llama.cpp's Q4 files keep it at 6-8 bits too (SmolLM2's Q4_1 file stores it as Q8_0).
 INT8_IN_INT4 = ("lm_head",)
 
 
@@ -288,7 +343,7 @@ def packed_linear(mode: str, name: str = ""):
     if mode == "int4":
         require_int4_kernel()
     if mode == "int4" and name in INT8_IN_INT4:
-        return Int8Linear
+        return int8_blocks_or_rows
     return {"int8": Int8Linear, "int4": int4_or_int8, "fp16": Fp16Linear}[mode]
 
 
@@ -329,7 +384,7 @@ def linear_weight_bytes(model: nn.Module) -> int:
             head = getattr(model, "lm_head", None)
             if not (isinstance(head, Int8Linear) and m.scale.data_ptr() == head.scale.data_ptr()):
                 total += m.qweight.numel() + 4 * m.num_embeddings
-        elif isinstance(m, Int4Linear):
+        elif isinstance(m, (Int4Linear, Int8BlockLinear)):
             total += m.packed.numel() + (4 * m.out_features if m.bias is not None else 0)
         elif isinstance(m, Fp16Linear):
             total += m.packed_bytes

@@ -197,6 +197,7 @@ def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool, bits: Fi
         Int4Linear,
         Int8Linear,
         fuse_projections,
+        int4_or_int8,
         pack_embedding,
         packed_linear,
         quantizable_linears,
@@ -212,14 +213,14 @@ def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool, bits: Fi
         has_bias = getattr(module, attr).bias is not None
         bias = torch.cat([read(f"{n}.bias").float() for n in names]) if has_bias else None
         make = packed_linear(quant, attr)
-        grids = bits.four_bit_grids(weights) if bits and quant == "int4" and make is not Int8Linear else None
+        grids = bits.four_bit_grids(weights) if bits and quant == "int4" and make is int4_or_int8 else None
         if grids is not None:
             grid = tuple(torch.cat(parts) for parts in zip(*grids))
             check_shape(names[0], grid[0], (getattr(module, attr).out_features, getattr(module, attr).in_features),
                         "the file's 4-bit blocks")  # fmt: skip
             setattr(module, attr, Int4Linear(None, bias, grid=grid))
         else:
-            if quant == "int4" and bits and bits.more_than_four_bits(weights):
+            if make is int4_or_int8 and bits and bits.more_than_four_bits(weights):
                 make = Int8Linear
             # (a tied lm_head reads the embedding matrix: its one weight, not copied by a cat)
             weight = torch.cat([read(w).float() for w in weights]) if len(weights) > 1 else read(weights[0]).float()

@@ -77,16 +77,20 @@ __attribute__((always_inline)) inline void prefetch_ahead(const uint8_t* blk) {
   for (int64_t line = 0; line < kPanelBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
 }
 
-// The sum of 8 floats in a fixed tree (GCC's _mm512_reduce_add_ps after its first halving): both paths
-// sum a block's activations in this order, so the block sums that multiply m are the same bits.
-__attribute__((target("avx2"))) inline float sum8(__m256 v) {
-  const __m128 t = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-  const __m128 u = _mm_add_ps(t, _mm_movehl_ps(t, t));
-  return _mm_cvtss_f32(u) + _mm_cvtss_f32(_mm_shuffle_ps(u, u, 1));
+// The sum of 8 int32 (exact, so in any order).
+__attribute__((target("avx2"))) inline int32_t sum8_epi32(__m256i v) {
+  const __m128i t = _mm_add_epi32(_mm256_extracti128_si256(v, 1), _mm256_castsi256_si128(v));
+  const __m128i u = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1)));
 }
 
 // x [rows, k] fp32 -> q (int8, per block of 32: round(x * 127 / max|x|), ties to even), d = max|x| / 127,
-// and the block's sum of x, which multiplies m: sum_k (d_w q_k + m) x_k = d_w sum_k q_k x_k + m sum_k x_k.
+// and the block's sum of the ROUNDED activations, d * sum_k q_k, which multiplies m: the kernel computes
+// sum_k (d_w q_k + m) (d x_q,k) = d_w d sum_k q_k x_q,k + m d sum_k x_q,k, the weight times the rounded
+// activations, as llama.cpp's Q8_1 blocks do (their s = d * sum q). The sum of the unrounded x instead would
+// leave the rounding error multiplied by d_w q_k alone, which is not centred (q in 0..15; m ~ -8 d_w): on
+// SmolLM2's Q4_1 linears it doubled each product's relative error (0.5% -> 1.1% on random inputs) and
+// raised the mean KL to the file's model 0.0187 -> see benchmarks/RESULTS.md "Quality at equal bits".
 // Vectorized: for one decoding row this runs on one thread while the others wait, in every linear.
 __attribute__((target("avx512f,avx512bw"))) void quantize_row_avx512(const float* x, int64_t k, int8_t* q,
                                                                       float* d, float* sum) {
@@ -96,14 +100,12 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_row_avx512(const float
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
     const __m512 scale = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
     // the default rounding mode (MXCSR): to nearest, ties to even
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock),
-                     _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, scale))));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock + 16),
-                     _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, scale))));
+    const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, scale));
+    const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, scale));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock), _mm512_cvtepi32_epi8(qlo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock + 16), _mm512_cvtepi32_epi8(qhi));
     d[b] = amax / 127.f;
-    const __m512 v = _mm512_add_ps(lo, hi);
-    const __m256 upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));  // AVX512F, not DQ
-    sum[b] = sum8(_mm256_add_ps(upper, _mm512_castps512_ps256(v)));
+    sum[b] = d[b] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
   }
 }
 
@@ -127,8 +129,9 @@ __attribute__((target("avx2,fma"))) void quantize_row_avx2(const float* x, int64
     const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kBlock), _mm256_permutevar8x32_epi32(packed, order));
     d[b] = amax / 127.f;
-    // the AVX512 path's order: lanes i and 16 + i first, then i and 8 + i
-    sum[b] = sum8(_mm256_add_ps(_mm256_add_ps(a[1], a[3]), _mm256_add_ps(a[0], a[2])));
+    // an exact integer sum, then the AVX512 path's one multiplication: the same bits
+    const __m256i qsum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    sum[b] = d[b] * static_cast<float>(sum8_epi32(qsum));
   }
 }
 
