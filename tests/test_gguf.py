@@ -244,17 +244,23 @@ def test_auto_run_format_keeps_a_4_bit_file_in_4_bits(qtype, tmp_path, monkeypat
 def test_int4_runs_4_bit_tensors_from_their_blocks_and_wider_ones_as_int8(tmp_path):
     """int4 on a GGUF with mixed types: Q4_0 and Q4_K projections are packed from the file's own blocks (the
     kernel's output for unit inputs is the file's weights: exact for Q4_0, within fp16 rounding of the
-    sub-block scales for Q4_K); a Q6_K projection runs as int8 rather than losing bits; auto picks int4."""
+    sub-block scales for Q4_K); a Q6_K projection runs in 8 bits rather than losing bits, in Q8_0's blocks
+    of 32 with activations rounded per block (Int8BlockLinear: Gemma's large activations lost too much with
+    one scale per row); auto picks int4."""
     if not int4_kernel_available():
         pytest.skip("nanoseek's 4-bit kernel cannot run here")
     from nanoseek.commands._textgen import run_format
-    from nanoseek.quant import Int4Linear, Int8Linear
+    from nanoseek.quant import Int4Linear, Int8BlockLinear
 
     kq = {"blk.0.ffn_down.weight": "Q4_K", "blk.1.ffn_down.weight": "Q6_K"}
     path = write_gguf(tmp_path / "tiny-mixed.gguf", _tiny("llama"), "llama", qtype="Q4_0", kquant=kq)
     assert run_format("auto", path, None) == "int4"
     ref, packed = nanoseek.load(path), nanoseek.load(path, quant="int4")
-    assert type(packed.model.layers[1].mlp.down_proj) is Int8Linear
+    assert type(packed.model.layers[1].mlp.down_proj) is Int8BlockLinear
+    with torch.no_grad():  # within Q8_0's rounding of the Q6_K weights (half a step of max|w| / 127 per block)
+        down, wide = packed.model.layers[1].mlp.down_proj, ref.model.layers[1].mlp.down_proj.weight
+        got = down(torch.eye(down.in_features)).T
+    torch.testing.assert_close(got, wide, rtol=0, atol=wide.abs().max().item() / 254 * 1.01)
     for i, layer in enumerate(packed.model.layers):
         r = ref.model.layers[i]
         cases = [

@@ -195,9 +195,9 @@ def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool, bits: Fi
     from nanoseek.memory import return_freed_memory
     from nanoseek.quant import (
         Int4Linear,
-        Int8Linear,
         fuse_projections,
         int4_or_int8,
+        int8_blocks_or_rows,
         pack_embedding,
         packed_linear,
         quantizable_linears,
@@ -221,7 +221,7 @@ def _pack_linears(model: torch.nn.Module, read, quant: str, tied: bool, bits: Fi
             setattr(module, attr, Int4Linear(None, bias, grid=grid))
         else:
             if make is int4_or_int8 and bits and bits.more_than_four_bits(weights):
-                make = Int8Linear
+                make = int8_blocks_or_rows
             # (a tied lm_head reads the embedding matrix: its one weight, not copied by a cat)
             weight = torch.cat([read(w).float() for w in weights]) if len(weights) > 1 else read(weights[0]).float()
             setattr(module, attr, make(weight, bias))
