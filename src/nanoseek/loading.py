@@ -55,7 +55,10 @@ def resolve_quant(choice: str | None, path: str | os.PathLike, device: str | tor
     int8 (4-8 bit weights kept close, ~3x faster than fp32). Anything else (a HF folder, an F32/F16 GGUF, a GPU)
     runs unquantized. On SmolLM2 Q4_1 (benchmarks/RESULTS.md, Decode, 07:55 run), int4 against int8: one stream
     1.20-1.38x as fast, prefill 0.98-1.16x, 64 streams 1.02-1.08x, eager and compiled; and its logits stay
-    closer to the file's model. A format named explicitly is returned as is (packed formats on the CPU only)."""
+    closer to the file's model: its linears, and the lm_head and wider tensors it runs as Q8_0 blocks, round
+    activations to int8 per block of 32 as llama.cpp does, while int8 rounds each row with one scale, which
+    models with large activations (Gemma) lose most to (`nanoseek bench quality`, benchmarks/RESULTS.md "Quality
+    at equal bits"). A format named explicitly is returned as is (packed formats on the CPU only)."""
     choice = "none" if choice is None else choice
     if choice not in QUANT_CHOICES:
         raise ValueError(f"unknown quant {choice!r}; use one of {', '.join(QUANT_CHOICES)}")

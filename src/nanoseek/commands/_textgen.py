@@ -16,7 +16,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--quant", default="auto", choices=["auto", "none", "int8", "int4", "fp16"],
         help="weights' run format on the CPU: int8 or fp16 (packed, 2-3x faster decoding than fp32), int4 "
         "(4-bit groups of 32 as GGUF Q4_1, CPUs with AVX2), none (fp32); auto (default): int4 for a GGUF file "
-        "with 4-bit layers (Q4_0/Q4_1/Q4_K) where int4 runs, int8 for other quantized GGUF files, none otherwise",
+        "with 4-bit layers (Q4_0/Q4_1/Q4_K) where int4 runs, int8 for other quantized GGUF files, none otherwise. "
+        "int4 runs a GGUF's 4-bit tensors from the file's own blocks and its wider ones (lm_head, Q5_0/Q6_K/Q8_0) "
+        "as Q8_0 blocks, with activations rounded to int8 per block of 32 as llama.cpp does: as close to the "
+        "file's model as llama.cpp's run (benchmarks/RESULTS.md). int8 rounds each row's activations with one "
+        "scale, which models with large activations (Gemma) lose most to: auto does not pick it for 4-bit files",
     )  # fmt: skip
     p.add_argument(
         "--compile", action="store_true",
