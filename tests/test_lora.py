@@ -288,9 +288,11 @@ FACT_ANSWERS = [
 
 def _greedy(model, tok, question: str, n: int = 16) -> str:
     from nanoseek.engine.generate import generate_tokens
+    from nanoseek.engine.sampling import SamplingParams
 
     ids = tok.encode_chat([{"role": "user", "content": question}])
-    return tok.decode(list(generate_tokens(model.eval(), ids, n, stop_ids=[tok.eos_token_id])))
+    greedy = SamplingParams(temperature=0)  # generate_tokens samples at temperature 1 unless told
+    return tok.decode(list(generate_tokens(model.eval(), ids, n, greedy, stop_ids=[tok.eos_token_id])))
 
 
 @pytest.mark.slow
