@@ -90,7 +90,8 @@ __attribute__((target("avx2"))) inline int32_t sum8_epi32(__m256i v) {
 // activations, as llama.cpp's Q8_1 blocks do (their s = d * sum q). The sum of the unrounded x instead would
 // leave the rounding error multiplied by d_w q_k alone, which is not centred (q in 0..15; m ~ -8 d_w): on
 // SmolLM2's Q4_1 linears it doubled each product's relative error (0.5% -> 1.1% on random inputs) and
-// raised the mean KL to the file's model 0.0187 -> see benchmarks/RESULTS.md "Quality at equal bits".
+// held int4's mean KL to the file's model at 0.0187 instead of 0.0074 (benchmarks/RESULTS.md, "Quality at
+// equal bits": one chunk, lm_head still int8 rows in both).
 // Vectorized: for one decoding row this runs on one thread while the others wait, in every linear.
 __attribute__((target("avx512f,avx512bw"))) void quantize_row_avx512(const float* x, int64_t k, int8_t* q,
                                                                       float* d, float* sum) {
