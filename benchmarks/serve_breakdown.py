@@ -93,10 +93,14 @@ def serve_once(args) -> dict:
 
     path = resolve_model(args.model)
     tok = nanoseek.load_tokenizer(path)
-    model = nanoseek.load(path, quant=resolve_quant("auto", path, None))
     from nanoseek.engine.engine import EngineConfig
+    from nanoseek.engine.threads import cap_threads, off_main_thread
 
-    config = EngineConfig(max_num_seqs=32, adaptive_threads=args.variant == "default")  # as `nanoseek serve`
+    # as `nanoseek serve`: the model loads on a thread that ends, the main thread then runs torch on one thread
+    cap = cap_threads(None)
+    model = off_main_thread(lambda: nanoseek.load(path, quant=resolve_quant("auto", path, None)), cap)
+    torch.set_num_threads(1)
+    config = EngineConfig(max_num_seqs=32, threads=cap, adaptive_threads=args.variant == "default")
     server = serving.make_server(model, tok, "m", config)
     plan = server.engine.engine.thread_plan
     engine = server.engine.engine

@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from nanoseek.engine.threads import ThreadPlan, calibrate, crossover, threads_for
+from nanoseek.engine.threads import ThreadPlan, calibrate, crossover, off_main_thread, threads_for
 
 
 @pytest.fixture(autouse=True)
@@ -172,3 +172,32 @@ def test_tokens_do_not_depend_on_the_thread_count(mode):
         return engine.requests[rid].output_ids, engine.requests[rid].logprobs
 
     assert run(1) == run(2)
+
+
+def test_off_main_thread_returns_raises_and_leaves_the_callers_count():
+    """`nanoseek serve` loads its model this way (threads.off_main_thread says why): the work runs on another
+    thread with the threads asked for, its result or exception comes back, the caller's count is untouched."""
+    before = torch.get_num_threads()
+    seen = {}
+
+    def work():
+        seen["thread"], seen["threads"] = threading.current_thread(), torch.get_num_threads()
+        return torch.ones(3).sum().item()
+
+    try:
+        assert off_main_thread(work, 1) == 3.0
+        assert seen["thread"] is not threading.current_thread() and seen["threads"] == 1
+        assert torch.get_num_threads() == before
+
+        def fail():
+            raise ValueError("no such model")
+
+        with pytest.raises(ValueError, match="no such model"):
+            off_main_thread(fail, 1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_plan_from_the_first_row_says_every_step():
+    assert ThreadPlan(2, 1).describe() == "intra-op threads: 2 on every step"
+    assert ThreadPlan(2, 16).describe() == "intra-op threads: 1 below 16 tokens a step, 2 from there"

@@ -160,19 +160,30 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     limits = limits_from_args(args)  # before the model loads: a bad flag fails at once
+    import torch
+
     from nanoseek.engine.engine import EngineConfig
+    from nanoseek.engine.threads import cap_threads, off_main_thread
     from nanoseek.serve.app import create_app
     from nanoseek.serve.connection import uvicorn_config
     from nanoseek.serve.serving import make_server
 
     adapters = lora_args(args.lora, served_name(args))  # before the model loads: a bad flag fails at once
-    model, tok = load_model_and_tokenizer(args)
-    if adapters:
-        from nanoseek.loading import load_lora
 
-        load_lora(model, adapters)
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, compile=args.compile, threads=args.threads,
-                          adaptive_threads=True)  # fmt: skip
+    def load():
+        model, tok = load_model_and_tokenizer(args)
+        if adapters:
+            from nanoseek.loading import load_lora
+
+            load_lora(model, adapters)
+        return model, tok
+
+    # Only the engine's thread may keep a pool of OpenMP workers (threads.off_main_thread says why): the model
+    # loads on a thread that ends, and the main thread (the event loop) runs torch on one thread from here on.
+    cap = cap_threads(args.threads)
+    model, tok = off_main_thread(load, cap)
+    torch.set_num_threads(1)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, compile=args.compile, threads=cap, adaptive_threads=True)
     server = make_server(model, tok, served_name(args), config, limits)
     print(server.engine.engine.thread_plan.describe(), file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

@@ -3,9 +3,11 @@
     plan = calibrate(engine)                 # on the thread that will run the steps (AsyncEngine does this)
     engine.thread_plan = plan                # each step then runs on plan.threads(tokens in the step)
 
-Why: on a 2-core machine a one-row decode step of SmolLM2-135M (int4) took 24 ms on the engine's thread with two
-OpenMP threads and 13 ms with one (benchmarks/RESULTS.md, "On an idle machine"): a small step's parallel regions
-are too short to pay for waking and joining a second thread. Sixteen rows, or a long prompt chunk, do pay. Where
+Why: a small step's parallel regions can be too short to pay for waking and joining a second thread, where
+sixteen rows, or a long prompt chunk, do pay. (The first measurement of this, a one-row SmolLM2-135M int4 step of
+24 ms on the engine's thread with two threads against 13 ms with one, was mostly OpenMP's throttled spinning, see
+`off_main_thread`; with the model loaded off the main thread the same step takes 10-14 ms on two threads and
+14-15 ms on one, and the plan picks two from the first row on that machine.) Where
 the crossover lies depends on the model, the weights' format and the machine, so it is measured, not guessed:
 `calibrate` times decode steps at growing batch sizes with 1 thread and with the cap, alternating, on the calling
 thread, and `crossover` turns the timings into the smallest step work (tokens computed in the step: rows x
@@ -52,8 +54,11 @@ class ThreadPlan:
         if self.cap == 1:
             return "1 intra-op thread (the cap)"
         measured = ", ".join(f"{rows} rows {one * 1e3:.1f}/{cap * 1e3:.1f} ms" for rows, one, cap in self.timings)
+        shown = f" (decode step on 1/{self.cap} threads: {measured})" if measured else ""
+        if self.all_from <= 1:
+            return f"intra-op threads: {self.cap} on every step{shown}"
         return (f"intra-op threads: 1 below {self.all_from} tokens a step, {self.cap} from there"
-                + (f" (decode step on 1/{self.cap} threads: {measured})" if measured else ""))  # fmt: skip
+                + shown)  # fmt: skip
 
 
 def threads_for(work: int, cap: int, all_from: int) -> int:
@@ -77,6 +82,36 @@ def crossover(timings: list[tuple[int, float, float]]) -> int:
             break
         start = rows
     return start
+
+
+def off_main_thread(fn, threads: int):
+    """`fn()` on a short-lived thread running `threads` intra-op threads; its result (or its exception).
+
+    Why: libgomp keeps one pool of OpenMP workers per thread that has run a parallel region, and once it manages
+    more threads than the machine has CPUs it stops spinning between regions (its "throttled" spin count: a few
+    hundred iterations, whatever GOMP_SPINCOUNT says), so every region then pays a futex sleep and wake. A server
+    that loads its model on the main thread (2 threads: main + 1 worker) and then steps the engine on its own
+    thread (2 more) runs every region that way: on the 2-core machine an elementwise op took 15 us on the main
+    thread and 140-220 us on another thread once the main thread had its pool, and a SmolLM2-135M int4 decode
+    step 12 ms against 25-39 ms (benchmarks/RESULTS.md, "One user's decode step and OpenMP's pools"). Work done
+    here leaves no pool behind: a thread's workers end with it."""
+    import threading
+
+    box: dict = {}
+
+    def work() -> None:
+        torch.set_num_threads(threads)
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # re-raised on the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=work, name="nanoseek-load")
+    worker.start()
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def cap_threads(threads: int | None) -> int:
