@@ -119,7 +119,9 @@ def compiled_candidate(name, fn, weights: list[tuple], baseline: str, expected=N
     return Candidate(name, lambda x, i: fn(x, *groups[i % len(groups)])[0], len(groups), baseline, expected, CHAIN)
 
 
-def candidates(in_f: int, out_f: int, cache_bytes: int, compiled: dict) -> list[Candidate]:
+def candidates(
+    in_f: int, out_f: int, cache_bytes: int, compiled: dict, prefetch_blocks: list[int] = ()
+) -> list[Candidate]:
     w = torch.randn(out_f, in_f) * 0.02
     fp32 = lambda x: F.linear(x, w)  # noqa: E731
     result = []
@@ -170,6 +172,10 @@ def candidates(in_f: int, out_f: int, cache_bytes: int, compiled: dict) -> list[
             x, q4s[i], out_f), n, "int8 _int_mm", exp_q4))  # fmt: skip
         result.append(compiled_candidate("int4 nanoseek q4_linear compiled", compiled["q4"], [(p,) for p in q4s],
                                          "int8 _int_mm compiled", exp_q4))  # fmt: skip
+        for blocks in prefetch_blocks:  # the same kernel prefetching at other distances (the default is 8)
+            result.append(Candidate(f"int4 nanoseek q4_linear, prefetch {blocks} blocks ahead", lambda x, i: (
+                q4_kernel.q4_linear(x, q4s[i], out_f)), n, "int4 nanoseek q4_linear (int8 act)", exp_q4,
+                context=lambda b=blocks: q4_kernel.use_prefetch(b)))  # fmt: skip
         if q4_kernel.isa() == "avx512vnni":  # the AVX2 path too, as a CPU without AVX512 runs it
             result.append(Candidate("int4 nanoseek q4_linear AVX2 path", lambda x, i: q4_kernel.q4_linear(
                 x, q4s[i], out_f), n, "int4 nanoseek q4_linear (int8 act)", exp_q4,
@@ -241,6 +247,9 @@ def main() -> None:
     ap.add_argument("--round-ms", type=float, default=0.5, help="short rounds: on a shared machine some stay clean")
     ap.add_argument("--cache-mb", type=int, default=96, help="weight copies per candidate add up to this")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--prefetch-blocks", type=int, nargs="*", default=[],
+                    help="also time nanoseek's 4-bit kernel prefetching this many blocks ahead (0: none; its "
+                    "default is 8), each against the default, e.g. --prefetch-blocks 0 2 4 16")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -253,7 +262,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         in_f, out_f = SHAPES[shape]
-        cands = candidates(in_f, out_f, args.cache_mb << 20, compiled)
+        cands = candidates(in_f, out_f, args.cache_mb << 20, compiled, args.prefetch_blocks)
         for rows in args.rows:
             x = torch.randn(rows, in_f)
             ref = cands[0].expected(x)  # fp32 with the unquantized weights

@@ -558,6 +558,25 @@ def test_int4_kernels_avx2_path_gives_the_avx512_paths_bits():
 
 
 @needs_int4_kernel
+def test_int4_kernels_prefetch_distance_is_a_setting_that_changes_no_bit():
+    """benchmarks/int4_kernels.py --prefetch-blocks measures other distances than the kernel's 8: the outputs are
+    the same bits at any distance (none included), and the default comes back after the block."""
+    from nanoseek.quant import Int4Linear, q4_kernel
+
+    gen = torch.Generator().manual_seed(5)
+    linear = Int4Linear(torch.randn(48, 320, generator=gen), None)
+    x = torch.randn(5, 320, generator=gen)
+    default = linear(x)
+    for blocks in (0, 1, 4, 16, 64):
+        with q4_kernel.use_prefetch(blocks):
+            assert torch.equal(linear(x), default), blocks
+    assert torch.ops.nanoseek.q4_use_prefetch(8) == 8  # restored (and left at the default)
+    for bad in (-1, 65):
+        with pytest.raises(ValueError, match="0..64"), q4_kernel.use_prefetch(bad):
+            pass
+
+
+@needs_int4_kernel
 def test_nanoseek_q4_isa_picks_the_kernels_path_for_a_process(tmp_path):
     """NANOSEEK_Q4_ISA=avx2 runs a whole process on the AVX2 path (what benchmarks use to show a CPU without
     AVX512); an unknown value makes int4 unavailable, saying why. In subprocesses: the setting is per process."""

@@ -88,6 +88,22 @@ def use_isa(name: str) -> Iterator[None]:
         _switch(previous)
 
 
+@contextlib.contextmanager
+def use_prefetch(blocks: int) -> Iterator[None]:
+    """Prefetch the weights `blocks` blocks ahead (0: none; the kernel's default is 8, measured best on SmolLM2's
+    shapes) inside the block, for benchmarks (benchmarks/int4_kernels.py --prefetch-blocks). Results are the same
+    bits at any distance; only the speed changes."""
+    if reason := unavailable_reason():
+        raise ValueError(reason)
+    if not 0 <= blocks <= 64:
+        raise ValueError(f"prefetch distance must be 0..64 blocks, got {blocks}")
+    previous = torch.ops.nanoseek.q4_use_prefetch(blocks)
+    try:
+        yield
+    finally:
+        torch.ops.nanoseek.q4_use_prefetch(previous)
+
+
 def pack(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Q4_1 blocks -> the kernel's layout. q [out, in] in 0..15, d and m [out, in / 32] (the weight is
     d * q + m per block), stored as fp16. Returns uint8 [panels, blocks, 320] (rows padded to 16 with zeros;

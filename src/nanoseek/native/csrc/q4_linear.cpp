@@ -44,8 +44,10 @@ constexpr int64_t kPanel = 16;        // output rows per panel: one zmm of int32
 constexpr int64_t kPanelBytes = 320;  // per (panel, block)
 constexpr int64_t kRowTile = 4;       // activation rows that share one unpacking of a block
 // Blocks ahead to prefetch: the hardware prefetcher alone left one-row products (decoding) ~25% short of
-// this (measured on SmolLM2's shapes, weights from memory: 2, 4, 8 and 16 blocks ahead; 8 was best)
-constexpr int64_t kPrefetchBlocks = 8;
+// this (measured on SmolLM2's shapes, weights from memory: 2, 4, 8 and 16 blocks ahead; 8 was best). A setting
+// (q4_use_prefetch) so that benchmarks/int4_kernels.py --prefetch-blocks can measure other distances; 0: none.
+constexpr int64_t kDefaultPrefetchBlocks = 8;
+int64_t g_prefetch_blocks = kDefaultPrefetchBlocks;
 
 enum class Isa { kNone, kAvx2, kAvx512Vnni };
 
@@ -70,10 +72,11 @@ Isa best_isa() {
 Isa g_isa = best_isa();
 
 #if defined(__x86_64__)
-// The 5 cache lines of the block kPrefetchBlocks after `blk` (the panels lie one after another, so near a
+// The 5 cache lines of the block g_prefetch_blocks after `blk` (the panels lie one after another, so near a
 // panel's end this prefetches the next panel's first blocks; past the end of the weights it is a no-op).
 __attribute__((always_inline)) inline void prefetch_ahead(const uint8_t* blk) {
-  const char* ahead = reinterpret_cast<const char*>(blk + kPrefetchBlocks * kPanelBytes);
+  if (g_prefetch_blocks == 0) return;
+  const char* ahead = reinterpret_cast<const char*>(blk + g_prefetch_blocks * kPanelBytes);
   for (int64_t line = 0; line < kPanelBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
 }
 
@@ -348,12 +351,21 @@ std::string q4_use_isa(const std::string& name) {
   return previous;
 }
 
+// Sets how many blocks ahead the kernel prefetches its weights (0: none) and returns the previous distance.
+int64_t q4_use_prefetch(int64_t blocks) {
+  TORCH_CHECK(blocks >= 0 && blocks <= 64, "q4_use_prefetch: blocks ahead must be in 0..64, got ", blocks);
+  const int64_t previous = g_prefetch_blocks;
+  g_prefetch_blocks = blocks;
+  return previous;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(nanoseek, m) {
   m.def("q4_linear(Tensor x, Tensor packed, int out_features, Tensor? bias=None) -> Tensor");
   m.def("q4_isa() -> str", &q4_isa);
   m.def("q4_use_isa(str name) -> str", &q4_use_isa);
+  m.def("q4_use_prefetch(int blocks) -> int", &q4_use_prefetch);
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) { m.impl("q4_linear", q4_linear); }
