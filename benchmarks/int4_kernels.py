@@ -173,9 +173,18 @@ def candidates(
         result.append(compiled_candidate("int4 nanoseek q4_linear compiled", compiled["q4"], [(p,) for p in q4s],
                                          "int8 _int_mm compiled", exp_q4))  # fmt: skip
         for blocks in prefetch_blocks:  # the same kernel prefetching at other distances (the default is 8)
-            result.append(Candidate(f"int4 nanoseek q4_linear, prefetch {blocks} blocks ahead", lambda x, i: (
-                q4_kernel.q4_linear(x, q4s[i], out_f)), n, "int4 nanoseek q4_linear (int8 act)", exp_q4,
-                context=lambda b=blocks: q4_kernel.use_prefetch(b)))  # fmt: skip
+            # each on its own copies: one run right after another on the same copies finds them in the cache
+            own = [q4.clone() for _ in range(n)]
+            result.append(
+                Candidate(
+                    f"int4 nanoseek q4_linear, prefetch {blocks} blocks ahead",
+                    lambda x, i, w=own: q4_kernel.q4_linear(x, w[i], out_f),
+                    n,
+                    "int4 nanoseek q4_linear (int8 act)",
+                    exp_q4,
+                    context=lambda b=blocks: q4_kernel.use_prefetch(b),
+                )
+            )
         if q4_kernel.isa() == "avx512vnni":  # the AVX2 path too, as a CPU without AVX512 runs it
             result.append(Candidate("int4 nanoseek q4_linear AVX2 path", lambda x, i: q4_kernel.q4_linear(
                 x, q4s[i], out_f), n, "int4 nanoseek q4_linear (int8 act)", exp_q4,
