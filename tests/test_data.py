@@ -92,6 +92,26 @@ def _without_chat_template(tok):
     return bare
 
 
+def test_countdown_thought_evaluates_the_reference_step_by_step():
+    """A countdown demonstration that thinks computes its reference expression one operation a step, ending at
+    the target, for every shape the generator writes (brackets, division, negative partial values)."""
+    import random
+
+    from nanoseek.tasks import get_task
+    from nanoseek.train.demonstrations import countdown_steps, r1_answer_text
+
+    assert countdown_steps("(3+5)*7") == "3+5=8,8*7=56"
+    assert countdown_steps("2-7+9") == "2-7=-5,-5+9=4"
+    assert countdown_steps("(2-8)/3*1") == "2-8=-6,-6/3=-2,-2*1=-2"
+    task, rng = get_task("countdown"), random.Random(0)
+    for _ in range(2000):
+        ex = task.generate(rng)
+        reply = r1_answer_text(ex)
+        thought = reply[len("<think>") : reply.index("</think>")]
+        assert int(thought.rsplit("=", 1)[1]) == ex.meta["target"], (ex.prompt, ex.answer, thought)
+        assert reply.endswith(f"<answer>{ex.answer}</answer>")
+
+
 def test_task_batches_resume_exactly_and_shard(tok):
     a = TaskBatcher([get_task("add2"), get_task("linear")], tok, 8, 20, seed=5, weights=[3, 1])
     batches = [a.next_batch() for _ in range(5)]

@@ -3,8 +3,9 @@
     r1_answer_text(example)        # '<think>5005,6501,1</think><answer>511</answer>' for 65+50=
     r1_conversations(tasks, n=2000, seed=1337, weights=[.25, .25, .5], thinking=["add3"])
 
-Additions are worked out column by column (carry_steps); other tasks restate the problem; a task outside
-`thinking` answers directly after an empty thought, as data.format=r1 pretraining writes it.
+Additions are worked out column by column (carry_steps); countdown computes its reference expression one
+operation a step (countdown_steps); other tasks restate the problem; a task outside `thinking` answers directly
+after an empty thought, as data.format=r1 pretraining writes it.
 """
 
 from __future__ import annotations
@@ -16,12 +17,28 @@ from nanoseek.tasks import Example, Task
 
 
 def r1_thought(example: Example) -> str:
-    """The scratchpad of `example`'s demonstration: for addition, column addition written out (carry_steps);
-    for other tasks, the problem restated."""
+    """The scratchpad of `example`'s demonstration: for addition, column addition written out (carry_steps); for
+    countdown, the reference expression computed step by step (countdown_steps); for other tasks, the problem
+    restated."""
     m = re.fullmatch(r"(\d+)\+(\d+)=", example.prompt)
     if m:
         return carry_steps(m.group(1), m.group(2))
+    if example.prompt.startswith("cd:"):
+        return countdown_steps(example.answer)
     return example.prompt.rstrip("=")
+
+
+def countdown_steps(expression: str) -> str:
+    """The countdown reference's evaluation, one operation a step: '(3+5)*7' -> '3+5=8,8*7=56'. The generator
+    (tasks.Countdown) builds its expressions left to right, bracketing the left part only where precedence needs
+    it, so reading the numbers and operators left to right without the brackets gives its value step by step."""
+    tokens = re.findall(r"\d+|[-+*/]", expression.replace("(", "").replace(")", ""))
+    value, steps = int(tokens[0]), []
+    for op, n in zip(tokens[1::2], tokens[2::2]):
+        new = {"+": value + int(n), "-": value - int(n), "*": value * int(n), "/": value // int(n)}[op]
+        steps.append(f"{value}{op}{n}={new}")
+        value = new
+    return ",".join(steps)
 
 
 def carry_steps(a: str, b: str) -> str:
