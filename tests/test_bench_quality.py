@@ -75,6 +75,39 @@ def test_llama_cpp_log_prob_file_reads_back(tmp_path):
         quality.LlamaLogProbs.read(tmp_path / "bad")
 
 
+def test_encode_rows_is_perplexity_cpp_s_16_bit_encoding():
+    # max 0, min -20 clamped to -16; scale = 16/65535, 1/scale = 4095.9375 in float32: -8 lands on 32767.5, which
+    # nearest_int rounds half to even (32768); -1: 15 * 4095.9375 = 61439.06 -> 61439; -20 (below the clamp): 0
+    logits = np.array([[0.0, -8.0, -1.0, -20.0, -16.0]], np.float32)
+    rows = quality.encode_rows(logits)
+    assert rows.shape == (1, 2 * 3 + 4) and rows.dtype == np.uint16  # 5 tokens padded to 6, + 2 float32
+    assert rows[0, 4:].tolist() == [65535, 32768, 61439, 0, 0, 0]
+    scale, min_log_prob = rows[0, :4].copy().view(np.float32)
+    lse = math.log(1 + math.exp(-8) + math.exp(-1) + math.exp(-20) + math.exp(-16))
+    assert scale == np.float32(16) / np.float32(65535)
+    assert min_log_prob == pytest.approx(-16 - lse, abs=1e-6)
+    back = quality.decode_rows(rows, 5)[0]
+    want = [-lse, -8 - lse + 0.5 * 16 / 65535, -1 - lse - 0.0625 * 16 / 65535, -16 - lse, -16 - lse]  # floored
+    assert back.tolist() == pytest.approx(want, abs=2e-6)
+    # a flat row: scale 0, every token 0 (memset), each log-prob the minimum, -log(n_vocab)
+    flat = quality.encode_rows(np.zeros((1, 4), np.float32))
+    assert flat[0, 4:].tolist() == [0, 0, 0, 0]
+    assert quality.decode_rows(flat, 4)[0].tolist() == pytest.approx([-math.log(4)] * 4)
+
+    # the test file's independent float64 writer agrees to one step; identical inputs through it: KL 0
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 5, size=(6, 33)).astype(np.float32)
+    ours = quality.encode_rows(torch.from_numpy(logits))
+    theirs = np.stack([llama_cpp_row(r) for r in logits])
+    assert (np.abs(ours.astype(int) - theirs.astype(int)) <= 1).all() and (ours[:, :4] == theirs[:, :4]).all()
+    through = quality.through_kl_base(torch.from_numpy(logits))
+    kl, same = quality.kl_and_top1(through.double(), through.double())
+    assert kl.abs().max() == 0 and same.all()
+    # not renormalised: a log-prob moves down by at most half a step, a floored one only up
+    exact = torch.log_softmax(torch.from_numpy(logits).double(), -1)
+    assert (through.double() >= exact - 16 / 65535).all()
+
+
 def test_chunks_are_llama_perplexity_s():
     ids = list(range(1, 22))
     tokens = quality.tokenize_chunks(ids, 8)
@@ -93,12 +126,19 @@ def test_table_and_verdict():
     }  # fmt: skip
     shown = quality.quality_table(figures)
     assert "| nanoseek --quant auto (= int4) | 0.0300 | 0.400 | 90.0% | 12.00 |" in shown
+    assert "16-bit" not in shown  # no equal-terms figures: no column
     ratio, said = quality.verdict(*figures.values())
     assert ratio == pytest.approx(0.75) and said.startswith("met")
     ratio, said = quality.verdict(
         figures["llama.cpp (llama-perplexity, same file)"], figures["nanoseek --quant auto (= int4)"]
     )
     assert said.startswith("MISSED by 1.33x")
+    figures["nanoseek --quant auto (= int4)"]["mean_kl_16bit"] = 0.0399
+    figures["llama.cpp (llama-perplexity, same file)"]["mean_kl_16bit"] = 0.04
+    shown = quality.quality_table(figures)
+    assert "| nanoseek --quant auto (= int4) | 0.0300 | 0.400 | 90.0% | 12.00 | 0.039900 |" in shown
+    ratio, said = quality.verdict(*figures.values(), key="mean_kl_16bit")
+    assert ratio == pytest.approx(0.9975) and said.startswith("met")
 
 
 def test_bad_arguments_are_one_line_errors(capsys):
@@ -132,4 +172,7 @@ def test_quality_against_llama_perplexity_on_smollm2(tmp_path, capsys):
     assert f["nanoseek --quant none"]["mean_kl"] < 1e-6 and f["nanoseek --quant none"]["top1"] == 1.0
     for label in ("nanoseek --quant auto (= int4)", "nanoseek --quant int8", "llama.cpp (llama-perplexity, same file)"):
         assert 0 < f[label]["mean_kl"] < 0.2 and f[label]["top1"] > 0.8, (label, f[label])
-    assert "mean KL, nanoseek --quant auto / llama.cpp" in out
+    assert "mean KL, nanoseek --quant auto / llama.cpp" in out and "on equal terms" in out
+    assert f["nanoseek --quant none"]["mean_kl_16bit"] < 1e-3 and "ratio_auto_over_llama_cpp_16bit" in data
+    peer = f["llama.cpp (llama-perplexity, same file)"]
+    assert peer["mean_kl_16bit"] == peer["mean_kl"]  # llama.cpp's side is through the 16-bit rows already

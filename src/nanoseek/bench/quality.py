@@ -21,6 +21,11 @@ For every side: the mean KL divergence KL(reference || side) over the scored pos
 percentile, the top-1 agreement (the side's most likely next token is the reference's), and the text's
 perplexity under the side. The ratio is KL(nanoseek --quant auto) / KL(llama.cpp): <= 1 means nanoseek's
 default run of the file is no further from the file's model than llama.cpp's run of it (issue 24's goal).
+
+llama.cpp's side comes through its 16-bit file, every token below the top 16 nats floored there and not
+renormalised, which lowers the KL measured for it. So every nanoseek row also gives its mean KL with its logits put
+through the same encoding (encode_rows, a copy of perplexity.cpp's, and back; the last column), and the ratio is
+printed on those equal terms too.
 """
 
 from __future__ import annotations
@@ -59,26 +64,33 @@ class Scores:
     """One side's running figures over the scored positions."""
 
     kl: list[torch.Tensor] = field(default_factory=list)
+    kl16: list[torch.Tensor] = field(default_factory=list)  # the side's log-probs through llama.cpp's 16-bit rows
     top1: int = 0
     nll: float = 0.0
     positions: int = 0
 
-    def add(self, ref_logp: torch.Tensor, side_logp: torch.Tensor, targets: torch.Tensor) -> None:
+    def add(self, ref_logp: torch.Tensor, side_logp: torch.Tensor, targets: torch.Tensor,
+            side_logp16: torch.Tensor | None = None) -> None:  # fmt: skip
         kl, same = kl_and_top1(ref_logp.double(), side_logp.double())
         self.kl.append(kl.float())
+        if side_logp16 is not None:
+            self.kl16.append(kl_and_top1(ref_logp.double(), side_logp16.double())[0].float())
         self.top1 += int(same.sum())
         self.nll -= float(side_logp.double().gather(-1, targets[:, None]).sum())
         self.positions += len(targets)
 
     def figures(self) -> dict[str, float]:
         kl = torch.cat(self.kl).double()
-        return {
+        out = {
             "mean_kl": float(kl.mean()),
             "p99_kl": float(torch.quantile(kl, 0.99)),
             "top1": self.top1 / self.positions,
             "ppl": float(np.exp(self.nll / self.positions)),
             "positions": self.positions,
         }
+        if self.kl16:
+            out["mean_kl_16bit"] = float(torch.cat(self.kl16).double().mean())
+        return out
 
 
 @dataclass
@@ -113,6 +125,36 @@ class LlamaLogProbs:
         return decode_rows(np.asarray(self.rows[chunk]), self.n_vocab)
 
 
+def encode_rows(logits: np.ndarray | torch.Tensor) -> np.ndarray:
+    """float32 logits [N, n_vocab] to llama.cpp's 16-bit log-prob rows [N, nv], exactly as llama-perplexity
+    --kl-divergence-base writes them: log_softmax(n_vocab, logits, log_prob, tok) in tools/perplexity/perplexity.cpp
+    (llama.cpp 0c1e57098, vendored in llama-cpp-python 0.3.36), in its float32 arithmetic. Per row: the minimum logit is
+    clamped to the top one - 16; scale = (max - min) / 65535 and min_log_prob = min - max - log(sum exp(logit - max))
+    go in as two float32; a token above the minimum is nearest_int((logit - min) / scale) (round half to even), one
+    at or below it 0, i.e. the floor min_log_prob (not renormalised)."""
+    x = np.asarray(logits.detach().float().numpy() if isinstance(logits, torch.Tensor) else logits, np.float32)
+    n, n_vocab = x.shape
+    hi = x.max(1, keepdims=True)
+    lo = np.maximum(x.min(1, keepdims=True), hi - np.float32(16))
+    sum_exp = np.exp(x - hi).sum(1, keepdims=True, dtype=np.float64)  # expf per token, summed in double
+    log_sum_exp = np.log(sum_exp).astype(np.float32)
+    min_log_prob = (lo - hi) - log_sum_exp
+    scale = (hi - lo) / np.float32(65535)
+    with np.errstate(divide="ignore", invalid="ignore"):  # scale 0 (a flat row): every token 0, as memset there
+        inv_scale = np.float32(1) / scale
+        q = np.where((x > lo) & (scale > 0), np.rint(inv_scale * (x - lo)), 0)
+    rows = np.zeros((n, 2 * ((n_vocab + 1) // 2) + 4), dtype=np.uint16)
+    rows[:, :4] = np.concatenate([scale, min_log_prob], 1).astype(np.float32).view(np.uint16)
+    rows[:, 4 : 4 + n_vocab] = q.astype(np.int64).astype(np.uint16)
+    return rows
+
+
+def through_kl_base(logits: torch.Tensor) -> torch.Tensor:
+    """A run's logits [N, V] as llama.cpp's KL tool would see them had llama-perplexity written them: encoded to its
+    16-bit rows and decoded back (the equal-terms column: llama.cpp's side of the comparison comes through it)."""
+    return decode_rows(encode_rows(logits), logits.shape[-1])
+
+
 def decode_rows(rows: np.ndarray, n_vocab: int) -> torch.Tensor:
     """llama.cpp's 16-bit log-prob rows back to float32 log-probabilities [N, n_vocab]."""
     head = np.ascontiguousarray(rows[:, :4]).view(np.float32)  # [N, 2]: scale, min_log_prob
@@ -144,12 +186,17 @@ def quality_table(figures: dict[str, dict[str, float]]) -> str:
     rows = [[label, f"{f['mean_kl']:.4f}", f"{f['p99_kl']:.3f}", f"{100 * f['top1']:.1f}%", f"{f['ppl']:.2f}"]
             for label, f in figures.items()]  # fmt: skip
     header = ["run of the file", "mean KL to the file's fp32 model (nats)", "p99 KL", "top-1 agreement", "perplexity"]
+    if any("mean_kl_16bit" in f for f in figures.values()):
+        header.append("mean KL, log-probs through llama.cpp's 16-bit KL-base rows")
+        for row, f in zip(rows, figures.values()):
+            row.append(f"{f['mean_kl_16bit']:.6f}" if "mean_kl_16bit" in f else "")
     return table(header, rows)
 
 
-def verdict(auto: dict[str, float], peer: dict[str, float]) -> tuple[float, str]:
-    """KL(auto) / KL(llama.cpp), and the goal's verdict (<= 1: no further from the file's model)."""
-    ratio = auto["mean_kl"] / peer["mean_kl"] if peer["mean_kl"] > 0 else float("inf")
+def verdict(auto: dict[str, float], peer: dict[str, float], key: str = "mean_kl") -> tuple[float, str]:
+    """KL(auto) / KL(llama.cpp) (key: mean_kl, or mean_kl_16bit for the two on equal terms), and the goal's verdict
+    (<= 1: no further from the file's model)."""
+    ratio = auto[key] / peer[key] if peer[key] > 0 else float("inf")
     if ratio <= 1:
         return ratio, "met: nanoseek's default run format is no further from the file's model than llama.cpp's run"
     return ratio, f"MISSED by {ratio:.2f}x: nanoseek's default run format is further from the file's model"
@@ -259,11 +306,10 @@ def run_llama_perplexity(model: Path, text: str, args, tmp: Path) -> tuple[Llama
     return LlamaLogProbs.read(tmp / "base.kld"), f"llama.cpp: `{shown}`; {describe(record)}"
 
 
-def forward_log_probs(model, ids: list[int], first: int) -> torch.Tensor:
-    """log-softmax of the logits at positions first .. len(ids)-2 (each predicts the next token)."""
+def forward_logits(model, ids: list[int], first: int) -> torch.Tensor:
+    """float32 logits at positions first .. len(ids)-2 (each predicts the next token)."""
     with torch.inference_mode():
-        logits = model(torch.tensor([ids]))[0, first:-1].float()
-    return torch.log_softmax(logits, -1)
+        return model(torch.tensor([ids]))[0, first:-1].float()
 
 
 def score(model_path: Path, chunks: list[list[int]], formats: list[str], peer: LlamaLogProbs | None):
@@ -282,15 +328,17 @@ def score(model_path: Path, chunks: list[list[int]], formats: list[str], peer: L
     first = n_ctx // 2
     for c, ids in enumerate(chunks):
         print(f"chunk {c + 1}/{len(chunks)}", file=sys.stderr, flush=True)
-        ref = forward_log_probs(reference, ids, first)
+        ref = torch.log_softmax(forward_logits(reference, ids, first), -1)
         targets = torch.tensor(ids[first + 1 :])
         for f, m in models.items():
-            scores[labels[f]].add(ref, forward_log_probs(m, ids, first), targets)
+            logits = forward_logits(m, ids, first)
+            # plain, and through llama.cpp's 16-bit rows as llama.cpp's side is (equal terms)
+            scores[labels[f]].add(ref, torch.log_softmax(logits, -1), targets, through_kl_base(logits))
         if peer is not None:
             # as llama.cpp's own KL tool reads them: not renormalised (the tokens below the top 16 nats share a
             # floor of e^-16 of the top one; renormalising would move every log-prob by their summed floor)
             theirs = peer.log_probs(c)[:, : ref.shape[-1]]
-            scores["llama.cpp (llama-perplexity, same file)"].add(ref, theirs, targets)
+            scores["llama.cpp (llama-perplexity, same file)"].add(ref, theirs, targets, theirs)
     return {label: s.figures() for label, s in scores.items()}, resolved
 
 
@@ -313,9 +361,16 @@ def report(args, model: Path, text: str, n_chunks: int, figures: dict, resolved:
     if auto is not None and peer is not None:
         ratio, said = verdict(auto, peer)
         print()
-        print(f"mean KL, nanoseek --quant auto / llama.cpp: {ratio:.2f}x ({said}); top-1 agreement "
-              f"{100 * auto['top1']:.1f}% against {100 * peer['top1']:.1f}%")  # fmt: skip
+        print(f"mean KL, nanoseek --quant auto / llama.cpp: {ratio:.3f}x ({auto['mean_kl']:.6f} / "
+              f"{peer['mean_kl']:.6f}; {said}); top-1 agreement {100 * auto['top1']:.1f}% against "
+              f"{100 * peer['top1']:.1f}%")  # fmt: skip
         result["ratio_auto_over_llama_cpp"] = ratio
+        if "mean_kl_16bit" in auto and "mean_kl_16bit" in peer:
+            ratio16, said16 = verdict(auto, peer, "mean_kl_16bit")
+            print(f"on equal terms, both through llama.cpp's 16-bit KL-base rows (floored at the top - 16 nats, "
+                  f"not renormalised): {ratio16:.3f}x ({auto['mean_kl_16bit']:.6f} / {peer['mean_kl_16bit']:.6f}; "
+                  f"{said16})")  # fmt: skip
+            result["ratio_auto_over_llama_cpp_16bit"] = ratio16
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
