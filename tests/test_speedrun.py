@@ -234,3 +234,26 @@ def test_stage_settings_and_verdicts_are_pure_functions():
         ("sft", "pretrain", "better"), ("grpo", "sft", "same"), ("sft-control", "sft", "worse"),
         ("grpo", "pretrain", "better"), ("grpo", "sft-control", "better"),
     ]  # fmt: skip
+    # with per-problem verdicts, each pair is also compared problem by problem: 160 against 136 of the same 400
+    # (74 solved only by grpo, 50 only by the control) overlaps as intervals but is a paired gain
+    from nanoseek.train.report import accuracy_lines
+
+    grpo, control = score(160), score(136)
+    grpo["solved"], control["solved"] = "1" * 160 + "0" * 240, "1" * 86 + "0" * 74 + "1" * 50 + "0" * 190
+    rows = stage_comparisons(
+        [{"name": "grpo", "eval": {"countdown": grpo}}, {"name": "sft-control", "eval": {"countdown": control}}]
+    )
+    assert rows[0]["verdict"] == "same" and rows[0]["paired"]["verdict"] == "better"
+    assert (rows[0]["paired"]["only_stage"], rows[0]["paired"]["only_against"]) == (74, 50)
+    pair = [{"name": "grpo", "format": "r1", "eval": {"countdown": grpo}},
+            {"name": "sft-control", "format": "r1", "eval": {"countdown": control}}]  # fmt: skip
+    text = "\n".join(accuracy_lines({"stages": pair, "comparisons": rows}))
+    said = "no different on countdown (problem by problem better: 74 solved only by grpo, 50 only by sft-control"
+    assert said + "; +6.0 points, 95% +0.6 to +11.4)" in text
+    control["solved"] = control["solved"][:-1]  # not the same problems: no paired comparison
+    assert (
+        "paired"
+        not in stage_comparisons(
+            [{"name": "grpo", "eval": {"countdown": grpo}}, {"name": "sft-control", "eval": {"countdown": control}}]
+        )[0]
+    )

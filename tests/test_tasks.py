@@ -144,3 +144,34 @@ def test_sample_texts_and_score():
     result = score(task, exs, [e.answer for e in exs[:7]] + ["x"] * 3)
     assert result["accuracy"] == 0.7 and result["n"] == 10
     assert result["ci95"] == list(wilson_ci95(7, 10))
+
+
+def test_paired_difference_interval_covers_and_is_narrower_than_separate_intervals():
+    import random
+
+    from nanoseek.tasks import paired_difference_ci95, wilson_ci95
+
+    # two models that agree on most problems (the speedrun's GRPO and its SFT control, both from one SFT model):
+    # 25% both right, 15% only a, 9% only b; the true difference is +6 points
+    rng, covered, trials, n = random.Random(0), 0, 400, 400
+    for _ in range(trials):
+        u = [rng.random() for _ in range(n)]
+        a, b = [x < 0.40 for x in u], [x < 0.25 or 0.40 <= x < 0.49 for x in u]
+        d, lo, hi = paired_difference_ci95(a, b)
+        assert abs(d - (sum(a) - sum(b)) / n) < 1e-12 and lo <= d <= hi
+        covered += lo <= 0.06 <= hi
+    assert 0.92 <= covered / trials <= 0.98  # a 95% interval
+    # the seed-1 speedrun's countdown (400 problems): GRPO 160 right, its control 136, 74 solved only by GRPO, 50
+    # only by the control. The separate Wilson intervals overlap; the paired one lies above 0.
+    a = [True] * 86 + [True] * 74 + [False] * 50 + [False] * 190
+    b = [True] * 86 + [False] * 74 + [True] * 50 + [False] * 190
+    d, lo, hi = paired_difference_ci95(a, b)
+    assert wilson_ci95(160, 400)[0] < wilson_ci95(136, 400)[1]
+    assert round(d, 3) == 0.06 and 0.0 < lo < 0.01 and 0.11 < hi < 0.12
+    same = [True, False] * 100
+    assert (
+        paired_difference_ci95(same, same)[0] == 0.0
+        and paired_difference_ci95(same, same)[1] < 0 < paired_difference_ci95(same, same)[2]
+    )
+    with pytest.raises(ValueError, match="same problems"):
+        paired_difference_ci95([True], [True, False])

@@ -9,7 +9,7 @@
 """
 
 from nanoseek.tasks.formats import R1_SYSTEM_PROMPT, extract_r1_answer, prompt_ids, r1_reward
-from nanoseek.tasks.stats import bootstrap_ci95, pass_at_k, wilson_ci95
+from nanoseek.tasks.stats import bootstrap_ci95, paired_difference_ci95, pass_at_k, wilson_ci95
 from nanoseek.tasks.synthetic import (
     TASKS,
     Addition,
@@ -28,6 +28,6 @@ from nanoseek.tasks.synthetic import (
 
 __all__ = [
     "R1_SYSTEM_PROMPT", "TASKS", "Addition", "Countdown", "Example", "LinearEquation", "Multiplication", "Sorting",
-    "Task", "bootstrap_ci95", "evaluate_arithmetic", "extract_r1_answer", "get_task", "is_heldout", "pass_at_k",
-    "prompt_ids", "r1_reward", "sample_texts", "score", "wilson_ci95",
+    "Task", "bootstrap_ci95", "evaluate_arithmetic", "extract_r1_answer", "get_task", "is_heldout",
+    "paired_difference_ci95", "pass_at_k", "prompt_ids", "r1_reward", "sample_texts", "score", "wilson_ci95",
 ]  # fmt: skip

@@ -39,9 +39,20 @@ class TaskScore:
     def ci95(self) -> tuple[float, float]:
         return wilson_ci95(self.correct, self.n)
 
+    @property
+    def solved(self) -> str | None:
+        """Which problems were answered right, in the evaluation's order ("1" right, "0" wrong; None when the
+        per-problem verdicts were not kept): two stages scored on the same problems compare pairwise."""
+        if self.result is None:
+            return None
+        return "".join("1" if d["correct"][0] else "0" for d in self.result.details)
+
     def to_dict(self) -> dict:
         lo, hi = self.ci95
-        return {"accuracy": self.accuracy, "ci95": [lo, hi], "n": self.n, "correct": self.correct}
+        out = {"accuracy": self.accuracy, "ci95": [lo, hi], "n": self.n, "correct": self.correct}
+        if (solved := self.solved) is not None:
+            out["solved"] = solved
+        return out
 
 
 def evaluate_examples(

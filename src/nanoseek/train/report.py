@@ -281,6 +281,16 @@ FORMAT_WORDS = {
 VERDICT_WORDS = {"better": "better", "worse": "**worse**", "same": "no different"}
 
 
+def _paired_words(c: dict[str, Any]) -> str:
+    """' (problem by problem: ...)' when the paired verdict differs from the intervals' one, else ''."""
+    p = c.get("paired")
+    if not p or p["verdict"] == c["verdict"]:
+        return ""
+    lo, hi = (100 * x for x in p["ci95"])
+    counts = f"{p['only_stage']} solved only by {c['stage']}, {p['only_against']} only by {c['against']}"
+    return f" (problem by problem {p['verdict']}: {counts}; {100 * p['diff']:+.1f} points, 95% {lo:+.1f} to {hi:+.1f})"
+
+
 def accuracy_lines(summary: dict[str, Any]) -> list[str]:
     """One table of task x stage (each stage's format in its header) on the same held-out problems, the formats
     and the commands that re-score them, then each comparison the run makes, in words."""
@@ -310,11 +320,15 @@ def accuracy_lines(summary: dict[str, Any]) -> list[str]:
     lines.append("")
     comparisons = summary.get("comparisons") or []
     if comparisons:
-        lines.append("Each comparison counts a difference only when the two 95% intervals do not overlap:")
+        lines.append(
+            "Each comparison counts a difference only when the two 95% intervals do not overlap. Where comparing "
+            "the same problems one by one says otherwise (the difference's paired 95% interval, Newcombe's, lies "
+            "wholly above or below 0), the brackets say so:"
+        )
         lines.append("")
         pairs = dict.fromkeys((c["stage"], c["against"]) for c in comparisons)
         for a, b in pairs:
-            parts = [f"{VERDICT_WORDS[c['verdict']]} on {c['task']}" for c in comparisons
+            parts = [f"{VERDICT_WORDS[c['verdict']]} on {c['task']}{_paired_words(c)}" for c in comparisons
                      if (c["stage"], c["against"]) == (a, b)]  # fmt: skip
             lines.append(f"- **{a}** against **{b}**: {', '.join(parts)}.")
         lines.append("")

@@ -1,6 +1,7 @@
 """The speedrun's one scoring contract: every stage is scored on the same held-out problems, greedy, through
 nanoseek.eval in its format, exactly as the `nanoseek eval` command scoring_command prints; a stage beats
-another only beyond both 95% intervals (verdict), and stage_comparisons lists the pairs the report states.
+another only beyond both 95% intervals (verdict), and stage_comparisons lists the pairs the report states, each
+also compared problem by problem (paired).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from nanoseek.tasks import get_task
+from nanoseek.tasks import get_task, paired_difference_ci95
 from nanoseek.train.config import TrainConfig
 
 # The stages the final model comes through, in order (the SFT control is a side arm).
@@ -52,6 +53,21 @@ def verdict(a: dict[str, Any], b: dict[str, Any]) -> str:
     return "same"
 
 
+def paired(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
+    """Two scores of the same problems compared problem by problem: how many each solved that the other did not,
+    the difference of accuracies and its paired 95% interval (tasks.paired_difference_ci95), and the verdict that
+    interval gives ('better' when it lies above 0). The stricter `verdict` stays the report's rule; this one
+    says what the pairing adds. None when the per-problem verdicts are missing or not of the same problems."""
+    sa, sb = a.get("solved"), b.get("solved")
+    if not sa or not sb or len(sa) != len(sb):
+        return None
+    ra, rb = [c == "1" for c in sa], [c == "1" for c in sb]
+    diff, lo, hi = paired_difference_ci95(ra, rb)
+    word = "better" if lo > 0 else "worse" if hi < 0 else "same"
+    only_stage, only_against = sum(x and not y for x, y in zip(ra, rb)), sum(y and not x for x, y in zip(ra, rb))
+    return {"only_stage": only_stage, "only_against": only_against, "diff": diff, "ci95": [lo, hi], "verdict": word}
+
+
 def stage_comparisons(stages: list[dict[str, Any]], main_line: Sequence[str] = MAIN_LINE) -> list[dict[str, Any]]:
     """Per task: each stage against its parent, the final main-line stage against pretraining, and GRPO against
     the SFT control, each with its verdict (`verdict`). The pairs compare the same held-out problems."""
@@ -65,6 +81,9 @@ def stage_comparisons(stages: list[dict[str, Any]], main_line: Sequence[str] = M
     out = []
     for a, b in pairs:
         for task in sorted(set(by_name[a]["eval"]) & set(by_name[b]["eval"])):
-            out.append({"stage": a, "against": b, "task": task,
-                        "verdict": verdict(by_name[a]["eval"][task], by_name[b]["eval"][task])})  # fmt: skip
+            sa, sb = by_name[a]["eval"][task], by_name[b]["eval"][task]
+            row = {"stage": a, "against": b, "task": task, "verdict": verdict(sa, sb)}
+            if (pair := paired(sa, sb)) is not None:
+                row["paired"] = pair
+            out.append(row)
     return out
