@@ -82,13 +82,26 @@ def test_decode_benchmark_smoke(tiny_gguf, tmp_path, capsys, monkeypatch):
     assert math.isfinite(whole) and 0 < above < whole
     # the targets: every format, each target's value with its verdict, or "not measured" (no llama.cpp here,
     # no 16-stream task)
-    targets = {r[0].split(" (")[0]: r[1:] for r in table(targets_text) if r[0] != "format"}
+    targets = {r[0].split(" (")[0]: r[1:] for r in table(targets_text) if r[0] != "format" and len(r) == 7}
     assert set(targets) == {"fp32", "int8"}
     for label, (vs_bench, vs_llama, agg16, vs_hf, above_libs, whole) in targets.items():
         assert vs_bench == vs_llama == agg16 == "not measured", label
         for cell in (vs_hf, above_libs, whole):
             assert re.fullmatch(r"\d+\.\d\dx (met|MISSED by \d+\.\d\dx)", cell), (label, cell)
     assert _numbers(targets["int8"][4])[0] == _numbers(int8[9])[0]  # the same ratio as the memory table's
+    # the bytes a decode step reads (weights but the embedding table, + KV at the prompt's depth), the bandwidth
+    # its speed implies and the ceiling the machine's measured read bandwidth puts on it
+    bandwidth = float(re.search(r"read bandwidth: (\d+\.\d) GB/s at 1 threads", out).group(1))
+    read = {r[0]: r[1:] for r in table(targets_text) if len(r) == 6 and r[0] != "side"}
+    assert set(read) == {"nanoseek-fp32", "nanoseek-int8"}
+    for label, (mb, tok_s, gbs, share, ceiling) in read.items():
+        weights_mb, kv_mb, per_token_mb = _numbers(mb)
+        assert weights_mb > 0 and kv_mb > 0 and per_token_mb == pytest.approx(weights_mb + kv_mb, abs=0.015)
+        assert _numbers(tok_s)[0] == _numbers(speed[label][0])[0]  # the decode median of the speed table
+        assert _numbers(gbs)[0] == pytest.approx(per_token_mb * _numbers(tok_s)[0] / 1e3, rel=0.05, abs=0.01)
+        assert _numbers(share)[0] == pytest.approx(100 * _numbers(gbs)[0] / bandwidth, rel=0.1, abs=1)
+        assert _numbers(ceiling)[0] == pytest.approx(bandwidth * 1e3 / per_token_mb, rel=0.05, abs=1)
+    assert _numbers(read["nanoseek-int8"][0])[0] < _numbers(read["nanoseek-fp32"][0])[0]  # int8 reads less
     assert re.search(r"NOTE: outputs agree: nanoseek fp32 equals transformers greedy for (\d+) tokens", out)
     assert "agreement with llama.cpp: not checked (no llama.cpp peer runs here)" in out
     # checked before the timing: the notes (printed above the tables) carry it
@@ -136,3 +149,13 @@ def test_decode_benchmark_runs_a_deepseek_model_folder(tmp_path, capsys):
     decode.print_deepseek(args, results)
     out = capsys.readouterr().out
     assert "weights of the folder" in out and "the same greedy tokens as plain" in out
+
+
+def test_gguf_read_bytes_counts_the_tied_head_and_an_f16_cache(tiny_gguf):
+    import gguf
+
+    reader = gguf.GGUFReader(str(tiny_gguf))
+    assert "output.weight" not in {t.name for t in reader.tensors}  # tied: the table is read whole, as the head
+    read = decode.gguf_read_bytes(tiny_gguf, depth=20)
+    assert read["weights"] == sum(int(t.n_bytes) for t in reader.tensors)
+    assert read["kv"] == 2 * 2 * (16 + 16) * 2 * 20  # layers x kv heads x (K + V dims) x f16 x depth

@@ -374,6 +374,10 @@ def main(argv: list[str] | None = None) -> None:
                 bar.update()
         bar.close()
         memory = {s.label: {**s.info, **s.call("memory")} for s in sides}
+        read = {s.label: s.call("read_bytes", depth=args.prompt_tokens) for s in sides
+                if s.label.startswith("nanoseek")}  # fmt: skip
+        if bench_peer is not None:
+            read["llama-bench"] = gguf_read_bytes(model, args.prompt_tokens)
         profile = None
         if args.profile:
             side = next(s for s in sides if s.label == f"nanoseek-{args.profile}")
@@ -383,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
             side.close()
 
     deepseek = run_deepseek(args, env) if args.deepseek != "none" else None
-    report(args, model, figures, memory, notes, deepseek, profile, bench_peer)
+    bandwidth = read_bandwidth_gbs(args.threads)
+    report(args, model, figures, memory, notes, deepseek, profile, bench_peer, (read, bandwidth))
 
 
 @dataclass
@@ -424,6 +429,74 @@ def llama_bench_tok_s(stdout: str) -> float:
     if len(rows) != 1:
         raise RuntimeError(f"llama-bench: expected one tg result, got {len(rows)}")
     return float(rows[0]["avg_ts"])
+
+
+def gguf_read_bytes(path: Path, depth: int) -> dict[str, int]:
+    """What llama.cpp's single-stream decode step at `depth` reads from a GGUF: every tensor in its stored
+    format but the token embedding table (one row), unless the file has no output.weight (the head is tied to
+    the table, so the table is read whole as the head), and `depth` positions of its default f16 KV cache in
+    every layer (K and V: head_count_kv x key/value length, 2 bytes each)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    names = {t.name for t in reader.tensors}
+    tied = "output.weight" not in names
+    weights = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight" or tied)
+
+    def field(key: str) -> int | None:
+        f = reader.fields.get(key)
+        return None if f is None else int(f.parts[f.data[0]][0])
+
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    layers, kv_heads = field(f"{arch}.block_count"), field(f"{arch}.attention.head_count_kv")
+    head_dim = field(f"{arch}.attention.key_length") or field(f"{arch}.embedding_length") // field(
+        f"{arch}.attention.head_count"
+    )
+    value_dim = field(f"{arch}.attention.value_length") or head_dim
+    return {"weights": weights, "kv": layers * kv_heads * (head_dim + value_dim) * 2 * depth}
+
+
+def read_bandwidth_gbs(threads: int, mib: int = 512, repeats: int = 7) -> float:
+    """The machine's memory read bandwidth at `threads` (GB/s): a torch sum over `mib` MiB of float32, best of
+    `repeats` (far larger than the caches, so the sum streams from memory). torch's thread count is restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(mib * 2**18, dtype=torch.float32)
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            x.sum().item()
+            best = min(best, time.perf_counter() - t0)
+        return x.numel() * 4 / best / 1e9
+    finally:
+        torch.set_num_threads(before)
+
+
+def print_read_bytes(args, figures: dict[str, Figures], read: dict[str, dict], bench_peer: LlamaBench | None,
+                     bandwidth: float) -> None:  # fmt: skip
+    """Bytes a single-stream decode step reads per side, the bandwidth its decode speed implies, and the ceiling
+    the machine's read bandwidth puts on it: how far a side can still go reading the same bytes."""
+    print()
+    print(f"bytes a single-stream decode step reads at depth {args.prompt_tokens} (weights in their run format but "
+          f"the embedding table, + KV cache), against the machine's read bandwidth: {bandwidth:.1f} GB/s at "
+          f"{args.threads} threads (a torch sum over 512 MiB, best of 7, measured after the timing):")  # fmt: skip
+    print("| side | MB read per token (weights + KV) | decode tok/s (median) | GB/s it implies | of the read "
+          "bandwidth | ceiling tok/s at that bandwidth |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
+    rows = [(label, read[label], figures[label].decode) for label in read if label in figures]
+    if bench_peer is not None and "llama-bench" in read:
+        rows.append((f"llama-bench (tg at depth {args.prompt_tokens})", read["llama-bench"], bench_peer.decode))
+    for label, r, decode in rows:
+        if not decode:
+            continue
+        per_token = r["weights"] + r["kv"]
+        tok_s = statistics.median(decode)
+        implied = per_token * tok_s / 1e9
+        print(f"| {label} | {r['weights'] / 1e6:.2f} + {r['kv'] / 1e6:.2f} = {per_token / 1e6:.2f} | {tok_s:.1f} | "
+              f"{implied:.2f} | {implied / bandwidth:.0%} | {bandwidth * 1e9 / per_token:.0f} |")  # fmt: skip
 
 
 def per_round_ratios(ours: list[float], theirs: list[float]) -> list[float]:
@@ -531,7 +604,7 @@ def print_deepseek(args, deepseek: dict) -> None:
 
 
 def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, deepseek, profile,
-           bench_peer: LlamaBench | None = None) -> None:  # fmt: skip
+           bench_peer: LlamaBench | None = None, read_bytes: tuple[dict, float] | None = None) -> None:  # fmt: skip
     import torch
 
     labels = list(figures)
@@ -613,6 +686,8 @@ def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, 
         f"as int4 where its kernel runs, other quantized GGUFs as int8; fastest single stream: {fastest}"
     )
     print_targets(args, figures, memory, fastest, bench_peer.decode if bench_peer else [])
+    if read_bytes is not None:
+        print_read_bytes(args, figures, read_bytes[0], bench_peer, read_bytes[1])
 
     if deepseek is not None:
         print()
@@ -643,6 +718,9 @@ def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, 
                     "ratios": ratios,
                     "deepseek": deepseek,
                     "llama-bench": bench,
+                    "read_bytes": None
+                    if read_bytes is None
+                    else {"per_token": read_bytes[0], "read_bandwidth_gbs": read_bytes[1]},
                     "notes": notes,
                 },
                 indent=1,

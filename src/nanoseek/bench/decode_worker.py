@@ -97,6 +97,27 @@ class NanoseekSide:
         kv_bytes = sum(t.numel() * t.element_size() for ts in engine.runner.storage.tensors.values() for t in ts)
         return engine, kv_bytes
 
+    def read_bytes(self, depth: int) -> dict:
+        """What one single-stream decode step at `depth` reads from memory: every weight in its run format but the
+        input embedding table (a step reads one row of it; a tied head's table is counted as the head), and
+        `depth` positions of the KV cache in every layer (an upper bound for sliding-window layers)."""
+        from torch import nn
+
+        seen, weights = set(), 0
+        for m in self.model.modules():
+            if isinstance(m, nn.Embedding) or type(m).__name__.endswith("Embedding"):
+                continue
+            tensors = list(m.parameters(recurse=False))
+            if type(m).__name__.endswith("Linear"):  # packed formats keep their weights as buffers
+                tensors += list(m.buffers(recurse=False))
+            for t in tensors:
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    weights += t.numel() * t.element_size()
+        engine, _ = self.engine(1, depth + 1)
+        per_position = sum(t[0].numel() * t.element_size() for ts in engine.runner.storage.tensors.values() for t in ts)
+        return {"weights": weights, "kv": per_position * depth}
+
     def single(self, prompt: list[int], max_tokens: int) -> dict:
         from nanoseek.engine.sampling import SamplingParams
 
