@@ -257,3 +257,20 @@ def test_stage_settings_and_verdicts_are_pure_functions():
             [{"name": "grpo", "eval": {"countdown": grpo}}, {"name": "sft-control", "eval": {"countdown": control}}]
         )[0]
     )
+
+
+def test_grpo_draws_its_prompts_outside_the_runs_held_out_split():
+    # a run scored on a wider held-out split (data.heldout_fraction) must not let GRPO train on those problems
+    from types import SimpleNamespace
+
+    from nanoseek.train.grpo import GRPOConfig
+    from nanoseek.train.overrides import apply_overrides
+    from nanoseek.train.speedrun import STAGE_PLANS, grpo_settings
+
+    cfg = SimpleNamespace(seed=3, data=SimpleNamespace(heldout_fraction=0.25))
+    ctx = SimpleNamespace(plan=STAGE_PLANS["tiny"], train_config=cfg)
+    settings = grpo_settings(ctx)
+    assert "heldout_fraction=0.25" in settings and "seed=3" in settings
+    grpo = GRPOConfig()
+    apply_overrides(grpo, settings)
+    assert grpo.heldout_fraction == 0.25

@@ -324,9 +324,12 @@ def run_sft_stage(
 
 
 def grpo_settings(ctx: StageContext) -> list[str]:
-    """GRPO's `nanoseek grpo --set` settings: the plan's, the run's seed, no evaluation of its own (the run scores
-    every stage alike), no system prompt (the demonstrations have none), the user's `grpo.*` last."""
-    return [*ctx.plan.grpo, f"seed={ctx.train_config.seed}", "eval.examples=0", "system_prompt=", *ctx.plan.grpo_extra]
+    """GRPO's `nanoseek grpo --set` settings: the plan's, the run's seed and held-out split (its prompts must come
+    from the problems every stage is scored without), no evaluation of its own (the run scores every stage alike),
+    no system prompt (the demonstrations have none), the user's `grpo.*` last."""
+    cfg = ctx.train_config
+    return [*ctx.plan.grpo, f"seed={cfg.seed}", f"heldout_fraction={cfg.data.heldout_fraction}", "eval.examples=0",
+            "system_prompt=", *ctx.plan.grpo_extra]  # fmt: skip
 
 
 def grpo_stage(ctx: StageContext) -> StageResult | None:
