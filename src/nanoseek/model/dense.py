@@ -284,7 +284,9 @@ class DenseAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, is_causal: bool, cache=None):
         B, T, _ = x.shape
-        if self.qkv_proj is not None:
+        if getattr(type(self.qkv_proj), "returns_parts", False):  # LoRA layers: (q, k, v) in one node (train/lora.py)
+            q, k, v = self.qkv_proj(x)
+        elif self.qkv_proj is not None:
             qkv = self.qkv_proj(x)
             if getattr(cache, "fused_qkv", False) and self.softcap is None and not self.qk_norm:
                 # the rotary embedding, the cache write and the attention in the engine's fused ops
@@ -362,6 +364,9 @@ class DenseMLP(nn.Module):
         self.inference_act_mul = None
 
     def forward(self, x):
+        if getattr(type(self.gate_up_proj), "returns_parts", False):  # LoRA layers: (gate, up) in one node
+            gate, up = self.gate_up_proj(x)
+            return self.down_proj(self.act(gate) * up)
         if self.gate_up_proj is not None:
             gate_up = self.gate_up_proj(x)
             if self.inference_act_mul is not None and inference_kernel_applies(gate_up):

@@ -56,8 +56,11 @@ def matmul_probe_flops(device: str = "cpu", dtype: str = "float32", n: int = 102
 @functools.cache
 def _probe(device: str, dtype: str, n: int, seconds: float, threads: int) -> float:
     dt = getattr(torch, dtype)
-    a = torch.randn(n, n, device=device, dtype=dt)
-    b = torch.randn(n, n, device=device, dtype=dt)
+    # its own generator: a draw from torch's global one would shift the training's random numbers (LoRA's dropout
+    # masks) by whether and when this probe first ran in the process, for each thread count the ThreadTuner tries
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dt, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dt, generator=gen)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     a @ b  # warm-up
     sync()
