@@ -115,3 +115,15 @@ def test_training_never_takes_the_kernel():
         m.compute_loss(ids[:, :-1], ids[:, 1:]).loss.backward()
         grads.append(m.model.norm.weight.grad)
     assert grads[0] is not None and torch.equal(grads[0], grads[1])
+
+
+def test_rope_store_rounds_into_an_fp16_cache_as_torch_does():
+    torch.manual_seed(0)
+    H, K, D, N = 6, 2, 16, 5
+    qkv, cos, sin = torch.randn(N, (H + 2 * K) * D), torch.randn(N, D // 2), torch.randn(N, D // 2)
+    slots = torch.tensor([3, 7, 0, 9, 4])
+    k32, v32 = torch.zeros(12, K, D), torch.zeros(12, K, D)
+    k16, v16 = k32.half(), v32.half()
+    q32 = fused_ops.rope_store(qkv, cos, sin, k32, v32, slots, H, K)
+    q16 = fused_ops.rope_store(qkv, cos, sin, k16, v16, slots, H, K)
+    assert torch.equal(q16, q32) and torch.equal(k16, k32.half()) and torch.equal(v16, v32.half())

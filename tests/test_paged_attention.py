@@ -108,3 +108,52 @@ def test_loading_the_kernels_leaves_the_processs_floating_point_alone():
     tiny = 5e-324  # the smallest subnormal double
     assert tiny * 1.0 == tiny
     assert torch.tensor(1e-40, dtype=torch.float32).mul(1.0).item() != 0.0
+
+
+@pytest.mark.parametrize("H,K,D", [(9, 3, 64), (6, 2, 20)])  # the vector path and the scalar one
+def test_an_fp16_cache_gives_the_fp32_kernels_bits_on_its_rounded_rows(H, K, D):
+    q, k_store, v_store, slots, mask = _case(7, 37, H, K, D)
+    k16, v16 = k_store.half(), v_store.half()
+    got = paged_attention.paged_attention(q, k16, v16, slots, mask, 0.125)
+    assert torch.equal(got, paged_attention.paged_attention(q, k16.float(), v16.float(), slots, mask, 0.125))
+    # a prompt chunk: 8 queries share each of 2 slots rows
+    chunk = paged_attention.paged_attention(q[:2].repeat_interleave(8, 0), k16, v16, slots[:2],
+                                            mask[:2].repeat_interleave(8, 0), 0.125)  # fmt: skip
+    assert torch.equal(chunk[::8], got[:2])
+    torch.testing.assert_close(got, _sdpa(q, k_store, v_store, slots, mask, 0.125), rtol=0, atol=2e-3)
+    with pytest.raises(RuntimeError, match="K and V alike"):
+        paged_attention.paged_attention(q, k16, v_store, slots, mask, 0.125)
+
+
+def test_kv_cache_dtype_auto_takes_fp16_for_quantized_models_and_halves_the_cache():
+    from nanoseek.model.config import from_name
+    from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
+    from nanoseek.quant import quantize_model
+
+    def cache_bytes(engine):
+        return sum(t.numel() * t.element_size() for ts in engine.runner.storage.tensors.values() for t in ts)
+
+    assert Engine(_llama(), EngineConfig(num_blocks=16), eos_ids=[]).runner.kv_dtype == torch.float32  # fp32: exact
+    model = quantize_model(_llama(), "int8")
+    auto = Engine(model, EngineConfig(num_blocks=16), eos_ids=[])
+    same = Engine(model, EngineConfig(num_blocks=16, kv_cache_dtype="model"), eos_ids=[])
+    assert auto.runner.kv_dtype == torch.float16 and same.runner.kv_dtype == torch.float32
+    assert 2 * cache_bytes(auto) == cache_bytes(same)
+    # sized by bytes, an fp16 cache holds twice the blocks
+    budget = 16 * cache_bytes(same) // 16  # the 16 blocks' bytes
+    assert (
+        Engine(model, EngineConfig(cache_bytes=budget), eos_ids=[]).pool.num_blocks
+        == 2 * Engine(model, EngineConfig(cache_bytes=budget, kv_cache_dtype="model"), eos_ids=[]).pool.num_blocks
+    )
+    prompts, params = [[5, 6, 7, 8, 9], list(range(20, 47))], SamplingParams(temperature=0, max_tokens=8, logprobs=0)
+    for a, b in zip(auto.generate(prompts, params), same.generate(prompts, params)):
+        assert a.token_ids == b.token_ids  # a random tiny model: no near-ties at these prompts
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert abs(la["logprob"] - lb["logprob"]) < 1e-2
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        EngineConfig(kv_cache_dtype="int8")
+    torch.manual_seed(0)
+    deepseek = DeepseekV3ForCausalLM(from_name("test-tiny")).eval()
+    with pytest.raises(ValueError, match="needs the paged attention kernel"):
+        Engine(deepseek, EngineConfig(num_blocks=16, kv_cache_dtype="fp16"), eos_ids=[])
+    assert Engine(deepseek, EngineConfig(num_blocks=16), eos_ids=[]).runner.kv_dtype == torch.float32

@@ -198,6 +198,9 @@ def parse_args(argv):
     ap.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrent-request counts")
     ap.add_argument("--batch-prompt-tokens", type=int, default=32, help="prompt length of each concurrent request")
     ap.add_argument("--batch-tokens", type=int, default=32, help="max_tokens of each concurrent request")
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "model", "fp16"), default="auto",
+                    help="nanoseek's KV cache (EngineConfig.kv_cache_dtype): auto fp16 for the quantized formats, "
+                    "the weights' dtype for fp32 (default); model: the weights' dtype for every format")  # fmt: skip
     ap.add_argument("--formats", default="fp32,fp16,int8,int8+compile",
                     help="nanoseek run formats (fp32, fp16, int8, int4); FORMAT+compile runs decode steps through "
                     "torch.compile")  # fmt: skip
@@ -305,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
         side = "llama.cpp" if peer == "llama.cpp" else "transformers"
         sides.append(Side(peer, {"side": side, "model": str(model), "threads": args.threads, "n_ctx": n_ctx}, limit))
     for fmt in args.formats:
-        settings = {"side": "nanoseek", "model": str(model), "threads": args.threads, "format": fmt}
+        settings = {"side": "nanoseek", "model": str(model), "threads": args.threads, "format": fmt,
+                    "kv_cache_dtype": args.kv_cache_dtype}  # fmt: skip
         sides.append(Side(f"nanoseek-{fmt}", settings, max(args.concurrency)))
 
     env = worker_env(args.threads)
@@ -623,6 +627,8 @@ def report(args, model: Path, figures: dict[str, Figures], memory: dict, notes, 
         f"C distinct {args.batch_prompt_tokens}-token prompts x {args.batch_tokens} tokens (ignore_eos), "
         "aggregate = C x max_tokens / wall time"
     )
+    print(f"nanoseek's KV cache: --kv-cache-dtype {args.kv_cache_dtype} (auto: fp16 for int8/int4/fp16, fp32 for fp32; "
+          "llama.cpp's default cache is f16)")  # fmt: skip
     print()
     conc_cols = [f"agg tok/s @{c}" for c in args.concurrency]
     header = ["side", "decode tok/s", "prefill tok/s", "TTFT ms", *conc_cols]

@@ -83,6 +83,7 @@ class NanoseekSide:
             self.model = nanoseek.load(settings["model"], quant=None if fmt == "fp32" else fmt)
         self.weights_bytes = linear_weight_bytes(self.model)
         self.engine_options = speculation_options(settings.get("mtp", False))
+        self.engine_options["kv_cache_dtype"] = settings.get("kv_cache_dtype", "auto")
 
     def engine(self, num_seqs: int, tokens_per_seq: int):
         """A fresh engine (no prefix cache carried over between repeats) whose KV cache holds exactly the

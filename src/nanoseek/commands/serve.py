@@ -36,6 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="serve a PEFT LoRA adapter folder beside the base model, under NAME (a request's \"model\"); "
                    "repeatable")  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together (default 32)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "model", "fp16"), default="auto",
+                   help="the KV cache's dtype: auto (default) fp16 for quantized models on CPU (half the cache's "
+                   "memory; llama.cpp's default too), else the weights'; model: the weights' dtype (fp32 on CPU); "
+                   "fp16: also for fp32 weights")  # fmt: skip
     p.add_argument("--threads", type=int, default=None,
                    help="most intra-op threads a step uses (default: torch's: OMP_NUM_THREADS or the cores); each "
                    "step runs on 1 thread or all of them by its size, as a calibration at start measured")  # fmt: skip
@@ -183,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
     cap = cap_threads(args.threads)
     model, tok = off_main_thread(load, cap)
     torch.set_num_threads(1)
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, compile=args.compile, threads=cap, adaptive_threads=True)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, compile=args.compile, threads=cap, adaptive_threads=True,
+                          kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
     server = make_server(model, tok, served_name(args), config, limits)
     print(server.engine.engine.thread_plan.describe(), file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

@@ -33,7 +33,7 @@ import torch
 from nanoseek.engine.embeddings import check_embedding_input, embedding_batches, gather, pooled_embeddings
 from nanoseek.engine.kv_cache import BlockPool, KVLayout
 from nanoseek.engine.kv_groups import SequenceBlocks
-from nanoseek.engine.runner import ForwardResult, ModelRunner, Row, cache_layout
+from nanoseek.engine.runner import KV_CACHE_DTYPES, ForwardResult, ModelRunner, Row, cache_layout, kv_cache_dtype
 from nanoseek.engine.sampling import (
     SampleOutput,
     SamplingParams,
@@ -100,6 +100,10 @@ class EngineConfig:
     # gathering the history for SDPA, and a query's result depends neither on its batch nor on its prompt
     # chunk's start). False: gather + SDPA (for comparison).
     fused_attention: bool = True
+    # The KV cache's dtype (runner.kv_cache_dtype): "auto" fp16 for quantized dense models attending in the paged
+    # kernel (half the cache's bytes and memory; llama.cpp's default f16 cache), the weights' dtype otherwise;
+    # "model" the weights' dtype; "fp16" wherever the kernel runs.
+    kv_cache_dtype: str = "auto"
     # Intra-op threads (engine/threads.py): `threads` is the most a step may use (None: torch's count on the
     # thread that builds the engine). With `adaptive_threads`, AsyncEngine measures where a second thread starts to
     # pay (threads.calibrate, on its own thread) and each step then runs on 1 thread or the cap by its work: a
@@ -109,6 +113,8 @@ class EngineConfig:
     adaptive_threads: bool = False
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.speculative not in (None, *METHODS):
             raise ValueError(f"speculative must be None or one of {METHODS}, got {self.speculative!r}")
         if self.num_speculative_tokens < 1:
@@ -143,7 +149,8 @@ class Engine:
         num_blocks = config.num_blocks
         if num_blocks is None:  # a block holds layout.num_slots layers' keys and values of block_size tokens
             spec, windows = cache_layout(model, mtp=mtp)
-            per_token = spec.bytes_per_layer_token(next(model.parameters()).dtype) * KVLayout.of(windows).num_slots
+            dtype = kv_cache_dtype(model, config.kv_cache_dtype, fused_attention=config.fused_attention)
+            per_token = spec.bytes_per_layer_token(dtype) * KVLayout.of(windows).num_slots
             wanted = cache_blocks(model, config, config.max_num_seqs, context)
             num_blocks = max(2, min(wanted, config.cache_bytes // (per_token * config.block_size)))
         self.pool = BlockPool(num_blocks, config.block_size)
@@ -154,6 +161,7 @@ class Engine:
             mtp=mtp,
             compile_decode=config.compile,
             fused_attention=config.fused_attention,
+            kv_dtype=config.kv_cache_dtype,
         )
         # Speculating, a request's tokens must not depend on how many drafts a step verifies: decodes and
         # verifications compute every query as if alone (kv_cache.PagedView.query_spans).

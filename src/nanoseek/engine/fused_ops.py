@@ -20,9 +20,9 @@ from torch import nn
 
 from nanoseek import native
 
-# AVX2 + FMA for the norm's explicit vector sum; -ffp-contract=off keeps the rotation's a*c - b*s two rounded
-# products, as torch computes them (a fused multiply-add would change the last bit)
-FLAGS = ("-mavx2", "-mfma", "-ffp-contract=off")
+# AVX2 + FMA for the norm's explicit vector sum, F16C to write fp16 caches; -ffp-contract=off keeps the rotation's
+# a*c - b*s two rounded products, as torch computes them (a fused multiply-add would change the last bit)
+FLAGS = ("-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")
 KERNEL = native.Kernel("fused_ops.cpp", "the fused ops library", FLAGS)
 unavailable_reason, available = KERNEL.unavailable_reason, KERNEL.available
 

@@ -393,7 +393,8 @@ class PagedView:
         """Store each new tensor [B, T, *shape] at the layer's write slots; return the rows' histories
         [B, S_w, *shape] in the order the keywords were given."""
         read = self.read_slots[self.slot_of[layer][0]]
-        return tuple(store[read] for store in self._store(layer, new))
+        dtypes = [value.dtype for value in new.values()]  # an fp16 cache's rows come back in the caller's dtype
+        return tuple(store[read].to(dtype) for store, dtype in zip(self._store(layer, new), dtypes))
 
     def attend(self, layer: int, q, k, v, *, scale: float, window: int | None) -> torch.Tensor:
         """Store k, v [B, T, K, D]; return the attention of q [B, T, H, D] over the keys each query's mask

@@ -18,8 +18,9 @@ thread, SmolLM2's attention (9 heads, 3 KV heads of 64) for a 256-token chunk: 0
 start of a prompt, 1.5-2x with 350-1,000 keys before it; a whole SmolLM2 int4 chunk forward 0.85x at the
 start, 1.13-1.2x after 744 tokens (in-process A/B, medians; decode steps 0.95-1.0x the previous kernel).
 
-Used by dense models with fp32 caches on CPU, without logit soft-capping (Gemma 2 keeps its explicit path,
-and DeepSeek's MLA its own). Where the kernel cannot be built, everything keeps SDPA.
+Used by dense models with fp32 weights on CPU (their caches fp32 or fp16: runner.kv_cache_dtype), without logit
+soft-capping (Gemma 2 keeps its explicit path, and DeepSeek's MLA its own). Where the kernel cannot be built,
+everything keeps SDPA.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ import torch
 
 from nanoseek import native
 
-# AVX2 + FMA: every x86-64 CPU this runs on has them, and the build is cached per source, not per CPU. No
-# -ffast-math and -ffp-contract=off: the compiler must not reorder or fuse the kernel's arithmetic, whose fixed
-# order is what makes a query's result independent of its batch and of its prompt chunk
-FLAGS = ("-mavx2", "-mfma", "-ffp-contract=off")
+# AVX2 + FMA, and F16C to read fp16 caches: every x86-64 CPU this runs on has them, and the build is cached per
+# source, not per CPU. No -ffast-math and -ffp-contract=off: the compiler must not reorder or fuse the kernel's
+# arithmetic, whose fixed order is what makes a query's result independent of its batch and of its prompt chunk
+FLAGS = ("-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")
 KERNEL = native.Kernel("paged_attention.cpp", "the paged attention kernel", FLAGS)
 unavailable_reason, available = KERNEL.unavailable_reason, KERNEL.available
 

@@ -63,6 +63,33 @@ def paged_attention_applies(model) -> bool:
     return not hasattr(model.config, "kv_lora_rank") and paged_attention.available()
 
 
+KV_CACHE_DTYPES = ("auto", "model", "fp16")
+
+
+def kv_cache_dtype(model, choice: str = "auto", *, fused_attention: bool = True) -> torch.dtype:
+    """The KV cache's dtype for `choice`: "model" the weights' dtype (fp32 on CPU); "fp16" half the bytes, for a
+    dense model with fp32 weights on CPU, whose paged attention kernel reads fp16 rows (each key and value rounded
+    once, when written; then the fp32 kernel's arithmetic, so batch invariance holds); "auto" fp16 where that
+    kernel runs and the weights run quantized (int4/int8/fp16: their logits are already further from the fp32
+    model's than the cache's rounding moves them, and llama.cpp's default cache is f16 too), else the weights'
+    dtype, so an fp32 model decodes exactly as transformers does."""
+    if choice not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {choice!r}")
+    weight = next(model.parameters())
+    kernel = (
+        fused_attention and weight.device.type == "cpu" and weight.dtype == torch.float32
+        and paged_attention_applies(model)
+    )  # fmt: skip
+    if choice == "model" or (choice == "auto" and not (kernel and getattr(model, "quantization", None))):
+        return weight.dtype
+    if not kernel:
+        raise ValueError(
+            "kv_cache_dtype='fp16' needs the paged attention kernel: a dense model (not DeepSeek's MLA) with fp32 "
+            "weights on the CPU, fused_attention on; use 'auto' or 'model'"
+        )
+    return torch.float16
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -73,6 +100,7 @@ class ModelRunner:
         mtp: bool = False,
         compile_decode: bool = False,
         fused_attention: bool = True,
+        kv_dtype: str = "auto",
     ):
         self.model = model.eval()  # eval: the router's balancing statistics never move at inference
         weight = next(model.parameters())  # the embedding (linears may be quantized modules without .weight)
@@ -81,11 +109,12 @@ class ModelRunner:
         self.autocast_dtype = autocast_dtype
         self.spec, self.layer_windows = cache_layout(model, mtp=mtp)
         self.layout = KVLayout.of(self.layer_windows)
-        self.storage = PagedStorage(self.spec, pool, weight.dtype, self.device, self.layout)
+        self.kv_dtype = kv_cache_dtype(model, kv_dtype, fused_attention=fused_attention)
+        self.storage = PagedStorage(self.spec, pool, self.kv_dtype, self.device, self.layout)
         # compute the forwards whose rows are all decodes or verifications (logits at every new token) query by
         # query (PagedView.query_spans); the engine turns it on for speculative decoding
         self.row_wise = False
-        fp32_cpu = self.device.type == "cpu" and weight.dtype == torch.float32  # the cache has the weights' dtype
+        fp32_cpu = self.device.type == "cpu" and weight.dtype == torch.float32
         # dense models attend in the paged attention kernel (engine/paged_attention.py) in every forward: decodes,
         # verifications and prompt chunks, each query from its own keys in one order (batch invariance)
         self.fused_attention = fused_attention and fp32_cpu and paged_attention_applies(model)

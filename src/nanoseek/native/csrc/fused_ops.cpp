@@ -132,12 +132,40 @@ inline void rotate_half(const float* x, const float* cos, const float* sin, int6
 // Shapes are taken by element counts, so the engine passes its tensors as the model and the view hold them
 // (qkv [B, T, X], cos/sin [B, 1, T, D/2], write_slots [B, T]) without a reshape per layer: N rows = qkv's
 // elements / its last dimension.
+// fp32 values into a cache row: an fp32 cache keeps them, an fp16 one rounds each to nearest even (F16C; what
+// torch's .to(torch.float16) gives), once, when it is written
+inline void store_row(const float* x, float* dst, int64_t D) {
+  for (int64_t i = 0; i < D; ++i) dst[i] = x[i];
+}
+inline void store_row(const float* x, uint16_t* dst, int64_t D) {
+  for (int64_t i = 0; i < D; ++i) dst[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
+template <typename KV>
+void rotate_and_store(const float* xp, const float* cp, const float* sp, const int64_t* slot, float* qp, KV* kp,
+                      KV* vp, int64_t N, int64_t H, int64_t K, int64_t D, int64_t slots) {
+  std::vector<float> rotated(D);
+  for (int64_t n = 0; n < N; ++n) {  // serial: rows may share the padding slot, and a decode step is small
+    TORCH_CHECK(slot[n] >= 0 && slot[n] < slots, "rope_store: write slot ", slot[n], " outside the cache");
+    const float* row = xp + n * (H + 2 * K) * D;
+    const float *c = cp + n * (D / 2), *s = sp + n * (D / 2);
+    for (int64_t h = 0; h < H; ++h) rotate_half(row + h * D, c, s, D, qp + (n * H + h) * D);
+    for (int64_t h = 0; h < K; ++h) {
+      rotate_half(row + (H + h) * D, c, s, D, rotated.data());
+      store_row(rotated.data(), kp + (slot[n] * K + h) * D, D);
+      store_row(row + (H + K + h) * D, vp + (slot[n] * K + h) * D, D);
+    }
+  }
+}
+
 at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_store,
                       at::Tensor& v_store, const at::Tensor& write_slots, int64_t H, int64_t K) {
   TORCH_CHECK(qkv.dim() >= 1, "rope_store: qkv [..., (H+2K)*D]");
-  TORCH_CHECK(qkv.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
-                  k_store.scalar_type() == at::kFloat && v_store.scalar_type() == at::kFloat,
-              "rope_store runs on fp32 tensors and caches");
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "rope_store runs on fp32 tensors");
+  TORCH_CHECK((k_store.scalar_type() == at::kFloat || k_store.scalar_type() == at::kHalf) &&
+                  v_store.scalar_type() == k_store.scalar_type(),
+              "rope_store writes fp32 or fp16 caches (K and V alike)");
   TORCH_CHECK(write_slots.scalar_type() == at::kLong, "rope_store: write_slots must be int64");
   TORCH_CHECK(k_store.dim() == 3 && k_store.sizes() == v_store.sizes() && k_store.size(1) == K,
               "rope_store: stores [slots, K, D]");
@@ -156,19 +184,11 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Te
   const float* sp = sc.data_ptr<float>();
   const int64_t* slot = wc.data_ptr<int64_t>();
   float* qp = q.data_ptr<float>();
-  float* kp = k_store.data_ptr<float>();
-  float* vp = v_store.data_ptr<float>();
-  for (int64_t n = 0; n < N; ++n) {  // serial: rows may share the padding slot, and a decode step is small
-    TORCH_CHECK(slot[n] >= 0 && slot[n] < slots, "rope_store: write slot ", slot[n], " outside the cache");
-    const float* row = xp + n * (H + 2 * K) * D;
-    const float *c = cp + n * (D / 2), *s = sp + n * (D / 2);
-    for (int64_t h = 0; h < H; ++h) rotate_half(row + h * D, c, s, D, qp + (n * H + h) * D);
-    for (int64_t h = 0; h < K; ++h) {
-      rotate_half(row + (H + h) * D, c, s, D, kp + (slot[n] * K + h) * D);
-      const float* v = row + (H + K + h) * D;
-      float* dst = vp + (slot[n] * K + h) * D;
-      for (int64_t i = 0; i < D; ++i) dst[i] = v[i];
-    }
+  if (k_store.scalar_type() == at::kHalf) {
+    rotate_and_store(xp, cp, sp, slot, qp, static_cast<uint16_t*>(k_store.data_ptr()),
+                     static_cast<uint16_t*>(v_store.data_ptr()), N, H, K, D, slots);
+  } else {
+    rotate_and_store(xp, cp, sp, slot, qp, k_store.data_ptr<float>(), v_store.data_ptr<float>(), N, H, K, D, slots);
   }
   return q;
 }

@@ -3,8 +3,8 @@
 // ([B, S, K, D] copies of K and V in every layer) and then ran SDPA over the copies; here each (query, head)
 // walks its keys' slots directly.
 //
-// Inputs: q [N, H, D] (N queries), k_store and v_store [slots, K, D] (one layer's cache; H is a multiple of
-// K: grouped-query attention), slots [R, S] int64 (the cache slot of key j; R == N: one row of slots per
+// Inputs: q [N, H, D] (N queries), k_store and v_store [slots, K, D], fp32 or fp16 (one layer's cache; H is a
+// multiple of K: grouped-query attention), slots [R, S] int64 (the cache slot of key j; R == N: one row of slots per
 // query, or N = R * T: queries r * T .. r * T + T - 1 share row r, as a prompt chunk's queries do),
 // mask [N, S] bool (which keys the query sees: causal, its window, its row's length; padding keys are false),
 // scale.
@@ -42,17 +42,27 @@ constexpr int64_t kTile = 8;       // consecutive queries of one row per task
 constexpr int64_t kMaxGroup = 64;  // query heads per KV head
 constexpr int64_t kKeyBytes = 16384;  // K or V rows per key block: a part of L1
 
+// The cache holds fp32 or fp16 values (KV, one type per call: float, or uint16_t for IEEE half bits). A row is
+// widened to fp32 as it is loaded (F16C's conversion is exact), and all arithmetic is the fp32 kernel's: an fp16
+// cache rounds each key and value once, when it is written, and then reads the same bits in every forward.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline float load1(float x) { return x; }
+inline float load1(uint16_t x) { return _cvtsh_ss(x); }
+
 // The dot products of q with 4 keys at once: one 8-lane multiply-add chain per key, then the fixed tree
 // ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) per key. Every score of the kernel is made here (D % 8 == 0).
-inline void dot4(const float* q, const float* k0, const float* k1, const float* k2, const float* k3, int64_t D,
-                 float* out) {
+template <typename KV>
+inline void dot4(const float* q, const KV* k0, const KV* k1, const KV* k2, const KV* k3, int64_t D, float* out) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += 8) {
     const __m256 x = _mm256_loadu_ps(q + d);
-    a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + d), a0);
-    a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k1 + d), a1);
-    a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k2 + d), a2);
-    a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k3 + d), a3);
+    a0 = _mm256_fmadd_ps(x, load8(k0 + d), a0);
+    a1 = _mm256_fmadd_ps(x, load8(k1 + d), a1);
+    a2 = _mm256_fmadd_ps(x, load8(k2 + d), a2);
+    a3 = _mm256_fmadd_ps(x, load8(k3 + d), a3);
   }
   const __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
   const __m256 h = _mm256_hadd_ps(h01, h23);
@@ -60,12 +70,13 @@ inline void dot4(const float* q, const float* k0, const float* k1, const float* 
 }
 
 // dot4 over 8 keys at once (8 independent chains hide the multiply-add's latency): dot4's bits for each key.
-inline void dot8(const float* q, const float* const* k, int64_t D, float* out) {
+template <typename KV>
+inline void dot8(const float* q, const KV* const* k, int64_t D, float* out) {
   __m256 a[8];
   for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += 8) {
     const __m256 x = _mm256_loadu_ps(q + d);
-    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[i] + d), a[i]);
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(x, load8(k[i] + d), a[i]);
   }
   const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
   const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
@@ -75,14 +86,14 @@ inline void dot8(const float* q, const float* const* k, int64_t D, float* out) {
 
 // dot4 for two queries (two heads of one query) over the same 4 keys, each key row loaded once: every dot
 // product is dot4's own chain and tree, so its bits are dot4's.
-inline void dot4x2(const float* qa, const float* qb, const float* k0, const float* k1, const float* k2,
-                   const float* k3, int64_t D, float* outa, float* outb) {
+template <typename KV>
+inline void dot4x2(const float* qa, const float* qb, const KV* k0, const KV* k1, const KV* k2, const KV* k3,
+                   int64_t D, float* outa, float* outb) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
   __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += 8) {
     const __m256 xa = _mm256_loadu_ps(qa + d), xb = _mm256_loadu_ps(qb + d);
-    const __m256 y0 = _mm256_loadu_ps(k0 + d), y1 = _mm256_loadu_ps(k1 + d), y2 = _mm256_loadu_ps(k2 + d),
-                 y3 = _mm256_loadu_ps(k3 + d);
+    const __m256 y0 = load8(k0 + d), y1 = load8(k1 + d), y2 = load8(k2 + d), y3 = load8(k3 + d);
     a0 = _mm256_fmadd_ps(xa, y0, a0);
     a1 = _mm256_fmadd_ps(xa, y1, a1);
     a2 = _mm256_fmadd_ps(xa, y2, a2);
@@ -102,18 +113,18 @@ inline void dot4x2(const float* qa, const float* qb, const float* k0, const floa
 // one multiply-add chain per output lane in key order (so the grouping of lanes into registers changes no bit).
 // C * 8 lanes of each output stay in registers across the keys (A * C = 8 independent chains hide the
 // multiply-add's latency); D % 8 == 0.
-template <int A, int C>
+template <int A, int C, typename KV>
 inline void weighted_values(const float* const* p, float* const* out, const int64_t* st, const int64_t* offset,
-                            const float* vbase, int64_t i0, int64_t e, int64_t D) {
+                            const KV* vbase, int64_t i0, int64_t e, int64_t D) {
   int64_t d = 0;
   for (; d + 8 * C <= D; d += 8 * C) {
     __m256 acc[A][C];
     for (int a = 0; a < A; ++a)
       for (int c = 0; c < C; ++c) acc[a][c] = _mm256_loadu_ps(out[a] + d + 8 * c);
     for (int64_t i = i0; i < e; ++i) {
-      const float* v = vbase + offset[st[i]] + d;
+      const KV* v = vbase + offset[st[i]] + d;
       __m256 vc[C];
-      for (int c = 0; c < C; ++c) vc[c] = _mm256_loadu_ps(v + 8 * c);
+      for (int c = 0; c < C; ++c) vc[c] = load8(v + 8 * c);
       for (int a = 0; a < A; ++a) {
         const __m256 w = _mm256_broadcast_ss(p[a] + i);
         for (int c = 0; c < C; ++c) acc[a][c] = _mm256_fmadd_ps(w, vc[c], acc[a][c]);
@@ -126,7 +137,7 @@ inline void weighted_values(const float* const* p, float* const* out, const int6
     __m256 acc[A];
     for (int a = 0; a < A; ++a) acc[a] = _mm256_loadu_ps(out[a] + d);
     for (int64_t i = i0; i < e; ++i) {
-      const __m256 v = _mm256_loadu_ps(vbase + offset[st[i]] + d);
+      const __m256 v = load8(vbase + offset[st[i]] + d);
       for (int a = 0; a < A; ++a) acc[a] = _mm256_fmadd_ps(_mm256_broadcast_ss(p[a] + i), v, acc[a]);
     }
     for (int a = 0; a < A; ++a) _mm256_storeu_ps(out[a] + d, acc[a]);
@@ -134,9 +145,10 @@ inline void weighted_values(const float* const* p, float* const* out, const int6
 }
 
 // Any other D: a plain sequential sum (no vectorization: built without -ffast-math, the loop keeps its order).
-inline float dot1(const float* q, const float* k, int64_t D) {
+template <typename KV>
+inline float dot1(const float* q, const KV* k, int64_t D) {
   float dot = 0.f;
-  for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+  for (int64_t d = 0; d < D; ++d) dot += q[d] * load1(k[d]);
   return dot;
 }
 
@@ -213,7 +225,8 @@ float softmax_numerators(float* scores, int64_t n, float scale) {
 // Every (query, head) pair gets its scores and its output from its own keys in key order; the task only chooses
 // which pairs run between two loads of a key block, so that a block of keys (kKeyBytes of K or V rows) is read
 // from memory once and from L1 for each pair, and how the dot products are grouped by 4 (which no bit depends on).
-void attend_task(const float* q, const float* k_store, const float* v_store, const int64_t* slots, const bool* mask,
+template <typename KV>
+void attend_task(const float* q, const KV* k_store, const KV* v_store, const int64_t* slots, const bool* mask,
                  int64_t nq, int64_t h0, int64_t h1, int64_t kv, int64_t H, int64_t S, int64_t stride, int64_t D,
                  float scale, float* scores, int64_t* work, float* out) {
   const int64_t nh = h1 - h0;
@@ -232,7 +245,7 @@ void attend_task(const float* q, const float* k_store, const float* v_store, con
     if (any) offset[nu++] = slots[j] * stride + kv * D;
   }
   const bool wide = D % 8 == 0;
-  const int64_t block = std::max<int64_t>(16, kKeyBytes / (4 * D));  // task keys per block
+  const int64_t block = std::max<int64_t>(16, kKeyBytes / (static_cast<int64_t>(sizeof(KV)) * D));  // keys per block
   int64_t cur[kTile];
   // pass 1: each pair's scores over its keys, in order (pair (t, h) at scores + (t * nh + h) * S)
   for (int64_t t = 0; t < nq; ++t) cur[t] = 0;
@@ -255,13 +268,13 @@ void attend_task(const float* q, const float* k_store, const float* v_store, con
         int64_t i = cur[t];
         if (!two)
           for (; i + 8 <= e; i += 8) {
-            const float* k[8];
+            const KV* k[8];
             for (int m = 0; m < 8; ++m) k[m] = k_store + offset[st[i + m]];
             dot8(qa, k, D, sa + i);
           }
         for (; i + 4 <= e; i += 4) {
-          const float *k0 = k_store + offset[st[i]], *k1 = k_store + offset[st[i + 1]],
-                      *k2 = k_store + offset[st[i + 2]], *k3 = k_store + offset[st[i + 3]];
+          const KV *k0 = k_store + offset[st[i]], *k1 = k_store + offset[st[i + 1]],
+                   *k2 = k_store + offset[st[i + 2]], *k3 = k_store + offset[st[i + 3]];
           if (two) {
             dot4x2(qa, qb, k0, k1, k2, k3, D, sa + i, sb + i);
           } else {
@@ -270,9 +283,9 @@ void attend_task(const float* q, const float* k_store, const float* v_store, con
         }
         if (i < e) {  // the last 1-3 keys (padded with the first of them; each key's dot is its own)
           float da[4], db[4];
-          const float* k0 = k_store + offset[st[i]];
-          const float* k1 = i + 1 < e ? k_store + offset[st[i + 1]] : k0;
-          const float* k2 = i + 2 < e ? k_store + offset[st[i + 2]] : k0;
+          const KV* k0 = k_store + offset[st[i]];
+          const KV* k1 = i + 1 < e ? k_store + offset[st[i + 1]] : k0;
+          const KV* k2 = i + 2 < e ? k_store + offset[st[i + 2]] : k0;
           if (two) {
             dot4x2(qa, qb, k0, k1, k2, k0, D, da, db);
           } else {
@@ -307,8 +320,8 @@ void attend_task(const float* q, const float* k_store, const float* v_store, con
         float* op[2] = {out + (t * H + h0 + h) * D, out + (t * H + h0 + h + 1) * D};
         if (!wide) {
           for (int64_t i = cur[t]; i < e; ++i) {
-            const float* v = v_store + offset[st[i]];
-            for (int64_t d = 0; d < D; ++d) op[0][d] += sp[0][i] * v[d];
+            const KV* v = v_store + offset[st[i]];
+            for (int64_t d = 0; d < D; ++d) op[0][d] += sp[0][i] * load1(v[d]);
           }
           ++h;
         } else if (h + 1 < nh) {
@@ -333,9 +346,11 @@ void attend_task(const float* q, const float* k_store, const float* v_store, con
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_store, const at::Tensor& v_store,
                            const at::Tensor& slots, const at::Tensor& mask, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_store.dim() == 3 && v_store.dim() == 3, "q [N, H, D], stores [slots, K, D]");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k_store.scalar_type() == at::kFloat &&
-                  v_store.scalar_type() == at::kFloat,
-              "paged_attention runs on fp32 queries and caches");
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_attention runs on fp32 queries");
+  TORCH_CHECK((k_store.scalar_type() == at::kFloat || k_store.scalar_type() == at::kHalf) &&
+                  v_store.scalar_type() == k_store.scalar_type(),
+              "paged_attention reads fp32 or fp16 caches (K and V alike)");
+  const bool half = k_store.scalar_type() == at::kHalf;
   TORCH_CHECK(slots.scalar_type() == at::kLong && mask.scalar_type() == at::kBool, "slots int64, mask bool");
   const int64_t N = q.size(0), H = q.size(1), D = q.size(2), K = k_store.size(1), S = slots.size(1);
   const int64_t R = slots.size(0);
@@ -350,8 +365,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_store, const
   at::Tensor out = at::empty({N, H, D}, q.options());
   if (N == 0) return out;
   const float* qp = qc.data_ptr<float>();
-  const float* kp = kc.data_ptr<float>();
-  const float* vp = vc.data_ptr<float>();
+  const void* kp = kc.data_ptr();
+  const void* vp = vc.data_ptr();
   const int64_t* sp = sc.data_ptr<int64_t>();
   const bool* mp = mc.data_ptr<bool>();
   float* op = out.data_ptr<float>();
@@ -371,8 +386,15 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_store, const
       const int64_t t0 = tile * kTile, nq = std::min(kTile, T - t0);
       const int64_t n0 = r * T + t0;  // the task's first query
       const int64_t h0 = kv * group + part * heads_per_task;
-      attend_task(qp + n0 * H * D, kp, vp, sp + r * S, mp + n0 * S, nq, h0, h0 + heads_per_task, kv, H, S, stride, D,
-                  static_cast<float>(scale), scores.get(), work.get(), op + n0 * H * D);
+      if (half) {
+        attend_task(qp + n0 * H * D, static_cast<const uint16_t*>(kp), static_cast<const uint16_t*>(vp), sp + r * S,
+                    mp + n0 * S, nq, h0, h0 + heads_per_task, kv, H, S, stride, D, static_cast<float>(scale),
+                    scores.get(), work.get(), op + n0 * H * D);
+      } else {
+        attend_task(qp + n0 * H * D, static_cast<const float*>(kp), static_cast<const float*>(vp), sp + r * S,
+                    mp + n0 * S, nq, h0, h0 + heads_per_task, kv, H, S, stride, D, static_cast<float>(scale),
+                    scores.get(), work.get(), op + n0 * H * D);
+      }
     }
   });
   return out;
