@@ -153,3 +153,13 @@ def test_prompt_tokens_compared_across_servers():
                                                    "the same token ids on every server")  # fmt: skip
     differ = {"nanoseek": [[1, 2], [3, 4, 5]], "llama.cpp": [[0, 1, 2], [3, 4, 5]]}
     assert bench.same_prompt_tokens(differ).endswith("DIFFERENT token ids on llama.cpp for 1")
+
+
+def test_nanoseek_server_runs_with_its_defaults_or_compiled():
+    from pathlib import Path
+
+    from nanoseek.bench.serve import nanoseek_spec
+
+    plain = nanoseek_spec(Path("m.gguf"), "auto", 16).argv(8000)
+    assert plain[-6:] == ["--quant", "auto", "--max-num-seqs", "16", "--shutdown-timeout", "2"]
+    assert nanoseek_spec(Path("m.gguf"), "auto", 16, compile=True).argv(8000) == [*plain, "--compile"]

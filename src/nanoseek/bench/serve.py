@@ -99,10 +99,11 @@ class ServerSpec:
     build: str = ""  # which build of it runs (llama-server: its build record), for the report
 
 
-def nanoseek_spec(model: Path, quant: str, max_num_seqs: int) -> ServerSpec:
+def nanoseek_spec(model: Path, quant: str, max_num_seqs: int, compile: bool = False) -> ServerSpec:
     def argv(port: int, slots: int = 0) -> list[str]:
         return [sys.executable, "-m", "nanoseek", "serve", str(model), "--port", str(port), "--quant", quant,
-                "--max-num-seqs", str(max_num_seqs), "--shutdown-timeout", "2"]  # fmt: skip
+                "--max-num-seqs", str(max_num_seqs), "--shutdown-timeout", "2",
+                *(["--compile"] if compile else [])]  # fmt: skip
 
     return ServerSpec("nanoseek", argv, lambda n: {"ignore_eos": True}, "/tokenize", "prompt")
 
@@ -461,6 +462,8 @@ def parse_args(argv):
     ap.add_argument("--prompt-words", type=int, default=40, help="words in each prompt (~1.2 tokens a word)")
     ap.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4", "fp16"],
                     help="nanoseek serve --quant (auto: int4 for 4-bit GGUF layers, int8 for others)")  # fmt: skip
+    ap.add_argument("--compile", action="store_true",
+                    help="nanoseek serve --compile (decode steps through torch.compile, built at start)")  # fmt: skip
     ap.add_argument("--request-timeout", type=float, default=300.0, help="seconds one stream may take in all")
     ap.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to start")
     ap.add_argument("--quick", action="store_true",
@@ -507,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"the serve benchmark's client needs httpx: {INSTALL_HINT}")
     model = resolve_model(args.model)
     n_ctx = 2048  # llama.cpp's default; prompts (~50 tokens) + max_tokens fit far below it
-    specs = [nanoseek_spec(model, args.quant, max(args.concurrency))]
+    specs = [nanoseek_spec(model, args.quant, max(args.concurrency), args.compile)]
     peers, notes = peer_specs(args.peers, model, args.threads, n_ctx, slot_context(args.prompt_words, args.max_tokens))
     specs += peers
     notes = [PEER_NOTES[p] for p in args.peers] + [f"{s.label} build: {s.build}" for s in peers if s.build] + notes
@@ -653,6 +656,7 @@ def report(args, model: Path, figures, texts, rss, notes, load_start, prompt_tok
         f"over rounds), {args.max_tokens} tokens per stream, prompts of {args.prompt_words} words, "
         f"{os.cpu_count()} CPUs, load average {load_start[0]:.2f} at the start and {load_end[0]:.2f} at the end"
     )
+    print(f"nanoseek serve --quant {args.quant}{' --compile' if args.compile else ''} (its defaults otherwise)")
     for note in notes:
         print(f"NOTE: {note}")
     print(f"prompts: {prompt_tokens_line}")

@@ -1,0 +1,71 @@
+"""The KV cache's dtype: fp16 (`--kv-cache-dtype auto` for quantized models) against fp32 (`model`) for one
+stream's greedy decode, in one process on the same quantized model, alternating rounds.
+
+    python benchmarks/kv_cache_dtype.py                          # SmolLM2-135M Q4_1 as int4, 200-token prompt
+    python benchmarks/kv_cache_dtype.py --depth 1000 --rounds 10
+
+Before timing, both caches decode the prompt's continuation and the greedy tokens are compared (they may part
+where two candidates nearly tie: the fp16 cache rounds every key and value once); the report says for how many
+tokens they agree. Then each round times both (the order alternating) and the ratio fp16 / fp32 of decode tok/s
+is taken per round: median (min–max)."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def decode(model, prompt: list[int], tokens: int, kv: str) -> tuple[float, list[int]]:
+    """Decode tok/s after the first token, and the greedy tokens, of one fresh engine with a `kv` cache."""
+    from nanoseek.engine.engine import Engine, EngineConfig
+    from nanoseek.engine.sampling import SamplingParams
+
+    blocks = (len(prompt) + tokens) // 16 + 3
+    engine = Engine(model, EngineConfig(block_size=16, max_num_seqs=1, num_blocks=blocks, kv_cache_dtype=kv),
+                    eos_ids=[])  # fmt: skip
+    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True))
+    first = None
+    while engine.has_work():
+        engine.step()
+        if first is None and engine.get(rid).output_ids:  # the prompt's prefill ends with the first token
+            first = time.perf_counter()
+    return tokens / (time.perf_counter() - first), list(engine.get(rid).output_ids)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default="smollm2", help="a .gguf file or an asset name (default smollm2)")
+    p.add_argument("--quant", default="int4", choices=["int4", "int8", "fp16"], help="the weights' run format")
+    p.add_argument("--depth", type=int, default=200, help="prompt tokens before the decode")
+    p.add_argument("--tokens", type=int, default=64, help="greedy tokens timed per round")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    import nanoseek
+    from nanoseek.assets import resolve_model
+
+    torch.set_num_threads(args.threads)
+    path = Path(resolve_model(args.model))
+    model = nanoseek.load(path, quant=args.quant)
+    prompt = [(i * 7919) % 40000 + 100 for i in range(args.depth)]  # fixed ids, no tokenizer needed
+    _, half = decode(model, prompt, args.tokens, "fp16")
+    _, full = decode(model, prompt, args.tokens, "model")
+    agree = next((i for i, (a, b) in enumerate(zip(half, full)) if a != b), len(half))
+    ratios = []
+    for r in range(args.rounds):
+        order = ("fp16", "model") if r % 2 == 0 else ("model", "fp16")
+        speed = {kv: decode(model, prompt, args.tokens, kv)[0] for kv in order}
+        ratios.append(speed["fp16"] / speed["model"])
+        print(f"round {r + 1}: fp16 {speed['fp16']:.1f} tok/s, fp32 {speed['model']:.1f} tok/s", flush=True)
+    print(f"{path.name} {args.quant}, {args.threads} threads, {args.depth}-token prompt, {args.tokens} tokens a round: "
+          f"greedy tokens equal for {agree} of {len(half)}; fp16 / fp32 cache decode tok/s per round: "
+          f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
