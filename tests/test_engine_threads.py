@@ -201,3 +201,30 @@ def test_off_main_thread_returns_raises_and_leaves_the_callers_count():
 def test_a_plan_from_the_first_row_says_every_step():
     assert ThreadPlan(2, 1).describe() == "intra-op threads: 2 on every step"
     assert ThreadPlan(2, 16).describe() == "intra-op threads: 1 below 16 tokens a step, 2 from there"
+
+
+def test_the_engine_warms_up_on_its_own_thread_and_a_failure_reaches_the_server(monkeypatch):
+    """A compiled decode step compiles on the thread that runs the steps (on another, that thread kept an OpenMP
+    pool of its own and both paid libgomp's throttled wake-ups); if warming up fails, the server's start fails
+    with its error instead of waiting forever."""
+    from nanoseek.engine.async_engine import AsyncEngine
+    from nanoseek.engine.engine import Engine
+    from nanoseek.serve.serving import make_server
+
+    where = []
+    monkeypatch.setattr(Engine, "warm_up", lambda self: where.append(threading.current_thread().name))
+    async_engine = AsyncEngine(_engine(max_num_seqs=2))
+    try:
+        assert async_engine.ready.wait(60) and async_engine.startup_error is None
+        assert where == ["nanoseek-engine"]
+    finally:
+        async_engine.shutdown()
+
+    def broken(self):
+        raise RuntimeError("compilation failed (test)")
+
+    monkeypatch.setattr(Engine, "warm_up", broken)
+    engine = _engine(max_num_seqs=2)
+    tok = type("Tok", (), {"stop_token_ids": [], "decode": staticmethod(lambda ids: "")})()
+    with pytest.raises(RuntimeError, match="compilation failed"):
+        make_server(engine.runner.model, tok, "tiny")

@@ -61,6 +61,7 @@ class AsyncEngine:
         # set once the engine thread is ready for requests: after measuring its thread plan when the engine's
         # config asks for adaptive threads (threads.calibrate, on the thread that runs the steps)
         self.ready = threading.Event()
+        self.startup_error: Exception | None = None  # what stopped the thread before it was ready (warm_up)
         self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
         self._thread.start()
 
@@ -193,6 +194,16 @@ class AsyncEngine:
     # ---- the engine thread --------------------------------------------------------------------------
     def _loop(self) -> None:
         engine = self.engine
+        # a compiled decode step compiles here, on the thread that will run it, before the first request: compiled
+        # on another thread (the server's main one), that thread kept an OpenMP pool of its own beside this one's,
+        # and every parallel region then paid libgomp's throttled wake-ups (threads.off_main_thread): nanoseek
+        # serve --compile decoded 0.86x llama-server where the same compiled step runs 1.42x llama-bench
+        try:
+            engine.warm_up()
+        except Exception as exc:  # noqa: BLE001 - handed to whoever waits for `ready` (make_server raises it)
+            self.startup_error = exc
+            self.ready.set()
+            return
         if engine.config.adaptive_threads:
             try:
                 engine.thread_plan = calibrate(engine)

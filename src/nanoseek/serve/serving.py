@@ -307,7 +307,10 @@ def make_server(model, tokenizer, name: str, engine_config=None, limits: Limits 
     from nanoseek.engine.engine import Engine
 
     engine = Engine(model, engine_config, eos_ids=tokenizer.stop_token_ids, detokenize=tokenizer.decode)
-    engine.warm_up()  # a compiled decode step compiles now, not while the first clients wait
     async_engine = AsyncEngine(engine)
-    async_engine.ready.wait()  # its thread plan measured (adaptive threads) before the first client is taken
+    # a compiled decode step compiled (on the engine's thread) and its thread plan measured (adaptive threads)
+    # before the first client is taken
+    async_engine.ready.wait()
+    if async_engine.startup_error is not None:
+        raise async_engine.startup_error
     return ModelServer(async_engine, tokenizer, name, Metrics(), limits=limits)
