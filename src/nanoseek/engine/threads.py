@@ -93,7 +93,7 @@ def off_main_thread(fn, threads: int):
     that loads its model on the main thread (2 threads: main + 1 worker) and then steps the engine on its own
     thread (2 more) runs every region that way: on the 2-core machine an elementwise op took 15 us on the main
     thread and 140-220 us on another thread once the main thread had its pool, and a SmolLM2-135M int4 decode
-    step 12 ms against 25-39 ms (benchmarks/RESULTS.md, Serving History: "Measured on the idle machine
+    step 12 ms against 25-39 ms (benchmarks/RESULTS.md at 530752a, its History's "Measured on the idle machine
     (2026-12-06 20:43-21:05 UTC), and the cause of the gap: OpenMP's pools"). Work done here leaves no pool
     behind: a thread's workers end with it (leaving the `with` joins the executor's one thread)."""
     from concurrent.futures import ThreadPoolExecutor
