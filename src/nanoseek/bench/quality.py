@@ -73,7 +73,9 @@ class Scores:
             side_logp16: torch.Tensor | None = None) -> None:  # fmt: skip
         kl, same = kl_and_top1(ref_logp.double(), side_logp.double())
         self.kl.append(kl.float())
-        if side_logp16 is not None:
+        if side_logp16 is side_logp:  # a side whose log-probs already came through the 16-bit rows (llama.cpp's)
+            self.kl16.append(self.kl[-1])
+        elif side_logp16 is not None:
             self.kl16.append(kl_and_top1(ref_logp.double(), side_logp16.double())[0].float())
         self.top1 += int(same.sum())
         self.nll -= float(side_logp.double().gather(-1, targets[:, None]).sum())

@@ -146,11 +146,11 @@ class Engine:
             raise ValueError(
                 "speculative='mtp' needs a DeepSeek model with MTP modules (num_nextn_predict_layers >= 1)"
             )
+        kv_dtype = kv_cache_dtype(model, config.kv_cache_dtype, fused_attention=config.fused_attention)
         num_blocks = config.num_blocks
         if num_blocks is None:  # a block holds layout.num_slots layers' keys and values of block_size tokens
             spec, windows = cache_layout(model, mtp=mtp)
-            dtype = kv_cache_dtype(model, config.kv_cache_dtype, fused_attention=config.fused_attention)
-            per_token = spec.bytes_per_layer_token(dtype) * KVLayout.of(windows).num_slots
+            per_token = spec.bytes_per_layer_token(kv_dtype) * KVLayout.of(windows).num_slots
             wanted = cache_blocks(model, config, config.max_num_seqs, context)
             num_blocks = max(2, min(wanted, config.cache_bytes // (per_token * config.block_size)))
         self.pool = BlockPool(num_blocks, config.block_size)
@@ -161,7 +161,7 @@ class Engine:
             mtp=mtp,
             compile_decode=config.compile,
             fused_attention=config.fused_attention,
-            kv_dtype=config.kv_cache_dtype,
+            kv_dtype=kv_dtype,
         )
         # Speculating, a request's tokens must not depend on how many drafts a step verifies: decodes and
         # verifications compute every query as if alone (kv_cache.PagedView.query_spans).

@@ -100,7 +100,7 @@ class ModelRunner:
         mtp: bool = False,
         compile_decode: bool = False,
         fused_attention: bool = True,
-        kv_dtype: str = "auto",
+        kv_dtype: torch.dtype | None = None,  # the cache's (kv_cache_dtype's choice; None: the weights')
     ):
         self.model = model.eval()  # eval: the router's balancing statistics never move at inference
         weight = next(model.parameters())  # the embedding (linears may be quantized modules without .weight)
@@ -109,7 +109,7 @@ class ModelRunner:
         self.autocast_dtype = autocast_dtype
         self.spec, self.layer_windows = cache_layout(model, mtp=mtp)
         self.layout = KVLayout.of(self.layer_windows)
-        self.kv_dtype = kv_cache_dtype(model, kv_dtype, fused_attention=fused_attention)
+        self.kv_dtype = kv_dtype or weight.dtype
         self.storage = PagedStorage(self.spec, pool, self.kv_dtype, self.device, self.layout)
         # compute the forwards whose rows are all decodes or verifications (logits at every new token) query by
         # query (PagedView.query_spans); the engine turns it on for speculative decoding
