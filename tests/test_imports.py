@@ -1,7 +1,8 @@
 """Imports point one way. src/nanoseek's packages (and top-level modules) sit in layers, lowest first; a file
 may import only from layers below its own (its own package aside), lazy imports included:
 
-    0  assets, memory, tasks       helpers; synthetic tasks, prompt formats, statistics (import no other unit)
+    0  assets, memory, meter,      helpers (a run's throughput, MFU, energy and cost: meter); synthetic tasks,
+       tasks                       prompt formats, statistics (import no other unit)
     1  model, native               the model code; building and loading the C++ kernels (native/csrc)
     2  quant, parallel             applied to a built model from outside: packed weights, DDP/FSDP2
     3  weights, engine             checkpoint formats (packing while loading: quant); the inference engine
@@ -28,7 +29,7 @@ from pathlib import Path
 SRC = Path(__file__).parents[1] / "src" / "nanoseek"
 MODEL_DIR = SRC / "model"
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("assets", "memory", "tasks"),
+    ("assets", "memory", "meter", "tasks"),
     ("model", "native"),
     ("quant", "parallel"),
     ("weights", "engine"),

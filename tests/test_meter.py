@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from nanoseek.train.meter import (
+from nanoseek.meter import (
     CpuTimeEnergy,
     Meter,
     RaplEnergy,

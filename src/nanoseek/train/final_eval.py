@@ -33,8 +33,8 @@ def final_evaluation(final: StageResult, ctx: StageContext) -> dict[str, Any]:
     module as the model's own drafter."""
     import nanoseek
     from nanoseek.eval import evaluate
+    from nanoseek.meter import make_energy_counter
     from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train.meter import make_energy_counter
 
     cfg, device = ctx.train_config, ctx.device
     start, energy = time.perf_counter(), make_energy_counter(device, cfg.watts_per_core)

@@ -428,7 +428,7 @@ def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
         f.write(json.dumps({"event": "final_eval", **final_eval}) + "\n")
     total_wall = time.perf_counter() - t0
     price = cfg.price_per_device_hour
-    from nanoseek.train.meter import make_energy_counter
+    from nanoseek.meter import make_energy_counter
 
     summary = {
         "stages": [s.to_summary() for s in stages.values()],
