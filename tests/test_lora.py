@@ -1,7 +1,7 @@
-"""LoRA training (train/lora.py, train/lora_training.py): the adapter starts as a no-op and alone trains, its
-folder is PEFT's (peft loads it onto the transformers model of the same base with the same logits), --merge
-writes a folder with the same logits, exact resume, DeepSeek-V3's MLA targets, GRPO, settings errors and the
-CLI. Tiny random models; the SmolLM2 check (a made-up fact learnt, a general one kept) is slow."""
+"""LoRA training (model/lora.py, train/lora_training.py, weights/peft_lora.py): the adapter starts as a no-op
+and alone trains, its folder is PEFT's (peft loads it onto the transformers model of the same base with the same
+logits), --merge writes a folder with the same logits, exact resume, DeepSeek-V3's MLA targets, GRPO, settings
+errors and the CLI. Tiny random models; the SmolLM2 check (a made-up fact learnt, a general one kept) is slow."""
 
 from __future__ import annotations
 
@@ -14,18 +14,10 @@ import torch
 
 import nanoseek
 import procs
+from nanoseek.model.lora import DENSE_TARGETS, LoRAConfig, LoRALinear, apply_lora, lora_modules, merge_lora
 from nanoseek.train.checkpoint import list_checkpoints
-from nanoseek.train.lora import (
-    DENSE_TARGETS,
-    LoRAConfig,
-    LoRALinear,
-    apply_lora,
-    attach_adapter,
-    lora_modules,
-    merge_lora,
-    peft_config,
-)
 from nanoseek.train.sft import prepare_sft, run_sft
+from nanoseek.weights.peft_lora import attach_adapter, peft_config
 from test_sft import CHATML, DATA, deepseek_model, llama_folder, make_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -105,7 +97,7 @@ def _grads_fused_and_plain(model, step):
 
 
 def test_fused_lora_step_has_the_plain_autograd_gradients(tok, tmp_path):
-    from nanoseek.train.lora import DROP_BITS, SharedInputLoRA, keep_mask, lora_forward, lora_reference
+    from nanoseek.model.lora import DROP_BITS, SharedInputLoRA, keep_mask, lora_forward, lora_reference
 
     model = nanoseek.load(llama_folder(tmp_path / "base", tok))
     apply_lora(model, LoRAConfig(dropout=0.3), seed=0)

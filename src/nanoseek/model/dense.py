@@ -284,7 +284,7 @@ class DenseAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, is_causal: bool, cache=None):
         B, T, _ = x.shape
-        if getattr(type(self.qkv_proj), "returns_parts", False):  # LoRA layers: (q, k, v) in one node (train/lora.py)
+        if getattr(type(self.qkv_proj), "returns_parts", False):  # LoRA layers: (q, k, v) in one node (model/lora.py)
             q, k, v = self.qkv_proj(x)
         elif self.qkv_proj is not None:
             qkv = self.qkv_proj(x)

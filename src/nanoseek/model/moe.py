@@ -32,7 +32,7 @@ class SwiGLU(nn.Module):
         self.gate_up_proj: nn.Module | None = None  # set by nanoseek.quant.fuse_projections (inference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(type(self.gate_up_proj), "returns_parts", False):  # LoRA: (gate, up) in one node (train/lora.py)
+        if getattr(type(self.gate_up_proj), "returns_parts", False):  # LoRA: (gate, up) in one node (model/lora.py)
             gate, up = self.gate_up_proj(x)
             return self.down_proj(F.silu(gate) * up)
         if self.gate_up_proj is not None:  # one (possibly quantized) module in place of gate_proj and up_proj

@@ -1,10 +1,10 @@
-"""LoRA in the training loop: `nanoseek sft --lora` and `nanoseek grpo --lora` (train/lora.py holds the adapter).
+"""LoRA in the training loop: `nanoseek sft --lora` and `nanoseek grpo --lora` (model/lora.py holds the adapter).
 
     settings, lora = lora_settings(overrides, DEFAULTS_SFT)   # split `lora.*` off, add the adapter's defaults
     trainer = with_lora(SFTTrainer)(cfg, ..., lora=lora, merge=True)
 
 The mixin changes only what the loop keeps and writes, never the step: after the stage builds its model, the
-target linears are wrapped (train/lora.py) and every other parameter is frozen, so the optimizer (which takes
+target linears are wrapped (model/lora.py) and every other parameter is frozen, so the optimizer (which takes
 the parameters that require gradients) holds the adapter alone and the backward computes no gradient for a
 base weight. Checkpoints hold the adapter's tensors (model_state.safetensors) and its PEFT folder instead of
 the model; a resume rebuilds the base from the same MODEL, wraps it the same way and loads the adapter, so it
@@ -29,9 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nanoseek.parallel import print0
-from nanoseek.train import checkpoint as ckpt_io
-from nanoseek.train.lora import (
+from nanoseek.model.lora import (
     LoRAConfig,
     adapter_param_count,
     adapter_state_dict,
@@ -40,9 +38,11 @@ from nanoseek.train.lora import (
     merge_lora,
     peft_would_drop,
     resolved_targets,
-    save_adapter,
 )
+from nanoseek.parallel import print0
+from nanoseek.train import checkpoint as ckpt_io
 from nanoseek.train.overrides import apply_overrides, in_section, split_sections
+from nanoseek.weights.peft_lora import save_adapter
 
 SFT_DEFAULTS = ["optim.lr=2e-4", "mtp_weight=0"]
 GRPO_DEFAULTS = ["optim.lr=1e-5", "mtp_weight=0"]

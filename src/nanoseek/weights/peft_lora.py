@@ -1,7 +1,9 @@
-"""PEFT LoRA adapter folders, read as peft writes them: `adapter_config.json` + `adapter_model.safetensors`.
+"""PEFT LoRA adapter folders, read and written as peft writes them: `adapter_config.json` + `adapter_model.safetensors`.
 
     adapter = read_peft_adapter("my-adapter")        # LoraAdapterWeights: per module, A [r, in], B [out, r], scale
     adapter.modules["model.layers.0.self_attn.q_proj"]  # -> LoraModule(a, b, scale)
+    save_adapter(model, cfg, "runs/x/adapter", base="HuggingFaceTB/SmolLM2-135M-Instruct")  # model/lora.py's layers
+    attach_adapter(nanoseek.load(base), "runs/x/adapter")             # the same model again, from the folder
 
 peft stores `base_model.model.<module path>.lora_A.weight` and `.lora_B.weight` (the adapter's own name,
 "default", is dropped when saving); `<module path>` is the transformers model's module name, which is the
@@ -11,18 +13,27 @@ and `alpha_pattern` override r and alpha per module (peft matches a pattern agai
 What changes the math in ways nanoseek does not serve is refused with the reason: DoRA, LoRA biases,
 `modules_to_save` (whole replaced modules), fan_in_fan_out layouts (GPT-2's Conv1D), embedding adapters, and
 other PEFT methods than LoRA.
+
+save_adapter writes what `peft` writes (checked against peft 0.21.2 in tests/test_lora.py): LoraConfig's fields
+in adapter_config.json, and `PeftModel.from_pretrained(transformers_model, folder)` loads it. attach_adapter
+puts a folder back on a model as training's LoRALinear layers (exactly, or a ValueError: no rank_pattern etc.).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
+from nanoseek.model.lora import LoRAConfig, adapter_state_dict, apply_lora, load_adapter_state, lora_modules
 from nanoseek.weights.safetensors_io import WeightsError
 
 PREFIX = "base_model.model."
@@ -125,3 +136,92 @@ def read_peft_adapter(path: str | Path) -> LoraAdapterWeights:
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         adapter.modules[module] = LoraModule(a.contiguous(), b.contiguous(), scale)
     return adapter
+
+
+def peft_config(cfg: LoRAConfig, targets: Sequence[str], base: str | None) -> dict[str, Any]:
+    """adapter_config.json as peft 0.21.2's LoraConfig(...).save_pretrained writes it (every field, in its key
+    order), with this run's rank, alpha, dropout, targets and base."""
+    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+    fields = {
+        "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+        "base_model_name_or_path": base, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
+        "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+        "layers_to_transform": None, "loftq_config": {}, "lora_alpha": alpha, "lora_bias": False,
+        "lora_dropout": cfg.dropout, "lora_ga_config": None, "megatron_config": None,
+        "megatron_core": "megatron.core", "modules_to_save": None, "monteclora_config": None, "peft_type": "LORA",
+        "peft_version": "0.21.2", "qalora_group_size": 16, "r": cfg.rank, "rank_pattern": {}, "revision": None,
+        "target_modules": sorted(targets), "target_parameters": None, "task_type": "CAUSAL_LM",
+        "trainable_token_indices": None, "use_bdlora": None, "use_dora": False, "use_qalora": False,
+        "use_rslora": False, "velora_config": None,
+    }  # fmt: skip
+    return fields
+
+
+def save_adapter(model: nn.Module, cfg: LoRAConfig, folder: str | os.PathLike, base: str | None = None,
+                 tok=None) -> Path:  # fmt: skip
+    """Write the model's adapter as a PEFT folder (and the tokenizer with its chat template, when given)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("the model has no LoRA layers to save")
+    targets = sorted({p.rsplit(".", 1)[-1] for p in modules})
+    tensors = {PREFIX + k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(peft_config(cfg, targets, base), indent=2) + "\n")
+    if tok is not None:
+        tok.save(folder)
+    return folder
+
+
+def read_adapter(folder: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """(its LoRAConfig, its tensors under nanoseek's module paths, the raw adapter_config.json) of a PEFT LoRA
+    folder; a clear ValueError for anything this loader cannot apply exactly."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{folder}: not a PEFT adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        raw = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{folder / CONFIG_FILE}: not valid JSON ({exc})") from exc
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"{folder}: peft_type {raw.get('peft_type')!r}; only LORA adapters are supported")
+    unsupported = {k: raw.get(k) for k in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias") if raw.get(k)}
+    unsupported.update({k: raw[k] for k in ("rank_pattern", "alpha_pattern") if raw.get(k)})
+    if raw.get("bias", "none") != "none":
+        unsupported["bias"] = raw["bias"]
+    if raw.get("modules_to_save"):
+        unsupported["modules_to_save"] = raw["modules_to_save"]
+    if unsupported:
+        raise ValueError(f"{folder}: adapter settings not supported here: {unsupported}")
+    targets = raw.get("target_modules") or []
+    if isinstance(targets, str):
+        raise ValueError(f"{folder}: target_modules as a regular expression ({targets!r}) is not supported")
+    cfg = LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
+                     target_modules=list(targets))  # fmt: skip
+    tensors = {}
+    for key, t in load_file(str(folder / WEIGHTS_FILE)).items():
+        if not key.startswith(PREFIX):
+            raise ValueError(f"{folder / WEIGHTS_FILE}: key {key!r} lacks PEFT's {PREFIX!r} prefix")
+        name = key[len(PREFIX) :]  # (peft's in-memory names carry the adapter's name: lora_A.default.weight)
+        tensors[name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")] = t
+    return cfg, tensors, raw
+
+
+def attach_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Wrap `model` (in place) with the adapter of a PEFT folder, in eval mode (no dropout); returns it."""
+    cfg, tensors, _ = read_adapter(folder)
+    paths = sorted({k.rsplit(".", 2)[0] for k in tensors})
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    cfg.target_modules = names
+    wrapped = apply_lora(model, cfg)
+    if sorted(wrapped) != paths:
+        raise ValueError(f"{folder}: the adapter's modules do not match this model's (e.g. "
+                         f"{sorted(set(paths) ^ set(wrapped))[:3]})")  # fmt: skip
+    load_adapter_state(model, {k: v.to(next(model.parameters()).dtype) for k, v in tensors.items()}, str(folder))
+    return model.eval()

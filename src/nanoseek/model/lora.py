@@ -1,20 +1,12 @@
-"""LoRA adapters: low-rank updates on a frozen model's linear layers, saved in PEFT's folder format.
+"""LoRA adapters: low-rank updates on a frozen model's linear layers (their PEFT folders: weights/peft_lora.py).
 
     cfg = LoRAConfig(rank=16, alpha=32, dropout=0.05)                 # target_modules [] = the family's defaults
     wrapped = apply_lora(model, cfg, seed=0)     # in place: targets become LoRALinear, everything else frozen
-    save_adapter(model, cfg, "runs/x/adapter", base="HuggingFaceTB/SmolLM2-135M-Instruct")
-    attach_adapter(nanoseek.load(base), "runs/x/adapter")             # the same model again, from the folder
     merge_lora(model)                             # in place: each LoRALinear back to a plain nn.Linear, W + s*BA
 
 A LoRALinear computes base(x) + lora_B(lora_A(dropout(x))) * alpha/rank, as PEFT's lora.Linear does, with
 PEFT's initialisation (lora_A kaiming-uniform with a=sqrt(5), lora_B zeros: the adapter starts as a no-op)
 and PEFT's module names (base_layer, lora_A, lora_B), so the adapter's tensors are PEFT's without renaming.
-
-The folder is what `peft` writes (checked against peft 0.21.2 in tests/test_lora.py): adapter_config.json
-(LoraConfig's fields: peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, lora_dropout, target_modules,
-base_model_name_or_path, ...) and adapter_model.safetensors, whose keys are
-`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (PEFT drops the adapter's name on save).
-`PeftModel.from_pretrained(transformers_model, folder)` loads it; nanoseek's module paths are transformers'.
 
 Targets by default: the attention and MLP projections (q/k/v/o, gate/up/down) of the dense families; for
 DeepSeek-V3 all of MLA's projections, its low-rank ones included (q_a_proj, q_b_proj or q_proj,
@@ -30,19 +22,14 @@ load nowhere).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-PEFT_PREFIX = "base_model.model."
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 DENSE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MLA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -337,6 +324,10 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def adapter_param_count(model: nn.Module) -> int:
+    return sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in lora_modules(model).values())
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under nanoseek's (= transformers') module paths: `<path>.lora_A.weight`, ..."""
     out = {}
@@ -376,97 +367,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
             base.weight.add_(m.delta_weight().to(base.weight.dtype))
         setattr(model.get_submodule(parent_path), name, base)
     return model
-
-
-# ---- the PEFT folder ------------------------------------------------------------------------------------
-def peft_config(cfg: LoRAConfig, targets: Sequence[str], base: str | None) -> dict[str, Any]:
-    """adapter_config.json as peft 0.21.2's LoraConfig(...).save_pretrained writes it (every field, in its key
-    order), with this run's rank, alpha, dropout, targets and base."""
-    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
-    fields = {
-        "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
-        "base_model_name_or_path": base, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
-        "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
-        "layers_to_transform": None, "loftq_config": {}, "lora_alpha": alpha, "lora_bias": False,
-        "lora_dropout": cfg.dropout, "lora_ga_config": None, "megatron_config": None,
-        "megatron_core": "megatron.core", "modules_to_save": None, "monteclora_config": None, "peft_type": "LORA",
-        "peft_version": "0.21.2", "qalora_group_size": 16, "r": cfg.rank, "rank_pattern": {}, "revision": None,
-        "target_modules": sorted(targets), "target_parameters": None, "task_type": "CAUSAL_LM",
-        "trainable_token_indices": None, "use_bdlora": None, "use_dora": False, "use_qalora": False,
-        "use_rslora": False, "velora_config": None,
-    }  # fmt: skip
-    return fields
-
-
-def save_adapter(model: nn.Module, cfg: LoRAConfig, folder: str | os.PathLike, base: str | None = None,
-                 tok=None) -> Path:  # fmt: skip
-    """Write the model's adapter as a PEFT folder (and the tokenizer with its chat template, when given)."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    modules = lora_modules(model)
-    if not modules:
-        raise ValueError("the model has no LoRA layers to save")
-    targets = sorted({p.rsplit(".", 1)[-1] for p in modules})
-    tensors = {PEFT_PREFIX + k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(peft_config(cfg, targets, base), indent=2) + "\n")
-    if tok is not None:
-        tok.save(folder)
-    return folder
-
-
-def read_adapter(folder: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """(its LoRAConfig, its tensors under nanoseek's module paths, the raw adapter_config.json) of a PEFT LoRA
-    folder; a clear ValueError for anything this loader cannot apply exactly."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{folder}: not a PEFT adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        raw = json.loads((folder / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{folder / CONFIG_FILE}: not valid JSON ({exc})") from exc
-    if raw.get("peft_type") != "LORA":
-        raise ValueError(f"{folder}: peft_type {raw.get('peft_type')!r}; only LORA adapters are supported")
-    unsupported = {k: raw.get(k) for k in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias") if raw.get(k)}
-    unsupported.update({k: raw[k] for k in ("rank_pattern", "alpha_pattern") if raw.get(k)})
-    if raw.get("bias", "none") != "none":
-        unsupported["bias"] = raw["bias"]
-    if raw.get("modules_to_save"):
-        unsupported["modules_to_save"] = raw["modules_to_save"]
-    if unsupported:
-        raise ValueError(f"{folder}: adapter settings not supported here: {unsupported}")
-    targets = raw.get("target_modules") or []
-    if isinstance(targets, str):
-        raise ValueError(f"{folder}: target_modules as a regular expression ({targets!r}) is not supported")
-    cfg = LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
-                     target_modules=list(targets))  # fmt: skip
-    tensors = {}
-    for key, t in load_file(str(folder / WEIGHTS_FILE)).items():
-        if not key.startswith(PEFT_PREFIX):
-            raise ValueError(f"{folder / WEIGHTS_FILE}: key {key!r} lacks PEFT's {PEFT_PREFIX!r} prefix")
-        name = key[len(PEFT_PREFIX) :]  # (peft's in-memory names carry the adapter's name: lora_A.default.weight)
-        tensors[name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")] = t
-    return cfg, tensors, raw
-
-
-def attach_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
-    """Wrap `model` (in place) with the adapter of a PEFT folder, in eval mode (no dropout); returns it."""
-    cfg, tensors, _ = read_adapter(folder)
-    paths = sorted({k.rsplit(".", 2)[0] for k in tensors})
-    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    cfg.target_modules = names
-    wrapped = apply_lora(model, cfg)
-    if sorted(wrapped) != paths:
-        raise ValueError(f"{folder}: the adapter's modules do not match this model's (e.g. "
-                         f"{sorted(set(paths) ^ set(wrapped))[:3]})")  # fmt: skip
-    load_adapter_state(model, {k: v.to(next(model.parameters()).dtype) for k, v in tensors.items()}, str(folder))
-    return model.eval()
-
-
-def adapter_param_count(model: nn.Module) -> int:
-    return sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in lora_modules(model).values())
