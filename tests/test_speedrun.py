@@ -165,8 +165,8 @@ def test_smoke_speedrun_writes_run_folder(tmp_path, capsys, monkeypatch):
 
 
 def test_report_says_what_data_and_tokenizer_the_run_used(tmp_path):
+    from nanoseek.eval.report import describe_training
     from nanoseek.train.config import load_train_config
-    from nanoseek.train.report import describe_training
     from nanoseek.train.speedrun import training_facts
 
     corpus = tmp_path / "corpus.txt"
@@ -236,7 +236,7 @@ def test_stage_settings_and_verdicts_are_pure_functions():
     ]  # fmt: skip
     # with per-problem verdicts, each pair is also compared problem by problem: 160 against 136 of the same 400
     # (74 solved only by grpo, 50 only by the control) overlaps as intervals but is a paired gain
-    from nanoseek.train.report import accuracy_lines
+    from nanoseek.eval.report import accuracy_lines
 
     grpo, control = score(160), score(136)
     grpo["solved"], control["solved"] = "1" * 160 + "0" * 240, "1" * 86 + "0" * 74 + "1" * 50 + "0" * 190

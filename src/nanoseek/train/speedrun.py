@@ -385,8 +385,8 @@ LATER_STAGES = {"sft": sft_stage, "grpo": grpo_stage, "sft-control": sft_control
 
 
 def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
+    from nanoseek.eval.report import write_report
     from nanoseek.parallel import resolve_device
-    from nanoseek.train.report import write_report
 
     t0 = time.perf_counter()
     run_dir = Path(opts.out) if opts.out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")

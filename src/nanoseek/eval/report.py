@@ -1,10 +1,11 @@
 """The report card of a run: report.md with PNG plots, from summary.json and metrics.jsonl.
 
-    write_report(run_dir, summary, train_config)      # report.md, loss.png, accuracy.png, throughput.png, energy.png
+    write_report(run_dir, summary, cfg)         # report.md, loss.png, accuracy.png, throughput.png, energy.png
 
 Plots: training loss per stage; held-out accuracy per task and stage with 95% CI error bars (and accuracy
 along training where evaluations ran); tokens/s; cumulative energy. Stages are whatever summary["stages"]
-lists, so new stages appear without changes here.
+lists, so new stages appear without changes here. `cfg` is the run's configuration (the speedrun's
+TrainConfig: its price_per_device_hour, watts_per_core and to_json() are read), or None.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import json
 import statistics
 from pathlib import Path
 from typing import Any
-
-from nanoseek.train.config import TrainConfig
 
 
 def chance_accuracy(task: str) -> float | None:
@@ -335,7 +334,7 @@ def accuracy_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | None, plots: list[str]) -> str:
+def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: Any, plots: list[str]) -> str:
     m = summary.get("model", {})
     lines = ["# nanoseek speedrun report", ""]
     control = next((s for s in summary["stages"] if s["name"] == "sft-control"), None)
@@ -429,7 +428,7 @@ def render_markdown(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | N
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig | None = None) -> Path:
+def write_report(run_dir: Path, summary: dict[str, Any], cfg: Any = None) -> Path:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
     plots = []
