@@ -40,9 +40,9 @@ def rescore(folder: Path, summary: dict) -> dict:
     """`summary` with every stage's per-problem verdicts ("solved") and the comparisons recomputed from them,
     scored again from the stage's saved model; raises when a stage's accuracy differs from the recorded one."""
     import nanoseek
+    from nanoseek.eval.held_out import evaluate_in_format
     from nanoseek.tasks import get_task
     from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train.evaluate import evaluate_in_format
     from nanoseek.train.scoring import GREEDY_EVAL_BATCH, stage_comparisons
 
     heldout = json.loads((folder / "train_config.json").read_text())["data"]["heldout_fraction"]

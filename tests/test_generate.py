@@ -99,9 +99,9 @@ def test_empty_and_zero_length_requests():
 
 def test_evaluation_decodes_through_the_engine_and_a_loss_module():
     """evaluate_examples scores what the engine's greedy batch decodes, also through parallelize()'s wrapper."""
+    from nanoseek.eval.held_out import evaluate_examples
     from nanoseek.parallel import parallelize
     from nanoseek.tasks import get_task, prompt_ids
-    from nanoseek.train.evaluate import evaluate_examples
     from nanoseek.train.tokenizer import train_tokenizer
 
     task = get_task("add2")

@@ -213,7 +213,7 @@ def math_problems(tok, problems_in: Sequence[MathProblem], fmt: str, system_prom
 
 def _default_max_new_tokens(spec: TaskSpec, fmt: str, tok) -> int:
     if spec.kind == "synthetic" and fmt in ("plain", "chat"):
-        # room for the longest reference answer, its end token and a little slack (as train.evaluate does)
+        # room for the longest reference answer, its end token and a little slack (as eval/held_out.py does)
         longest = max(len(tok.encode(ex.answer, add_special_tokens=False)) for ex in spec.task.eval_examples(50))
         return longest + 4
     return 128 if spec.kind == "synthetic" else 256

@@ -39,7 +39,7 @@ Loss types (how token losses are summed, which advantages, which clip):
 
 Each step logs reward (and each reward function), accuracy, completion length, KL, clip fraction and
 entropy into the meter (metrics.jsonl). Held-out accuracy (before, every eval.every steps, after) is the shared
-evaluation's (train.evaluate.evaluate_in_format, nanoseek.eval in the R1 format with GRPO's system prompt).
+evaluation's (eval.held_out.evaluate_in_format, nanoseek.eval in the R1 format with GRPO's system prompt).
 Checkpoints every `ckpt_every` steps; `resume=True` continues from the newest one with the same weights (MTP
 module included), optimizer state and step, and rebuilds the reference model from the starting model (a digest
 in the checkpoint checks it is the same). Nothing of the sampling needs saving: a step's prompts and rollouts
@@ -76,12 +76,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanoseek.eval.held_out import TaskScore, evaluate_in_format
 from nanoseek.parallel import MODES, all_reduce_sum, init_distributed
 from nanoseek.tasks import R1_SYSTEM_PROMPT, Task, get_task
 from nanoseek.train import checkpoint as ckpt_io
 from nanoseek.train.checkpoint import weights_digest
 from nanoseek.train.config import EvalConfig, OptimConfig, TrainConfig, apply_eval_alias
-from nanoseek.train.evaluate import TaskScore, evaluate_in_format
 from nanoseek.train.grpo_loss import (  # noqa: F401 (clipped_loss ... mtp_distillation_loss: GRPO's API)
     LOSS_TYPES,
     Batch,

@@ -42,10 +42,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from nanoseek.eval.held_out import TaskScore
 from nanoseek.tasks import get_task
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.demonstrations import r1_conversations
-from nanoseek.train.evaluate import TaskScore
 from nanoseek.train.final_eval import final_evaluation
 from nanoseek.train.overrides import split_sections
 from nanoseek.train.run_config import SECTIONS, load_run_config
@@ -366,8 +366,8 @@ def grpo_stage(ctx: StageContext) -> StageResult | None:
 def score_stage(model_dir: Path, fmt: str, ctx: StageContext) -> dict[str, TaskScore]:
     """Held-out accuracy of a stage's model on every task of the run, greedy, in `fmt` (SCORING_FORMATS)."""
     import nanoseek
+    from nanoseek.eval.held_out import evaluate_in_format
     from nanoseek.tokenizer import load_tokenizer
-    from nanoseek.train.evaluate import evaluate_in_format
 
     cfg = ctx.train_config
     tasks = [spec.task for spec in heldout_specs(cfg.data.tasks, cfg)]

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanoseek.eval.held_out import TaskScore, evaluate_in_format, evaluate_tasks
 from nanoseek.meter import Meter
 from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
 from nanoseek.model.fused import clear_fused_weights
@@ -62,7 +63,6 @@ from nanoseek.train.build import (  # noqa: F401 (param_groups, tokenizer_texts:
     tokenizer_texts,
 )
 from nanoseek.train.config import TrainConfig, lr_at
-from nanoseek.train.evaluate import TaskScore, evaluate_in_format, evaluate_tasks
 from nanoseek.train.objective import NextTokenLoss, diverged_message, target_counts  # noqa: F401
 from nanoseek.train.thread_tuner import ThreadTuner
 
