@@ -374,6 +374,8 @@ class PagedView:
     # ...and, where the engine's fused ops build, take q, k and v as one projection's output (`attend_qkv`): the
     # rotary embedding and the cache write in one op (engine/fused_ops.py)
     fused_qkv: bool = False
+    # ...and where the model's layers allow, all of them in one op (engine/layer_stack.DenseStack), set by the runner
+    layer_stack: object = None
     # (group, window) -> the paged attention kernel's slots and mask [B*T, S]: the same for every layer of the group
     _kernel_inputs: dict = field(default_factory=dict, repr=False)
     is_paged = True  # what the models look for (model/ does not import the engine)

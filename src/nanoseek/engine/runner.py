@@ -19,6 +19,7 @@ import torch
 from nanoseek.engine import fused_ops, paged_attention
 from nanoseek.engine.kv_cache import BlockPool, CacheSpec, KVLayout, PagedStorage, PagedView
 from nanoseek.engine.kv_groups import SequenceBlocks
+from nanoseek.engine.layer_stack import DenseStack
 from nanoseek.memory import return_freed_memory
 
 
@@ -122,6 +123,7 @@ class ModelRunner:
         # (engine/fused_ops.py): eager fp32 inference on CPU (not under autocast, whose activations are 16-bit)
         fused = fp32_cpu and autocast_dtype is None and fused_ops.install(model)
         self.fused_qkv = self.fused_attention and fused
+        self.layer_stack = DenseStack.of(model) if self.fused_qkv else None
 
     @property
     def context_length(self) -> int:
@@ -153,6 +155,7 @@ class ModelRunner:
         # a compiled step keeps the unfused rotary embedding and cache write: inductor fuses them itself, and the
         # fused op writes the cache in place, which the compiled graph would have to functionalize
         view.fused_qkv = self.fused_qkv and view.fused_attention and not decoding
+        view.layer_stack = self.layer_stack if view.fused_qkv and lora is None else None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None), lora or contextlib.nullcontext():  # fmt: skip
             if hidden:

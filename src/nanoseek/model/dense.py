@@ -496,6 +496,9 @@ class DenseForCausalLM(nn.Module):
             else:
                 mask, is_causal = _attention_mask(key_mask, T, window, device)
             per_type[kind] = (cos, sin, mask, is_causal)
+        layer_stack = getattr(cache, "layer_stack", None)  # the inference engine's: every layer in one native op
+        if layer_stack is not None:
+            return self.model.norm(layer_stack(h, per_type, cache))
         for layer, kind in zip(self.model.layers, cfg.layer_types):
             h = layer(h, *per_type[kind], cache)
         return self.model.norm(h)
