@@ -263,7 +263,8 @@ def test_r1_format_reads_the_answer_tag(tiny):
 def test_r1_without_system_prompt_is_the_format_grpo_trains_with(tiny):
     # the speedrun trains and evaluates its small-context models in the R1 format with no system prompt
     from nanoseek.eval.runner import completion_text, synthetic_problems
-    from nanoseek.train.grpo import decode_completion, load_grpo_config, render_prompt
+    from nanoseek.train.grpo import load_grpo_config
+    from nanoseek.train.grpo_rollouts import decode_completion, render_prompt
 
     _, model, tok = tiny
     task = get_task("add2")
@@ -291,7 +292,8 @@ def test_r1_without_a_chat_template_is_grpos_bare_prompt(tiny):
     import copy
 
     from nanoseek.eval.runner import synthetic_problems
-    from nanoseek.train.grpo import load_grpo_config, render_prompt
+    from nanoseek.train.grpo import load_grpo_config
+    from nanoseek.train.grpo_rollouts import render_prompt
 
     _, _, tok = tiny
     bare = copy.copy(tok)

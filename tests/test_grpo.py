@@ -18,19 +18,16 @@ import torch
 import procs
 from grpo_worker import length_reward
 from nanoseek.tasks import get_task
-from nanoseek.train.grpo import (
-    GRPOConfig,
+from nanoseek.train.grpo import GRPOConfig, load_grpo_config, run_grpo
+from nanoseek.train.grpo_loss import (
     clipped_loss,
     completion_logprobs,
     group_advantages,
-    load_grpo_config,
+    k3_kl,
     make_batch,
-    render_prompt,
-    rollout,
-    run_grpo,
     token_weights,
 )
-from nanoseek.train.grpo_loss import k3_kl
+from nanoseek.train.grpo_rollouts import render_prompt, rollout
 from nanoseek.train.rewards import REWARDS, accuracy_reward, format_reward, score_completions
 
 # ---- the loss, by hand ---------------------------------------------------------------------------------
@@ -377,7 +374,7 @@ def test_mtp_distillation_loss_is_compute_losss_mtp_loss_on_completion_targets_a
     from nanoseek.model.config import from_name
     from nanoseek.model.deepseek_v3 import DeepseekV3ForCausalLM
     from nanoseek.model.loss import IGNORE_INDEX
-    from nanoseek.train.grpo import mtp_distillation_loss
+    from nanoseek.train.grpo_loss import mtp_distillation_loss
 
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(from_name("test-tiny", num_nextn_predict_layers=1)).train()

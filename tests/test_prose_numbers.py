@@ -30,10 +30,10 @@ def test_mla_cache_sizes_in_readme_and_docstring_are_v3s():
 
 
 def test_tiny_preset_and_speedrun_parameter_counts_in_prose():
+    from nanoseek.train.build import tokenizer_texts
     from nanoseek.train.config import load_train_config
     from nanoseek.train.speedrun import SpeedrunOptions, speedrun_config
     from nanoseek.train.tokenizer import train_tokenizer
-    from nanoseek.train.trainer import tokenizer_texts
 
     tiny = load_train_config(preset="tiny")
     at_preset_vocab = tiny.model_config(vocab_size=tiny.tokenizer.vocab_size).param_counts()["total"]

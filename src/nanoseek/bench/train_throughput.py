@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace, out: str) -> None:
     from nanoseek.model.deepseek_v3 import IGNORE_INDEX
     from nanoseek.model.moe import update_router_bias
+    from nanoseek.train.batches import trim_shared_padding
+    from nanoseek.train.build import build_optimizer
     from nanoseek.train.config import load_train_config
-    from nanoseek.train.trainer import Trainer, build_optimizer, trim_shared_padding
+    from nanoseek.train.trainer import Trainer
 
     cfg = load_train_config(
         preset="tiny",

@@ -151,8 +151,8 @@ def _chat_ids(tok, question: str, system_prompt: str) -> list[int]:
 def completion_text(tok, token_ids: Sequence[int], fmt: str) -> str:
     """A completion's text for its checker. In the r1 format special tokens are kept: a trained tokenizer makes
     <think>, </think>, <answer>, </answer> special tokens, and the format check needs them; only the bos, eos and
-    pad markers are dropped, as GRPO's rewards read a completion (train.grpo.decode_completion). (The stop token
-    that ended the completion is not among the ids.)"""
+    pad markers are dropped, as GRPO's rewards read a completion (train.grpo_rollouts.decode_completion). (The stop
+    token that ended the completion is not among the ids.)"""
     if fmt != "r1":
         return tok.decode(token_ids, skip_special_tokens=True)
     text = tok.decode(token_ids, skip_special_tokens=False)

@@ -38,14 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoseek.model.config import NAMED_CONFIGS, ConfigError, DeepseekV3Config
-from nanoseek.train.overrides import (  # noqa: F401 (apply_overrides, yaml_load: this module's API)
-    apply_mapping,
-    apply_overrides,
-    coerce,
-    read_config_file,
-    suggest,
-    yaml_load,
-)
+from nanoseek.train.overrides import apply_mapping, apply_overrides, coerce, read_config_file, suggest
 
 
 @dataclass

@@ -82,26 +82,8 @@ from nanoseek.tasks import R1_SYSTEM_PROMPT, Task, get_task
 from nanoseek.train import checkpoint as ckpt_io
 from nanoseek.train.checkpoint import weights_digest
 from nanoseek.train.config import EvalConfig, OptimConfig, TrainConfig, apply_eval_alias
-from nanoseek.train.grpo_loss import (  # noqa: F401 (clipped_loss ... mtp_distillation_loss: GRPO's API)
-    LOSS_TYPES,
-    Batch,
-    GRPOLoss,
-    clipped_loss,
-    completion_logprobs,
-    group_advantages,
-    make_batch,
-    mtp_distillation_loss,
-    mtp_target_count,
-    token_weights,
-)
-from nanoseek.train.grpo_rollouts import (  # noqa: F401 (decode_completion, render_prompt, rollout: GRPO's API)
-    Rollouts,
-    RolloutSource,
-    decode_completion,
-    per_rank,
-    render_prompt,
-    rollout,
-)
+from nanoseek.train.grpo_loss import LOSS_TYPES, Batch, GRPOLoss, make_batch, mtp_target_count, token_weights
+from nanoseek.train.grpo_rollouts import Rollouts, RolloutSource, per_rank
 from nanoseek.train.rewards import RewardFn, get_rewards
 from nanoseek.train.trainer import Trainer
 

@@ -52,18 +52,11 @@ from nanoseek.parallel import (
 from nanoseek.tasks import Task
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import checkpoint as ckpt_io
-from nanoseek.train.batches import BatchSource, trim_shared_padding  # noqa: F401 (trim_shared_padding: API)
+from nanoseek.train.batches import BatchSource
 from nanoseek.train.budget import StepBudget
-from nanoseek.train.build import (  # noqa: F401 (param_groups, tokenizer_texts: the trainer's API)
-    build_model,
-    build_optimizer,
-    build_tasks,
-    param_groups,
-    prepare_tokenizer,
-    tokenizer_texts,
-)
+from nanoseek.train.build import build_model, build_optimizer, build_tasks, prepare_tokenizer
 from nanoseek.train.config import TrainConfig, lr_at
-from nanoseek.train.objective import NextTokenLoss, diverged_message, target_counts  # noqa: F401
+from nanoseek.train.objective import NextTokenLoss, diverged_message
 from nanoseek.train.thread_tuner import ThreadTuner
 
 
