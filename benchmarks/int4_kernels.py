@@ -1,7 +1,7 @@
 """4-bit against int8 CPU linear kernels on SmolLM2-135M's decode shapes (issue 11): can a 4-bit weight format
 beat `torch._int_mm` int8 for one to a few rows, with a kernel that is generated or well kept?
 
-    PYTHONPATH=src python benchmarks/int4_kernels.py [--threads 1] [--rows 1 4] [--rounds 15]
+    PYTHONPATH=src python benchmarks/int4_kernels.py [--threads 1] [--rows 1 4] [--rounds 15] [--plot int4.png]
 
 Candidates, each given the same activations and the same fp32 weights, quantized its own way:
 - fp32 `F.linear` (the reference for the error column);
@@ -22,7 +22,8 @@ exceed the last-level cache (--cache-mb), as in a decode step, where the model i
 Rounds alternate the candidates; the result is each one's median time per call over the rounds, with the
 spread (min-max), and its ratio to int8 `_int_mm` (eager against eager, kernel against kernel, compiled
 against compiled), of the medians and of the minima: on a shared machine the minima are the rounds that ran
-undisturbed.
+undisturbed. --plot draws each candidate's per-round time over its baseline's (with --prefetch-blocks: only the
+prefetch distances and the AVX2 path, against the default kernel).
 """
 
 from __future__ import annotations
@@ -259,6 +260,7 @@ def main() -> None:
     ap.add_argument("--prefetch-blocks", type=int, nargs="*", default=[],
                     help="also time nanoseek's 4-bit kernel prefetching this many blocks ahead (0: none; its "
                     "default is 8), each against the default, e.g. --prefetch-blocks 0 2 4 16")  # fmt: skip
+    ap.add_argument("--plot", help="write a PNG here: per-round time ratios against each candidate's baseline")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -269,6 +271,7 @@ def main() -> None:
     print("| shape | rows | kernel | µs median (min–max) | vs peer (int8 `_int_mm`; AVX2 path: the VNNI path): "
           "median | min | rel. error vs fp32 | vs own grid |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
+    ratios: dict[str, list[float]] = {}  # for --plot
     for shape in args.shapes:
         in_f, out_f = SHAPES[shape]
         cands = candidates(in_f, out_f, args.cache_mb << 20, compiled, args.prefetch_blocks)
@@ -286,6 +289,23 @@ def main() -> None:
                 print(f"| {shape} | {rows} | {c.name} | {median[c.name]:.1f} ({min(ts):.1f}–{max(ts):.1f}) | "
                       f"{median[c.name] / median[c.baseline]:.2f}× | {least[c.name] / least[c.baseline]:.2f}× | "
                       f"{rel_err(out, ref):.1e} | {own} |")  # fmt: skip
+                if c.baseline != c.name and (not args.prefetch_blocks or c.baseline.startswith("int4 nanoseek")):
+                    label = c.name.replace("int4 nanoseek q4_linear", "").lstrip(", ").replace(" blocks ahead", "")
+                    ratios[f"{shape.split()[0]} x{rows}: {label}"] = [a / b for a, b in zip(ts, times[c.baseline])]
+    if args.plot:
+        plot(args, ratios)
+
+
+def plot(args: argparse.Namespace, ratios: dict[str, list[float]]) -> None:
+    """--plot: each candidate's per-round time over its baseline's ("shape xROWS: candidate")."""
+    from nanoseek.bench.plots import machine_note, ratio_plot
+
+    against = "the default q4 kernel (prefetch 8)" if args.prefetch_blocks else "its baseline (see the table)"
+    ratio_plot(args.plot, f"4-bit kernels: time per call / {against}, per round", ratios,
+               ylabel="time ratio (per round; > 1: slower)",
+               footnote=f"{machine_note(args.threads, 'wall clock')}; {args.rounds} alternating rounds, weights "
+                        f"from memory; shapes {', '.join(args.shapes)}; x N: N rows")  # fmt: skip
+    print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

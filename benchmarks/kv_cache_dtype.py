@@ -2,7 +2,7 @@
 stream's greedy decode, in one process on the same quantized model, alternating rounds.
 
     python benchmarks/kv_cache_dtype.py                          # SmolLM2-135M Q4_1 as int4, 200-token prompt
-    python benchmarks/kv_cache_dtype.py --depth 1000 --rounds 10
+    python benchmarks/kv_cache_dtype.py --depth 1000 --rounds 10 --plot kv_cache_dtype_1000.png
 
 Before timing, both caches decode the prompt's continuation and the greedy tokens are compared (they may part
 where two candidates nearly tie: the fp16 cache rounds every key and value once); the report says for how many
@@ -44,6 +44,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=64, help="greedy tokens timed per round")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--plot", help="write a PNG here: the per-round fp16 / fp32 ratios and both caches' tok/s")
     args = p.parse_args()
     import nanoseek
     from nanoseek.assets import resolve_model
@@ -55,16 +56,34 @@ def main() -> int:
     _, half = decode(model, prompt, args.tokens, "fp16")
     _, full = decode(model, prompt, args.tokens, "model")
     agree = next((i for i, (a, b) in enumerate(zip(half, full)) if a != b), len(half))
-    ratios = []
+    ratios, speeds = [], {"fp16": [], "model": []}
     for r in range(args.rounds):
         order = ("fp16", "model") if r % 2 == 0 else ("model", "fp16")
         speed = {kv: decode(model, prompt, args.tokens, kv)[0] for kv in order}
         ratios.append(speed["fp16"] / speed["model"])
+        for kv in speed:
+            speeds[kv].append(speed[kv])
         print(f"round {r + 1}: fp16 {speed['fp16']:.1f} tok/s, fp32 {speed['model']:.1f} tok/s", flush=True)
     print(f"{path.name} {args.quant}, {args.threads} threads, {args.depth}-token prompt, {args.tokens} tokens a round: "
           f"greedy tokens equal for {agree} of {len(half)}; fp16 / fp32 cache decode tok/s per round: "
           f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+    if args.plot:
+        plot(args, path.name, ratios, speeds, f"greedy tokens equal for {agree} of {len(half)}")
     return 0
+
+
+def plot(args: argparse.Namespace, model: str, ratios: list[float], speeds: dict[str, list[float]], note: str) -> None:
+    """--plot: the per-round fp16 / fp32 cache ratios of decode tok/s, and both caches' tok/s."""
+    from nanoseek.bench.plots import machine_note, ratio_plot
+
+    ratio_plot(args.plot, f"KV cache dtype: {model} {args.quant}, {args.depth}-token prompt, decode tok/s",
+               {"fp16 / fp32 cache": ratios}, ylabel="decode tok/s ratio (per round)",
+               absolute={"fp16 cache": speeds["fp16"], "fp32 cache": speeds["model"]},
+               absolute_ylabel="decode tok/s", absolute_fmt=".1f",
+               footnote=f"{machine_note(args.threads, 'wall clock')}; {args.tokens} greedy tokens a round, "
+                        f"{args.rounds} alternating rounds; {note}",
+               )  # fmt: skip
+    print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

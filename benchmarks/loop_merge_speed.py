@@ -1,7 +1,7 @@
 """Training loop merge (issue 22): pretraining, SFT and GRPO step times before and after, same work.
 
     python benchmarks/loop_merge_speed.py --old /tmp/loopbench/old --new /tmp/loopbench/new \\
-        [--rounds 3 --threads 1 --pretrain-steps 40 --sft-steps 30 --grpo-steps 8 --warmup 3]
+        [--rounds 3 --threads 1 --pretrain-steps 40 --sft-steps 30 --grpo-steps 8 --warmup 3 --plot loop.png]
 
 --old and --new are two checkouts' roots (e.g. `git worktree add /tmp/loopbench/old abfe244`, the state before
 GRPO and distillation moved onto the shared Trainer loop, and `git worktree add /tmp/loopbench/new HEAD`). Each
@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--loss-rtol", type=float, default=0.0, help="allowed relative loss gap (default 0: exact)")
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one; a set-up there is reused)")
+    ap.add_argument("--plot", type=Path, help="write a PNG here: per stage, each round's new/old ratios, step ms")
     ap.add_argument("--worker", choices=[*STAGES, "setup"], help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--steps", help=argparse.SUPPRESS)
@@ -316,6 +317,7 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], loads: list[tu
     print(f"new: {args.new} ({git_head(args.new)})")
     steps = {"pretrain": args.pretrain_steps, "sft": args.sft_steps, "grpo": args.grpo_steps}
     summary_rows = []
+    ratios, absolute = {}, {}  # for --plot
     for stage, rounds in runs.items():
         recs = rounds[0]["old"]["records"]
         rewards = [r["reward"] for r in recs if r.get("reward") is not None]
@@ -340,11 +342,30 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], loads: list[tu
                   + " | ".join(cpu_cells) + " |")  # fmt: skip
         medians = [f"{1e3 * statistics.median(v):.1f}" for v in (olds, news)]
         summary_rows.append([stage, str(n), *medians, fmt_ratio(walls), fmt_ratio(cpus) if cpus else "–"])
+        ratios[f"{stage}, wall"] = walls
+        if cpus:
+            ratios[f"{stage}, CPU"] = cpus
+        absolute[f"{stage}, old"] = [1e3 * t for t in olds]
+        absolute[f"{stage}, new"] = [1e3 * t for t in news]
     print(f"\nnew / old per-step time, median (min–max) over {args.rounds} rounds (< 1: the merged loop is faster)\n")
     print("| stage | steps timed | old step (ms) | new step (ms) | new/old wall | new/old CPU |")
     print("|---|---:|---:|---:|---:|---:|")
     for row in summary_rows:
         print("| " + " | ".join(row) + " |")
+    if getattr(args, "plot", None):
+        plot(args, ratios, absolute)
+
+
+def plot(args: argparse.Namespace, ratios: dict[str, list[float]], absolute: dict[str, list[float]]) -> None:
+    """--plot: per stage, each round's new/old wall (and CPU) ratio, and the old and new median step ms."""
+    from nanoseek.bench.plots import machine_note, ratio_plot
+
+    ratio_plot(args.plot, "training loop merge: new / old per-step time, per round (< 1: the merged loop faster)",
+               ratios, ylabel="new / old step time (per round)", absolute=absolute,
+               absolute_ylabel="median step (ms, wall)", absolute_fmt=".0f",
+               footnote=f"{machine_note(args.threads, 'wall and process CPU clocks')}; {args.rounds} rounds; "
+                        f"old {git_head(args.old)[:30]}, new {git_head(args.new)[:30]}")  # fmt: skip
+    print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python benchmarks/speedrun_seeds.py --seeds 1337 1 2 --out runs/seeds        # runs them (~17 min each)
     python benchmarks/speedrun_seeds.py --seeds 1337 1 2 --out runs/seeds --table-only
     python benchmarks/speedrun_seeds.py --seeds 1337 1 2 --out runs/seeds --rescore   # per-problem verdicts
+    python benchmarks/speedrun_seeds.py --seeds 1337 1 2 --out runs/seeds --table-only --plot seeds.png
 
 Each seed is one full run (`--set seed=N`: weights, demonstrations, data order and rollouts), run one after
 another so that no run shares the CPU with another. The table gives each stage's held-out accuracy with its 95%
@@ -10,7 +11,9 @@ interval, and the verdicts the runs' own summaries state (each stage against the
 the SFT control), beyond the intervals, and GRPO minus the control compared problem by problem (the paired 95%
 interval of the difference, scoring.paired). `--rescore` adds the per-problem verdicts to runs made before the
 summaries kept them: it scores every stage's saved model again exactly as the run did (scoring contract: same
-problems, greedy, same format) and stops unless each accuracy comes out as the run recorded it."""
+problems, greedy, same format) and stops unless each accuracy comes out as the run recorded it. `--plot PATH`
+draws every task's stage accuracies per seed with their 95% intervals, and GRPO − control paired, from the
+runs' summaries (with --table-only, from runs already in --out: nothing is run)."""
 
 from __future__ import annotations
 
@@ -78,6 +81,49 @@ def table(runs: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(runs: dict[int, dict], path: Path) -> Path:
+    """Per task a panel, per stage each seed's accuracy (%) with its 95% interval; a last panel with GRPO − the
+    SFT control per task, paired over the same problems (95%), where the runs kept per-problem verdicts."""
+    from nanoseek.bench.plots import interval_plot
+
+    first = next(iter(runs.values()))
+    tasks = first["scoring"]["tasks"]
+    panels: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+    for task in tasks:
+        groups = {}
+        for stage in STAGES:
+            cells = []
+            for summary in runs.values():
+                e = next((s["eval"][task] for s in summary["stages"] if s["name"] == stage), None)
+                if e is not None:
+                    cells.append((100 * e["accuracy"], 100 * e["ci95"][0], 100 * e["ci95"][1]))
+            if cells:
+                groups[stage] = cells
+        panels[f"{task} (held-out accuracy %)"] = groups
+    paired = {}
+    for task in tasks:
+        cells = []
+        for summary in runs.values():
+            row = next((c for c in summary["comparisons"] if (c["stage"], c["against"], c["task"]) ==
+                        ("grpo", "sft-control", task)), None)  # fmt: skip
+            p = (row or {}).get("paired")
+            if p:
+                cells.append((100 * p["diff"], 100 * p["ci95"][0], 100 * p["ci95"][1]))
+        if cells:
+            paired[task] = cells
+    difference = "GRPO − control, paired (points)"
+    if paired:
+        panels[difference] = paired
+    n = first["scoring"]["problems"]
+    params = (first.get("model") or {}).get("params")
+    size = f" ({params / 1e6:.2f} M parameters)" if params else ""
+    return interval_plot(path, f"speedrun: {len(runs)} seeds with the SFT control, {n} held-out problems a task",
+                         panels, members=[f"seed {s}" for s in runs], ylabel="%", references={difference: 0.0},
+                         footnote=f"each seed's 95% interval (Wilson; paired: Newcombe, same problems); preset "
+                                  f"{first.get('preset')}{size}, device {first.get('device')}; accuracies do not "
+                                  "depend on machine load")  # fmt: skip
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2])
@@ -86,6 +132,7 @@ def main() -> int:
     p.add_argument(
         "--rescore", action="store_true", help="add per-problem verdicts to the runs in --out, then the table"
     )
+    p.add_argument("--plot", help="write a PNG of the runs' accuracies per task, stage and seed here")
     args = p.parse_args()
     runs = {}
     for seed in args.seeds:
@@ -103,6 +150,8 @@ def main() -> int:
                 tmp.write_text(json.dumps(runs[seed], indent=2) + "\n")
                 tmp.replace(folder / "summary.json")
     print(table(runs))
+    if args.plot and runs:
+        print(f"plot: {plot(runs, Path(args.plot))}")
     return 0
 
 

@@ -2,7 +2,7 @@
 transformers' DeepseekV3ForCausalLM (its default experts implementation, plus "grouped_mm" and "eager"),
 same weights, same batch, same loss (mean next-token cross-entropy), in one run on this machine.
 
-    nanoseek bench moe-step [--batch 8 --seq 256 --reps 9 --threads 1 --clock cpu]
+    nanoseek bench moe-step [--batch 8 --seq 256 --reps 9 --threads 1 --clock cpu --plot moe_step.png]
     (or python benchmarks/moe_step.py)
 
 nanoseek runs twice, once per experts backend: grouped_mm (torch._grouped_mm over expert-sorted rows,
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         default="cpu",
         help="cpu: this process's CPU seconds (robust to other load when single-threaded); wall: elapsed time",
     )
+    ap.add_argument("--plot", help="write a PNG here: each row's per-round time over the faster nanoseek's, step ms")
     args = ap.parse_args(argv)
     if args.reps < 1:
         raise ValueError(f"--reps must be >= 1, got {args.reps}")
@@ -180,6 +181,24 @@ def run(args: argparse.Namespace) -> None:
     print(table(["implementation", "median step (ms)", "min–max (ms)", "tokens/s", "time / faster nanoseek"], rows))
     other = next(name for name in ours if name != best)
     print(f"faster nanoseek path: {best}; {other} takes {paired_ratio(times, other, best).format(unit='×')} its time")
+    if args.plot:
+        plot(args, times, best, tokens)
+
+
+def plot(args: argparse.Namespace, times: dict[str, list[float]], best: str, tokens: int) -> None:
+    """--plot: every row's per-round step time over the faster nanoseek row's, and each row's step ms."""
+    from nanoseek.bench.plots import machine_note, ratio_plot, round_ratios
+
+    short = {name: name.split(" (")[0].replace(" experts", "") for name in times}
+    clock = "process CPU clock" if args.clock == "cpu" else "wall clock"
+    title = f"MoE training step ({args.config}, {tokens} tokens): time / faster nanoseek ({short[best]})"
+    ratio_plot(args.plot, title,
+               {short[n]: round_ratios(times, n, best) for n in times if n != best},
+               ylabel="step time / faster nanoseek's (per round; > 1: slower)",
+               absolute={short[n]: [1000 * t for t in ts] for n, ts in times.items()}, absolute_ylabel="step (ms)",
+               footnote=f"{machine_note(torch.get_num_threads(), clock)}; {args.reps} alternating rounds",
+               absolute_fmt=".0f")  # fmt: skip
+    print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Quality at equal bits: how far each of nanoseek's run formats of a GGUF file, and llama.cpp's own run of the
 same file, are from the file's dequantized fp32 model, on the same tokens of a fixed text.
 
-    nanoseek bench quality [MODEL] [--formats auto,int4,int8,fp16 --ctx 512 --threads 2 --json q.json]
+    nanoseek bench quality [MODEL] [--formats auto,int4,int8,fp16 --ctx 512 --threads 2 --json q.json --plot q.png]
 
 MODEL is a .gguf file or an asset name (default `smollm2`). The text is bench/quality_text.py (English prose,
 ~1,800 words; over 2,000 tokens). It is split the way llama.cpp's `llama-perplexity` splits it: chunks of
@@ -89,9 +89,11 @@ class Scores:
             "top1": self.top1 / self.positions,
             "ppl": float(np.exp(self.nll / self.positions)),
             "positions": self.positions,
+            "chunk_mean_kl": [float(k.double().mean()) for k in self.kl],  # one entry per add() (a chunk)
         }
         if self.kl16:
             out["mean_kl_16bit"] = float(torch.cat(self.kl16).double().mean())
+            out["chunk_mean_kl_16bit"] = [float(k.double().mean()) for k in self.kl16]
         return out
 
 
@@ -244,6 +246,7 @@ def parse_args(argv):
     )
     ap.add_argument("--max-chunks", type=int, default=0, help="score only the first N chunks (0: all; smoke runs)")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--plot", help="write a PNG here: per chunk, KL(auto) / KL(llama.cpp) and every side's mean KL")
     args = ap.parse_args(argv)
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     for f in args.formats:
@@ -375,6 +378,35 @@ def report(args, model: Path, text: str, n_chunks: int, figures: dict, resolved:
             result["ratio_auto_over_llama_cpp_16bit"] = ratio16
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.plot:
+        plot(args, model, figures, Path(args.plot), notes)
+        print(f"plot: {args.plot}")
+
+
+def plot(args, model: Path, figures: dict, path: Path, notes: list[str] = ()) -> Path:
+    """Per chunk: nanoseek --quant auto's mean KL over llama.cpp's (plain, and on equal terms where both have the
+    16-bit column), and every side's mean KL (nats)."""
+    from nanoseek.bench.plots import machine_note, ratio_plot
+
+    auto = next((f for label, f in figures.items() if label.startswith("nanoseek --quant auto")), None)
+    peer = figures.get("llama.cpp (llama-perplexity, same file)")
+    ratios = {}
+    if auto is not None and peer is not None:
+        ratios["auto / llama.cpp"] = [a / b for a, b in zip(auto["chunk_mean_kl"], peer["chunk_mean_kl"])]
+        if "chunk_mean_kl_16bit" in auto and "chunk_mean_kl_16bit" in peer:
+            ratios["auto / llama.cpp,\nequal terms (16-bit rows)"] = [
+                a / b for a, b in zip(auto["chunk_mean_kl_16bit"], peer["chunk_mean_kl_16bit"])
+            ]
+    short = {label: label.replace("nanoseek --quant ", "").replace(" (llama-perplexity, same file)", "")
+             for label in figures}  # fmt: skip
+    absolute = {short[label]: f["chunk_mean_kl"] for label, f in figures.items()}
+    peer_note = next((n.partition("`; ")[2] for n in notes if n.startswith("llama.cpp:")), "")
+    footnote = (f"{machine_note(args.threads)} (quality does not depend on load); one point per chunk of {args.ctx} "
+                f"tokens, its second half scored; KL(the file's fp32 model || side)\n{peer_note}")  # fmt: skip
+    return ratio_plot(path, f"quality at equal bits: {model.name}, mean KL per chunk",
+                      ratios or absolute, ylabel="mean KL ratio (lower: closer to the fp32 model)", per="chunk",
+                      absolute=absolute if ratios else None, absolute_ylabel="mean KL per chunk (nats)",
+                      footnote=footnote, reference=1.0 if ratios else None, fmt=".3f", absolute_fmt=".4f")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Supervised fine-tuning speed: nanoseek's SFT trainer step vs a plain transformers training loop, on the
 same model, data and batches, in one run.
 
-    nanoseek bench sft [--model smollm2|tiny|PATH] [--batch 8 --reps 6 --threads 1 --clock cpu]
+    nanoseek bench sft [--model smollm2|tiny|PATH] [--batch 8 --reps 6 --threads 1 --clock cpu --plot sft.png]
     (or python benchmarks/sft.py)
 
 Both sides start from the same weights (the model as nanoseek loads it, exported with save_pretrained and
@@ -132,6 +132,7 @@ def add_common_arguments(ap: argparse.ArgumentParser) -> None:
         "--clock", choices=["cpu", "wall"], default="cpu",
         help="cpu: this process's CPU seconds (robust to other load when single-threaded); wall: elapsed time",
     )  # fmt: skip
+    ap.add_argument("--plot", help="write a PNG here: the per-round time ratios and each side's conversations/s")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -238,6 +239,26 @@ def run(args: argparse.Namespace, out: Path) -> None:
     print(table(["SFT step", "median (s)", "min–max (s)", "conversations/s"], rows))
     speedup = paired_ratio(times, PLAIN, NANOSEEK)
     print(f"\nconversations/s, nanoseek / transformers loop (per-round time ratio): {speedup.format(unit='×')}")
+    if args.plot:
+        plot(
+            args, f"SFT: nanoseek / transformers loop, {label}", times, PLAIN, NANOSEEK, f"{n_params / 1e6:.1f}M params"
+        )
+
+
+def plot(args, title: str, times: dict[str, list[float]], slower: str, faster: str, note: str = "") -> None:
+    """Both SFT benchmarks' --plot: per round, time[slower] / time[faster] (the conversations/s ratio of `faster`
+    over `slower`), and each side's conversations/s."""
+    from nanoseek.bench.plots import machine_note, ratio_plot, round_ratios
+
+    clock = "process CPU clock" if args.clock == "cpu" else "wall clock"
+    short = {name: name.split(" (")[0] for name in times}
+    ratio_plot(args.plot, title, {f"{short[faster]} / {short[slower]}": round_ratios(times, slower, faster)},
+               ylabel="conversations/s ratio (per round)",
+               absolute={short[name]: [args.batch / t for t in ts] for name, ts in times.items()},
+               absolute_ylabel="conversations/s",
+               footnote=f"{machine_note(torch.get_num_threads(), clock)}; {args.batch} conversations a step, "
+                        f"{args.reps} rounds" + (f"; {note}" if note else ""))  # fmt: skip
+    print(f"plot: {args.plot}")
 
 
 def trainer_targets(batches) -> int:

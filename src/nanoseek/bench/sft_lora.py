@@ -189,6 +189,11 @@ def run(args: argparse.Namespace, argv: list[str], out: Path) -> None:
     print(table(header, rows))
     speedup = paired_ratio(times, FULL, LORA)
     print(f"\nconversations/s, LoRA / full SFT (per-round time ratio): {speedup.format(unit='×')}")
+    if args.plot:
+        from nanoseek.bench.sft import plot
+
+        plot(args, f"LoRA SFT vs full SFT, {label}", times, FULL, LORA,
+             f"LoRA rank {lora.lora.rank}, dropout {lora.lora.dropout:g}")  # fmt: skip
 
 
 if __name__ == "__main__":

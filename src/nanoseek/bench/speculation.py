@@ -1,7 +1,7 @@
 """Prompt-lookup (n-gram) speculation: the engine decoding a reply that repeats its prompt, with and without
 `EngineConfig(speculative="ngram")`, the same model, prompt and greedy settings, in one process.
 
-    nanoseek bench speculation [MODEL] [--quant fp16 --tokens 128 --rounds 5 --threads 2]
+    nanoseek bench speculation [MODEL] [--quant fp16 --tokens 128 --rounds 5 --threads 2 --plot spec.png]
 
 MODEL is a .gguf file or an asset name (default `smollm2`, SmolLM2-135M-Instruct Q4_1), run in --quant (default
 fp16, the format README's figure was taken in). The prompt is a chat turn asking the model to repeat a passage
@@ -41,6 +41,7 @@ def parse_args(argv):
     ap.add_argument("--drafts", type=int, default=4, help="draft tokens per step (num_speculative_tokens)")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up round")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--plot", help="write a PNG here: the per-round speedups and each side's tok/s")
     args = ap.parse_args(argv)
     for name in ("tokens", "words", "drafts", "rounds", "threads"):
         if getattr(args, name) < 1:
@@ -109,6 +110,18 @@ def run(args) -> None:
     rate = f"{accepted} of {drafted} drafts accepted ({accepted / drafted:.0%})" if drafted else "no drafts"
     print(f"\nspeedup, plain / speculative time per round: {paired_ratio(times, PLAIN, NGRAM).format(unit='x')}; "
           f"{rate} in the timed rounds")  # fmt: skip
+    if args.plot:
+        plot(args, path.name, quant, n, times, rate, args.plot)
+        print(f"plot: {args.plot}")
+
+
+def plot(args, model: str, quant: str, n: int, times: dict[str, list[float]], rate: str, path) -> None:
+    from nanoseek.bench.plots import machine_note, ratio_plot, round_ratios
+
+    ratio_plot(path, f"n-gram speculation: {model} in {quant}, a {n}-token reply repeating the prompt",
+               {"plain / speculative time": round_ratios(times, PLAIN, NGRAM)}, ylabel="speedup (per round)",
+               absolute={name: [n / t for t in ts] for name, ts in times.items()}, absolute_ylabel="decode tok/s",
+               footnote=f"{machine_note(args.threads, 'wall clock')}; {rate}; > 1: speculation faster")  # fmt: skip
 
 
 if __name__ == "__main__":

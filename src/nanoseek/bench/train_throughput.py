@@ -3,7 +3,7 @@ DeepseekV3ForCausalLM training loop doing the same work, plus rows that show wha
 optimisations adds. The speedrun's model config (`tiny` preset, without MTP: transformers does not train
 MTP heads), same initial weights, same batches, same loss, same optimizer, in one run on this machine.
 
-    nanoseek bench train-throughput [--batch 256 --reps 20 --threads 1 --clock cpu]
+    nanoseek bench train-throughput [--batch 256 --reps 20 --threads 1 --clock cpu --plot train_throughput.png]
     (or python benchmarks/train_throughput.py)
 
 The batches are TaskBatcher's: [batch, 32] rows of one add2/sort problem each, loss on the answer only.
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         default="cpu",
         help="cpu: this process's CPU seconds (robust to other load when single-threaded); wall: elapsed time",
     )
+    ap.add_argument("--plot", help="write a PNG here: every ratio of step times per round, each row's step ms")
     args = ap.parse_args(argv)
     if args.reps < 1 or args.batch < 1:
         raise ValueError(f"--reps and --batch must be >= 1, got {args.reps} and {args.batch}")
@@ -190,6 +191,25 @@ def run(args: argparse.Namespace, out: str) -> None:
     ]
     print(table(["ratio of step times", "median (min–max) over rounds"],
                 [[what, paired_ratio(times, a, b).format(unit="×")] for what, a, b in ratios]))  # fmt: skip
+    if args.plot:
+        plot(args, times, ratios)
+
+
+def plot(args: argparse.Namespace, times: dict[str, list[float]], ratios: list[tuple[str, str, str]]) -> None:
+    """--plot: every ratio of the printed table per round (numerator row / denominator row), each row's step ms."""
+    from nanoseek.bench.plots import machine_note, ratio_plot, round_ratios
+
+    short = {TRAINER: "Trainer", HF_SAME: "transformers", OURS_LOOP: "nanoseek loop", OURS_LOGITS: "loop, logits",
+             OURS_FULL: "loop, full rows", HF_FULL: "transformers, full rows"}  # fmt: skip
+    clock = "process CPU clock" if args.clock == "cpu" else "wall clock"
+    ratio_plot(args.plot, f"training throughput, tiny preset, {args.batch} rows a step: ratios of step times",
+               {what.split(":")[0]: round_ratios(times, a, b) for what, a, b in ratios},
+               ylabel="ratio of step times (per round; > 1: the second row faster)",
+               absolute={short[n]: [1000 * t for t in ts] for n, ts in times.items()}, absolute_ylabel="step (ms)",
+               footnote=f"{machine_note(torch.get_num_threads(), clock)}; {args.reps} alternating rounds; ratios "
+                        "as in the printed table (e.g. same work: transformers loop / nanoseek Trainer step)",
+               absolute_fmt=".0f")  # fmt: skip
+    print(f"plot: {args.plot}")
 
 
 def check_first_step(first: dict[str, tuple[float, float]]) -> tuple[float, float]:
