@@ -279,7 +279,15 @@ def prepare_sft(
     merge: bool = False,
 ) -> SFTTrainer:
     """Everything run_sft does before training: load and check the model, the settings and all the data
-    (every error is raised here), and build the trainer. `.train()` runs it."""
+    (every error is raised here), and build the trainer. `.train()` runs it.
+
+    resume: continue from out/checkpoints (same model, data and settings; max_steps may change).
+    parallel: auto | none | ddp | fsdp, as `nanoseek train`. stop_after: end after that many steps without
+    the final checkpoint and export, as an interrupted run would (for resume tests). tune_threads: on CPU,
+    keep switching to the faster of 1 thread and all threads (the Trainer's ThreadTuner, as the speedrun does).
+    lora: train a LoRA adapter on the frozen model (train/lora_training.py; `lora.*` settings) into
+    <out>/adapter, a PEFT folder (model_dir is that folder); merge: also write <out>/model, the model with the
+    adapter folded in (model_dir then)."""
     overrides, lora_cfg = lora_settings(overrides, "sft", lora, LORA_DEFAULTS)
     if merge and not lora:
         raise ValueError("--merge folds a LoRA adapter into the model: it needs --lora")
@@ -309,31 +317,13 @@ def run_sft(
     out: str | os.PathLike,
     overrides: Sequence[str] = (),
     *,
-    tokenizer=None,
-    show_progress: bool = True,
-    device: str = "cpu",
     metrics_path: os.PathLike | None = None,
-    resume: bool = False,
-    parallel: str = "auto",
-    stop_after: int | None = None,
-    tune_threads: bool = False,
-    lora: bool = False,
-    merge: bool = False,
+    **kw: Any,
 ) -> SFTResult:
-    """Fine-tune `model` on `data` into `out` (see the module docstring). A model object is trained in place.
-
-    resume: continue from out/checkpoints (same model, data and settings; max_steps may change).
-    parallel: auto | none | ddp | fsdp, as `nanoseek train`. stop_after: end after that many steps without
-    the final checkpoint and export, as an interrupted run would (for resume tests). tune_threads: on CPU,
-    keep switching to the faster of 1 thread and all threads (the Trainer's ThreadTuner, as the speedrun does).
-    lora: train a LoRA adapter on the frozen model (train/lora_training.py; `lora.*` settings) into
-    <out>/adapter, a PEFT folder (model_dir is that folder); merge: also write <out>/model, the model with the
-    adapter folded in (model_dir then).
-    Bad input (data, --set keys, a model that cannot be fine-tuned) raises ValueError before training."""
-    trainer = prepare_sft(
-        model, data, out, overrides, tokenizer=tokenizer, show_progress=show_progress, device=device,
-        resume=resume, parallel=parallel, stop_after=stop_after, tune_threads=tune_threads, lora=lora, merge=merge,
-    )  # fmt: skip
+    """Fine-tune `model` on `data` into `out` (see the module docstring; the keywords are prepare_sft's). A
+    model object is trained in place. Bad input (data, --set keys, a model that cannot be fine-tuned) raises
+    ValueError before training."""
+    trainer = prepare_sft(model, data, out, overrides, **kw)
     trainer.metrics_mirror = Path(metrics_path) if metrics_path is not None else None
     result = trainer.train()
     s = result.summary
