@@ -60,7 +60,7 @@ def test_r1_task_rows_are_the_chat_prompt_and_a_direct_r1_answer(tok):
 
 
 def test_r1_thinking_tasks_work_the_problem_out_in_the_thought(tok):
-    from nanoseek.train.demonstrations import carry_steps
+    from nanoseek.tasks.demonstrations import carry_steps
 
     tasks = [get_task("add2"), get_task("sort")]
     x, y = TaskBatcher(tasks, tok, batch_size=16, seq_len=48, seed=3, fmt="r1", thinking=["add2"]).batch_at(0)
@@ -98,7 +98,7 @@ def test_countdown_thought_evaluates_the_reference_step_by_step():
     import random
 
     from nanoseek.tasks import get_task
-    from nanoseek.train.demonstrations import countdown_steps, r1_answer_text
+    from nanoseek.tasks.demonstrations import countdown_steps, r1_answer_text
 
     assert countdown_steps("(3+5)*7") == "3+5=8,8*7=56"
     assert countdown_steps("2-7+9") == "2-7=-5,-5+9=4"

@@ -5,7 +5,8 @@
 - `synthetic`: the synthetic tasks (add2, sort, countdown, addN, …), their held-out split and exact checkers;
 - `formats`: the prompt a model is given (`prompt_ids`: <bos> + prompt) and the R1-Zero format (system prompt,
   answer extraction, rule reward);
-- `stats`: pass@k and the 95% intervals (Wilson, percentile bootstrap).
+- `stats`: pass@k and the 95% intervals (Wilson, percentile bootstrap);
+- `demonstrations`: R1-format replies that work a problem out in the thought (SFT's demonstrations, r1 rows).
 """
 
 from nanoseek.tasks.formats import R1_SYSTEM_PROMPT, extract_r1_answer, prompt_ids, r1_reward

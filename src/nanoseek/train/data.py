@@ -41,8 +41,8 @@ import torch
 
 from nanoseek.model.loss import IGNORE_INDEX
 from nanoseek.tasks import Example, Task
+from nanoseek.tasks.demonstrations import r1_answer_text
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.demonstrations import r1_answer_text
 
 
 class TaskBatcher:

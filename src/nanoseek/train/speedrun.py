@@ -28,7 +28,7 @@ One scoring contract: score_stage scores every stage's model through nanoseek.ev
 problems, greedy, in its format (SCORING_FORMATS), exactly as the `nanoseek eval` command in
 summary["scoring"] does; stage_comparisons states which stage beats which beyond the 95% intervals. The final
 model's report card adds sampled pass@1 and pass@k and the MTP module as a drafter (final_evaluation).
-The demonstrations live in train/demonstrations.py, the scoring contract in train/scoring.py, the final
+The demonstrations live in tasks/demonstrations.py, the scoring contract in train/scoring.py, the final
 model's figures in train/final_eval.py; this file runs the stages.
 """
 
@@ -44,8 +44,8 @@ from typing import Any
 
 from nanoseek.eval.held_out import TaskScore
 from nanoseek.tasks import get_task
+from nanoseek.tasks.demonstrations import r1_conversations
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.demonstrations import r1_conversations
 from nanoseek.train.final_eval import final_evaluation
 from nanoseek.train.overrides import split_sections
 from nanoseek.train.run_config import SECTIONS, load_run_config

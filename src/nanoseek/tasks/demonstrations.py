@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import re
 
-from nanoseek.tasks import Example, Task
+from nanoseek.tasks.synthetic import Example, Task
 
 
 def r1_thought(example: Example) -> str:
