@@ -126,9 +126,12 @@ def setup_models(out: Path, steps: str | int, seed: int) -> dict:
     from nanoseek.train.trainer import Trainer
 
     try:
-        from nanoseek.train.demonstrations import r1_conversations
-    except ImportError:  # before the speedrun's split
-        from nanoseek.train.speedrun import r1_conversations
+        from nanoseek.tasks.demonstrations import r1_conversations
+    except ImportError:  # before the demonstrations moved to tasks/
+        try:
+            from nanoseek.train.demonstrations import r1_conversations
+        except ImportError:  # before the speedrun's split
+            from nanoseek.train.speedrun import r1_conversations
 
     pre_steps, sft_steps = (int(s) for s in str(steps).split(","))
     cfg = load_train_config(preset="tiny", overrides=pretrain_overrides(pre_steps, out / "pretrain", seed))
