@@ -13,27 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-
-def decode(model, prompt: list[int], tokens: int, kv: str) -> tuple[float, list[int]]:
-    """Decode tok/s after the first token, and the greedy tokens, of one fresh engine with a `kv` cache."""
-    from nanoseek.engine.engine import Engine, EngineConfig
-    from nanoseek.engine.sampling import SamplingParams
-
-    blocks = (len(prompt) + tokens) // 16 + 3
-    engine = Engine(model, EngineConfig(block_size=16, max_num_seqs=1, num_blocks=blocks, kv_cache_dtype=kv),
-                    eos_ids=[])  # fmt: skip
-    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True))
-    first = None
-    while engine.has_work():
-        engine.step()
-        if first is None and engine.get(rid).output_ids:  # the prompt's prefill ends with the first token
-            first = time.perf_counter()
-    return tokens / (time.perf_counter() - first), list(engine.get(rid).output_ids)
+from nanoseek.bench.engine_ab import Arm, alternate
 
 
 def main() -> int:
@@ -53,22 +37,13 @@ def main() -> int:
     path = Path(resolve_model(args.model))
     model = nanoseek.load(path, quant=args.quant)
     prompt = [(i * 7919) % 40000 + 100 for i in range(args.depth)]  # fixed ids, no tokenizer needed
-    _, half = decode(model, prompt, args.tokens, "fp16")
-    _, full = decode(model, prompt, args.tokens, "model")
-    agree = next((i for i, (a, b) in enumerate(zip(half, full)) if a != b), len(half))
-    ratios, speeds = [], {"fp16": [], "model": []}
-    for r in range(args.rounds):
-        order = ("fp16", "model") if r % 2 == 0 else ("model", "fp16")
-        speed = {kv: decode(model, prompt, args.tokens, kv)[0] for kv in order}
-        ratios.append(speed["fp16"] / speed["model"])
-        for kv in speed:
-            speeds[kv].append(speed[kv])
-        print(f"round {r + 1}: fp16 {speed['fp16']:.1f} tok/s, fp32 {speed['model']:.1f} tok/s", flush=True)
+    arms = {"fp16": Arm({"kv_cache_dtype": "fp16"}), "model": Arm({"kv_cache_dtype": "model"})}
+    (agree, total), ratios, speeds = alternate(model, prompt, args.tokens, arms, args.rounds)
     print(f"{path.name} {args.quant}, {args.threads} threads, {args.depth}-token prompt, {args.tokens} tokens a round: "
-          f"greedy tokens equal for {agree} of {len(half)}; fp16 / fp32 cache decode tok/s per round: "
+          f"greedy tokens equal for {agree} of {total}; fp16 / fp32 cache decode tok/s per round: "
           f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
     if args.plot:
-        plot(args, path.name, ratios, speeds, f"greedy tokens equal for {agree} of {len(half)}")
+        plot(args, path.name, ratios, speeds, f"greedy tokens equal for {agree} of {total}")
     return 0
 
 

@@ -134,3 +134,21 @@ def test_stack_stands_aside_where_it_does_not_apply():
     assert layer_stack.DenseStack.of(plain) is not None
     plain.model.layers[0].self_attn.o_proj = nn.Identity()  # a projection it cannot run
     assert layer_stack.DenseStack.of(plain) is None
+
+
+def test_engine_ab_alternates_the_arms_after_checking_their_tokens():
+    """bench/engine_ab (benchmarks/layer_stack.py, kv_cache_dtype.py): the arms' greedy tokens are compared before
+    timing, and every round times both."""
+    from nanoseek.bench.engine_ab import Arm, alternate
+
+    def without_stack(engine):
+        engine.runner.layer_stack = None
+
+    model = _model()
+    arms = {"stack": Arm(), "layer loop": Arm(adjust=without_stack)}
+    (agree, total), ratios, speeds = alternate(model, [5, 6, 7] * 10, 6, arms, 2, require_equal=True)
+    assert agree == total == 7 and len(ratios) == 2 and all(len(v) == 2 for v in speeds.values())
+    flip = lambda engine: engine.runner.model.model.layers[0].input_layernorm.weight.data.mul_(-1)  # noqa: E731
+    broken = {"stack": Arm(), "other weights": Arm(adjust=flip)}
+    with pytest.raises(SystemExit, match="part at greedy token"):
+        alternate(model, [5, 6, 7] * 10, 6, broken, 1, require_equal=True)
