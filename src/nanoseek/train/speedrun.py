@@ -74,12 +74,10 @@ class SpeedrunOptions:
     show_progress: bool = True
 
 
-STAGE_PREFIXES = SECTIONS  # the run's settings tree (train/run_config.py): ("sft", "grpo")
-
-
 def split_overrides(overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """`sft.KEY=V` and `grpo.KEY=V` go to those stages (as KEY=V), every other setting to pretraining."""
-    return split_sections(overrides, STAGE_PREFIXES)
+    """`sft.KEY=V` and `grpo.KEY=V` (the run's settings tree, train/run_config.py) go to those stages (as
+    KEY=V), every other setting to pretraining."""
+    return split_sections(overrides, SECTIONS)
 
 
 @dataclass
