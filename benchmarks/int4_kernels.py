@@ -21,8 +21,8 @@ Weights are read from memory, not cache: each candidate cycles through copies of
 exceed the last-level cache (--cache-mb), as in a decode step, where the model is larger than the cache.
 Rounds alternate the candidates; the result is each one's median time per call over the rounds, with the
 spread (min-max), and its ratio to int8 `_int_mm` (eager against eager, kernel against kernel, compiled
-against compiled), of the medians and of the minima: on a shared machine the minima are the rounds that ran
-undisturbed. --plot draws each candidate's per-round time over its baseline's (with --prefetch-blocks: only the
+against compiled) taken per round: the median and min-max of the rounds' ratios. --plot draws each candidate's
+per-round time over its baseline's (with --prefetch-blocks: only the
 prefetch distances and the AVX2 path, against the default kernel).
 """
 
@@ -268,9 +268,9 @@ def main() -> None:
     compiled["q4"] = chained(lambda x, packed: q4_kernel.q4_linear(x, packed, packed.shape[0] * q4_kernel.PANEL))
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{args.threads} thread(s); µs per call, median (min-max) of {args.rounds} alternating rounds")  # fmt: skip
-    print("| shape | rows | kernel | µs median (min–max) | vs peer (int8 `_int_mm`; AVX2 path: the VNNI path): "
-          "median | min | rel. error vs fp32 | vs own grid |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | rows | kernel | µs median (min–max) | vs peer (int8 `_int_mm`; AVX2 path: the VNNI path), "
+          "per round: median (min–max) | rel. error vs fp32 | vs own grid |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     ratios: dict[str, list[float]] = {}  # for --plot
     for shape in args.shapes:
         in_f, out_f = SHAPES[shape]
@@ -280,18 +280,18 @@ def main() -> None:
             ref = cands[0].expected(x)  # fp32 with the unquantized weights
             times = measure(cands, x, args.rounds, args.round_ms / 1e3)
             median = {name: statistics.median(ts) for name, ts in times.items()}
-            least = {name: min(ts) for name, ts in times.items()}
             for c in cands:
                 with c.context():
                     out = c.to_output(c.run(x, 0), x)
                 own = f"{rel_err(out, c.expected(x)):.1e}" if c.expected and c is not cands[0] else "—"
                 ts = times[c.name]
+                per_round = [a / b for a, b in zip(ts, times[c.baseline])]
                 print(f"| {shape} | {rows} | {c.name} | {median[c.name]:.1f} ({min(ts):.1f}–{max(ts):.1f}) | "
-                      f"{median[c.name] / median[c.baseline]:.2f}× | {least[c.name] / least[c.baseline]:.2f}× | "
+                      f"{statistics.median(per_round):.2f}× ({min(per_round):.2f}–{max(per_round):.2f}) | "
                       f"{rel_err(out, ref):.1e} | {own} |")  # fmt: skip
                 if c.baseline != c.name and (not args.prefetch_blocks or c.baseline.startswith("int4 nanoseek")):
                     label = c.name.replace("int4 nanoseek q4_linear", "").lstrip(", ").replace(" blocks ahead", "")
-                    ratios[f"{shape.split()[0]} x{rows}: {label}"] = [a / b for a, b in zip(ts, times[c.baseline])]
+                    ratios[f"{shape.split()[0]} x{rows}: {label}"] = per_round
     if args.plot:
         plot(args, ratios)
 

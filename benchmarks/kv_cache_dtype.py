@@ -13,30 +13,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
-import torch
-
-from nanoseek.bench.engine_ab import Arm, alternate
+from nanoseek.bench.engine_ab import Arm, alternate, load, parser
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default="smollm2", help="a .gguf file or an asset name (default smollm2)")
-    p.add_argument("--quant", default="int4", choices=["int4", "int8", "fp16"], help="the weights' run format")
-    p.add_argument("--depth", type=int, default=200, help="prompt tokens before the decode")
-    p.add_argument("--tokens", type=int, default=64, help="greedy tokens timed per round")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--plot", help="write a PNG here: the per-round fp16 / fp32 ratios and both caches' tok/s")
-    args = p.parse_args()
-    import nanoseek
-    from nanoseek.assets import resolve_model
-
-    torch.set_num_threads(args.threads)
-    path = Path(resolve_model(args.model))
-    model = nanoseek.load(path, quant=args.quant)
-    prompt = [(i * 7919) % 40000 + 100 for i in range(args.depth)]  # fixed ids, no tokenizer needed
+    args = parser(
+        __doc__, ["int4", "int8", "fp16"], "write a PNG here: the per-round fp16 / fp32 ratios and both caches' tok/s"
+    ).parse_args()
+    path, model, prompt = load(args)
     arms = {"fp16": Arm({"kv_cache_dtype": "fp16"}), "model": Arm({"kv_cache_dtype": "model"})}
     (agree, total), ratios, speeds = alternate(model, prompt, args.tokens, arms, args.rounds)
     print(f"{path.name} {args.quant}, {args.threads} threads, {args.depth}-token prompt, {args.tokens} tokens a round: "

@@ -10,13 +10,9 @@ order alternating) and the ratio stack / layer loop of decode tok/s is taken per
 
 from __future__ import annotations
 
-import argparse
 import statistics
-from pathlib import Path
 
-import torch
-
-from nanoseek.bench.engine_ab import Arm, alternate
+from nanoseek.bench.engine_ab import Arm, alternate, load, parser
 
 
 def without_stack(engine) -> None:
@@ -24,22 +20,10 @@ def without_stack(engine) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default="smollm2", help="a .gguf file or an asset name (default smollm2)")
-    p.add_argument("--quant", default="int4", choices=["int4", "fp16", "none"], help="the weights' run format")
-    p.add_argument("--depth", type=int, default=200, help="prompt tokens before the decode")
-    p.add_argument("--tokens", type=int, default=64, help="greedy tokens timed per round")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--plot", help="write a PNG here: the per-round ratios and both sides' tok/s")
-    args = p.parse_args()
-    import nanoseek
-    from nanoseek.assets import resolve_model
-
-    torch.set_num_threads(args.threads)
-    path = Path(resolve_model(args.model))
-    model = nanoseek.load(path, quant=None if args.quant == "none" else args.quant)
-    prompt = [(i * 7919) % 40000 + 100 for i in range(args.depth)]  # fixed ids, no tokenizer needed
+    args = parser(
+        __doc__, ["int4", "fp16", "none"], "write a PNG here: the per-round ratios and both sides' tok/s"
+    ).parse_args()
+    path, model, prompt = load(args)
     arms = {"stack": Arm(), "layer loop": Arm(adjust=without_stack)}
     (agree, total), ratios, speeds = alternate(model, prompt, args.tokens, arms, args.rounds, require_equal=True)
     print(f"{path.name} {args.quant}, {args.threads} threads, {args.depth}-token prompt, {args.tokens} tokens a round: "

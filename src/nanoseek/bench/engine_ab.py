@@ -6,9 +6,11 @@ times both (the order alternating), and the ratio of decode tok/s is taken per r
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -56,3 +58,29 @@ def alternate(model, prompt: list[int], tokens: int, arms: dict[str, Arm], round
             speeds[name].append(speed[name])
         print(f"round {r + 1}: {a} {speed[a]:.1f} tok/s, {b} {speed[b]:.1f} tok/s", flush=True)
     return (agree, len(out_a)), ratios, speeds
+
+
+def parser(doc: str, quants: list[str], plot_help: str) -> argparse.ArgumentParser:
+    """The scripts' shared arguments: the model, its run format, the prompt's depth, tokens, rounds, threads."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default="smollm2", help="a .gguf file or an asset name (default smollm2)")
+    p.add_argument("--quant", default=quants[0], choices=quants, help="the weights' run format")
+    p.add_argument("--depth", type=int, default=200, help="prompt tokens before the decode")
+    p.add_argument("--tokens", type=int, default=64, help="greedy tokens timed per round")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--plot", help=plot_help)
+    return p
+
+
+def load(args: argparse.Namespace):
+    """(the model file, the model in --quant on --threads threads, a --depth-token prompt of fixed ids)."""
+    import torch
+
+    import nanoseek
+    from nanoseek.assets import resolve_model
+
+    torch.set_num_threads(args.threads)
+    path = Path(resolve_model(args.model))
+    model = nanoseek.load(path, quant=None if args.quant == "none" else args.quant)
+    return path, model, [(i * 7919) % 40000 + 100 for i in range(args.depth)]  # no tokenizer needed
