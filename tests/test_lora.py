@@ -238,6 +238,8 @@ def test_resume_after_interruption_gives_the_same_losses_and_adapter(tok, tmp_pa
     ckpt = list_checkpoints(tmp_path / "part/checkpoints")[-1]
     assert ckpt.name == "step-00000003" and (ckpt / "adapter_config.json").is_file()
     assert not (ckpt / "model.safetensors").exists()  # the checkpoint holds the adapter, not the model
+    # lora.base_format's default is not recorded: checkpoints from before the setting still resume
+    assert "base_format" not in json.loads((ckpt / "train_config.json").read_text())["lora"]
     second = run_sft(base, DATA, tmp_path / "part", sets, show_progress=False, resume=True, lora=True)
     assert first.losses == full.losses[:3] and second.losses == full.losses[3:]
     from safetensors.torch import load_file

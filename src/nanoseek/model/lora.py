@@ -3,6 +3,7 @@
     cfg = LoRAConfig(rank=16, alpha=32, dropout=0.05)                 # target_modules [] = the family's defaults
     wrapped = apply_lora(model, cfg, seed=0)     # in place: targets become LoRALinear, everything else frozen
     merge_lora(model)                             # in place: each LoRALinear back to a plain nn.Linear, W + s*BA
+    apply_lora(model, LoRAConfig(base_format="int4"))  # QLoRA-style: the frozen base's forward on the 4-bit kernel
 
 A LoRALinear computes base(x) + lora_B(lora_A(dropout(x))) * alpha/rank, as PEFT's lora.Linear does, with
 PEFT's initialisation (lora_A kaiming-uniform with a=sqrt(5), lora_B zeros: the adapter starts as a no-op)
@@ -42,12 +43,24 @@ class LoRAConfig:
     dropout 0: peft's LoraConfig default (lora_dropout=0.0 in peft 0.21.2) and what Unsloth recommends
     (`lora_dropout = 0, # Supports any, but = 0 is optimized` in its examples). Without a mask a LoRA SFT step
     of SmolLM2-135M on the CPU is ~13% shorter (benchmarks/RESULTS.md, "LoRA SFT vs full SFT"), and the slow
-    SmolLM2 test learns its made-up fact with it; `--set lora.dropout=0.05` brings dropout back."""
+    SmolLM2 test learns its made-up fact with it; `--set lora.dropout=0.05` brings dropout back.
+
+    base_format: what the frozen base's forward multiplies by. "fp32" (default): x W^T in fp32. "int4"
+    (QLoRA-style): each wrapped linear also keeps W packed on GGUF Q4_1's 4-bit grid (quant.int4_grid, as
+    Int4Linear packs it) for nanoseek's 4-bit kernel, which computes the forward's x W^T faster than fp32
+    matmuls (SmolLM2-135M's shapes, 716 rows, 1 thread, AVX512-VNNI: 1.1-1.3x; a LoRA SFT step ~1.09x) but
+    rounds the activations to int8 per block of 32 inputs (and fits W to the grid: a Q4_1 file's weights, such
+    as SmolLM2's GGUF, are on it exactly; its SFT losses then move by ~0.1-1%); the backward still takes the
+    input's gradient from the fp32 W (straight through the rounding), and the adapter, its files and --merge
+    are the same. Costs memory: the packed copies are 5 bits per weight (~1/6 of the fp32 base) beside it,
+    never saved. Linears whose input size is not a multiple of 32 stay fp32; needs the kernel (AVX2) and the
+    base in fp32 on the CPU."""
 
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=list)  # module names (last path part); []: the defaults
+    base_format: str = "fp32"  # the frozen base's forward: "fp32" or "int4" (BASE_FORMATS; see above)
 
     @property
     def scaling(self) -> float:
@@ -63,11 +76,14 @@ class LoRAConfig:
         bad = [t for t in self.target_modules if not t or "." in t]
         if bad:
             raise ValueError(f"lora.target_modules takes module names such as q_proj (no dots), got {bad}")
+        if self.base_format not in BASE_FORMATS:
+            raise ValueError(f"lora.base_format must be one of {', '.join(BASE_FORMATS)}, got {self.base_format!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+BASE_FORMATS = ("fp32", "int4")
 DROP_BITS = 15  # a dropout mask element compares 15 random bits with p's threshold (p quantized to 1/32768)
 
 
@@ -99,6 +115,8 @@ class LoRALinear(nn.Module):
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, **kw)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, **kw)
+        # base_format int4: the frozen weight packed for the 4-bit kernel (pack_int4_base); not saved
+        self.register_buffer("base_packed", None, persistent=False)
 
     def reset_lora(self, generator: torch.Generator | None = None) -> None:
         """PEFT's init_lora_weights=True: A kaiming-uniform (a = sqrt(5)), B zeros."""
@@ -188,11 +206,13 @@ def lora_forward(parts: Sequence[LoRALinear], x: torch.Tensor) -> tuple[torch.Te
     if any(t.requires_grad for b in bases for t in (b.weight, b.bias) if t is not None):
         return lora_reference(parts, x, keep, scale)
     lora = [p.lora_A.weight for p in parts] + [p.lora_B.weight for p in parts]
-    return _FrozenBaseLoRA.apply(x, keep, scale, [b.weight for b in bases], [b.bias for b in bases], *lora)
+    packed = [p.base_packed for p in parts]
+    return _FrozenBaseLoRA.apply(x, keep, scale, [b.weight for b in bases], [b.bias for b in bases], packed, *lora)
 
 
 def lora_reference(parts: Sequence[LoRALinear], x: torch.Tensor, keep: torch.Tensor | None, scale: float):
-    """What lora_forward computes, in plain autograd ops (the reference its tests compare the gradients with)."""
+    """What lora_forward computes, in plain autograd ops (the reference its tests compare the gradients with); the
+    base in fp32 (a base that trains has no packed copy to read)."""
     xd = x if keep is None else torch.where(keep, x, 0.0)
     return tuple(p.base_layer(x) + p.lora_B(p.lora_A(xd) * scale) for p in parts)
 
@@ -205,10 +225,14 @@ class _FrozenBaseLoRA(torch.autograd.Function):
     matmul for h in the forward, one for their dA = (s dy B)^T xd and one for dx's LoRA term in the backward.
     Autograd's graph of the same ops keeps a node per op, and adds up the projections' input gradients pass
     by pass (measured: one q/k/v or gate/up group's forward + backward 5-10% shorter than as one output that
-    the model splits, whose backward concatenates the parts' gradients)."""
+    the model splits, whose backward concatenates the parts' gradients).
+
+    A part with a packed 4-bit copy of W (lora.base_format=int4: packed[i] not None) computes x W_i^T + b_i with
+    the 4-bit kernel instead (activations rounded to int8 per block of 32); the backward is the same, dx from
+    the fp32 W_i: the rounding is passed straight through."""
 
     @staticmethod
-    def forward(ctx, x, keep, scale, weights, biases, *lora):
+    def forward(ctx, x, keep, scale, weights, biases, packed, *lora):
         n = len(weights)
         As, Bs = lora[:n], lora[n:]
         x2 = x.reshape(-1, x.shape[-1])
@@ -216,8 +240,11 @@ class _FrozenBaseLoRA(torch.autograd.Function):
         A = As[0] if n == 1 else torch.cat(As)
         h = (xd @ A.t()).mul_(scale)  # [N, n*r]
         outs, r = [], 0
-        for W, b, B in zip(weights, biases, Bs):
-            y = x2 @ W.t() if b is None else torch.addmm(b, x2, W.t())
+        for W, b, P, B in zip(weights, biases, packed, Bs):
+            if P is not None:
+                y = torch.ops.nanoseek.q4_linear.default(x2, P, W.shape[0], b)
+            else:
+                y = x2 @ W.t() if b is None else torch.addmm(b, x2, W.t())
             y.addmm_(h[:, r : r + B.shape[1]], B.t())  # + the LoRA term in place: no pass of its own
             r += B.shape[1]
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
@@ -252,7 +279,7 @@ class _FrozenBaseLoRA(torch.autograd.Function):
             else:
                 gx.addcmul_(gh @ A, keep.view(gx.shape))
             gx = gx.view(ctx.x_shape)
-        return gx, None, None, None, None, *gAs, *gBs
+        return gx, None, None, None, None, None, *gAs, *gBs
 
 
 # ---- wrapping ---------------------------------------------------------------------------------------------
@@ -305,8 +332,13 @@ def resolved_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[str]:
     """Wrap the target linears in place with LoRALinear (A seeded, in module order), freeze every other
-    parameter; returns the wrapped modules' paths."""
+    parameter (with base_format int4 also pack their weights: pack_int4_base); returns the wrapped modules'
+    paths."""
     cfg.validate()
+    if cfg.base_format == "int4":
+        from nanoseek.quant import require_int4_kernel
+
+        require_int4_kernel()
     paths = find_targets(model, resolved_targets(model, cfg))
     model.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
@@ -315,9 +347,27 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[str]:
         parent = model.get_submodule(parent_path)
         layer = LoRALinear(getattr(parent, name), cfg.rank, cfg.alpha, cfg.dropout)
         layer.reset_lora(gen)
+        if cfg.base_format == "int4":
+            pack_int4_base(layer)
         setattr(parent, name, layer)
     share_inputs(model)
     return paths
+
+
+def pack_int4_base(layer: LoRALinear) -> bool:
+    """Give `layer` its frozen weight packed on the 4-bit grid (Int4Linear's packing) as the non-persistent
+    buffer base_packed, which its forward then multiplies by; False (and the layer stays fp32) where the input
+    size is not a multiple of the kernel's block of 32."""
+    from nanoseek.quant import INT4_GROUP, int4_grid, q4_kernel
+
+    w = layer.base_layer.weight
+    if w.device.type != "cpu" or w.dtype != torch.float32:
+        raise ValueError(f"lora.base_format=int4 runs nanoseek's CPU kernel on an fp32 base; this one is "
+                         f"{w.dtype} on {w.device} (use lora.base_format=fp32)")  # fmt: skip
+    if layer.in_features % INT4_GROUP:
+        return False
+    layer.base_packed = q4_kernel.pack(*int4_grid(w))
+    return True
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

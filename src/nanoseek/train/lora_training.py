@@ -15,8 +15,9 @@ Defaults under --lora (a layer below the user's --set): a learning rate ten time
 default (SFT 2e-5 -> 2e-4, GRPO 1e-6 -> 1e-5; LoRA's optimal rate is about 10x full fine-tuning's across model
 sizes, for SFT and RL alike: Schulman et al., "LoRA Without Regret", 2025), and mtp_weight 0: DeepSeek-V3's MTP
 modules stay as they are (transformers does not build them, so an adapter on them would load nowhere).
-The base stays fp32: nanoseek's int8/int4 kernels are inference kernels with no backward (quant/), so a
-QLoRA-style quantized base would need a dequantizing backward of its own.
+The base stays fp32 by default. `lora.base_format=int4` (QLoRA-style) runs the frozen base's forward on
+nanoseek's 4-bit kernel (a packed copy of each wrapped weight beside the fp32 one, not saved) while the backward
+takes the input's gradient from the fp32 weights: the kernel has no backward of its own (model/lora.py).
 """
 
 from __future__ import annotations
@@ -114,7 +115,10 @@ class LoRATraining:
         return super()._flops_per_token() * 4 / 6
 
     def _config_record(self) -> dict[str, Any]:
-        return {**super()._config_record(), "lora": self.lora.to_dict()}
+        lora = self.lora.to_dict()
+        if lora["base_format"] == "fp32":  # the default, recorded only when not: older checkpoints still resume
+            del lora["base_format"]
+        return {**super()._config_record(), "lora": lora}
 
     # -- checkpoints and output ------------------------------------------------------------------------------
     def _full_states(self) -> tuple[dict | None, Any]:
