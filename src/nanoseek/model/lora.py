@@ -2,8 +2,9 @@
 
     cfg = LoRAConfig(rank=16, alpha=32, dropout=0.05)                 # target_modules [] = the family's defaults
     wrapped = apply_lora(model, cfg, seed=0)     # in place: targets become LoRALinear, everything else frozen
+    pack_lora_bases(model)                        # (nanoseek.quant) base_format int4, QLoRA-style: the frozen
+                                                  # base's forward on the 4-bit kernel
     merge_lora(model)                             # in place: each LoRALinear back to a plain nn.Linear, W + s*BA
-    apply_lora(model, LoRAConfig(base_format="int4"))  # QLoRA-style: the frozen base's forward on the 4-bit kernel
 
 A LoRALinear computes base(x) + lora_B(lora_A(dropout(x))) * alpha/rank, as PEFT's lora.Linear does, with
 PEFT's initialisation (lora_A kaiming-uniform with a=sqrt(5), lora_B zeros: the adapter starts as a no-op)
@@ -115,7 +116,7 @@ class LoRALinear(nn.Module):
         kw = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, **kw)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, **kw)
-        # base_format int4: the frozen weight packed for the 4-bit kernel (pack_int4_base); not saved
+        # base_format int4: the frozen weight packed for the 4-bit kernel (quant.pack_lora_bases); not saved
         self.register_buffer("base_packed", None, persistent=False)
 
     def reset_lora(self, generator: torch.Generator | None = None) -> None:
@@ -332,13 +333,9 @@ def resolved_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[str]:
     """Wrap the target linears in place with LoRALinear (A seeded, in module order), freeze every other
-    parameter (with base_format int4 also pack their weights: pack_int4_base); returns the wrapped modules'
-    paths."""
+    parameter; returns the wrapped modules' paths. base_format int4 then needs quant.pack_lora_bases (model/ does
+    not import quant: training calls it)."""
     cfg.validate()
-    if cfg.base_format == "int4":
-        from nanoseek.quant import require_int4_kernel
-
-        require_int4_kernel()
     paths = find_targets(model, resolved_targets(model, cfg))
     model.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
@@ -347,27 +344,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[str]:
         parent = model.get_submodule(parent_path)
         layer = LoRALinear(getattr(parent, name), cfg.rank, cfg.alpha, cfg.dropout)
         layer.reset_lora(gen)
-        if cfg.base_format == "int4":
-            pack_int4_base(layer)
         setattr(parent, name, layer)
     share_inputs(model)
     return paths
-
-
-def pack_int4_base(layer: LoRALinear) -> bool:
-    """Give `layer` its frozen weight packed on the 4-bit grid (Int4Linear's packing) as the non-persistent
-    buffer base_packed, which its forward then multiplies by; False (and the layer stays fp32) where the input
-    size is not a multiple of the kernel's block of 32."""
-    from nanoseek.quant import INT4_GROUP, int4_grid, q4_kernel
-
-    w = layer.base_layer.weight
-    if w.device.type != "cpu" or w.dtype != torch.float32:
-        raise ValueError(f"lora.base_format=int4 runs nanoseek's CPU kernel on an fp32 base; this one is "
-                         f"{w.dtype} on {w.device} (use lora.base_format=fp32)")  # fmt: skip
-    if layer.in_features % INT4_GROUP:
-        return False
-    layer.base_packed = q4_kernel.pack(*int4_grid(w))
-    return True
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

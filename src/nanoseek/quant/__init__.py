@@ -391,3 +391,24 @@ def linear_weight_bytes(model: nn.Module) -> int:
         else:
             total += sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
     return total
+
+
+def pack_lora_bases(model: nn.Module) -> int:
+    """LoRA's int4 base (model/lora.LoRAConfig.base_format, QLoRA-style): give every LoRALinear of `model` its
+    frozen weight packed on the 4-bit grid (Int4Linear's packing) as the non-persistent buffer base_packed, which
+    its forward then multiplies by; a layer whose input size is not a multiple of 32 stays fp32. Returns how many
+    were packed. Needs the kernel, and the base in fp32 on the CPU (ValueError otherwise)."""
+    from nanoseek.model.lora import lora_modules
+    from nanoseek.quant import q4_kernel
+
+    require_int4_kernel()
+    packed = 0
+    for layer in lora_modules(model).values():
+        w = layer.base_layer.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32:
+            raise ValueError(f"lora.base_format=int4 runs nanoseek's CPU kernel on an fp32 base; this one is "
+                             f"{w.dtype} on {w.device} (use lora.base_format=fp32)")  # fmt: skip
+        if layer.in_features % INT4_GROUP == 0:
+            layer.base_packed = q4_kernel.pack(*int4_grid(w))
+            packed += 1
+    return packed

@@ -88,6 +88,10 @@ class LoRATraining:
                              f"(set mtp_weight=0)")  # fmt: skip
         model = super()._build_model()
         self.lora_paths = apply_lora(model, self.lora, seed=self.cfg.seed)
+        if self.lora.base_format == "int4":
+            from nanoseek.quant import pack_lora_bases
+
+            pack_lora_bases(model)
         # the adapter's dropout draws from torch's RNG: seeded here, as pretraining's build_model seeds it, so that a
         # run repeats another of the same settings (a resume then restores the checkpoint's RNG state over this)
         torch.manual_seed(self.cfg.seed)
