@@ -417,12 +417,16 @@ class PagedView:
 
     def _paged_attention(self, layer: int, q, k_store, v_store, scale: float, window: int | None) -> torch.Tensor:
         """q [B*T, H, D] (row-major over the view's rows and new tokens) over the keys their masks allow."""
+        slots, mask = self.kernel_inputs(layer, window, q.shape[0])
+        return paged_attention(q, k_store, v_store, slots, mask, scale)
+
+    def kernel_inputs(self, layer: int, window: int | None, queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paged attention kernel's slots [B, S] and mask [B*T, S] for the layer's queries (B*T of them)."""
         key = (self.slot_of[layer][0], window)
         if key not in self._kernel_inputs:  # made once a forward, not once a layer (each reshape is a dispatch)
             read = self.read_slots[key[0]]  # [B, S]: a row's queries share its slots (the kernel tiles them)
-            self._kernel_inputs[key] = read, self.masks[window].reshape(q.shape[0], read.shape[1])
-        slots, mask = self._kernel_inputs[key]
-        return paged_attention(q, k_store, v_store, slots, mask, scale)
+            self._kernel_inputs[key] = read, self.masks[window].reshape(queries, read.shape[1])
+        return self._kernel_inputs[key]
 
     def mask(self, window: int | None = None) -> torch.Tensor:
         return self.masks[window]

@@ -85,14 +85,9 @@ class DenseStack:
         """h [B, T, d] through every layer, reading and writing the paged view `cache` as each layer's
         attend_qkv would; per_type: layer type -> (cos, sin, ...) as the model computed them."""
         B, T, _ = h.shape
-        inputs = {}  # (group, window) -> (read slots, mask [B*T, S]): the same for every layer of the group
         k_stores, v_stores, writes, reads, masks = [], [], [], [], []
         for layer, (group, slot) in enumerate(cache.slot_of):
-            key = (group, self.windows[layer])
-            if key not in inputs:
-                read = cache.read_slots[group]
-                inputs[key] = read, cache.masks[key[1]].reshape(B * T, read.shape[1])
-            read, mask = inputs[key]
+            read, mask = cache.kernel_inputs(layer, self.windows[layer], B * T)  # as attend_qkv's kernel reads
             k_stores.append(cache.tensors["k"][slot])
             v_stores.append(cache.tensors["v"][slot])
             writes.append(cache.write_slots[group])
