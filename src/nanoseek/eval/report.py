@@ -60,6 +60,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    """Lay out, write (the report's 110 dpi) and free a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def plot_loss(records, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -80,9 +87,7 @@ def plot_loss(records, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("Training loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_accuracy(summary: dict[str, Any], records, path: Path) -> None:
@@ -130,9 +135,7 @@ def plot_accuracy(summary: dict[str, Any], records, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
         ax.set_title("Accuracy during pretraining")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_series(records, key: str, ylabel: str, title: str, path: Path, scale: float = 1.0) -> None:
@@ -150,9 +153,7 @@ def plot_series(records, key: str, ylabel: str, title: str, path: Path, scale: f
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_grpo(records, path: Path) -> None:
@@ -178,9 +179,7 @@ def plot_grpo(records, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def lineage(stages: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
