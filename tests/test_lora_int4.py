@@ -132,7 +132,7 @@ def test_int4_base_sft_trains_writes_the_same_peft_folder_and_merges(tok, tmp_pa
 
 
 def test_int4_base_settings():
-    with pytest.raises(ValueError, match="lora.base_format must be one of fp32, int4"):
+    with pytest.raises(ValueError, match="lora.base_format must be one of auto, fp32, int4"):
         LoRAConfig(base_format="int8").validate()
     model = torch.nn.Sequential()
     model.q_proj = torch.nn.Linear(64, 32, dtype=torch.float64)
@@ -153,3 +153,32 @@ def test_sft_lora_benchmark_measures_the_int4_base(capsys):
     first = out.split("losses per step (full / LoRA): ")[1].split()[0]
     full, lora = map(float, first.split("/"))
     assert full != lora and abs(full - lora) <= 2e-2 * full
+
+
+def test_auto_base_is_int4_only_where_the_weights_are_on_the_4bit_grid(tok, tmp_path):
+    """lora.base_format=auto (the default) packs the base when every wrapped weight is on the 4-bit grid already
+    (a 4-bit GGUF file's: nothing of the weights is lost), and leaves an off-grid base (a random one) fp32."""
+    from nanoseek.quant import int4_dequantize, int4_grid
+
+    folder = llama_folder(tmp_path / "base", tok)
+    off_grid, on_grid = nanoseek.load(folder), nanoseek.load(folder)
+    with torch.no_grad():
+        for m in on_grid.modules():
+            if isinstance(m, torch.nn.Linear) and m.in_features % 32 == 0 and m.weight.shape[0] != 300:
+                m.weight.copy_(int4_dequantize(*int4_grid(m.weight)))
+    for model in (off_grid, on_grid):
+        apply_lora(model, LoRAConfig(), seed=0)
+    assert LoRAConfig().base_format == "auto"
+    assert pack_lora_bases(off_grid, only_if_exact=True) == 0
+    assert all(m.base_packed is None for m in lora_modules(off_grid).values())
+    assert pack_lora_bases(on_grid, only_if_exact=True) == len(lora_modules(on_grid)) == 2 * len(DENSE_TARGETS)
+    # the packed copy is the weight exactly: the 4-bit forward of a row differs only by the activations' rounding
+    layer = lora_modules(on_grid)["model.layers.0.self_attn.q_proj"]
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = layer.base_layer(x)
+        got = q4_kernel.q4_linear(x, layer.base_packed, layer.out_features, layer.base_layer.bias)
+    assert (got - ref).norm() <= 2e-2 * ref.norm()
+    # through SFT: the default run on an off-grid base says fp32, and trains
+    res = run_sft(folder, DATA, tmp_path / "out", ["max_steps=2", "ckpt_every=0"], show_progress=False, lora=True)
+    assert res.steps == 2

@@ -9,8 +9,10 @@ attention and MLP projections) trains the adapter alone on the frozen model, so 
 weight gradient for the base and its optimizer state is the adapter's. Each side keeps its own default
 learning rate (2e-5 full, 2e-4 LoRA; the rate does not change the work). The sides alternate, --reps rounds
 after a warm-up round; the result is conversations per second, median (min–max), and the per-round ratio.
-`--set lora.base_format=int4` measures LoRA on a 4-bit base (QLoRA-style: the frozen base's forward on
-nanoseek's 4-bit kernel, model/lora.py); its step-0 loss then differs from full SFT's by that forward's rounding.
+LoRA's base is what `lora.base_format` picks, auto by default: 4-bit (QLoRA-style: the frozen base's forward
+on nanoseek's 4-bit kernel, model/lora.py) when its weights are on the 4-bit grid already, as SmolLM2's Q4_1
+file's are, so its step-0 loss differs from full SFT's by that forward's rounding of the activations; `--set
+lora.base_format=fp32` measures the fp32 base.
 
 Peak memory: each side's is measured in a child process of its own (load the model, set up the trainer, hand
 freed heap back, reset the peak RSS, run --memory-steps steps: the peak of the training steps, not of
@@ -168,7 +170,8 @@ def run(args: argparse.Namespace, argv: list[str], out: Path) -> None:
     load_after = os.getloadavg()[0]
     # step 0 starts from the same weights (the adapter's B is 0): the same loss on both sides, up to the 4-bit
     # kernel's rounding of the activations with lora.base_format=int4 (STEP0_TOLERANCE)
-    tolerance = STEP0_TOLERANCE[lora.lora.base_format]
+    ran = "int4" if lora.base_packed else "fp32"  # what lora.base_format (auto by default) picked
+    tolerance = STEP0_TOLERANCE[ran]
     if abs(losses[FULL][0] - losses[LORA][0]) > tolerance * abs(losses[FULL][0]):
         raise RuntimeError(f"step 0 losses differ by more than {tolerance:g} relative: full {losses[FULL][0]:.6g}, "
                            f"LoRA {losses[LORA][0]:.6g}")  # fmt: skip
@@ -181,7 +184,7 @@ def run(args: argparse.Namespace, argv: list[str], out: Path) -> None:
         f"thread(s), {args.clock} clock, torch {torch.__version__}; {args.reps} alternating rounds after 1 warm-up; "
         f"load average {load_before:.1f} -> {load_after:.1f} (shared machine); LoRA: rank {lora.lora.rank}, "
         f"alpha {lora.lora.alpha:g}, dropout {lora.lora.dropout:g}, {len(lora.lora_paths)} linears, base "
-        f"{lora.lora.base_format}"
+        f"{ran} (lora.base_format={lora.lora.base_format})"
     )
     print("losses per step (full / LoRA): " + " ".join(
         f"{a:.4f}/{b:.4f}" for a, b in zip(losses[FULL], losses[LORA])))  # fmt: skip

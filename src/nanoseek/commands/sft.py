@@ -45,9 +45,11 @@ def add_lora_arguments(p: argparse.ArgumentParser) -> None:
         "--lora", action="store_true",
         help="train a LoRA adapter on the frozen model instead of every weight: DIR/adapter, a PEFT folder "
         "(defaults rank 16, alpha 32, dropout 0, lr 10x the full fine-tuning default; --set lora.rank=8, "
-        "lora.alpha, lora.dropout, lora.target_modules=[q_proj,v_proj]; lora.base_format=int4: QLoRA-style, the "
-        "frozen base's forward on the 4-bit kernel, faster but with the activations rounded to int8 per block of "
-        "32, for a packed copy of the base beside it (~1/6 of its fp32 bytes); the gradients still from fp32)",
+        "lora.alpha, lora.dropout, lora.target_modules=[q_proj,v_proj]; lora.base_format=auto|int4|fp32: int4 is "
+        "QLoRA-style, the frozen base's forward on the 4-bit kernel, faster but with the activations rounded to "
+        "int8 per block of 32, for a packed copy of the base beside it (~1/6 of its fp32 bytes), the gradients "
+        "still from fp32; auto, the default, picks int4 when the base's weights are on the 4-bit grid already, "
+        "as a 4-bit GGUF file's are, fp32 otherwise)",
     )  # fmt: skip
     p.add_argument("--merge", action="store_true",
                    help="with --lora: also write DIR/model, a full HF folder with the adapter folded in")  # fmt: skip

@@ -3,7 +3,7 @@
     cfg = LoRAConfig(rank=16, alpha=32, dropout=0.05)                 # target_modules [] = the family's defaults
     wrapped = apply_lora(model, cfg, seed=0)     # in place: targets become LoRALinear, everything else frozen
     pack_lora_bases(model)                        # (nanoseek.quant) base_format int4, QLoRA-style: the frozen
-                                                  # base's forward on the 4-bit kernel
+                                                  # base's forward on the 4-bit kernel (auto: if lossless)
     merge_lora(model)                             # in place: each LoRALinear back to a plain nn.Linear, W + s*BA
 
 A LoRALinear computes base(x) + lora_B(lora_A(dropout(x))) * alpha/rank, as PEFT's lora.Linear does, with
@@ -46,22 +46,24 @@ class LoRAConfig:
     of SmolLM2-135M on the CPU is ~13% shorter (benchmarks/RESULTS.md, "LoRA SFT vs full SFT"), and the slow
     SmolLM2 test learns its made-up fact with it; `--set lora.dropout=0.05` brings dropout back.
 
-    base_format: what the frozen base's forward multiplies by. "fp32" (default): x W^T in fp32. "int4"
-    (QLoRA-style): each wrapped linear also keeps W packed on GGUF Q4_1's 4-bit grid (quant.int4_grid, as
-    Int4Linear packs it) for nanoseek's 4-bit kernel, which computes the forward's x W^T faster than fp32
-    matmuls (SmolLM2-135M's shapes, 716 rows, 1 thread, AVX512-VNNI: 1.1-1.3x; a LoRA SFT step ~1.09x) but
-    rounds the activations to int8 per block of 32 inputs (and fits W to the grid: a Q4_1 file's weights, such
-    as SmolLM2's GGUF, are on it exactly; its SFT losses then move by ~0.1-1%); the backward still takes the
-    input's gradient from the fp32 W (straight through the rounding), and the adapter, its files and --merge
-    are the same. Costs memory: the packed copies are 5 bits per weight (~1/6 of the fp32 base) beside it,
-    never saved. Linears whose input size is not a multiple of 32 stay fp32; needs the kernel (AVX2) and the
-    base in fp32 on the CPU."""
+    base_format: what the frozen base's forward multiplies by. "fp32": x W^T in fp32. "int4" (QLoRA-style):
+    each wrapped linear also keeps W packed on GGUF Q4_1's 4-bit grid (quant.int4_grid, as Int4Linear packs it)
+    for nanoseek's 4-bit kernel, which computes the forward's x W^T faster than fp32 matmuls (SmolLM2-135M's
+    shapes, 716 rows, 1 thread, AVX512-VNNI: 1.3-1.5x; a LoRA SFT step ~1.07x) but rounds the activations to
+    int8 per block of 32 inputs (and fits W to the grid); the backward still takes the input's gradient from
+    the fp32 W (straight through the rounding), and the adapter, its files and --merge are the same. Costs
+    memory: the packed copies are 5 bits per weight (~1/6 of the fp32 base) beside it, never saved. Linears
+    whose input size is not a multiple of 32 stay fp32; needs the kernel (AVX2) and the base in fp32 on the
+    CPU. "auto" (default): int4 where it loses nothing of the weights, i.e. every wrapped weight is on the
+    4-bit grid already (a 4-bit GGUF file's, such as SmolLM2's Q4_1: the base is 4-bit, as in QLoRA) and the
+    kernel runs; fp32 otherwise (safetensors folders, 8-bit files, the GPU). On SmolLM2's Q4_1 the int4 base
+    moves the first SFT loss by ~0.7% (the activations' rounding)."""
 
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=list)  # module names (last path part); []: the defaults
-    base_format: str = "fp32"  # the frozen base's forward: "fp32" or "int4" (BASE_FORMATS; see above)
+    base_format: str = "auto"  # the frozen base's forward: "auto", "fp32" or "int4" (BASE_FORMATS; see above)
 
     @property
     def scaling(self) -> float:
@@ -84,7 +86,7 @@ class LoRAConfig:
         return asdict(self)
 
 
-BASE_FORMATS = ("fp32", "int4")
+BASE_FORMATS = ("auto", "fp32", "int4")
 DROP_BITS = 15  # a dropout mask element compares 15 random bits with p's threshold (p quantized to 1/32768)
 
 

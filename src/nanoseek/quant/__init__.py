@@ -393,22 +393,35 @@ def linear_weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def pack_lora_bases(model: nn.Module) -> int:
+def pack_lora_bases(model: nn.Module, only_if_exact: bool = False) -> int:
     """LoRA's int4 base (model/lora.LoRAConfig.base_format, QLoRA-style): give every LoRALinear of `model` its
     frozen weight packed on the 4-bit grid (Int4Linear's packing) as the non-persistent buffer base_packed, which
     its forward then multiplies by; a layer whose input size is not a multiple of 32 stays fp32. Returns how many
-    were packed. Needs the kernel, and the base in fp32 on the CPU (ValueError otherwise)."""
+    were packed. Needs the kernel, and the base in fp32 on the CPU (ValueError otherwise).
+
+    only_if_exact (base_format auto): packs only when every packable weight is on the grid exactly (a 4-bit GGUF
+    file's, such as SmolLM2's Q4_1: packing then loses nothing of the weights), and only where the kernel runs
+    and the base is fp32 on the CPU; otherwise packs nothing and returns 0."""
     from nanoseek.model.lora import lora_modules
     from nanoseek.quant import q4_kernel
 
-    require_int4_kernel()
-    packed = 0
-    for layer in lora_modules(model).values():
+    layers = list(lora_modules(model).values())
+    if only_if_exact:
+        weights = [layer.base_layer.weight for layer in layers]
+        if not q4_kernel.available() or any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
+            return 0
+    else:
+        require_int4_kernel()
+    grids = {}
+    for layer in layers:
         w = layer.base_layer.weight
         if w.device.type != "cpu" or w.dtype != torch.float32:
             raise ValueError(f"lora.base_format=int4 runs nanoseek's CPU kernel on an fp32 base; this one is "
                              f"{w.dtype} on {w.device} (use lora.base_format=fp32)")  # fmt: skip
         if layer.in_features % INT4_GROUP == 0:
-            layer.base_packed = q4_kernel.pack(*int4_grid(w))
-            packed += 1
-    return packed
+            grids[layer] = int4_grid(w)
+            if only_if_exact and not torch.equal(int4_dequantize(*grids[layer]), w.detach()):
+                return 0
+    for layer, grid in grids.items():
+        layer.base_packed = q4_kernel.pack(*grid)
+    return len(grids)

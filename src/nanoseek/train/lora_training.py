@@ -15,9 +15,10 @@ Defaults under --lora (a layer below the user's --set): a learning rate ten time
 default (SFT 2e-5 -> 2e-4, GRPO 1e-6 -> 1e-5; LoRA's optimal rate is about 10x full fine-tuning's across model
 sizes, for SFT and RL alike: Schulman et al., "LoRA Without Regret", 2025), and mtp_weight 0: DeepSeek-V3's MTP
 modules stay as they are (transformers does not build them, so an adapter on them would load nowhere).
-The base stays fp32 by default. `lora.base_format=int4` (QLoRA-style) runs the frozen base's forward on
-nanoseek's 4-bit kernel (a packed copy of each wrapped weight beside the fp32 one, not saved) while the backward
-takes the input's gradient from the fp32 weights: the kernel has no backward of its own (model/lora.py).
+`lora.base_format=int4` (QLoRA-style) runs the frozen base's forward on nanoseek's 4-bit kernel (a packed copy
+of each wrapped weight beside the fp32 one, not saved) while the backward takes the input's gradient from the
+fp32 weights: the kernel has no backward of its own (model/lora.py). The default, auto, does so when the base's
+weights are on the 4-bit grid already (a 4-bit GGUF file) and the kernel runs; the base stays fp32 otherwise.
 """
 
 from __future__ import annotations
@@ -88,10 +89,11 @@ class LoRATraining:
                              f"(set mtp_weight=0)")  # fmt: skip
         model = super()._build_model()
         self.lora_paths = apply_lora(model, self.lora, seed=self.cfg.seed)
-        if self.lora.base_format == "int4":
+        self.base_packed = 0
+        if self.lora.base_format in ("int4", "auto"):
             from nanoseek.quant import pack_lora_bases
 
-            pack_lora_bases(model)
+            self.base_packed = pack_lora_bases(model, only_if_exact=self.lora.base_format == "auto")
         # the adapter's dropout draws from torch's RNG: seeded here, as pretraining's build_model seeds it, so that a
         # run repeats another of the same settings (a resume then restores the checkpoint's RNG state over this)
         torch.manual_seed(self.cfg.seed)
@@ -110,8 +112,9 @@ class LoRATraining:
 
     def _describe_model(self) -> str:
         n = adapter_param_count(self.model)
+        base = f"{self.base_packed} of them 4-bit (base_format {self.lora.base_format})" if self.base_packed else "fp32"
         return (f"{super()._describe_model()}; LoRA rank {self.lora.rank} on {len(self.lora_paths)} linears: "
-                f"{n / 1e6:.2f}M trained parameters")  # fmt: skip
+                f"{n / 1e6:.2f}M trained parameters, base {base}")  # fmt: skip
 
     def _flops_per_token(self) -> float:
         # forward (2 per weight) + backward to the activations (2), no weight gradients for the frozen base:
@@ -120,7 +123,8 @@ class LoRATraining:
 
     def _config_record(self) -> dict[str, Any]:
         lora = self.lora.to_dict()
-        if lora["base_format"] == "fp32":  # the default, recorded only when not: older checkpoints still resume
+        if lora["base_format"] in ("fp32", "auto"):  # defaults (fp32's before auto's), recorded only when not: older
+            # checkpoints still resume
             del lora["base_format"]
         return {**super()._config_record(), "lora": lora}
 
