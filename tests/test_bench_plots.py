@@ -3,22 +3,12 @@ figures: no models, no timing."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # a script's dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_script as script
 
 
 def is_png(path: Path) -> bool:

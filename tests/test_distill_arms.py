@@ -4,20 +4,15 @@ traces) and its table and plot from a fake folder of finished cells."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
+from benchmark_scripts import load_script
 from nanoseek.tasks import wilson_ci95
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "distill_arms.py"
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("distill_arms", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("distill_arms")
 
 
 def evaluation(correct: int, n: int = 400) -> dict:

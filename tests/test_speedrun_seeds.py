@@ -3,17 +3,11 @@ control compared problem by problem."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speedrun_seeds.py"
+from benchmark_scripts import load_script
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("speedrun_seeds", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("speedrun_seeds")
 
 
 def test_table_shows_the_paired_difference_where_the_runs_kept_per_problem_verdicts():
