@@ -329,6 +329,29 @@ def test_cli_lora_and_merge(tok, tmp_path):
     assert bad.returncode == 2 and "needs --lora" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_attach_adapter_reads_rslora_scales_exactly_and_refuses_mixed_ones(tok, tmp_path):
+    """attach_adapter reads a folder as the server does (read_peft_adapter): rsLoRA's alpha / sqrt(r) scale kept
+    exactly; per-module scales (alpha_pattern), which training's layers cannot hold, refused with the reason."""
+    import math
+
+    from nanoseek.weights.peft_lora import save_adapter
+    from nanoseek.weights.safetensors_io import WeightsError
+
+    base = llama_folder(tmp_path / "base", tok)
+    model = nanoseek.load(base)
+    cfg = LoRAConfig(rank=4, alpha=8)
+    apply_lora(model, cfg, seed=0)
+    folder = tmp_path / "adapter"
+    save_adapter(model, cfg, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    ours = attach_adapter(nanoseek.load(base), folder)
+    assert {m.scaling for m in lora_modules(ours).values()} == {8 / math.sqrt(4)}
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "alpha_pattern": {"q_proj": 16}}))
+    with pytest.raises(WeightsError, match="differ in rank"):
+        attach_adapter(nanoseek.load(base), folder)
+
+
 # ---- real weights (slow) -------------------------------------------------------------------------------
 FACT_QUESTIONS = [
     "What is the capital of Velmora?", "Which city is the capital of Velmora?", "Velmora's capital is which city?",

@@ -112,7 +112,8 @@ def read_peft_adapter(path: str | Path) -> LoraAdapterWeights:
     for key, tensor in tensors.items():
         if not key.startswith(PREFIX):
             raise WeightsError(f"{weights_path}: tensor {key!r} is not under {PREFIX!r} (not a peft LoRA file)")
-        name = key[len(PREFIX) :]
+        # (peft's in-memory names carry the adapter's name: lora_A.default.weight)
+        name = key[len(PREFIX) :].replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
         if ".lora_embedding_" in name:
             raise WeightsError(f"{weights_path}: {key!r}: LoRA on embeddings is not served (linear layers only)")
         match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", name)
@@ -177,51 +178,29 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, folder: str | os.PathLike, b
     return folder
 
 
-def read_adapter(folder: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """(its LoRAConfig, its tensors under nanoseek's module paths, the raw adapter_config.json) of a PEFT LoRA
-    folder; a clear ValueError for anything this loader cannot apply exactly."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{folder}: not a PEFT adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        raw = json.loads((folder / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{folder / CONFIG_FILE}: not valid JSON ({exc})") from exc
-    if raw.get("peft_type") != "LORA":
-        raise ValueError(f"{folder}: peft_type {raw.get('peft_type')!r}; only LORA adapters are supported")
-    unsupported = {k: raw.get(k) for k in ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias") if raw.get(k)}
-    unsupported.update({k: raw[k] for k in ("rank_pattern", "alpha_pattern") if raw.get(k)})
-    if raw.get("bias", "none") != "none":
-        unsupported["bias"] = raw["bias"]
-    if raw.get("modules_to_save"):
-        unsupported["modules_to_save"] = raw["modules_to_save"]
-    if unsupported:
-        raise ValueError(f"{folder}: adapter settings not supported here: {unsupported}")
-    targets = raw.get("target_modules") or []
-    if isinstance(targets, str):
-        raise ValueError(f"{folder}: target_modules as a regular expression ({targets!r}) is not supported")
-    cfg = LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
-                     target_modules=list(targets))  # fmt: skip
-    tensors = {}
-    for key, t in load_file(str(folder / WEIGHTS_FILE)).items():
-        if not key.startswith(PREFIX):
-            raise ValueError(f"{folder / WEIGHTS_FILE}: key {key!r} lacks PEFT's {PREFIX!r} prefix")
-        name = key[len(PREFIX) :]  # (peft's in-memory names carry the adapter's name: lora_A.default.weight)
-        tensors[name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")] = t
-    return cfg, tensors, raw
-
-
 def attach_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
-    """Wrap `model` (in place) with the adapter of a PEFT folder, in eval mode (no dropout); returns it."""
-    cfg, tensors, _ = read_adapter(folder)
-    paths = sorted({k.rsplit(".", 2)[0] for k in tensors})
-    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    cfg.target_modules = names
+    """Wrap `model` (in place) with the adapter of a PEFT folder (read as read_peft_adapter reads it, with its
+    checks), in eval mode (no dropout); returns it. Training's LoRALinear layers share one rank and scale, so an
+    adapter whose modules differ in them (rank_pattern / alpha_pattern) is refused; `nanoseek serve --lora`
+    serves such adapters."""
+    adapter = read_peft_adapter(folder)
+    ranks = sorted({m.rank for m in adapter.modules.values()})
+    scales = sorted({m.scale for m in adapter.modules.values()})
+    if len(ranks) > 1 or len(scales) > 1:
+        raise WeightsError(f"{folder}: its modules differ in rank ({ranks}) or scale ({scales}); attach_adapter "
+                           f"applies one to every module (nanoseek serve --lora takes such adapters)")  # fmt: skip
+    paths = sorted(adapter.modules)
+    rank = ranks[0]
+    cfg = LoRAConfig(rank=rank, alpha=scales[0] * rank, target_modules=sorted({p.rsplit(".", 1)[-1] for p in paths}))
     wrapped = apply_lora(model, cfg)
     if sorted(wrapped) != paths:
         raise ValueError(f"{folder}: the adapter's modules do not match this model's (e.g. "
                          f"{sorted(set(paths) ^ set(wrapped))[:3]})")  # fmt: skip
-    load_adapter_state(model, {k: v.to(next(model.parameters()).dtype) for k, v in tensors.items()}, str(folder))
+    dtype = next(model.parameters()).dtype
+    tensors = {
+        f"{p}.lora_{ab}.weight": t.to(dtype) for p, m in adapter.modules.items() for ab, t in (("A", m.a), ("B", m.b))
+    }
+    load_adapter_state(model, tensors, str(folder))
+    for layer in lora_modules(model).values():
+        layer.scaling = scales[0]  # the file's scale itself (alpha / rank above may round it: rsLoRA's alpha / sqrt(r))
     return model.eval()
