@@ -12,7 +12,7 @@ def length_reward(completion, example, task) -> float:
 
 if __name__ == "__main__":
     from nanoseek.cli import main
-    from nanoseek.train.rewards import REWARDS
+    from nanoseek.tasks.rewards import REWARDS
 
     REWARDS["length"] = length_reward
     raise SystemExit(main(["grpo", *sys.argv[1:]]))

@@ -18,6 +18,7 @@ import torch
 import procs
 from grpo_worker import length_reward
 from nanoseek.tasks import get_task
+from nanoseek.tasks.rewards import REWARDS, accuracy_reward, format_reward, score_completions
 from nanoseek.train.grpo import GRPOConfig, load_grpo_config, run_grpo
 from nanoseek.train.grpo_loss import (
     clipped_loss,
@@ -28,7 +29,6 @@ from nanoseek.train.grpo_loss import (
     token_weights,
 )
 from nanoseek.train.grpo_rollouts import render_prompt, rollout
-from nanoseek.train.rewards import REWARDS, accuracy_reward, format_reward, score_completions
 
 # ---- the loss, by hand ---------------------------------------------------------------------------------
 # Two completions: row 0 has two tokens with ratios 1.5 and 0.5 and advantage +1; row 1 has one real token
@@ -159,7 +159,7 @@ def test_rewards_and_a_failing_reward_fn(caplog):
 
 def test_math_verify_reward():
     from nanoseek.tasks import Example
-    from nanoseek.train.rewards import math_verify_reward
+    from nanoseek.tasks.rewards import math_verify_reward
 
     task = get_task("linear")
     ex = Example("q", "1/2", "linear")
@@ -257,7 +257,7 @@ def test_training_logprobs_equal_the_rollout_policy(tiny_model_dir, tiny_llama_f
 @pytest.mark.parametrize("loss_type,extra", [("grpo", ["beta=0.04"]), ("dapo", ["mu=2", "micro_batch_size=5"])])
 def test_tiny_grpo_run_writes_metrics_and_model(tiny_model_dir, tmp_path, loss_type, extra):
     import nanoseek
-    from nanoseek.train.rewards import format_reward
+    from nanoseek.tasks.rewards import format_reward
 
     out = tmp_path / "grpo"
     metrics = tmp_path / "all.jsonl"

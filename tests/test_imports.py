@@ -2,7 +2,7 @@
 may import only from layers below its own (its own package aside), lazy imports included:
 
     0  assets, memory, meter,      helpers (a run's throughput, MFU, energy and cost: meter); synthetic tasks,
-       tasks                       prompt formats, statistics (import no other unit)
+       tasks                       prompt formats, rule rewards, statistics (import no other unit)
     1  model, native               the model code; building and loading the C++ kernels (native/csrc)
     2  quant, parallel             applied to a built model from outside: packed weights, DDP/FSDP2
     3  weights, engine             checkpoint formats (packing while loading: quant); the inference engine

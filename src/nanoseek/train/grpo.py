@@ -14,7 +14,7 @@ One step:
      engine in one batched call (per-request seeds; the model is in eval mode there, so the router's
      balancing statistics do not move); a fresh engine each step, so its prefix cache never serves
      keys and values of older weights;
-  3. rewards from the reward functions (rewards.py), summed with their weights; advantages normalised
+  3. rewards from the reward functions (tasks/rewards.py), summed with their weights; advantages normalised
      per group: A = (r - mean) / std (grpo, dapo) or r - mean (dr_grpo);
   4. `mu` inner iterations of the clipped surrogate per token, ratio = pi / pi_old, with the log-probs of
      the rollout policy as pi_old (for mu = 1 the ratio is 1 and only its gradient matters), plus
@@ -79,12 +79,12 @@ from torch import nn
 from nanoseek.eval.held_out import TaskScore, evaluate_in_format
 from nanoseek.parallel import MODES, all_reduce_sum, init_distributed
 from nanoseek.tasks import R1_SYSTEM_PROMPT, Task, get_task
+from nanoseek.tasks.rewards import RewardFn, get_rewards
 from nanoseek.train import checkpoint as ckpt_io
 from nanoseek.train.checkpoint import weights_digest
 from nanoseek.train.config import EvalConfig, OptimConfig, TrainConfig, apply_eval_alias
 from nanoseek.train.grpo_loss import LOSS_TYPES, Batch, GRPOLoss, make_batch, mtp_target_count, token_weights
 from nanoseek.train.grpo_rollouts import Rollouts, RolloutSource, per_rank
-from nanoseek.train.rewards import RewardFn, get_rewards
 from nanoseek.train.trainer import Trainer
 
 # ---- configuration ----------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from nanoseek.engine.generate import context_length, engine_for
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.parallel.distributed import all_reduce_sum
 from nanoseek.tasks import Example, Task, extract_r1_answer
+from nanoseek.tasks.rewards import score_completions
 from nanoseek.train.grpo_loss import group_advantages
-from nanoseek.train.rewards import score_completions
 
 log = logging.getLogger("nanoseek.grpo")
 
