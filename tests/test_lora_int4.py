@@ -162,12 +162,11 @@ def test_auto_base_is_int4_only_where_the_weights_are_on_the_4bit_grid(tok, tmp_
 
     folder = llama_folder(tmp_path / "base", tok)
     off_grid, on_grid = nanoseek.load(folder), nanoseek.load(folder)
-    with torch.no_grad():
-        for m in on_grid.modules():
-            if isinstance(m, torch.nn.Linear) and m.in_features % 32 == 0 and m.weight.shape[0] != 300:
-                m.weight.copy_(int4_dequantize(*int4_grid(m.weight)))
     for model in (off_grid, on_grid):
         apply_lora(model, LoRAConfig(), seed=0)
+    with torch.no_grad():  # the wrapped weights put on the grid, as a 4-bit GGUF file's are
+        for m in lora_modules(on_grid).values():
+            m.base_layer.weight.copy_(int4_dequantize(*int4_grid(m.base_layer.weight)))
     assert LoRAConfig().base_format == "auto"
     assert pack_lora_bases(off_grid, only_if_exact=True) == 0
     assert all(m.base_packed is None for m in lora_modules(off_grid).values())

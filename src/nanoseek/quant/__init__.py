@@ -406,18 +406,16 @@ def pack_lora_bases(model: nn.Module, only_if_exact: bool = False) -> int:
     from nanoseek.quant import q4_kernel
 
     layers = list(lora_modules(model).values())
-    if only_if_exact:
-        weights = [layer.base_layer.weight for layer in layers]
-        if not q4_kernel.available() or any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights):
-            return 0
-    else:
-        require_int4_kernel()
+    weights = [layer.base_layer.weight for layer in layers]
+    off = [w for w in weights if w.device.type != "cpu" or w.dtype != torch.float32]  # the kernel's is fp32 on CPU
+    if only_if_exact and (off or not q4_kernel.available()):
+        return 0
+    require_int4_kernel()
+    if off:
+        raise ValueError(f"lora.base_format=int4 runs nanoseek's CPU kernel on an fp32 base; this one is "
+                         f"{off[0].dtype} on {off[0].device} (use lora.base_format=fp32)")  # fmt: skip
     grids = {}
-    for layer in layers:
-        w = layer.base_layer.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32:
-            raise ValueError(f"lora.base_format=int4 runs nanoseek's CPU kernel on an fp32 base; this one is "
-                             f"{w.dtype} on {w.device} (use lora.base_format=fp32)")  # fmt: skip
+    for layer, w in zip(layers, weights):
         if layer.in_features % INT4_GROUP == 0:
             grids[layer] = int4_grid(w)
             if only_if_exact and not torch.equal(int4_dequantize(*grids[layer]), w.detach()):

@@ -123,8 +123,8 @@ class LoRATraining:
 
     def _config_record(self) -> dict[str, Any]:
         lora = self.lora.to_dict()
-        if lora["base_format"] in ("fp32", "auto"):  # defaults (fp32's before auto's), recorded only when not: older
-            # checkpoints still resume
+        # the defaults (fp32 before auto) are not recorded, so that older checkpoints still resume
+        if lora["base_format"] in ("fp32", "auto"):
             del lora["base_format"]
         return {**super()._config_record(), "lora": lora}
 
