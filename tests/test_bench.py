@@ -113,6 +113,22 @@ def test_alternate_rotates_rows_and_ratios_pair_rounds():
         Spread.of([])
 
 
+def test_alternate_checks_the_warmup_round_before_timing_any():
+    ran = []
+
+    def step(i):
+        ran.append(i)
+        return i
+
+    def disagree(results):
+        assert results == {"a": [0], "b": [0]}  # the warm-up round's outputs, nothing timed yet
+        raise OutputsDisagree("the sides differ")
+
+    with pytest.raises(OutputsDisagree, match="the sides differ"):
+        alternate({"a": step, "b": step}, rounds=5, warmup=1, clock=lambda: 0.0, after_warmup=disagree)
+    assert ran == [0, 0]  # stopped before the first timed round
+
+
 def test_disagreeing_sides_stop_the_benchmark():
     from nanoseek.bench.moe_step import check_agreement
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.bench.timing import Spread, alternate, paired_ratio, table
+from nanoseek.bench.timing import OutputsDisagree, Spread, alternate, paired_ratio, table
 
 FULL, LORA = "full SFT (every weight)", "LoRA SFT (adapter only)"
 # step 0's losses agree to this (relative) by lora.base_format: fp32 the same numbers up to float order; int4
@@ -164,17 +164,23 @@ def run(args: argparse.Namespace, argv: list[str], out: Path) -> None:
     def step(trainer):
         return lambda i: trainer._train_step(i, trainer.cfg.optim.lr)["loss"]
 
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    load_before = os.getloadavg()[0]
-    times, losses = alternate({FULL: step(full), LORA: step(lora)}, rounds=args.reps, warmup=1, clock=clock)
-    load_after = os.getloadavg()[0]
     # step 0 starts from the same weights (the adapter's B is 0): the same loss on both sides, up to the 4-bit
-    # kernel's rounding of the activations with lora.base_format=int4 (STEP0_TOLERANCE)
+    # kernel's rounding of the activations with lora.base_format=int4 (STEP0_TOLERANCE); checked on the warm-up
+    # round, before any timing
     ran = "int4" if lora.base_packed else "fp32"  # what lora.base_format (auto by default) picked
     tolerance = STEP0_TOLERANCE[ran]
-    if abs(losses[FULL][0] - losses[LORA][0]) > tolerance * abs(losses[FULL][0]):
-        raise RuntimeError(f"step 0 losses differ by more than {tolerance:g} relative: full {losses[FULL][0]:.6g}, "
-                           f"LoRA {losses[LORA][0]:.6g}")  # fmt: skip
+
+    def check_step0(losses: dict[str, list[float]]) -> None:
+        full0, lora0 = losses[FULL][0], losses[LORA][0]
+        if abs(full0 - lora0) > tolerance * abs(full0):
+            raise OutputsDisagree(f"step 0 losses differ by more than {tolerance:g} relative: full {full0:.6g}, "
+                                  f"LoRA {lora0:.6g} (stopped before timing)")  # fmt: skip
+
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    load_before = os.getloadavg()[0]
+    times, losses = alternate({FULL: step(full), LORA: step(lora)}, rounds=args.reps, warmup=1, clock=clock,
+                              after_warmup=check_step0)  # fmt: skip
+    load_after = os.getloadavg()[0]
     memory = measure_memory(args, argv) if args.memory_steps else {}
 
     trained = {n: sum(p.numel() for p in {id(p): p for p in t.model.parameters()}.values() if p.requires_grad)

@@ -41,17 +41,24 @@ class Spread:
 
 
 def alternate(
-    steps: dict[str, Callable[[int], Any]], rounds: int, warmup: int, clock: Callable[[], float]
+    steps: dict[str, Callable[[int], Any]],
+    rounds: int,
+    warmup: int,
+    clock: Callable[[], float],
+    after_warmup: Callable[[dict[str, list[Any]]], None] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
     """Run each step `warmup + rounds` times, alternating rows in a rotating order; step(i) gets the round
     index i (0-based, warm-up included). Returns (each row's durations after warm-up, each row's return
-    values in every round)."""
+    values in every round). `after_warmup(results)` runs once, after the warm-up rounds and before the first
+    timed one: where a benchmark checks that the sides agree, a disagreement stops it before any timing."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     names = list(steps)
     times: dict[str, list[float]] = {name: [] for name in names}
     results: dict[str, list[Any]] = {name: [] for name in names}
     for i in range(warmup + rounds):
+        if i == warmup and after_warmup is not None:
+            after_warmup(results)
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
             t0 = clock()
