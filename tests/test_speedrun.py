@@ -183,11 +183,6 @@ def test_report_says_what_data_and_tokenizer_the_run_used(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="issue 22, open: in README's three seeds no stage is worse and reasoning pays, but GRPO beats the SFT "
-    "control beyond the intervals (on countdown) in seed 2 only; remove this mark when it does for any seed",
-    strict=False,
-)
 def test_default_speedrun_every_stage_earns_its_place(tmp_path):
     """The default recipe (with the SFT control): no stage worse than the one before it on any task, the final
     model better than the pretrained one on a task pretraining leaves well short, GRPO better than more SFT for
