@@ -34,3 +34,23 @@ def test_table_shows_the_paired_difference_where_the_runs_kept_per_problem_verdi
         del stage["eval"]["countdown"]["solved"]
     summary["comparisons"] = stage_comparisons(stages)
     assert load().table({1: summary}).splitlines()[-1].endswith("| same | – | 4.3 min |")
+
+
+def test_cold_start_probe_changes_one_tasks_demonstrations_and_keeps_the_others():
+    import copy
+
+    import pytest
+
+    from nanoseek.train.speedrun import STAGE_PLANS
+
+    change = load_script("cold_start_demos").plan_with_demonstrations
+    plan = copy.deepcopy(STAGE_PLANS["tiny"])
+    plan.sft_tasks = ["add2", "sort", "add3", "countdown"]
+    assert plan.sft_conversations == 2300 and [round(2300 * w) for w in plan.sft_task_weights] == [500, 500, 1000, 300]
+    before = change(copy.deepcopy(plan), "countdown", 1000)  # the recipe before 2026-12-07, draw for draw
+    assert before.sft_conversations == 3000 and before.sft_task_weights == [1 / 6, 1 / 6, 1 / 3, 1 / 3]
+    fewer = change(copy.deepcopy(plan), "countdown", 200)
+    assert fewer.sft_conversations == 2200
+    assert [round(2200 * w) for w in fewer.sft_task_weights] == [500, 500, 1000, 200]
+    with pytest.raises(ValueError, match="not one of the cold start's tasks"):
+        change(copy.deepcopy(plan), "mul", 10)
