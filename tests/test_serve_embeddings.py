@@ -154,7 +154,10 @@ def test_sdk_texts_token_ids_base64_and_usage(client, running, gguf):
     by_ids = client.embeddings.create(model="tiny", input=ids, encoding_format="float")
     assert np.array_equal(_vectors(by_ids), vectors)
     one_ids = client.embeddings.create(model="tiny", input=ids[1], encoding_format="float")
-    assert np.array_equal(_vectors(one_ids)[0], vectors[1]) and one_ids.usage.prompt_tokens == len(ids[1])
+    # alone it is a forward of other shape: fp32 weights (this file's) agree within the tolerance, not bit for bit
+    # (MKL's sgemm sums in an order that depends on the rows; README "Embeddings")
+    assert np.abs(_vectors(one_ids)[0] - vectors[1]).max() <= EMBEDDING_TOLERANCE
+    assert one_ids.usage.prompt_tokens == len(ids[1])
 
     raw = httpx.post(running.url + "/v1/embeddings", json={"input": TEXTS[:2], "encoding_format": "base64"}).json()
     decoded = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in raw["data"]]
