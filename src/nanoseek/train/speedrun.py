@@ -180,7 +180,7 @@ SPEEDRUN_DEFAULTS = {
 #     the control 29.0%. The control, SFT continued on the same demonstrations, gains 1-8 points whatever their
 #     number; GRPO tops out near 40% (its rollouts' entropy collapses within ~100 steps), so the fewer countdown
 #     demonstrations SFT saw, the more of the final model's countdown GRPO earns. With ~300 and 5.5 min of GRPO
-#     (README's three seeds): SFT 13.8-18.5%, GRPO 38.5-43.8%, the control 19.8-21.5%.
+#     (README's three seeds): SFT 13.8-18.5%, GRPO 36.8-43.8%, the control 19.8-21.5%.
 STAGE_PLANS = {
     "tiny": StagePlan(
         sft_conversations=2300, sft_task_weights=[5 / 23, 5 / 23, 10 / 23, 3 / 23], thinking_tasks=["add2", "add3"],
