@@ -53,13 +53,11 @@ def main() -> None:
     cfg = sr.speedrun_config(opts, args.out)
     plan = plan_with_demonstrations(sr.stage_plan(opts, cfg), args.task, args.demonstrations)
     args.out.mkdir(parents=True, exist_ok=True)
-    stages = {"pretrain": sr.StageResult("pretrain", 0.0, 0, 0.0, {}, args.run / "pretrain" / "model")}
-    main_line = stages["pretrain"]
-    for name in ["sft", "grpo", *([] if args.no_control else ["sft-control"])]:
-        ctx = sr.StageContext(args.out, cfg, main_line, args.out / "metrics.jsonl", "cpu", False, plan, dict(stages))
-        result = sr.LATER_STAGES[name](ctx)
-        stages[name] = result
-        main_line = result if name in sr.STAGES else main_line
+    pretrain = sr.StageResult("pretrain", 0.0, 0, 0.0, {}, args.run / "pretrain" / "model")
+    metrics = args.out / "metrics.jsonl"
+    ctx = sr.StageContext(args.out, cfg, pretrain, metrics, "cpu", False, plan, {"pretrain": pretrain})
+    _, stages, _ = sr.run_later_stages(["sft", "grpo", *([] if args.no_control else ["sft-control"])], ctx)
+    for name, result in list(stages.items())[1:]:
         accuracy = {task: f"{100 * score.accuracy:.1f}%" for task, score in result.eval.items()}
         print(f"{name}: {result.extra.get('steps')} steps, {result.extra.get('train_s') or 0:.0f} s, {accuracy}")
     summaries = [s.to_summary() for n, s in stages.items() if n != "pretrain"]

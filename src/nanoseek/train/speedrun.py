@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -174,13 +174,10 @@ SPEEDRUN_DEFAULTS = {
 #   - GRPO from the SFT model on add3 did not learn in 60-77 steps at any lr (its mistakes are confident and
 #     systematic); on countdown the rollouts' accuracy rose 0.14 -> 0.28 in 60 steps, where 600 more SFT steps on
 #     the same demonstrations left held-out countdown at 15-20%.
-#   - countdown's demonstrations against GRPO's minutes (held-out countdown, n=400): seed 1, 1,000 of them and 260
-#     GRPO steps: SFT 29.5%, GRPO 41.8%, the control 31.0%; 500 and 560 steps: SFT 20.5%, GRPO 43.0%, the
-#     control 28.7%; 200 and 560: SFT 10.0%, GRPO 34.2%. Seed 1337, 500 and 486 steps: SFT 24.5%, GRPO 37.2%,
-#     the control 29.0%. The control, SFT continued on the same demonstrations, gains 1-8 points whatever their
-#     number; GRPO tops out near 40% (its rollouts' entropy collapses within ~100 steps), so the fewer countdown
-#     demonstrations SFT saw, the more of the final model's countdown GRPO earns. With ~300 and 5.5 min of GRPO
-#     (README's three seeds): SFT 13.8-18.5%, GRPO 36.8-43.8%, the control 19.8-21.5%.
+#   - countdown's demonstrations: SFT continued on them (the control) gains 1-8 points whatever their number, GRPO
+#     tops out near 40% (its rollouts' entropy collapses within ~100 steps). With ~300 and 5.5 min of GRPO, GRPO
+#     beats the control beyond the intervals in every seed; with 500, not in seed 1337 (benchmarks/RESULTS.md,
+#     "How many countdown demonstrations").
 STAGE_PLANS = {
     "tiny": StagePlan(
         sft_conversations=2300, sft_task_weights=[5 / 23, 5 / 23, 10 / 23, 3 / 23], thinking_tasks=["add2", "add3"],
@@ -391,6 +388,23 @@ def score_stage(model_dir: Path, fmt: str, ctx: StageContext) -> dict[str, TaskS
 LATER_STAGES = {"sft": sft_stage, "grpo": grpo_stage, "sft-control": sft_control_stage}
 
 
+def run_later_stages(names: list[str], ctx: StageContext) -> tuple[StageResult, dict[str, StageResult], list[str]]:
+    """Run the LATER_STAGES `names` in order, each from the main line's last model (`ctx.previous` first; the
+    control is a side arm), marking each in the metrics. Returns (the main line's last stage, every stage by name,
+    `ctx.stages` first, the names skipped)."""
+    main_line, stages, skipped = ctx.previous, dict(ctx.stages), []
+    for name in names:
+        mark_stage(ctx.metrics_path, name)
+        result = LATER_STAGES[name](replace(ctx, previous=main_line, stages=dict(stages)))
+        if result is None:
+            skipped.append(name)
+            continue
+        stages[name] = result
+        if name in STAGES:
+            main_line = result
+    return main_line, stages, skipped
+
+
 def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
     from nanoseek.eval.report import write_report
     from nanoseek.parallel import resolve_device
@@ -411,22 +425,9 @@ def speedrun(opts: SpeedrunOptions) -> dict[str, Any]:
     start = StageResult("scratch", 0.0, 0, 0.0, {})
     stage = run_pretrain(StageContext(run_dir, cfg, start, metrics_path, device, opts.show_progress, plan))
     _append_metrics(Path(cfg.out_dir) / "metrics.jsonl", metrics_path)
-    stages = {"pretrain": stage}
-    skipped = []
     names = [*STAGES[1:], *(["sft-control"] if opts.sft_control else [])]
-    main_line = stage  # the stages the final model comes through (the control is a side arm)
-    for name in names:
-        ctx = StageContext(run_dir, cfg, main_line, metrics_path, device, opts.show_progress, plan, dict(stages))
-        mark_stage(metrics_path, name)
-        result = LATER_STAGES[name](ctx)
-        if result is None:
-            skipped.append(name)
-            continue
-        stages[name] = result
-        if name in STAGES:
-            main_line = result
-
-    final = main_line
+    after = StageContext(run_dir, cfg, stage, metrics_path, device, opts.show_progress, plan, {"pretrain": stage})
+    final, stages, skipped = run_later_stages(names, after)
     model_dir = run_dir / "model"
     _copy_model(final.model_dir, model_dir)
     ctx = StageContext(run_dir, cfg, final, metrics_path, device, opts.show_progress, plan, dict(stages))
